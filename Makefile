@@ -1,0 +1,53 @@
+# onecard — the two commands are `make run` and `make test`; everything else is a step they take.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: run test bench gen lint-protos venv lock clean help
+
+help:
+	@echo "make run    start PostgreSQL, NATS, every service and the gateway; seed a demo campus"
+	@echo "make test   set up everything and run the whole test suite"
+	@echo "make bench  run the benchmarks; writes bench/out/summary.json"
+
+# The environment: one virtualenv, pinned by requirements.lock; the repo root and the generated
+# code are put on its path by a .pth file instead of an install step.
+$(VENV)/.stamp: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -c 'import site,sys; open(site.getsitepackages()[0] + "/onecard-dev.pth", "w").write("$(CURDIR)\n$(CURDIR)/gen\n")'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# Generated gRPC/protobuf code lands in gen/ (not committed, never edited by hand).
+gen/.stamp: $(VENV)/.stamp $(PROTOS)
+	rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	find gen -type d -exec touch {}/__init__.py \;
+	rm -f gen/__init__.py
+	touch $@
+
+gen: gen/.stamp
+
+lint-protos: $(VENV)/.stamp
+	cd protos && ../$(VENV)/bin/buf lint
+
+run: gen
+	$(PY) -m devstack run
+
+test: gen lint-protos
+	$(PY) -m pytest
+
+bench: gen
+	$(PY) -m bench
+
+lock:
+	$(PY) -m pip install --quiet -r requirements.in
+	$(PY) -m pip freeze --exclude-editable > requirements.lock
+
+clean:
+	rm -rf gen $(VENV) bench/out

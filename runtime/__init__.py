@@ -1,0 +1,5 @@
+"""The shared runtime every onecard service stands on.
+
+Settings, logging, the database pool and migrations, NATS outbox and consumers, the gRPC server
+bootstrap with its error mapping. Nothing here knows about any one service.
+"""

@@ -1,0 +1,273 @@
+"""Domain events: the transactional outbox, its relay to JetStream, and idempotent consumers.
+
+A service writes an event with ``emit(conn, ...)`` inside the transaction that makes the change,
+so the event exists exactly when the change does. The relay publishes unpublished rows to
+JetStream with ``Nats-Msg-Id`` set to the event id, so a row published twice (relay killed after
+publishing, before marking) is dropped by the stream's duplicate window. A consumer records each
+event id in ``processed_events`` in the same transaction as its effect, so a redelivery does
+nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import nats
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from runtime.logs import bind_request_id, get_logger
+
+log = get_logger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+TYPE_HEADER = "Onecard-Event-Type"
+DEFAULT_DUPLICATE_WINDOW_S = 15 * 60
+DEFAULT_RELAY_BATCH = 200
+DEFAULT_RELAY_POLL_S = 0.5
+DEFAULT_CONSUMER_BATCH = 64
+DEFAULT_FETCH_TIMEOUT_S = 1.0
+DEFAULT_ACK_WAIT_S = 30.0
+DEFAULT_MAX_DELIVER = 20
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream that one service owns: its name and the subjects it captures."""
+
+    name: str
+    subjects: list[str]
+    duplicate_window_s: int = DEFAULT_DUPLICATE_WINDOW_S
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    type: str
+    tenant_id: str | None
+    occurred_at: str
+    data: dict[str, Any]
+    subject: str = ""
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, subject: str = "") -> Event:
+        body = json.loads(raw)
+        return cls(
+            event_id=body["event_id"],
+            type=body["type"],
+            tenant_id=body.get("tenant_id"),
+            occurred_at=body["occurred_at"],
+            data=body.get("data", {}),
+            subject=subject,
+        )
+
+
+def outbox_channel(schema: str) -> str:
+    return f"{schema}_outbox"
+
+
+async def emit(
+    conn: asyncpg.Connection,
+    *,
+    subject: str,
+    event_type: str,
+    data: dict[str, Any],
+    tenant_id: str | None = None,
+    event_id: str | None = None,
+) -> str:
+    """Write an event to this schema's outbox, in the caller's transaction. Answers the event id."""
+    if not conn.is_in_transaction():
+        raise RuntimeError("emit() must run inside the transaction that makes the change")
+    event_id = event_id or str(uuid.uuid4())
+    body = {
+        "event_id": event_id,
+        "type": event_type,
+        "tenant_id": tenant_id,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "data": data,
+    }
+    await conn.execute(
+        "INSERT INTO outbox (event_id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
+        uuid.UUID(event_id),
+        subject,
+        json.dumps(body, separators=(",", ":"), sort_keys=True).encode(),
+        {TYPE_HEADER: event_type},
+    )
+    schema = await conn.fetchval("SELECT current_schema()")
+    await conn.execute("SELECT pg_notify($1, '')", outbox_channel(schema))
+    return event_id
+
+
+async def ensure_streams(js: JetStreamContext, streams: list[StreamSpec]) -> None:
+    """Create or update each stream: file storage, so an acknowledged publish survives a restart.
+
+    Durability of each write (fsync before the ack) is the server's ``sync_interval: always``,
+    which devstack and the Kubernetes manifests set.
+    """
+    for spec in streams:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=spec.subjects,
+            storage=StorageType.FILE,
+            duplicate_window=float(spec.duplicate_window_s),
+        )
+        try:
+            await js.stream_info(spec.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+class OutboxRelay:
+    """Publishes a schema's unpublished outbox rows, oldest first, then marks them published."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        schema: str,
+        batch_size: int = DEFAULT_RELAY_BATCH,
+        poll_interval_s: float = DEFAULT_RELAY_POLL_S,
+    ):
+        self._pool = pool
+        self._js = js
+        self._schema = schema
+        self._batch_size = batch_size
+        self._poll_interval_s = poll_interval_s
+        self._wake = asyncio.Event()
+
+    async def publish_pending(self) -> int:
+        """One batch: publish and mark in one transaction. Answers how many were published."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, event_id, subject, payload, headers FROM outbox"
+                " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self._batch_size,
+            )
+            for row in rows:
+                headers = {**row["headers"], MSG_ID_HEADER: str(row["event_id"])}
+                await self._js.publish(row["subject"], row["payload"], headers=headers)
+            if rows:
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                    [r["id"] for r in rows],
+                )
+            return len(rows)
+
+    def _on_notify(self, *_args: Any) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Relay until cancelled; wakes on NOTIFY from ``emit`` and polls as a fallback."""
+        listener: asyncpg.Connection | None = None
+        try:
+            while True:
+                try:
+                    if listener is None or listener.is_closed():
+                        listener = await self._pool.acquire()
+                        await listener.add_listener(outbox_channel(self._schema), self._on_notify)
+                    while await self.publish_pending() == self._batch_size:
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the relay retries whatever failed
+                    log.warning("outbox relay retrying", error=type(exc).__name__, detail=str(exc)[:200])
+                    if listener is not None:
+                        with contextlib.suppress(Exception):
+                            await self._pool.release(listener)
+                        listener = None
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+        finally:
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.remove_listener(outbox_channel(self._schema), self._on_notify)
+                    await self._pool.release(listener)
+
+
+Handler = Callable[[asyncpg.Connection, Event], Awaitable[None]]
+
+
+@dataclass
+class IdempotentConsumer:
+    """A durable pull consumer whose handler runs once per event id, in a database transaction.
+
+    The handler gets the connection of the transaction that also records the event id; the
+    message is acknowledged only after that transaction commits. A handler error rolls both back
+    and the message is redelivered later.
+    """
+
+    pool: asyncpg.Pool
+    js: JetStreamContext
+    stream: str
+    durable: str
+    filter_subject: str
+    handler: Handler
+    batch_size: int = DEFAULT_CONSUMER_BATCH
+    fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    ack_wait_s: float = DEFAULT_ACK_WAIT_S
+    max_deliver: int = DEFAULT_MAX_DELIVER
+    _sub: Any = field(default=None, init=False)
+
+    async def _subscribe(self) -> Any:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            filter_subject=self.filter_subject,
+        )
+        return await self.js.pull_subscribe(self.filter_subject, durable=self.durable, stream=self.stream, config=config)
+
+    async def handle(self, msg: Any) -> bool:
+        """Apply one message; answers False when it had been processed before."""
+        event = Event.from_bytes(msg.data, subject=msg.subject)
+        bind_request_id(event.event_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await conn.fetchval(
+                "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                self.durable,
+                event.event_id,
+            )
+            if fresh:
+                await self.handler(conn, event)
+        return bool(fresh)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if self._sub is None:
+                    self._sub = await self._subscribe()
+                try:
+                    msgs = await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in msgs:
+                    try:
+                        await self.handle(msg)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - redelivered after a delay
+                        log.warning("event handler failed", consumer=self.durable, error=type(exc).__name__)
+                        with contextlib.suppress(Exception):
+                            await msg.nak(delay=1.0)
+                        continue
+                    await msg.ack()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS or PostgreSQL away: wait and retry
+                log.warning("consumer retrying", consumer=self.durable, error=type(exc).__name__)
+                self._sub = None
+                await asyncio.sleep(1.0)

@@ -1,0 +1,316 @@
+"""The gRPC server bootstrap every service uses.
+
+Start order: the server listens at once with health NOT_SERVING; a background task connects to
+PostgreSQL and NATS (retrying), ensures the streams, runs the service's ``on_ready`` hook (relay,
+consumers) and from then on a watcher keeps health SERVING only while both answer. SIGTERM puts
+health back to NOT_SERVING, lets calls in flight finish within the grace period, then closes
+everything in reverse order.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import nats
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from runtime.db import create_pool, migrate
+from runtime.errors import ERROR_DOMAIN, DomainError, Unavailable
+from runtime.events import StreamSpec, ensure_streams
+from runtime.logs import bind_request_id, get_logger, new_request_id
+from runtime.settings import ServiceSettings
+
+log = get_logger(__name__)
+
+REQUEST_ID_METADATA = "x-request-id"
+STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+DEFAULT_CONNECT_RETRY_S = 0.5
+DEFAULT_CHECK_TIMEOUT_S = 2.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+RPC_HANDLED = Counter("onecard_grpc_server_handled_total", "gRPC calls handled", ["service", "method", "code"])
+RPC_SECONDS = Histogram("onecard_grpc_server_handling_seconds", "gRPC call duration", ["service", "method"])
+DEPENDENCY_UP = Gauge("onecard_dependency_up", "1 when a dependency answers", ["service", "dependency"])
+
+
+def status_trailer(error: DomainError) -> tuple[tuple[str, bytes], ...]:
+    """The google.rpc.Status trailer carrying an ErrorInfo with the error's reason."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    return ((STATUS_DETAILS_METADATA, status.SerializeToString()),)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Binds a request id, records metrics, and turns domain errors into status codes.
+
+    Anything that is not a DomainError is logged here and answered as INTERNAL with no detail.
+    """
+
+    def __init__(self, service: str):
+        self._service = service
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        service = self._service
+
+        def begin(context: grpc.aio.ServicerContext) -> float:
+            metadata = dict(context.invocation_metadata() or ())
+            request_id = metadata.get(REQUEST_ID_METADATA) or new_request_id()
+            bind_request_id(str(request_id)[:64])
+            return time.perf_counter()
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            if isinstance(exc, DomainError):
+                RPC_HANDLED.labels(service, method, exc.code.name).inc()
+                await context.abort(exc.code, exc.message, trailing_metadata=status_trailer(exc))
+            log.error("unhandled error", method=method, exc_info=exc)
+            RPC_HANDLED.labels(service, method, "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+        def done(started: float, context: grpc.aio.ServicerContext) -> None:
+            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+            code = context.code() if hasattr(context, "code") else None
+            RPC_HANDLED.labels(service, method, (code or grpc.StatusCode.OK).name).inc()
+
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = begin(context)
+                try:
+                    response = await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped or hidden, never leaked
+                    await fail(context, exc)
+                done(started, context)
+                return response
+
+            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return factory(
+                unary_response,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = begin(context)
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await fail(context, exc)
+            done(started, context)
+
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return factory(
+            stream_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+Register = Callable[[grpc.aio.Server, "ServiceApp"], None]
+Hook = Callable[["ServiceApp"], Awaitable[None]]
+
+
+@dataclass
+class ServiceApp:
+    """One service process: its gRPC server, pool, NATS connection and background tasks."""
+
+    name: str
+    settings: ServiceSettings
+    schema: str
+    migrations_dir: Path
+    register: Register
+    service_names: list[str]
+    streams: list[StreamSpec] = field(default_factory=list)
+    on_ready: Hook | None = None
+    migrate_on_start: bool = True
+
+    port: int = field(default=0, init=False)
+    metrics_port: int = field(default=0, init=False)
+    health: HealthServicer = field(default_factory=HealthServicer, init=False)
+    _pool: asyncpg.Pool | None = field(default=None, init=False)
+    _nc: NATS | None = field(default=None, init=False)
+    _js: JetStreamContext | None = field(default=None, init=False)
+    _server: grpc.aio.Server | None = field(default=None, init=False)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list, init=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _serving: bool = field(default=False, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise Unavailable(f"{self.name} is starting: database not connected yet", reason="STARTING")
+        return self._pool
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise Unavailable(f"{self.name} is starting: NATS not connected yet", reason="STARTING")
+        return self._js
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise Unavailable(f"{self.name} is starting: NATS not connected yet", reason="STARTING")
+        return self._nc
+
+    def spawn(self, coro: Awaitable[Any], *, name: str) -> asyncio.Task[Any]:
+        """Run a background task for the life of the process; it is cancelled at shutdown."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{self.name}:{name}")
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task died", task=task.get_name(), exc_info=task.exception())
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self._stopping:
+            serving = False
+        if serving == self._serving and self._ready.is_set():
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ["", *self.service_names]:
+            await self.health.set(svc, status)
+        if serving != self._serving:
+            log.info("health changed", serving=serving)
+        self._serving = serving
+
+    async def start(self) -> int:
+        """Listen, with health NOT_SERVING, and begin connecting. Answers the bound port."""
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(self.name)], options=options)
+        self.register(server, self)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        for svc in ["", *self.service_names]:
+            await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        await server.start()
+        self._server = server
+        metrics_server, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
+        self.metrics_port = metrics_server.server_port
+        self._metrics_server = metrics_server
+        log.info("listening", grpc_port=self.port, metrics_port=self.metrics_port)
+        self.spawn(self._connect_and_watch(), name="dependencies")
+        return self.port
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    async def _connect_and_watch(self) -> None:
+        settings = self.settings
+        while self._pool is None:
+            try:
+                if self.migrate_on_start:
+                    await migrate(settings.database_url, schema=self.schema, migrations_dir=self.migrations_dir)
+                self._pool = await create_pool(settings.database_url, schema=self.schema)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+                DEPENDENCY_UP.labels(self.name, "postgres").set(0)
+                log.info("waiting for postgres", error=type(exc).__name__)
+                await asyncio.sleep(DEFAULT_CONNECT_RETRY_S)
+        while self._nc is None:
+            try:
+                nc = await nats.connect(
+                    settings.nats_url,
+                    name=f"onecard-{self.name}",
+                    connect_timeout=2,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                )
+                self._js = nc.jetstream()
+                await ensure_streams(self._js, self.streams)
+                self._nc = nc
+            except Exception as exc:  # noqa: BLE001 - any failure to reach NATS: retry
+                DEPENDENCY_UP.labels(self.name, "nats").set(0)
+                log.info("waiting for nats", error=type(exc).__name__)
+                await asyncio.sleep(DEFAULT_CONNECT_RETRY_S)
+        if self.on_ready is not None:
+            await self.on_ready(self)
+        self._ready.set()
+        while True:
+            await self._set_serving(await self._dependencies_up())
+            await asyncio.sleep(settings.health_interval_s)
+
+    async def _dependencies_up(self) -> bool:
+        pg_up = False
+        try:
+            async with asyncio.timeout(DEFAULT_CHECK_TIMEOUT_S):
+                async with self.pool.acquire() as conn:
+                    pg_up = await conn.fetchval("SELECT 1") == 1
+        except Exception:  # noqa: BLE001 - any failure means down
+            pg_up = False
+        nats_up = self._nc is not None and self._nc.is_connected
+        DEPENDENCY_UP.labels(self.name, "postgres").set(int(pg_up))
+        DEPENDENCY_UP.labels(self.name, "nats").set(int(nats_up))
+        return pg_up and nats_up
+
+    async def stop(self) -> None:
+        """NOT_SERVING, drain calls within the grace period, then close in reverse order."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+        for task in reversed(self._tasks):
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), self.settings.shutdown_grace_s)
+        if getattr(self, "_metrics_server", None) is not None:
+            self._metrics_server.shutdown()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()

@@ -1,0 +1,76 @@
+"""JSON logs through structlog, with the request id bound per call and secrets redacted."""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[redacted]"
+# Keys whose values never reach a log line: secrets, tokens, codes, keys.
+_SECRET_KEY = re.compile(
+    r"(secret|password|passwd|token|authorization|api[_-]?key|private|master[_-]?key|code|pin|dsn|database_url)",
+    re.IGNORECASE,
+)
+# Credentials embedded in URLs (postgresql://user:pass@host).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1" + REDACTED + r"\3", value)
+    if isinstance(value, Mapping):
+        return redact(dict(value))
+    return value
+
+
+def redact(event: dict[str, Any]) -> dict[str, Any]:
+    clean: dict[str, Any] = {}
+    for key, value in event.items():
+        if key != "event" and _SECRET_KEY.search(key):
+            clean[key] = REDACTED
+        else:
+            clean[key] = _redact_value(value)
+    return clean
+
+
+def _redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    return redact(event_dict)
+
+
+def configure_logging(*, service: str, level: str = "info", stream: Any = None) -> None:
+    """JSON lines on stderr, one per event, each with the service name and any bound request id."""
+    log_level = logging.getLevelName(level.upper())
+    if not isinstance(log_level, int):
+        log_level = logging.INFO
+    logging.basicConfig(stream=stream or sys.stderr, level=log_level, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_processor,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(log_level),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def bind_request_id(request_id: str) -> None:
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)
