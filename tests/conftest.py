@@ -43,3 +43,34 @@ def nats_server(tmp_path: Path) -> Iterator[Nats]:
 @pytest.fixture
 def nats_url(nats_server: Nats) -> str:
     return nats_server.url
+
+
+class RunningService:
+    """A service started in this process on a real port, reached over a real gRPC channel."""
+
+    def __init__(self, app, channel) -> None:  # noqa: ANN001
+        self.app = app
+        self.channel = channel
+        self.target = f"127.0.0.1:{app.port}"
+
+
+async def start_service(app, *, ready_timeout_s: float = 30.0) -> RunningService:  # noqa: ANN001
+    from runtime.grpc_client import open_channel
+
+    await app.start()
+    await app.wait_ready(ready_timeout_s)
+    return RunningService(app, open_channel(f"127.0.0.1:{app.port}"))
+
+
+@pytest.fixture
+async def identity(database_url: str, nats_url: str) -> AsyncIterator[RunningService]:
+    """The identity service on its own database and NATS, with its gRPC stub at ``.stub``."""
+    from onecard.identity.v1 import identity_pb2_grpc
+    from services.identity.app import IdentitySettings, build_app
+
+    app = build_app(IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2))
+    running = await start_service(app)
+    running.stub = identity_pb2_grpc.IdentityServiceStub(running.channel)  # type: ignore[attr-defined]
+    yield running
+    await running.channel.close()
+    await app.stop()
