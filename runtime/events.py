@@ -74,6 +74,29 @@ def outbox_channel(schema: str) -> str:
     return f"{schema}_outbox"
 
 
+def _outbox_row(
+    *, subject: str, event_type: str, data: dict[str, Any], tenant_id: str | None, event_id: str | None
+) -> tuple[uuid.UUID, str, bytes, dict[str, str]]:
+    event_id = event_id or str(uuid.uuid4())
+    body = {
+        "event_id": event_id,
+        "type": event_type,
+        "tenant_id": tenant_id,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "data": data,
+    }
+    payload = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    return uuid.UUID(event_id), subject, payload, {TYPE_HEADER: event_type}
+
+
+_INSERT_OUTBOX = "INSERT INTO outbox (event_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
+
+
+async def _notify_relay(conn: asyncpg.Connection) -> None:
+    schema = await conn.fetchval("SELECT current_schema()")
+    await conn.execute("SELECT pg_notify($1, '')", outbox_channel(schema))
+
+
 async def emit(
     conn: asyncpg.Connection,
     *,
@@ -86,24 +109,37 @@ async def emit(
     """Write an event to this schema's outbox, in the caller's transaction. Answers the event id."""
     if not conn.is_in_transaction():
         raise RuntimeError("emit() must run inside the transaction that makes the change")
-    event_id = event_id or str(uuid.uuid4())
-    body = {
-        "event_id": event_id,
-        "type": event_type,
-        "tenant_id": tenant_id,
-        "occurred_at": datetime.now(UTC).isoformat(),
-        "data": data,
-    }
-    await conn.execute(
-        "INSERT INTO outbox (event_id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
-        uuid.UUID(event_id),
-        subject,
-        json.dumps(body, separators=(",", ":"), sort_keys=True).encode(),
-        {TYPE_HEADER: event_type},
-    )
-    schema = await conn.fetchval("SELECT current_schema()")
-    await conn.execute("SELECT pg_notify($1, '')", outbox_channel(schema))
-    return event_id
+    row = _outbox_row(subject=subject, event_type=event_type, data=data, tenant_id=tenant_id, event_id=event_id)
+    await conn.execute(_INSERT_OUTBOX, *row)
+    await _notify_relay(conn)
+    return str(row[0])
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """One event for ``emit_many``; the fields mean what ``emit``'s arguments mean."""
+
+    subject: str
+    event_type: str
+    data: dict[str, Any]
+    tenant_id: str | None = None
+    event_id: str | None = None
+
+
+async def emit_many(conn: asyncpg.Connection, *, events: list[PendingEvent]) -> list[str]:
+    """``emit`` for a batch: one pipelined insert and one wake-up of the relay instead of three
+    round trips per event, for bulk changes (imports) that make thousands of events at once."""
+    if not conn.is_in_transaction():
+        raise RuntimeError("emit_many() must run inside the transaction that makes the change")
+    if not events:
+        return []
+    rows = [
+        _outbox_row(subject=e.subject, event_type=e.event_type, data=e.data, tenant_id=e.tenant_id, event_id=e.event_id)
+        for e in events
+    ]
+    await conn.executemany(_INSERT_OUTBOX, rows)
+    await _notify_relay(conn)
+    return [str(row[0]) for row in rows]
 
 
 async def ensure_streams(js: JetStreamContext, streams: list[StreamSpec]) -> None:
@@ -246,6 +282,14 @@ class IdempotentConsumer:
         return bool(fresh)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+
+    async def _run(self) -> None:
         while True:
             try:
                 if self._sub is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -126,12 +127,36 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 await fail(context, exc)
             done(started, context)
 
+        async def stream_by_writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # Handlers that answer with context.write() (health's Watch) are coroutines, not generators.
+            started = begin(context)
+            try:
+                await inner_stream(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await fail(context, exc)
+            done(started, context)
+
+        wrapper = stream_response if inspect.isasyncgenfunction(inner_stream) else stream_by_writes
         factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         return factory(
-            stream_response,
+            wrapper,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+async def _log_nats_error(exc: Exception) -> None:
+    log.warning("nats error", error=type(exc).__name__)
+
+
+async def _log_nats_disconnected() -> None:
+    log.warning("nats disconnected")
+
+
+async def _log_nats_reconnected() -> None:
+    log.info("nats reconnected")
 
 
 Register = Callable[[grpc.aio.Server, "ServiceApp"], None]
@@ -253,6 +278,10 @@ class ServiceApp:
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
+                    drain_timeout=max(1, int(settings.shutdown_grace_s)),
+                    error_cb=_log_nats_error,
+                    disconnected_cb=_log_nats_disconnected,
+                    reconnected_cb=_log_nats_reconnected,
                 )
                 self._js = nc.jetstream()
                 await ensure_streams(self._js, self.streams)

@@ -1,0 +1,63 @@
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import structlog
+
+from runtime.logs import configure_logging, get_logger
+from runtime.settings import MissingSettingError, ServiceSettings, load_settings
+
+
+def test_a_missing_required_setting_stops_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONECARD_DATABASE_URL", raising=False)
+    monkeypatch.setenv("ONECARD_NATS_URL", "nats://127.0.0.1:4222")
+    with pytest.raises(MissingSettingError) as caught:
+        load_settings(ServiceSettings)
+    assert "ONECARD_DATABASE_URL" in str(caught.value)
+    assert "ONECARD_NATS_URL" not in str(caught.value)
+
+
+def test_a_malformed_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONECARD_DATABASE_URL", "postgresql://x/y")
+    monkeypatch.setenv("ONECARD_NATS_URL", "nats://127.0.0.1:4222")
+    monkeypatch.setenv("ONECARD_GRPC_PORT", "not-a-port")
+    with pytest.raises(MissingSettingError, match="bad setting ONECARD_GRPC_PORT"):
+        load_settings(ServiceSettings)
+
+
+def test_a_service_process_without_settings_exits_naming_them() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c",
+                             "from runtime.settings import *; load_settings(ServiceSettings)"],
+                            env=env, capture_output=True, text=True, cwd=sys.path[0] or ".")
+    assert result.returncode != 0
+    assert "missing required setting ONECARD_DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_logs_are_json_with_request_id_and_never_carry_secrets() -> None:
+    out = io.StringIO()
+    configure_logging(service="logtest", level="info", stream=out)
+    try:
+        structlog.contextvars.bind_contextvars(request_id="req-123")
+        get_logger().info(
+            "client authenticated",
+            client_secret="s3cr3t-value",
+            access_token="eyJhbGciOi",
+            code="OC1:ABCDEF",
+            dsn="postgresql://app:hunter2@db:5432/onecard",
+            detail="connecting to postgresql://app:hunter2@db:5432/onecard",
+            member_id="m-1",
+        )
+        line = json.loads(out.getvalue().strip().splitlines()[-1])
+    finally:
+        structlog.contextvars.clear_contextvars()
+        configure_logging(service="tests", level="warning")
+    assert line["request_id"] == "req-123"
+    assert line["service"] == "logtest"
+    assert line["member_id"] == "m-1"
+    text = json.dumps(line)
+    for secret in ("s3cr3t-value", "eyJhbGciOi", "OC1:ABCDEF", "hunter2"):
+        assert secret not in text
