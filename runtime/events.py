@@ -142,11 +142,12 @@ async def emit_many(conn: asyncpg.Connection, *, events: list[PendingEvent]) -> 
     return [str(row[0]) for row in rows]
 
 
-async def ensure_streams(js: JetStreamContext, streams: list[StreamSpec]) -> None:
+async def ensure_streams(js: JetStreamContext, streams: list[StreamSpec], *, replicas: int = 1) -> None:
     """Create or update each stream: file storage, so an acknowledged publish survives a restart.
 
     Durability of each write (fsync before the ack) is the server's ``sync_interval: always``,
-    which devstack and the Kubernetes manifests set.
+    which devstack and the Kubernetes manifests set. In a NATS cluster, ``replicas`` (3) keeps a
+    stream through the loss of a node.
     """
     for spec in streams:
         config = StreamConfig(
@@ -154,6 +155,7 @@ async def ensure_streams(js: JetStreamContext, streams: list[StreamSpec]) -> Non
             subjects=spec.subjects,
             storage=StorageType.FILE,
             duplicate_window=float(spec.duplicate_window_s),
+            num_replicas=replicas,
         )
         try:
             await js.stream_info(spec.name)
@@ -218,17 +220,23 @@ class OutboxRelay:
                 except Exception as exc:  # noqa: BLE001 - the relay retries whatever failed
                     log.warning("outbox relay retrying", error=type(exc).__name__, detail=str(exc)[:200])
                     if listener is not None:
-                        with contextlib.suppress(Exception):
-                            await self._pool.release(listener)
+                        await self._drop_listener(listener)
                         listener = None
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can turn a cancellation that
+                # races the timeout into a TimeoutError, which would keep the relay alive forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+                    async with asyncio.timeout(self._poll_interval_s):
+                        await self._wake.wait()
         finally:
             if listener is not None:
-                with contextlib.suppress(Exception):
-                    await listener.remove_listener(outbox_channel(self._schema), self._on_notify)
-                    await self._pool.release(listener)
+                await self._drop_listener(listener)
+
+    async def _drop_listener(self, listener: asyncpg.Connection) -> None:
+        with contextlib.suppress(Exception):
+            await listener.remove_listener(outbox_channel(self._schema), self._on_notify)
+        with contextlib.suppress(Exception):
+            await self._pool.release(listener)
 
 
 Handler = Callable[[asyncpg.Connection, Event], Awaitable[None]]

@@ -284,7 +284,7 @@ class ServiceApp:
                     reconnected_cb=_log_nats_reconnected,
                 )
                 self._js = nc.jetstream()
-                await ensure_streams(self._js, self.streams)
+                await ensure_streams(self._js, self.streams, replicas=settings.stream_replicas)
                 self._nc = nc
             except Exception as exc:  # noqa: BLE001 - any failure to reach NATS: retry
                 DEPENDENCY_UP.labels(self.name, "nats").set(0)
@@ -292,10 +292,11 @@ class ServiceApp:
                 await asyncio.sleep(DEFAULT_CONNECT_RETRY_S)
         if self.on_ready is not None:
             await self.on_ready(self)
+        await self._set_serving(await self._dependencies_up())
         self._ready.set()
         while True:
-            await self._set_serving(await self._dependencies_up())
             await asyncio.sleep(settings.health_interval_s)
+            await self._set_serving(await self._dependencies_up())
 
     async def _dependencies_up(self) -> bool:
         pg_up = False
@@ -320,9 +321,11 @@ class ServiceApp:
             await self._server.stop(self.settings.shutdown_grace_s)
         for task in reversed(self._tasks):
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if self._tasks:
+            # Bounded: a task that swallows its cancellation must not hold the process up.
+            _done, stuck = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace_s)
+            for task in stuck:
+                log.warning("background task ignored cancellation", task=task.get_name())
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

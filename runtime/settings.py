@@ -1,7 +1,6 @@
 """Typed settings read once from the environment; a missing required one stops the process."""
 from __future__ import annotations
 
-import sys
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -25,6 +24,8 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     # How often the health watcher checks PostgreSQL and NATS.
     health_interval_s: float = 1.0
+    # JetStream replicas for the streams this service owns: 1 on one machine, 3 in a cluster.
+    stream_replicas: int = 1
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
@@ -48,6 +49,5 @@ def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
                 lines.append(f"missing required setting {env_name}")
             else:
                 lines.append(f"bad setting {env_name}: {err['msg']}")
-        message = f"{cls.__name__}: " + "; ".join(lines)
-        print(message, file=sys.stderr)
-        raise MissingSettingError(message) from None
+        # SystemExit prints its message to stderr once, with no traceback.
+        raise MissingSettingError(f"{cls.__name__}: " + "; ".join(lines)) from None

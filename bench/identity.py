@@ -1,0 +1,127 @@
+"""Identity through the gateway, against the floor of the same web stack."""
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from bench.harness import BenchContext, Figures, benchmark
+from bench.load import LoadResult, closed_loop_get
+from bench.serve import BARE_PATH, BENCH_HOST
+from devstack.servers import free_port
+from devstack.supervisor import grpc_health_probe, http_ready_probe
+from onecard.identity.v1 import identity_pb2 as pb
+from onecard.identity.v1 import identity_pb2_grpc
+from runtime.grpc_client import open_channel
+
+BENCH_TOKEN_SECRET = "bench-token-secret-" + "x" * 32
+# The gateway limits each client to 50 requests/s by default; the benchmark is one client measuring
+# the request path, so the limit is raised far out of the way (the limiter still runs per request).
+BENCH_RATE_LIMIT_PER_S = "1000000"
+BENCH_RATE_LIMIT_BURST = "1000000"
+CALL_TIMEOUT_S = 10.0
+
+
+async def _seed_member(target: str) -> tuple[str, str, str, str]:
+    """A tenant, one member and an API client that may read it. Answers the ids and the secret."""
+    async with open_channel(target) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        tenant = (await stub.CreateTenant(
+            pb.CreateTenantRequest(name="Bench University", kind=pb.TENANT_KIND_UNIVERSITY,
+                                   time_zone="Asia/Shanghai", currency="CNY", tenant_id=str(uuid.uuid4())),
+            timeout=CALL_TIMEOUT_S,
+        )).tenant
+        member = (await stub.CreateMember(
+            pb.CreateMemberRequest(tenant_id=tenant.tenant_id, external_number="2025010001", name="Li Hua",
+                                   groups={"department": "physics", "grade": "2025"}),
+            timeout=CALL_TIMEOUT_S,
+        )).member
+        created = await stub.CreateApiClient(
+            pb.CreateApiClientRequest(
+                name="Bench Bank", scopes=["members:read"],
+                grants=[pb.TenantGrant(tenant_id=tenant.tenant_id, scopes=["members:read"])],
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+    return tenant.tenant_id, member.member_id, created.client.client_id, created.client_secret
+
+
+async def _measure(context: BenchContext, *, url: str, headers: dict[str, str]) -> LoadResult:
+    load = context.load
+    # Warm-up: code paths, caches and the server's connection handling hot before the clock counts.
+    await closed_loop_get(url=url, headers=headers, duration_s=load.warmup_s, concurrency=load.concurrency,
+                          client=load.client)
+    result = await closed_loop_get(url=url, headers=headers, duration_s=load.duration_s,
+                                   concurrency=load.concurrency, client=load.client)
+    if result.errors:
+        raise RuntimeError(f"{url}: {result.errors} of {result.requests} requests failed during the measurement")
+    return result
+
+
+@benchmark(
+    "identity.get_member",
+    description="GET /v1/tenants/{t}/members/{id} through the gateway vs a bare FastAPI constant route",
+)
+async def get_member(context: BenchContext) -> Figures:
+    identity_port, identity_metrics_port = free_port(), free_port()
+    identity_target = f"{BENCH_HOST}:{identity_port}"
+    await context.start_process(
+        name="identity",
+        module_args=["services.identity"],
+        env={
+            "ONECARD_DATABASE_URL": context.database_url(),
+            "ONECARD_NATS_URL": context.nats_url(),
+            "ONECARD_GRPC_HOST": BENCH_HOST,
+            "ONECARD_GRPC_PORT": str(identity_port),
+            "ONECARD_METRICS_PORT": str(identity_metrics_port),
+            "ONECARD_LOG_LEVEL": "warning",
+        },
+        probe=grpc_health_probe(identity_target),
+    )
+    gateway_port, bare_port = free_port(), free_port()
+    await context.start_process(
+        name="gateway",
+        module_args=["bench.serve", "gateway", "--port", str(gateway_port)],
+        env={
+            "ONECARD_IDENTITY_TARGET": identity_target,
+            "ONECARD_TOKEN_SECRET": BENCH_TOKEN_SECRET,
+            "ONECARD_RATE_LIMIT_PER_S": BENCH_RATE_LIMIT_PER_S,
+            "ONECARD_RATE_LIMIT_BURST": BENCH_RATE_LIMIT_BURST,
+        },
+        probe=http_ready_probe(f"http://{BENCH_HOST}:{gateway_port}/readyz"),
+    )
+    await context.start_process(
+        name="bare",
+        module_args=["bench.serve", "bare", "--port", str(bare_port)],
+        env={},
+        probe=http_ready_probe(f"http://{BENCH_HOST}:{bare_port}{BARE_PATH}"),
+    )
+    tenant_id, member_id, client_id, client_secret = await _seed_member(identity_target)
+
+    gateway_url = f"http://{BENCH_HOST}:{gateway_port}"
+    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S) as client:
+        answer = await client.post(f"{gateway_url}/v1/oauth/token", data={
+            "grant_type": "client_credentials", "client_id": client_id,
+            "client_secret": client_secret, "tenant_id": tenant_id,
+        })
+        answer.raise_for_status()
+        auth = {"Authorization": f"Bearer {answer.json()['access_token']}"}
+        member_url = f"{gateway_url}/v1/tenants/{tenant_id}/members/{member_id}"
+        check = await client.get(member_url, headers=auth)
+        if check.status_code != 200 or check.json().get("member_id") != member_id:
+            raise RuntimeError(f"the gateway does not answer the member: {check.status_code} {check.text[:200]}")
+    # One at a time, with the same client, concurrency and duration; the idle side costs ~nothing.
+    bare = await _measure(context, url=f"http://{BENCH_HOST}:{bare_port}{BARE_PATH}", headers={})
+    gateway = await _measure(context, url=member_url, headers=auth)
+
+    return {
+        "identity.get_member_vs_bare_ratio": gateway.rps / bare.rps,
+        "identity.get_member_rps": gateway.rps,
+        "identity.bare_fastapi_rps": bare.rps,
+        "identity.get_member_p50_ms": gateway.median_ms,
+        "identity.get_member_p99_ms": gateway.percentile_ms(0.99),
+        "identity.bare_fastapi_p50_ms": bare.median_ms,
+        # Near 1.0 the load client, not the server, set the pace: the figures above are then a floor.
+        "identity.bare_fastapi_client_cpu_ratio": bare.client_cpu_ratio,
+        "identity.get_member_client_cpu_ratio": gateway.client_cpu_ratio,
+    }

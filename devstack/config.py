@@ -1,0 +1,215 @@
+"""What the local stack runs and on which ports: the service list and the settings read from the environment.
+
+Every setting has a default that works on a fresh clone; each can be changed by one environment
+variable, and the variable's name is what the error messages tell a user to set.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_DATA_DIR = REPO_ROOT / ".data"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PG_PORT = 55432
+DEFAULT_NATS_PORT = 54222
+DEFAULT_DEMO_MEMBERS = 3000
+# Python services start in one to three seconds; a cold first start (bytecode compile, initdb)
+# on a loaded two-core machine can take many times that.
+DEFAULT_READY_TIMEOUT_S = 90.0
+# A service gets SIGTERM, then this long to drain calls in flight before SIGKILL. Longer than the
+# services' own shutdown grace (runtime.settings.DEFAULT_SHUTDOWN_GRACE_S) so they finish on their own.
+DEFAULT_STOP_GRACE_S = 10.0
+MAX_DEMO_MEMBERS = 50_000
+
+Protocol = Literal["grpc", "http"]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One process of the mesh as the local stack starts it.
+
+    gRPC services get the database, NATS and their gRPC and metrics ports; every process started
+    after a gRPC service learns its address from ``ONECARD_<NAME>_TARGET``, so the gateway (and any
+    service calling another) is wired without naming its peers here.
+    """
+
+    name: str
+    module: str
+    protocol: Protocol
+    default_port: int
+    default_metrics_port: int | None = None
+    # Apply ``python -m <module> migrate`` before the service starts.
+    migrates: bool = False
+    # Child environment variable -> key in .data/secrets.json (generated once, never printed).
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def env_name(self) -> str:
+        return self.name.upper().replace("-", "_")
+
+    @property
+    def port_setting(self) -> str:
+        return f"ONECARD_{self.env_name}_PORT"
+
+    @property
+    def metrics_port_setting(self) -> str:
+        return f"ONECARD_{self.env_name}_METRICS_PORT"
+
+    @property
+    def target_env(self) -> str:
+        return f"ONECARD_{self.env_name}_TARGET"
+
+
+# The mesh in start order: a service comes after those it calls. A new service is one line here.
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec(
+        name="identity", module="services.identity", protocol="grpc",
+        default_port=50051, default_metrics_port=9101, migrates=True,
+    ),
+    # Each later service is one entry here, before the gateway that calls it, on the next ports:
+    # codegen 50052/9102 (with secret_env {"ONECARD_MASTER_KEY": "master_key"}), ledger 50053/9103,
+    # policy 50054/9104, devicehub 50055/9105.
+    ServiceSpec(
+        name="gateway", module="gateway", protocol="http",
+        default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},
+    ),
+)
+
+
+class ConfigError(ValueError):
+    """A setting the user gave cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    spec: ServiceSpec
+    host: str
+    port: int
+    metrics_port: int | None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PortClaim:
+    """A port the stack will listen on, who takes it, and the variable that moves it."""
+
+    port: int
+    owner: str
+    setting: str
+
+
+@dataclass(frozen=True)
+class DevstackConfig:
+    data_dir: Path
+    host: str
+    pg_port: int
+    nats_port: int
+    # Existing servers to use instead of the embedded ones (DATABASE_URL, NATS_URL).
+    external_database_url: str | None
+    external_nats_url: str | None
+    services: tuple[ServicePorts, ...]
+    demo_members: int
+    ready_timeout_s: float
+    stop_grace_s: float
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.data_dir / "secrets.json"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.data_dir / "demo-credentials.json"
+
+    def service(self, name: str) -> ServicePorts:
+        for svc in self.services:
+            if svc.spec.name == name:
+                return svc
+        raise KeyError(name)
+
+    def port_claims(self) -> list[PortClaim]:
+        claims = []
+        if self.external_database_url is None:
+            claims.append(PortClaim(self.pg_port, "PostgreSQL", "ONECARD_PG_PORT"))
+        if self.external_nats_url is None:
+            claims.append(PortClaim(self.nats_port, "NATS", "ONECARD_NATS_PORT"))
+        for svc in self.services:
+            claims.append(PortClaim(svc.port, f"{svc.spec.name} {svc.spec.protocol}", svc.spec.port_setting))
+            if svc.metrics_port is not None:
+                claims.append(PortClaim(svc.metrics_port, f"{svc.spec.name} metrics", svc.spec.metrics_port_setting))
+        return claims
+
+    @classmethod
+    def from_env(cls, *, environ: Mapping[str, str] | None = None,
+                 services: tuple[ServiceSpec, ...] = SERVICES) -> DevstackConfig:
+        env = os.environ if environ is None else environ
+        host = env.get("ONECARD_HOST", DEFAULT_HOST)
+        resolved = tuple(
+            ServicePorts(
+                spec=spec,
+                host=host,
+                port=_port(env, spec.port_setting, spec.default_port),
+                metrics_port=(
+                    None if spec.default_metrics_port is None
+                    else _port(env, spec.metrics_port_setting, spec.default_metrics_port)
+                ),
+            )
+            for spec in services
+        )
+        config = cls(
+            data_dir=Path(env["ONECARD_DATA_DIR"]).resolve() if env.get("ONECARD_DATA_DIR") else DEFAULT_DATA_DIR,
+            host=host,
+            pg_port=_port(env, "ONECARD_PG_PORT", DEFAULT_PG_PORT),
+            nats_port=_port(env, "ONECARD_NATS_PORT", DEFAULT_NATS_PORT),
+            external_database_url=env.get("DATABASE_URL") or None,
+            external_nats_url=env.get("NATS_URL") or None,
+            services=resolved,
+            demo_members=_int(env, "ONECARD_DEMO_MEMBERS", DEFAULT_DEMO_MEMBERS, low=0, high=MAX_DEMO_MEMBERS),
+            ready_timeout_s=float(_int(env, "ONECARD_READY_TIMEOUT_S", int(DEFAULT_READY_TIMEOUT_S), low=1, high=3600)),
+            stop_grace_s=float(_int(env, "ONECARD_STOP_GRACE_S", int(DEFAULT_STOP_GRACE_S), low=1, high=600)),
+        )
+        config._check_distinct_ports()
+        return config
+
+    def _check_distinct_ports(self) -> None:
+        seen: dict[int, PortClaim] = {}
+        for claim in self.port_claims():
+            if claim.port in seen:
+                other = seen[claim.port]
+                raise ConfigError(
+                    f"{claim.owner} and {other.owner} are both set to port {claim.port}: "
+                    f"change {claim.setting} or {other.setting}"
+                )
+            seen[claim.port] = claim
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    return _int(env, name, default, low=1, high=65535)

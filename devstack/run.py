@@ -1,0 +1,437 @@
+"""`make run`: PostgreSQL and NATS, migrations, every service and the gateway, the demo campus.
+
+Order of start: the two servers (embedded, unless DATABASE_URL / NATS_URL name existing ones),
+then each service in ``SERVICES`` order (migrate, start, wait until healthy), then the seed. Order
+of stop, on Ctrl-C, SIGTERM or a child dying: the services in reverse (SIGTERM and a grace period,
+then SIGKILL), then NATS, then PostgreSQL. The data folder stays for the next run.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+from devstack.config import ConfigError, DevstackConfig, ServicePorts
+from devstack.private import load_or_create_secrets, write_private_text
+from devstack.seed import DEMO_TENANT_NAME, SeedError, SeedResult, seed_demo
+from devstack.servers import Nats, Postgres
+from devstack.supervisor import (
+    ManagedProcess,
+    ProcessFailed,
+    grpc_health_probe,
+    http_ready_probe,
+    run_to_completion,
+    tail_of,
+    wait_healthy,
+)
+from devstack.walkthrough import walkthrough
+
+READY_MARKER = "onecard is ready"
+MIGRATION_TIMEOUT_S = 120.0
+WATCH_INTERVAL_S = 0.5
+SERVER_STOP_TIMEOUT_S = 30.0
+# Progress lines written to a pipe or file (CI logs), which cannot be rewritten in place.
+PIPED_PROGRESS_EVERY_S = 2.0
+# How far above a busy port to look for a free one to suggest.
+PORT_SUGGESTION_SPAN = 100
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+
+T = TypeVar("T")
+
+
+class StackError(RuntimeError):
+    """The stack cannot start; the message tells the user what to do."""
+
+
+def redact_url(url: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***\3", url)
+
+
+def shown_path(path: Path) -> str:
+    """Paths relative to where the user stands when that is shorter to read."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+@dataclass
+class Console:
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    _progress_open: bool = False
+    _last_progress_s: float = 0.0
+
+    @property
+    def interactive(self) -> bool:
+        return self.out.isatty()
+
+    def line(self, text: str = "") -> None:
+        self._end_progress()
+        self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
+        # A closed terminal (SIGHUP) or a closed pipe must not stop the orderly shutdown halfway.
+        with contextlib.suppress(OSError, ValueError):
+            self.out.write(text)
+            self.out.flush()
+
+    def status(self, name: str, state: str, detail: str = "") -> None:
+        self.line(f"  {name:<10} {state:<9} {detail}".rstrip())
+
+    def progress(self, text: str, *, final: bool) -> None:
+        """One line rewritten in place on a terminal; into a file or pipe, a line every few seconds."""
+        if final:
+            self.status("seed", "", text)
+        elif self.interactive:
+            self._write(f"\r  {'seed':<10} {'':<9} {text}\033[K")
+            self._progress_open = True
+        elif time.monotonic() - self._last_progress_s >= PIPED_PROGRESS_EVERY_S:
+            self._last_progress_s = time.monotonic()
+            self.status("seed", "", text)
+
+    def _end_progress(self) -> None:
+        if self._progress_open:
+            self._write("\r\033[K")
+            self._progress_open = False
+
+
+def port_in_use(*, host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        # The servers set SO_REUSEADDR too, so a port in TIME_WAIT from the last run counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port_near(*, host: str, port: int, taken: set[int]) -> int | None:
+    for candidate in range(port + 1, min(port + PORT_SUGGESTION_SPAN, 65535)):
+        if candidate not in taken and not port_in_use(host=host, port=candidate):
+            return candidate
+    return None
+
+
+def leftover_servers(data_dir: Path) -> list[tuple[int, str]]:
+    """Processes still running on this data folder: the servers of a run that was killed, not stopped.
+
+    A run ended by SIGKILL cannot stop PostgreSQL and nats-server (the services die with it, by
+    their parent-death signal); they keep the ports, and the next run must say so, not just "busy".
+    """
+    marker = str(data_dir)
+    found: list[tuple[int, str]] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            argv = [arg.decode(errors="replace") for arg in (entry / "cmdline").read_bytes().split(b"\0") if arg]
+            if argv and any(marker in arg for arg in argv[1:]):
+                found.append((int(entry.name), Path(argv[0]).name))
+    return sorted(found)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, subprocess.CalledProcessError):
+        output = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+        return f"{' '.join(map(str, exc.cmd[:1]))} exited with {exc.returncode}\n{output.strip()}"
+    return str(exc)
+
+
+async def _in_thread(fn: Callable[[], T]) -> T:
+    """Run blocking ``fn`` in a thread; if cancelled meanwhile, still wait for it to finish.
+
+    So a Ctrl-C while PostgreSQL is starting lets it finish starting before it is stopped, instead
+    of racing a start and a stop on one process.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+@dataclass
+class Stack:
+    config: DevstackConfig
+    console: Console
+    postgres: Postgres | None = None
+    nats: Nats | None = None
+    database_url: str = ""
+    nats_url: str = ""
+    processes: list[tuple[ServicePorts, ManagedProcess]] = field(default_factory=list)
+
+    def check_ports(self) -> None:
+        claims = self.config.port_claims()
+        busy = [c for c in claims if port_in_use(host=self.config.host, port=c.port)]
+        if not busy:
+            return
+        taken = {c.port for c in claims}
+        lines = [f"port {claim.port} ({claim.owner}) is already in use on {self.config.host}" for claim in busy]
+        leftovers = leftover_servers(self.config.data_dir)
+        if leftovers:
+            listed = ", ".join(f"{name} pid {pid}" for pid, name in leftovers)
+            pids = " ".join(str(pid) for pid, _name in leftovers)
+            raise StackError(
+                "\n".join(lines)
+                + f"\nAn earlier run on {shown_path(self.config.data_dir)} did not stop cleanly and its servers "
+                f"still run ({listed}).\nStop them, then run again:\n    kill {pids}"
+            )
+        moves = []
+        for claim in busy:
+            suggestion = _free_port_near(host=self.config.host, port=claim.port, taken=taken)
+            if suggestion is not None:
+                taken.add(suggestion)
+                moves.append(f"{claim.setting}={suggestion}")
+        hint = f"\nStop what holds them, or choose other ports, e.g.:\n    {' '.join(moves)} make run" if moves else ""
+        raise StackError("\n".join(lines) + hint)
+
+    async def start(self) -> None:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.check_ports()
+        secret_names = {key for svc in config.services for key in svc.spec.secret_env.values()}
+        secrets = load_or_create_secrets(config.secrets_path, names=sorted(secret_names))
+        await self._start_servers()
+        for svc in config.services:
+            await self._start_service(svc, secrets=secrets)
+
+    async def _start_servers(self) -> None:
+        config = self.config
+        if config.external_database_url:
+            self.database_url = config.external_database_url
+            self.console.status("postgres", "external", redact_url(self.database_url))
+        else:
+            self.postgres = Postgres(config.data_dir / "postgres", config.pg_port, host=config.host)
+            started = time.monotonic()
+            try:
+                await _in_thread(self.postgres.start)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                raise StackError(f"PostgreSQL did not start: {_describe(exc)}") from exc
+            self.database_url = self.postgres.dsn()
+            self.console.status(
+                "postgres", "started",
+                f"{config.host}:{config.pg_port}  pid {self.postgres.process.pid if self.postgres.process else '?'}"
+                f"  {time.monotonic() - started:.1f}s  log {shown_path(self.postgres.log_path)}",
+            )
+        if config.external_nats_url:
+            self.nats_url = config.external_nats_url
+            self.console.status("nats", "external", redact_url(self.nats_url))
+        else:
+            self.nats = Nats(config.data_dir / "nats", config.nats_port, host=config.host)
+            started = time.monotonic()
+            try:
+                await _in_thread(self.nats.start)
+            except (RuntimeError, OSError) as exc:
+                raise StackError(f"nats-server did not start: {_describe(exc)}") from exc
+            self.nats_url = self.nats.url
+            self.console.status(
+                "nats", "started",
+                f"{config.host}:{config.nats_port}  pid {self.nats.process.pid if self.nats.process else '?'}"
+                f"  {time.monotonic() - started:.1f}s  log {shown_path(self.nats.log_path)}",
+            )
+
+    def service_env(self, svc: ServicePorts, *, secrets: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        # Unbuffered, so a crash leaves its last words in the log the user is pointed to.
+        env["PYTHONUNBUFFERED"] = "1"
+        for earlier, _process in self.processes:
+            if earlier.spec.protocol == "grpc":
+                env[earlier.spec.target_env] = earlier.target
+        if svc.spec.protocol == "grpc":
+            env.update({
+                "ONECARD_DATABASE_URL": self.database_url,
+                "ONECARD_NATS_URL": self.nats_url,
+                "ONECARD_GRPC_HOST": svc.host,
+                "ONECARD_GRPC_PORT": str(svc.port),
+                "ONECARD_METRICS_PORT": str(svc.metrics_port or 0),
+            })
+        else:
+            env.update({"ONECARD_HTTP_HOST": svc.host, "ONECARD_HTTP_PORT": str(svc.port)})
+        for env_name, secret_key in svc.spec.secret_env.items():
+            env[env_name] = secrets[secret_key]
+        return env
+
+    async def _start_service(self, svc: ServicePorts, *, secrets: dict[str, str]) -> None:
+        config = self.config
+        spec = svc.spec
+        env = self.service_env(svc, secrets=secrets)
+        if spec.migrates:
+            migration = ManagedProcess(
+                name=f"{spec.name} migrate",
+                argv=[sys.executable, "-m", spec.module, "migrate"],
+                env=env,
+                log_path=config.logs_dir / f"{spec.name}-migrate.log",
+            )
+            started = time.monotonic()
+            await run_to_completion(migration, timeout_s=MIGRATION_TIMEOUT_S, grace_s=config.stop_grace_s)
+            self.console.status(spec.name, "migrated", f"{time.monotonic() - started:.1f}s")
+        process = ManagedProcess(
+            name=spec.name,
+            argv=[sys.executable, "-m", spec.module],
+            env=env,
+            log_path=config.logs_dir / f"{spec.name}.log",
+        )
+        process.start()
+        self.processes.append((svc, process))
+        if spec.protocol == "grpc":
+            probe = grpc_health_probe(svc.target)
+            where = f"grpc {svc.target}" + (f"  metrics :{svc.metrics_port}" if svc.metrics_port else "")
+        else:
+            probe = http_ready_probe(f"{svc.base_url}/readyz")
+            where = svc.base_url
+        took_s = await wait_healthy(process, probe=probe, timeout_s=config.ready_timeout_s)
+        self.console.status(
+            spec.name, "serving", f"{where}  pid {process.pid}  {took_s:.1f}s  log {shown_path(process.log_path)}"
+        )
+
+    async def watch(self) -> None:
+        """Return never; raise when a child dies, so the rest are stopped instead of limping on."""
+        while True:
+            for _svc, process in self.processes:
+                process.check_alive()
+            for name, server in (("PostgreSQL", self.postgres), ("nats-server", self.nats)):
+                if server is not None and server.process is not None and server.process.poll() is not None:
+                    raise ProcessFailed(
+                        name=name, what=f"exited with code {server.process.returncode}",
+                        log_path=server.log_path, tail=tail_of(server.log_path),
+                    )
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def stop(self) -> None:
+        for svc, process in reversed(self.processes):
+            if process.returncode() is not None:
+                continue
+            started = time.monotonic()
+            code = await process.stop(grace_s=self.config.stop_grace_s)
+            # uvicorn re-raises the SIGTERM it handled once it has shut down, so dying of our own
+            # SIGTERM is as clean an end as exit code 0.
+            how = "cleanly" if code in (0, -signal.SIGTERM) else f"exit code {code}"
+            self.console.status(svc.spec.name, "stopped", f"{how}  {time.monotonic() - started:.1f}s")
+        if self.nats is not None and self.nats.process is not None and self.nats.process.poll() is None:
+            await asyncio.to_thread(self.nats.stop, SERVER_STOP_TIMEOUT_S)
+            self.console.status("nats", "stopped")
+        if self.postgres is not None and self.postgres.process is not None and self.postgres.process.poll() is None:
+            await asyncio.to_thread(self.postgres.stop, SERVER_STOP_TIMEOUT_S)
+            self.console.status("postgres", "stopped")
+
+
+def print_ready(console: Console, stack: Stack, seed: SeedResult) -> None:
+    config = stack.config
+    gateway = next((s for s in config.services if s.spec.protocol == "http"), None)
+    grpc_services = [s for s in config.services if s.spec.protocol == "grpc"]
+    console.line()
+    console.line(f"{READY_MARKER}.")
+    console.line()
+    if gateway is not None:
+        console.line(f"  Gateway      {gateway.base_url}")
+        console.line(f"  API docs     {gateway.base_url}/docs")
+    for svc in grpc_services:
+        console.line(f"  gRPC         {svc.spec.name:<10} {svc.target}   (try: grpcurl -plaintext {svc.target} list)")
+    for svc in config.services:
+        if svc.metrics_port:
+            console.line(f"  Metrics      {svc.spec.name:<10} http://{svc.host}:{svc.metrics_port}/metrics")
+        elif svc.spec.protocol == "http":
+            # HTTP services serve their metrics beside their API.
+            console.line(f"  Metrics      {svc.spec.name:<10} {svc.base_url}/metrics")
+    console.line(f"  PostgreSQL   {redact_url(stack.database_url)}")
+    console.line(f"  NATS         {stack.nats_url}")
+    console.line(f"  Logs         {shown_path(config.logs_dir)}/")
+    console.line()
+    console.line(f"  {DEMO_TENANT_NAME}  tenant {seed.tenant_id}  ({seed.member_count} members)")
+    for client in seed.clients.values():
+        console.line(f"    {client.name:<22} client_id     {client.client_id}")
+        console.line(f"    {'':<22} client_secret {client.client_secret}")
+        console.line(f"    {'':<22} scopes        {' '.join(client.scopes)}")
+    console.line(f"    (kept in {shown_path(config.credentials_path)}; identity shows a secret only once)")
+    if gateway is not None and "bank" in seed.clients:
+        tour = walkthrough(base_url=gateway.base_url, tenant_id=seed.tenant_id, client=seed.clients["bank"])
+        script_path = config.data_dir / "walkthrough.sh"
+        write_private_text(script_path, "#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(tour) + "\n")
+        console.line()
+        console.line(f"Try it (copy and paste into a shell, or: bash {shown_path(script_path)}):")
+        console.line()
+        for line in tour:
+            console.line(f"  {line}" if line else "")
+    console.line()
+    console.line(f"Ctrl-C stops everything; the data stays in {shown_path(config.data_dir)}/ for the next run.")
+
+
+async def run_stack(config: DevstackConfig, *, console: Console) -> int:
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    state: dict[str, Any] = {"signal": None, "stopping": False}
+
+    def on_signal(sig: signal.Signals) -> None:
+        if state["stopping"] or state["signal"] is not None:
+            return
+        state["signal"] = sig
+        console.line(f"\n{sig.name}: stopping")
+        main_task.cancel()
+
+    # SIGHUP too: closing the terminal must stop the servers, which run in their own sessions and
+    # would not get the hangup themselves.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    stack = Stack(config=config, console=console)
+    console.line(f"onecard local stack  (data in {shown_path(config.data_dir)})")
+    exit_code = 0
+    try:
+        await stack.start()
+        identity = config.service("identity")
+        seed = await seed_demo(
+            identity_target=identity.target,
+            credentials_path=config.credentials_path,
+            member_count=config.demo_members,
+            progress=console.progress,
+        )
+        console.status(
+            "seed", "done",
+            f"{DEMO_TENANT_NAME} {'created' if seed.tenant_created else 'reused'}, {seed.member_count} members, "
+            f"API clients {'created' if seed.clients_created else 'reused'}",
+        )
+        print_ready(console, stack, seed)
+        await stack.watch()
+    except asyncio.CancelledError:
+        if state["signal"] is None:
+            raise
+        # Uncancel, so the awaits of the orderly stop below are not cancelled in turn.
+        main_task.uncancel()
+    except (ProcessFailed, StackError, SeedError, ConfigError) as exc:
+        console.line()
+        console.line(f"error: {exc}")
+        exit_code = 1
+    finally:
+        state["stopping"] = True
+        await stack.stop()
+    return exit_code
+
+
+def run(argv: list[str] | None = None) -> int:
+    console = Console()
+    try:
+        config = DevstackConfig.from_env()
+    except ConfigError as exc:
+        console.line(f"error: {exc}")
+        return 2
+    try:
+        return asyncio.run(run_stack(config, console=console))
+    except KeyboardInterrupt:
+        # Only before the signal handlers are in place, when nothing has been started yet.
+        return 130

@@ -1,0 +1,66 @@
+"""The copy-paste tour `make run` prints: token, create a member, search, freeze, directory feed.
+
+Plain curl and python3, no jq, with the real address, tenant and credentials filled in. The same
+lines are written to ``.data/walkthrough.sh`` so they can be run as a script, and the smoke test
+does exactly these calls.
+"""
+from __future__ import annotations
+
+import shlex
+
+from devstack.seed import DemoClient
+
+# The gateway's paths, relative to the base URL; the smoke test imports them so both stay in step.
+TOKEN_PATH = "/v1/oauth/token"
+MEMBERS_PATH = "/v1/tenants/{tenant_id}/members"
+MEMBER_PATH = "/v1/tenants/{tenant_id}/members/{member_id}"
+FREEZE_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/freeze"
+DIRECTORY_CHANGES_PATH = "/v1/tenants/{tenant_id}/directory-changes"
+SEARCH_PREFIX = "Zhou"
+
+_JSON_FIELD = "python3 -c 'import json,sys;print(json.load(sys.stdin)[\"{field}\"])'"
+_LIST_MEMBERS = (
+    "python3 -c 'import json,sys;[print(m[\"external_number\"], m[\"name\"], m[\"status\"]) "
+    "for m in json.load(sys.stdin)[\"members\"]]'"
+)
+_LIST_CHANGES = (
+    "python3 -c 'import json,sys;[print(c[\"sequence\"], c[\"kind\"], c[\"member\"][\"name\"]) "
+    "for c in json.load(sys.stdin)[\"changes\"]]'"
+)
+
+
+def _shell_path(template: str) -> str:
+    """A path template with the walkthrough's shell variables in it."""
+    return "$GW" + template.format(tenant_id="$TENANT", member_id="$MEMBER")
+
+
+def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient) -> list[str]:
+    auth = '-H "Authorization: Bearer $TOKEN"'
+    return [
+        f"GW={shlex.quote(base_url)}",
+        f"TENANT={shlex.quote(tenant_id)}",
+        f"CLIENT_ID={shlex.quote(client.client_id)}",
+        f"CLIENT_SECRET={shlex.quote(client.client_secret)}",
+        "",
+        f"# 1. An access token for {client.name} in the demo tenant (OAuth2 client credentials)",
+        f'TOKEN=$(curl -sf -X POST "{_shell_path(TOKEN_PATH)}" -d grant_type=client_credentials \\',
+        '    -d client_id="$CLIENT_ID" -d client_secret="$CLIENT_SECRET" -d tenant_id="$TENANT" \\',
+        f"    | {_JSON_FIELD.format(field='access_token')})",
+        "",
+        "# 2. Create a member (the student number must be new, so it is taken from the clock)",
+        f'MEMBER=$(curl -sf -X POST "{_shell_path(MEMBERS_PATH)}" {auth} -H "Content-Type: application/json" \\',
+        "    -d \"{\\\"external_number\\\": \\\"D$(date +%s)\\\", \\\"name\\\": \\\"Zhou Xinyi\\\", "
+        "\\\"groups\\\": {\\\"department\\\": \\\"physics\\\", \\\"grade\\\": \\\"2025\\\"}}\" \\",
+        f"    | {_JSON_FIELD.format(field='member_id')})",
+        "echo \"created $MEMBER\"",
+        "",
+        "# 3. Search: an exact student number, or a name prefix",
+        f'curl -sf "{_shell_path(MEMBERS_PATH)}?q={SEARCH_PREFIX}&page_size=5" {auth} | {_LIST_MEMBERS}',
+        "",
+        "# 4. Freeze the new member (codes and cards stop working; the directory feed says so)",
+        f'curl -sf -X POST "{_shell_path(FREEZE_PATH)}" {auth} -H "Content-Type: application/json" \\',
+        "    -d '{\"reason\": \"card reported lost\"}'" f" | {_JSON_FIELD.format(field='status')}",
+        "",
+        "# 5. The directory change feed a bank or a device hub follows (first page)",
+        f'curl -sf "{_shell_path(DIRECTORY_CHANGES_PATH)}?page_size=5" {auth} | {_LIST_CHANGES}',
+    ]

@@ -1,0 +1,205 @@
+"""``create_app(settings=...)``: the FastAPI application, its lifespan and its request middleware."""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import Counter, Histogram
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.problems import Problem, install_problem_handlers, problem_response
+from gateway.ratelimit import TokenBucketLimiter
+from gateway.routes import identity, oauth, ops
+from gateway.settings import GatewaySettings
+from gateway.state import GatewayState
+from onecard.identity.v1 import identity_pb2_grpc
+from runtime.grpc_client import open_channel
+from runtime.logs import get_logger, new_request_id
+
+log = get_logger(__name__)
+
+API_VERSION = "1.0.0"
+REQUEST_ID_HEADER = "X-Request-Id"
+# A caller's request id is reused only if it is short and plain, so it cannot forge log lines or
+# smuggle anything into headers and gRPC metadata.
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# The largest body any route takes: an 8 MiB CSV plus multipart framing.
+MAX_BODY_BYTES = 8 * 1024 * 1024 + 64 * 1024
+UNMATCHED_ROUTE = "unmatched"
+
+HTTP_REQUESTS = Counter("onecard_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
+HTTP_SECONDS = Histogram("onecard_http_request_duration_seconds", "HTTP request duration", ["method", "route"])
+
+OPENAPI_TAGS = [
+    {"name": "oauth", "description": "Access tokens (OAuth2 client credentials)."},
+    {"name": "tenants", "description": "Schools and companies using onecard."},
+    {"name": "members", "description": "People of a tenant, their status and groups."},
+    {"name": "media", "description": "Cards and face enrolment of a member; the card blacklist."},
+    {"name": "imports", "description": "Bulk member import from CSV."},
+    {"name": "directory", "description": "The feed of member changes, for partners who mirror the directory."},
+    {"name": "api-clients", "description": "Partner API clients this tenant granted access to."},
+    {"name": "operations", "description": "Health of the gateway and what it depends on."},
+]
+API_DESCRIPTION = """\
+The HTTP API of onecard. Get an access token with OAuth2 client credentials at
+`POST /v1/oauth/token`, then call the tenant's routes with `Authorization: Bearer <token>`.
+Every error is `application/problem+json` (RFC 9457) with a stable `reason` and the `request_id`.
+"""
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` so that whoever is reading the body stops and a 413 is answered."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail=f"the request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+class RequestContextMiddleware:
+    """Per request: the request id (header, logs, gRPC metadata), a body size cap, metrics, an
+    access log line, and the last word on unexpected exceptions (a bare 500 problem, logged)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        offered = headers.get(REQUEST_ID_HEADER, "")
+        request_id = offered if _SANE_REQUEST_ID.match(offered) else new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        started_s = time.perf_counter()
+        response_status = 500
+        response_started = False
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal response_status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                response_status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        received_bytes = 0
+
+        async def receive_with_limit() -> Message:
+            nonlocal received_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                received_bytes += len(message.get("body", b""))
+                if received_bytes > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        # The log context of this request only: restored afterwards, so nothing bound here (the
+        # request id, the client id bound by authorize) leaks into the next request on this task.
+        outer_context = structlog.contextvars.get_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                response = problem_response(Request(scope), status=413, reason="PAYLOAD_TOO_LARGE",
+                                            detail=BodyTooLarge().detail)
+                await response(scope, receive, send_with_request_id)
+                return
+            await self.app(scope, receive_with_limit, send_with_request_id)
+        except Exception:  # noqa: BLE001 - the caller gets a bare 500, the operator the traceback
+            log.exception("unhandled error", method=scope["method"], route=_route_of(scope))
+            if not response_started:
+                response = problem_response(Request(scope), status=500, reason="INTERNAL")
+                await response(scope, receive, send_with_request_id)
+        finally:
+            route = _route_of(scope)
+            elapsed_s = time.perf_counter() - started_s
+            HTTP_REQUESTS.labels(scope["method"], route, str(response_status)).inc()
+            HTTP_SECONDS.labels(scope["method"], route).observe(elapsed_s)
+            # The route template, never the raw path or query: those carry member ids and names.
+            log.info(
+                "http request",
+                method=scope["method"],
+                route=route,
+                status=response_status,
+                duration_ms=round(elapsed_s * 1000, 1),
+                client_id=scope["state"].get("client_id"),
+            )
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(**outer_context)
+
+
+def _route_of(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or UNMATCHED_ROUTE
+
+
+def _openapi_with_problem_schema(app: FastAPI) -> dict[str, Any]:
+    """The generated document plus the Problem schema, which error responses refer to."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = problem
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    state = GatewayState(
+        settings=settings,
+        client_limiter=TokenBucketLimiter(rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
+        token_limiter=TokenBucketLimiter(
+            rate_per_s=settings.token_rate_limit_per_s, burst=settings.token_rate_limit_burst
+        ),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The one place the identity channel is opened and closed. It connects lazily, so the
+        # gateway starts while identity is still coming up; /readyz tells when it answers.
+        channel = open_channel(settings.identity_target)
+        state.channel = channel
+        state.identity_stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        state.health_stub = health_pb2_grpc.HealthStub(channel)
+        log.info("gateway started", identity_target=settings.identity_target)
+        try:
+            yield
+        finally:
+            state.identity_stub = None
+            state.health_stub = None
+            state.channel = None
+            await channel.close()
+            log.info("gateway stopped")
+
+    app = FastAPI(
+        title="onecard API",
+        version=API_VERSION,
+        description=API_DESCRIPTION,
+        openapi_tags=OPENAPI_TAGS,
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    install_problem_handlers(app)
+    app.include_router(oauth.router)
+    app.include_router(identity.router)
+    app.include_router(ops.router)
+    app.add_middleware(RequestContextMiddleware)
+    app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,188 @@
+"""Access tokens and scopes: who is calling, for which tenant, allowed to do what.
+
+A partner's API client trades its id and secret for a short-lived access token at
+``POST /v1/oauth/token`` (OAuth2 client credentials). The token is a JWT signed with HS256 under
+the gateway's ``token_secret`` and bound to one tenant, one client and the scopes that client
+holds in that tenant. ``authorize`` is the one dependency every protected route uses: it checks
+the token, the per-client rate, that the path's tenant is the token's tenant, and the scope.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated
+
+import jwt
+import structlog
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+
+from gateway.problems import ProblemError
+from gateway.ratelimit import retry_after_s
+from gateway.state import gateway_state
+
+# The scopes, in one place. A client holds a set of them (ApiClient.scopes in identity); each
+# tenant that grants the client access grants a subset; a token carries what both allow.
+MEMBERS_READ = "members:read"
+MEMBERS_WRITE = "members:write"
+CLIENTS_ADMIN = "clients:admin"
+PLATFORM_ADMIN = "platform:admin"
+SCOPES: dict[str, str] = {
+    MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
+    MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
+    CLIENTS_ADMIN: "List the API clients this tenant granted; create clients and grant or revoke them, "
+    "never with a scope the caller does not hold itself.",
+    PLATFORM_ADMIN: "Create tenants (the platform operator).",
+}
+
+TOKEN_ALGORITHM = "HS256"
+TOKEN_ISSUER = "onecard-gateway"
+TOKEN_AUDIENCE = "onecard-api"
+TOKEN_TYPE = "at+jwt"
+# A real token is a few hundred bytes; anything much longer is not worth decoding.
+MAX_TOKEN_CHARS = 4096
+REALM = "onecard"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: an API client acting in one tenant with some scopes."""
+
+    client_id: str
+    tenant_id: str
+    scopes: frozenset[str]
+
+
+class InvalidToken(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def known_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    """The scopes the gateway knows; others (from a newer identity, say) confer nothing here."""
+    return frozenset(s for s in scopes if s in SCOPES)
+
+
+def issue_access_token(
+    *,
+    secret: str,
+    client_id: str,
+    tenant_id: str,
+    scopes: Iterable[str],
+    ttl_s: int,
+    now_s: float | None = None,
+) -> str:
+    issued_at = int(time.time() if now_s is None else now_s)
+    claims = {
+        "iss": TOKEN_ISSUER,
+        "aud": TOKEN_AUDIENCE,
+        "sub": client_id,
+        "tid": tenant_id,
+        "scope": " ".join(sorted(scopes)),
+        "iat": issued_at,
+        "exp": issued_at + ttl_s,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm=TOKEN_ALGORITHM, headers={"typ": TOKEN_TYPE})
+
+
+def verify_access_token(*, token: str, secret: str) -> Principal:
+    """The principal a token names, or ``InvalidToken`` saying why not."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidToken("INVALID_TOKEN", "the access token is malformed")
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            # Pinned: never let the token's own header choose the algorithm ("none", RS/HS confusion).
+            algorithms=[TOKEN_ALGORITHM],
+            audience=TOKEN_AUDIENCE,
+            issuer=TOKEN_ISSUER,
+            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("TOKEN_EXPIRED", "the access token has expired; fetch a new one") from None
+    except jwt.InvalidTokenError:
+        raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong") from None
+    client_id, tenant_id, scope = claims.get("sub"), claims.get("tid"), claims.get("scope")
+    if not (isinstance(client_id, str) and client_id and isinstance(tenant_id, str) and tenant_id):
+        raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
+    if not isinstance(scope, str):
+        raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
+    return Principal(client_id=client_id, tenant_id=tenant_id, scopes=known_scopes(scope.split()))
+
+
+bearer_scheme = HTTPBearer(
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="An access token from POST /v1/oauth/token (OAuth2 client credentials). Scopes:\n\n"
+    + "\n".join(f"- `{name}`: {text}" for name, text in SCOPES.items()),
+    auto_error=False,
+)
+
+
+def _unauthenticated(*, reason: str, detail: str, error: str | None) -> ProblemError:
+    challenge = f'Bearer realm="{REALM}"'
+    if error:
+        challenge += f', error="{error}"'
+    return ProblemError(status=401, reason=reason, detail=detail, headers={"WWW-Authenticate": challenge})
+
+
+async def authorize(
+    request: Request,
+    security_scopes: SecurityScopes,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """The one gate of every protected route: token, rate, tenant, scope, in that order.
+
+    A path naming another tenant answers 404 exactly as an unknown tenant would, so a token
+    cannot be used to learn which tenants exist; the scope is checked after the tenant for the
+    same reason.
+    """
+    state = gateway_state(request)
+    if credentials is None:
+        raise _unauthenticated(reason="MISSING_TOKEN", detail="send an access token as 'Authorization: Bearer …'",
+                               error=None)
+    try:
+        principal = verify_access_token(token=credentials.credentials,
+                                        secret=state.settings.token_secret.get_secret_value())
+    except InvalidToken as exc:
+        raise _unauthenticated(reason=exc.reason, detail=exc.detail, error="invalid_token") from None
+    request.state.client_id = principal.client_id
+    structlog.contextvars.bind_contextvars(client_id=principal.client_id, tenant_id=principal.tenant_id)
+
+    wait_s = state.client_limiter.try_acquire(principal.client_id)
+    if wait_s > 0:
+        raise ProblemError(
+            status=429,
+            reason="RATE_LIMITED",
+            detail=f"more than {state.client_limiter.rate_per_s:g} requests a second; slow down",
+            headers={"Retry-After": str(retry_after_s(wait_s))},
+        )
+
+    path_tenant = request.path_params.get("tenant_id")
+    if path_tenant is not None and path_tenant != principal.tenant_id:
+        raise ProblemError(status=404, reason="TENANT_NOT_FOUND", detail="no such tenant")
+
+    missing = [scope for scope in security_scopes.scopes if scope not in principal.scopes]
+    if missing:
+        raise ProblemError(
+            status=403,
+            reason="INSUFFICIENT_SCOPE",
+            detail=f"this call needs the scope {' '.join(missing)}, which the token does not hold",
+            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope", '
+                                         f'scope="{" ".join(missing)}"'},
+            extra={"scope": " ".join(missing)},
+        )
+    return principal
+
+
+# What a protected route declares, e.g. ``_principal: ReadMembers``: one scope, one gate.
+ReadMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_READ])]
+WriteMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_WRITE])]
+AdminClients = Annotated[Principal, Security(authorize, scopes=[CLIENTS_ADMIN])]
+AdminPlatform = Annotated[Principal, Security(authorize, scopes=[PLATFORM_ADMIN])]

@@ -1,0 +1,53 @@
+"""The gateway's settings, read once from ``ONECARD_*`` environment variables.
+
+The gateway is not a gRPC service (no database, no NATS), so it has its own settings class rather
+than a subclass of ``runtime.settings.ServiceSettings``.
+"""
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_TOKEN_TTL_S = 900
+MAX_TOKEN_TTL_S = 24 * 3600
+MIN_TOKEN_SECRET_CHARS = 32
+DEFAULT_RATE_LIMIT_PER_S = 50.0
+DEFAULT_RATE_LIMIT_BURST = 100
+# Token requests are rare for a well-behaved client (one per token lifetime), so a tight limit
+# costs nothing and slows secret guessing.
+DEFAULT_TOKEN_RATE_LIMIT_PER_S = 1.0
+DEFAULT_TOKEN_RATE_LIMIT_BURST = 10
+DEFAULT_IDENTITY_TIMEOUT_S = 10.0
+DEFAULT_READY_TIMEOUT_S = 2.0
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONECARD_", extra="ignore", frozen=True)
+
+    # host:port of the identity gRPC service.
+    identity_target: str = Field(min_length=1)
+    # HS256 key for access tokens; every gateway replica must share it.
+    token_secret: SecretStr
+    http_host: str = DEFAULT_HTTP_HOST
+    http_port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535)
+    token_ttl_s: int = Field(default=DEFAULT_TOKEN_TTL_S, ge=1, le=MAX_TOKEN_TTL_S)
+    # Per API client, over every route but the token endpoint.
+    rate_limit_per_s: float = Field(default=DEFAULT_RATE_LIMIT_PER_S, gt=0)
+    rate_limit_burst: int = Field(default=DEFAULT_RATE_LIMIT_BURST, ge=1)
+    # The token endpoint, per client id and per caller address.
+    token_rate_limit_per_s: float = Field(default=DEFAULT_TOKEN_RATE_LIMIT_PER_S, gt=0)
+    token_rate_limit_burst: int = Field(default=DEFAULT_TOKEN_RATE_LIMIT_BURST, ge=1)
+    # Deadline of each call to identity; a slower answer becomes 504.
+    identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
+    ready_timeout_s: float = Field(default=DEFAULT_READY_TIMEOUT_S, gt=0)
+    log_level: str = "info"
+
+    @field_validator("token_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr) -> SecretStr:
+        # A short HMAC key can be brute-forced offline from any one token.
+        if len(value.get_secret_value()) < MIN_TOKEN_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_TOKEN_SECRET_CHARS} characters")
+        return value

@@ -1,0 +1,40 @@
+"""What the app holds for its lifetime: settings, the identity channel and stub, the rate limiters.
+
+Created and closed by the lifespan in ``gateway.app``; routes reach it through ``gateway_state``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from fastapi import Request
+from grpc_health.v1 import health_pb2_grpc
+
+from gateway.ratelimit import TokenBucketLimiter
+from gateway.settings import GatewaySettings
+from onecard.identity.v1 import identity_pb2_grpc
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    client_limiter: TokenBucketLimiter
+    token_limiter: TokenBucketLimiter
+    channel: grpc.aio.Channel | None = None
+    identity_stub: identity_pb2_grpc.IdentityServiceStub | None = None
+    # gRPC health of the identity server, for /readyz.
+    health_stub: health_pb2_grpc.HealthStub | None = None
+
+    @property
+    def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
+        if self.identity_stub is None:
+            raise RuntimeError("the gateway's lifespan has not opened the identity channel")
+        return self.identity_stub
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.identity_timeout_s
+
+
+def gateway_state(request: Request) -> GatewayState:
+    return request.app.state.gateway

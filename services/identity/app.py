@@ -1,0 +1,54 @@
+"""Assembles the identity service: settings, schema and migrations, its stream, and the
+background work it starts once PostgreSQL and NATS are up (the outbox relay, unfinished imports)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
+from runtime.events import OutboxRelay, StreamSpec
+from runtime.grpc_server import ServiceApp
+from runtime.settings import ServiceSettings
+from services.identity.importer import DEFAULT_CHUNK_ROWS, resume_imports
+from services.identity.servicer import IdentityServicer
+from services.identity.store import IdentityStore
+
+SCHEMA = "identity"
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+STREAM = StreamSpec("IDENTITY", ["identity.>"])
+SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+
+DEFAULT_IMPORT_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_IMPORT_MAX_ROWS = 100_000
+
+
+class IdentitySettings(ServiceSettings):
+    import_max_bytes: int = DEFAULT_IMPORT_MAX_BYTES
+    import_max_rows: int = DEFAULT_IMPORT_MAX_ROWS
+    # Rows applied per transaction: larger is faster, smaller shows progress sooner and holds the
+    # tenant's directory lock for less time.
+    import_chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+
+def build_app(settings: IdentitySettings) -> ServiceApp:
+    async def on_ready(app: ServiceApp) -> None:
+        app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema=SCHEMA).run(), name="outbox-relay")
+        await resume_imports(
+            store=IdentityStore(app.pool),
+            spawn=app.spawn,
+            max_rows=settings.import_max_rows,
+            chunk_rows=settings.import_chunk_rows,
+        )
+
+    def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(app=app, settings=settings), server)
+
+    return ServiceApp(
+        name="identity",
+        settings=settings,
+        schema=SCHEMA,
+        migrations_dir=MIGRATIONS_DIR,
+        register=register,
+        service_names=[SERVICE_NAME],
+        streams=[STREAM],
+        on_ready=on_ready,
+    )

@@ -1,0 +1,552 @@
+"""The gRPC face of identity: protobuf in, domain calls, protobuf out. No rules and no SQL here.
+
+Every member-level call parses its tenant id first and reaches rows only through that tenant, so
+a member of another tenant is simply not found.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import inspect
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from onecard.identity.v1 import identity_pb2 as pb
+from onecard.identity.v1 import identity_pb2_grpc
+from runtime.errors import InvalidArgument, NotFound, Unauthenticated
+from runtime.grpc_server import ServiceApp
+from services.identity import domain
+from services.identity.domain import (
+    ApiClient,
+    CardStatus,
+    ChangeKind,
+    ImportState,
+    Member,
+    MemberChange,
+    MemberImport,
+    MemberStatus,
+    Tenant,
+    TenantKind,
+)
+from services.identity.importer import ImportFileError, parse_csv, run_import
+from services.identity.store import DirectoryWriter, IdentityStore
+
+if TYPE_CHECKING:
+    from services.identity.app import IdentitySettings
+
+_TENANT_KIND = {
+    TenantKind.ENTERPRISE: pb.TENANT_KIND_ENTERPRISE,
+    TenantKind.UNIVERSITY: pb.TENANT_KIND_UNIVERSITY,
+    TenantKind.K12: pb.TENANT_KIND_K12,
+}
+_TENANT_KIND_FROM_PB = {v: k for k, v in _TENANT_KIND.items()}
+_MEMBER_STATUS = {
+    MemberStatus.ACTIVE: pb.MEMBER_STATUS_ACTIVE,
+    MemberStatus.FROZEN: pb.MEMBER_STATUS_FROZEN,
+    MemberStatus.LEFT: pb.MEMBER_STATUS_LEFT,
+}
+_MEMBER_STATUS_FROM_PB = {v: k for k, v in _MEMBER_STATUS.items()}
+_CARD_STATUS = {
+    CardStatus.ACTIVE: pb.CARD_STATUS_ACTIVE,
+    CardStatus.LOST: pb.CARD_STATUS_LOST,
+    CardStatus.REPLACED: pb.CARD_STATUS_REPLACED,
+}
+_CHANGE_KIND = {
+    ChangeKind.MEMBER_CREATED: pb.CHANGE_KIND_MEMBER_CREATED,
+    ChangeKind.MEMBER_UPDATED: pb.CHANGE_KIND_MEMBER_UPDATED,
+    ChangeKind.MEMBER_FROZEN: pb.CHANGE_KIND_MEMBER_FROZEN,
+    ChangeKind.MEMBER_UNFROZEN: pb.CHANGE_KIND_MEMBER_UNFROZEN,
+    ChangeKind.MEMBER_LEFT: pb.CHANGE_KIND_MEMBER_LEFT,
+    ChangeKind.CARD_BOUND: pb.CHANGE_KIND_CARD_BOUND,
+    ChangeKind.CARD_LOST: pb.CHANGE_KIND_CARD_LOST,
+    ChangeKind.FACE_ENROLLED: pb.CHANGE_KIND_FACE_ENROLLED,
+}
+_IMPORT_STATE = {
+    ImportState.RUNNING: pb.IMPORT_STATE_RUNNING,
+    ImportState.DONE: pb.IMPORT_STATE_DONE,
+    ImportState.FAILED: pb.IMPORT_STATE_FAILED,
+}
+
+# One answer for every failed authentication, so a caller cannot tell an unknown client from a
+# wrong secret or a tenant that granted nothing.
+AUTHENTICATION_FAILED = "client authentication failed"
+MAX_CLIENT_ID_CHARS = 64
+MAX_CLIENT_SECRET_CHARS = 256
+_SEARCH_TOKEN_VERSION = 1
+_FEED_CURSOR_PREFIX = "dc1:"
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def tenant_pb(tenant: Tenant) -> pb.Tenant:
+    return pb.Tenant(
+        tenant_id=str(tenant.tenant_id),
+        name=tenant.name,
+        kind=_TENANT_KIND[tenant.kind],
+        time_zone=tenant.time_zone,
+        currency=tenant.currency,
+        created_at=_ts(tenant.created_at),
+    )
+
+
+def member_pb(member: Member) -> pb.Member:
+    return pb.Member(
+        tenant_id=str(member.tenant_id),
+        member_id=str(member.member_id),
+        external_number=member.external_number,
+        name=member.name,
+        groups=dict(member.groups),
+        status=_MEMBER_STATUS[member.status],
+        cards=[
+            pb.Card(card_uid=c.card_uid, status=_CARD_STATUS[c.status], bound_at=_ts(c.bound_at), lost_at=_ts(c.lost_at))
+            for c in member.cards
+        ],
+        face_enrolment_ref=member.face_enrolment_ref,
+        created_at=_ts(member.created_at),
+        updated_at=_ts(member.updated_at),
+        version=member.version,
+    )
+
+
+def import_pb(record: MemberImport) -> pb.MemberImport:
+    return pb.MemberImport(
+        import_id=str(record.import_id),
+        tenant_id=str(record.tenant_id),
+        state=_IMPORT_STATE[record.state],
+        rows_total=record.rows_total,
+        rows_done=record.rows_done,
+        rows_created=record.rows_created,
+        rows_updated=record.rows_updated,
+        rows_unchanged=record.rows_unchanged,
+        rows_failed=record.rows_failed,
+        errors=[pb.ImportRowError(line=e.line, external_number=e.external_number, reason=e.reason) for e in record.errors],
+        created_at=_ts(record.created_at),
+        finished_at=_ts(record.finished_at),
+        failure=record.failure,
+    )
+
+
+def api_client_pb(client: ApiClient) -> pb.ApiClient:
+    return pb.ApiClient(
+        client_id=client.client_id,
+        name=client.name,
+        scopes=list(client.scopes),
+        grants=[pb.TenantGrant(tenant_id=str(t), scopes=list(s)) for t, s in client.grants.items()],
+        created_at=_ts(client.created_at),
+    )
+
+
+def _member_status_filter(value: int) -> MemberStatus | None:
+    if value == pb.MEMBER_STATUS_UNSPECIFIED:
+        return None
+    if value not in _MEMBER_STATUS_FROM_PB:
+        raise InvalidArgument(f"status {value} is not a member status", reason="MEMBER_STATUS_INVALID")
+    return _MEMBER_STATUS_FROM_PB[value]
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(token: str) -> str:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+def _search_fingerprint(
+    *, tenant_id: uuid.UUID, query: str, status: MemberStatus | None, groups: dict[str, str]
+) -> str:
+    """Ties a page token to its search, so a token reused with other filters is refused, not misread."""
+    key = json.dumps([str(tenant_id), query, status.value if status else "", sorted(groups.items())])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def encode_search_token(*, after_number: str, fingerprint: str) -> str:
+    return _b64(json.dumps({"v": _SEARCH_TOKEN_VERSION, "after": after_number, "f": fingerprint}))
+
+
+def decode_search_token(token: str, *, fingerprint: str) -> str | None:
+    """The external number a page ends at; None for the first page."""
+    if not token:
+        return None
+    try:
+        body = json.loads(_unb64(token))
+        after, version, given = body["after"], body["v"], body["f"]
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("page_token is not one this service issued", reason="PAGE_TOKEN_INVALID") from None
+    if version != _SEARCH_TOKEN_VERSION or not isinstance(after, str) or given != fingerprint:
+        raise InvalidArgument("page_token belongs to a different search", reason="PAGE_TOKEN_INVALID")
+    return after
+
+
+def encode_feed_cursor(sequence: int) -> str:
+    return _b64(f"{_FEED_CURSOR_PREFIX}{sequence}")
+
+
+def decode_feed_cursor(cursor: str) -> int:
+    if not cursor:
+        return 0
+    try:
+        text = _unb64(cursor)
+        if not text.startswith(_FEED_CURSOR_PREFIX):
+            raise ValueError(text)
+        sequence = int(text.removeprefix(_FEED_CURSOR_PREFIX))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("cursor is not one this service issued", reason="CURSOR_INVALID") from None
+    if sequence < 0:
+        raise InvalidArgument("cursor is not one this service issued", reason="CURSOR_INVALID")
+    return sequence
+
+
+# Given the tenant's writer and the member, the changes to make (or an awaitable of them).
+MemberDecision = Callable[[DirectoryWriter, Member], list[MemberChange] | Awaitable[list[MemberChange]]]
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
+    def __init__(self, *, app: ServiceApp, settings: IdentitySettings):
+        self._app = app
+        self._settings = settings
+
+    @property
+    def _store(self) -> IdentityStore:
+        return IdentityStore(self._app.pool)
+
+    # --- tenants ---------------------------------------------------------------------------
+
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext) -> pb.CreateTenantResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id) if request.tenant_id else None
+        wanted = domain.new_tenant(
+            tenant_id=tenant_id,
+            name=request.name,
+            kind=_TENANT_KIND_FROM_PB.get(request.kind),
+            time_zone=request.time_zone,
+            currency=request.currency,
+            now=_now(),
+        )
+        stored, created = await self._store.create_tenant(wanted)
+        if not created:
+            domain.check_tenant_replay(stored=stored, wanted=wanted)
+        return pb.CreateTenantResponse(tenant=tenant_pb(stored))
+
+    async def GetTenant(self, request: pb.GetTenantRequest, context: grpc.aio.ServicerContext) -> pb.GetTenantResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        tenant = await self._store.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"tenant {tenant_id} not found", reason="TENANT_NOT_FOUND")
+        return pb.GetTenantResponse(tenant=tenant_pb(tenant))
+
+    # --- members ---------------------------------------------------------------------------
+
+    async def CreateMember(self, request: pb.CreateMemberRequest, context: grpc.aio.ServicerContext) -> pb.CreateMemberResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        async with self._store.directory_writer(tenant_id=tenant_id) as writer:
+            existing = await writer.members_by_number([request.external_number])
+            change = domain.new_member(
+                tenant_id=tenant_id,
+                external_number=request.external_number,
+                name=request.name,
+                groups=dict(request.groups),
+                now=_now(),
+                existing=existing.get(request.external_number),
+            )
+            await writer.record([change])
+        return pb.CreateMemberResponse(member=member_pb(change.member))
+
+    async def GetMember(self, request: pb.GetMemberRequest, context: grpc.aio.ServicerContext) -> pb.GetMemberResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        member_id = domain.parse_member_id(request.member_id)
+        member = await self._store.get_member(tenant_id=tenant_id, member_id=member_id)
+        if member is None:
+            raise _member_not_found(member_id)
+        return pb.GetMemberResponse(member=member_pb(member))
+
+    async def _change_member(self, *, tenant_id: str, member_id: str, decide: MemberDecision) -> Member:
+        """Load the member under the tenant's lock, let ``decide`` make the changes, write them."""
+        tenant = domain.parse_tenant_id(tenant_id)
+        member_uuid = domain.parse_member_id(member_id)
+        async with self._store.directory_writer(tenant_id=tenant) as writer:
+            member = await writer.member(member_uuid)
+            if member is None:
+                raise _member_not_found(member_uuid)
+            decided = decide(writer, member)
+            changes = await decided if inspect.isawaitable(decided) else decided
+            await writer.record(changes)
+        return changes[-1].member if changes else member
+
+    async def UpdateMember(self, request: pb.UpdateMemberRequest, context: grpc.aio.ServicerContext) -> pb.UpdateMemberResponse:
+        if request.groups and not request.replace_groups:
+            raise InvalidArgument(
+                "groups were given without replace_groups; set it to replace the member's groups",
+                reason="GROUPS_WITHOUT_REPLACE",
+            )
+        name = request.name if request.HasField("name") else None
+        groups = dict(request.groups) if request.replace_groups else None
+        member = await self._change_member(
+            tenant_id=request.tenant_id,
+            member_id=request.member_id,
+            decide=lambda _w, m: domain.update_member(m, name=name, groups=groups, now=_now()),
+        )
+        return pb.UpdateMemberResponse(member=member_pb(member))
+
+    async def SearchMembers(self, request: pb.SearchMembersRequest, context: grpc.aio.ServicerContext) -> pb.SearchMembersResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        query = domain.check_search_query(request.query)
+        status = _member_status_filter(request.status)
+        groups = domain.check_groups(dict(request.groups))
+        page_size = domain.check_page_size(
+            request.page_size, default=domain.DEFAULT_SEARCH_PAGE_SIZE, maximum=domain.MAX_SEARCH_PAGE_SIZE
+        )
+        fingerprint = _search_fingerprint(tenant_id=tenant_id, query=query, status=status, groups=groups)
+        after = decode_search_token(request.page_token, fingerprint=fingerprint)
+        await self._store.require_tenant(tenant_id)
+        members = await self._store.search_members(
+            tenant_id=tenant_id, query=query, status=status, groups=groups, after_number=after, limit=page_size + 1
+        )
+        page, more = members[:page_size], len(members) > page_size
+        token = encode_search_token(after_number=page[-1].external_number, fingerprint=fingerprint) if more else ""
+        return pb.SearchMembersResponse(members=[member_pb(m) for m in page], next_page_token=token)
+
+    async def FreezeMember(self, request: pb.FreezeMemberRequest, context: grpc.aio.ServicerContext) -> pb.FreezeMemberResponse:
+        member = await self._change_member(
+            tenant_id=request.tenant_id,
+            member_id=request.member_id,
+            decide=lambda _w, m: domain.freeze(m, reason=request.reason, now=_now()),
+        )
+        return pb.FreezeMemberResponse(member=member_pb(member))
+
+    async def UnfreezeMember(
+        self, request: pb.UnfreezeMemberRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnfreezeMemberResponse:
+        member = await self._change_member(
+            tenant_id=request.tenant_id,
+            member_id=request.member_id,
+            decide=lambda _w, m: domain.unfreeze(m, now=_now()),
+        )
+        return pb.UnfreezeMemberResponse(member=member_pb(member))
+
+    async def MarkMemberLeft(
+        self, request: pb.MarkMemberLeftRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MarkMemberLeftResponse:
+        member = await self._change_member(
+            tenant_id=request.tenant_id,
+            member_id=request.member_id,
+            decide=lambda _w, m: domain.mark_left(m, now=_now()),
+        )
+        return pb.MarkMemberLeftResponse(member=member_pb(member))
+
+    # --- media -----------------------------------------------------------------------------
+
+    async def BindCard(self, request: pb.BindCardRequest, context: grpc.aio.ServicerContext) -> pb.BindCardResponse:
+        card_uid = domain.normalise_card_uid(request.card_uid)
+
+        async def decide(writer: DirectoryWriter, member: Member) -> list[MemberChange]:
+            facts = await writer.card_facts([card_uid])
+            return domain.bind_card(member, card_uid=card_uid, facts=facts[card_uid], now=_now())
+
+        member = await self._change_member(tenant_id=request.tenant_id, member_id=request.member_id, decide=decide)
+        return pb.BindCardResponse(member=member_pb(member))
+
+    async def ReportCardLost(
+        self, request: pb.ReportCardLostRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportCardLostResponse:
+        member = await self._change_member(
+            tenant_id=request.tenant_id,
+            member_id=request.member_id,
+            decide=lambda _w, m: domain.report_card_lost(m, card_uid=request.card_uid, now=_now()),
+        )
+        return pb.ReportCardLostResponse(member=member_pb(member))
+
+    async def SetFaceEnrolment(
+        self, request: pb.SetFaceEnrolmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetFaceEnrolmentResponse:
+        member = await self._change_member(
+            tenant_id=request.tenant_id,
+            member_id=request.member_id,
+            decide=lambda _w, m: domain.set_face_enrolment(m, face_enrolment_ref=request.face_enrolment_ref, now=_now()),
+        )
+        return pb.SetFaceEnrolmentResponse(member=member_pb(member))
+
+    async def ListCardBlacklist(
+        self, request: pb.ListCardBlacklistRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCardBlacklistResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        if request.since_version < 0:
+            raise InvalidArgument("since_version must not be negative", reason="VERSION_INVALID")
+        page_size = domain.check_page_size(
+            request.page_size, default=domain.DEFAULT_BLACKLIST_PAGE_SIZE, maximum=domain.MAX_BLACKLIST_PAGE_SIZE
+        )
+        await self._store.require_tenant(tenant_id)
+        entries = await self._store.list_blacklist(tenant_id=tenant_id, after_version=request.since_version, limit=page_size)
+        return pb.ListCardBlacklistResponse(
+            cards=[
+                pb.BlacklistedCard(card_uid=e.card_uid, member_id=str(e.member_id), lost_at=_ts(e.lost_at), version=e.version)
+                for e in entries
+            ],
+            version=entries[-1].version if entries else request.since_version,
+        )
+
+    # --- bulk import -----------------------------------------------------------------------
+
+    async def StartMemberImport(
+        self, request: pb.StartMemberImportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartMemberImportResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        max_bytes = self._settings.import_max_bytes
+        if len(request.csv) > max_bytes:
+            raise InvalidArgument(
+                f"the file has {len(request.csv)} bytes; the limit is {max_bytes} ({max_bytes // (1024 * 1024)} MiB)",
+                reason="IMPORT_TOO_LARGE",
+            )
+        store = self._store
+        await store.require_tenant(tenant_id)
+        try:
+            rows = await asyncio.to_thread(parse_csv, request.csv, max_rows=self._settings.import_max_rows)
+            failure = ""
+        except ImportFileError as exc:
+            rows, failure = [], str(exc)
+        record = await store.create_import(
+            import_id=uuid.uuid4(), tenant_id=tenant_id, csv=request.csv, rows_total=len(rows), failure=failure, now=_now()
+        )
+        if not failure:
+            self._app.spawn(
+                run_import(store=store, import_id=record.import_id, rows=rows, chunk_rows=self._settings.import_chunk_rows),
+                name=f"import-{record.import_id}",
+            )
+        return pb.StartMemberImportResponse(**{"import": import_pb(record)})
+
+    async def GetMemberImport(
+        self, request: pb.GetMemberImportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMemberImportResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        import_id = domain.parse_uuid(request.import_id, what="import_id", reason="IMPORT_ID_INVALID")
+        record = await self._store.get_import(tenant_id=tenant_id, import_id=import_id)
+        if record is None:
+            raise NotFound(f"import {import_id} not found", reason="IMPORT_NOT_FOUND")
+        return pb.GetMemberImportResponse(**{"import": import_pb(record)})
+
+    # --- directory change feed -------------------------------------------------------------
+
+    async def ListDirectoryChanges(
+        self, request: pb.ListDirectoryChangesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDirectoryChangesResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        after = decode_feed_cursor(request.cursor)
+        page_size = domain.check_page_size(
+            request.page_size, default=domain.DEFAULT_FEED_PAGE_SIZE, maximum=domain.MAX_FEED_PAGE_SIZE
+        )
+        await self._store.require_tenant(tenant_id)
+        changes = await self._store.list_changes(tenant_id=tenant_id, after_sequence=after, limit=page_size)
+        return pb.ListDirectoryChangesResponse(
+            changes=[
+                pb.DirectoryChange(
+                    sequence=c.sequence,
+                    kind=_CHANGE_KIND[c.kind],
+                    member_id=str(c.member.member_id),
+                    member=member_pb(c.member),
+                    changed_at=_ts(c.changed_at),
+                )
+                for c in changes
+            ],
+            next_cursor=encode_feed_cursor(changes[-1].sequence) if changes else request.cursor,
+        )
+
+    # --- partner API clients ---------------------------------------------------------------
+
+    async def CreateApiClient(
+        self, request: pb.CreateApiClientRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateApiClientResponse:
+        name = domain.check_client_name(request.name)
+        scopes = domain.check_scopes(request.scopes)
+        grants: dict[uuid.UUID, tuple[str, ...]] = {}
+        for grant in request.grants:
+            tenant_id = domain.parse_tenant_id(grant.tenant_id)
+            if tenant_id in grants:
+                raise InvalidArgument(f"tenant {tenant_id} is granted twice", reason="GRANT_DUPLICATE")
+            grants[tenant_id] = domain.check_grant_scopes(client_scopes=scopes, granted=grant.scopes)
+        secret = domain.new_client_secret()
+        client = ApiClient(
+            client_id=domain.new_client_id(), name=name, scopes=scopes, created_at=_now(), grants=grants
+        )
+        secret_hash = await asyncio.to_thread(domain.hash_client_secret, secret)
+        await self._store.create_api_client(client=client, secret_hash=secret_hash, grants=grants)
+        return pb.CreateApiClientResponse(client=api_client_pb(client), client_secret=secret)
+
+    async def GrantTenantAccess(
+        self, request: pb.GrantTenantAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GrantTenantAccessResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        store = self._store
+        await store.require_tenant(tenant_id)
+        client = await self._client_in_tenant(request.client_id, tenant_id)
+        scopes = domain.check_grant_scopes(client_scopes=client.scopes, granted=request.scopes)
+        await store.grant(tenant_id=tenant_id, client_id=client.client_id, scopes=scopes, now=_now())
+        return pb.GrantTenantAccessResponse(client=api_client_pb(await self._client_in_tenant(client.client_id, tenant_id)))
+
+    async def RevokeTenantAccess(
+        self, request: pb.RevokeTenantAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeTenantAccessResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        store = self._store
+        await store.require_tenant(tenant_id)
+        if not await store.revoke(tenant_id=tenant_id, client_id=request.client_id):
+            raise NotFound(f"tenant {tenant_id} has no grant for client {request.client_id[:64]!r}", reason="GRANT_NOT_FOUND")
+        return pb.RevokeTenantAccessResponse(client=api_client_pb(await self._client_in_tenant(request.client_id, tenant_id)))
+
+    async def _client_in_tenant(self, client_id: str, tenant_id: uuid.UUID) -> ApiClient:
+        client = None
+        if client_id and len(client_id) <= MAX_CLIENT_ID_CHARS:
+            client = await self._store.get_api_client(client_id=client_id, tenant_id=tenant_id)
+        if client is None:
+            raise NotFound(f"API client {client_id[:64]!r} not found", reason="CLIENT_NOT_FOUND")
+        return client
+
+    async def ListApiClients(self, request: pb.ListApiClientsRequest, context: grpc.aio.ServicerContext) -> pb.ListApiClientsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        await self._store.require_tenant(tenant_id)
+        clients = await self._store.list_api_clients(tenant_id=tenant_id)
+        return pb.ListApiClientsResponse(clients=[api_client_pb(c) for c in clients])
+
+    async def AuthenticateClient(
+        self, request: pb.AuthenticateClientRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AuthenticateClientResponse:
+        try:
+            tenant_id = domain.parse_tenant_id(request.tenant_id)
+        except InvalidArgument:
+            tenant_id = None
+        secret_hash, client_scopes, granted = None, (), None
+        if 0 < len(request.client_id) <= MAX_CLIENT_ID_CHARS:
+            secret_hash, client_scopes, granted = await self._store.client_credentials(
+                client_id=request.client_id, tenant_id=tenant_id
+            )
+        secret = request.client_secret[:MAX_CLIENT_SECRET_CHARS + 1]
+        matches = len(secret) <= MAX_CLIENT_SECRET_CHARS and await asyncio.to_thread(
+            domain.client_secret_matches, secret, secret_hash
+        )
+        if not matches or granted is None or tenant_id is None:
+            raise Unauthenticated(AUTHENTICATION_FAILED)
+        return pb.AuthenticateClientResponse(
+            client_id=request.client_id,
+            tenant_id=str(tenant_id),
+            scopes=list(domain.scopes_in_tenant(client_scopes=client_scopes, granted=granted)),
+        )
+
+
+def _member_not_found(member_id: uuid.UUID) -> NotFound:
+    return NotFound(f"member {member_id} not found", reason="MEMBER_NOT_FOUND")

@@ -1,0 +1,139 @@
+"""The gateway in this process, in front of the real identity service (the ``identity`` fixture),
+reached through httpx's ASGI transport with the app's lifespan running.
+
+Tenants and API clients are made directly through identity's gRPC stub, as an operator's tooling
+would; everything a partner does goes through HTTP.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.auth import CLIENTS_ADMIN, MEMBERS_READ, MEMBERS_WRITE
+from gateway.settings import GatewaySettings
+from onecard.identity.v1 import identity_pb2 as pb
+
+TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
+TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN)
+BASE_URL = "http://gateway.test"
+# High enough that no test but the rate-limit one ever meets a limit.
+GENEROUS_RATE = 10_000.0
+
+
+def gateway_settings(*, identity_target: str, **overrides: Any) -> GatewaySettings:
+    values: dict[str, Any] = {
+        "identity_target": identity_target,
+        "token_secret": TOKEN_SECRET,
+        "rate_limit_per_s": GENEROUS_RATE,
+        "rate_limit_burst": int(GENEROUS_RATE),
+        "token_rate_limit_per_s": GENEROUS_RATE,
+        "token_rate_limit_burst": int(GENEROUS_RATE),
+        "identity_timeout_s": 10.0,
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+@asynccontextmanager
+async def running_gateway(settings: GatewaySettings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+            yield app, client
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    client_id: str
+    client_secret: str
+
+
+@dataclass
+class Gateway:
+    app: FastAPI
+    http: httpx.AsyncClient
+    stub: Any
+    settings: GatewaySettings
+
+    async def create_tenant(self, *, name: str = "Test University", kind: int = pb.TENANT_KIND_UNIVERSITY) -> str:
+        answer = await self.stub.CreateTenant(
+            pb.CreateTenantRequest(name=name, kind=kind, time_zone="Asia/Shanghai", currency="CNY")
+        )
+        return answer.tenant.tenant_id
+
+    async def create_client(
+        self, *, tenant_id: str, scopes: tuple[str, ...] | list[str], name: str = "partner"
+    ) -> ClientCredentials:
+        answer = await self.stub.CreateApiClient(
+            pb.CreateApiClientRequest(
+                name=name, scopes=list(scopes), grants=[pb.TenantGrant(tenant_id=tenant_id, scopes=list(scopes))]
+            )
+        )
+        return ClientCredentials(answer.client.client_id, answer.client_secret)
+
+    async def request_token(self, *, tenant_id: str, credentials: ClientCredentials, **form: str) -> httpx.Response:
+        return await self.http.post(
+            "/v1/oauth/token",
+            data={
+                "grant_type": "client_credentials",
+                "tenant_id": tenant_id,
+                "client_id": credentials.client_id,
+                "client_secret": credentials.client_secret,
+                **form,
+            },
+        )
+
+    async def token(self, *, tenant_id: str, credentials: ClientCredentials) -> str:
+        response = await self.request_token(tenant_id=tenant_id, credentials=credentials)
+        assert response.status_code == 200, response.text
+        return response.json()["access_token"]
+
+    async def tenant_access(
+        self, *, tenant_id: str | None = None, scopes: tuple[str, ...] | list[str] = TENANT_SCOPES
+    ) -> TenantAccess:
+        """A tenant (new unless given) and a token for a new client holding ``scopes`` in it."""
+        tenant_id = tenant_id or await self.create_tenant()
+        credentials = await self.create_client(tenant_id=tenant_id, scopes=scopes)
+        token = await self.token(tenant_id=tenant_id, credentials=credentials)
+        return TenantAccess(tenant_id=tenant_id, credentials=credentials, token=token)
+
+
+@dataclass(frozen=True)
+class TenantAccess:
+    tenant_id: str
+    credentials: ClientCredentials
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+async def gateway(identity: Any) -> AsyncIterator[Gateway]:
+    settings = gateway_settings(identity_target=identity.target)
+    async with running_gateway(settings) as (app, http):
+        yield Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+
+
+def assert_problem(response: httpx.Response, status: int, *, reason: str | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status (and reason), carrying the request id."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json", response.headers
+    body = response.json()
+    assert body["status"] == status
+    assert body["type"].startswith("urn:onecard:problem:")
+    assert body["title"]
+    assert body["instance"] == response.request.url.path
+    assert body["request_id"] == response.headers["x-request-id"]
+    if reason is not None:
+        assert body["reason"] == reason, body
+    return body

@@ -1,0 +1,257 @@
+"""Tenant isolation and scopes, as a matrix over every route the app has.
+
+ROUTE_CALLS says how to call each protected route. A route added to the app without an entry
+here (or in PUBLIC_ROUTES) fails ``test_every_route_is_in_the_matrix``, so no route escapes the
+isolation and scope matrices below.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi.routing import APIRoute, iter_route_contexts
+
+from gateway.app import create_app
+from gateway.auth import CLIENTS_ADMIN, MEMBERS_READ, MEMBERS_WRITE, PLATFORM_ADMIN, SCOPES
+from onecard.identity.v1 import identity_pb2 as pb
+from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
+
+CARD_A = "0A0B0C0D01"
+CARD_B = "0B0B0C0D02"
+MATRIX_CSV = b"external_number,name\nX900,Intruder\n"
+
+
+@dataclass(frozen=True)
+class RouteCall:
+    json: dict[str, Any] | None = None
+    content: bytes | None = None
+    content_type: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    # Outcomes allowed with the caller's own tenant in the path but the other tenant's ids in it.
+    foreign_ids_statuses: frozenset[int] = frozenset({404})
+
+
+# Every protected route: how to call it with a body that would succeed in the caller's own tenant.
+ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
+    ("POST", "/v1/tenants"): RouteCall(json={"name": "Intruder School", "kind": "k12"}),
+    ("GET", "/v1/tenants/{tenant_id}"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/members"): RouteCall(json={"external_number": "X901", "name": "Intruder"}),
+    ("GET", "/v1/tenants/{tenant_id}/members"): RouteCall(params={"q": "Secret"}),
+    ("GET", "/v1/tenants/{tenant_id}/members/{member_id}"): RouteCall(),
+    ("PATCH", "/v1/tenants/{tenant_id}/members/{member_id}"): RouteCall(json={"name": "Renamed"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/freeze"): RouteCall(json={"reason": "intrusion"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/unfreeze"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/leave"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/cards"): RouteCall(json={"card_uid": "0C0C0C0C03"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/cards/{card_uid}/report-lost"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/face"): RouteCall(json={"face_enrolment_ref": "fv-x"}),
+    ("DELETE", "/v1/tenants/{tenant_id}/members/{member_id}/face"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/card-blacklist"): RouteCall(params={"since_version": 0}),
+    ("POST", "/v1/tenants/{tenant_id}/member-imports"): RouteCall(content=MATRIX_CSV, content_type="text/csv"),
+    ("GET", "/v1/tenants/{tenant_id}/member-imports/{import_id}"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/directory-changes"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/api-clients"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/api-clients"): RouteCall(json={"name": "intruder", "scopes": [MEMBERS_READ]}),
+    # A tenant may grant itself any partner's client (that is how a bank gets in). Granting the
+    # other tenant's client to one's own tenant therefore works, and must still show nothing of
+    # the other tenant and change nothing the other tenant sees; the revoke below undoes it.
+    ("PUT", "/v1/tenants/{tenant_id}/api-clients/{client_id}/grant"): RouteCall(
+        json={"scopes": [MEMBERS_READ]}, foreign_ids_statuses=frozenset({200, 404})
+    ),
+    ("DELETE", "/v1/tenants/{tenant_id}/api-clients/{client_id}/grant"): RouteCall(
+        foreign_ids_statuses=frozenset({204, 404})
+    ),
+}
+# Routes that need no token and show no tenant data.
+PUBLIC_ROUTES = {
+    ("POST", "/v1/oauth/token"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+}
+
+
+def app_routes() -> set[tuple[str, str]]:
+    app = create_app(gateway_settings(identity_target="127.0.0.1:1"))
+    return {
+        (method, route.path)
+        for route in iter_route_contexts(app.routes)
+        for method in (route.methods or ())
+        if method != "HEAD"
+    }
+
+
+def required_scopes() -> dict[tuple[str, str], list[str]]:
+    """Each operation's scopes, as the OpenAPI document declares them."""
+    app = create_app(gateway_settings(identity_target="127.0.0.1:1"))
+    scopes: dict[tuple[str, str], list[str]] = {}
+    for path, operations in app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            requirement = operation.get("security", [])
+            scopes[(method.upper(), path)] = [s for r in requirement for s in r.get("bearer", [])]
+    return scopes
+
+
+def test_every_route_is_in_the_matrix() -> None:
+    routes = app_routes()
+    assert routes - set(ROUTE_CALLS) - PUBLIC_ROUTES == set(), "add the new route to ROUTE_CALLS"
+    assert set(ROUTE_CALLS) - routes == set(), "ROUTE_CALLS names a route the app no longer has"
+
+
+def test_every_protected_route_declares_exactly_one_known_scope_and_public_ones_none() -> None:
+    declared = required_scopes()
+    for key in ROUTE_CALLS:
+        assert len(declared[key]) == 1 and declared[key][0] in SCOPES, key
+    for key, scopes in declared.items():
+        if key in PUBLIC_ROUTES:
+            assert scopes == [], key
+    app = create_app(gateway_settings(identity_target="127.0.0.1:1"))
+    checked = 0
+    for context in iter_route_contexts(app.routes):
+        route = context.original_route
+        if isinstance(route, APIRoute) and any((m, route.path) in ROUTE_CALLS for m in route.methods):
+            names = {dep.call.__name__ for dep in route.dependant.dependencies if dep.call is not None}
+            assert "authorize" in names, route.path
+            checked += 1
+    assert checked == len(ROUTE_CALLS)
+
+
+@dataclass
+class TenantFixture:
+    label: str
+    tenant_id: str
+    member_id: str
+    member_name: str
+    external_number: str
+    card_uid: str
+    import_id: str
+    client_id: str
+
+    def ids(self) -> dict[str, str]:
+        return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
+                "import_id": self.import_id, "client_id": self.client_id}
+
+
+async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> TenantFixture:
+    """A tenant with one member holding a card, a finished import and a granted API client."""
+    stub = gateway.stub
+    tenant_id = await gateway.create_tenant(name=f"Tenant {label}")
+    name, number = f"Secret Person {label}", f"SECRET{label}"
+    member = (await stub.CreateMember(pb.CreateMemberRequest(tenant_id=tenant_id, external_number=number, name=name,
+                                                             groups={"department": "physics"}))).member
+    await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_id, member_id=member.member_id, card_uid=card_uid))
+    imported = await stub.StartMemberImport(pb.StartMemberImportRequest(
+        tenant_id=tenant_id, csv=f"external_number,name\nIMP{label},Imported {label}\n".encode()))
+    import_id = getattr(imported, "import").import_id
+    for _ in range(200):
+        answer = await stub.GetMemberImport(pb.GetMemberImportRequest(tenant_id=tenant_id, import_id=import_id))
+        if getattr(answer, "import").state != pb.IMPORT_STATE_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    client = await gateway.create_client(tenant_id=tenant_id, scopes=TENANT_SCOPES, name=f"client {label}")
+    return TenantFixture(label=label, tenant_id=tenant_id, member_id=member.member_id, member_name=name,
+                         external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id)
+
+
+async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
+    """Everything identity holds for a tenant, as bytes to compare."""
+    stub, tid = gateway.stub, tenant.tenant_id
+    answers = {
+        "tenant": await stub.GetTenant(pb.GetTenantRequest(tenant_id=tid)),
+        "members": await stub.SearchMembers(pb.SearchMembersRequest(tenant_id=tid, page_size=200)),
+        "member": await stub.GetMember(pb.GetMemberRequest(tenant_id=tid, member_id=tenant.member_id)),
+        "blacklist": await stub.ListCardBlacklist(pb.ListCardBlacklistRequest(tenant_id=tid)),
+        "feed": await stub.ListDirectoryChanges(pb.ListDirectoryChangesRequest(tenant_id=tid, page_size=1000)),
+        "clients": await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tid)),
+        "import": await stub.GetMemberImport(pb.GetMemberImportRequest(tenant_id=tid, import_id=tenant.import_id)),
+    }
+    return {name: answer.SerializeToString(deterministic=True) for name, answer in answers.items()}
+
+
+async def call(gateway: Gateway, key: tuple[str, str], *, ids: dict[str, str], token: str) -> httpx.Response:
+    method, template = key
+    spec = ROUTE_CALLS[key]
+    headers = {"Authorization": f"Bearer {token}"}
+    if spec.content_type:
+        headers["Content-Type"] = spec.content_type
+    return await gateway.http.request(method, template.format(**ids), headers=headers, json=spec.json,
+                                      content=spec.content, params=spec.params)
+
+
+def leaked(response: httpx.Response, tenant: TenantFixture) -> list[str]:
+    """The other tenant's data found in a response. Ids the caller sent itself may be echoed (the
+    problem's ``instance`` is the path, a detail may name the id not found), so the search is for
+    what the caller did not send: names, numbers, and the tenant id where it was not in the path."""
+    try:
+        body = response.json() if response.content else {}
+    except ValueError:
+        body = response.text
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k != "instance"}
+    text = str(body)
+    secrets = [tenant.member_name, tenant.external_number, f"Imported {tenant.label}", f"IMP{tenant.label}",
+               tenant.tenant_id]
+    return [s for s in secrets if s in text]
+
+
+async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(gateway: Gateway) -> None:
+    tenant_a = await populated_tenant(gateway, label="A", card_uid=CARD_A)
+    tenant_b = await populated_tenant(gateway, label="B", card_uid=CARD_B)
+    token_a = await gateway.token(
+        tenant_id=tenant_a.tenant_id,
+        credentials=await gateway.create_client(tenant_id=tenant_a.tenant_id, scopes=TENANT_SCOPES),
+    )
+    before = await snapshot(gateway, tenant_b)
+    failures: list[str] = []
+
+    for key, spec in ROUTE_CALLS.items():
+        if "{tenant_id}" not in key[1]:
+            # Not tenant-scoped (creating a tenant): A's tenant token lacks platform:admin.
+            response = await call(gateway, key, ids={}, token=token_a)
+            if response.status_code != 403:
+                failures.append(f"{key}: {response.status_code} without platform:admin")
+            continue
+        # B's tenant in the path, B's ids: refused before identity is asked, as if B did not exist.
+        response = await call(gateway, key, ids=tenant_b.ids(), token=token_a)
+        if response.status_code != 404 or response.headers.get("content-type") != "application/problem+json":
+            failures.append(f"{key} with B's path: {response.status_code} {response.text[:200]}")
+        elif response.json()["reason"] != "TENANT_NOT_FOUND" or leaked(response, tenant_b):
+            failures.append(f"{key} with B's path said too much: {response.text[:200]}")
+        # A's tenant in the path but B's ids in the rest of it: identity must find nothing.
+        path_params = {part.strip("{}") for part in key[1].split("/") if part.startswith("{")}
+        if path_params - {"tenant_id"}:
+            foreign = {**tenant_b.ids(), "tenant_id": tenant_a.tenant_id}
+            response = await call(gateway, key, ids=foreign, token=token_a)
+            if response.status_code not in spec.foreign_ids_statuses:
+                failures.append(f"{key} with B's ids: {response.status_code} {response.text[:200]}")
+            if found := leaked(response, tenant_b):
+                failures.append(f"{key} with B's ids leaked {found}: {response.text[:200]}")
+
+    assert failures == []
+    assert await snapshot(gateway, tenant_b) == before
+
+
+async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(gateway: Gateway) -> None:
+    tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
+    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN)
+    token_without: dict[str, str] = {}
+    for scope in all_scopes:
+        others = [s for s in all_scopes if s != scope]
+        credentials = await gateway.create_client(tenant_id=tenant.tenant_id, scopes=others)
+        token_without[scope] = await gateway.token(tenant_id=tenant.tenant_id, credentials=credentials)
+    declared = required_scopes()
+    before = await snapshot(gateway, tenant)
+
+    for key in ROUTE_CALLS:
+        (scope,) = declared[key]
+        response = await call(gateway, key, ids=tenant.ids(), token=token_without[scope])
+        body = assert_problem(response, 403, reason="INSUFFICIENT_SCOPE")
+        assert body["scope"] == scope and scope in body["detail"], (key, body)
+        assert f'scope="{scope}"' in response.headers["www-authenticate"]
+
+    assert await snapshot(gateway, tenant) == before

@@ -1,0 +1,46 @@
+"""Fixtures for the identity tests: a tenant to work in, direct SQL access for checks the API
+cannot make (what is stored, what is not), and identity apps with non-default settings."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from services.identity.app import IdentitySettings, build_app
+from tests.conftest import RunningService, start_service
+from tests.identity.support import create_tenant, identity_stub
+
+
+@pytest.fixture
+async def tenant_id(identity: RunningService) -> str:
+    return await create_tenant(identity.stub)
+
+
+@pytest.fixture
+async def db(identity: RunningService, database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the identity schema, opened after the service migrated it."""
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": "identity"})
+    yield conn
+    await conn.close()
+
+
+StartIdentity = Callable[..., Awaitable[RunningService]]
+
+
+@pytest.fixture
+async def start_identity(database_url: str, nats_url: str) -> AsyncIterator[StartIdentity]:
+    """Starts identity apps with settings overridden; each is stopped at the end of the test."""
+    running: list[RunningService] = []
+
+    async def start(**overrides: object) -> RunningService:
+        settings = IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2, **overrides)
+        service = await start_service(build_app(settings))
+        service.stub = identity_stub(service.channel)  # type: ignore[attr-defined]
+        running.append(service)
+        return service
+
+    yield start
+    for service in reversed(running):
+        await service.channel.close()
+        await service.app.stop()

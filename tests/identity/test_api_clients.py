@@ -1,0 +1,127 @@
+"""Partner API clients: a secret shown once and stored as a hash, tenant grants, authentication."""
+import uuid
+
+import asyncpg
+import grpc
+
+from onecard.identity.v1 import identity_pb2 as pb
+from tests.identity.support import create_tenant, refused
+
+
+async def new_client(stub, *, scopes: list[str], grants: dict[str, list[str]] | None = None) -> pb.CreateApiClientResponse:  # noqa: ANN001
+    return await stub.CreateApiClient(
+        pb.CreateApiClientRequest(
+            name="ICBC campus app",
+            scopes=scopes,
+            grants=[pb.TenantGrant(tenant_id=t, scopes=s) for t, s in (grants or {}).items()],
+        )
+    )
+
+
+async def authenticate(stub, client_id: str, secret: str, tenant_id: str) -> pb.AuthenticateClientResponse:  # noqa: ANN001
+    return await stub.AuthenticateClient(
+        pb.AuthenticateClientRequest(client_id=client_id, client_secret=secret, tenant_id=tenant_id)
+    )
+
+
+async def test_secret_is_shown_once_and_only_its_hash_is_stored(identity, tenant_id: str, db: asyncpg.Connection) -> None:
+    created = await new_client(identity.stub, scopes=["members:read"], grants={tenant_id: ["members:read"]})
+    client_id, secret = created.client.client_id, created.client_secret
+    assert client_id.startswith("oc_") and len(secret) >= 40
+    row = await db.fetchrow("SELECT * FROM api_clients WHERE client_id = $1", client_id)
+    assert row["secret_hash"].startswith("$argon2id$")
+    assert all(secret not in str(value) for value in row.values())
+    listed = (await identity.stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tenant_id))).clients
+    assert [c.client_id for c in listed] == [client_id]
+    assert secret not in str(listed) and secret not in str(created.client)
+    other = await new_client(identity.stub, scopes=["members:read"])
+    assert other.client_secret != secret and other.client.client_id != client_id
+
+
+async def test_authentication_answers_the_client_scopes_the_tenant_granted(identity, tenant_id: str) -> None:
+    created = await new_client(
+        identity.stub, scopes=["members:read", "payments:write", "topup"], grants={tenant_id: ["members:read", "topup"]}
+    )
+    answer = await authenticate(identity.stub, created.client.client_id, created.client_secret, tenant_id)
+    assert (answer.client_id, answer.tenant_id, list(answer.scopes)) == (
+        created.client.client_id, tenant_id, ["members:read", "topup"]
+    )
+
+
+async def test_wrong_secret_unknown_client_and_ungranted_tenant_all_fail_alike(identity, tenant_id: str) -> None:
+    stub = identity.stub
+    ungranted = await create_tenant(stub, name="Ungranted")
+    created = await new_client(stub, scopes=["members:read"], grants={tenant_id: ["members:read"]})
+    client_id, secret = created.client.client_id, created.client_secret
+    attempts = [
+        (client_id, secret + "x", tenant_id),
+        (client_id, "", tenant_id),
+        ("oc_000000000000000000000000", secret, tenant_id),
+        ("", secret, tenant_id),
+        (client_id, secret, ungranted),
+        (client_id, secret, str(uuid.uuid4())),
+        (client_id, secret, "not-a-uuid"),
+        (client_id, "s" * 10_000, tenant_id),
+    ]
+    details = set()
+    for attempt in attempts:
+        with_details = None
+        try:
+            await authenticate(stub, *attempt)
+        except grpc.aio.AioRpcError as exc:
+            with_details = (exc.code(), exc.details())
+        assert with_details is not None and with_details[0] == grpc.StatusCode.UNAUTHENTICATED, attempt
+        details.add(with_details[1])
+    assert len(details) == 1
+
+
+async def test_scopes_are_validated_and_a_grant_can_only_narrow_them(identity, tenant_id: str, db) -> None:
+    stub = identity.stub
+    for scopes in [[], ["Members:Read"], ["members:"], ["members read"], ["a" * 65]]:
+        assert await refused(new_client(stub, scopes=scopes)) == (grpc.StatusCode.INVALID_ARGUMENT, "SCOPES_INVALID"), scopes
+    assert await refused(new_client(stub, scopes=["members:read"], grants={tenant_id: ["payments:write"]})) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "SCOPE_NOT_HELD"
+    )
+    assert await refused(new_client(stub, scopes=["members:read"], grants={str(uuid.uuid4()): ["members:read"]})) == (
+        grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND"
+    )
+    assert await db.fetchval("SELECT count(*) FROM api_clients") == 0
+    client = (await new_client(stub, scopes=["members:read"])).client
+    grant = pb.GrantTenantAccessRequest(tenant_id=tenant_id, client_id=client.client_id, scopes=["members:write"])
+    assert await refused(stub.GrantTenantAccess(grant)) == (grpc.StatusCode.INVALID_ARGUMENT, "SCOPE_NOT_HELD")
+    unknown = pb.GrantTenantAccessRequest(tenant_id=tenant_id, client_id="oc_nobody", scopes=["members:read"])
+    assert await refused(stub.GrantTenantAccess(unknown)) == (grpc.StatusCode.NOT_FOUND, "CLIENT_NOT_FOUND")
+
+
+async def test_tenant_sees_only_its_own_grant(identity) -> None:
+    stub = identity.stub
+    tenant_a = await create_tenant(stub, name="A")
+    tenant_b = await create_tenant(stub, name="B")
+    await create_tenant(stub, name="C")
+    created = await new_client(stub, scopes=["members:read", "topup"], grants={tenant_a: ["members:read"]})
+    client_id = created.client.client_id
+    granted = (
+        await stub.GrantTenantAccess(pb.GrantTenantAccessRequest(tenant_id=tenant_b, client_id=client_id, scopes=["topup"]))
+    ).client
+    assert [(g.tenant_id, list(g.scopes)) for g in granted.grants] == [(tenant_b, ["topup"])]
+    for tenant, scopes in [(tenant_a, ["members:read"]), (tenant_b, ["topup"])]:
+        listed = (await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tenant))).clients
+        assert [(c.client_id, [(g.tenant_id, list(g.scopes)) for g in c.grants]) for c in listed] == [
+            (client_id, [(tenant, scopes)])
+        ]
+        assert list(listed[0].scopes) == ["members:read", "topup"]
+
+
+async def test_revoked_grant_no_longer_authenticates(identity, tenant_id: str) -> None:
+    stub = identity.stub
+    created = await new_client(stub, scopes=["members:read"], grants={tenant_id: ["members:read"]})
+    client_id = created.client.client_id
+    revoked = (await stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))).client
+    assert list(revoked.grants) == []
+    assert await refused(authenticate(stub, client_id, created.client_secret, tenant_id)) == (
+        grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"
+    )
+    assert list((await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tenant_id))).clients) == []
+    assert await refused(stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))) == (
+        grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND"
+    )

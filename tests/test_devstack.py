@@ -1,0 +1,219 @@
+"""`make run` as a user meets it: the real ``python -m devstack run`` in a subprocess, on a scratch
+data folder and free ports, driven through the gateway, stopped with Ctrl-C, and started again."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from devstack.config import REPO_ROOT
+from devstack.run import READY_MARKER
+from devstack.seed import DEMO_TENANT_ID, count_members
+from devstack.servers import free_port
+from devstack.walkthrough import DIRECTORY_CHANGES_PATH, FREEZE_PATH, MEMBERS_PATH, TOKEN_PATH
+
+pytestmark = pytest.mark.slow
+
+DEMO_MEMBERS = 300
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+HTTP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class StackRun:
+    """One ``python -m devstack run``: its output as it comes, and every process under it."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, env: dict[str, str]) -> StackRun:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devstack", "run"],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        run = cls(process)
+        threading.Thread(target=run._read, daemon=True).start()
+        return run
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if READY_MARKER in line:
+                self.ready.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"devstack did not get ready (exit {self.process.poll()}):\n{self.output}")
+
+    def tree(self) -> list[psutil.Process]:
+        """Every process under the stack, PostgreSQL's backends included."""
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a terminal sends it; answers the exit code."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(STOP_TIMEOUT_S)
+
+    def kill_if_running(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def still_running(processes: list[psutil.Process]) -> list[str]:
+    alive = []
+    for proc in processes:
+        try:
+            # is_running() compares the creation time too, so a reused pid does not count.
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "NATS_URL")}
+    env.update({
+        "ONECARD_DATA_DIR": str(tmp_path / "data"),
+        "ONECARD_PG_PORT": str(free_port()),
+        "ONECARD_NATS_PORT": str(free_port()),
+        "ONECARD_IDENTITY_PORT": str(free_port()),
+        "ONECARD_IDENTITY_METRICS_PORT": str(free_port()),
+        "ONECARD_GATEWAY_PORT": str(free_port()),
+        "ONECARD_DEMO_MEMBERS": str(DEMO_MEMBERS),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def demo_member_count(env: dict[str, str]) -> int:
+    from onecard.identity.v1 import identity_pb2_grpc
+    from runtime.grpc_client import open_channel
+
+    async def count() -> int:
+        async with open_channel(f"127.0.0.1:{env['ONECARD_IDENTITY_PORT']}") as channel:
+            return await count_members(identity_pb2_grpc.IdentityServiceStub(channel), tenant_id=DEMO_TENANT_ID)
+
+    return asyncio.run(count())
+
+
+def run_walkthrough(*, base_url: str, client_id: str, client_secret: str) -> dict[str, object]:
+    """The printed tour's calls: token, create a member, search, freeze, directory feed."""
+    tenant = DEMO_TENANT_ID
+    with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S) as http:
+        token = http.post(TOKEN_PATH, data={
+            "grant_type": "client_credentials", "client_id": client_id,
+            "client_secret": client_secret, "tenant_id": tenant,
+        })
+        assert token.status_code == 200, token.text
+        auth = {"Authorization": f"Bearer {token.json()['access_token']}"}
+
+        created = http.post(MEMBERS_PATH.format(tenant_id=tenant), headers=auth, json={
+            "external_number": "D-SMOKE-1", "name": "Zhou Xinyi", "groups": {"department": "physics"},
+        })
+        assert created.status_code == 201, created.text
+        member = created.json()
+        assert member["status"] == "active"
+
+        found = http.get(MEMBERS_PATH.format(tenant_id=tenant), headers=auth, params={"q": "D-SMOKE-1"})
+        assert found.status_code == 200, found.text
+        assert [m["member_id"] for m in found.json()["members"]] == [member["member_id"]]
+
+        by_name = http.get(MEMBERS_PATH.format(tenant_id=tenant), headers=auth, params={"q": "Zhou", "page_size": 200})
+        assert by_name.status_code == 200, by_name.text
+        assert all(m["name"].startswith("Zhou") for m in by_name.json()["members"])
+
+        frozen = http.post(FREEZE_PATH.format(tenant_id=tenant, member_id=member["member_id"]), headers=auth,
+                           json={"reason": "card reported lost"})
+        assert frozen.status_code == 200, frozen.text
+        assert frozen.json()["status"] == "frozen"
+
+        feed = http.get(DIRECTORY_CHANGES_PATH.format(tenant_id=tenant), headers=auth, params={"page_size": 5})
+        assert feed.status_code == 200, feed.text
+        assert feed.json()["changes"], "the directory feed of a seeded tenant is not empty"
+
+        docs = http.get("/docs")
+        assert docs.status_code == 200
+    return member
+
+
+def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(stack_env: dict[str, str]) -> None:
+    data_dir = Path(stack_env["ONECARD_DATA_DIR"])
+    base_url = f"http://127.0.0.1:{stack_env['ONECARD_GATEWAY_PORT']}"
+
+    first = StackRun.start(stack_env)
+    try:
+        first.wait_ready()
+        children = first.tree()
+        names = " ".join(" ".join(p.cmdline()) for p in children)
+        for expected in ("postgres", "nats-server", "services.identity", "gateway"):
+            assert expected in names, f"{expected} is not running under devstack: {names}"
+
+        assert f"imported {DEMO_MEMBERS} members" in first.output
+        credentials = json.loads((data_dir / "demo-credentials.json").read_text())
+        for private in ("demo-credentials.json", "secrets.json"):
+            assert stat.S_IMODE((data_dir / private).stat().st_mode) == 0o600, private
+        token_secret = json.loads((data_dir / "secrets.json").read_text())["token_secret"]
+        assert token_secret not in first.output, "the gateway's token secret was printed"
+        bank = credentials["clients"]["bank"]
+        assert bank["client_id"] in first.output and bank["client_secret"] in first.output
+
+        run_walkthrough(base_url=base_url, client_id=bank["client_id"], client_secret=bank["client_secret"])
+        if shutil.which("curl") and shutil.which("python3"):
+            # The printed tour itself, as a user would paste it.
+            tour = subprocess.run(["bash", str(data_dir / "walkthrough.sh")], capture_output=True, text=True,
+                                  timeout=60, env=stack_env)
+            assert tour.returncode == 0, f"walkthrough.sh failed:\n{tour.stdout}\n{tour.stderr}"
+            assert "created " in tour.stdout and "frozen" in tour.stdout
+        members_before = demo_member_count(stack_env)
+        assert members_before >= DEMO_MEMBERS + 1
+
+        assert first.interrupt() == 0, first.output
+        leftovers = still_running(children)
+        assert not leftovers, f"processes left behind after Ctrl-C: {leftovers}"
+        assert "postgres   stopped" in first.output
+    finally:
+        first.kill_if_running()
+
+    second = StackRun.start(stack_env)
+    try:
+        second.wait_ready()
+        assert "imported" not in second.output, "the second run imported the demo members again"
+        assert "reused" in second.output
+        assert demo_member_count(stack_env) == members_before
+        again = json.loads((data_dir / "demo-credentials.json").read_text())
+        assert again["clients"]["bank"]["client_id"] == bank["client_id"], "the demo bank client was created again"
+        children = second.tree()
+        assert second.interrupt() == 0, second.output
+        assert not still_running(children)
+    finally:
+        second.kill_if_running()
