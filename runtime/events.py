@@ -164,6 +164,15 @@ async def ensure_streams(js: JetStreamContext, streams: list[StreamSpec], *, rep
             await js.add_stream(config)
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation a library swallowed. nats-py's publish awaits the stream's ack with
+    asyncio.wait_for, which on 3.11 returns the ack and drops a cancellation that lands at the same
+    moment; without this the relay would outlive its shutdown."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class OutboxRelay:
     """Publishes a schema's unpublished outbox rows, oldest first, then marks them published."""
 
@@ -214,7 +223,8 @@ class OutboxRelay:
                         listener = await self._pool.acquire()
                         await listener.add_listener(outbox_channel(self._schema), self._on_notify)
                     while await self.publish_pending() == self._batch_size:
-                        pass
+                        _raise_if_cancelled()
+                    _raise_if_cancelled()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the relay retries whatever failed
@@ -305,7 +315,9 @@ class IdempotentConsumer:
                 try:
                     msgs = await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
                 except nats.errors.TimeoutError:
+                    _raise_if_cancelled()
                     continue
+                _raise_if_cancelled()
                 for msg in msgs:
                     try:
                         await self.handle(msg)

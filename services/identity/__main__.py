@@ -1,4 +1,5 @@
 """``python -m services.identity [serve|migrate]``."""
+
 from runtime.cli import run_service
 from services.identity.app import IdentitySettings, build_app
 

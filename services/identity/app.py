@@ -1,5 +1,6 @@
 """Assembles the identity service: settings, schema and migrations, its stream, and the
 background work it starts once PostgreSQL and NATS are up (the outbox relay, unfinished imports)."""
+
 from __future__ import annotations
 
 from pathlib import Path

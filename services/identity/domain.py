@@ -19,6 +19,7 @@ Choices made here where the issue left them open:
 - A lost card is blacklisted in its tenant for good: nobody there can bind it again
   (CARD_BLACKLISTED). Other tenants never learn of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,7 +110,11 @@ class Tenant:
     def same_request(self, other: Tenant) -> bool:
         """Whether ``other`` asks for this tenant: everything but the creation time matches."""
         return (self.tenant_id, self.name, self.kind, self.time_zone, self.currency) == (
-            other.tenant_id, other.name, other.kind, other.time_zone, other.currency
+            other.tenant_id,
+            other.name,
+            other.kind,
+            other.time_zone,
+            other.currency,
         )
 
 
@@ -273,9 +278,9 @@ def check_tenant_replay(*, stored: Tenant, wanted: Tenant) -> Tenant:
 
 
 def check_external_number(value: str) -> str:
-    if not _EXTERNAL_NUMBER.match(value):
+    if not isinstance(value, str) or not _EXTERNAL_NUMBER.fullmatch(value):
         raise InvalidArgument(
-            f"external_number {value[:80]!r} must be 1 to {MAX_EXTERNAL_NUMBER_CHARS} letters, digits, '-' or '_'",
+            f"external_number {str(value)[:80]!r} must be 1 to {MAX_EXTERNAL_NUMBER_CHARS} letters, digits, '-' or '_'",
             reason="MEMBER_NUMBER_INVALID",
         )
     return value
@@ -287,9 +292,7 @@ def check_member_name(value: str) -> str:
 
 def check_group_key(key: str) -> str:
     if key not in GROUP_KEYS:
-        raise InvalidArgument(
-            f"group {key[:64]!r} is not one of {', '.join(GROUP_KEYS)}", reason="GROUP_KEY_INVALID"
-        )
+        raise InvalidArgument(f"group {key[:64]!r} is not one of {', '.join(GROUP_KEYS)}", reason="GROUP_KEY_INVALID")
     return key
 
 
@@ -313,7 +316,7 @@ def check_member_status(value: str) -> MemberStatus:
 def normalise_card_uid(value: str) -> str:
     """Readers print UIDs in either case; the directory keeps upper case so each card has one key."""
     uid = value.strip().upper()
-    if not _CARD_UID.match(uid):
+    if not _CARD_UID.fullmatch(uid):
         raise InvalidArgument(f"card_uid {value[:32]!r} must be 8 to 20 hex digits", reason="CARD_UID_INVALID")
     return uid
 
@@ -338,7 +341,7 @@ def check_scopes(scopes: Iterable[str], *, what: str = "scopes") -> tuple[str, .
     if len(unique) > MAX_SCOPES:
         raise InvalidArgument(f"{what} has more than {MAX_SCOPES} entries", reason="SCOPES_INVALID")
     for scope in unique:
-        if len(scope) > MAX_SCOPE_CHARS or not _SCOPE.match(scope):
+        if len(scope) > MAX_SCOPE_CHARS or not _SCOPE.fullmatch(scope):
             raise InvalidArgument(
                 f"scope {scope[:72]!r} must be lower-case words joined by ':', e.g. 'members:read'",
                 reason="SCOPES_INVALID",
@@ -463,7 +466,9 @@ def bind_card(member: Member, *, card_uid: str, facts: CardFacts, now: datetime)
     if current is not None and current.card_uid == uid:
         return []
     if facts.blacklisted:
-        raise FailedPrecondition(f"card {uid} was reported lost and can never be bound again", reason="CARD_BLACKLISTED")
+        raise FailedPrecondition(
+            f"card {uid} was reported lost and can never be bound again", reason="CARD_BLACKLISTED"
+        )
     _refuse_if_left(member, action="bind a card")
     if facts.active_holder is not None:
         raise AlreadyExists(f"card {uid} is bound to another member", reason="CARD_UID_IN_USE")
@@ -491,7 +496,10 @@ def report_card_lost(member: Member, *, card_uid: str, now: datetime) -> list[Me
 def set_face_enrolment(member: Member, *, face_enrolment_ref: str, now: datetime) -> list[MemberChange]:
     """Set, replace or (with "") clear the face enrolment reference."""
     ref = _clean_text(
-        face_enrolment_ref, what="face_enrolment_ref", max_chars=MAX_FACE_REF_CHARS, reason="FACE_REF_INVALID",
+        face_enrolment_ref,
+        what="face_enrolment_ref",
+        max_chars=MAX_FACE_REF_CHARS,
+        reason="FACE_REF_INVALID",
         required=False,
     )
     if ref == member.face_enrolment_ref:

@@ -16,6 +16,7 @@ Columns: ``external_number`` and ``name`` are required; ``department``, ``grade`
 absent keeps the member's value; a present but empty group cell removes that group; an empty
 ``status`` or ``card_uid`` keeps what the member has (an import never unbinds a card).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,7 +117,9 @@ def _check_header(header: list[str]) -> list[str]:
 
 def _row(line: int, columns: list[str], fields: list[str]) -> ImportRow:
     if len(fields) != len(columns):
-        number = fields[columns.index("external_number")].strip() if len(fields) > columns.index("external_number") else ""
+        number = (
+            fields[columns.index("external_number")].strip() if len(fields) > columns.index("external_number") else ""
+        )
         return ImportRow(
             line=line,
             external_number=number,
@@ -186,7 +189,9 @@ def plan_row(
 
 
 def _row_error(row: ImportRow, error: DomainError) -> ImportRowError:
-    return ImportRowError(line=row.line, external_number=row.external_number[:64], reason=f"{error.reason}: {error.message}")
+    return ImportRowError(
+        line=row.line, external_number=row.external_number[:64], reason=f"{error.reason}: {error.message}"
+    )
 
 
 async def apply_chunk(
@@ -204,7 +209,7 @@ async def apply_chunk(
             return False
         if chunk.rows_total != len(rows):
             raise RuntimeError(f"the stored file has {len(rows)} rows, the import expected {chunk.rows_total}")
-        batch = rows[chunk.rows_done:chunk.rows_done + chunk_rows]
+        batch = rows[chunk.rows_done : chunk.rows_done + chunk_rows]
         directory = chunk.directory
         members = await directory.members_by_number([r.external_number for r in batch])
         card_facts = await directory.card_facts([uid for r in batch if (uid := _uid_or_none(r.card_uid))])
@@ -276,12 +281,12 @@ async def run_import(
         raise
     except Exception as exc:  # noqa: BLE001 - recorded on the import, which then stops
         log.error("member import failed", import_id=str(import_id), exc_info=exc)
-        await store.fail_import(import_id=import_id, failure="internal error; rows applied so far are kept", now=clock())
+        await store.fail_import(
+            import_id=import_id, failure="internal error; rows applied so far are kept", now=clock()
+        )
 
 
-async def resume_imports(
-    *, store: IdentityStore, spawn: Callable[..., object], max_rows: int, chunk_rows: int
-) -> int:
+async def resume_imports(*, store: IdentityStore, spawn: Callable[..., object], max_rows: int, chunk_rows: int) -> int:
     """Restart, in the background, every import a previous process left running. Answers how many."""
     resumed = 0
     for import_id in await store.running_imports():
@@ -291,6 +296,8 @@ async def resume_imports(
         except ImportFileError as exc:
             await store.fail_import(import_id=import_id, failure=str(exc), now=datetime.now(UTC))
             continue
-        spawn(run_import(store=store, import_id=import_id, rows=rows, chunk_rows=chunk_rows), name=f"import-{import_id}")
+        spawn(
+            run_import(store=store, import_id=import_id, rows=rows, chunk_rows=chunk_rows), name=f"import-{import_id}"
+        )
         resumed += 1
     return resumed

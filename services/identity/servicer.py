@@ -3,6 +3,7 @@
 Every member-level call parses its tenant id first and reaches rows only through that tenant, so
 a member of another tenant is simply not found.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ import binascii
 import hashlib
 import inspect
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -78,8 +80,9 @@ _IMPORT_STATE = {
 # One answer for every failed authentication, so a caller cannot tell an unknown client from a
 # wrong secret or a tenant that granted nothing.
 AUTHENTICATION_FAILED = "client authentication failed"
-MAX_CLIENT_ID_CHARS = 64
 MAX_CLIENT_SECRET_CHARS = 256
+_PLAUSIBLE_CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MAX_SEQUENCE = 2**63 - 1
 _SEARCH_TOKEN_VERSION = 1
 _FEED_CURSOR_PREFIX = "dc1:"
 
@@ -116,7 +119,9 @@ def member_pb(member: Member) -> pb.Member:
         groups=dict(member.groups),
         status=_MEMBER_STATUS[member.status],
         cards=[
-            pb.Card(card_uid=c.card_uid, status=_CARD_STATUS[c.status], bound_at=_ts(c.bound_at), lost_at=_ts(c.lost_at))
+            pb.Card(
+                card_uid=c.card_uid, status=_CARD_STATUS[c.status], bound_at=_ts(c.bound_at), lost_at=_ts(c.lost_at)
+            )
             for c in member.cards
         ],
         face_enrolment_ref=member.face_enrolment_ref,
@@ -137,7 +142,9 @@ def import_pb(record: MemberImport) -> pb.MemberImport:
         rows_updated=record.rows_updated,
         rows_unchanged=record.rows_unchanged,
         rows_failed=record.rows_failed,
-        errors=[pb.ImportRowError(line=e.line, external_number=e.external_number, reason=e.reason) for e in record.errors],
+        errors=[
+            pb.ImportRowError(line=e.line, external_number=e.external_number, reason=e.reason) for e in record.errors
+        ],
         created_at=_ts(record.created_at),
         finished_at=_ts(record.finished_at),
         failure=record.failure,
@@ -170,7 +177,7 @@ def _unb64(token: str) -> str:
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
 
 
-def _search_fingerprint(
+def search_fingerprint(
     *, tenant_id: uuid.UUID, query: str, status: MemberStatus | None, groups: dict[str, str]
 ) -> str:
     """Ties a page token to its search, so a token reused with other filters is refused, not misread."""
@@ -191,9 +198,12 @@ def decode_search_token(token: str, *, fingerprint: str) -> str | None:
         after, version, given = body["after"], body["v"], body["f"]
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("page_token is not one this service issued", reason="PAGE_TOKEN_INVALID") from None
-    if version != _SEARCH_TOKEN_VERSION or not isinstance(after, str) or given != fingerprint:
+    if version != _SEARCH_TOKEN_VERSION or given != fingerprint:
         raise InvalidArgument("page_token belongs to a different search", reason="PAGE_TOKEN_INVALID")
-    return after
+    try:
+        return domain.check_external_number(after)
+    except (InvalidArgument, TypeError):
+        raise InvalidArgument("page_token is not one this service issued", reason="PAGE_TOKEN_INVALID") from None
 
 
 def encode_feed_cursor(sequence: int) -> str:
@@ -210,7 +220,7 @@ def decode_feed_cursor(cursor: str) -> int:
         sequence = int(text.removeprefix(_FEED_CURSOR_PREFIX))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("cursor is not one this service issued", reason="CURSOR_INVALID") from None
-    if sequence < 0:
+    if not 0 <= sequence <= _MAX_SEQUENCE:
         raise InvalidArgument("cursor is not one this service issued", reason="CURSOR_INVALID")
     return sequence
 
@@ -230,7 +240,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     # --- tenants ---------------------------------------------------------------------------
 
-    async def CreateTenant(self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext) -> pb.CreateTenantResponse:
+    async def CreateTenant(
+        self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTenantResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id) if request.tenant_id else None
         wanted = domain.new_tenant(
             tenant_id=tenant_id,
@@ -254,10 +266,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     # --- members ---------------------------------------------------------------------------
 
-    async def CreateMember(self, request: pb.CreateMemberRequest, context: grpc.aio.ServicerContext) -> pb.CreateMemberResponse:
+    async def CreateMember(
+        self, request: pb.CreateMemberRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateMemberResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
+        number = domain.check_external_number(request.external_number)
         async with self._store.directory_writer(tenant_id=tenant_id) as writer:
-            existing = await writer.members_by_number([request.external_number])
+            existing = await writer.members_by_number([number])
             change = domain.new_member(
                 tenant_id=tenant_id,
                 external_number=request.external_number,
@@ -290,7 +305,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             await writer.record(changes)
         return changes[-1].member if changes else member
 
-    async def UpdateMember(self, request: pb.UpdateMemberRequest, context: grpc.aio.ServicerContext) -> pb.UpdateMemberResponse:
+    async def UpdateMember(
+        self, request: pb.UpdateMemberRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateMemberResponse:
         if request.groups and not request.replace_groups:
             raise InvalidArgument(
                 "groups were given without replace_groups; set it to replace the member's groups",
@@ -305,7 +322,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         )
         return pb.UpdateMemberResponse(member=member_pb(member))
 
-    async def SearchMembers(self, request: pb.SearchMembersRequest, context: grpc.aio.ServicerContext) -> pb.SearchMembersResponse:
+    async def SearchMembers(
+        self, request: pb.SearchMembersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchMembersResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         query = domain.check_search_query(request.query)
         status = _member_status_filter(request.status)
@@ -313,7 +332,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         page_size = domain.check_page_size(
             request.page_size, default=domain.DEFAULT_SEARCH_PAGE_SIZE, maximum=domain.MAX_SEARCH_PAGE_SIZE
         )
-        fingerprint = _search_fingerprint(tenant_id=tenant_id, query=query, status=status, groups=groups)
+        fingerprint = search_fingerprint(tenant_id=tenant_id, query=query, status=status, groups=groups)
         after = decode_search_token(request.page_token, fingerprint=fingerprint)
         await self._store.require_tenant(tenant_id)
         members = await self._store.search_members(
@@ -323,7 +342,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         token = encode_search_token(after_number=page[-1].external_number, fingerprint=fingerprint) if more else ""
         return pb.SearchMembersResponse(members=[member_pb(m) for m in page], next_page_token=token)
 
-    async def FreezeMember(self, request: pb.FreezeMemberRequest, context: grpc.aio.ServicerContext) -> pb.FreezeMemberResponse:
+    async def FreezeMember(
+        self, request: pb.FreezeMemberRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FreezeMemberResponse:
         member = await self._change_member(
             tenant_id=request.tenant_id,
             member_id=request.member_id,
@@ -379,7 +400,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         member = await self._change_member(
             tenant_id=request.tenant_id,
             member_id=request.member_id,
-            decide=lambda _w, m: domain.set_face_enrolment(m, face_enrolment_ref=request.face_enrolment_ref, now=_now()),
+            decide=lambda _w, m: domain.set_face_enrolment(
+                m, face_enrolment_ref=request.face_enrolment_ref, now=_now()
+            ),
         )
         return pb.SetFaceEnrolmentResponse(member=member_pb(member))
 
@@ -393,10 +416,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             request.page_size, default=domain.DEFAULT_BLACKLIST_PAGE_SIZE, maximum=domain.MAX_BLACKLIST_PAGE_SIZE
         )
         await self._store.require_tenant(tenant_id)
-        entries = await self._store.list_blacklist(tenant_id=tenant_id, after_version=request.since_version, limit=page_size)
+        entries = await self._store.list_blacklist(
+            tenant_id=tenant_id, after_version=request.since_version, limit=page_size
+        )
         return pb.ListCardBlacklistResponse(
             cards=[
-                pb.BlacklistedCard(card_uid=e.card_uid, member_id=str(e.member_id), lost_at=_ts(e.lost_at), version=e.version)
+                pb.BlacklistedCard(
+                    card_uid=e.card_uid, member_id=str(e.member_id), lost_at=_ts(e.lost_at), version=e.version
+                )
                 for e in entries
             ],
             version=entries[-1].version if entries else request.since_version,
@@ -422,11 +449,18 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         except ImportFileError as exc:
             rows, failure = [], str(exc)
         record = await store.create_import(
-            import_id=uuid.uuid4(), tenant_id=tenant_id, csv=request.csv, rows_total=len(rows), failure=failure, now=_now()
+            import_id=uuid.uuid4(),
+            tenant_id=tenant_id,
+            csv=request.csv,
+            rows_total=len(rows),
+            failure=failure,
+            now=_now(),
         )
         if not failure:
             self._app.spawn(
-                run_import(store=store, import_id=record.import_id, rows=rows, chunk_rows=self._settings.import_chunk_rows),
+                run_import(
+                    store=store, import_id=record.import_id, rows=rows, chunk_rows=self._settings.import_chunk_rows
+                ),
                 name=f"import-{record.import_id}",
             )
         return pb.StartMemberImportResponse(**{"import": import_pb(record)})
@@ -481,9 +515,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 raise InvalidArgument(f"tenant {tenant_id} is granted twice", reason="GRANT_DUPLICATE")
             grants[tenant_id] = domain.check_grant_scopes(client_scopes=scopes, granted=grant.scopes)
         secret = domain.new_client_secret()
-        client = ApiClient(
-            client_id=domain.new_client_id(), name=name, scopes=scopes, created_at=_now(), grants=grants
-        )
+        client = ApiClient(client_id=domain.new_client_id(), name=name, scopes=scopes, created_at=_now(), grants=grants)
         secret_hash = await asyncio.to_thread(domain.hash_client_secret, secret)
         await self._store.create_api_client(client=client, secret_hash=secret_hash, grants=grants)
         return pb.CreateApiClientResponse(client=api_client_pb(client), client_secret=secret)
@@ -497,7 +529,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         client = await self._client_in_tenant(request.client_id, tenant_id)
         scopes = domain.check_grant_scopes(client_scopes=client.scopes, granted=request.scopes)
         await store.grant(tenant_id=tenant_id, client_id=client.client_id, scopes=scopes, now=_now())
-        return pb.GrantTenantAccessResponse(client=api_client_pb(await self._client_in_tenant(client.client_id, tenant_id)))
+        return pb.GrantTenantAccessResponse(
+            client=api_client_pb(await self._client_in_tenant(client.client_id, tenant_id))
+        )
 
     async def RevokeTenantAccess(
         self, request: pb.RevokeTenantAccessRequest, context: grpc.aio.ServicerContext
@@ -505,19 +539,26 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         store = self._store
         await store.require_tenant(tenant_id)
-        if not await store.revoke(tenant_id=tenant_id, client_id=request.client_id):
-            raise NotFound(f"tenant {tenant_id} has no grant for client {request.client_id[:64]!r}", reason="GRANT_NOT_FOUND")
-        return pb.RevokeTenantAccessResponse(client=api_client_pb(await self._client_in_tenant(request.client_id, tenant_id)))
+        plausible = _PLAUSIBLE_CLIENT_ID.fullmatch(request.client_id) is not None
+        if not plausible or not await store.revoke(tenant_id=tenant_id, client_id=request.client_id):
+            raise NotFound(
+                f"tenant {tenant_id} has no grant for client {request.client_id[:64]!r}", reason="GRANT_NOT_FOUND"
+            )
+        return pb.RevokeTenantAccessResponse(
+            client=api_client_pb(await self._client_in_tenant(request.client_id, tenant_id))
+        )
 
     async def _client_in_tenant(self, client_id: str, tenant_id: uuid.UUID) -> ApiClient:
         client = None
-        if client_id and len(client_id) <= MAX_CLIENT_ID_CHARS:
+        if _PLAUSIBLE_CLIENT_ID.fullmatch(client_id):
             client = await self._store.get_api_client(client_id=client_id, tenant_id=tenant_id)
         if client is None:
             raise NotFound(f"API client {client_id[:64]!r} not found", reason="CLIENT_NOT_FOUND")
         return client
 
-    async def ListApiClients(self, request: pb.ListApiClientsRequest, context: grpc.aio.ServicerContext) -> pb.ListApiClientsResponse:
+    async def ListApiClients(
+        self, request: pb.ListApiClientsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListApiClientsResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         await self._store.require_tenant(tenant_id)
         clients = await self._store.list_api_clients(tenant_id=tenant_id)
@@ -531,11 +572,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         except InvalidArgument:
             tenant_id = None
         secret_hash, client_scopes, granted = None, (), None
-        if 0 < len(request.client_id) <= MAX_CLIENT_ID_CHARS:
+        if _PLAUSIBLE_CLIENT_ID.fullmatch(request.client_id):
             secret_hash, client_scopes, granted = await self._store.client_credentials(
                 client_id=request.client_id, tenant_id=tenant_id
             )
-        secret = request.client_secret[:MAX_CLIENT_SECRET_CHARS + 1]
+        secret = request.client_secret[: MAX_CLIENT_SECRET_CHARS + 1]
         matches = len(secret) <= MAX_CLIENT_SECRET_CHARS and await asyncio.to_thread(
             domain.client_secret_matches, secret, secret_hash
         )

@@ -5,6 +5,7 @@ holds the tenant's ``directory_heads`` row locked for the whole transaction, so 
 writes are serial and every feed sequence and blacklist version is handed out in commit order.
 A change, its feed entry and its event are written in that one transaction.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -214,9 +215,11 @@ class DirectoryWriter:
         """For each UID: whether it is blacklisted here and who holds it as an active card."""
         uids = sorted(set(card_uids))
         rows = await self._fetch_planned_for_args(
-            """SELECT card_uid, NULL::uuid AS holder FROM card_blacklist WHERE tenant_id = $1 AND card_uid = ANY($2::text[])
+            """SELECT card_uid, NULL::uuid AS holder FROM card_blacklist
+               WHERE tenant_id = $1 AND card_uid = ANY($2::text[])
                UNION ALL
-               SELECT card_uid, member_id FROM cards WHERE tenant_id = $1 AND card_uid = ANY($2::text[]) AND status = 'active'""",
+               SELECT card_uid, member_id FROM cards
+               WHERE tenant_id = $1 AND card_uid = ANY($2::text[]) AND status = 'active'""",
             self.tenant_id,
             uids,
         )
@@ -240,9 +243,8 @@ class DirectoryWriter:
         for change in changes:
             member = change.member
             assert member.tenant_id == tenant_id, "a change of another tenant reached this tenant's writer"
-            if change.kind is ChangeKind.MEMBER_CREATED:
-                created[member.member_id] = member
-            elif member.member_id in created:
+            # A member created in this batch is inserted in its final state, not inserted then updated.
+            if change.kind is ChangeKind.MEMBER_CREATED or member.member_id in created:
                 created[member.member_id] = member
             else:
                 updated[member.member_id] = member
@@ -349,7 +351,9 @@ class ImportChunk:
         self.rows_total = rows_total
         self.directory = directory
 
-    async def save(self, *, counts: ImportCounts, errors: Sequence[ImportRowError], finished_at: datetime | None) -> None:
+    async def save(
+        self, *, counts: ImportCounts, errors: Sequence[ImportRowError], finished_at: datetime | None
+    ) -> None:
         """Count the chunk's rows in the transaction that applied them; the last chunk ends the import."""
         if errors:
             await self._conn.executemany(
@@ -406,8 +410,9 @@ def _member_import(row: asyncpg.Record, errors: Sequence[asyncpg.Record]) -> Mem
         rows_updated=row["rows_updated"],
         rows_unchanged=row["rows_unchanged"],
         rows_failed=row["rows_failed"],
-        errors=tuple(ImportRowError(line=e["line"], external_number=e["external_number"], reason=e["reason"])
-                     for e in errors),
+        errors=tuple(
+            ImportRowError(line=e["line"], external_number=e["external_number"], reason=e["reason"]) for e in errors
+        ),
         created_at=row["created_at"],
         finished_at=row["finished_at"],
         failure=row["failure"],
@@ -430,7 +435,12 @@ class IdentityStore:
             row = await conn.fetchrow(
                 """INSERT INTO tenants (tenant_id, name, kind, time_zone, currency, created_at)
                    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id) DO NOTHING RETURNING *""",
-                tenant.tenant_id, tenant.name, tenant.kind.value, tenant.time_zone, tenant.currency, tenant.created_at,
+                tenant.tenant_id,
+                tenant.name,
+                tenant.kind.value,
+                tenant.time_zone,
+                tenant.currency,
+                tenant.created_at,
             )
             if row is None:
                 existing = await conn.fetchrow("SELECT * FROM tenants WHERE tenant_id = $1", tenant.tenant_id)
@@ -545,7 +555,8 @@ class IdentityStore:
         """Record a new import: running with its CSV, or failed at once when ``failure`` is set."""
         state = ImportState.FAILED if failure else ImportState.RUNNING
         row = await self._pool.fetchrow(
-            f"""INSERT INTO member_imports (import_id, tenant_id, state, csv, rows_total, failure, created_at, finished_at)
+            f"""INSERT INTO member_imports
+                    (import_id, tenant_id, state, csv, rows_total, failure, created_at, finished_at)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_IMPORT_COLUMNS}""",
             import_id,
             tenant_id,
@@ -576,7 +587,9 @@ class IdentityStore:
         return _member_import(row, errors)
 
     async def running_imports(self) -> list[uuid.UUID]:
-        rows = await self._pool.fetch("SELECT import_id FROM member_imports WHERE state = 'running' ORDER BY created_at")
+        rows = await self._pool.fetch(
+            "SELECT import_id FROM member_imports WHERE state = 'running' ORDER BY created_at"
+        )
         return [r["import_id"] for r in rows]
 
     async def import_csv(self, import_id: uuid.UUID) -> bytes | None:
@@ -625,13 +638,16 @@ class IdentityStore:
         async with self._pool.acquire() as conn, conn.transaction():
             known = {
                 r["tenant_id"]
-                for r in await conn.fetch("SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1::uuid[])", list(grants))
+                for r in await conn.fetch(
+                    "SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1::uuid[])", list(grants)
+                )
             }
             for tenant_id in grants:
                 if tenant_id not in known:
                     raise NotFound(f"tenant {tenant_id} not found", reason="TENANT_NOT_FOUND")
             await conn.execute(
-                "INSERT INTO api_clients (client_id, name, scopes, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO api_clients (client_id, name, scopes, secret_hash, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
                 client.client_id,
                 client.name,
                 list(client.scopes),
@@ -639,8 +655,9 @@ class IdentityStore:
                 client.created_at,
             )
             for tenant_id, scopes in grants.items():
-                await _write_grant(conn, tenant_id=tenant_id, client_id=client.client_id, scopes=scopes,
-                                   now=client.created_at)
+                await _write_grant(
+                    conn, tenant_id=tenant_id, client_id=client.client_id, scopes=scopes, now=client.created_at
+                )
 
     async def get_api_client(self, *, client_id: str, tenant_id: uuid.UUID) -> ApiClient | None:
         """The client with only ``tenant_id``'s grant, if any: a tenant never sees other tenants' grants."""

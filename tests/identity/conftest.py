@@ -1,5 +1,6 @@
 """Fixtures for the identity tests: a tenant to work in, direct SQL access for checks the API
 cannot make (what is stored, what is not), and identity apps with non-default settings."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable

@@ -1,4 +1,5 @@
 """Small helpers shared by the identity tests."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +46,10 @@ async def create_member(
     groups: dict[str, str] | None = None,
 ) -> pb.Member:
     request = pb.CreateMemberRequest(
-        tenant_id=tenant_id, external_number=external_number, name=name or f"Member {external_number}", groups=groups or {}
+        tenant_id=tenant_id,
+        external_number=external_number,
+        name=name or f"Member {external_number}",
+        groups=groups or {},
     )
     return (await stub.CreateMember(request)).member
 

@@ -1,4 +1,5 @@
 """Partner API clients: a secret shown once and stored as a hash, tenant grants, authentication."""
+
 import uuid
 
 import asyncpg
@@ -8,7 +9,9 @@ from onecard.identity.v1 import identity_pb2 as pb
 from tests.identity.support import create_tenant, refused
 
 
-async def new_client(stub, *, scopes: list[str], grants: dict[str, list[str]] | None = None) -> pb.CreateApiClientResponse:  # noqa: ANN001
+async def new_client(
+    stub, *, scopes: list[str], grants: dict[str, list[str]] | None = None
+) -> pb.CreateApiClientResponse:  # noqa: ANN001
     return await stub.CreateApiClient(
         pb.CreateApiClientRequest(
             name="ICBC campus app",
@@ -24,7 +27,9 @@ async def authenticate(stub, client_id: str, secret: str, tenant_id: str) -> pb.
     )
 
 
-async def test_secret_is_shown_once_and_only_its_hash_is_stored(identity, tenant_id: str, db: asyncpg.Connection) -> None:
+async def test_secret_is_shown_once_and_only_its_hash_is_stored(
+    identity, tenant_id: str, db: asyncpg.Connection
+) -> None:
     created = await new_client(identity.stub, scopes=["members:read"], grants={tenant_id: ["members:read"]})
     client_id, secret = created.client.client_id, created.client_secret
     assert client_id.startswith("oc_") and len(secret) >= 40
@@ -44,7 +49,9 @@ async def test_authentication_answers_the_client_scopes_the_tenant_granted(ident
     )
     answer = await authenticate(identity.stub, created.client.client_id, created.client_secret, tenant_id)
     assert (answer.client_id, answer.tenant_id, list(answer.scopes)) == (
-        created.client.client_id, tenant_id, ["members:read", "topup"]
+        created.client.client_id,
+        tenant_id,
+        ["members:read", "topup"],
     )
 
 
@@ -78,12 +85,16 @@ async def test_wrong_secret_unknown_client_and_ungranted_tenant_all_fail_alike(i
 async def test_scopes_are_validated_and_a_grant_can_only_narrow_them(identity, tenant_id: str, db) -> None:
     stub = identity.stub
     for scopes in [[], ["Members:Read"], ["members:"], ["members read"], ["a" * 65]]:
-        assert await refused(new_client(stub, scopes=scopes)) == (grpc.StatusCode.INVALID_ARGUMENT, "SCOPES_INVALID"), scopes
+        assert await refused(new_client(stub, scopes=scopes)) == (grpc.StatusCode.INVALID_ARGUMENT, "SCOPES_INVALID"), (
+            scopes
+        )
     assert await refused(new_client(stub, scopes=["members:read"], grants={tenant_id: ["payments:write"]})) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "SCOPE_NOT_HELD"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "SCOPE_NOT_HELD",
     )
     assert await refused(new_client(stub, scopes=["members:read"], grants={str(uuid.uuid4()): ["members:read"]})) == (
-        grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND"
+        grpc.StatusCode.NOT_FOUND,
+        "TENANT_NOT_FOUND",
     )
     assert await db.fetchval("SELECT count(*) FROM api_clients") == 0
     client = (await new_client(stub, scopes=["members:read"])).client
@@ -101,7 +112,9 @@ async def test_tenant_sees_only_its_own_grant(identity) -> None:
     created = await new_client(stub, scopes=["members:read", "topup"], grants={tenant_a: ["members:read"]})
     client_id = created.client.client_id
     granted = (
-        await stub.GrantTenantAccess(pb.GrantTenantAccessRequest(tenant_id=tenant_b, client_id=client_id, scopes=["topup"]))
+        await stub.GrantTenantAccess(
+            pb.GrantTenantAccessRequest(tenant_id=tenant_b, client_id=client_id, scopes=["topup"])
+        )
     ).client
     assert [(g.tenant_id, list(g.scopes)) for g in granted.grants] == [(tenant_b, ["topup"])]
     for tenant, scopes in [(tenant_a, ["members:read"]), (tenant_b, ["topup"])]:
@@ -116,12 +129,15 @@ async def test_revoked_grant_no_longer_authenticates(identity, tenant_id: str) -
     stub = identity.stub
     created = await new_client(stub, scopes=["members:read"], grants={tenant_id: ["members:read"]})
     client_id = created.client.client_id
-    revoked = (await stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))).client
+    revoked = (
+        await stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))
+    ).client
     assert list(revoked.grants) == []
     assert await refused(authenticate(stub, client_id, created.client_secret, tenant_id)) == (
-        grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"
+        grpc.StatusCode.UNAUTHENTICATED,
+        "UNAUTHENTICATED",
     )
     assert list((await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tenant_id))).clients) == []
-    assert await refused(stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))) == (
-        grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND"
-    )
+    assert await refused(
+        stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))
+    ) == (grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND")

@@ -1,4 +1,5 @@
 """Every change reaches NATS JetStream as exactly one event, through the outbox."""
+
 import json
 
 import nats
@@ -33,7 +34,9 @@ async def test_each_change_publishes_one_event_with_a_message_id(identity, tenan
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_id, member_id=m, card_uid="C0FFEE01"))
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_id, member_id=m, card_uid="C0FFEE01"))
     await stub.ReportCardLost(pb.ReportCardLostRequest(tenant_id=tenant_id, member_id=m, card_uid="C0FFEE01"))
-    await stub.SetFaceEnrolment(pb.SetFaceEnrolmentRequest(tenant_id=tenant_id, member_id=m, face_enrolment_ref="face-9"))
+    await stub.SetFaceEnrolment(
+        pb.SetFaceEnrolmentRequest(tenant_id=tenant_id, member_id=m, face_enrolment_ref="face-9")
+    )
     await stub.SetFaceEnrolment(pb.SetFaceEnrolmentRequest(tenant_id=tenant_id, member_id=m, face_enrolment_ref=""))
     await stub.MarkMemberLeft(pb.MarkMemberLeftRequest(tenant_id=tenant_id, member_id=m))
     received = await events(nats_url, count=10)
@@ -71,8 +74,11 @@ async def test_import_publishes_one_event_per_change(identity, tenant_id: str, n
     assert record.rows_created == 3
     received = await events(nats_url, count=6)
     assert sorted(msg.subject for msg in received[1:]) == [
-        "identity.card.bound", "identity.card.bound",
-        "identity.member.created", "identity.member.created", "identity.member.created",
+        "identity.card.bound",
+        "identity.card.bound",
+        "identity.member.created",
+        "identity.member.created",
+        "identity.member.created",
     ]
     await run_import(identity.stub, tenant_id, data)
     assert len(await events(nats_url, count=6)) == 6
@@ -80,7 +86,9 @@ async def test_import_publishes_one_event_per_change(identity, tenant_id: str, n
 
 async def test_grants_publish_events_for_caches_to_drop(identity, tenant_id: str, nats_url: str) -> None:
     created = await identity.stub.CreateApiClient(
-        pb.CreateApiClientRequest(name="bank", scopes=["topup"], grants=[pb.TenantGrant(tenant_id=tenant_id, scopes=["topup"])])
+        pb.CreateApiClientRequest(
+            name="bank", scopes=["topup"], grants=[pb.TenantGrant(tenant_id=tenant_id, scopes=["topup"])]
+        )
     )
     client_id = created.client.client_id
     await identity.stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))

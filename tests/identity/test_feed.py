@@ -1,4 +1,5 @@
 """The directory change feed: one entry per change, in order, pulled by an opaque cursor."""
+
 import grpc
 
 from onecard.identity.v1 import identity_pb2 as pb
@@ -20,7 +21,9 @@ async def test_every_change_is_in_the_feed_in_order_with_the_member_after_it(ide
     await stub.UnfreezeMember(pb.UnfreezeMemberRequest(tenant_id=tenant_id, member_id=m))
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_id, member_id=m, card_uid="F00D0001"))
     await stub.ReportCardLost(pb.ReportCardLostRequest(tenant_id=tenant_id, member_id=m, card_uid="F00D0001"))
-    await stub.SetFaceEnrolment(pb.SetFaceEnrolmentRequest(tenant_id=tenant_id, member_id=m, face_enrolment_ref="face-1"))
+    await stub.SetFaceEnrolment(
+        pb.SetFaceEnrolmentRequest(tenant_id=tenant_id, member_id=m, face_enrolment_ref="face-1")
+    )
     last = (await stub.MarkMemberLeft(pb.MarkMemberLeftRequest(tenant_id=tenant_id, member_id=m))).member
     feed = (await changes(stub, tenant_id)).changes
     assert [c.kind for c in feed] == [
@@ -64,8 +67,10 @@ async def test_empty_feed_answers_the_empty_cursor(identity, tenant_id: str) -> 
 async def test_bad_cursor_and_oversized_page_are_refused(identity, tenant_id: str) -> None:
     for cursor in ["nope", "ZGMxOi0x", "ZGMxOng"]:
         assert await refused(changes(identity.stub, tenant_id, cursor=cursor)) == (
-            grpc.StatusCode.INVALID_ARGUMENT, "CURSOR_INVALID"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CURSOR_INVALID",
         ), cursor
     assert await refused(changes(identity.stub, tenant_id, page_size=1001)) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "PAGE_SIZE_TOO_LARGE"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAGE_SIZE_TOO_LARGE",
     )

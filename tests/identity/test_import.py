@@ -1,4 +1,5 @@
 """Member import from CSV: row errors, idempotent re-import, atomic rows, progress, limits."""
+
 import time
 import uuid
 
@@ -34,18 +35,18 @@ async def members_by_number(stub, tenant_id: str) -> dict[str, pb.Member]:  # no
 
 async def test_bad_rows_are_reported_by_line_and_reason_and_good_rows_are_kept(identity, tenant_id: str) -> None:
     data = csv_file(
-        HEADER,                                                   # line 1
-        "S1,Li Lei,physics,2025,1,student,,",                     # 2: good
-        "bad number!,Han Meimei,,,,,,",                           # 3: bad number
-        'S4,"two',                                                # 4-5: a name with a line break
+        HEADER,  # line 1
+        "S1,Li Lei,physics,2025,1,student,,",  # 2: good
+        "bad number!,Han Meimei,,,,,,",  # 3: bad number
+        'S4,"two',  # 4-5: a name with a line break
         'lines",,,,,,',
         "S2,Wang Fang,chemistry,2025,2,student,frozen,04a1b2c3",  # 6: good, frozen, with a card
-        "S5,Too Few Fields",                                      # 7: malformed
-        "S1,Li Lei Again,,,,,,",                                  # 8: number repeated
-        "S6,Zhao,,,,,gone,",                                      # 9: bad status
-        "S7,Qian,,,,,,NOTHEX",                                    # 10: bad card
-        ",,,,,,,",                                                # 11: blank, skipped
-        "S3,Sun,,,,staff,,",                                      # 12: good
+        "S5,Too Few Fields",  # 7: malformed
+        "S1,Li Lei Again,,,,,,",  # 8: number repeated
+        "S6,Zhao,,,,,gone,",  # 9: bad status
+        "S7,Qian,,,,,,NOTHEX",  # 10: bad card
+        ",,,,,,,",  # 11: blank, skipped
+        "S3,Sun,,,,staff,,",  # 12: good
     )
     record = await run_import(identity.stub, tenant_id, data)
     assert record.state == pb.IMPORT_STATE_DONE and record.failure == ""
@@ -63,43 +64,65 @@ async def test_bad_rows_are_reported_by_line_and_reason_and_good_rows_are_kept(i
     assert sorted(members) == ["S1", "S2", "S3"]
     s2 = members["S2"]
     assert (s2.name, s2.status, dict(s2.groups)) == (
-        "Wang Fang", pb.MEMBER_STATUS_FROZEN, {"department": "chemistry", "grade": "2025", "class": "2", "role": "student"}
+        "Wang Fang",
+        pb.MEMBER_STATUS_FROZEN,
+        {"department": "chemistry", "grade": "2025", "class": "2", "role": "student"},
     )
     assert [(c.card_uid, c.status) for c in s2.cards] == [("04A1B2C3", pb.CARD_STATUS_ACTIVE)]
     assert dict(members["S3"].groups) == {"role": "staff"}
 
 
 async def test_importing_the_same_file_again_changes_nothing(identity, tenant_id: str, db: asyncpg.Connection) -> None:
-    data = csv_file(HEADER, *[f"N{i},Name {i},dept,2025,{i % 4},student,{'frozen' if i % 3 == 0 else 'active'},{i:08X}" for i in range(50)])
+    data = csv_file(
+        HEADER,
+        *[f"N{i},Name {i},dept,2025,{i % 4},student,{'frozen' if i % 3 == 0 else 'active'},{i:08X}" for i in range(50)],
+    )
     first = await run_import(identity.stub, tenant_id, data)
     assert (first.rows_created, first.rows_failed) == (50, 0)
     versions = {n: m.version for n, m in (await members_by_number(identity.stub, tenant_id)).items()}
     feed_before = await feed(identity.stub, tenant_id)
     events_before = await db.fetchval("SELECT count(*) FROM outbox")
     again = await run_import(identity.stub, tenant_id, data)
-    assert (again.rows_total, again.rows_unchanged, again.rows_created, again.rows_updated, again.rows_failed) == (50, 50, 0, 0, 0)
+    assert (again.rows_total, again.rows_unchanged, again.rows_created, again.rows_updated, again.rows_failed) == (
+        50,
+        50,
+        0,
+        0,
+        0,
+    )
     assert {n: m.version for n, m in (await members_by_number(identity.stub, tenant_id)).items()} == versions
     assert await feed(identity.stub, tenant_id) == feed_before
     assert await db.fetchval("SELECT count(*) FROM outbox") == events_before
 
 
 async def test_import_updates_members_it_finds_by_number(identity, tenant_id: str) -> None:
-    existing = await create_member(identity.stub, tenant_id, "S1", name="Old Name", groups={"grade": "2024", "role": "student"})
+    existing = await create_member(
+        identity.stub, tenant_id, "S1", name="Old Name", groups={"grade": "2024", "role": "student"}
+    )
     data = csv_file("external_number,name,grade,status", "S1,New Name,,frozen", "S2,Brand New,2025,")
     record = await run_import(identity.stub, tenant_id, data)
     assert (record.rows_created, record.rows_updated, record.rows_unchanged) == (1, 1, 0)
     s1 = (await members_by_number(identity.stub, tenant_id))["S1"]
     assert s1.member_id == existing.member_id
-    assert (s1.name, dict(s1.groups), s1.status, s1.version) == ("New Name", {"role": "student"}, pb.MEMBER_STATUS_FROZEN, 3)
+    assert (s1.name, dict(s1.groups), s1.status, s1.version) == (
+        "New Name",
+        {"role": "student"},
+        pb.MEMBER_STATUS_FROZEN,
+        3,
+    )
     kinds = [c.kind for c in await feed(identity.stub, tenant_id) if c.member_id == existing.member_id]
     assert kinds == [pb.CHANGE_KIND_MEMBER_CREATED, pb.CHANGE_KIND_MEMBER_UPDATED, pb.CHANGE_KIND_MEMBER_FROZEN]
 
 
-async def test_a_refused_row_writes_neither_its_member_nor_its_card(identity, tenant_id: str, db: asyncpg.Connection) -> None:
+async def test_a_refused_row_writes_neither_its_member_nor_its_card(
+    identity, tenant_id: str, db: asyncpg.Connection
+) -> None:
     stub = identity.stub
     owner = await create_member(stub, tenant_id, "OWNER")
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_id, member_id=owner.member_id, card_uid="BAD0CAFE"))
-    await stub.ReportCardLost(pb.ReportCardLostRequest(tenant_id=tenant_id, member_id=owner.member_id, card_uid="BAD0CAFE"))
+    await stub.ReportCardLost(
+        pb.ReportCardLostRequest(tenant_id=tenant_id, member_id=owner.member_id, card_uid="BAD0CAFE")
+    )
     holder = await create_member(stub, tenant_id, "HOLDER")
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_id, member_id=holder.member_id, card_uid="0000BEEF"))
     feed_before = len(await feed(stub, tenant_id))
@@ -112,7 +135,9 @@ async def test_a_refused_row_writes_neither_its_member_nor_its_card(identity, te
     )
     record = await run_import(stub, tenant_id, data)
     assert [(e.line, e.reason.split(":")[0]) for e in record.errors] == [
-        (2, "CARD_BLACKLISTED"), (3, "CARD_UID_IN_USE"), (4, "CARD_ALREADY_BOUND")
+        (2, "CARD_BLACKLISTED"),
+        (3, "CARD_UID_IN_USE"),
+        (4, "CARD_ALREADY_BOUND"),
     ]
     members = await members_by_number(stub, tenant_id)
     assert sorted(members) == ["HOLDER", "NEW3", "OWNER"]
@@ -140,14 +165,19 @@ async def test_unusable_file_fails_the_import_with_a_reason_and_writes_nothing(i
 
 async def test_file_over_8_mib_is_refused_and_not_recorded(identity, tenant_id: str, db: asyncpg.Connection) -> None:
     data = HEADER.encode() + b"\n" + b"x" * (8 * 1024 * 1024)
-    assert await refused(start_import(identity.stub, tenant_id, data)) == (grpc.StatusCode.INVALID_ARGUMENT, "IMPORT_TOO_LARGE")
+    assert await refused(start_import(identity.stub, tenant_id, data)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "IMPORT_TOO_LARGE",
+    )
     assert await db.fetchval("SELECT count(*) FROM member_imports") == 0
 
 
 async def test_file_with_more_rows_than_the_cap_fails(start_identity) -> None:
     service = await start_identity(import_max_rows=3)
     tenant_id = await create_tenant(service.stub)
-    record = await start_import(service.stub, tenant_id, csv_file("external_number,name", *[f"S{i},N" for i in range(4)]))
+    record = await start_import(
+        service.stub, tenant_id, csv_file("external_number,name", *[f"S{i},N" for i in range(4)])
+    )
     assert record.state == pb.IMPORT_STATE_FAILED and "more than 3 rows" in record.failure
     fits = await run_import(service.stub, tenant_id, csv_file("external_number,name", *[f"S{i},N" for i in range(3)]))
     assert (fits.state, fits.rows_created) == (pb.IMPORT_STATE_DONE, 3)
@@ -156,7 +186,9 @@ async def test_file_with_more_rows_than_the_cap_fails(start_identity) -> None:
 async def test_progress_is_visible_while_the_import_runs(start_identity) -> None:
     service = await start_identity(import_chunk_rows=20)
     tenant_id = await create_tenant(service.stub)
-    started = await start_import(service.stub, tenant_id, csv_file("external_number,name", *[f"S{i:04d},N" for i in range(1000)]))
+    started = await start_import(
+        service.stub, tenant_id, csv_file("external_number,name", *[f"S{i:04d},N" for i in range(1000)])
+    )
     assert (started.state, started.rows_total, started.rows_done) == (pb.IMPORT_STATE_RUNNING, 1000, 0)
     seen: list[int] = []
     while True:
@@ -179,7 +211,9 @@ async def test_five_thousand_rows_import_in_a_few_seconds(identity, tenant_id: s
     assert elapsed_s < 10, f"5000 rows took {elapsed_s:.1f}s"
 
 
-async def test_import_left_running_by_a_stopped_process_resumes_at_the_next_start(start_identity, database_url: str) -> None:
+async def test_import_left_running_by_a_stopped_process_resumes_at_the_next_start(
+    start_identity, database_url: str
+) -> None:
     first = await start_identity()
     tenant_id = await create_tenant(first.stub)
     import_id = uuid.uuid4()
@@ -203,5 +237,11 @@ async def test_import_left_running_by_a_stopped_process_resumes_at_the_next_star
 async def test_another_tenants_import_is_not_found(identity, tenant_id: str) -> None:
     record = await run_import(identity.stub, tenant_id, csv_file("external_number,name", "S1,N"))
     other = await create_tenant(identity.stub, name="Other")
-    assert await refused(get_import(identity.stub, other, record.import_id)) == (grpc.StatusCode.NOT_FOUND, "IMPORT_NOT_FOUND")
-    assert await refused(get_import(identity.stub, tenant_id, "nope")) == (grpc.StatusCode.INVALID_ARGUMENT, "IMPORT_ID_INVALID")
+    assert await refused(get_import(identity.stub, other, record.import_id)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "IMPORT_NOT_FOUND",
+    )
+    assert await refused(get_import(identity.stub, tenant_id, "nope")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "IMPORT_ID_INVALID",
+    )

@@ -1,4 +1,5 @@
 """Tenant isolation at the gRPC level: another tenant's member is simply not there."""
+
 import grpc
 
 from onecard.identity.v1 import identity_pb2 as pb
@@ -35,7 +36,9 @@ async def test_lists_show_only_the_tenants_own_rows(identity) -> None:
     tenant_b = await create_tenant(stub, name="B")
     member = await create_member(stub, tenant_a, "S1", name="Alice")
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_a, member_id=member.member_id, card_uid="0A0A0A0A"))
-    await stub.ReportCardLost(pb.ReportCardLostRequest(tenant_id=tenant_a, member_id=member.member_id, card_uid="0A0A0A0A"))
+    await stub.ReportCardLost(
+        pb.ReportCardLostRequest(tenant_id=tenant_a, member_id=member.member_id, card_uid="0A0A0A0A")
+    )
     assert list((await stub.SearchMembers(pb.SearchMembersRequest(tenant_id=tenant_b, query="Alice"))).members) == []
     assert list((await stub.ListCardBlacklist(pb.ListCardBlacklistRequest(tenant_id=tenant_b))).cards) == []
     assert await feed(stub, tenant_b) == []
@@ -50,7 +53,9 @@ async def test_numbers_and_card_uids_are_per_tenant(identity) -> None:
     in_b = await create_member(stub, tenant_b, "S1")
     assert in_a.member_id != in_b.member_id
     await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_a, member_id=in_a.member_id, card_uid="0C0C0C0C"))
-    await stub.ReportCardLost(pb.ReportCardLostRequest(tenant_id=tenant_a, member_id=in_a.member_id, card_uid="0C0C0C0C"))
+    await stub.ReportCardLost(
+        pb.ReportCardLostRequest(tenant_id=tenant_a, member_id=in_a.member_id, card_uid="0C0C0C0C")
+    )
     bound_in_b = (
         await stub.BindCard(pb.BindCardRequest(tenant_id=tenant_b, member_id=in_b.member_id, card_uid="0C0C0C0C"))
     ).member

@@ -1,4 +1,5 @@
 """Cards and faces: binding, the one-active-card rule, lost cards blacklisted for good."""
+
 import grpc
 
 from onecard.identity.v1 import identity_pb2 as pb
@@ -26,7 +27,8 @@ async def test_card_uid_must_be_8_to_20_hex_digits(identity, tenant_id: str) -> 
     member = await create_member(identity.stub, tenant_id, "S1")
     for uid in ["", "1234567", "1" * 21, "04A1B2C3ZZ", "04 A1 B2 C3"]:
         assert await refused(bind(identity.stub, tenant_id, member.member_id, uid)) == (
-            grpc.StatusCode.INVALID_ARGUMENT, "CARD_UID_INVALID"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CARD_UID_INVALID",
         ), uid
     assert len((await bind(identity.stub, tenant_id, member.member_id, "A" * 20)).cards) == 1
 
@@ -36,12 +38,14 @@ async def test_second_card_is_refused_until_the_first_is_reported_lost(identity,
     member = await create_member(stub, tenant_id, "S1")
     await bind(stub, tenant_id, member.member_id, "AAAA0001")
     assert await refused(bind(stub, tenant_id, member.member_id, "AAAA0002")) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "CARD_ALREADY_BOUND"
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "CARD_ALREADY_BOUND",
     )
     await lose(stub, tenant_id, member.member_id, "aaaa0001")
     replaced = await bind(stub, tenant_id, member.member_id, "AAAA0002")
     assert [(c.card_uid, c.status) for c in replaced.cards] == [
-        ("AAAA0001", pb.CARD_STATUS_LOST), ("AAAA0002", pb.CARD_STATUS_ACTIVE)
+        ("AAAA0001", pb.CARD_STATUS_LOST),
+        ("AAAA0002", pb.CARD_STATUS_ACTIVE),
     ]
     assert replaced.version == 4
 
@@ -65,7 +69,8 @@ async def test_card_held_by_another_member_is_refused(identity, tenant_id: str) 
     b = await create_member(identity.stub, tenant_id, "S2")
     await bind(identity.stub, tenant_id, a.member_id, "BEEF0001")
     assert await refused(bind(identity.stub, tenant_id, b.member_id, "BEEF0001")) == (
-        grpc.StatusCode.ALREADY_EXISTS, "CARD_UID_IN_USE"
+        grpc.StatusCode.ALREADY_EXISTS,
+        "CARD_UID_IN_USE",
     )
 
 
@@ -74,7 +79,8 @@ async def test_reporting_a_card_the_member_never_had_is_not_found(identity, tena
     b = await create_member(identity.stub, tenant_id, "S2")
     await bind(identity.stub, tenant_id, a.member_id, "BEEF0001")
     assert await refused(lose(identity.stub, tenant_id, b.member_id, "BEEF0001")) == (
-        grpc.StatusCode.NOT_FOUND, "CARD_NOT_FOUND"
+        grpc.StatusCode.NOT_FOUND,
+        "CARD_NOT_FOUND",
     )
 
 
@@ -92,9 +98,9 @@ async def test_blacklist_is_listed_by_version_for_devices(identity, tenant_id: s
     assert [c.card_uid for c in rest.cards] == uids[3:] and rest.version == 5
     empty = await stub.ListCardBlacklist(pb.ListCardBlacklistRequest(tenant_id=tenant_id, since_version=5))
     assert (list(empty.cards), empty.version) == ([], 5)
-    assert await refused(stub.ListCardBlacklist(pb.ListCardBlacklistRequest(tenant_id=tenant_id, since_version=-1))) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "VERSION_INVALID"
-    )
+    assert await refused(
+        stub.ListCardBlacklist(pb.ListCardBlacklistRequest(tenant_id=tenant_id, since_version=-1))
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "VERSION_INVALID")
 
 
 async def test_face_enrolment_is_set_replaced_and_cleared(identity, tenant_id: str) -> None:

@@ -1,4 +1,5 @@
 """SearchMembers: exact number or name prefix, filters, and stable cursor pages."""
+
 import grpc
 
 from onecard.identity.v1 import identity_pb2 as pb
@@ -42,8 +43,14 @@ async def test_status_and_group_filters_narrow_the_result(identity, tenant_id: s
     assert numbers(await search(stub, tenant_id, groups={"grade": "2025", "class": "2"})) == ["B"]
     assert numbers(await search(stub, tenant_id, status=pb.MEMBER_STATUS_FROZEN)) == ["A"]
     assert numbers(await search(stub, tenant_id, status=pb.MEMBER_STATUS_ACTIVE, groups={"grade": "2025"})) == ["B"]
-    assert await refused(search(stub, tenant_id, groups={"dorm": "1"})) == (grpc.StatusCode.INVALID_ARGUMENT, "GROUP_KEY_INVALID")
-    assert await refused(search(stub, tenant_id, status=9)) == (grpc.StatusCode.INVALID_ARGUMENT, "MEMBER_STATUS_INVALID")
+    assert await refused(search(stub, tenant_id, groups={"dorm": "1"})) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "GROUP_KEY_INVALID",
+    )
+    assert await refused(search(stub, tenant_id, status=9)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MEMBER_STATUS_INVALID",
+    )
 
 
 async def test_page_size_zero_means_50_and_above_200_is_refused(identity, tenant_id: str) -> None:
@@ -55,11 +62,19 @@ async def test_page_size_zero_means_50_and_above_200_is_refused(identity, tenant
     rest = await search(stub, tenant_id, page_token=first.next_page_token)
     assert numbers(rest) == ["S050"] and rest.next_page_token == ""
     assert len((await search(stub, tenant_id, page_size=200)).members) == 51
-    assert await refused(search(stub, tenant_id, page_size=201)) == (grpc.StatusCode.INVALID_ARGUMENT, "PAGE_SIZE_TOO_LARGE")
-    assert await refused(search(stub, tenant_id, page_size=-1)) == (grpc.StatusCode.INVALID_ARGUMENT, "PAGE_SIZE_INVALID")
+    assert await refused(search(stub, tenant_id, page_size=201)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAGE_SIZE_TOO_LARGE",
+    )
+    assert await refused(search(stub, tenant_id, page_size=-1)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAGE_SIZE_INVALID",
+    )
 
 
-async def test_pages_neither_repeat_nor_skip_members_when_others_are_added_between_pages(identity, tenant_id: str) -> None:
+async def test_pages_neither_repeat_nor_skip_members_when_others_are_added_between_pages(
+    identity, tenant_id: str
+) -> None:
     stub = identity.stub
     for number in ["B", "D", "F", "H", "J", "L", "N"]:
         await create_member(stub, tenant_id, number)
@@ -84,9 +99,11 @@ async def test_page_token_of_another_search_or_garbage_is_refused(identity, tena
         await create_member(stub, tenant_id, number)
     token = (await search(stub, tenant_id, page_size=1)).next_page_token
     assert await refused(search(stub, tenant_id, page_size=1, query="A", page_token=token)) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "PAGE_TOKEN_INVALID"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAGE_TOKEN_INVALID",
     )
     for garbage in ["x", "eyJ2IjoxfQ", "!!!", token[:-2]]:
         assert await refused(search(stub, tenant_id, page_token=garbage)) == (
-            grpc.StatusCode.INVALID_ARGUMENT, "PAGE_TOKEN_INVALID"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PAGE_TOKEN_INVALID",
         ), garbage

@@ -1,4 +1,5 @@
 """Tenants: creation, idempotent replay with a caller-chosen id, and validation."""
+
 import uuid
 
 import asyncpg
@@ -11,12 +12,17 @@ from tests.identity.support import create_tenant, refused
 async def test_created_tenant_is_answered_and_found(identity) -> None:
     created = (
         await identity.stub.CreateTenant(
-            pb.CreateTenantRequest(name=" No. 1 Middle School ", kind=pb.TENANT_KIND_K12, time_zone="Asia/Urumqi", currency="CNY")
+            pb.CreateTenantRequest(
+                name=" No. 1 Middle School ", kind=pb.TENANT_KIND_K12, time_zone="Asia/Urumqi", currency="CNY"
+            )
         )
     ).tenant
     uuid.UUID(created.tenant_id)
     assert (created.name, created.kind, created.time_zone, created.currency) == (
-        "No. 1 Middle School", pb.TENANT_KIND_K12, "Asia/Urumqi", "CNY"
+        "No. 1 Middle School",
+        pb.TENANT_KIND_K12,
+        "Asia/Urumqi",
+        "CNY",
     )
     found = (await identity.stub.GetTenant(pb.GetTenantRequest(tenant_id=created.tenant_id))).tenant
     assert found == created
@@ -28,7 +34,9 @@ async def test_empty_currency_means_cny(identity) -> None:
     assert tenant.currency == "CNY"
 
 
-async def test_repeating_create_with_the_same_id_and_fields_answers_the_same_tenant(identity, db: asyncpg.Connection) -> None:
+async def test_repeating_create_with_the_same_id_and_fields_answers_the_same_tenant(
+    identity, db: asyncpg.Connection
+) -> None:
     request = pb.CreateTenantRequest(
         tenant_id=str(uuid.uuid4()), name="Acme", kind=pb.TENANT_KIND_ENTERPRISE, time_zone="UTC", currency="CNY"
     )
@@ -70,8 +78,10 @@ async def test_bad_tenant_input_is_refused_with_a_reason_and_writes_nothing(iden
 
 async def test_get_tenant_unknown_is_not_found_and_malformed_is_invalid(identity) -> None:
     assert await refused(identity.stub.GetTenant(pb.GetTenantRequest(tenant_id=str(uuid.uuid4())))) == (
-        grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND"
+        grpc.StatusCode.NOT_FOUND,
+        "TENANT_NOT_FOUND",
     )
     assert await refused(identity.stub.GetTenant(pb.GetTenantRequest(tenant_id="42"))) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "TENANT_ID_INVALID"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TENANT_ID_INVALID",
     )
