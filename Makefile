@@ -18,7 +18,7 @@ $(VENV)/.stamp: requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -c 'import site,sys; open(site.getsitepackages()[0] + "/onecard-dev.pth", "w").write("$(CURDIR)\n$(CURDIR)/gen\n")'
+	$(PY) -c 'import site,sys; open(site.getsitepackages()[0] + "/onecard-dev.pth", "w").write("$(CURDIR)\n$(CURDIR)/gen\n$(CURDIR)/sdk/python\n")'
 	touch $@
 
 venv: $(VENV)/.stamp
