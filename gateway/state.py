@@ -38,3 +38,9 @@ class GatewayState:
 
 def gateway_state(request: Request) -> GatewayState:
     return request.app.state.gateway
+
+
+async def state_dependency(request: Request) -> GatewayState:
+    """``gateway_state`` for ``Depends``: FastAPI runs a plain ``def`` dependency in a thread pool,
+    a thread hop on every request that this async form avoids."""
+    return gateway_state(request)

@@ -47,7 +47,7 @@ from gateway.models import (
     tenant_from_pb,
 )
 from gateway.problems import ProblemError, problem_responses
-from gateway.state import GatewayState, gateway_state
+from gateway.state import GatewayState, state_dependency
 from onecard.identity.v1 import identity_pb2 as pb
 
 # Every protected route can answer these; routes add their own (409, 413, 415).
@@ -59,7 +59,7 @@ CSV_MEDIA_TYPES = ("text/csv", "application/csv")
 MAX_CURSOR_CHARS = 1024
 DEFAULT_PAGE_SIZE = 50
 
-State = Annotated[GatewayState, Depends(gateway_state)]
+State = Annotated[GatewayState, Depends(state_dependency)]
 TenantId = Annotated[str, Path(max_length=MAX_ID_CHARS, description="The tenant; must be the token's tenant.")]
 MemberId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 CardUid = Annotated[str, Path(min_length=1, max_length=40, description="Card UID, hex.")]
