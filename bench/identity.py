@@ -84,6 +84,8 @@ async def get_member(context: BenchContext) -> Figures:
         module_args=["bench.serve", "gateway", "--port", str(gateway_port)],
         env={
             "ONECARD_IDENTITY_TARGET": identity_target,
+            # Not measured here; the codes routes are not called.
+            "ONECARD_CODEGEN_TARGET": f"{BENCH_HOST}:{free_port()}",
             "ONECARD_TOKEN_SECRET": BENCH_TOKEN_SECRET,
             "ONECARD_RATE_LIMIT_PER_S": BENCH_RATE_LIMIT_PER_S,
             "ONECARD_RATE_LIMIT_BURST": BENCH_RATE_LIMIT_BURST,

@@ -71,9 +71,15 @@ SERVICES: tuple[ServiceSpec, ...] = (
         name="identity", module="services.identity", protocol="grpc",
         default_port=50051, default_metrics_port=9101, migrates=True,
     ),
+    # The master key sealing issuer keys is made once and kept in .data/secrets.json: a new one on
+    # each start would leave every stored issuer key unreadable.
+    ServiceSpec(
+        name="codegen", module="services.codegen", protocol="grpc",
+        default_port=50052, default_metrics_port=9102, migrates=True,
+        secret_env={"ONECARD_CODEGEN_MASTER_KEY": "codegen_master_key"},
+    ),
     # Each later service is one entry here, before the gateway that calls it, on the next ports:
-    # codegen 50052/9102 (with secret_env {"ONECARD_MASTER_KEY": "master_key"}), ledger 50053/9103,
-    # policy 50054/9104, devicehub 50055/9105.
+    # ledger 50053/9103, policy 50054/9104, devicehub 50055/9105.
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},

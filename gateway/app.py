@@ -19,9 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import TokenBucketLimiter
-from gateway.routes import identity, oauth, ops
+from gateway.routes import codes, identity, oauth, ops
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
+from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 from runtime.grpc_client import open_channel
 from runtime.logs import get_logger, new_request_id
@@ -48,6 +49,9 @@ OPENAPI_TAGS = [
     {"name": "imports", "description": "Bulk member import from CSV."},
     {"name": "directory", "description": "The feed of member changes, for partners who mirror the directory."},
     {"name": "api-clients", "description": "Partner API clients this tenant granted access to."},
+    {"name": "codes", "description": "Offline e-codes: credentials and rotating tokens for members; the trust "
+     "and revocation lists devices sync. Banks embedding the e-code may call codegen's gRPC API "
+     "(protos/onecard/codegen/v1) with the same semantics."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -170,19 +174,25 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # The one place the identity channel is opened and closed. It connects lazily, so the
-        # gateway starts while identity is still coming up; /readyz tells when it answers.
+        # The one place the service channels are opened and closed. They connect lazily, so the
+        # gateway starts while the services are still coming up; /readyz tells when identity answers.
         channel = open_channel(settings.identity_target)
+        codegen_channel = open_channel(settings.codegen_target)
         state.channel = channel
         state.identity_stub = identity_pb2_grpc.IdentityServiceStub(channel)
         state.health_stub = health_pb2_grpc.HealthStub(channel)
-        log.info("gateway started", identity_target=settings.identity_target)
+        state.codegen_channel = codegen_channel
+        state.codegen_stub = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
+        log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target)
         try:
             yield
         finally:
             state.identity_stub = None
             state.health_stub = None
             state.channel = None
+            state.codegen_stub = None
+            state.codegen_channel = None
+            await codegen_channel.close()
             await channel.close()
             log.info("gateway stopped")
 
@@ -199,6 +209,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(oauth.router)
     app.include_router(identity.router)
+    app.include_router(codes.router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]

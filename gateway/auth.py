@@ -29,12 +29,18 @@ MEMBERS_READ = "members:read"
 MEMBERS_WRITE = "members:write"
 CLIENTS_ADMIN = "clients:admin"
 PLATFORM_ADMIN = "platform:admin"
+CODES_ISSUE = "codes:issue"
+DEVICES_SYNC = "devices:sync"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
     CLIENTS_ADMIN: "List the API clients this tenant granted; create clients and grant or revoke them, "
     "never with a scope the caller does not hold itself.",
     PLATFORM_ADMIN: "Create tenants (the platform operator).",
+    CODES_ISSUE: "Issue offline e-code credentials and rotating-token batches for the tenant's members "
+    "(bank apps, member app backends).",
+    DEVICES_SYNC: "Fetch the tenant's trust list (issuer keys) and revocation list, as changes since a version "
+    "(devices, device hubs).",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -186,3 +192,5 @@ ReadMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_READ])]
 WriteMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_WRITE])]
 AdminClients = Annotated[Principal, Security(authorize, scopes=[CLIENTS_ADMIN])]
 AdminPlatform = Annotated[Principal, Security(authorize, scopes=[PLATFORM_ADMIN])]
+IssueCodes = Annotated[Principal, Security(authorize, scopes=[CODES_ISSUE])]
+SyncDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_SYNC])]

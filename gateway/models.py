@@ -30,7 +30,8 @@ ChangeKindName = Literal[
     "card_lost",
     "face_enrolled",
 ]
-ScopeName = Literal["members:read", "members:write", "clients:admin", "platform:admin"]
+ScopeName = Literal["members:read", "members:write", "clients:admin", "platform:admin", "codes:issue",
+                    "devices:sync"]
 assert set(get_args(ScopeName)) == set(SCOPES), "ScopeName must list exactly gateway.auth.SCOPES"
 
 # Limits the gateway enforces before a request reaches a service; identity has its own too.

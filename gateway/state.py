@@ -1,4 +1,5 @@
-"""What the app holds for its lifetime: settings, the identity channel and stub, the rate limiters.
+"""What the app holds for its lifetime: settings, the identity and codegen channels and stubs, the
+rate limiters.
 
 Created and closed by the lifespan in ``gateway.app``; routes reach it through ``gateway_state``.
 """
@@ -12,6 +13,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.settings import GatewaySettings
+from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 
 
@@ -24,12 +26,20 @@ class GatewayState:
     identity_stub: identity_pb2_grpc.IdentityServiceStub | None = None
     # gRPC health of the identity server, for /readyz.
     health_stub: health_pb2_grpc.HealthStub | None = None
+    codegen_channel: grpc.aio.Channel | None = None
+    codegen_stub: codegen_pb2_grpc.CodegenServiceStub | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
         if self.identity_stub is None:
             raise RuntimeError("the gateway's lifespan has not opened the identity channel")
         return self.identity_stub
+
+    @property
+    def codegen(self) -> codegen_pb2_grpc.CodegenServiceStub:
+        if self.codegen_stub is None:
+            raise RuntimeError("the gateway's lifespan has not opened the codegen channel")
+        return self.codegen_stub
 
     @property
     def timeout_s(self) -> float:

@@ -108,6 +108,8 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         "ONECARD_NATS_PORT": str(free_port()),
         "ONECARD_IDENTITY_PORT": str(free_port()),
         "ONECARD_IDENTITY_METRICS_PORT": str(free_port()),
+        "ONECARD_CODEGEN_PORT": str(free_port()),
+        "ONECARD_CODEGEN_METRICS_PORT": str(free_port()),
         "ONECARD_GATEWAY_PORT": str(free_port()),
         "ONECARD_DEMO_MEMBERS": str(DEMO_MEMBERS),
         "PYTHONUNBUFFERED": "1",
@@ -166,6 +168,22 @@ def run_walkthrough(*, base_url: str, client_id: str, client_secret: str) -> dic
     return member
 
 
+def try_the_e_code(env: dict[str, str]) -> None:
+    """The README's two e-code commands: show prints a live code, verify accepts it and refuses junk."""
+    def codes(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "devstack.codes", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    shown = codes("show", "--seconds", "1", "--no-clear")
+    assert shown.returncode == 0, shown.stderr
+    [code] = [line for line in shown.stdout.splitlines() if line.startswith("OC1:")]
+    assert "▀" in shown.stdout or "█" in shown.stdout, "no QR drawn"
+    accepted = codes("verify", code)
+    assert accepted.returncode == 0 and "ACCEPTED holder code" in accepted.stdout, accepted.stdout + accepted.stderr
+    refused = codes("verify", code[:-3] + "AAA")
+    assert refused.returncode == 1 and "REFUSED" in refused.stdout, refused.stdout + refused.stderr
+
+
 def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(stack_env: dict[str, str]) -> None:
     data_dir = Path(stack_env["ONECARD_DATA_DIR"])
     base_url = f"http://127.0.0.1:{stack_env['ONECARD_GATEWAY_PORT']}"
@@ -175,7 +193,7 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         first.wait_ready()
         children = first.tree()
         names = " ".join(" ".join(p.cmdline()) for p in children)
-        for expected in ("postgres", "nats-server", "services.identity", "gateway"):
+        for expected in ("postgres", "nats-server", "services.identity", "services.codegen", "gateway"):
             assert expected in names, f"{expected} is not running under devstack: {names}"
 
         assert f"imported {DEMO_MEMBERS} members" in first.output
@@ -194,6 +212,9 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
                                   timeout=60, env=stack_env)
             assert tour.returncode == 0, f"walkthrough.sh failed:\n{tour.stdout}\n{tour.stderr}"
             assert "created " in tour.stdout and "frozen" in tour.stdout
+        try_the_e_code(stack_env)
+        master_key = json.loads((data_dir / "secrets.json").read_text())["codegen_master_key"]
+        assert master_key not in first.output, "codegen's master key was printed"
         members_before = demo_member_count(stack_env)
         assert members_before >= DEMO_MEMBERS + 1
 

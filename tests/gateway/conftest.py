@@ -16,20 +16,24 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.app import create_app
-from gateway.auth import CLIENTS_ADMIN, MEMBERS_READ, MEMBERS_WRITE
+from gateway.auth import CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, MEMBERS_READ, MEMBERS_WRITE
 from gateway.settings import GatewaySettings
 from onecard.identity.v1 import identity_pb2 as pb
 
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
-TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN)
+TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC)
 BASE_URL = "http://gateway.test"
+# Where gateways without a codegen in the test send code calls: nothing listens there.
+NO_CODEGEN_TARGET = "127.0.0.1:1"
 # High enough that no test but the rate-limit one ever meets a limit.
 GENEROUS_RATE = 10_000.0
 
 
-def gateway_settings(*, identity_target: str, **overrides: Any) -> GatewaySettings:
+def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_TARGET,
+                     **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
         "identity_target": identity_target,
+        "codegen_target": codegen_target,
         "token_secret": TOKEN_SECRET,
         "rate_limit_per_s": GENEROUS_RATE,
         "rate_limit_burst": int(GENEROUS_RATE),
@@ -122,6 +126,27 @@ async def gateway(identity: Any) -> AsyncIterator[Gateway]:
     settings = gateway_settings(identity_target=identity.target)
     async with running_gateway(settings) as (app, http):
         yield Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+
+
+@pytest.fixture
+async def codes_gateway(identity: Any, database_url: str, nats_url: str) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity and a real codegen (started here, stopped after)."""
+    from onecard.codegen.v1 import codegen_pb2_grpc
+    from services.codegen.app import build_app
+    from tests.codegen.conftest import codegen_settings
+    from tests.conftest import start_service
+
+    codegen = await start_service(build_app(codegen_settings(
+        database_url=database_url, nats_url=nats_url, identity_target=identity.target)))
+    try:
+        settings = gateway_settings(identity_target=identity.target, codegen_target=codegen.target)
+        async with running_gateway(settings) as (app, http):
+            gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+            gateway.codegen_stub = codegen_pb2_grpc.CodegenServiceStub(codegen.channel)  # type: ignore[attr-defined]
+            yield gateway
+    finally:
+        await codegen.channel.close()
+        await codegen.app.stop()
 
 
 def assert_problem(response: httpx.Response, status: int, *, reason: str | None = None) -> dict[str, Any]:

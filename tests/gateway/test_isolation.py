@@ -14,13 +14,23 @@ import httpx
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from gateway.app import create_app
-from gateway.auth import CLIENTS_ADMIN, MEMBERS_READ, MEMBERS_WRITE, PLATFORM_ADMIN, SCOPES
+from gateway.auth import (
+    CLIENTS_ADMIN,
+    CODES_ISSUE,
+    DEVICES_SYNC,
+    MEMBERS_READ,
+    MEMBERS_WRITE,
+    PLATFORM_ADMIN,
+    SCOPES,
+)
 from onecard.identity.v1 import identity_pb2 as pb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
 
 CARD_A = "0A0B0C0D01"
 CARD_B = "0B0B0C0D02"
 MATRIX_CSV = b"external_number,name\nX900,Intruder\n"
+# Base64 of a 32-byte Ed25519 public key (any 32 bytes do for the matrix).
+MATRIX_HOLDER_KEY = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80="
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,14 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("DELETE", "/v1/tenants/{tenant_id}/api-clients/{client_id}/grant"): RouteCall(
         foreign_ids_statuses=frozenset({204, 404})
     ),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/credentials"): RouteCall(
+        json={"holder_public_key": MATRIX_HOLDER_KEY, "purposes": ["pay"]}
+    ),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/token-batches"): RouteCall(
+        json={"purposes": ["pay"], "hours": 1}
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/trust-list"): RouteCall(params={"since_version": 0}),
+    ("GET", "/v1/tenants/{tenant_id}/revocations"): RouteCall(params={"since_version": 0}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -199,7 +217,8 @@ def leaked(response: httpx.Response, tenant: TenantFixture) -> list[str]:
     return [s for s in secrets if s in text]
 
 
-async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(gateway: Gateway) -> None:
+async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(codes_gateway: Gateway) -> None:
+    gateway = codes_gateway
     tenant_a = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     tenant_b = await populated_tenant(gateway, label="B", card_uid=CARD_B)
     token_a = await gateway.token(
@@ -238,7 +257,7 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
 
 async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(gateway: Gateway) -> None:
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
-    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN)
+    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC)
     token_without: dict[str, str] = {}
     for scope in all_scopes:
         others = [s for s in all_scopes if s != scope]

@@ -48,6 +48,7 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
     env = {
         **os.environ,
         "ONECARD_IDENTITY_TARGET": identity.target,
+        "ONECARD_CODEGEN_TARGET": "127.0.0.1:1",
         "ONECARD_TOKEN_SECRET": TOKEN_SECRET,
         "ONECARD_HTTP_HOST": "127.0.0.1",
         "ONECARD_HTTP_PORT": str(port),

@@ -1,0 +1,79 @@
+"""The codegen service: how long a 24 h rotating-token batch takes to issue through it."""
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+
+from bench.harness import BenchContext, Figures, benchmark
+from bench.serve import BENCH_HOST
+from devstack.servers import free_port
+from devstack.supervisor import grpc_health_probe
+from onecard.codegen.v1 import codegen_pb2 as cpb
+from onecard.codegen.v1 import codegen_pb2_grpc
+from onecard.identity.v1 import identity_pb2 as pb
+from onecard.identity.v1 import identity_pb2_grpc
+from runtime.grpc_client import open_channel
+
+# A fixed bench master key: the bench database is thrown away after the run.
+BENCH_MASTER_KEY = "42" * 32
+CALL_TIMEOUT_S = 60.0
+BATCH_RUNS = 5
+BATCH_HOURS = 24
+SLOT_LENGTH_S = 60
+
+
+async def _grpc_service(context: BenchContext, *, name: str, module: str, extra_env: dict[str, str]) -> str:
+    port, metrics_port = free_port(), free_port()
+    target = f"{BENCH_HOST}:{port}"
+    await context.start_process(
+        name=name,
+        module_args=[module],
+        env={
+            "ONECARD_DATABASE_URL": context.database_url(),
+            "ONECARD_NATS_URL": context.nats_url(),
+            "ONECARD_GRPC_HOST": BENCH_HOST,
+            "ONECARD_GRPC_PORT": str(port),
+            "ONECARD_METRICS_PORT": str(metrics_port),
+            "ONECARD_LOG_LEVEL": "warning",
+            **extra_env,
+        },
+        probe=grpc_health_probe(target),
+    )
+    return target
+
+
+@benchmark("codes.batch_24h", description="IssueTokenBatch of 24 h in 60 s slots (1440 signed tokens) via gRPC")
+async def batch_24h(context: BenchContext) -> Figures:
+    identity_target = await _grpc_service(context, name="identity-codes", module="services.identity", extra_env={})
+    codegen_target = await _grpc_service(context, name="codegen", module="services.codegen", extra_env={
+        "ONECARD_IDENTITY_TARGET": identity_target,
+        "ONECARD_CODEGEN_MASTER_KEY": BENCH_MASTER_KEY,
+    })
+    async with open_channel(identity_target) as identity_channel, open_channel(codegen_target) as codegen_channel:
+        identity = identity_pb2_grpc.IdentityServiceStub(identity_channel)
+        codegen = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
+        tenant = (await identity.CreateTenant(pb.CreateTenantRequest(
+            name="Bench Codes University", kind=pb.TENANT_KIND_UNIVERSITY, time_zone="Asia/Shanghai",
+            currency="CNY", tenant_id=str(uuid.uuid4())), timeout=CALL_TIMEOUT_S)).tenant
+        member = (await identity.CreateMember(pb.CreateMemberRequest(
+            tenant_id=tenant.tenant_id, external_number="2025020001", name="Wang Fang"),
+            timeout=CALL_TIMEOUT_S)).member
+        request = cpb.IssueTokenBatchRequest(tenant_id=tenant.tenant_id, member_id=member.member_id,
+                                             purposes=[cpb.PURPOSE_PAY], slot_length_s=SLOT_LENGTH_S,
+                                             hours=BATCH_HOURS)
+        # Warm-up: the tenant's first issuer key is made on the first issue; not part of the figure.
+        await codegen.IssueTokenBatch(request, timeout=CALL_TIMEOUT_S)
+        times_ms = []
+        tokens = 0
+        for _ in range(BATCH_RUNS):
+            started = time.perf_counter()
+            answer = await codegen.IssueTokenBatch(request, timeout=CALL_TIMEOUT_S)
+            times_ms.append((time.perf_counter() - started) * 1000)
+            tokens = len(answer.tokens)
+    if tokens != BATCH_HOURS * 3600 // SLOT_LENGTH_S:
+        raise RuntimeError(f"a 24 h batch had {tokens} tokens")
+    return {
+        "codes.batch_24h_ms": statistics.median(times_ms),
+        "codes.batch_24h_tokens": float(tokens),
+    }

@@ -1,0 +1,1 @@
+"""codegen: issuer keys, offline credentials, rotating tokens, trust and revocation lists."""

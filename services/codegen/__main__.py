@@ -1,0 +1,7 @@
+"""``python -m services.codegen [serve|migrate]``."""
+
+from runtime.cli import run_service
+from services.codegen.app import CodegenSettings, build_app
+
+if __name__ == "__main__":
+    run_service(name="codegen", settings_cls=CodegenSettings, build_app=build_app)
