@@ -31,8 +31,8 @@ DEMO_CURRENCY = "CNY"
 DEMO_RANDOM_SEED = 20250901
 BANK_CLIENT_NAME = "Demo Bank"
 ADMIN_CLIENT_NAME = "Demo University Admin"
-BANK_SCOPES = ("members:read", "members:write")
-ADMIN_SCOPES = ("members:read", "members:write", "clients:admin")
+BANK_SCOPES = ("members:read", "members:write", "codes:issue")
+ADMIN_SCOPES = ("members:read", "members:write", "clients:admin", "codes:issue", "devices:sync")
 CLIENT_ORDER = ("bank", "admin")
 CALL_TIMEOUT_S = 30.0
 IMPORT_POLL_S = 0.25
@@ -294,7 +294,10 @@ async def _ensure_clients(stub: Any, *, credentials_path: Path) -> tuple[dict[st
     wanted = {"bank": (BANK_CLIENT_NAME, BANK_SCOPES), "admin": (ADMIN_CLIENT_NAME, ADMIN_SCOPES)}
     assert tuple(wanted) == CLIENT_ORDER
     stored = _stored_clients(credentials_path)
-    if set(stored) == set(wanted) and all([await _authenticates(stub, c) for c in stored.values()]):
+    same_scopes = set(stored) == set(wanted) and all(
+        set(c.scopes) == set(wanted[key][1]) for key, c in stored.items()
+    )
+    if same_scopes and all([await _authenticates(stub, c) for c in stored.values()]):
         return stored, False
     listed = await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=DEMO_TENANT_ID), timeout=CALL_TIMEOUT_S)
     demo_names = {name for name, _ in wanted.values()}
