@@ -50,7 +50,8 @@ OPENAPI_TAGS = [
     {"name": "directory", "description": "The feed of member changes, for partners who mirror the directory."},
     {"name": "api-clients", "description": "Partner API clients this tenant granted access to."},
     {"name": "codes", "description": "Offline e-codes: credentials and rotating tokens for members; the trust "
-     "and revocation lists devices sync. Banks embedding the e-code may call codegen's gRPC API "
+     "and revocation lists devices sync; the tenant's code settings, issuer key rotation and revocation "
+     "(codes:admin). Banks embedding the e-code may call codegen's gRPC API "
      "(protos/onecard/codegen/v1) with the same semantics."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
@@ -175,7 +176,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # The one place the service channels are opened and closed. They connect lazily, so the
-        # gateway starts while the services are still coming up; /readyz tells when identity answers.
+        # gateway starts while the services are still coming up; /readyz tells when both answer.
         channel = open_channel(settings.identity_target)
         codegen_channel = open_channel(settings.codegen_target)
         state.channel = channel
@@ -183,6 +184,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         state.health_stub = health_pb2_grpc.HealthStub(channel)
         state.codegen_channel = codegen_channel
         state.codegen_stub = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
+        state.codegen_health_stub = health_pb2_grpc.HealthStub(codegen_channel)
         log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target)
         try:
             yield
@@ -191,6 +193,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.health_stub = None
             state.channel = None
             state.codegen_stub = None
+            state.codegen_health_stub = None
             state.codegen_channel = None
             await codegen_channel.close()
             await channel.close()

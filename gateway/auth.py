@@ -31,6 +31,7 @@ CLIENTS_ADMIN = "clients:admin"
 PLATFORM_ADMIN = "platform:admin"
 CODES_ISSUE = "codes:issue"
 DEVICES_SYNC = "devices:sync"
+CODES_ADMIN = "codes:admin"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -41,6 +42,8 @@ SCOPES: dict[str, str] = {
     "(bank apps, member app backends).",
     DEVICES_SYNC: "Fetch the tenant's trust list (issuer keys) and revocation list, as changes since a version "
     "(devices, device hubs).",
+    CODES_ADMIN: "Administer the tenant's e-codes: read and change its code settings (offline caps, defaults), "
+    "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -194,3 +197,4 @@ AdminClients = Annotated[Principal, Security(authorize, scopes=[CLIENTS_ADMIN])]
 AdminPlatform = Annotated[Principal, Security(authorize, scopes=[PLATFORM_ADMIN])]
 IssueCodes = Annotated[Principal, Security(authorize, scopes=[CODES_ISSUE])]
 SyncDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_SYNC])]
+AdminCodes = Annotated[Principal, Security(authorize, scopes=[CODES_ADMIN])]

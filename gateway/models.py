@@ -31,7 +31,7 @@ ChangeKindName = Literal[
     "face_enrolled",
 ]
 ScopeName = Literal["members:read", "members:write", "clients:admin", "platform:admin", "codes:issue",
-                    "devices:sync"]
+                    "devices:sync", "codes:admin"]
 assert set(get_args(ScopeName)) == set(SCOPES), "ScopeName must list exactly gateway.auth.SCOPES"
 
 # Limits the gateway enforces before a request reaches a service; identity has its own too.

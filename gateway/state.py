@@ -28,6 +28,8 @@ class GatewayState:
     health_stub: health_pb2_grpc.HealthStub | None = None
     codegen_channel: grpc.aio.Channel | None = None
     codegen_stub: codegen_pb2_grpc.CodegenServiceStub | None = None
+    # gRPC health of the codegen server, for /readyz.
+    codegen_health_stub: health_pb2_grpc.HealthStub | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:

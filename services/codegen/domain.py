@@ -12,6 +12,10 @@ Choices made here where the issue left them open:
 - Revoking is idempotent: revoking a revoked credential answers its first revocation.
 - A key that stops signing keeps verifying until the last credential it signed expires
   (``retire_after``), then retires, which is a change of the trust list like any other.
+- A tenant's code settings (offline caps, default validity, default purposes) apply to what is
+  issued after they change; credentials already signed keep their caps until they expire. A
+  request that names no purposes gets the tenant's default purposes; with none set, it is
+  refused (PURPOSES_REQUIRED), as before settings existed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ DEFAULT_SLOT_LENGTH_S = 60
 MIN_SLOT_LENGTH_S = 15
 MAX_SLOT_LENGTH_S = 3600
 MAX_REASON_CHARS = 200
+# The code format's fields bound the caps: amounts are u32 fen, the daily count a u8.
+MAX_CAP_FEN = 2**32 - 1
+MAX_CAP_COUNT = 255
+DEFAULT_PER_TRANSACTION_CAP_FEN = 5000
+DEFAULT_PER_DAY_CAP_FEN = 20000
+DEFAULT_PER_DAY_COUNT = 20
+MAX_DEFAULT_VALIDITY_HOURS = MAX_CREDENTIAL_VALIDITY_S // 3600
+DEFAULT_VALIDITY_HOURS = DEFAULT_CREDENTIAL_VALIDITY_S // 3600
 DEFAULT_REVOCATION_PAGE_SIZE = 1000
 MAX_REVOCATION_PAGE_SIZE = 10_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,6 +95,24 @@ class OfflineCaps:
     per_transaction_fen: int
     per_day_fen: int
     per_day_count: int
+
+
+@dataclass(frozen=True)
+class TenantCodeSettings:
+    """What a tenant chose for its codes; ``updated_at`` is None while it has the defaults."""
+
+    caps: OfflineCaps
+    default_validity_hours: int
+    default_purposes: tuple[Purpose, ...]
+    updated_at: datetime | None = None
+
+
+DEFAULT_TENANT_CODE_SETTINGS = TenantCodeSettings(
+    caps=OfflineCaps(per_transaction_fen=DEFAULT_PER_TRANSACTION_CAP_FEN, per_day_fen=DEFAULT_PER_DAY_CAP_FEN,
+                     per_day_count=DEFAULT_PER_DAY_COUNT),
+    default_validity_hours=DEFAULT_VALIDITY_HOURS,
+    default_purposes=(),
+)
 
 
 @dataclass(frozen=True)
@@ -180,6 +210,10 @@ def check_purposes(purposes: list[Purpose | None]) -> tuple[Purpose, ...]:
     """At least one known purpose, none twice; answered in a fixed order."""
     if not purposes:
         raise InvalidArgument("name at least one purpose", reason="PURPOSES_REQUIRED")
+    return _known_unique_purposes(purposes)
+
+
+def _known_unique_purposes(purposes: list[Purpose | None]) -> tuple[Purpose, ...]:
     if any(p is None for p in purposes):
         raise InvalidArgument("unknown purpose", reason="PURPOSE_INVALID")
     known = [p for p in purposes if p is not None]
@@ -210,9 +244,48 @@ def check_page_size(value: int) -> int:
     return value
 
 
-def credential_validity(*, validity_s: int, now: datetime, min_validity_s: int) -> Validity:
+def requested_or_default_purposes(*, requested: list[Purpose | None], settings: TenantCodeSettings
+                                  ) -> tuple[Purpose, ...]:
+    """The purposes a request named, or the tenant's defaults when it named none."""
+    if not requested and settings.default_purposes:
+        return settings.default_purposes
+    return check_purposes(requested)
+
+
+def check_tenant_code_settings(*, per_transaction_fen: int, per_day_fen: int, per_day_count: int,
+                               default_validity_hours: int, default_purposes: list[Purpose | None]
+                               ) -> TenantCodeSettings:
+    """Settings a tenant may choose: what the code format can carry, and caps that agree."""
+    if not 0 <= per_transaction_fen <= MAX_CAP_FEN:
+        raise InvalidArgument(f"caps.per_transaction_fen must be between 0 and {MAX_CAP_FEN}",
+                              reason="CAP_PER_TRANSACTION_INVALID")
+    if not 0 <= per_day_fen <= MAX_CAP_FEN:
+        raise InvalidArgument(f"caps.per_day_fen must be between 0 and {MAX_CAP_FEN}", reason="CAP_PER_DAY_INVALID")
+    if not 0 <= per_day_count <= MAX_CAP_COUNT:
+        # The code format carries the count in one byte.
+        raise InvalidArgument(f"caps.per_day_count must be between 0 and {MAX_CAP_COUNT}",
+                              reason="CAP_COUNT_INVALID")
+    if per_transaction_fen > per_day_fen:
+        # A device would approve one payment it must then count as over the day's cap.
+        raise InvalidArgument("caps.per_transaction_fen must not exceed caps.per_day_fen",
+                              reason="CAPS_INCONSISTENT")
+    if not 1 <= default_validity_hours <= MAX_DEFAULT_VALIDITY_HOURS:
+        raise InvalidArgument(
+            f"default_credential_validity_hours must be between 1 and {MAX_DEFAULT_VALIDITY_HOURS}",
+            reason="DEFAULT_VALIDITY_INVALID",
+        )
+    return TenantCodeSettings(
+        caps=OfflineCaps(per_transaction_fen=per_transaction_fen, per_day_fen=per_day_fen,
+                         per_day_count=per_day_count),
+        default_validity_hours=default_validity_hours,
+        default_purposes=_known_unique_purposes(default_purposes),
+    )
+
+
+def credential_validity(*, validity_s: int, now: datetime, min_validity_s: int,
+                        default_validity_s: int = DEFAULT_CREDENTIAL_VALIDITY_S) -> Validity:
     if validity_s == 0:
-        validity_s = DEFAULT_CREDENTIAL_VALIDITY_S
+        validity_s = default_validity_s
     if not min_validity_s <= validity_s <= MAX_CREDENTIAL_VALIDITY_S:
         raise InvalidArgument(
             f"validity_s must be between {min_validity_s} and {MAX_CREDENTIAL_VALIDITY_S} (72 h)",
@@ -267,6 +340,14 @@ def check_holder_key_usable(*, key: HolderKey | None, member_id: uuid.UUID) -> N
         raise FailedPrecondition("this holder key is registered to another member", reason="HOLDER_KEY_TAKEN")
     if key.status is HolderKeyStatus.REVOKED:
         raise FailedPrecondition("this holder key was revoked; make a new key pair", reason="HOLDER_KEY_REVOKED")
+
+
+def check_repeat_not_revoked(*, revoked: bool) -> None:
+    """A repeated issue that lands on the same (deterministic) credential must not hand out a
+    revoked one; a second later the request makes a new credential."""
+    if revoked:
+        raise FailedPrecondition("an identical credential issued this second was revoked; ask again in a second",
+                                 reason="CREDENTIAL_REVOKED")
 
 
 def retire_after(*, last_not_after: datetime | None, now: datetime) -> datetime:

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from onecard.codegen.v1 import codegen_pb2 as pb
 from onecard.codegen.v1 import codegen_pb2_grpc
-from runtime.errors import NotFound
+from runtime.errors import InvalidArgument, NotFound
 from runtime.grpc_server import ServiceApp
 from services.codegen import domain, signing
 from services.codegen.domain import (
@@ -29,6 +29,7 @@ from services.codegen.domain import (
     Purpose,
     Revocation,
     RevocationReason,
+    TenantCodeSettings,
 )
 from services.codegen.identity_client import IdentityClient
 from services.codegen.store import CodegenStore, TenantTx
@@ -66,8 +67,29 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _purposes(values: list[int]) -> tuple[Purpose, ...]:
-    return domain.check_purposes([_PURPOSE_FROM_PB.get(v) for v in values])
+def _purpose_list(values: list[int]) -> list[Purpose | None]:
+    """Wire values as domain purposes; None for a value the domain will refuse as unknown."""
+    return [_PURPOSE_FROM_PB.get(v) for v in values]
+
+
+def _requested_purposes(values: list[int]) -> list[Purpose | None]:
+    """The purposes a request named, checked before any I/O when there are some; an empty list is
+    resolved later against the tenant's defaults, which only the store knows."""
+    requested = _purpose_list(values)
+    if requested:
+        domain.check_purposes(requested)
+    return requested
+
+
+def settings_pb(*, tenant_id: uuid.UUID, settings: TenantCodeSettings) -> pb.TenantCodeSettings:
+    return pb.TenantCodeSettings(
+        tenant_id=str(tenant_id),
+        caps=pb.OfflineCaps(per_transaction_fen=settings.caps.per_transaction_fen,
+                            per_day_fen=settings.caps.per_day_fen, per_day_count=settings.caps.per_day_count),
+        default_credential_validity_hours=settings.default_validity_hours,
+        default_purposes=[_PURPOSE[p] for p in settings.default_purposes],
+        updated_at=_ts(settings.updated_at),
+    )
 
 
 def credential_pb(credential: Credential) -> pb.Credential:
@@ -183,18 +205,25 @@ class CodegenServicer(codegen_pb2_grpc.CodegenServiceServicer):
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         member_id = domain.parse_member_id(request.member_id)
         holder_public_key = domain.check_holder_public_key(request.holder_public_key)
-        purposes = _purposes(list(request.purposes))
+        requested = _requested_purposes(list(request.purposes))
         now = _now()
-        validity = domain.credential_validity(validity_s=request.validity_s, now=now,
-                                              min_validity_s=self._settings.min_validity_s)
+        if request.validity_s:
+            # An explicit validity is checked before any I/O; 0 waits for the tenant's default.
+            domain.credential_validity(validity_s=request.validity_s, now=now,
+                                       min_validity_s=self._settings.min_validity_s)
         reported = await self._identity.member_status(tenant_id=tenant_id, member_id=member_id)
         async with self._store.tenant_tx(tenant_id) as tx:
             await self._check_member(tx, member_id=member_id, reported=reported)
+            settings = await tx.code_settings()
+            purposes = domain.requested_or_default_purposes(requested=requested, settings=settings)
+            validity = domain.credential_validity(validity_s=request.validity_s, now=now,
+                                                  min_validity_s=self._settings.min_validity_s,
+                                                  default_validity_s=settings.default_validity_hours * 3600)
+            caps = settings.caps
             # A key not seen before is registered here, saving the phone a round trip.
             holder = await tx.register_holder_key(member_id=member_id, public_key=holder_public_key, now=now)
             domain.check_holder_key_usable(key=holder, member_id=member_id)
             signer = await tx.signing_key(now=now)
-            caps = await tx.caps()
             # The id of a holder credential is derived from its signed bytes (the format's rule),
             # so it is known only once the SDK has signed it.
             signed = signing.sign_credential(
@@ -215,7 +244,10 @@ class CodegenServicer(codegen_pb2_grpc.CodegenServiceServicer):
                 not_after=validity.not_after,
                 issued_at=now,
             )
-            await tx.insert_credential(credential)
+            if not await tx.insert_credential(credential):
+                # The same request again within the second: the same bytes, already recorded.
+                # Answer them again, unless they were revoked meanwhile.
+                domain.check_repeat_not_revoked(revoked=await tx.revocation_of(credential.credential_id) is not None)
         return pb.IssueCredentialResponse(
             credential=credential_pb(credential),
             credential_bytes=signed.credential_bytes,
@@ -227,14 +259,16 @@ class CodegenServicer(codegen_pb2_grpc.CodegenServiceServicer):
     ) -> pb.IssueTokenBatchResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         member_id = domain.parse_member_id(request.member_id)
-        purposes = _purposes(list(request.purposes))
+        requested = _requested_purposes(list(request.purposes))
         now = _now()
         plan = domain.plan_batch(hours=request.hours, slot_length_s=request.slot_length_s, now=now)
         reported = await self._identity.member_status(tenant_id=tenant_id, member_id=member_id)
         async with self._store.tenant_tx(tenant_id) as tx:
             await self._check_member(tx, member_id=member_id, reported=reported)
+            settings = await tx.code_settings()
+            purposes = domain.requested_or_default_purposes(requested=requested, settings=settings)
+            caps = settings.caps
             signer = await tx.signing_key(now=now)
-            caps = await tx.caps()
             credential = Credential(
                 tenant_id=tenant_id,
                 credential_id=uuid.uuid4(),
@@ -338,3 +372,30 @@ class CodegenServicer(codegen_pb2_grpc.CodegenServiceServicer):
             version=page[-1].version if page else since,
             more=more,
         )
+
+    # --- tenant settings --------------------------------------------------------------------
+
+    async def GetTenantCodeSettings(
+        self, request: pb.GetTenantCodeSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTenantCodeSettingsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        async with self._store.tenant_tx(tenant_id) as tx:
+            settings = await tx.code_settings()
+        return pb.GetTenantCodeSettingsResponse(settings=settings_pb(tenant_id=tenant_id, settings=settings))
+
+    async def UpdateTenantCodeSettings(
+        self, request: pb.UpdateTenantCodeSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateTenantCodeSettingsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        if not request.HasField("caps"):
+            # Zero caps are a real choice (no offline payments), so an absent message is not read as one.
+            raise InvalidArgument("caps is required", reason="CAPS_REQUIRED")
+        chosen = domain.check_tenant_code_settings(
+            per_transaction_fen=request.caps.per_transaction_fen, per_day_fen=request.caps.per_day_fen,
+            per_day_count=request.caps.per_day_count,
+            default_validity_hours=request.default_credential_validity_hours,
+            default_purposes=_purpose_list(list(request.default_purposes)),
+        )
+        async with self._store.tenant_tx(tenant_id) as tx:
+            settings = await tx.update_code_settings(settings=chosen, now=_now())
+        return pb.UpdateTenantCodeSettingsResponse(settings=settings_pb(tenant_id=tenant_id, settings=settings))

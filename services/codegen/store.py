@@ -22,6 +22,7 @@ import nacl.signing
 from runtime.events import PendingEvent, emit, emit_many
 from services.codegen import keys
 from services.codegen.domain import (
+    DEFAULT_TENANT_CODE_SETTINGS,
     Credential,
     HolderKey,
     HolderKeyStatus,
@@ -29,12 +30,15 @@ from services.codegen.domain import (
     KeyStatus,
     MemberStatus,
     OfflineCaps,
+    Purpose,
     Revocation,
+    TenantCodeSettings,
 )
 
 SUBJECT_CREDENTIAL_ISSUED = "codegen.credential.issued"
 SUBJECT_CREDENTIAL_REVOKED = "codegen.credential.revoked"
 SUBJECT_TRUST_LIST_CHANGED = "codegen.trust_list.changed"
+SUBJECT_SETTINGS_CHANGED = "codegen.settings.changed"
 
 _ISSUER_COLUMNS = "tenant_id, key_id, public_key, status, not_before, retire_after, version"
 
@@ -60,6 +64,27 @@ def _holder_key(row: asyncpg.Record) -> HolderKey:
         registered_at=row["registered_at"],
         revoked_at=row["revoked_at"],
     )
+
+
+def _code_settings(row: asyncpg.Record) -> TenantCodeSettings:
+    return TenantCodeSettings(
+        caps=OfflineCaps(per_transaction_fen=row["per_transaction_cap_fen"], per_day_fen=row["per_day_cap_fen"],
+                         per_day_count=row["per_day_count"]),
+        default_validity_hours=row["default_validity_hours"],
+        default_purposes=tuple(Purpose(p) for p in row["default_purposes"]),
+        updated_at=row["settings_updated_at"],
+    )
+
+
+def settings_event_data(*, tenant_id: uuid.UUID, settings: TenantCodeSettings) -> dict[str, Any]:
+    return {
+        "tenant_id": str(tenant_id),
+        "per_transaction_cap_fen": settings.caps.per_transaction_fen,
+        "per_day_cap_fen": settings.caps.per_day_fen,
+        "per_day_count": settings.caps.per_day_count,
+        "default_validity_hours": settings.default_validity_hours,
+        "default_purposes": [p.value for p in settings.default_purposes],
+    }
 
 
 def _revocation(row: asyncpg.Record) -> Revocation:
@@ -121,13 +146,30 @@ class TenantTx:
         await self.conn.execute("INSERT INTO tenant_state (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING",
                                 self.tenant_id)
 
-    async def caps(self) -> OfflineCaps:
+    async def code_settings(self) -> TenantCodeSettings:
+        """The tenant's settings; the service's defaults for a tenant codegen has not seen."""
         row = await self.conn.fetchrow(
-            "SELECT per_transaction_cap_fen, per_day_cap_fen, per_day_count FROM tenant_state WHERE tenant_id = $1",
+            "SELECT per_transaction_cap_fen, per_day_cap_fen, per_day_count, default_validity_hours,"
+            " default_purposes, settings_updated_at FROM tenant_state WHERE tenant_id = $1",
             self.tenant_id,
         )
-        return OfflineCaps(per_transaction_fen=row["per_transaction_cap_fen"], per_day_fen=row["per_day_cap_fen"],
-                           per_day_count=row["per_day_count"])
+        return DEFAULT_TENANT_CODE_SETTINGS if row is None else _code_settings(row)
+
+    async def update_code_settings(self, *, settings: TenantCodeSettings, now: datetime) -> TenantCodeSettings:
+        await self.ensure_tenant()
+        row = await self.conn.fetchrow(
+            "UPDATE tenant_state SET per_transaction_cap_fen = $2, per_day_cap_fen = $3, per_day_count = $4,"
+            " default_validity_hours = $5, default_purposes = $6, settings_updated_at = $7 WHERE tenant_id = $1"
+            " RETURNING per_transaction_cap_fen, per_day_cap_fen, per_day_count, default_validity_hours,"
+            " default_purposes, settings_updated_at",
+            self.tenant_id, settings.caps.per_transaction_fen, settings.caps.per_day_fen,
+            settings.caps.per_day_count, settings.default_validity_hours,
+            [p.value for p in settings.default_purposes], now,
+        )
+        changed = _code_settings(row)
+        await emit(self.conn, subject=SUBJECT_SETTINGS_CHANGED, event_type=SUBJECT_SETTINGS_CHANGED,
+                   tenant_id=str(self.tenant_id), data=settings_event_data(tenant_id=self.tenant_id, settings=changed))
+        return changed
 
     async def _lock_tenant(self) -> asyncpg.Record:
         await self.ensure_tenant()
@@ -285,16 +327,24 @@ class TenantTx:
 
     # --- credentials and revocations ----------------------------------------------------------
 
-    async def insert_credential(self, credential: Credential) -> None:
+    async def insert_credential(self, credential: Credential) -> bool:
+        """Record and announce the credential; False if the same credential is already recorded.
+
+        A holder credential's id is derived from its signed bytes, and Ed25519 signs
+        deterministically, so the same request twice within one second makes the same credential.
+        """
         c = credential
-        await self.conn.execute(
+        inserted = await self.conn.fetchval(
             "INSERT INTO credentials (tenant_id, credential_id, member_id, kind, holder_public_key,"
             " issuer_public_key, key_id, purposes, per_transaction_cap_fen, per_day_cap_fen, per_day_count,"
-            " not_before, not_after, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            " not_before, not_after, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            " ON CONFLICT (tenant_id, credential_id) DO NOTHING RETURNING true",
             c.tenant_id, c.credential_id, c.member_id, c.kind.value, c.holder_public_key, c.issuer_public_key,
             c.key_id, [p.value for p in c.purposes], c.caps.per_transaction_fen, c.caps.per_day_fen,
             c.caps.per_day_count, c.not_before, c.not_after, c.issued_at,
         )
+        if not inserted:
+            return False
         await emit(
             self.conn, subject=SUBJECT_CREDENTIAL_ISSUED, event_type=SUBJECT_CREDENTIAL_ISSUED,
             tenant_id=str(c.tenant_id),
@@ -309,6 +359,7 @@ class TenantTx:
                 "not_after": c.not_after.isoformat(),
             },
         )
+        return True
 
     async def credential_member(self, credential_id: uuid.UUID) -> uuid.UUID | None:
         return await self.conn.fetchval(

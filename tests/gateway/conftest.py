@@ -16,12 +16,12 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.app import create_app
-from gateway.auth import CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, MEMBERS_READ, MEMBERS_WRITE
+from gateway.auth import CLIENTS_ADMIN, CODES_ADMIN, CODES_ISSUE, DEVICES_SYNC, MEMBERS_READ, MEMBERS_WRITE
 from gateway.settings import GatewaySettings
 from onecard.identity.v1 import identity_pb2 as pb
 
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
-TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC)
+TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"
@@ -129,8 +129,8 @@ async def gateway(identity: Any) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
-async def codes_gateway(identity: Any, database_url: str, nats_url: str) -> AsyncIterator[Gateway]:
-    """The gateway in front of identity and a real codegen (started here, stopped after)."""
+async def codegen_service(identity: Any, database_url: str, nats_url: str) -> AsyncIterator[Any]:
+    """A real codegen beside the test's identity (started here, stopped after)."""
     from onecard.codegen.v1 import codegen_pb2_grpc
     from services.codegen.app import build_app
     from tests.codegen.conftest import codegen_settings
@@ -138,15 +138,22 @@ async def codes_gateway(identity: Any, database_url: str, nats_url: str) -> Asyn
 
     codegen = await start_service(build_app(codegen_settings(
         database_url=database_url, nats_url=nats_url, identity_target=identity.target)))
+    codegen.stub = codegen_pb2_grpc.CodegenServiceStub(codegen.channel)
     try:
-        settings = gateway_settings(identity_target=identity.target, codegen_target=codegen.target)
-        async with running_gateway(settings) as (app, http):
-            gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
-            gateway.codegen_stub = codegen_pb2_grpc.CodegenServiceStub(codegen.channel)  # type: ignore[attr-defined]
-            yield gateway
+        yield codegen
     finally:
         await codegen.channel.close()
         await codegen.app.stop()
+
+
+@pytest.fixture
+async def codes_gateway(identity: Any, codegen_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity and a real codegen."""
+    settings = gateway_settings(identity_target=identity.target, codegen_target=codegen_service.target)
+    async with running_gateway(settings) as (app, http):
+        gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+        gateway.codegen_stub = codegen_service.stub  # type: ignore[attr-defined]
+        yield gateway
 
 
 def assert_problem(response: httpx.Response, status: int, *, reason: str | None = None) -> dict[str, Any]:

@@ -199,7 +199,8 @@ async def test_a_platform_admin_creates_a_tenant(gateway: Gateway) -> None:
     assert_problem(await gateway.http.get(created.headers["location"], headers=operator.headers), 404)
 
 
-async def test_health_readiness_metrics_and_the_openapi_document(gateway: Gateway) -> None:
+async def test_health_readiness_metrics_and_the_openapi_document(codes_gateway: Gateway) -> None:
+    gateway = codes_gateway
     assert (await gateway.http.get("/healthz")).json() == {"status": "ok"}
     # identity's fixture returns once it is connected, a moment before its health turns SERVING.
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
@@ -223,7 +224,27 @@ async def test_health_readiness_metrics_and_the_openapi_document(gateway: Gatewa
 
 
 async def test_readiness_fails_while_identity_is_unreachable_but_liveness_holds() -> None:
-    settings = gateway_settings(identity_target=f"127.0.0.1:{free_port()}", ready_timeout_s=0.5)
+    settings = gateway_settings(identity_target=f"127.0.0.1:{free_port()}",
+                                codegen_target=f"127.0.0.1:{free_port()}", ready_timeout_s=0.5)
     async with running_gateway(settings) as (_app, http):
         assert (await http.get("/healthz")).status_code == 200
-        assert_problem(await http.get("/readyz"), 503, reason="NOT_READY")
+        body = assert_problem(await http.get("/readyz"), 503, reason="NOT_READY")
+        assert body["not_ready"] == ["identity", "codegen"]
+
+
+async def test_readiness_names_codegen_when_only_codegen_is_down(identity: Any) -> None:
+    # identity serves; nothing listens where codegen should be.
+    settings = gateway_settings(identity_target=identity.target, codegen_target=f"127.0.0.1:{free_port()}",
+                                ready_timeout_s=0.5)
+    async with running_gateway(settings) as (_app, http):
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+        while True:
+            response = await http.get("/readyz")
+            body = assert_problem(response, 503, reason="NOT_READY")
+            # identity's fixture returns a moment before its health turns SERVING.
+            if body["not_ready"] == ["codegen"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, body
+            await asyncio.sleep(0.05)
+        assert "codegen" in body["detail"] and "identity" not in body["detail"]
+        assert response.headers["retry-after"] == "1"

@@ -7,15 +7,18 @@ isolation and scope matrices below.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import nacl.signing
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from gateway.app import create_app
 from gateway.auth import (
     CLIENTS_ADMIN,
+    CODES_ADMIN,
     CODES_ISSUE,
     DEVICES_SYNC,
     MEMBERS_READ,
@@ -23,6 +26,7 @@ from gateway.auth import (
     PLATFORM_ADMIN,
     SCOPES,
 )
+from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.identity.v1 import identity_pb2 as pb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
 
@@ -81,6 +85,13 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ),
     ("GET", "/v1/tenants/{tenant_id}/trust-list"): RouteCall(params={"since_version": 0}),
     ("GET", "/v1/tenants/{tenant_id}/revocations"): RouteCall(params={"since_version": 0}),
+    ("GET", "/v1/tenants/{tenant_id}/code-settings"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/code-settings"): RouteCall(json={
+        "caps": {"per_transaction_fen": 1, "per_day_fen": 2, "per_day_count": 3},
+        "default_credential_validity_hours": 1, "default_purposes": ["pay"]}),
+    ("POST", "/v1/tenants/{tenant_id}/issuer-keys/rotate"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/credentials/{credential_id}/revoke"): RouteCall(json={"reason": "intrusion"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/credentials/revoke"): RouteCall(json={"reason": "x"}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -149,10 +160,11 @@ class TenantFixture:
     card_uid: str
     import_id: str
     client_id: str
+    credential_id: str
 
     def ids(self) -> dict[str, str]:
         return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
-                "import_id": self.import_id, "client_id": self.client_id}
+                "import_id": self.import_id, "client_id": self.client_id, "credential_id": self.credential_id}
 
 
 async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> TenantFixture:
@@ -172,8 +184,18 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
             break
         await asyncio.sleep(0.05)
     client = await gateway.create_client(tenant_id=tenant_id, scopes=TENANT_SCOPES, name=f"client {label}")
+    # With a codegen behind the gateway the member holds a real credential, so the matrix can aim
+    # at it from another tenant; without one, any credential id serves the scope checks.
+    credential_id = str(uuid.uuid4())
+    codegen = getattr(gateway, "codegen_stub", None)
+    if codegen is not None:
+        issued = await codegen.IssueCredential(cpb.IssueCredentialRequest(
+            tenant_id=tenant_id, member_id=member.member_id,
+            holder_public_key=bytes(nacl.signing.SigningKey.generate().verify_key), purposes=[cpb.PURPOSE_PAY]))
+        credential_id = issued.credential.credential_id
     return TenantFixture(label=label, tenant_id=tenant_id, member_id=member.member_id, member_name=name,
-                         external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id)
+                         external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id,
+                         credential_id=credential_id)
 
 
 async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
@@ -188,6 +210,13 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
         "clients": await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tid)),
         "import": await stub.GetMemberImport(pb.GetMemberImportRequest(tenant_id=tid, import_id=tenant.import_id)),
     }
+    codegen = getattr(gateway, "codegen_stub", None)
+    if codegen is not None:
+        # What the codes routes could change: keys, revocations, settings.
+        answers["trust_list"] = await codegen.GetTrustList(cpb.GetTrustListRequest(tenant_id=tid))
+        answers["revocations"] = await codegen.GetRevocations(cpb.GetRevocationsRequest(tenant_id=tid))
+        answers["code_settings"] = await codegen.GetTenantCodeSettings(
+            cpb.GetTenantCodeSettingsRequest(tenant_id=tid))
     return {name: answer.SerializeToString(deterministic=True) for name, answer in answers.items()}
 
 
@@ -257,7 +286,7 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
 
 async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(gateway: Gateway) -> None:
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
-    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC)
+    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN)
     token_without: dict[str, str] = {}
     for scope in all_scopes:
         others = [s for s in all_scopes if s != scope]

@@ -36,7 +36,8 @@ async def wait_until_ready(base_url: str, process: asyncio.subprocess.Process) -
             await asyncio.sleep(0.1)
 
 
-async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity: Any, tmp_path: Path) -> None:
+async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity: Any, codegen_service: Any,
+                                                                         tmp_path: Path) -> None:
     tenant = (await identity.stub.CreateTenant(pb.CreateTenantRequest(name="Process U", kind=pb.TENANT_KIND_UNIVERSITY,
                                                                       time_zone="Asia/Shanghai",
                                                                       currency="CNY"))).tenant
@@ -48,7 +49,8 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
     env = {
         **os.environ,
         "ONECARD_IDENTITY_TARGET": identity.target,
-        "ONECARD_CODEGEN_TARGET": "127.0.0.1:1",
+        # /readyz answers 200 only when every upstream serves, so the process gets a real codegen.
+        "ONECARD_CODEGEN_TARGET": codegen_service.target,
         "ONECARD_TOKEN_SECRET": TOKEN_SECRET,
         "ONECARD_HTTP_HOST": "127.0.0.1",
         "ONECARD_HTTP_PORT": str(port),
