@@ -78,8 +78,12 @@ SERVICES: tuple[ServiceSpec, ...] = (
         default_port=50052, default_metrics_port=9102, migrates=True,
         secret_env={"ONECARD_CODEGEN_MASTER_KEY": "codegen_master_key"},
     ),
+    ServiceSpec(
+        name="ledger", module="services.ledger", protocol="grpc",
+        default_port=50053, default_metrics_port=9103, migrates=True,
+    ),
     # Each later service is one entry here, before the gateway that calls it, on the next ports:
-    # ledger 50053/9103, policy 50054/9104, devicehub 50055/9105.
+    # policy 50054/9104, devicehub 50055/9105.
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},

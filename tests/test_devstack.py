@@ -110,6 +110,8 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         "ONECARD_IDENTITY_METRICS_PORT": str(free_port()),
         "ONECARD_CODEGEN_PORT": str(free_port()),
         "ONECARD_CODEGEN_METRICS_PORT": str(free_port()),
+        "ONECARD_LEDGER_PORT": str(free_port()),
+        "ONECARD_LEDGER_METRICS_PORT": str(free_port()),
         "ONECARD_GATEWAY_PORT": str(free_port()),
         "ONECARD_DEMO_MEMBERS": str(DEMO_MEMBERS),
         "PYTHONUNBUFFERED": "1",
@@ -193,7 +195,8 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         first.wait_ready()
         children = first.tree()
         names = " ".join(" ".join(p.cmdline()) for p in children)
-        for expected in ("postgres", "nats-server", "services.identity", "services.codegen", "gateway"):
+        for expected in ("postgres", "nats-server", "services.identity", "services.codegen", "services.ledger",
+                         "gateway"):
             assert expected in names, f"{expected} is not running under devstack: {names}"
 
         assert f"imported {DEMO_MEMBERS} members" in first.output

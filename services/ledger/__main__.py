@@ -1,0 +1,7 @@
+"""``python -m services.ledger [serve|migrate]``."""
+
+from runtime.cli import run_service
+from services.ledger.app import LedgerSettings, build_app
+
+if __name__ == "__main__":
+    run_service(name="ledger", settings_cls=LedgerSettings, build_app=build_app)

@@ -1,0 +1,448 @@
+"""The ledger's rules: plain data and decisions, no I/O and no protobuf.
+
+Choices made here where the issue left them open:
+
+- Member purses (cash, subsidy, voucher) are always no-overdraft; other accounts take the flag
+  they are opened with. An account that may go below zero is sharded (docs/ledger.md).
+- A frozen account takes no new payment, top-up or hold; a refund, and the capture, void or
+  expiry of a hold made before the freeze, still reach it (money owed must not get stuck).
+- A refund returns money to the payment's purses in reverse order of the legs (the purse drawn
+  last, typically cash, first), never more to a purse than its leg paid.
+- Idempotency keys are per tenant and shared by every kind of write; a write that fails leaves
+  its key unused, so a retry after a top-up can succeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+
+CURRENCY = "CNY"
+# One transfer moves at most 1,000,000 yuan: far above any campus payment, far below int64.
+MAX_AMOUNT_FEN = 100_000_000
+MAX_PAY_LEGS = 8
+MAX_KEY_CHARS = 128
+MAX_ID_CHARS = 64
+MAX_REF_CHARS = 128
+DEFAULT_HOLD_TIMEOUT_S = 300
+MAX_HOLD_TIMEOUT_S = 7 * 24 * 3600
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+MAX_BALANCE_ACCOUNTS = 100
+SHARD_COUNT = 8
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class OwnerKind(StrEnum):
+    MEMBER = "member"
+    MERCHANT = "merchant"
+    TENANT = "tenant"
+    SYSTEM = "system"
+
+
+class PurseKind(StrEnum):
+    CASH = "cash"
+    SUBSIDY = "subsidy"
+    VOUCHER = "voucher"
+    MERCHANT_SETTLEMENT = "merchant_settlement"
+    BANK_CLEARING = "bank_clearing"
+    SUBSIDY_FUNDING = "subsidy_funding"
+    RECEIVABLE = "receivable"
+
+
+MEMBER_PURSES = frozenset({PurseKind.CASH, PurseKind.SUBSIDY, PurseKind.VOUCHER})
+# Which owners may hold which purses.
+_PURSES_BY_OWNER = {
+    OwnerKind.MEMBER: MEMBER_PURSES,
+    OwnerKind.MERCHANT: frozenset({PurseKind.MERCHANT_SETTLEMENT, PurseKind.RECEIVABLE}),
+    OwnerKind.TENANT: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE}),
+    OwnerKind.SYSTEM: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE}),
+}
+# Subsidies are per program and vouchers per campaign: those purses need a ref.
+_NEEDS_REF = frozenset({PurseKind.SUBSIDY, PurseKind.VOUCHER})
+# Money into a member purse: the source account's kind decides which purses it may fund, and the
+# kind of transfer it books.
+FUNDING_ROUTES = {
+    PurseKind.BANK_CLEARING: (frozenset({PurseKind.CASH}), "top_up"),
+    PurseKind.SUBSIDY_FUNDING: (frozenset({PurseKind.SUBSIDY, PurseKind.VOUCHER}), "subsidy_grant"),
+}
+
+
+class AccountStatus(StrEnum):
+    OPEN = "open"
+    FROZEN = "frozen"
+
+
+class TransferKind(StrEnum):
+    TOP_UP = "top_up"
+    PAYMENT = "payment"
+    REFUND = "refund"
+    HOLD = "hold"
+    CAPTURE = "capture"
+    VOID = "void"
+    EXPIRY = "expiry"
+    SUBSIDY_GRANT = "subsidy_grant"
+
+
+class HoldStatus(StrEnum):
+    PENDING = "pending"
+    CAPTURED = "captured"
+    VOIDED = "voided"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Account:
+    tenant_id: uuid.UUID
+    account_id: uuid.UUID
+    owner_kind: OwnerKind
+    owner_id: str
+    purse_kind: PurseKind
+    ref: str
+    no_overdraft: bool
+    sharded: bool
+    status: AccountStatus
+
+
+@dataclass(frozen=True)
+class Balance:
+    account_id: uuid.UUID
+    posted_fen: int
+    pending_fen: int
+
+    @property
+    def available_fen(self) -> int:
+        return self.posted_fen - self.pending_fen
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account_id": str(self.account_id), "posted_fen": self.posted_fen, "pending_fen": self.pending_fen}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Balance:
+        return cls(account_id=uuid.UUID(data["account_id"]), posted_fen=data["posted_fen"],
+                   pending_fen=data["pending_fen"])
+
+
+@dataclass(frozen=True)
+class AccountBalance:
+    account: Account
+    balance: Balance
+
+
+@dataclass(frozen=True)
+class Posting:
+    account_id: uuid.UUID
+    amount_fen: int
+    pending_fen: int = 0
+
+
+@dataclass(frozen=True)
+class Transfer:
+    tenant_id: uuid.UUID
+    transfer_id: uuid.UUID
+    kind: TransferKind
+    idempotency_key: str
+    amount_fen: int
+    postings: tuple[Posting, ...]
+    event_time: datetime
+    booked_at: datetime
+    merchant_account_id: uuid.UUID | None = None
+    device_id: str = ""
+    external_ref: str = ""
+    original_transfer_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    hold_id: uuid.UUID
+    account_id: uuid.UUID
+    merchant_account_id: uuid.UUID
+    amount_fen: int
+    status: HoldStatus
+    expires_at: datetime
+    settled_by_transfer_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a write answers, and what a repeat of it answers: the transfer and the balances then."""
+
+    transfer_id: uuid.UUID
+    balances: tuple[Balance, ...]
+    hold_id: uuid.UUID | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "transfer_id": str(self.transfer_id),
+            "hold_id": str(self.hold_id) if self.hold_id else None,
+            "balances": [b.to_json() for b in self.balances],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WriteResult:
+        return cls(
+            transfer_id=uuid.UUID(data["transfer_id"]),
+            hold_id=uuid.UUID(data["hold_id"]) if data.get("hold_id") else None,
+            balances=tuple(Balance.from_json(b) for b in data["balances"]),
+        )
+
+
+@dataclass(frozen=True)
+class PayLeg:
+    account_id: uuid.UUID
+    amount_fen: int
+
+
+@dataclass(frozen=True)
+class PurseKindTotal:
+    purse_kind: PurseKind
+    posted_fen: int
+    pending_fen: int
+    accounts: int
+
+
+@dataclass(frozen=True)
+class TrialBalance:
+    postings_sum_fen: int
+    balances_sum_fen: int
+    totals: tuple[PurseKindTotal, ...] = field(default_factory=tuple)
+
+    @property
+    def balanced(self) -> bool:
+        return self.postings_sum_fen == 0 and self.balances_sum_fen == 0
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def parse_uuid(value: str, *, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidArgument(f"{what} must be a UUID", reason=f"INVALID_{what.upper()}") from None
+
+
+def parse_account_ref(value: str, *, what: str = "account_id") -> uuid.UUID:
+    """An account id from a caller; one that is not even a UUID is simply not found."""
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise NotFound(f"no such {what.replace('_id', '')}", reason="ACCOUNT_NOT_FOUND") from None
+
+
+def check_idempotency_key(value: str) -> str:
+    if not value:
+        raise InvalidArgument("idempotency_key is required on every write", reason="IDEMPOTENCY_KEY_REQUIRED")
+    if len(value) > MAX_KEY_CHARS or not _PRINTABLE.match(value):
+        raise InvalidArgument(f"idempotency_key must be 1..{MAX_KEY_CHARS} printable ASCII characters",
+                              reason="INVALID_IDEMPOTENCY_KEY")
+    return value
+
+
+def check_amount(amount_fen: int, *, what: str = "amount_fen") -> int:
+    if amount_fen <= 0:
+        raise InvalidArgument(f"{what} must be above zero", reason="INVALID_AMOUNT")
+    if amount_fen > MAX_AMOUNT_FEN:
+        raise InvalidArgument(f"{what} must be at most {MAX_AMOUNT_FEN} fen", reason="AMOUNT_TOO_LARGE")
+    return amount_fen
+
+
+def check_text(value: str, *, what: str, max_chars: int, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidArgument(f"{what} is required", reason=f"INVALID_{what.upper()}")
+    if len(value) > max_chars or _CONTROL.search(value):
+        raise InvalidArgument(f"{what} must be at most {max_chars} characters, without control characters",
+                              reason=f"INVALID_{what.upper()}")
+    return value
+
+
+def check_new_account(*, owner_kind: OwnerKind | None, owner_id: str, purse_kind: PurseKind | None, ref: str,
+                      no_overdraft: bool) -> tuple[OwnerKind, PurseKind, bool]:
+    """The owner and purse of an account to open, and its effective no-overdraft flag."""
+    if owner_kind is None:
+        raise InvalidArgument("owner_kind is required", reason="INVALID_OWNER_KIND")
+    if purse_kind is None:
+        raise InvalidArgument("purse_kind is required", reason="INVALID_PURSE_KIND")
+    check_text(owner_id, what="owner_id", max_chars=MAX_ID_CHARS, required=True)
+    check_text(ref, what="ref", max_chars=MAX_ID_CHARS)
+    if purse_kind not in _PURSES_BY_OWNER[owner_kind]:
+        raise InvalidArgument(f"a {owner_kind.value} cannot hold a {purse_kind.value} purse",
+                              reason="PURSE_KIND_NOT_ALLOWED")
+    if purse_kind in _NEEDS_REF and not ref:
+        raise InvalidArgument(f"a {purse_kind.value} purse needs its program or campaign as ref",
+                              reason="REF_REQUIRED")
+    return owner_kind, purse_kind, no_overdraft or purse_kind in MEMBER_PURSES
+
+
+def check_hold_timeout(timeout_s: int) -> int:
+    if timeout_s == 0:
+        return DEFAULT_HOLD_TIMEOUT_S
+    if not 1 <= timeout_s <= MAX_HOLD_TIMEOUT_S:
+        raise InvalidArgument(f"timeout_s must be 1..{MAX_HOLD_TIMEOUT_S}", reason="INVALID_TIMEOUT")
+    return timeout_s
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def parse_page_token(token: str) -> int | None:
+    """The booking sequence a page starts below; tokens are opaque to callers."""
+    if not token:
+        return None
+    try:
+        value = int(token, 16)
+    except ValueError:
+        raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN") from None
+    if value <= 0:
+        raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN")
+    return value
+
+
+def page_token(seq: int) -> str:
+    return format(seq, "x")
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+def fingerprint(*, operation: str, request: dict[str, Any]) -> bytes:
+    """A hash of the canonical request: the same request under a key hashes the same."""
+    canonical = json.dumps({"operation": operation, "request": request}, sort_keys=True, separators=(",", ":"),
+                           default=str)
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def check_same_request(*, stored_operation: str, stored_fingerprint: bytes, operation: str,
+                       request_fingerprint: bytes) -> None:
+    if stored_operation != operation or stored_fingerprint != request_fingerprint:
+        raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
+
+
+# --- account checks ---------------------------------------------------------------------------
+
+
+def check_may_debit(account: Account, *, balance: Balance, amount_fen: int) -> None:
+    """A member purse paying ``amount_fen`` now (or holding it)."""
+    if account.status is AccountStatus.FROZEN:
+        raise FailedPrecondition("the account is frozen", reason="ACCOUNT_FROZEN",
+                                 metadata={"account_id": str(account.account_id)})
+    if account.no_overdraft and balance.available_fen < amount_fen:
+        raise FailedPrecondition("insufficient funds", reason="INSUFFICIENT_FUNDS",
+                                 metadata={"account_id": str(account.account_id)})
+
+
+def check_may_receive(account: Account) -> None:
+    if account.status is AccountStatus.FROZEN:
+        raise FailedPrecondition("the account is frozen", reason="ACCOUNT_FROZEN",
+                                 metadata={"account_id": str(account.account_id)})
+
+
+def check_purse(account: Account, *, kinds: frozenset[PurseKind], what: str) -> None:
+    if account.purse_kind not in kinds:
+        raise InvalidArgument(f"{what} must be a {' or '.join(sorted(k.value for k in kinds))} account",
+                              reason="WRONG_ACCOUNT_KIND", metadata={"account_id": str(account.account_id)})
+
+
+def funding_kind(*, source: Account, target: Account) -> TransferKind:
+    """The transfer a top-up books: bank clearing to cash, or subsidy funding to a subsidy or
+    voucher purse (one grant)."""
+    route = FUNDING_ROUTES.get(source.purse_kind)
+    if route is None:
+        raise InvalidArgument("from_account must be a bank_clearing or subsidy_funding account",
+                              reason="WRONG_ACCOUNT_KIND", metadata={"account_id": str(source.account_id)})
+    targets, kind = route
+    check_purse(target, kinds=targets, what="to_account")
+    return TransferKind(kind)
+
+
+def check_pay_legs(legs: list[PayLeg]) -> list[PayLeg]:
+    if not legs:
+        raise InvalidArgument("a payment needs at least one leg", reason="NO_LEGS")
+    if len(legs) > MAX_PAY_LEGS:
+        raise InvalidArgument(f"a payment has at most {MAX_PAY_LEGS} legs", reason="TOO_MANY_LEGS")
+    if len({leg.account_id for leg in legs}) != len(legs):
+        raise InvalidArgument("each purse appears once in a payment", reason="DUPLICATE_LEG")
+    for leg in legs:
+        check_amount(leg.amount_fen)
+    check_amount(sum(leg.amount_fen for leg in legs), what="the payment's total")
+    return legs
+
+
+def check_one_member(accounts: list[Account]) -> None:
+    """Every leg of a payment is a purse of the same member."""
+    check_purse(accounts[0], kinds=MEMBER_PURSES, what="a paying purse")
+    for account in accounts:
+        check_purse(account, kinds=MEMBER_PURSES, what="a paying purse")
+        if (account.owner_kind, account.owner_id) != (accounts[0].owner_kind, accounts[0].owner_id):
+            raise InvalidArgument("every leg of a payment is a purse of the same member", reason="LEGS_OF_MANY_OWNERS")
+
+
+def refund_allocation(*, legs: list[Posting], refunded_by_account: dict[uuid.UUID, int],
+                      amount_fen: int) -> list[Posting]:
+    """How a refund of ``amount_fen`` returns to the payment's purses: in reverse order of the
+    legs, each at most what its leg paid less what earlier refunds gave it back."""
+    remaining = amount_fen
+    credits: list[Posting] = []
+    for leg in reversed(legs):
+        paid = -leg.amount_fen
+        room = paid - refunded_by_account.get(leg.account_id, 0)
+        take = min(room, remaining)
+        if take > 0:
+            credits.append(Posting(account_id=leg.account_id, amount_fen=take))
+            remaining -= take
+        if remaining == 0:
+            break
+    if remaining:
+        raise FailedPrecondition("a refund cannot exceed what the payment paid", reason="REFUND_EXCEEDS_PAYMENT")
+    return credits
+
+
+def refund_amount(*, requested_fen: int, paid_fen: int, refunded_fen: int) -> int:
+    """0 refunds the rest; more than the rest is refused."""
+    rest = paid_fen - refunded_fen
+    if requested_fen < 0:
+        raise InvalidArgument("amount_fen must not be negative", reason="INVALID_AMOUNT")
+    if rest <= 0:
+        raise FailedPrecondition("the payment is fully refunded", reason="ALREADY_REFUNDED")
+    amount = requested_fen or rest
+    check_amount(amount)
+    if amount > rest:
+        raise FailedPrecondition(f"a refund cannot exceed what is left of the payment ({rest} fen)",
+                                 reason="REFUND_EXCEEDS_PAYMENT", metadata={"refundable_fen": str(rest)})
+    return amount
+
+
+def capture_amount(*, requested_fen: int, hold_fen: int) -> int:
+    if requested_fen < 0:
+        raise InvalidArgument("amount_fen must not be negative", reason="INVALID_AMOUNT")
+    amount = requested_fen or hold_fen
+    if amount > hold_fen:
+        raise FailedPrecondition("a capture cannot exceed its hold", reason="CAPTURE_EXCEEDS_HOLD")
+    return amount
+
+
+def check_hold_pending(hold: Hold, *, now: datetime) -> None:
+    if hold.status is not HoldStatus.PENDING:
+        raise FailedPrecondition(f"the hold is {hold.status.value}", reason="HOLD_NOT_PENDING",
+                                 metadata={"status": hold.status.value})
+    if hold.expires_at <= now:
+        raise FailedPrecondition("the hold has expired", reason="HOLD_NOT_PENDING", metadata={"status": "expired"})
+
+
+def check_covers(account: Account, *, balance: Balance, amount_fen: int) -> None:
+    """A debit that a frozen account still takes (a refund out of a merchant) but no overdraft."""
+    if account.no_overdraft and balance.available_fen < amount_fen:
+        raise FailedPrecondition("insufficient funds", reason="INSUFFICIENT_FUNDS",
+                                 metadata={"account_id": str(account.account_id)})

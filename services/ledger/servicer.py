@@ -1,0 +1,268 @@
+"""The gRPC face of the ledger: protobuf in, operations out, protobuf back. No rules, no SQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from onecard.ledger.v1 import ledger_pb2 as pb
+from onecard.ledger.v1 import ledger_pb2_grpc
+from runtime.errors import InvalidArgument
+from runtime.grpc_server import ServiceApp
+from services.ledger import domain
+from services.ledger.domain import (
+    AccountBalance,
+    AccountStatus,
+    Balance,
+    Hold,
+    HoldStatus,
+    OwnerKind,
+    PayLeg,
+    PurseKind,
+    Transfer,
+    TransferKind,
+    WriteResult,
+)
+from services.ledger.operations import Ledger
+from services.ledger.store import LedgerStore
+
+_OWNER = {
+    OwnerKind.MEMBER: pb.OWNER_KIND_MEMBER,
+    OwnerKind.MERCHANT: pb.OWNER_KIND_MERCHANT,
+    OwnerKind.TENANT: pb.OWNER_KIND_TENANT,
+    OwnerKind.SYSTEM: pb.OWNER_KIND_SYSTEM,
+}
+_OWNER_FROM_PB = {v: k for k, v in _OWNER.items()}
+_PURSE = {
+    PurseKind.CASH: pb.PURSE_KIND_CASH,
+    PurseKind.SUBSIDY: pb.PURSE_KIND_SUBSIDY,
+    PurseKind.VOUCHER: pb.PURSE_KIND_VOUCHER,
+    PurseKind.MERCHANT_SETTLEMENT: pb.PURSE_KIND_MERCHANT_SETTLEMENT,
+    PurseKind.BANK_CLEARING: pb.PURSE_KIND_BANK_CLEARING,
+    PurseKind.SUBSIDY_FUNDING: pb.PURSE_KIND_SUBSIDY_FUNDING,
+    PurseKind.RECEIVABLE: pb.PURSE_KIND_RECEIVABLE,
+}
+_PURSE_FROM_PB = {v: k for k, v in _PURSE.items()}
+_STATUS = {AccountStatus.OPEN: pb.ACCOUNT_STATUS_OPEN, AccountStatus.FROZEN: pb.ACCOUNT_STATUS_FROZEN}
+_TRANSFER_KIND = {
+    TransferKind.TOP_UP: pb.TRANSFER_KIND_TOP_UP,
+    TransferKind.PAYMENT: pb.TRANSFER_KIND_PAYMENT,
+    TransferKind.REFUND: pb.TRANSFER_KIND_REFUND,
+    TransferKind.HOLD: pb.TRANSFER_KIND_HOLD,
+    TransferKind.CAPTURE: pb.TRANSFER_KIND_CAPTURE,
+    TransferKind.VOID: pb.TRANSFER_KIND_VOID,
+    TransferKind.EXPIRY: pb.TRANSFER_KIND_EXPIRY,
+    TransferKind.SUBSIDY_GRANT: pb.TRANSFER_KIND_SUBSIDY_GRANT,
+}
+_HOLD_STATUS = {
+    HoldStatus.PENDING: pb.HOLD_STATUS_PENDING,
+    HoldStatus.CAPTURED: pb.HOLD_STATUS_CAPTURED,
+    HoldStatus.VOIDED: pb.HOLD_STATUS_VOIDED,
+    HoldStatus.EXPIRED: pb.HOLD_STATUS_EXPIRED,
+}
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _event_time(request_has: bool, stamp: Timestamp) -> datetime | None:
+    return stamp.ToDatetime(tzinfo=UTC) if request_has else None
+
+
+def _tenant(value: str) -> uuid.UUID:
+    return domain.parse_uuid(value, what="tenant_id")
+
+
+def balance_pb(balance: Balance) -> pb.Balance:
+    return pb.Balance(account_id=str(balance.account_id), posted_fen=balance.posted_fen,
+                      pending_fen=balance.pending_fen, available_fen=balance.available_fen)
+
+
+def account_balance_pb(item: AccountBalance) -> pb.AccountBalance:
+    a = item.account
+    return pb.AccountBalance(
+        account=pb.Account(tenant_id=str(a.tenant_id), account_id=str(a.account_id), owner_kind=_OWNER[a.owner_kind],
+                           owner_id=a.owner_id, purse_kind=_PURSE[a.purse_kind], ref=a.ref, currency=domain.CURRENCY,
+                           no_overdraft=a.no_overdraft, status=_STATUS[a.status]),
+        balance=balance_pb(item.balance),
+    )
+
+
+def transfer_pb(t: Transfer) -> pb.Transfer:
+    return pb.Transfer(
+        tenant_id=str(t.tenant_id), transfer_id=str(t.transfer_id), kind=_TRANSFER_KIND[t.kind],
+        idempotency_key=t.idempotency_key, amount_fen=t.amount_fen,
+        postings=[pb.Posting(account_id=str(p.account_id), amount_fen=p.amount_fen, pending_fen=p.pending_fen)
+                  for p in t.postings],
+        merchant_account_id=str(t.merchant_account_id or ""), device_id=t.device_id, external_ref=t.external_ref,
+        original_transfer_id=str(t.original_transfer_id or ""), event_time=_ts(t.event_time),
+        booked_at=_ts(t.booked_at),
+    )
+
+
+def hold_pb(h: Hold) -> pb.Hold:
+    return pb.Hold(hold_id=str(h.hold_id), account_id=str(h.account_id), merchant_account_id=str(h.merchant_account_id),
+                   amount_fen=h.amount_fen, status=_HOLD_STATUS[h.status], expires_at=_ts(h.expires_at),
+                   settled_by_transfer_id=str(h.settled_by_transfer_id or ""))
+
+
+def _text(value: str, *, what: str) -> str:
+    return domain.check_text(value, what=what, max_chars=domain.MAX_REF_CHARS)
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, *, app: ServiceApp):
+        self._app = app
+
+    @property
+    def _ledger(self) -> Ledger:
+        return Ledger(LedgerStore(self._app.pool))
+
+    async def _answer(self, tenant_id: uuid.UUID, result: WriteResult) -> tuple[pb.Transfer, list[pb.Balance]]:
+        transfer = await self._ledger.transfer(tenant_id=tenant_id, transfer_id=result.transfer_id)
+        return transfer_pb(transfer), [balance_pb(b) for b in result.balances]
+
+    async def OpenAccount(self, request: pb.OpenAccountRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.OpenAccountResponse:
+        account, created = await self._ledger.open_account(
+            tenant_id=_tenant(request.tenant_id), owner_kind=_OWNER_FROM_PB.get(request.owner_kind),
+            owner_id=request.owner_id, purse_kind=_PURSE_FROM_PB.get(request.purse_kind), ref=request.ref,
+            no_overdraft=request.no_overdraft,
+        )
+        return pb.OpenAccountResponse(account=account_balance_pb(account), created=created)
+
+    async def GetBalances(self, request: pb.GetBalancesRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.GetBalancesResponse:
+        tenant_id = _tenant(request.tenant_id)
+        owner = None
+        if request.owner_kind or request.owner_id:
+            if request.account_ids or request.owner_kind not in _OWNER_FROM_PB or not request.owner_id:
+                raise InvalidArgument("give account_ids, or owner_kind and owner_id", reason="INVALID_QUERY")
+            owner = (_OWNER_FROM_PB[request.owner_kind], request.owner_id)
+        elif not 1 <= len(request.account_ids) <= domain.MAX_BALANCE_ACCOUNTS:
+            raise InvalidArgument(f"give 1..{domain.MAX_BALANCE_ACCOUNTS} account_ids, or an owner",
+                                  reason="INVALID_QUERY")
+        ids = [domain.parse_account_ref(a) for a in request.account_ids]
+        found = await self._ledger.balances(tenant_id=tenant_id, account_ids=ids, owner=owner)
+        return pb.GetBalancesResponse(accounts=[account_balance_pb(a) for a in found])
+
+    async def TopUp(self, request: pb.TopUpRequest, context: grpc.aio.ServicerContext) -> pb.TopUpResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.top_up(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            from_account_id=domain.parse_account_ref(request.from_account_id),
+            to_account_id=domain.parse_account_ref(request.to_account_id), amount_fen=request.amount_fen,
+            external_ref=_text(request.external_ref, what="external_ref"),
+            event_time=_event_time(request.HasField("event_time"), request.event_time),
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.TopUpResponse(transfer=transfer, balances=balances)
+
+    async def Pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.pay(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            merchant_account_id=domain.parse_account_ref(request.merchant_account_id),
+            legs=[PayLeg(account_id=domain.parse_account_ref(leg.account_id), amount_fen=leg.amount_fen)
+                  for leg in request.legs],
+            device_id=_text(request.device_id, what="device_id"),
+            external_ref=_text(request.external_ref, what="external_ref"),
+            event_time=_event_time(request.HasField("event_time"), request.event_time),
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.PayResponse(transfer=transfer, balances=balances)
+
+    async def Refund(self, request: pb.RefundRequest, context: grpc.aio.ServicerContext) -> pb.RefundResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.refund(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            payment_transfer_id=domain.parse_uuid(request.payment_transfer_id, what="payment_transfer_id"),
+            amount_fen=request.amount_fen, external_ref=_text(request.external_ref, what="external_ref"),
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.RefundResponse(transfer=transfer, balances=balances)
+
+    async def _hold_answer(self, tenant_id: uuid.UUID, result: WriteResult) -> tuple[pb.Hold, pb.Transfer,
+                                                                                      list[pb.Balance]]:
+        assert result.hold_id is not None
+        hold = await self._ledger.hold(tenant_id=tenant_id, hold_id=result.hold_id)
+        transfer, balances = await self._answer(tenant_id, result)
+        return hold_pb(hold), transfer, balances
+
+    async def CreateHold(self, request: pb.CreateHoldRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.CreateHoldResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.create_hold(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            account_id=domain.parse_account_ref(request.account_id),
+            merchant_account_id=domain.parse_account_ref(request.merchant_account_id), amount_fen=request.amount_fen,
+            timeout_s=request.timeout_s, device_id=_text(request.device_id, what="device_id"),
+            external_ref=_text(request.external_ref, what="external_ref"),
+        )
+        hold, transfer, balances = await self._hold_answer(tenant_id, result)
+        return pb.CreateHoldResponse(hold=hold, transfer=transfer, balances=balances)
+
+    async def CaptureHold(self, request: pb.CaptureHoldRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.CaptureHoldResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.capture_hold(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            hold_id=domain.parse_uuid(request.hold_id, what="hold_id"), amount_fen=request.amount_fen,
+        )
+        hold, transfer, balances = await self._hold_answer(tenant_id, result)
+        return pb.CaptureHoldResponse(hold=hold, transfer=transfer, balances=balances)
+
+    async def VoidHold(self, request: pb.VoidHoldRequest, context: grpc.aio.ServicerContext) -> pb.VoidHoldResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.void_hold(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            hold_id=domain.parse_uuid(request.hold_id, what="hold_id"),
+        )
+        hold, transfer, balances = await self._hold_answer(tenant_id, result)
+        return pb.VoidHoldResponse(hold=hold, transfer=transfer, balances=balances)
+
+    async def FreezeAccount(self, request: pb.FreezeAccountRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.FreezeAccountResponse:
+        account = await self._ledger.set_status(tenant_id=_tenant(request.tenant_id),
+                                                account_id=domain.parse_account_ref(request.account_id),
+                                                status=AccountStatus.FROZEN)
+        return pb.FreezeAccountResponse(account=account_balance_pb(account))
+
+    async def UnfreezeAccount(self, request: pb.UnfreezeAccountRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.UnfreezeAccountResponse:
+        account = await self._ledger.set_status(tenant_id=_tenant(request.tenant_id),
+                                                account_id=domain.parse_account_ref(request.account_id),
+                                                status=AccountStatus.OPEN)
+        return pb.UnfreezeAccountResponse(account=account_balance_pb(account))
+
+    async def ListTransfers(self, request: pb.ListTransfersRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListTransfersResponse:
+        page, token = await self._ledger.history(
+            tenant_id=_tenant(request.tenant_id), account_id=domain.parse_account_ref(request.account_id),
+            page_size=request.page_size, page_token=request.page_token,
+        )
+        return pb.ListTransfersResponse(transfers=[transfer_pb(t) for t in page], next_page_token=token)
+
+    async def LookupTransfer(self, request: pb.LookupTransferRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.LookupTransferResponse:
+        found = await self._ledger.lookup(tenant_id=_tenant(request.tenant_id), idempotency_key=request.idempotency_key)
+        if found is None:
+            return pb.LookupTransferResponse(found=False)
+        return pb.LookupTransferResponse(found=True, transfer=transfer_pb(found))
+
+    async def TrialBalance(self, request: pb.TrialBalanceRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.TrialBalanceResponse:
+        trial = await self._ledger.trial_balance(tenant_id=_tenant(request.tenant_id))
+        return pb.TrialBalanceResponse(
+            postings_sum_fen=trial.postings_sum_fen, balances_sum_fen=trial.balances_sum_fen, balanced=trial.balanced,
+            totals=[pb.PurseKindTotal(purse_kind=_PURSE[t.purse_kind], posted_fen=t.posted_fen,
+                                      pending_fen=t.pending_fen, accounts=t.accounts) for t in trial.totals],
+        )

@@ -1,0 +1,44 @@
+"""The ledger service on the test's own database and NATS, reached over real gRPC, and a direct
+connection to its schema for the checks a client cannot make (postings against balances)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from onecard.ledger.v1 import ledger_pb2_grpc
+from services.ledger.app import LedgerSettings, build_app
+from tests.conftest import RunningService, start_service
+
+
+def ledger_settings(*, database_url: str, nats_url: str, **overrides: Any) -> LedgerSettings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "nats_url": nats_url,
+        "health_interval_s": 0.2,
+        # Holds expire within a test's patience.
+        "hold_expiry_interval_s": 0.1,
+    }
+    values.update(overrides)
+    return LedgerSettings(**values)
+
+
+@pytest.fixture
+async def ledger(database_url: str, nats_url: str) -> AsyncIterator[RunningService]:
+    """The ledger service with its gRPC stub at ``.stub``."""
+    app = build_app(ledger_settings(database_url=database_url, nats_url=nats_url))
+    running = await start_service(app)
+    running.stub = ledger_pb2_grpc.LedgerServiceStub(running.channel)  # type: ignore[attr-defined]
+    yield running
+    await running.channel.close()
+    await app.stop()
+
+
+@pytest.fixture
+async def ledger_db(ledger: RunningService, database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": "ledger"})
+    yield conn
+    await conn.close()

@@ -1,0 +1,126 @@
+"""Top-ups, payments from several purses, and refunds: the money moves and the books balance."""
+
+from __future__ import annotations
+
+import grpc
+
+from onecard.ledger.v1 import ledger_pb2 as pb
+from tests.conftest import RunningService
+from tests.ledger.support import balance, balances_by_id, campus, check_books, grant, pay, refused, top_up
+
+
+async def test_top_up_then_pay_from_two_purses_answers_the_new_balances(ledger: RunningService, ledger_db) -> None:
+    stub = ledger.stub
+    c = await campus(stub)
+    topped = await top_up(stub, c, c.cash[0], 1000)
+    assert balances_by_id(topped.balances)[c.cash[0]] == (1000, 0, 1000)
+    assert balances_by_id(topped.balances)[c.bank_id] == (-1000, 0, -1000)
+    await stub.TopUp(pb.TopUpRequest(tenant_id=c.tenant_id, idempotency_key="sub-1", from_account_id=c.bank_id,
+                                     to_account_id=c.cash[1], amount_fen=1))
+    paid = await pay(stub, c, [(c.cash[0], 300)])
+    assert paid.transfer.kind == pb.TRANSFER_KIND_PAYMENT
+    assert sum(p.amount_fen for p in paid.transfer.postings) == 0
+    got = balances_by_id(paid.balances)
+    assert got[c.cash[0]] == (700, 0, 700)
+    assert got[c.merchant_id] == (300, 0, 300)
+    await check_books(ledger_db)
+
+
+async def test_a_payment_short_on_one_purse_moves_nothing(ledger: RunningService, ledger_db) -> None:
+    stub = ledger.stub
+    c = await campus(stub)
+    await top_up(stub, c, c.cash[0], 500)
+    code, reason = await refused(pay(stub, c, [(c.cash[0], 100), (c.subsidy[0], 100)]))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
+    assert (await balance(stub, c.tenant_id, c.cash[0])).posted_fen == 500
+    assert (await balance(stub, c.tenant_id, c.merchant_id)).posted_fen == 0
+    assert await ledger_db.fetchval("SELECT count(*) FROM transfers WHERE kind = 'payment'") == 0
+
+
+async def test_legs_of_two_members_are_refused(ledger: RunningService) -> None:
+    stub = ledger.stub
+    c = await campus(stub)
+    await top_up(stub, c, c.cash[0], 500)
+    await top_up(stub, c, c.cash[1], 500)
+    code, reason = await refused(pay(stub, c, [(c.cash[0], 100), (c.cash[1], 100)]))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "LEGS_OF_MANY_OWNERS")
+
+
+async def test_refunds_return_money_in_parts_and_never_more_than_paid(ledger: RunningService, ledger_db) -> None:
+    stub = ledger.stub
+    c = await campus(stub)
+    await top_up(stub, c, c.cash[0], 1000)
+    paid = await pay(stub, c, [(c.cash[0], 600)])
+    payment_id = paid.transfer.transfer_id
+
+    def refund(amount_fen: int, key: str):  # noqa: ANN202
+        return stub.Refund(pb.RefundRequest(tenant_id=c.tenant_id, idempotency_key=key,
+                                            payment_transfer_id=payment_id, amount_fen=amount_fen))
+
+    first = await refund(200, "r1")
+    assert first.transfer.kind == pb.TRANSFER_KIND_REFUND
+    assert first.transfer.original_transfer_id == payment_id
+    assert balances_by_id(first.balances)[c.cash[0]][0] == 600
+    # The same key again is the same refund, not a second one.
+    again = await refund(200, "r1")
+    assert again.transfer.transfer_id == first.transfer.transfer_id
+    assert (await balance(stub, c.tenant_id, c.cash[0])).posted_fen == 600
+    assert await refused(refund(401, "r2")) == (grpc.StatusCode.FAILED_PRECONDITION, "REFUND_EXCEEDS_PAYMENT")
+    rest = await refund(0, "r3")
+    assert rest.transfer.amount_fen == 400
+    assert await refused(refund(1, "r4")) == (grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_REFUNDED")
+    assert (await balance(stub, c.tenant_id, c.cash[0])).posted_fen == 1000
+    assert (await balance(stub, c.tenant_id, c.merchant_id)).posted_fen == 0
+    await check_books(ledger_db)
+
+
+async def test_a_refund_returns_to_the_purse_drawn_last_first(ledger: RunningService, ledger_db) -> None:
+    stub = ledger.stub
+    c = await campus(stub)
+    await top_up(stub, c, c.cash[0], 1000)
+    granted = await grant(stub, c, c.subsidy[0], 300)
+    assert granted.transfer.kind == pb.TRANSFER_KIND_SUBSIDY_GRANT
+    # Subsidy first, then cash: the usual funding order.
+    paid = await pay(stub, c, [(c.subsidy[0], 300), (c.cash[0], 200)])
+    got = balances_by_id(paid.balances)
+    assert got[c.subsidy[0]] == (0, 0, 0) and got[c.cash[0]] == (800, 0, 800) and got[c.merchant_id][0] == 500
+
+    def refund(amount_fen: int, key: str):  # noqa: ANN202
+        return stub.Refund(pb.RefundRequest(tenant_id=c.tenant_id, idempotency_key=key,
+                                            payment_transfer_id=paid.transfer.transfer_id, amount_fen=amount_fen))
+
+    first = await refund(250, "r1")
+    assert {p.account_id: p.amount_fen for p in first.transfer.postings} == {
+        c.merchant_id: -250, c.cash[0]: 200, c.subsidy[0]: 50}
+    second = await refund(0, "r2")
+    assert {p.account_id: p.amount_fen for p in second.transfer.postings} == {c.merchant_id: -250, c.subsidy[0]: 250}
+    assert (await balance(stub, c.tenant_id, c.subsidy[0])).posted_fen == 300
+    await check_books(ledger_db)
+
+
+async def test_top_up_routes_are_bank_to_cash_and_funding_to_subsidy(ledger: RunningService) -> None:
+    stub = ledger.stub
+    c = await campus(stub)
+    assert await refused(top_up(stub, c, c.subsidy[0], 100)) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                   "WRONG_ACCOUNT_KIND")
+    assert await refused(grant(stub, c, c.cash[0], 100)) == (grpc.StatusCode.INVALID_ARGUMENT, "WRONG_ACCOUNT_KIND")
+
+
+async def test_concurrent_refunds_of_one_payment_never_exceed_it(ledger: RunningService, ledger_db) -> None:
+    import asyncio
+
+    stub = ledger.stub
+    c = await campus(stub)
+    await top_up(stub, c, c.cash[0], 1000)
+    paid = await pay(stub, c, [(c.cash[0], 1000)])
+    calls = [stub.Refund(pb.RefundRequest(tenant_id=c.tenant_id, idempotency_key=f"r{n}",
+                                          payment_transfer_id=paid.transfer.transfer_id, amount_fen=300))
+             for n in range(8)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, Exception)]
+    assert len(ok) == 3
+    for r in results:
+        if isinstance(r, grpc.aio.AioRpcError):
+            assert r.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await balance(stub, c.tenant_id, c.cash[0])).posted_fen == 900
+    await check_books(ledger_db)
