@@ -38,6 +38,13 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 MAX_BALANCE_ACCOUNTS = 100
 SHARD_COUNT = 8
+MAX_GUARDS = 8
+MAX_COUNTER_KEY_CHARS = 200
+# A guard's increment is one payment's worth (its amount in fen, or a count); its limit leaves
+# room so value + increment never nears BIGINT's end.
+MAX_GUARD_INCREMENT = MAX_AMOUNT_FEN
+MAX_GUARD_LIMIT = 10**15
+MAX_COUNTER_READ_KEYS = 100
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -200,6 +207,15 @@ class WriteResult:
 class PayLeg:
     account_id: uuid.UUID
     amount_fen: int
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A cap on a usage counter: this payment adds ``increment``; the counter stays <= ``limit``."""
+
+    counter_key: str
+    increment: int
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -378,6 +394,43 @@ def check_pay_legs(legs: list[PayLeg]) -> list[PayLeg]:
         check_amount(leg.amount_fen)
     check_amount(sum(leg.amount_fen for leg in legs), what="the payment's total")
     return legs
+
+
+def check_counter_key(value: str) -> str:
+    if not value or len(value) > MAX_COUNTER_KEY_CHARS or not _PRINTABLE.match(value):
+        raise InvalidArgument(f"counter_key must be 1..{MAX_COUNTER_KEY_CHARS} printable ASCII characters, no spaces",
+                              reason="INVALID_COUNTER_KEY")
+    return value
+
+
+def check_guards(guards: list[Guard]) -> list[Guard]:
+    """The guards of a payment, sorted by counter key: the order their rows are locked in, the
+    same for every payment, so two payments sharing counters never wait on each other in a cycle."""
+    if len(guards) > MAX_GUARDS:
+        raise InvalidArgument(f"a payment has at most {MAX_GUARDS} guards", reason="TOO_MANY_GUARDS")
+    for guard in guards:
+        check_counter_key(guard.counter_key)
+        if not 0 < guard.increment <= MAX_GUARD_INCREMENT:
+            raise InvalidArgument(f"a guard's increment must be 1..{MAX_GUARD_INCREMENT}",
+                                  reason="INVALID_GUARD_INCREMENT", metadata={"counter_key": guard.counter_key})
+        if not 0 <= guard.limit <= MAX_GUARD_LIMIT:
+            raise InvalidArgument(f"a guard's limit must be 0..{MAX_GUARD_LIMIT}", reason="INVALID_GUARD_LIMIT",
+                                  metadata={"counter_key": guard.counter_key})
+    if len({g.counter_key for g in guards}) != len(guards):
+        # Two caps on one counter in one payment would be one cap stated twice, or a mistake.
+        raise InvalidArgument("each counter appears once in a payment's guards", reason="DUPLICATE_GUARD")
+    return sorted(guards, key=lambda g: g.counter_key)
+
+
+def guard_exceeded(guard: Guard) -> FailedPrecondition:
+    return FailedPrecondition(f"the guard on {guard.counter_key} would pass its limit of {guard.limit}",
+                              reason="GUARD_EXCEEDED", metadata={"counter_key": guard.counter_key})
+
+
+def check_counter_keys(keys: list[str]) -> list[str]:
+    if not 1 <= len(keys) <= MAX_COUNTER_READ_KEYS:
+        raise InvalidArgument(f"give 1..{MAX_COUNTER_READ_KEYS} counter_keys", reason="INVALID_QUERY")
+    return [check_counter_key(k) for k in keys]
 
 
 def check_one_member(accounts: list[Account]) -> None:

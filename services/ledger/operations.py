@@ -9,7 +9,7 @@ is saved in the same transaction as the transfer.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from services.ledger.domain import (
     MEMBER_PURSES,
     AccountBalance,
     AccountStatus,
+    Guard,
     Hold,
     HoldStatus,
     OwnerKind,
@@ -43,9 +44,15 @@ SUBJECT_HOLD = {
 _MERCHANT = frozenset({PurseKind.MERCHANT_SETTLEMENT})
 
 
-def _posted_event(transfer: Transfer) -> PendingEvent:
+def _posted_event(transfer: Transfer, *, applied_guards: Sequence[tuple[Guard, int]] = ()) -> PendingEvent:
+    # A guarded payment says which counters it raised and to what, so a consumer (reports,
+    # policy) need not ask GetUsageCounters; other transfers keep their data as it was.
+    extra: dict[str, Any] = {}
+    if applied_guards:
+        extra["guards"] = [{"counter_key": g.counter_key, "increment": g.increment, "limit": g.limit,
+                            "value_after": value_after} for g, value_after in applied_guards]
     return PendingEvent(subject=SUBJECT_TRANSFER_POSTED, event_type=SUBJECT_TRANSFER_POSTED,
-                        tenant_id=str(transfer.tenant_id), data=event_data(transfer))
+                        tenant_id=str(transfer.tenant_id), data=event_data(transfer, **extra))
 
 
 def _hold_event(transfer: Transfer, hold: Hold) -> PendingEvent:
@@ -135,13 +142,19 @@ class Ledger:
                                       request=request, body=body)
 
     async def pay(self, *, tenant_id: uuid.UUID, idempotency_key: str, merchant_account_id: uuid.UUID,
-                  legs: list[PayLeg], device_id: str, external_ref: str, event_time: datetime | None) -> WriteResult:
+                  legs: list[PayLeg], device_id: str, external_ref: str, event_time: datetime | None,
+                  guards: tuple[Guard, ...] = ()) -> WriteResult:
         domain.check_pay_legs(legs)
+        checked_guards = domain.check_guards(list(guards))
         if any(leg.account_id == merchant_account_id for leg in legs):
             raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
         total_fen = sum(leg.amount_fen for leg in legs)
         request = {"merchant": str(merchant_account_id), "legs": [[str(l.account_id), l.amount_fen] for l in legs],
                    "device_id": device_id, "external_ref": external_ref, "event_time": event_time}
+        if checked_guards:
+            # Only when present, so the fingerprints of unguarded payments stay what they were.
+            # Sorted by key: the same caps in another order are the same request.
+            request["guards"] = [[g.counter_key, g.increment, g.limit] for g in checked_guards]
 
         async def body(tx: TenantTx) -> WriteResult:
             ids = [leg.account_id for leg in legs]
@@ -153,6 +166,9 @@ class Ledger:
             for leg in legs:
                 payer = accounts[leg.account_id]
                 domain.check_may_debit(payer.account, balance=payer.balance, amount_fen=leg.amount_fen)
+            # After the purses (lock order step 4), before post() touches the merchant's shard:
+            # a refused guard raises and the whole transaction, key claim included, rolls back.
+            applied = await self._raise_counters(tx, guards=checked_guards)
             transfer = await tx.post(
                 kind=TransferKind.PAYMENT, idempotency_key=idempotency_key, amount_fen=total_fen,
                 postings=[*(Posting(leg.account_id, -leg.amount_fen) for leg in legs),
@@ -161,12 +177,25 @@ class Ledger:
                 device_id=device_id, external_ref=external_ref,
             )
             await tx.record_payment(transfer_id=transfer.transfer_id, paid_fen=total_fen)
-            await tx.emit([_posted_event(transfer)])
+            await tx.record_guards(transfer.transfer_id, applied=applied)
+            await tx.emit([_posted_event(transfer, applied_guards=applied)])
             balances = await tx.balances([*ids, merchant_account_id])
             return WriteResult(transfer_id=transfer.transfer_id, balances=balances)
 
         return await self._idempotent(tenant_id=tenant_id, idempotency_key=idempotency_key, operation="pay",
                                       request=request, body=body)
+
+    @staticmethod
+    async def _raise_counters(tx: TenantTx, *, guards: list[Guard]) -> list[tuple[Guard, int]]:
+        """Raise each guard's counter, in key order; GUARD_EXCEEDED at the first that would pass
+        its limit (the caller's transaction then rolls back the ones already raised)."""
+        applied = []
+        for guard in guards:
+            value = await tx.raise_counter(guard)
+            if value is None:
+                raise domain.guard_exceeded(guard)
+            applied.append((guard, value))
+        return applied
 
     async def refund(self, *, tenant_id: uuid.UUID, idempotency_key: str, payment_transfer_id: uuid.UUID,
                      amount_fen: int, external_ref: str) -> WriteResult:
@@ -330,6 +359,13 @@ class Ledger:
                 return page, ""
             page = page[:limit]
             return page, domain.page_token(await tx.transfer_seq(page[-1].transfer_id))
+
+    async def usage_counters(self, *, tenant_id: uuid.UUID, counter_keys: list[str]) -> list[tuple[str, int]]:
+        """(key, value) in the order asked; a counter never raised is 0."""
+        keys = domain.check_counter_keys(counter_keys)
+        async with self._store.tenant_read(tenant_id) as tx:
+            found = await tx.counters(keys)
+        return [(k, found.get(k, 0)) for k in keys]
 
     async def trial_balance(self, *, tenant_id: uuid.UUID) -> TrialBalance:
         async with self._store.tenant_read(tenant_id) as tx:

@@ -17,6 +17,7 @@ from services.ledger.domain import (
     AccountBalance,
     AccountStatus,
     Balance,
+    Guard,
     Hold,
     HoldStatus,
     OwnerKind,
@@ -176,6 +177,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             device_id=_text(request.device_id, what="device_id"),
             external_ref=_text(request.external_ref, what="external_ref"),
             event_time=_event_time(request.HasField("event_time"), request.event_time),
+            guards=tuple(Guard(counter_key=g.counter_key, increment=g.increment, limit=g.limit)
+                         for g in request.guards),
         )
         transfer, balances = await self._answer(tenant_id, result)
         return pb.PayResponse(transfer=transfer, balances=balances)
@@ -266,3 +269,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             totals=[pb.PurseKindTotal(purse_kind=_PURSE[t.purse_kind], posted_fen=t.posted_fen,
                                       pending_fen=t.pending_fen, accounts=t.accounts) for t in trial.totals],
         )
+
+    async def GetUsageCounters(self, request: pb.GetUsageCountersRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.GetUsageCountersResponse:
+        counters = await self._ledger.usage_counters(tenant_id=_tenant(request.tenant_id),
+                                                     counter_keys=list(request.counter_keys))
+        return pb.GetUsageCountersResponse(counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in counters])

@@ -2,8 +2,9 @@
 
 Lock order, the same in every write, so no two transactions wait on each other in a cycle:
 the idempotency key row, then a hold or payment row, then the unsharded accounts (member purses)
-in ascending id order (``SELECT ... ORDER BY account_id FOR UPDATE``), and last the one shard
-row of each sharded account, again in ascending account order. Sharded accounts (merchants,
+in ascending id order (``SELECT ... ORDER BY account_id FOR UPDATE``), then a payment's guard
+counters in ascending key order (one upsert each), and last the one shard row of each sharded
+account, again in ascending account order. Sharded accounts (merchants,
 clearing, funding) are never locked as a whole: a payment adds to one of their shard rows
 (``INSERT ... ON CONFLICT DO UPDATE SET posted_fen = posted_fen + ...``), the last statement
 before commit, so a busy canteen's payments do not queue on one row.
@@ -28,6 +29,7 @@ from services.ledger.domain import (
     AccountBalance,
     AccountStatus,
     Balance,
+    Guard,
     Hold,
     HoldStatus,
     OwnerKind,
@@ -287,6 +289,40 @@ class TenantTx:
     async def add_refunded(self, payment_id: uuid.UUID, *, amount_fen: int) -> None:
         await self.conn.execute("UPDATE payments SET refunded_fen = refunded_fen + $2 WHERE transfer_id = $1",
                                 payment_id, amount_fen)
+
+    # --- guards -------------------------------------------------------------------------------
+
+    async def raise_counter(self, guard: Guard) -> int | None:
+        """Add the guard's increment to its counter if that keeps it within the limit: the new
+        value, or None (and nothing changed) when it would pass. One statement, so the check and
+        the update see the same row version: a concurrent payment on the counter waits for this
+        one's commit and then checks against the value it left (no lost update)."""
+        # A counter not there yet is inserted only if the increment alone fits (the SELECT ...
+        # WHERE); an existing one is raised only if the sum fits (the DO UPDATE ... WHERE).
+        return await self.conn.fetchval(
+            "INSERT INTO usage_counters AS c (tenant_id, counter_key, value)"
+            " SELECT $1::uuid, $2::text, $3::bigint WHERE $3::bigint <= $4::bigint"
+            " ON CONFLICT (tenant_id, counter_key) DO UPDATE SET value = c.value + EXCLUDED.value, updated_at = now()"
+            " WHERE c.value + EXCLUDED.value <= $4::bigint RETURNING value",
+            self.tenant_id, guard.counter_key, guard.increment, guard.limit,
+        )
+
+    async def record_guards(self, transfer_id: uuid.UUID, *, applied: list[tuple[Guard, int]]) -> None:
+        if not applied:
+            return
+        await self.conn.executemany(
+            "INSERT INTO transfer_guards (transfer_id, tenant_id, counter_key, increment, limit_value, value_after)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            [(transfer_id, self.tenant_id, g.counter_key, g.increment, g.limit, value_after)
+             for g, value_after in applied],
+        )
+
+    async def counters(self, counter_keys: list[str]) -> dict[str, int]:
+        rows = await self.conn.fetch(
+            "SELECT counter_key, value FROM usage_counters WHERE tenant_id = $1 AND counter_key = ANY($2::text[])",
+            self.tenant_id, counter_keys,
+        )
+        return {r["counter_key"]: r["value"] for r in rows}
 
     # --- holds --------------------------------------------------------------------------------
 
