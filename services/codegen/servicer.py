@@ -18,6 +18,7 @@ from onecard.codegen.v1 import codegen_pb2 as pb
 from onecard.codegen.v1 import codegen_pb2_grpc
 from runtime.errors import InvalidArgument, NotFound
 from runtime.grpc_server import ServiceApp
+from runtime.wire import timestamp_pb
 from services.codegen import domain, signing
 from services.codegen.domain import (
     Credential,
@@ -55,12 +56,6 @@ _HOLDER_KEY_STATUS = {
 }
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _now() -> datetime:
@@ -88,7 +83,7 @@ def settings_pb(*, tenant_id: uuid.UUID, settings: TenantCodeSettings) -> pb.Ten
                             per_day_fen=settings.caps.per_day_fen, per_day_count=settings.caps.per_day_count),
         default_credential_validity_hours=settings.default_validity_hours,
         default_purposes=[_PURPOSE[p] for p in settings.default_purposes],
-        updated_at=_ts(settings.updated_at),
+        updated_at=timestamp_pb(settings.updated_at),
     )
 
 
@@ -99,8 +94,8 @@ def credential_pb(credential: Credential) -> pb.Credential:
         credential_id=str(c.credential_id),
         member_id=str(c.member_id),
         key_id=c.key_id.hex(),
-        not_before=_ts(c.not_before),
-        not_after=_ts(c.not_after),
+        not_before=timestamp_pb(c.not_before),
+        not_after=timestamp_pb(c.not_after),
         caps=pb.OfflineCaps(per_transaction_fen=c.caps.per_transaction_fen, per_day_fen=c.caps.per_day_fen,
                             per_day_count=c.caps.per_day_count),
         purposes=[_PURPOSE[p] for p in c.purposes],
@@ -114,8 +109,8 @@ def trusted_key_pb(key: IssuerKey) -> pb.TrustedKey:
         key_id=key.key_id.hex(),
         public_key=key.public_key,
         status=_KEY_STATUS[key.status],
-        not_before=_ts(key.not_before),
-        retire_after=_ts(key.retire_after),
+        not_before=timestamp_pb(key.not_before),
+        retire_after=timestamp_pb(key.retire_after),
         version=key.version,
     )
 
@@ -126,8 +121,8 @@ def holder_key_pb(key: HolderKey) -> pb.HolderKey:
         member_id=str(key.member_id),
         public_key=key.public_key,
         status=_HOLDER_KEY_STATUS[key.status],
-        registered_at=_ts(key.registered_at),
-        revoked_at=_ts(key.revoked_at),
+        registered_at=timestamp_pb(key.registered_at),
+        revoked_at=timestamp_pb(key.revoked_at),
     )
 
 
@@ -135,8 +130,8 @@ def revocation_pb(entry: Revocation) -> pb.RevocationEntry:
     return pb.RevocationEntry(
         credential_id=str(entry.credential_id),
         member_id=str(entry.member_id),
-        revoked_at=_ts(entry.revoked_at),
-        not_after=_ts(entry.not_after),
+        revoked_at=timestamp_pb(entry.revoked_at),
+        not_after=timestamp_pb(entry.not_after),
         reason=entry.reason,
         version=entry.version,
     )

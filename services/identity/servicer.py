@@ -19,12 +19,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.identity.v1 import identity_pb2_grpc
 from runtime.errors import InvalidArgument, NotFound, Unauthenticated
 from runtime.grpc_server import ServiceApp
+from runtime.wire import timestamp_pb
 from services.identity import domain
 from services.identity.domain import (
     ApiClient,
@@ -87,12 +87,6 @@ _SEARCH_TOKEN_VERSION = 1
 _FEED_CURSOR_PREFIX = "dc1:"
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _now() -> datetime:
@@ -106,7 +100,7 @@ def tenant_pb(tenant: Tenant) -> pb.Tenant:
         kind=_TENANT_KIND[tenant.kind],
         time_zone=tenant.time_zone,
         currency=tenant.currency,
-        created_at=_ts(tenant.created_at),
+        created_at=timestamp_pb(tenant.created_at),
     )
 
 
@@ -120,13 +114,13 @@ def member_pb(member: Member) -> pb.Member:
         status=_MEMBER_STATUS[member.status],
         cards=[
             pb.Card(
-                card_uid=c.card_uid, status=_CARD_STATUS[c.status], bound_at=_ts(c.bound_at), lost_at=_ts(c.lost_at)
+                card_uid=c.card_uid, status=_CARD_STATUS[c.status], bound_at=timestamp_pb(c.bound_at), lost_at=timestamp_pb(c.lost_at)
             )
             for c in member.cards
         ],
         face_enrolment_ref=member.face_enrolment_ref,
-        created_at=_ts(member.created_at),
-        updated_at=_ts(member.updated_at),
+        created_at=timestamp_pb(member.created_at),
+        updated_at=timestamp_pb(member.updated_at),
         version=member.version,
     )
 
@@ -145,8 +139,8 @@ def import_pb(record: MemberImport) -> pb.MemberImport:
         errors=[
             pb.ImportRowError(line=e.line, external_number=e.external_number, reason=e.reason) for e in record.errors
         ],
-        created_at=_ts(record.created_at),
-        finished_at=_ts(record.finished_at),
+        created_at=timestamp_pb(record.created_at),
+        finished_at=timestamp_pb(record.finished_at),
         failure=record.failure,
     )
 
@@ -157,7 +151,7 @@ def api_client_pb(client: ApiClient) -> pb.ApiClient:
         name=client.name,
         scopes=list(client.scopes),
         grants=[pb.TenantGrant(tenant_id=str(t), scopes=list(s)) for t, s in client.grants.items()],
-        created_at=_ts(client.created_at),
+        created_at=timestamp_pb(client.created_at),
     )
 
 
@@ -422,7 +416,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return pb.ListCardBlacklistResponse(
             cards=[
                 pb.BlacklistedCard(
-                    card_uid=e.card_uid, member_id=str(e.member_id), lost_at=_ts(e.lost_at), version=e.version
+                    card_uid=e.card_uid, member_id=str(e.member_id), lost_at=timestamp_pb(e.lost_at), version=e.version
                 )
                 for e in entries
             ],
@@ -494,7 +488,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                     kind=_CHANGE_KIND[c.kind],
                     member_id=str(c.member.member_id),
                     member=member_pb(c.member),
-                    changed_at=_ts(c.changed_at),
+                    changed_at=timestamp_pb(c.changed_at),
                 )
                 for c in changes
             ],

@@ -12,6 +12,7 @@ from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.errors import InvalidArgument
 from runtime.grpc_server import ServiceApp
+from runtime.wire import timestamp_pb
 from services.ledger import domain
 from services.ledger.domain import (
     AccountBalance,
@@ -66,12 +67,6 @@ _HOLD_STATUS = {
 }
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _event_time(request_has: bool, stamp: Timestamp) -> datetime | None:
@@ -104,14 +99,14 @@ def transfer_pb(t: Transfer) -> pb.Transfer:
         postings=[pb.Posting(account_id=str(p.account_id), amount_fen=p.amount_fen, pending_fen=p.pending_fen)
                   for p in t.postings],
         merchant_account_id=str(t.merchant_account_id or ""), device_id=t.device_id, external_ref=t.external_ref,
-        original_transfer_id=str(t.original_transfer_id or ""), event_time=_ts(t.event_time),
-        booked_at=_ts(t.booked_at),
+        original_transfer_id=str(t.original_transfer_id or ""), event_time=timestamp_pb(t.event_time),
+        booked_at=timestamp_pb(t.booked_at),
     )
 
 
 def hold_pb(h: Hold) -> pb.Hold:
     return pb.Hold(hold_id=str(h.hold_id), account_id=str(h.account_id), merchant_account_id=str(h.merchant_account_id),
-                   amount_fen=h.amount_fen, status=_HOLD_STATUS[h.status], expires_at=_ts(h.expires_at),
+                   amount_fen=h.amount_fen, status=_HOLD_STATUS[h.status], expires_at=timestamp_pb(h.expires_at),
                    settled_by_transfer_id=str(h.settled_by_transfer_id or ""))
 
 
