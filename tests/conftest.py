@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,31 +46,53 @@ def nats_url(nats_server: Nats) -> str:
 
 
 class RunningService:
-    """A service started in this process on a real port, reached over a real gRPC channel."""
+    """A service started in this process on a real port, reached over a real gRPC channel; its
+    gRPC stub, when one was asked for, is at ``.stub``."""
 
-    def __init__(self, app, channel) -> None:  # noqa: ANN001
+    def __init__(self, app, channel, stub=None) -> None:  # noqa: ANN001
         self.app = app
         self.channel = channel
+        self.stub = stub
         self.target = f"127.0.0.1:{app.port}"
 
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.app.stop()
 
-async def start_service(app, *, ready_timeout_s: float = 30.0) -> RunningService:  # noqa: ANN001
+
+async def start_service(app, *, stub_cls=None, ready_timeout_s: float = 30.0) -> RunningService:  # noqa: ANN001
     from runtime.grpc_client import open_channel
 
     await app.start()
     await app.wait_ready(ready_timeout_s)
-    return RunningService(app, open_channel(f"127.0.0.1:{app.port}"))
+    channel = open_channel(f"127.0.0.1:{app.port}")
+    return RunningService(app, channel, stub_cls(channel) if stub_cls else None)
+
+
+Launch = Callable[..., Awaitable[RunningService]]
 
 
 @pytest.fixture
-async def identity(database_url: str, nats_url: str) -> AsyncIterator[RunningService]:
+async def launch() -> AsyncIterator[Launch]:
+    """``await launch(app, stub_cls=...)`` starts a service for this test; every service started
+    so is stopped at the end of the test, newest first."""
+    running: list[RunningService] = []
+
+    async def start(app, *, stub_cls=None) -> RunningService:  # noqa: ANN001
+        service = await start_service(app, stub_cls=stub_cls)
+        running.append(service)
+        return service
+
+    yield start
+    for service in reversed(running):
+        await service.stop()
+
+
+@pytest.fixture
+async def identity(launch: Launch, database_url: str, nats_url: str) -> RunningService:
     """The identity service on its own database and NATS, with its gRPC stub at ``.stub``."""
     from onecard.identity.v1 import identity_pb2_grpc
     from services.identity.app import IdentitySettings, build_app
 
     app = build_app(IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2))
-    running = await start_service(app)
-    running.stub = identity_pb2_grpc.IdentityServiceStub(running.channel)  # type: ignore[attr-defined]
-    yield running
-    await running.channel.close()
-    await app.stop()
+    return await launch(app, stub_cls=identity_pb2_grpc.IdentityServiceStub)

@@ -11,7 +11,7 @@ import pytest
 
 from onecard.codegen.v1 import codegen_pb2_grpc
 from services.codegen.app import CodegenSettings, build_app
-from tests.conftest import RunningService, start_service
+from tests.conftest import Launch, RunningService
 from tests.identity.support import create_member, create_tenant
 
 # A fixed test master key (32 bytes, hex); never one used anywhere else.
@@ -37,22 +37,15 @@ StartCodegen = Callable[..., Awaitable[RunningService]]
 
 
 @pytest.fixture
-async def start_codegen(identity: RunningService, database_url: str, nats_url: str) -> AsyncIterator[StartCodegen]:
+async def start_codegen(launch: Launch, identity: RunningService, database_url: str, nats_url: str) -> StartCodegen:
     """Starts codegen apps (settings overridable) beside the test's identity; stops them after."""
-    running: list[RunningService] = []
 
     async def start(**overrides: Any) -> RunningService:
         settings = codegen_settings(database_url=database_url, nats_url=nats_url, identity_target=identity.target,
                                     **overrides)
-        service = await start_service(build_app(settings))
-        service.stub = codegen_pb2_grpc.CodegenServiceStub(service.channel)  # type: ignore[attr-defined]
-        running.append(service)
-        return service
+        return await launch(build_app(settings), stub_cls=codegen_pb2_grpc.CodegenServiceStub)
 
-    yield start
-    for service in reversed(running):
-        await service.channel.close()
-        await service.app.stop()
+    return start
 
 
 @pytest.fixture

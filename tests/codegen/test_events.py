@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import nats
-import pytest
 
 from onecard.codegen.v1 import codegen_pb2 as pb
 from onecard.identity.v1 import identity_pb2 as ipb
 from runtime.events import MSG_ID_HEADER
 from tests.codegen.support import eventually, issue, revocations
 from tests.identity.support import create_member
+from tests.streams import read_exactly
 
 
 async def test_freezing_a_member_in_identity_revokes_their_credentials_end_to_end(
@@ -84,15 +84,7 @@ async def _issue_when_allowed(codegen, tenant_id, member_id):
 
 
 async def codegen_events(nats_url: str, *, count: int) -> list[nats.aio.msg.Msg]:
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.jetstream().subscribe("codegen.>", stream="CODEGEN", ordered_consumer=True)
-        received = [await sub.next_msg(timeout=10) for _ in range(count)]
-        with pytest.raises(nats.errors.TimeoutError):
-            await sub.next_msg(timeout=0.5)
-        return received
-    finally:
-        await nc.close()
+    return await read_exactly(nats_url, stream="CODEGEN", subjects="codegen.>", count=count)
 
 
 async def test_issue_revoke_and_key_changes_publish_events_without_secrets(codegen, tenant_id, member_id, nats_url):

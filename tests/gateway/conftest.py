@@ -129,21 +129,15 @@ async def gateway(identity: Any) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
-async def codegen_service(identity: Any, database_url: str, nats_url: str) -> AsyncIterator[Any]:
-    """A real codegen beside the test's identity (started here, stopped after)."""
+async def codegen_service(launch: Any, identity: Any, database_url: str, nats_url: str) -> Any:
+    """A real codegen beside the test's identity (started here, stopped after the test)."""
     from onecard.codegen.v1 import codegen_pb2_grpc
     from services.codegen.app import build_app
     from tests.codegen.conftest import codegen_settings
-    from tests.conftest import start_service
 
-    codegen = await start_service(build_app(codegen_settings(
-        database_url=database_url, nats_url=nats_url, identity_target=identity.target)))
-    codegen.stub = codegen_pb2_grpc.CodegenServiceStub(codegen.channel)
-    try:
-        yield codegen
-    finally:
-        await codegen.channel.close()
-        await codegen.app.stop()
+    return await launch(build_app(codegen_settings(database_url=database_url, nats_url=nats_url,
+                                                   identity_target=identity.target)),
+                        stub_cls=codegen_pb2_grpc.CodegenServiceStub)
 
 
 @pytest.fixture

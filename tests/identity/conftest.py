@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from services.identity.app import IdentitySettings, build_app
-from tests.conftest import RunningService, start_service
+from tests.conftest import Launch, RunningService
 from tests.identity.support import create_tenant, identity_stub
 
 
@@ -30,18 +30,13 @@ StartIdentity = Callable[..., Awaitable[RunningService]]
 
 
 @pytest.fixture
-async def start_identity(database_url: str, nats_url: str) -> AsyncIterator[StartIdentity]:
+async def start_identity(launch: Launch, database_url: str, nats_url: str) -> StartIdentity:
     """Starts identity apps with settings overridden; each is stopped at the end of the test."""
-    running: list[RunningService] = []
 
     async def start(**overrides: object) -> RunningService:
         settings = IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2, **overrides)
-        service = await start_service(build_app(settings))
-        service.stub = identity_stub(service.channel)  # type: ignore[attr-defined]
-        running.append(service)
+        service = await launch(build_app(settings))
+        service.stub = identity_stub(service.channel)
         return service
 
-    yield start
-    for service in reversed(running):
-        await service.channel.close()
-        await service.app.stop()
+    return start

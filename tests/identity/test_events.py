@@ -3,24 +3,15 @@
 import json
 
 import nats
-import pytest
 
 from onecard.identity.v1 import identity_pb2 as pb
 from runtime.events import MSG_ID_HEADER
 from tests.identity.support import create_member, csv_file, run_import
+from tests.streams import read_exactly
 
 
 async def events(nats_url: str, *, count: int) -> list[nats.aio.msg.Msg]:
-    """Exactly ``count`` messages from the IDENTITY stream; fails on fewer or more."""
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.jetstream().subscribe("identity.>", stream="IDENTITY", ordered_consumer=True)
-        received = [await sub.next_msg(timeout=10) for _ in range(count)]
-        with pytest.raises(nats.errors.TimeoutError):
-            await sub.next_msg(timeout=0.5)
-        return received
-    finally:
-        await nc.close()
+    return await read_exactly(nats_url, stream="IDENTITY", subjects="identity.>", count=count)
 
 
 async def test_each_change_publishes_one_event_with_a_message_id(identity, tenant_id: str, nats_url: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from onecard.ledger.v1 import ledger_pb2_grpc
 from services.ledger.app import LedgerSettings, build_app
-from tests.conftest import RunningService, start_service
+from tests.conftest import Launch, RunningService
 
 
 def ledger_settings(*, database_url: str, nats_url: str, **overrides: Any) -> LedgerSettings:
@@ -27,14 +27,10 @@ def ledger_settings(*, database_url: str, nats_url: str, **overrides: Any) -> Le
 
 
 @pytest.fixture
-async def ledger(database_url: str, nats_url: str) -> AsyncIterator[RunningService]:
+async def ledger(launch: Launch, database_url: str, nats_url: str) -> RunningService:
     """The ledger service with its gRPC stub at ``.stub``."""
     app = build_app(ledger_settings(database_url=database_url, nats_url=nats_url))
-    running = await start_service(app)
-    running.stub = ledger_pb2_grpc.LedgerServiceStub(running.channel)  # type: ignore[attr-defined]
-    yield running
-    await running.channel.close()
-    await app.stop()
+    return await launch(app, stub_cls=ledger_pb2_grpc.LedgerServiceStub)
 
 
 @pytest.fixture
