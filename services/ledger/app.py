@@ -4,6 +4,7 @@ work it starts once PostgreSQL and NATS are up: the outbox relay and the sweep t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from pydantic import Field
@@ -26,6 +27,7 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 
 DEFAULT_EXPIRY_INTERVAL_S = 1.0
 DEFAULT_EXPIRY_BATCH = 200
+DEFAULT_PROGRAM_INTERVAL_S = 5.0
 
 
 class LedgerSettings(ServiceSettings):
@@ -33,6 +35,9 @@ class LedgerSettings(ServiceSettings):
     # hold at once; this only decides how soon its money is available again.
     hold_expiry_interval_s: float = Field(default=DEFAULT_EXPIRY_INTERVAL_S, gt=0)
     hold_expiry_batch: int = Field(default=DEFAULT_EXPIRY_BATCH, ge=1, le=10_000)
+    # How often running grant batches and programs past their end are looked for (a new batch
+    # also wakes the worker at once).
+    program_interval_s: float = Field(default=DEFAULT_PROGRAM_INTERVAL_S, gt=0)
 
 
 async def expire_holds_forever(*, ledger: Ledger, interval_s: float, batch: int) -> None:
@@ -48,14 +53,38 @@ async def expire_holds_forever(*, ledger: Ledger, interval_s: float, batch: int)
             log.warning("hold expiry sweep failed", error=type(exc).__name__)
 
 
+async def run_programs_forever(*, ledger: Ledger, interval_s: float) -> None:
+    """Grant batches (woken at once when one starts) and the end of programs past their date.
+    Every step is a chunk in its own transaction, so a crash loses at most a chunk's work, which
+    the next round (here or on another replica) does again exactly once."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ledger.batch_started.wait(), timeout=interval_s)
+        ledger.batch_started.clear()
+        try:
+            chunks = await ledger.run_grant_batches()
+            chunks += await ledger.expire_due_programs()
+            if chunks:
+                log.info("program work done", chunks=chunks)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - tried again next round
+            log.warning("program work failed", error=type(exc).__name__)
+
+
 def build_app(settings: LedgerSettings) -> ServiceApp:
+    batch_started = asyncio.Event()
+
     async def on_ready(app: ServiceApp) -> None:
+        ledger = Ledger(LedgerStore(app.pool), batch_started=batch_started)
         app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema=SCHEMA).run(), name="outbox-relay")
-        app.spawn(expire_holds_forever(ledger=Ledger(LedgerStore(app.pool)), interval_s=settings.hold_expiry_interval_s,
+        app.spawn(expire_holds_forever(ledger=ledger, interval_s=settings.hold_expiry_interval_s,
                                        batch=settings.hold_expiry_batch), name="hold-expiry")
+        app.spawn(run_programs_forever(ledger=ledger, interval_s=settings.program_interval_s), name="programs")
 
     def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(app=app), server)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(app=app, batch_started=batch_started),
+                                                            server)
 
     return ServiceApp(
         name="ledger",

@@ -19,9 +19,10 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
@@ -69,7 +70,8 @@ class PurseKind(StrEnum):
 MEMBER_PURSES = frozenset({PurseKind.CASH, PurseKind.SUBSIDY, PurseKind.VOUCHER})
 # Which owners may hold which purses.
 _PURSES_BY_OWNER = {
-    OwnerKind.MEMBER: MEMBER_PURSES,
+    # A member's receivable holds what an offline payment could not take from the purses.
+    OwnerKind.MEMBER: MEMBER_PURSES | {PurseKind.RECEIVABLE},
     OwnerKind.MERCHANT: frozenset({PurseKind.MERCHANT_SETTLEMENT, PurseKind.RECEIVABLE}),
     OwnerKind.TENANT: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE}),
     OwnerKind.SYSTEM: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE}),
@@ -87,6 +89,8 @@ FUNDING_ROUTES = {
 class AccountStatus(StrEnum):
     OPEN = "open"
     FROZEN = "frozen"
+    # A purse of an ended program: nothing new reaches it or leaves it.
+    CLOSED = "closed"
 
 
 class TransferKind(StrEnum):
@@ -98,6 +102,9 @@ class TransferKind(StrEnum):
     VOID = "void"
     EXPIRY = "expiry"
     SUBSIDY_GRANT = "subsidy_grant"
+    SUBSIDY_EXPIRY = "subsidy_expiry"
+    CLAWBACK = "clawback"
+    OFFLINE_SETTLEMENT = "offline_settlement"
 
 
 class HoldStatus(StrEnum):
@@ -349,20 +356,25 @@ def check_same_request(*, stored_operation: str, stored_fingerprint: bytes, oper
 # --- account checks ---------------------------------------------------------------------------
 
 
-def check_may_debit(account: Account, *, balance: Balance, amount_fen: int) -> None:
-    """A member purse paying ``amount_fen`` now (or holding it)."""
+def _check_takes_new(account: Account) -> None:
     if account.status is AccountStatus.FROZEN:
         raise FailedPrecondition("the account is frozen", reason="ACCOUNT_FROZEN",
                                  metadata={"account_id": str(account.account_id)})
+    if account.status is AccountStatus.CLOSED:
+        raise FailedPrecondition("the account is closed (its program ended)", reason="ACCOUNT_CLOSED",
+                                 metadata={"account_id": str(account.account_id)})
+
+
+def check_may_debit(account: Account, *, balance: Balance, amount_fen: int) -> None:
+    """A member purse paying ``amount_fen`` now (or holding it)."""
+    _check_takes_new(account)
     if account.no_overdraft and balance.available_fen < amount_fen:
         raise FailedPrecondition("insufficient funds", reason="INSUFFICIENT_FUNDS",
                                  metadata={"account_id": str(account.account_id)})
 
 
 def check_may_receive(account: Account) -> None:
-    if account.status is AccountStatus.FROZEN:
-        raise FailedPrecondition("the account is frozen", reason="ACCOUNT_FROZEN",
-                                 metadata={"account_id": str(account.account_id)})
+    _check_takes_new(account)
 
 
 def check_purse(account: Account, *, kinds: frozenset[PurseKind], what: str) -> None:
@@ -499,3 +511,290 @@ def check_covers(account: Account, *, balance: Balance, amount_fen: int) -> None
     if account.no_overdraft and balance.available_fen < amount_fen:
         raise FailedPrecondition("insufficient funds", reason="INSUFFICIENT_FUNDS",
                                  metadata={"account_id": str(account.account_id)})
+
+
+def check_status_change(account: Account, *, status: AccountStatus) -> None:
+    """Freeze and unfreeze: a closed purse stays closed."""
+    if account.status is AccountStatus.CLOSED:
+        raise FailedPrecondition("the account is closed (its program ended)", reason="ACCOUNT_CLOSED",
+                                 metadata={"account_id": str(account.account_id)})
+
+
+# --- programs and grant batches -------------------------------------------------------------
+
+PROGRAM_PURSES = frozenset({PurseKind.SUBSIDY, PurseKind.VOUCHER})
+MAX_GRANT_ROWS = 50_000
+MAX_BILL_CHARS = 64
+GRANT_CHUNK_ROWS = 500
+EXPIRY_CHUNK_PURSES = 500
+DEFAULT_ROWS_PAGE = 100
+MAX_ROWS_PAGE = 1000
+
+
+class ProgramStatus(StrEnum):
+    ACTIVE = "active"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+class GrantBatchStatus(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+
+
+class GrantRowStatus(StrEnum):
+    PENDING = "pending"
+    GRANTED = "granted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Program:
+    tenant_id: uuid.UUID
+    purse_kind: PurseKind
+    ref: str
+    funding_account_id: uuid.UUID
+    ends_at: datetime | None
+    status: ProgramStatus
+    expired_purses: int = 0
+    expired_fen: int = 0
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    member_id: str
+    amount_fen: int
+
+
+@dataclass(frozen=True)
+class GrantBatch:
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+    bill_number: str
+    purse_kind: PurseKind
+    ref: str
+    status: GrantBatchStatus
+    total_rows: int
+    done_rows: int
+    granted_rows: int
+    failed_rows: int
+    granted_fen: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class GrantRowResult:
+    line: int
+    member_id: str
+    amount_fen: int
+    status: GrantRowStatus
+    transfer_id: uuid.UUID | None = None
+    account_id: uuid.UUID | None = None
+    reason: str = ""
+    message: str = ""
+
+
+def check_program_purse(purse_kind: PurseKind | None) -> PurseKind:
+    if purse_kind not in PROGRAM_PURSES:
+        raise InvalidArgument("a program's purse_kind is subsidy or voucher", reason="INVALID_PURSE_KIND")
+    assert purse_kind is not None
+    return purse_kind
+
+
+def check_program_ref(ref: str) -> str:
+    return check_text(ref, what="ref", max_chars=MAX_ID_CHARS, required=True)
+
+
+def check_redefinition(existing: Program, *, funding_account_id: uuid.UUID) -> None:
+    if existing.funding_account_id != funding_account_id:
+        raise Conflict("the program is defined with another funding account", reason="PROGRAM_FUNDING_FIXED")
+    if existing.status is not ProgramStatus.ACTIVE:
+        raise FailedPrecondition("the program has ended", reason="PROGRAM_ENDED")
+
+
+def check_program_active(program: Program, *, now: datetime) -> None:
+    if program.status is not ProgramStatus.ACTIVE or (program.ends_at is not None and program.ends_at <= now):
+        raise FailedPrecondition("the program has ended", reason="PROGRAM_ENDED")
+
+
+def check_bill_number(value: str) -> str:
+    if not value or len(value) > MAX_BILL_CHARS or not _PRINTABLE.match(value):
+        raise InvalidArgument(f"bill_number must be 1..{MAX_BILL_CHARS} printable ASCII characters",
+                              reason="INVALID_BILL_NUMBER")
+    return value
+
+
+def check_grant_rows(rows: list[GrantRow]) -> list[GrantRow]:
+    """A batch's rows: 1..MAX_GRANT_ROWS, each member once, each amount valid. A bad row refuses
+    the whole batch (it is the tenant's file that is wrong) and names the line."""
+    if not 1 <= len(rows) <= MAX_GRANT_ROWS:
+        raise InvalidArgument(f"a grant batch has 1..{MAX_GRANT_ROWS} rows", reason="INVALID_ROW_COUNT")
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=1):
+        meta = {"line": str(line)}
+        if not row.member_id or len(row.member_id) > MAX_ID_CHARS or _CONTROL.search(row.member_id):
+            raise InvalidArgument(f"line {line}: member_id must be 1..{MAX_ID_CHARS} characters",
+                                  reason="INVALID_MEMBER_ID", metadata=meta)
+        if not 0 < row.amount_fen <= MAX_AMOUNT_FEN:
+            raise InvalidArgument(f"line {line}: amount_fen must be 1..{MAX_AMOUNT_FEN}", reason="INVALID_AMOUNT",
+                                  metadata=meta)
+        if row.member_id in seen:
+            raise InvalidArgument(f"line {line}: member {row.member_id} is already on line {seen[row.member_id]}",
+                                  reason="DUPLICATE_MEMBER", metadata=meta)
+        seen[row.member_id] = line
+    return rows
+
+
+def grant_key(bill_number: str, line: int) -> str:
+    """The idempotency key of a batch row's transfer: a grant is booked once however often its
+    chunk is retried."""
+    return f"grant:{bill_number}:{line}"
+
+
+def rows_page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+    return min(requested or DEFAULT_ROWS_PAGE, MAX_ROWS_PAGE)
+
+
+def clawback_amount(*, requested_fen: int, available_fen: int) -> int:
+    if requested_fen < 0:
+        raise InvalidArgument("amount_fen must not be negative", reason="INVALID_AMOUNT")
+    amount = requested_fen or available_fen
+    if amount <= 0:
+        raise FailedPrecondition("the purse holds nothing to take back", reason="INSUFFICIENT_FUNDS")
+    check_amount(amount)
+    if amount > available_fen:
+        raise FailedPrecondition("a clawback cannot take more than the purse has available",
+                                 reason="INSUFFICIENT_FUNDS")
+    return amount
+
+
+# --- offline settlement ---------------------------------------------------------------------
+
+MAX_OFFLINE_RECORDS = 1000
+
+
+class OfflineOutcome(StrEnum):
+    BOOKED = "booked"
+    SHORTFALL = "shortfall"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class OfflineRecord:
+    idempotency_key: str
+    merchant_account_id: uuid.UUID
+    legs: tuple[PayLeg, ...]
+    device_id: str
+    external_ref: str
+    event_time: datetime | None
+
+    def request(self) -> dict[str, Any]:
+        return {"merchant": str(self.merchant_account_id),
+                "legs": [[str(l.account_id), l.amount_fen] for l in self.legs],
+                "device_id": self.device_id, "external_ref": self.external_ref, "event_time": self.event_time}
+
+
+@dataclass(frozen=True)
+class OfflineResult:
+    idempotency_key: str
+    outcome: OfflineOutcome
+    transfer_id: uuid.UUID | None = None
+    shortfall_fen: int = 0
+    reason: str = ""
+    message: str = ""
+
+
+def check_offline_record(record: OfflineRecord) -> None:
+    """What can be refused about a record without the database: the same rules as a payment, and
+    the device's time is required."""
+    check_idempotency_key(record.idempotency_key)
+    check_pay_legs(list(record.legs))
+    if any(leg.account_id == record.merchant_account_id for leg in record.legs):
+        raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
+    check_text(record.device_id, what="device_id", max_chars=MAX_ID_CHARS, required=True)
+    check_text(record.external_ref, what="external_ref", max_chars=MAX_REF_CHARS)
+    if record.event_time is None:
+        raise InvalidArgument("an offline record needs the device's event_time", reason="EVENT_TIME_REQUIRED")
+
+
+def offline_cover(*, legs: tuple[PayLeg, ...], available: dict[uuid.UUID, int]) -> tuple[list[Posting], int]:
+    """What each purse gives to an offline payment: its leg, or what it has left if that is less
+    (never below zero), and the total it could not give (the shortfall). ``available`` is updated.
+    Frozen and closed purses give what they have too: the money was handed over already."""
+    postings: list[Posting] = []
+    shortfall = 0
+    for leg in legs:
+        has = max(available.get(leg.account_id, 0), 0)
+        take = min(has, leg.amount_fen)
+        if take:
+            postings.append(Posting(leg.account_id, -take))
+            available[leg.account_id] = has - take
+        shortfall += leg.amount_fen - take
+    return postings, shortfall
+
+
+# --- statements -----------------------------------------------------------------------------
+
+DEFAULT_TIME_ZONE = "Asia/Shanghai"
+DEFAULT_STATEMENT_PAGE = 500
+MAX_STATEMENT_PAGE = 5000
+# The kinds that move a merchant's money: they are a statement's lines.
+STATEMENT_KINDS = (TransferKind.PAYMENT, TransferKind.REFUND, TransferKind.CAPTURE, TransferKind.OFFLINE_SETTLEMENT)
+
+
+@dataclass(frozen=True)
+class StatementTotals:
+    payments: int = 0
+    payments_fen: int = 0
+    refunds: int = 0
+    refunds_fen: int = 0
+    offline_settlements: int = 0
+    captures: int = 0
+
+    @property
+    def net_fen(self) -> int:
+        return self.payments_fen - self.refunds_fen
+
+
+def statement_day(day_text: str, time_zone: str) -> tuple[datetime, datetime]:
+    """The day's bounds [start, end) as aware datetimes, in the named zone (DST-safe: the next
+    day's midnight, not start + 24 h)."""
+    name = time_zone or DEFAULT_TIME_ZONE
+    try:
+        zone = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidArgument(f"unknown time zone {name!r}", reason="INVALID_TIME_ZONE") from None
+    try:
+        day = date.fromisoformat(day_text)
+    except (ValueError, TypeError):
+        raise InvalidArgument("date must be YYYY-MM-DD", reason="INVALID_DATE") from None
+    if len(day_text) != 10:
+        raise InvalidArgument("date must be YYYY-MM-DD", reason="INVALID_DATE")
+    start = datetime(day.year, day.month, day.day, tzinfo=zone)
+    following = day + timedelta(days=1)
+    end = datetime(following.year, following.month, following.day, tzinfo=zone)
+    return start, end
+
+
+def statement_page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
+    return min(requested or DEFAULT_STATEMENT_PAGE, MAX_STATEMENT_PAGE)
+
+
+@dataclass(frozen=True)
+class NewTransfer:
+    """A transfer to book in a batch with others (grants, expiries, offline records)."""
+
+    kind: TransferKind
+    idempotency_key: str
+    amount_fen: int
+    postings: tuple[Posting, ...]
+    event_time: datetime | None = None
+    merchant_account_id: uuid.UUID | None = None
+    device_id: str = ""
+    external_ref: str = ""

@@ -8,31 +8,51 @@ is saved in the same transaction as the transfer.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from runtime.errors import InvalidArgument
+import asyncpg
+
+from runtime.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from runtime.events import PendingEvent
+from runtime.logs import get_logger
 from services.ledger import domain
 from services.ledger.domain import (
     MEMBER_PURSES,
+    Account,
     AccountBalance,
     AccountStatus,
+    GrantBatch,
+    GrantBatchStatus,
+    GrantRow,
+    GrantRowResult,
+    GrantRowStatus,
     Guard,
     Hold,
     HoldStatus,
     OwnerKind,
+    NewTransfer,
+    OfflineOutcome,
+    OfflineRecord,
+    OfflineResult,
     PayLeg,
     Posting,
+    Program,
+    ProgramStatus,
     PurseKind,
+    StatementTotals,
     Transfer,
     TransferKind,
     TrialBalance,
     WriteResult,
 )
-from services.ledger.store import LedgerStore, TenantTx, event_data
+from services.ledger.store import LedgerStore, TenantTx, account_data, event_data
+
+log = get_logger(__name__)
+_T = TypeVar("_T")
 
 SUBJECT_TRANSFER_POSTED = "ledger.transfer.posted"
 SUBJECT_HOLD = {
@@ -41,7 +61,17 @@ SUBJECT_HOLD = {
     HoldStatus.VOIDED: "ledger.hold.voided",
     HoldStatus.EXPIRED: "ledger.hold.expired",
 }
+SUBJECT_FROZEN = "ledger.account.frozen"
+SUBJECT_UNFROZEN = "ledger.account.unfrozen"
+SUBJECT_SHORTFALL = "ledger.offline.shortfall"
+SUBJECT_BATCH_FINISHED = "ledger.grant_batch.finished"
+SUBJECT_PROGRAM_ENDED = "ledger.program.ended"
 _MERCHANT = frozenset({PurseKind.MERCHANT_SETTLEMENT})
+_FUNDING = frozenset({PurseKind.SUBSIDY_FUNDING})
+# A transaction PostgreSQL chose as a deadlock victim (or a serialization failure) is retried
+# whole: everything it did rolled back, so running it again is safe.
+_RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+_RETRIES = 3
 
 
 def _posted_event(transfer: Transfer, *, applied_guards: Sequence[tuple[Guard, int]] = ()) -> PendingEvent:
@@ -68,8 +98,10 @@ def _sharded(accounts: dict[uuid.UUID, AccountBalance]) -> set[uuid.UUID]:
 
 
 class Ledger:
-    def __init__(self, store: LedgerStore):
+    def __init__(self, store: LedgerStore, *, batch_started: asyncio.Event | None = None):
         self._store = store
+        # Set when a grant batch starts, so the background worker begins at once.
+        self.batch_started = batch_started or asyncio.Event()
 
     async def _idempotent(self, *, tenant_id: uuid.UUID, idempotency_key: str, operation: str,
                           request: dict[str, Any], body: Callable[[TenantTx], Awaitable[WriteResult]]) -> WriteResult:
@@ -100,9 +132,18 @@ class Ledger:
 
     async def set_status(self, *, tenant_id: uuid.UUID, account_id: uuid.UUID,
                          status: AccountStatus) -> AccountBalance:
+        """Freeze or unfreeze; an event only when the status really changed."""
         async with self._store.tenant_tx(tenant_id) as tx:
+            before = await tx.account(account_id, lock=True)
+            domain.check_status_change(before.account, status=status)
+            if before.account.status is status:
+                return before
             await tx.set_status(account_id, status=status)
-            return await tx.account(account_id)
+            after = await tx.account(account_id)
+            subject = SUBJECT_FROZEN if status is AccountStatus.FROZEN else SUBJECT_UNFROZEN
+            await tx.emit([PendingEvent(subject=subject, event_type=subject, tenant_id=str(tenant_id),
+                                        data=account_data(after.account))])
+            return after
 
     async def balances(self, *, tenant_id: uuid.UUID, account_ids: list[uuid.UUID],
                        owner: tuple[OwnerKind, str] | None) -> list[AccountBalance]:
@@ -339,6 +380,10 @@ class Ledger:
         async with self._store.tenant_read(tenant_id) as tx:
             return await tx.transfer(transfer_id)
 
+    async def transfers(self, *, tenant_id: uuid.UUID, transfer_ids: list[uuid.UUID]) -> list[Transfer]:
+        async with self._store.tenant_read(tenant_id) as tx:
+            return await tx.transfers(transfer_ids)
+
     async def hold(self, *, tenant_id: uuid.UUID, hold_id: uuid.UUID) -> Hold:
         async with self._store.tenant_read(tenant_id) as tx:
             return await tx.hold(hold_id)
@@ -370,3 +415,401 @@ class Ledger:
     async def trial_balance(self, *, tenant_id: uuid.UUID) -> TrialBalance:
         async with self._store.tenant_read(tenant_id) as tx:
             return await tx.trial_balance()
+
+    # --- subsidy programs -----------------------------------------------------------------------
+
+    async def define_program(self, *, tenant_id: uuid.UUID, purse_kind: PurseKind | None, ref: str,
+                             funding_account_id: uuid.UUID, ends_at: datetime | None) -> tuple[Program, bool]:
+        kind = domain.check_program_purse(purse_kind)
+        domain.check_program_ref(ref)
+        async with self._store.tenant_tx(tenant_id) as tx:
+            funding = await tx.account(funding_account_id)
+            domain.check_purse(funding.account, kinds=_FUNDING, what="funding_account")
+            created = await tx.insert_program(purse_kind=kind, ref=ref, funding_account_id=funding_account_id,
+                                              ends_at=ends_at)
+            if created is not None:
+                return created, True
+            existing = await tx.program(purse_kind=kind, ref=ref, lock="update")
+            domain.check_redefinition(existing, funding_account_id=funding_account_id)
+            if existing.ends_at == ends_at:
+                return existing, False
+            return await tx.update_program(purse_kind=kind, ref=ref, ends_at=ends_at, set_ends_at=True), False
+
+    async def program(self, *, tenant_id: uuid.UUID, purse_kind: PurseKind | None, ref: str) -> Program:
+        kind = domain.check_program_purse(purse_kind)
+        async with self._store.tenant_read(tenant_id) as tx:
+            return await tx.program(purse_kind=kind, ref=ref)
+
+    async def expire_program_chunk(self, *, tenant_id: uuid.UUID, purse_kind: PurseKind, ref: str) -> bool:
+        """Expire up to a chunk of the program's purses: each with money available gives it back
+        to the funding account in one SUBSIDY_EXPIRY transfer, and each is closed. True while
+        purses remain; the last call marks the program ended."""
+        async with self._store.tenant_tx(tenant_id) as tx:
+            # Held for the chunk: a grant (which takes it FOR SHARE) cannot slip in between.
+            program = await tx.program(purse_kind=purse_kind, ref=ref, lock="update")
+            now = await tx.now()
+            if program.status is ProgramStatus.ENDED or program.ends_at is None or program.ends_at > now:
+                return False
+            candidates = await tx.open_program_purses(purse_kind=purse_kind, ref=ref,
+                                                      limit=domain.EXPIRY_CHUNK_PURSES)
+            if not candidates:
+                ended = await tx.update_program(purse_kind=purse_kind, ref=ref, status=ProgramStatus.ENDED)
+                await tx.emit([PendingEvent(subject=SUBJECT_PROGRAM_ENDED, event_type=SUBJECT_PROGRAM_ENDED,
+                                            tenant_id=str(tenant_id), data=program_data(ended))])
+                return False
+            accounts = await tx.accounts([*candidates, program.funding_account_id], lock_unsharded=True)
+            items = []
+            for account_id in candidates:
+                left = accounts[account_id].balance.available_fen
+                if left > 0:
+                    items.append(NewTransfer(
+                        kind=TransferKind.SUBSIDY_EXPIRY, idempotency_key="", amount_fen=left,
+                        postings=(Posting(account_id, -left), Posting(program.funding_account_id, left)),
+                        external_ref=f"{purse_kind.value}:{ref}",
+                    ))
+            transfers = await tx.post_many(items, sharded=_sharded(accounts))
+            await tx.close_accounts(candidates)
+            await tx.update_program(purse_kind=purse_kind, ref=ref, status=ProgramStatus.ENDING,
+                                    expired_purses=len(items), expired_fen=sum(t.amount_fen for t in items))
+            await tx.emit([_posted_event(t) for t in transfers])
+            return True
+
+    async def expire_due_programs(self) -> int:
+        """End every program past its end date; the number of purse chunks done."""
+        chunks = 0
+        for tenant_id, purse_kind, ref in await self._store.due_programs():
+            while await self._retrying(lambda t=tenant_id, k=purse_kind, r=ref: self.expire_program_chunk(
+                    tenant_id=t, purse_kind=k, ref=r)):
+                chunks += 1
+        return chunks
+
+    async def clawback(self, *, tenant_id: uuid.UUID, idempotency_key: str, account_id: uuid.UUID,
+                       amount_fen: int, external_ref: str) -> WriteResult:
+        domain.check_text(external_ref, what="external_ref", max_chars=domain.MAX_REF_CHARS)
+        request = {"account": str(account_id), "amount_fen": amount_fen, "external_ref": external_ref}
+
+        async def body(tx: TenantTx) -> WriteResult:
+            purse = await tx.account(account_id)
+            domain.check_purse(purse.account, kinds=domain.PROGRAM_PURSES, what="account")
+            if purse.account.owner_kind is not OwnerKind.MEMBER:
+                raise InvalidArgument("a clawback takes from a member's purse", reason="WRONG_ACCOUNT_KIND")
+            program = await tx.program(purse_kind=purse.account.purse_kind, ref=purse.account.ref)
+            accounts = await tx.accounts([account_id, program.funding_account_id], lock_unsharded=True)
+            amount = domain.clawback_amount(requested_fen=amount_fen,
+                                            available_fen=accounts[account_id].balance.available_fen)
+            transfer = await tx.post(
+                kind=TransferKind.CLAWBACK, idempotency_key=idempotency_key, amount_fen=amount,
+                postings=[Posting(account_id, -amount), Posting(program.funding_account_id, amount)],
+                sharded=_sharded(accounts), event_time=None, external_ref=external_ref,
+            )
+            await tx.emit([_posted_event(transfer)])
+            return WriteResult(transfer_id=transfer.transfer_id,
+                               balances=await tx.balances([account_id, program.funding_account_id]))
+
+        return await self._idempotent(tenant_id=tenant_id, idempotency_key=idempotency_key, operation="clawback",
+                                      request=request, body=body)
+
+    # --- grant batches ------------------------------------------------------------------------
+
+    async def start_grant_batch(self, *, tenant_id: uuid.UUID, bill_number: str, purse_kind: PurseKind | None,
+                                ref: str, rows: list[GrantRow]) -> tuple[GrantBatch, bool]:
+        bill = domain.check_bill_number(bill_number)
+        kind = domain.check_program_purse(purse_kind)
+        domain.check_grant_rows(rows)
+        fingerprint = domain.fingerprint(operation="grant_batch", request={
+            "purse_kind": kind.value, "ref": ref, "rows": [[r.member_id, r.amount_fen] for r in rows]})
+        async with self._store.tenant_tx(tenant_id) as tx:
+            program = await tx.program(purse_kind=kind, ref=ref, lock="share")
+            created = await tx.insert_batch(batch_id=uuid.uuid4(), bill_number=bill, fingerprint=fingerprint,
+                                            purse_kind=kind, ref=ref, rows=rows)
+            if created is None:
+                found = await tx.batch(bill_number=bill)
+                assert found is not None, "the bill number's batch was there for the insert to conflict"
+                batch, stored = found
+                if stored != fingerprint:
+                    raise Conflict("this bill number was started with other rows", reason="BILL_NUMBER_REUSED",
+                                   metadata={"batch_id": str(batch.batch_id)})
+                return batch, False
+            # After the repeat check: the same bill answers its batch even once the program ended.
+            domain.check_program_active(program, now=await tx.now())
+        self.batch_started.set()
+        return created, True
+
+    async def grant_batch(self, *, tenant_id: uuid.UUID, batch_id: uuid.UUID | None,
+                          bill_number: str) -> GrantBatch:
+        async with self._store.tenant_read(tenant_id) as tx:
+            found = await tx.batch(batch_id=batch_id, bill_number=bill_number)
+        if found is None:
+            raise NotFound("no such grant batch", reason="BATCH_NOT_FOUND")
+        return found[0]
+
+    async def grant_batch_rows(self, *, tenant_id: uuid.UUID, batch_id: uuid.UUID, status: GrantRowStatus | None,
+                               page_size: int, page_token: str) -> tuple[list[GrantRowResult], str]:
+        limit = domain.rows_page_size(page_size)
+        after_line = domain.parse_page_token(page_token) or 0
+        async with self._store.tenant_read(tenant_id) as tx:
+            if await tx.batch(batch_id=batch_id) is None:
+                raise NotFound("no such grant batch", reason="BATCH_NOT_FOUND")
+            rows = await tx.batch_rows(batch_id, status=status, after_line=after_line, limit=limit + 1)
+        if len(rows) <= limit:
+            return rows, ""
+        return rows[:limit], domain.page_token(rows[limit - 1].line)
+
+    async def run_grant_chunk(self, *, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> bool:
+        """Settle the next chunk of a running batch in one transaction: its grants, its rows'
+        results and the batch's counters commit together, so a crash repeats a chunk whole or not
+        at all. True while rows remain (False also when another worker holds the batch)."""
+        async with self._store.tenant_tx(tenant_id) as tx:
+            found = await tx.batch(batch_id=batch_id, lock_running=True)
+            if found is None:
+                return False
+            batch = found[0]
+            program = await tx.program(purse_kind=batch.purse_kind, ref=batch.ref, lock="share")
+            pending = await tx.pending_rows(batch_id, limit=domain.GRANT_CHUNK_ROWS)
+            results = await self._grant_rows(tx, batch=batch, program=program, pending=pending)
+            await tx.finish_rows(batch_id, results)
+            granted = [r for r in results if r.status is GrantRowStatus.GRANTED]
+            after = await tx.advance_batch(batch_id, granted=len(granted), failed=len(results) - len(granted),
+                                           granted_fen=sum(r.amount_fen for r in granted))
+            if after.status is GrantBatchStatus.DONE:
+                await tx.emit([PendingEvent(subject=SUBJECT_BATCH_FINISHED, event_type=SUBJECT_BATCH_FINISHED,
+                                            tenant_id=str(tenant_id), data=batch_data(after))])
+                return False
+            return True
+
+    async def _grant_rows(self, tx: TenantTx, *, batch: GrantBatch, program: Program,
+                          pending: list[tuple[int, GrantRow]]) -> list[GrantRowResult]:
+        def failed(line: int, row: GrantRow, error: DomainError) -> GrantRowResult:
+            return GrantRowResult(line=line, member_id=row.member_id, amount_fen=row.amount_fen,
+                                  status=GrantRowStatus.FAILED, reason=error.reason, message=error.message)
+
+        try:
+            domain.check_program_active(program, now=await tx.now())
+        except DomainError as error:
+            return [failed(line, row, error) for line, row in pending]
+        keys = {line: domain.grant_key(batch.bill_number, line) for line, _ in pending}
+        fingerprints = {line: domain.fingerprint(operation="subsidy_grant", request={
+            "batch": str(batch.batch_id), "line": line, "member": row.member_id, "amount_fen": row.amount_fen})
+            for line, row in pending}
+        claimed, _ = await tx.claim_keys([(keys[line], "subsidy_grant", fingerprints[line]) for line, _ in pending])
+        purses = await tx.open_member_purses(owner_ids=[row.member_id for _, row in pending],
+                                             purse_kind=program.purse_kind, ref=program.ref)
+        funding_id = program.funding_account_id
+        accounts = await tx.accounts([*purses.values(), funding_id], lock_unsharded=True)
+        funding = accounts[funding_id]
+        funding_left = funding.balance.available_fen
+        results: dict[int, GrantRowResult] = {}
+        items: list[tuple[int, NewTransfer]] = []
+        for line, row in pending:
+            purse = accounts[purses[row.member_id]]
+            try:
+                if keys[line] not in claimed:
+                    raise Conflict("the row's idempotency key is taken by another write",
+                                   reason="IDEMPOTENCY_KEY_REUSED")
+                domain.check_may_receive(purse.account)
+                domain.check_may_receive(funding.account)
+                if funding.account.no_overdraft and funding_left < row.amount_fen:
+                    raise FailedPrecondition("the funding account cannot cover this grant", reason="INSUFFICIENT_FUNDS")
+            except DomainError as error:
+                results[line] = failed(line, row, error)
+                continue
+            funding_left -= row.amount_fen
+            items.append((line, NewTransfer(
+                kind=TransferKind.SUBSIDY_GRANT, idempotency_key=keys[line], amount_fen=row.amount_fen,
+                postings=(Posting(funding_id, -row.amount_fen), Posting(purse.account.account_id, row.amount_fen)),
+                external_ref=batch.bill_number,
+            )))
+        await tx.release_keys([keys[line] for line in results if keys[line] in claimed])
+        transfers = await tx.post_many([item for _, item in items], sharded=_sharded(accounts))
+        for (line, item), transfer in zip(items, transfers, strict=True):
+            purse_id = item.postings[1].account_id
+            results[line] = GrantRowResult(line=line, member_id=dict(pending)[line].member_id,
+                                           amount_fen=item.amount_fen, status=GrantRowStatus.GRANTED,
+                                           transfer_id=transfer.transfer_id, account_id=purse_id)
+        await tx.save_results({item.idempotency_key: WriteResult(transfer_id=t.transfer_id, balances=())
+                               for (_, item), t in zip(items, transfers, strict=True)})
+        await tx.emit([_posted_event(t) for t in transfers])
+        return [results[line] for line, _ in pending]
+
+    async def run_grant_batches(self) -> int:
+        """Work every running batch to its end; the number of chunks done."""
+        chunks = 0
+        for tenant_id, batch_id in await self._store.running_batches():
+            while await self._retrying(lambda t=tenant_id, b=batch_id: self.run_grant_chunk(tenant_id=t, batch_id=b)):
+                chunks += 1
+        return chunks
+
+    # --- offline settlement -------------------------------------------------------------------
+
+    async def settle_offline(self, *, tenant_id: uuid.UUID, records: list[OfflineRecord]) -> list[OfflineResult]:
+        """Book each record once (see the proto). Records are checked alone first; the valid ones
+        are booked together in one transaction in the order of their device time."""
+        if not 1 <= len(records) <= domain.MAX_OFFLINE_RECORDS:
+            raise InvalidArgument(f"give 1..{domain.MAX_OFFLINE_RECORDS} records", reason="INVALID_RECORD_COUNT")
+        results: list[OfflineResult | None] = [None] * len(records)
+        first: dict[str, int] = {}
+        for i, record in enumerate(records):
+            try:
+                domain.check_offline_record(record)
+            except DomainError as error:
+                results[i] = OfflineResult(idempotency_key=record.idempotency_key, outcome=OfflineOutcome.REJECTED,
+                                           reason=error.reason, message=error.message)
+                continue
+            first.setdefault(record.idempotency_key, i)
+        booked = await self._retrying(lambda: self._settle_offline_tx(
+            tenant_id=tenant_id, records={i: records[i] for i in first.values()}))
+        for i, record in enumerate(records):
+            if results[i] is not None:
+                continue
+            j = first[record.idempotency_key]
+            if i == j:
+                results[i] = booked[i]
+            elif record.request() == records[j].request() and booked[j].transfer_id is not None:
+                results[i] = OfflineResult(idempotency_key=record.idempotency_key, outcome=OfflineOutcome.DUPLICATE,
+                                           transfer_id=booked[j].transfer_id, shortfall_fen=booked[j].shortfall_fen)
+            else:
+                results[i] = OfflineResult(idempotency_key=record.idempotency_key, outcome=OfflineOutcome.REJECTED,
+                                           reason="IDEMPOTENCY_KEY_REUSED",
+                                           message="this idempotency key was used for a different record")
+        return [r for r in results if r is not None]
+
+    async def _settle_offline_tx(self, *, tenant_id: uuid.UUID,
+                                 records: dict[int, OfflineRecord]) -> dict[int, OfflineResult]:
+        out: dict[int, OfflineResult] = {}
+        if not records:
+            return out
+        fingerprints = {i: domain.fingerprint(operation="settle_offline", request=r.request())
+                        for i, r in records.items()}
+        async with self._store.tenant_tx(tenant_id) as tx:
+            claimed, seen = await tx.claim_keys([(r.idempotency_key, "settle_offline", fingerprints[i])
+                                                 for i, r in records.items()])
+            repeats = {i: seen[r.idempotency_key] for i, r in records.items() if r.idempotency_key not in claimed}
+            earlier = await tx.shortfall_by_transfer([s[2].transfer_id for s in repeats.values() if s[2] is not None])
+            for i, (operation, stored, result) in repeats.items():
+                if operation == "settle_offline" and stored == fingerprints[i] and result is not None:
+                    out[i] = OfflineResult(idempotency_key=records[i].idempotency_key,
+                                           outcome=OfflineOutcome.DUPLICATE, transfer_id=result.transfer_id,
+                                           shortfall_fen=earlier.get(result.transfer_id, 0))
+                else:
+                    out[i] = OfflineResult(idempotency_key=records[i].idempotency_key,
+                                           outcome=OfflineOutcome.REJECTED, reason="IDEMPOTENCY_KEY_REUSED",
+                                           message="this idempotency key was used for a different request")
+            todo = sorted((i for i in records if i not in out),
+                          key=lambda i: (records[i].event_time, records[i].idempotency_key))
+            ids = {leg.account_id for i in todo for leg in records[i].legs} | {records[i].merchant_account_id
+                                                                                  for i in todo}
+            accounts = await tx.accounts(sorted(ids), lock_unsharded=True, missing_ok=True)
+            available = {a: ab.balance.available_fen for a, ab in accounts.items() if not ab.account.sharded}
+            receivables: dict[str, AccountBalance] = {}
+            items: list[tuple[int, NewTransfer, str, int]] = []
+            for i in todo:
+                record = records[i]
+                try:
+                    payers = self._offline_accounts(record, accounts)
+                except DomainError as error:
+                    out[i] = OfflineResult(idempotency_key=record.idempotency_key, outcome=OfflineOutcome.REJECTED,
+                                           reason=error.reason, message=error.message)
+                    continue
+                member_id = payers[0].owner_id
+                postings, shortfall = domain.offline_cover(legs=record.legs, available=available)
+                if shortfall:
+                    if member_id not in receivables:
+                        receivables[member_id] = await tx.open_receivable(member_id)
+                    postings.append(Posting(receivables[member_id].account.account_id, -shortfall))
+                total = sum(leg.amount_fen for leg in record.legs)
+                postings.append(Posting(record.merchant_account_id, total))
+                items.append((i, NewTransfer(
+                    kind=TransferKind.OFFLINE_SETTLEMENT, idempotency_key=record.idempotency_key, amount_fen=total,
+                    postings=tuple(postings), event_time=record.event_time,
+                    merchant_account_id=record.merchant_account_id, device_id=record.device_id,
+                    external_ref=record.external_ref), member_id, shortfall))
+            await tx.release_keys([records[i].idempotency_key for i, r in out.items()
+                                   if r.outcome is OfflineOutcome.REJECTED and records[i].idempotency_key in claimed])
+            sharded = _sharded(accounts) | {ab.account.account_id for ab in receivables.values()}
+            transfers = await tx.post_many([item for _, item, _, _ in items], sharded=sharded)
+            await tx.record_payments([(t.transfer_id, t.amount_fen) for t in transfers])
+            shortfalls = [(t.transfer_id, member_id, receivables[member_id].account.account_id, shortfall)
+                          for (_, _, member_id, shortfall), t in zip(items, transfers, strict=True) if shortfall]
+            await tx.record_shortfalls(shortfalls)
+            await tx.save_results({t.idempotency_key: WriteResult(transfer_id=t.transfer_id, balances=())
+                                   for t in transfers})
+            events = [_posted_event(t) for t in transfers]
+            short_by_transfer = {s[0]: s for s in shortfalls}
+            for t in transfers:
+                if t.transfer_id in short_by_transfer:
+                    _, member_id, receivable_id, fen = short_by_transfer[t.transfer_id]
+                    events.append(PendingEvent(
+                        subject=SUBJECT_SHORTFALL, event_type=SUBJECT_SHORTFALL, tenant_id=str(tenant_id),
+                        data=event_data(t, member_id=member_id, receivable_account_id=str(receivable_id),
+                                        shortfall_fen=fen)))
+            await tx.emit(events)
+            for (i, _, _, shortfall), t in zip(items, transfers, strict=True):
+                out[i] = OfflineResult(idempotency_key=t.idempotency_key,
+                                       outcome=OfflineOutcome.SHORTFALL if shortfall else OfflineOutcome.BOOKED,
+                                       transfer_id=t.transfer_id, shortfall_fen=shortfall)
+        return out
+
+    @staticmethod
+    def _offline_accounts(record: OfflineRecord, accounts: dict[uuid.UUID, AccountBalance]) -> list[Account]:
+        """The record's paying purses, after the checks a payment makes except funds and status."""
+        for account_id in [record.merchant_account_id, *(leg.account_id for leg in record.legs)]:
+            if account_id not in accounts:
+                raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND",
+                               metadata={"account_id": str(account_id)})
+        domain.check_purse(accounts[record.merchant_account_id].account, kinds=_MERCHANT, what="merchant_account")
+        payers = [accounts[leg.account_id].account for leg in record.legs]
+        domain.check_one_member(payers)
+        if payers[0].owner_kind is not OwnerKind.MEMBER:
+            raise InvalidArgument("offline payments come from members' purses", reason="WRONG_ACCOUNT_KIND")
+        return payers
+
+    # --- statements ---------------------------------------------------------------------------
+
+    async def statement(self, *, tenant_id: uuid.UUID, merchant_account_id: uuid.UUID | None, device_id: str,
+                        day: str, time_zone: str, page_size: int, page_token: str,
+                        ) -> tuple[StatementTotals, list[tuple[Transfer, int]], str, datetime, datetime]:
+        if (merchant_account_id is None) == (not device_id):
+            raise InvalidArgument("give one of merchant_account_id and device_id", reason="INVALID_QUERY")
+        start, end = domain.statement_day(day, time_zone)
+        limit = domain.statement_page_size(page_size)
+        after_seq = domain.parse_page_token(page_token)
+        async with self._store.tenant_read(tenant_id) as tx:
+            if merchant_account_id is not None:
+                merchant = await tx.account(merchant_account_id)
+                domain.check_purse(merchant.account, kinds=_MERCHANT, what="merchant_account")
+            totals = await tx.statement_totals(merchant_account_id=merchant_account_id, device_id=device_id,
+                                               start=start, end=end)
+            lines = await tx.statement_lines(merchant_account_id=merchant_account_id, device_id=device_id,
+                                             start=start, end=end, after_seq=after_seq, limit=limit + 1)
+        token = ""
+        if len(lines) > limit:
+            lines = lines[:limit]
+            token = domain.page_token(lines[-1][2])
+        return totals, [(t, fen) for t, fen, _ in lines], token, start, end
+
+    # --- retries ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _retrying(work: Callable[[], Awaitable[_T]]) -> _T:
+        for attempt in range(_RETRIES):
+            try:
+                return await work()
+            except _RETRYABLE:
+                if attempt == _RETRIES - 1:
+                    raise
+                log.info("ledger transaction retried after a deadlock or serialization failure", attempt=attempt + 1)
+        raise AssertionError("unreachable")
+
+
+def program_data(program: Program) -> dict[str, Any]:
+    return {"tenant_id": str(program.tenant_id), "purse_kind": program.purse_kind.value, "ref": program.ref,
+            "funding_account_id": str(program.funding_account_id), "status": program.status.value,
+            "ends_at": program.ends_at.isoformat() if program.ends_at else None,
+            "expired_purses": program.expired_purses, "expired_fen": program.expired_fen}
+
+
+def batch_data(batch: GrantBatch) -> dict[str, Any]:
+    return {"tenant_id": str(batch.tenant_id), "batch_id": str(batch.batch_id), "bill_number": batch.bill_number,
+            "purse_kind": batch.purse_kind.value, "ref": batch.ref, "status": batch.status.value,
+            "total_rows": batch.total_rows, "granted_rows": batch.granted_rows, "failed_rows": batch.failed_rows,
+            "granted_fen": batch.granted_fen}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -10,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
-from runtime.errors import InvalidArgument
+from runtime.errors import InvalidArgument, NotFound
 from runtime.grpc_server import ServiceApp
 from runtime.wire import timestamp_pb
 from services.ledger import domain
@@ -18,6 +19,14 @@ from services.ledger.domain import (
     AccountBalance,
     AccountStatus,
     Balance,
+    GrantBatch,
+    GrantBatchStatus,
+    GrantRow,
+    GrantRowStatus,
+    OfflineOutcome,
+    OfflineRecord,
+    Program,
+    ProgramStatus,
     Guard,
     Hold,
     HoldStatus,
@@ -48,7 +57,8 @@ _PURSE = {
     PurseKind.RECEIVABLE: pb.PURSE_KIND_RECEIVABLE,
 }
 _PURSE_FROM_PB = {v: k for k, v in _PURSE.items()}
-_STATUS = {AccountStatus.OPEN: pb.ACCOUNT_STATUS_OPEN, AccountStatus.FROZEN: pb.ACCOUNT_STATUS_FROZEN}
+_STATUS = {AccountStatus.OPEN: pb.ACCOUNT_STATUS_OPEN, AccountStatus.FROZEN: pb.ACCOUNT_STATUS_FROZEN,
+           AccountStatus.CLOSED: pb.ACCOUNT_STATUS_CLOSED}
 _TRANSFER_KIND = {
     TransferKind.TOP_UP: pb.TRANSFER_KIND_TOP_UP,
     TransferKind.PAYMENT: pb.TRANSFER_KIND_PAYMENT,
@@ -58,6 +68,27 @@ _TRANSFER_KIND = {
     TransferKind.VOID: pb.TRANSFER_KIND_VOID,
     TransferKind.EXPIRY: pb.TRANSFER_KIND_EXPIRY,
     TransferKind.SUBSIDY_GRANT: pb.TRANSFER_KIND_SUBSIDY_GRANT,
+    TransferKind.SUBSIDY_EXPIRY: pb.TRANSFER_KIND_SUBSIDY_EXPIRY,
+    TransferKind.CLAWBACK: pb.TRANSFER_KIND_CLAWBACK,
+    TransferKind.OFFLINE_SETTLEMENT: pb.TRANSFER_KIND_OFFLINE_SETTLEMENT,
+}
+_PROGRAM_STATUS = {
+    ProgramStatus.ACTIVE: pb.PROGRAM_STATUS_ACTIVE,
+    ProgramStatus.ENDING: pb.PROGRAM_STATUS_ENDING,
+    ProgramStatus.ENDED: pb.PROGRAM_STATUS_ENDED,
+}
+_BATCH_STATUS = {GrantBatchStatus.RUNNING: pb.GRANT_BATCH_STATUS_RUNNING, GrantBatchStatus.DONE: pb.GRANT_BATCH_STATUS_DONE}
+_ROW_STATUS = {
+    GrantRowStatus.PENDING: pb.GRANT_ROW_STATUS_PENDING,
+    GrantRowStatus.GRANTED: pb.GRANT_ROW_STATUS_GRANTED,
+    GrantRowStatus.FAILED: pb.GRANT_ROW_STATUS_FAILED,
+}
+_ROW_STATUS_FROM_PB = {v: k for k, v in _ROW_STATUS.items()}
+_OUTCOME = {
+    OfflineOutcome.BOOKED: pb.OFFLINE_OUTCOME_BOOKED,
+    OfflineOutcome.SHORTFALL: pb.OFFLINE_OUTCOME_SHORTFALL,
+    OfflineOutcome.DUPLICATE: pb.OFFLINE_OUTCOME_DUPLICATE,
+    OfflineOutcome.REJECTED: pb.OFFLINE_OUTCOME_REJECTED,
 }
 _HOLD_STATUS = {
     HoldStatus.PENDING: pb.HOLD_STATUS_PENDING,
@@ -115,12 +146,13 @@ def _text(value: str, *, what: str) -> str:
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, *, app: ServiceApp):
+    def __init__(self, *, app: ServiceApp, batch_started: asyncio.Event):
         self._app = app
+        self._batch_started = batch_started
 
     @property
     def _ledger(self) -> Ledger:
-        return Ledger(LedgerStore(self._app.pool))
+        return Ledger(LedgerStore(self._app.pool), batch_started=self._batch_started)
 
     async def _answer(self, tenant_id: uuid.UUID, result: WriteResult) -> tuple[pb.Transfer, list[pb.Balance]]:
         transfer = await self._ledger.transfer(tenant_id=tenant_id, transfer_id=result.transfer_id)
@@ -270,3 +302,135 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         counters = await self._ledger.usage_counters(tenant_id=_tenant(request.tenant_id),
                                                      counter_keys=list(request.counter_keys))
         return pb.GetUsageCountersResponse(counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in counters])
+
+    # --- programs, grants, clawbacks ------------------------------------------------------------
+
+    async def DefineProgram(self, request: pb.DefineProgramRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.DefineProgramResponse:
+        program, created = await self._ledger.define_program(
+            tenant_id=_tenant(request.tenant_id), purse_kind=_PURSE_FROM_PB.get(request.purse_kind), ref=request.ref,
+            funding_account_id=domain.parse_account_ref(request.funding_account_id),
+            ends_at=_event_time(request.HasField("ends_at"), request.ends_at),
+        )
+        return pb.DefineProgramResponse(program=program_pb(program), created=created)
+
+    async def GetProgram(self, request: pb.GetProgramRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.GetProgramResponse:
+        program = await self._ledger.program(tenant_id=_tenant(request.tenant_id),
+                                             purse_kind=_PURSE_FROM_PB.get(request.purse_kind), ref=request.ref)
+        return pb.GetProgramResponse(program=program_pb(program))
+
+    async def StartGrantBatch(self, request: pb.StartGrantBatchRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.StartGrantBatchResponse:
+        batch, created = await self._ledger.start_grant_batch(
+            tenant_id=_tenant(request.tenant_id), bill_number=request.bill_number,
+            purse_kind=_PURSE_FROM_PB.get(request.purse_kind), ref=request.ref,
+            rows=[GrantRow(member_id=r.member_id, amount_fen=r.amount_fen) for r in request.rows],
+        )
+        return pb.StartGrantBatchResponse(batch=batch_pb(batch), created=created)
+
+    async def GetGrantBatch(self, request: pb.GetGrantBatchRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.GetGrantBatchResponse:
+        if bool(request.batch_id) == bool(request.bill_number):
+            raise InvalidArgument("give one of batch_id and bill_number", reason="INVALID_QUERY")
+        batch = await self._ledger.grant_batch(
+            tenant_id=_tenant(request.tenant_id),
+            batch_id=_batch_id(request.batch_id) if request.batch_id else None, bill_number=request.bill_number,
+        )
+        return pb.GetGrantBatchResponse(batch=batch_pb(batch))
+
+    async def ListGrantBatchRows(self, request: pb.ListGrantBatchRowsRequest, context: grpc.aio.ServicerContext
+                                 ) -> pb.ListGrantBatchRowsResponse:
+        if request.status and request.status not in _ROW_STATUS_FROM_PB:
+            raise InvalidArgument("unknown row status", reason="INVALID_STATUS")
+        rows, token = await self._ledger.grant_batch_rows(
+            tenant_id=_tenant(request.tenant_id), batch_id=_batch_id(request.batch_id),
+            status=_ROW_STATUS_FROM_PB.get(request.status), page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListGrantBatchRowsResponse(next_page_token=token, rows=[pb.GrantRowResult(
+            line=r.line, member_id=r.member_id, amount_fen=r.amount_fen, status=_ROW_STATUS[r.status],
+            transfer_id=str(r.transfer_id or ""), account_id=str(r.account_id or ""), reason=r.reason,
+            message=r.message) for r in rows])
+
+    async def Clawback(self, request: pb.ClawbackRequest, context: grpc.aio.ServicerContext) -> pb.ClawbackResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.clawback(
+            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            account_id=domain.parse_account_ref(request.account_id), amount_fen=request.amount_fen,
+            external_ref=request.external_ref,
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.ClawbackResponse(transfer=transfer, balances=balances)
+
+    # --- offline settlement and statements ------------------------------------------------------
+
+    async def SettleOffline(self, request: pb.SettleOfflineRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.SettleOfflineResponse:
+        tenant_id = _tenant(request.tenant_id)
+        records = [_offline_record(r) for r in request.records]
+        results = await self._ledger.settle_offline(tenant_id=tenant_id, records=records)
+        ids = [r.transfer_id for r in results if r.transfer_id is not None]
+        transfers = {t.transfer_id: t for t in await self._ledger.transfers(tenant_id=tenant_id, transfer_ids=ids)}
+        return pb.SettleOfflineResponse(results=[pb.OfflineResult(
+            idempotency_key=r.idempotency_key, outcome=_OUTCOME[r.outcome], shortfall_fen=r.shortfall_fen,
+            reason=r.reason, message=r.message,
+            transfer=transfer_pb(transfers[r.transfer_id]) if r.transfer_id is not None else None,
+        ) for r in results])
+
+    async def GetStatement(self, request: pb.GetStatementRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.GetStatementResponse:
+        totals, lines, token, start, end = await self._ledger.statement(
+            tenant_id=_tenant(request.tenant_id),
+            merchant_account_id=domain.parse_account_ref(request.merchant_account_id)
+            if request.merchant_account_id else None,
+            device_id=_text(request.device_id, what="device_id"), day=request.date, time_zone=request.time_zone,
+            page_size=request.page_size, page_token=request.page_token,
+        )
+        return pb.GetStatementResponse(
+            totals=pb.StatementTotals(payments=totals.payments, payments_fen=totals.payments_fen,
+                                      refunds=totals.refunds, refunds_fen=totals.refunds_fen,
+                                      offline_settlements=totals.offline_settlements, captures=totals.captures,
+                                      net_fen=totals.net_fen),
+            lines=[pb.StatementLine(transfer=transfer_pb(t), merchant_fen=fen) for t, fen in lines],
+            next_page_token=token, day_start=timestamp_pb(start), day_end=timestamp_pb(end),
+        )
+
+
+def _batch_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound("no such grant batch", reason="BATCH_NOT_FOUND") from None
+
+
+def _offline_record(r: pb.OfflineRecord) -> OfflineRecord:
+    """A record as the domain checks it; an id that is not even a UUID becomes one no account has,
+    so the record is refused alone (ACCOUNT_NOT_FOUND) instead of failing the whole call."""
+    return OfflineRecord(
+        idempotency_key=r.idempotency_key, merchant_account_id=_uuid_or_nil(r.merchant_account_id),
+        legs=tuple(PayLeg(account_id=_uuid_or_nil(leg.account_id), amount_fen=leg.amount_fen) for leg in r.legs),
+        device_id=r.device_id, external_ref=r.external_ref, event_time=_event_time(r.HasField("event_time"), r.event_time),
+    )
+
+
+def _uuid_or_nil(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return uuid.UUID(int=0)
+
+
+def program_pb(p: Program) -> pb.Program:
+    return pb.Program(tenant_id=str(p.tenant_id), purse_kind=_PURSE[p.purse_kind], ref=p.ref,
+                      funding_account_id=str(p.funding_account_id),
+                      ends_at=timestamp_pb(p.ends_at) if p.ends_at else None, status=_PROGRAM_STATUS[p.status],
+                      expired_purses=p.expired_purses, expired_fen=p.expired_fen)
+
+
+def batch_pb(b: GrantBatch) -> pb.GrantBatch:
+    return pb.GrantBatch(tenant_id=str(b.tenant_id), batch_id=str(b.batch_id), bill_number=b.bill_number,
+                         purse_kind=_PURSE[b.purse_kind], ref=b.ref, status=_BATCH_STATUS[b.status],
+                         total_rows=b.total_rows, done_rows=b.done_rows, granted_rows=b.granted_rows,
+                         failed_rows=b.failed_rows, granted_fen=b.granted_fen, created_at=timestamp_pb(b.created_at),
+                         finished_at=timestamp_pb(b.finished_at) if b.finished_at else None)

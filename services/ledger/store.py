@@ -25,6 +25,16 @@ from runtime.errors import NotFound
 from runtime.events import PendingEvent, emit_many
 from services.ledger.domain import (
     SHARD_COUNT,
+    STATEMENT_KINDS,
+    GrantBatch,
+    GrantBatchStatus,
+    GrantRow,
+    GrantRowResult,
+    GrantRowStatus,
+    NewTransfer,
+    Program,
+    ProgramStatus,
+    StatementTotals,
     Account,
     AccountBalance,
     AccountStatus,
@@ -48,6 +58,10 @@ _POSTED = ("(a.posted_fen + COALESCE((SELECT sum(s.posted_fen) FROM account_shar
            " WHERE s.account_id = a.account_id), 0))::bigint")
 _TRANSFER_COLUMNS = ("tenant_id, transfer_id, seq, kind, idempotency_key, amount_fen, merchant_account_id, device_id,"
                      " external_ref, original_transfer_id, event_time, booked_at")
+_PROGRAM_COLUMNS = ("tenant_id, purse_kind, ref, funding_account_id, ends_at, status, expired_purses,"
+                    " expired_fen")
+_BATCH_COLUMNS = ("tenant_id, batch_id, bill_number, purse_kind, ref, status, total_rows, done_rows, granted_rows,"
+                  " failed_rows, granted_fen, created_at, finished_at")
 _HOLD_COLUMNS = "hold_id, account_id, merchant_account_id, amount_fen, status, expires_at, settled_by_transfer_id"
 
 
@@ -68,6 +82,24 @@ def _hold(row: asyncpg.Record) -> Hold:
         hold_id=row["hold_id"], account_id=row["account_id"], merchant_account_id=row["merchant_account_id"],
         amount_fen=row["amount_fen"], status=HoldStatus(row["status"]), expires_at=row["expires_at"],
         settled_by_transfer_id=row["settled_by_transfer_id"],
+    )
+
+
+def _program(row: asyncpg.Record) -> Program:
+    return Program(
+        tenant_id=row["tenant_id"], purse_kind=PurseKind(row["purse_kind"]), ref=row["ref"],
+        funding_account_id=row["funding_account_id"], ends_at=row["ends_at"], status=ProgramStatus(row["status"]),
+        expired_purses=row["expired_purses"], expired_fen=row["expired_fen"],
+    )
+
+
+def _batch(row: asyncpg.Record) -> GrantBatch:
+    return GrantBatch(
+        tenant_id=row["tenant_id"], batch_id=row["batch_id"], bill_number=row["bill_number"],
+        purse_kind=PurseKind(row["purse_kind"]), ref=row["ref"], status=GrantBatchStatus(row["status"]),
+        total_rows=row["total_rows"], done_rows=row["done_rows"], granted_rows=row["granted_rows"],
+        failed_rows=row["failed_rows"], granted_fen=row["granted_fen"], created_at=row["created_at"],
+        finished_at=row["finished_at"],
     )
 
 
@@ -139,10 +171,11 @@ class TenantTx:
         )
         return _account(row), False
 
-    async def accounts(self, account_ids: list[uuid.UUID], *, lock_unsharded: bool = False
-                       ) -> dict[uuid.UUID, AccountBalance]:
-        """The accounts with their balances; NotFound names the first one missing. With
-        ``lock_unsharded`` the member purses among them are locked in ascending id order."""
+    async def accounts(self, account_ids: list[uuid.UUID], *, lock_unsharded: bool = False,
+                       missing_ok: bool = False) -> dict[uuid.UUID, AccountBalance]:
+        """The accounts with their balances; NotFound names the first one missing (unless
+        ``missing_ok``: then only those found). With ``lock_unsharded`` the member purses among
+        them are locked in ascending id order."""
         ids = sorted(set(account_ids))
         if lock_unsharded:
             # Locks only rows that cannot be sharded: merchants stay free for other payments.
@@ -157,6 +190,8 @@ class TenantTx:
             self.tenant_id, ids,
         )
         found = {r["account_id"]: AccountBalance(account=_account(r), balance=_balance(r)) for r in rows}
+        if missing_ok:
+            return found
         for account_id in account_ids:
             if account_id not in found:
                 raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND", metadata={"account_id": str(account_id)})
@@ -232,6 +267,13 @@ class TenantTx:
         )
         return _transfer(row, list(postings))
 
+    async def transfers(self, transfer_ids: list[uuid.UUID]) -> list[Transfer]:
+        rows = await self.conn.fetch(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE tenant_id = $1 AND transfer_id = ANY($2::uuid[])",
+            self.tenant_id, transfer_ids,
+        )
+        return await self._with_postings(list(rows))
+
     async def transfer_by_key(self, idempotency_key: str) -> Transfer | None:
         transfer_id = await self.conn.fetchval(
             "SELECT transfer_id FROM transfers WHERE tenant_id = $1 AND idempotency_key = $2",
@@ -247,15 +289,7 @@ class TenantTx:
             " AND ($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4) ORDER BY seq DESC",
             account_id, self.tenant_id, before_seq, limit,
         )
-        legs = await self.conn.fetch(
-            "SELECT transfer_id, account_id, amount_fen, pending_fen FROM postings WHERE transfer_id = ANY($1::uuid[])"
-            " ORDER BY transfer_id, leg",
-            [r["transfer_id"] for r in rows],
-        )
-        by_transfer: dict[uuid.UUID, list[asyncpg.Record]] = {}
-        for leg in legs:
-            by_transfer.setdefault(leg["transfer_id"], []).append(leg)
-        return [_transfer(r, by_transfer.get(r["transfer_id"], [])) for r in rows]
+        return await self._with_postings(list(rows))
 
     async def transfer_seq(self, transfer_id: uuid.UUID) -> int:
         return await self.conn.fetchval("SELECT seq FROM transfers WHERE transfer_id = $1", transfer_id)
@@ -384,6 +418,327 @@ class TenantTx:
         return TrialBalance(postings_sum_fen=postings_sum, balances_sum_fen=sum(t.posted_fen for t in totals),
                             totals=totals)
 
+    # --- batches of transfers -----------------------------------------------------------------
+
+    async def claim_keys(self, claims: list[tuple[str, str, bytes]]
+                         ) -> tuple[set[str], dict[str, tuple[str, bytes, WriteResult | None]]]:
+        """Claim many keys in one statement, in ascending key order (the lock order of keys):
+        the keys claimed now, and for the others what they were claimed for."""
+        claims = sorted(claims)
+        rows = await self.conn.fetch(
+            "INSERT INTO idempotency_keys (tenant_id, idempotency_key, operation, fingerprint)"
+            " SELECT $1, u.key, u.op, u.fp FROM unnest($2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY"
+            " AS u(key, op, fp, n) ORDER BY u.n ON CONFLICT DO NOTHING RETURNING idempotency_key",
+            self.tenant_id, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims],
+        )
+        claimed = {r["idempotency_key"] for r in rows}
+        others = [c[0] for c in claims if c[0] not in claimed]
+        seen: dict[str, tuple[str, bytes, WriteResult | None]] = {}
+        if others:
+            for row in await self.conn.fetch(
+                "SELECT idempotency_key, operation, fingerprint, result FROM idempotency_keys"
+                " WHERE tenant_id = $1 AND idempotency_key = ANY($2::text[])",
+                self.tenant_id, others,
+            ):
+                result = WriteResult.from_json(row["result"]) if row["result"] is not None else None
+                seen[row["idempotency_key"]] = (row["operation"], bytes(row["fingerprint"]), result)
+        return claimed, seen
+
+    async def release_keys(self, keys: list[str]) -> None:
+        """Give back keys claimed in this transaction for writes that were refused."""
+        if keys:
+            await self.conn.execute(
+                "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idempotency_key = ANY($2::text[])",
+                self.tenant_id, keys,
+            )
+
+    async def save_results(self, results: dict[str, WriteResult]) -> None:
+        if results:
+            await self.conn.execute(
+                "UPDATE idempotency_keys k SET result = u.result FROM unnest($2::text[], $3::jsonb[]) AS u(key, result)"
+                " WHERE k.tenant_id = $1 AND k.idempotency_key = u.key",
+                self.tenant_id, list(results), [r.to_json() for r in results.values()],
+            )
+
+    async def open_member_purses(self, *, owner_ids: list[str], purse_kind: PurseKind, ref: str,
+                                 ) -> dict[str, uuid.UUID]:
+        """Each member's purse of this kind and ref, opened where missing (no-overdraft,
+        unsharded, like every member purse): owner id -> account id."""
+        await self.conn.execute(
+            "INSERT INTO accounts (account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded)"
+            " SELECT gen_random_uuid(), $1, 'member', o, $3, $4, true, false FROM unnest($2::text[]) AS o"
+            " ORDER BY o ON CONFLICT DO NOTHING",
+            self.tenant_id, sorted(owner_ids), purse_kind.value, ref,
+        )
+        rows = await self.conn.fetch(
+            "SELECT owner_id, account_id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'member'"
+            " AND owner_id = ANY($2::text[]) AND purse_kind = $3 AND ref = $4",
+            self.tenant_id, owner_ids, purse_kind.value, ref,
+        )
+        return {r["owner_id"]: r["account_id"] for r in rows}
+
+    async def post_many(self, items: list[NewTransfer], *, sharded: set[uuid.UUID]) -> list[Transfer]:
+        """Book many transfers in a few statements: their rows (in the order given, which is their
+        booking order), their postings, and one balance update per touched account. The caller
+        holds the locks of the unsharded accounts; sharded ones are updated last, in account order."""
+        if not items:
+            return []
+        ids = [uuid.uuid4() for _ in items]
+        rows = await self.conn.fetch(
+            "INSERT INTO transfers (transfer_id, tenant_id, kind, idempotency_key, amount_fen, merchant_account_id,"
+            " device_id, external_ref, event_time)"
+            " SELECT u.id, $1, u.kind, u.key, u.amount, u.merchant, u.device, u.ref, COALESCE(u.et, now())"
+            " FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::uuid[], $7::text[], $8::text[],"
+            " $9::timestamptz[]) WITH ORDINALITY AS u(id, kind, key, amount, merchant, device, ref, et, n)"
+            f" ORDER BY u.n RETURNING {_TRANSFER_COLUMNS}",
+            self.tenant_id, ids, [t.kind.value for t in items], [t.idempotency_key for t in items],
+            [t.amount_fen for t in items], [t.merchant_account_id for t in items], [t.device_id for t in items],
+            [t.external_ref for t in items], [t.event_time for t in items],
+        )
+        by_id = {r["transfer_id"]: r for r in rows}
+        legs = [(tid, p, leg) for tid, t in zip(ids, items, strict=True) for leg, p in enumerate(t.postings)]
+        await self.conn.execute(
+            "INSERT INTO postings (transfer_id, account_id, tenant_id, seq, leg, amount_fen, pending_fen)"
+            " SELECT u.tid, u.aid, $1, u.seq, u.leg, u.amount, u.pending FROM unnest($2::uuid[], $3::uuid[],"
+            " $4::bigint[], $5::smallint[], $6::bigint[], $7::bigint[]) AS u(tid, aid, seq, leg, amount, pending)",
+            self.tenant_id, [tid for tid, _, _ in legs], [p.account_id for _, p, _ in legs],
+            [by_id[tid]["seq"] for tid, _, _ in legs], [leg for _, _, leg in legs], [p.amount_fen for _, p, _ in legs],
+            [p.pending_fen for _, p, _ in legs],
+        )
+        own: dict[uuid.UUID, list[int]] = {}
+        shard: dict[uuid.UUID, int] = {}
+        for _, p, _ in legs:
+            if p.account_id in sharded:
+                shard[p.account_id] = shard.get(p.account_id, 0) + p.amount_fen
+            else:
+                delta = own.setdefault(p.account_id, [0, 0])
+                delta[0] += p.amount_fen
+                delta[1] += p.pending_fen
+        if own:
+            await self.conn.execute(
+                "UPDATE accounts a SET posted_fen = a.posted_fen + u.amount, pending_fen = a.pending_fen + u.pending"
+                " FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS u(id, amount, pending)"
+                " WHERE a.account_id = u.id",
+                list(own), [d[0] for d in own.values()], [d[1] for d in own.values()],
+            )
+        for account_id in sorted(shard):
+            if shard[account_id]:
+                await self.conn.execute(
+                    "INSERT INTO account_shards (account_id, shard, posted_fen) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (account_id, shard) DO UPDATE SET posted_fen = account_shards.posted_fen + $3",
+                    account_id, secrets.randbelow(SHARD_COUNT), shard[account_id],
+                )
+        return [_transfer(by_id[tid], [{"account_id": p.account_id, "amount_fen": p.amount_fen,  # type: ignore[misc]
+                                         "pending_fen": p.pending_fen} for p in t.postings])
+                for tid, t in zip(ids, items, strict=True)]
+
+    async def record_payments(self, payments: list[tuple[uuid.UUID, int]]) -> None:
+        if payments:
+            await self.conn.execute(
+                "INSERT INTO payments (transfer_id, tenant_id, paid_fen)"
+                " SELECT u.tid, $1, u.paid FROM unnest($2::uuid[], $3::bigint[]) AS u(tid, paid)",
+                self.tenant_id, [p[0] for p in payments], [p[1] for p in payments],
+            )
+
+    async def open_receivable(self, member_id: str) -> AccountBalance:
+        """The member's receivable (what offline payments could not take from the purses); it may
+        go below zero, so it is sharded like every account without the no-overdraft flag."""
+        account, _ = await self.open_account(owner_kind=OwnerKind.MEMBER, owner_id=member_id,
+                                             purse_kind=PurseKind.RECEIVABLE, ref="", no_overdraft=False)
+        return await self.account(account.account_id)
+
+    async def record_shortfalls(self, shortfalls: list[tuple[uuid.UUID, str, uuid.UUID, int]]) -> None:
+        """(transfer, member, receivable account, shortfall) of offline settlements."""
+        if shortfalls:
+            await self.conn.execute(
+                "INSERT INTO shortfalls (transfer_id, tenant_id, member_id, receivable_account_id, shortfall_fen)"
+                " SELECT u.tid, $1, u.mid, u.rid, u.fen FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::bigint[])"
+                " AS u(tid, mid, rid, fen)",
+                self.tenant_id, [s[0] for s in shortfalls], [s[1] for s in shortfalls], [s[2] for s in shortfalls],
+                [s[3] for s in shortfalls],
+            )
+
+    async def shortfall_by_transfer(self, transfer_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+        rows = await self.conn.fetch(
+            "SELECT transfer_id, shortfall_fen FROM shortfalls WHERE tenant_id = $1 AND transfer_id = ANY($2::uuid[])",
+            self.tenant_id, transfer_ids,
+        )
+        return {r["transfer_id"]: r["shortfall_fen"] for r in rows}
+
+    # --- programs -----------------------------------------------------------------------------
+
+    async def insert_program(self, *, purse_kind: PurseKind, ref: str, funding_account_id: uuid.UUID,
+                             ends_at: datetime | None) -> Program | None:
+        row = await self.conn.fetchrow(
+            f"INSERT INTO programs (tenant_id, purse_kind, ref, funding_account_id, ends_at)"
+            f" VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING {_PROGRAM_COLUMNS}",
+            self.tenant_id, purse_kind.value, ref, funding_account_id, ends_at,
+        )
+        return None if row is None else _program(row)
+
+    async def program(self, *, purse_kind: PurseKind, ref: str, lock: str = "") -> Program:
+        """The program; ``lock`` is "" (none), "share" (grants: it must not end meanwhile) or
+        "update" (its end)."""
+        suffix = {"": "", "share": " FOR SHARE", "update": " FOR UPDATE"}[lock]
+        row = await self.conn.fetchrow(
+            f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE tenant_id = $1 AND purse_kind = $2 AND ref = $3{suffix}",
+            self.tenant_id, purse_kind.value, ref,
+        )
+        if row is None:
+            raise NotFound("no such program", reason="PROGRAM_NOT_FOUND")
+        return _program(row)
+
+    async def update_program(self, *, purse_kind: PurseKind, ref: str, ends_at: datetime | None = None,
+                             status: ProgramStatus | None = None, expired_purses: int = 0,
+                             expired_fen: int = 0, set_ends_at: bool = False) -> Program:
+        row = await self.conn.fetchrow(
+            "UPDATE programs SET ends_at = CASE WHEN $4 THEN $5 ELSE ends_at END, status = COALESCE($6, status),"
+            " expired_purses = expired_purses + $7, expired_fen = expired_fen + $8"
+            f" WHERE tenant_id = $1 AND purse_kind = $2 AND ref = $3 RETURNING {_PROGRAM_COLUMNS}",
+            self.tenant_id, purse_kind.value, ref, set_ends_at, ends_at, status.value if status else None,
+            expired_purses, expired_fen,
+        )
+        return _program(row)
+
+    async def open_program_purses(self, *, purse_kind: PurseKind, ref: str, limit: int) -> list[uuid.UUID]:
+        """Member purses of the program not closed yet (unlocked; the caller locks them)."""
+        rows = await self.conn.fetch(
+            "SELECT account_id FROM accounts WHERE tenant_id = $1 AND owner_kind = 'member' AND purse_kind = $2"
+            " AND ref = $3 AND status <> 'closed' ORDER BY account_id LIMIT $4",
+            self.tenant_id, purse_kind.value, ref, limit,
+        )
+        return [r["account_id"] for r in rows]
+
+    async def close_accounts(self, account_ids: list[uuid.UUID]) -> None:
+        await self.conn.execute(
+            "UPDATE accounts SET status = 'closed' WHERE tenant_id = $1 AND account_id = ANY($2::uuid[])",
+            self.tenant_id, account_ids,
+        )
+
+    # --- grant batches ------------------------------------------------------------------------
+
+    async def insert_batch(self, *, batch_id: uuid.UUID, bill_number: str, fingerprint: bytes,
+                           purse_kind: PurseKind, ref: str, rows: list[GrantRow]) -> GrantBatch | None:
+        """The new batch and its rows; None when the bill number is taken."""
+        row = await self.conn.fetchrow(
+            "INSERT INTO grant_batches (batch_id, tenant_id, bill_number, fingerprint, purse_kind, ref, total_rows)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING {_BATCH_COLUMNS}",
+            batch_id, self.tenant_id, bill_number, fingerprint, purse_kind.value, ref, len(rows),
+        )
+        if row is None:
+            return None
+        await self.conn.execute(
+            "INSERT INTO grant_rows (batch_id, line, member_id, amount_fen)"
+            " SELECT $1, u.n, u.member, u.amount FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY"
+            " AS u(member, amount, n)",
+            batch_id, [r.member_id for r in rows], [r.amount_fen for r in rows],
+        )
+        return _batch(row)
+
+    async def batch(self, *, batch_id: uuid.UUID | None = None, bill_number: str = "",
+                    lock_running: bool = False) -> tuple[GrantBatch, bytes] | None:
+        """A batch by id or bill number, with its fingerprint; None when there is none. With
+        ``lock_running`` only a running batch nobody else is working on (SKIP LOCKED)."""
+        where = "batch_id = $2" if batch_id is not None else "bill_number = $2"
+        lock = " AND status = 'running' FOR UPDATE SKIP LOCKED" if lock_running else ""
+        row = await self.conn.fetchrow(
+            f"SELECT {_BATCH_COLUMNS}, fingerprint FROM grant_batches WHERE tenant_id = $1 AND {where}{lock}",
+            self.tenant_id, batch_id if batch_id is not None else bill_number,
+        )
+        return None if row is None else (_batch(row), bytes(row["fingerprint"]))
+
+    async def pending_rows(self, batch_id: uuid.UUID, *, limit: int) -> list[tuple[int, GrantRow]]:
+        rows = await self.conn.fetch(
+            "SELECT line, member_id, amount_fen FROM grant_rows WHERE batch_id = $1 AND status = 'pending'"
+            " ORDER BY line LIMIT $2",
+            batch_id, limit,
+        )
+        return [(r["line"], GrantRow(member_id=r["member_id"], amount_fen=r["amount_fen"])) for r in rows]
+
+    async def finish_rows(self, batch_id: uuid.UUID, results: list[GrantRowResult]) -> None:
+        await self.conn.execute(
+            "UPDATE grant_rows g SET status = u.status, transfer_id = u.tid, account_id = u.aid, reason = u.reason,"
+            " message = u.message FROM unnest($2::int[], $3::text[], $4::uuid[], $5::uuid[], $6::text[], $7::text[])"
+            " AS u(line, status, tid, aid, reason, message) WHERE g.batch_id = $1 AND g.line = u.line",
+            batch_id, [r.line for r in results], [r.status.value for r in results],
+            [r.transfer_id for r in results], [r.account_id for r in results], [r.reason for r in results],
+            [r.message for r in results],
+        )
+
+    async def advance_batch(self, batch_id: uuid.UUID, *, granted: int, failed: int, granted_fen: int) -> GrantBatch:
+        row = await self.conn.fetchrow(
+            "UPDATE grant_batches SET done_rows = done_rows + $2 + $3, granted_rows = granted_rows + $2,"
+            " failed_rows = failed_rows + $3, granted_fen = granted_fen + $4,"
+            " status = CASE WHEN done_rows + $2 + $3 >= total_rows THEN 'done' ELSE status END,"
+            " finished_at = CASE WHEN done_rows + $2 + $3 >= total_rows THEN now() ELSE finished_at END"
+            f" WHERE batch_id = $1 RETURNING {_BATCH_COLUMNS}",
+            batch_id, granted, failed, granted_fen,
+        )
+        return _batch(row)
+
+    async def batch_rows(self, batch_id: uuid.UUID, *, status: GrantRowStatus | None, after_line: int,
+                         limit: int) -> list[GrantRowResult]:
+        rows = await self.conn.fetch(
+            "SELECT line, member_id, amount_fen, status, transfer_id, account_id, reason, message FROM grant_rows"
+            " WHERE batch_id = $1 AND ($2::text IS NULL OR status = $2) AND line > $3 ORDER BY line LIMIT $4",
+            batch_id, status.value if status else None, after_line, limit,
+        )
+        return [GrantRowResult(line=r["line"], member_id=r["member_id"], amount_fen=r["amount_fen"],
+                               status=GrantRowStatus(r["status"]), transfer_id=r["transfer_id"],
+                               account_id=r["account_id"], reason=r["reason"], message=r["message"]) for r in rows]
+
+    # --- statements ---------------------------------------------------------------------------
+
+    def _statement_filter(self, *, merchant_account_id: uuid.UUID | None, device_id: str) -> tuple[str, Any]:
+        if merchant_account_id is not None:
+            return "t.merchant_account_id = $2", merchant_account_id
+        return "t.device_id = $2", device_id
+
+    async def statement_lines(self, *, merchant_account_id: uuid.UUID | None, device_id: str, start: datetime,
+                              end: datetime, after_seq: int | None, limit: int) -> list[tuple[Transfer, int, int]]:
+        """(transfer, its effect on the merchant, seq) of the day's merchant-money transfers, in
+        booking order."""
+        where, value = self._statement_filter(merchant_account_id=merchant_account_id, device_id=device_id)
+        rows = await self.conn.fetch(
+            f"SELECT {', '.join('t.' + c.strip() for c in _TRANSFER_COLUMNS.split(','))}, p.amount_fen AS merchant_fen"
+            " FROM transfers t JOIN postings p ON p.transfer_id = t.transfer_id AND p.account_id = t.merchant_account_id"
+            f" WHERE t.tenant_id = $1 AND {where} AND t.booked_at >= $3 AND t.booked_at < $4"
+            " AND t.kind = ANY($5::text[]) AND ($6::bigint IS NULL OR t.seq > $6) ORDER BY t.seq LIMIT $7",
+            self.tenant_id, value, start, end, [k.value for k in STATEMENT_KINDS], after_seq, limit,
+        )
+        transfers = await self._with_postings(rows)
+        return [(t, r["merchant_fen"], r["seq"]) for t, r in zip(transfers, rows, strict=True)]
+
+    async def statement_totals(self, *, merchant_account_id: uuid.UUID | None, device_id: str, start: datetime,
+                               end: datetime) -> StatementTotals:
+        where, value = self._statement_filter(merchant_account_id=merchant_account_id, device_id=device_id)
+        rows = await self.conn.fetch(
+            "SELECT t.kind, count(*)::int AS n, COALESCE(sum(p.amount_fen), 0)::bigint AS fen"
+            " FROM transfers t JOIN postings p ON p.transfer_id = t.transfer_id AND p.account_id = t.merchant_account_id"
+            f" WHERE t.tenant_id = $1 AND {where} AND t.booked_at >= $3 AND t.booked_at < $4"
+            " AND t.kind = ANY($5::text[]) GROUP BY t.kind",
+            self.tenant_id, value, start, end, [k.value for k in STATEMENT_KINDS],
+        )
+        by_kind = {TransferKind(r["kind"]): (r["n"], r["fen"]) for r in rows}
+        refunds, refunds_fen = by_kind.get(TransferKind.REFUND, (0, 0))
+        paying = [by_kind.get(k, (0, 0)) for k in STATEMENT_KINDS if k is not TransferKind.REFUND]
+        return StatementTotals(
+            payments=sum(n for n, _ in paying), payments_fen=sum(f for _, f in paying), refunds=refunds,
+            refunds_fen=-refunds_fen, offline_settlements=by_kind.get(TransferKind.OFFLINE_SETTLEMENT, (0, 0))[0],
+            captures=by_kind.get(TransferKind.CAPTURE, (0, 0))[0],
+        )
+
+    async def _with_postings(self, rows: list[asyncpg.Record]) -> list[Transfer]:
+        legs = await self.conn.fetch(
+            "SELECT transfer_id, account_id, amount_fen, pending_fen FROM postings WHERE transfer_id = ANY($1::uuid[])"
+            " ORDER BY transfer_id, leg",
+            [r["transfer_id"] for r in rows],
+        )
+        by_transfer: dict[uuid.UUID, list[asyncpg.Record]] = {}
+        for leg in legs:
+            by_transfer.setdefault(leg["transfer_id"], []).append(leg)
+        return [_transfer(r, by_transfer.get(r["transfer_id"], [])) for r in rows]
+
 
 class LedgerStore:
     def __init__(self, pool: asyncpg.Pool):
@@ -410,6 +765,21 @@ class LedgerStore:
             )
         return [(r["tenant_id"], r["hold_id"]) for r in rows]
 
+    async def running_batches(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """(tenant, batch) of grant batches still running, oldest first."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT tenant_id, batch_id FROM grant_batches WHERE status = 'running' ORDER BY created_at")
+        return [(r["tenant_id"], r["batch_id"]) for r in rows]
+
+    async def due_programs(self) -> list[tuple[uuid.UUID, PurseKind, str]]:
+        """(tenant, purse kind, ref) of programs past their end and not ended yet."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT tenant_id, purse_kind, ref FROM programs WHERE status <> 'ended' AND ends_at <= now()"
+                " ORDER BY ends_at")
+        return [(r["tenant_id"], PurseKind(r["purse_kind"]), r["ref"]) for r in rows]
+
 
 def event_data(transfer: Transfer, **extra: Any) -> dict[str, Any]:
     return {
@@ -426,4 +796,16 @@ def event_data(transfer: Transfer, **extra: Any) -> dict[str, Any]:
         "event_time": transfer.event_time.isoformat(),
         "booked_at": transfer.booked_at.isoformat(),
         **extra,
+    }
+
+
+def account_data(account: Account) -> dict[str, Any]:
+    return {
+        "tenant_id": str(account.tenant_id),
+        "account_id": str(account.account_id),
+        "owner_kind": account.owner_kind.value,
+        "owner_id": account.owner_id,
+        "purse_kind": account.purse_kind.value,
+        "ref": account.ref,
+        "status": account.status.value,
     }

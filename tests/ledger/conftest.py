@@ -21,6 +21,7 @@ def ledger_settings(*, database_url: str, nats_url: str, **overrides: Any) -> Le
         "health_interval_s": 0.2,
         # Holds expire within a test's patience.
         "hold_expiry_interval_s": 0.1,
+        "program_interval_s": 0.2,
     }
     values.update(overrides)
     return LedgerSettings(**values)
