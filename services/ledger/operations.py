@@ -317,10 +317,12 @@ class Ledger:
             kind = TransferKind.VOID if status is HoldStatus.VOIDED else TransferKind.EXPIRY
             amount_fen = hold.amount_fen
             postings = [Posting(hold.account_id, 0, -hold.amount_fen)]
+        # The settling transfer names the hold's device too: a cabinet's statement shows its captures.
+        device_id = (await tx.transfer(hold.hold_id)).device_id
         transfer = await tx.post(
             kind=kind, idempotency_key=idempotency_key, amount_fen=amount_fen, postings=postings,
             sharded=_sharded(accounts), event_time=None, merchant_account_id=hold.merchant_account_id,
-            original_transfer_id=hold.hold_id,
+            device_id=device_id, original_transfer_id=hold.hold_id,
         )
         settled = await tx.settle_hold(hold.hold_id, status=status, transfer_id=transfer.transfer_id)
         events = [_hold_event(transfer, settled)]
