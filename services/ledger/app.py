@@ -10,10 +10,11 @@ from pathlib import Path
 from pydantic import Field
 
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from runtime.events import OutboxRelay, StreamSpec
+from runtime.events import IdempotentConsumer, OutboxRelay, StreamSpec
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
 from runtime.settings import ServiceSettings
+from services.ledger.consumer import IDENTITY_DURABLE, IDENTITY_FILTER, IDENTITY_STREAM, open_member_purses
 from services.ledger.operations import Ledger
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
@@ -81,6 +82,9 @@ def build_app(settings: LedgerSettings) -> ServiceApp:
         app.spawn(expire_holds_forever(ledger=ledger, interval_s=settings.hold_expiry_interval_s,
                                        batch=settings.hold_expiry_batch), name="hold-expiry")
         app.spawn(run_programs_forever(ledger=ledger, interval_s=settings.program_interval_s), name="programs")
+        app.spawn(IdempotentConsumer(pool=app.pool, js=app.js, stream=IDENTITY_STREAM, durable=IDENTITY_DURABLE,
+                                     filter_subject=IDENTITY_FILTER, handler=open_member_purses).run(),
+                  name="identity-consumer")
 
     def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(app=app, batch_started=batch_started),
