@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 from hypothesis import HealthCheck, given, settings
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import strategies as st
 
 from onecard.ledger.v1 import ledger_pb2 as pb
@@ -42,6 +43,8 @@ operations = st.one_of(
     st.tuples(st.just("void"), index),
     st.tuples(st.just("repeat"), index),
     st.tuples(st.just("reuse"), index),
+    st.tuples(st.just("offline"), member, st.integers(0, 1500), st.integers(0, 1500)),
+    st.tuples(st.just("clawback"), member, st.integers(0, 1500)),
 )
 
 
@@ -52,6 +55,8 @@ class Model:
     cash: list[int] = field(default_factory=lambda: [0] * MEMBERS)
     subsidy: list[int] = field(default_factory=lambda: [0] * MEMBERS)
     pending: list[int] = field(default_factory=lambda: [0] * MEMBERS)
+    # What offline payments could not take from the purses (negative: owed by the member).
+    receivable: list[int] = field(default_factory=lambda: [0] * MEMBERS)
     merchant: int = 0
     bank: int = 0
     funding: int = 0
@@ -170,6 +175,8 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
                 remaining -= take
                 if leg[0] == "subsidy":
                     m.subsidy[n] += take
+                elif leg[0] == "receivable":
+                    m.receivable[n] += take
                 else:
                     m.cash[n] += take
                 m.merchant -= take
@@ -218,6 +225,61 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
                 m.cash[n] -= taken
                 m.merchant += taken
                 m.payments.append((result.transfer.transfer_id, n, [["cash", taken, 0]]))
+        elif kind == "offline":
+            _, n, from_subsidy, from_cash = op
+            legs = [(c.subsidy[n], "subsidy", from_subsidy), (c.cash[n], "cash", from_cash)]
+            legs = [leg for leg in legs if leg[2] > 0]
+            if not legs:
+                continue
+            stamp = Timestamp()
+            stamp.FromSeconds(1_764_000_000 + seen["offline"])
+            record = pb.OfflineRecord(idempotency_key=key, merchant_account_id=c.merchant_id, device_id="pos-9",
+                                      legs=[pb.PayLeg(account_id=a, amount_fen=f) for a, _, f in legs],
+                                      event_time=stamp)
+            request = pb.SettleOfflineRequest(tenant_id=c.tenant_id, records=[record])
+            result, reason = r.call(lambda: stub.SettleOffline(request))
+            assert reason is None, reason
+            [answer] = result.results
+            # Each purse gives what it can of its leg; the member's receivable takes the rest.
+            paid: list[list[Any]] = []
+            short = 0
+            for _, purse, f in legs:
+                has = m.subsidy[n] if purse == "subsidy" else m.cash[n] - m.pending[n]
+                take = min(has, f)
+                short += f - take
+                if take:
+                    paid.append([purse, take, 0])
+                if purse == "subsidy":
+                    m.subsidy[n] -= take
+                else:
+                    m.cash[n] -= take
+            if short:
+                paid.append(["receivable", short, 0])
+                m.receivable[n] -= short
+            m.merchant += sum(f for _, _, f in legs)
+            want = pb.OFFLINE_OUTCOME_SHORTFALL if short else pb.OFFLINE_OUTCOME_BOOKED
+            assert (answer.outcome, answer.shortfall_fen) == (want, short)
+            m.payments.append((answer.transfer.transfer_id, n, paid))
+            again, reason = r.call(lambda: stub.SettleOffline(request))
+            assert reason is None, reason
+            assert (again.results[0].outcome, again.results[0].transfer.transfer_id, again.results[0].shortfall_fen) \
+                == (pb.OFFLINE_OUTCOME_DUPLICATE, answer.transfer.transfer_id, short)
+        elif kind == "clawback":
+            _, n, amount = op
+
+            def send(k: str, n=n, amount=amount) -> Awaitable[Any]:  # noqa: ANN001
+                return stub.Clawback(pb.ClawbackRequest(tenant_id=c.tenant_id, idempotency_key=k,
+                                                        account_id=c.subsidy[n], amount_fen=amount))
+
+            result, reason = r.call(lambda: send(key))
+            if m.subsidy[n] == 0 or amount > m.subsidy[n]:
+                assert reason == "INSUFFICIENT_FUNDS", reason
+                continue
+            assert reason is None, reason
+            write(result, send, key)
+            taken = amount or m.subsidy[n]
+            m.subsidy[n] -= taken
+            m.funding += taken
         elif kind == "repeat":
             if not m.writes:
                 continue
@@ -243,6 +305,11 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
         expected[c.cash[n]] = (m.cash[n], m.pending[n])
         expected[c.subsidy[n]] = (m.subsidy[n], 0)
     assert posted == expected
+    for n in range(MEMBERS):
+        owned = r.run(lambda n=n: stub.GetBalances(pb.GetBalancesRequest(
+            tenant_id=c.tenant_id, owner_kind=pb.OWNER_KIND_MEMBER, owner_id=f"m{n}")))
+        receivable = [a.balance.posted_fen for a in owned.accounts if a.account.purse_kind == pb.PURSE_KIND_RECEIVABLE]
+        assert sum(receivable) == m.receivable[n]
     trial = r.run(lambda: stub.TrialBalance(pb.TrialBalanceRequest(tenant_id=c.tenant_id)))
     assert trial.balanced
 
@@ -255,6 +322,8 @@ async def test_random_operation_sequences_keep_the_books(ledger: RunningService,
     @given(ops=st.lists(operations, min_size=2, max_size=16))
     def prop(ops: list[tuple]) -> None:
         c = r.run(lambda: campus(ledger.stub, members=MEMBERS))
+        r.run(lambda: ledger.stub.DefineProgram(pb.DefineProgramRequest(
+            tenant_id=c.tenant_id, purse_kind=pb.PURSE_KIND_SUBSIDY, ref="meal-2026", funding_account_id=c.funding_id)))
         run_sequence(r, c, ops, seen=seen)
 
     seen: Counter[str] = Counter()
@@ -262,5 +331,5 @@ async def test_random_operation_sequences_keep_the_books(ledger: RunningService,
     # The property really ran: many writes, and every kind of operation.
     assert seen["written"] > 150, seen
     assert all(seen[kind] for kind in ("top_up", "grant", "pay", "refund", "hold", "capture", "void", "repeat",
-                                       "reuse")), seen
+                                       "reuse", "offline", "clawback")), seen
     await check_books(ledger_db)
