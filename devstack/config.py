@@ -82,6 +82,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         name="ledger", module="services.ledger", protocol="grpc",
         default_port=50053, default_metrics_port=9103, migrates=True,
     ),
+    # The gateway reaches it at ONECARD_LEDGER_TARGET, set like every target of an earlier service.
     # Each later service is one entry here, before the gateway that calls it, on the next ports:
     # policy 50054/9104, devicehub 50055/9105.
     ServiceSpec(

@@ -1,4 +1,5 @@
-"""The copy-paste tour `make run` prints: token, create a member, search, freeze, directory feed.
+"""The copy-paste tour `make run` prints: token, create a member, search, freeze, directory feed,
+then the bank's wallet calls: a top-up, the member's balances and "did this pay?".
 
 Plain curl and python3, no jq, with the real address, tenant and credentials filled in. The same
 lines are written to ``.data/walkthrough.sh`` so they can be run as a script, and the smoke test
@@ -16,12 +17,24 @@ MEMBERS_PATH = "/v1/tenants/{tenant_id}/members"
 MEMBER_PATH = "/v1/tenants/{tenant_id}/members/{member_id}"
 FREEZE_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/freeze"
 DIRECTORY_CHANGES_PATH = "/v1/tenants/{tenant_id}/directory-changes"
+TOP_UP_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/top-ups"
+BALANCES_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/balances"
+PAYMENT_LOOKUP_PATH = "/v1/tenants/{tenant_id}/payments/lookup"
 SEARCH_PREFIX = "Zhou"
 
 _JSON_FIELD = "python3 -c 'import json,sys;print(json.load(sys.stdin)[\"{field}\"])'"
 _LIST_MEMBERS = (
     "python3 -c 'import json,sys;[print(m[\"external_number\"], m[\"name\"], m[\"status\"]) "
     "for m in json.load(sys.stdin)[\"members\"]]'"
+)
+_LIST_PURSES = (
+    "python3 -c 'import json,sys;[print(p[\"purse_kind\"], p[\"ref\"] or \"-\", p[\"status\"], "
+    "p[\"available_fen\"], \"fen available\") for p in json.load(sys.stdin)[\"purses\"]]'"
+)
+_LOOKUP = (
+    "python3 -c 'import json,sys;a=json.load(sys.stdin);"
+    "print(\"found\", a[\"transfer\"][\"kind\"], a[\"transfer\"][\"amount_fen\"], \"fen\") "
+    "if a[\"found\"] else print(\"not found\")'"
 )
 _LIST_CHANGES = (
     "python3 -c 'import json,sys;[print(c[\"sequence\"], c[\"kind\"], c[\"member\"][\"name\"]) "
@@ -63,4 +76,17 @@ def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient) -> list[st
         "",
         "# 5. The directory change feed a bank or a device hub follows (first page)",
         f'curl -sf "{_shell_path(DIRECTORY_CHANGES_PATH)}?page_size=5" {auth} | {_LIST_CHANGES}',
+        "",
+        "# 6. Top up the member's cash purse with 100.00 CNY (amounts are integer fen) from the bank's own",
+        "#    clearing account; the Idempotency-Key makes a retry safe: the same key answers the same top-up",
+        "KEY=\"walkthrough-$(date +%s)\"",
+        f'curl -sf -X POST "{_shell_path(TOP_UP_PATH)}" {auth} -H "Idempotency-Key: $KEY" \\',
+        "    -H \"Content-Type: application/json\" -d '{\"amount_fen\": 10000, \"external_ref\": \"walkthrough\"}' \\",
+        "    | python3 -c 'import json,sys;t=json.load(sys.stdin)[\"transfer\"];print(t[\"kind\"], t[\"amount_fen\"])'",
+        "",
+        "# 7. The member's purses and balances",
+        f'curl -sf "{_shell_path(BALANCES_PATH)}" {auth} | {_LIST_PURSES}',
+        "",
+        "# 8. \"Did this pay?\" after a timeout: look the write up by its Idempotency-Key",
+        f'curl -sf "{_shell_path(PAYMENT_LOOKUP_PATH)}?idempotency_key=$KEY" {auth} | {_LOOKUP}',
     ]

@@ -19,11 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import TokenBucketLimiter
-from gateway.routes import codes, identity, oauth, ops
+from gateway.routes import codes, identity, ledger, oauth, ops
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
+from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.grpc_client import open_channel
 from runtime.logs import get_logger, new_request_id
 
@@ -53,6 +54,11 @@ OPENAPI_TAGS = [
      "and revocation lists devices sync; the tenant's code settings, issuer key rotation and revocation "
      "(codes:admin). Banks embedding the e-code may call codegen's gRPC API "
      "(protos/onecard/codegen/v1) with the same semantics."},
+    {"name": "wallets", "description": "Members' purses: balances, history, \"did this pay?\" (wallets:read); "
+     "bank top-ups (wallets:topup)."},
+    {"name": "ledger", "description": "The tenant's ledger administration (ledger:admin): accounts, refunds, "
+     "freezing, subsidy programs, grant batches, clawbacks, the trial balance."},
+    {"name": "statements", "description": "A merchant's or a device's daily statement (statements:read)."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -185,7 +191,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         state.codegen_channel = codegen_channel
         state.codegen_stub = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
         state.codegen_health_stub = health_pb2_grpc.HealthStub(codegen_channel)
-        log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target)
+        ledger_channel = open_channel(settings.ledger_target) if settings.ledger_target else None
+        if ledger_channel is not None:
+            state.ledger_channel = ledger_channel
+            state.ledger_stub = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
+            state.ledger_health_stub = health_pb2_grpc.HealthStub(ledger_channel)
+        log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target,
+                 ledger_target=settings.ledger_target or None)
         try:
             yield
         finally:
@@ -195,6 +207,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.codegen_stub = None
             state.codegen_health_stub = None
             state.codegen_channel = None
+            state.ledger_stub = None
+            state.ledger_health_stub = None
+            state.ledger_channel = None
+            if ledger_channel is not None:
+                await ledger_channel.close()
             await codegen_channel.close()
             await channel.close()
             log.info("gateway stopped")
@@ -213,6 +230,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(oauth.router)
     app.include_router(identity.router)
     app.include_router(codes.router)
+    app.include_router(ledger.router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]

@@ -32,6 +32,10 @@ PLATFORM_ADMIN = "platform:admin"
 CODES_ISSUE = "codes:issue"
 DEVICES_SYNC = "devices:sync"
 CODES_ADMIN = "codes:admin"
+WALLETS_READ = "wallets:read"
+WALLETS_TOPUP = "wallets:topup"
+LEDGER_ADMIN = "ledger:admin"
+STATEMENTS_READ = "statements:read"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -44,6 +48,12 @@ SCOPES: dict[str, str] = {
     "(devices, device hubs).",
     CODES_ADMIN: "Administer the tenant's e-codes: read and change its code settings (offline caps, defaults), "
     "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
+    WALLETS_READ: "Read members' purse balances, an account's transfer history, and whether a payment was booked "
+    "(\"did this pay?\" by idempotency key).",
+    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account (banks).",
+    LEDGER_ADMIN: "Administer the tenant's ledger: open accounts, refunds, freezing accounts, subsidy programs, "
+    "grant batches and clawbacks, the trial balance (the school's finance office).",
+    STATEMENTS_READ: "Download a merchant's or a device's daily statement (CSV) and its totals.",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -198,3 +208,7 @@ AdminPlatform = Annotated[Principal, Security(authorize, scopes=[PLATFORM_ADMIN]
 IssueCodes = Annotated[Principal, Security(authorize, scopes=[CODES_ISSUE])]
 SyncDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_SYNC])]
 AdminCodes = Annotated[Principal, Security(authorize, scopes=[CODES_ADMIN])]
+ReadWallets = Annotated[Principal, Security(authorize, scopes=[WALLETS_READ])]
+TopUpWallets = Annotated[Principal, Security(authorize, scopes=[WALLETS_TOPUP])]
+AdminLedger = Annotated[Principal, Security(authorize, scopes=[LEDGER_ADMIN])]
+ReadStatements = Annotated[Principal, Security(authorize, scopes=[STATEMENTS_READ])]

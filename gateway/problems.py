@@ -32,6 +32,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:onecard:problem:"
 # What a 503/504 says instead of the gRPC message, which names internal addresses.
 UNAVAILABLE_DETAIL = "a backing service did not answer in time; retry later"
+NOT_IMPLEMENTED_DETAIL = "this operation is not available on this server yet"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class HttpMapping:
     status: int
     # Whether the service's message is safe and useful to show the caller.
     show_detail: bool
+    # What to say instead when the service's message is not shown (None: UNAVAILABLE_DETAIL).
+    fixed_detail: str | None = None
 
 
 # THE ONE table from gRPC status codes to HTTP. INVALID_ARGUMENT is 400 (the service refused a
@@ -57,8 +60,10 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpMapping] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: HttpMapping(429, show_detail=True),
     grpc.StatusCode.UNAVAILABLE: HttpMapping(503, show_detail=False),
     grpc.StatusCode.DEADLINE_EXCEEDED: HttpMapping(504, show_detail=False),
+    # The service behind the route does not offer the operation (yet): an older service version.
+    grpc.StatusCode.UNIMPLEMENTED: HttpMapping(501, show_detail=False, fixed_detail=NOT_IMPLEMENTED_DETAIL),
 }
-# Everything else (INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED, CANCELLED) is our fault: a bare 500.
+# Everything else (INTERNAL, UNKNOWN, DATA_LOSS, CANCELLED) is our fault: a bare 500.
 FALLBACK_MAPPING = HttpMapping(500, show_detail=False)
 
 
@@ -164,8 +169,10 @@ def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONRespon
         log.error("service call failed", grpc_code=code.name, grpc_reason=reason, grpc_detail=error.details())
     if mapping is FALLBACK_MAPPING:
         return problem_response(request, status=500, reason="INTERNAL")
-    detail = error.details() if mapping.show_detail else UNAVAILABLE_DETAIL
+    detail = error.details() if mapping.show_detail else (mapping.fixed_detail or UNAVAILABLE_DETAIL)
     headers = {"Retry-After": "1"} if mapping.status in (429, 503) else None
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        reason = "NOT_IMPLEMENTED"
     return problem_response(request, status=mapping.status, reason=reason or code.name, detail=detail, headers=headers)
 
 

@@ -1,5 +1,5 @@
-"""What the app holds for its lifetime: settings, the identity and codegen channels and stubs, the
-rate limiters.
+"""What the app holds for its lifetime: settings, the identity, codegen and ledger channels and
+stubs, the rate limiters.
 
 Created and closed by the lifespan in ``gateway.app``; routes reach it through ``gateway_state``.
 """
@@ -11,10 +11,12 @@ import grpc
 from fastapi import Request
 from grpc_health.v1 import health_pb2_grpc
 
+from gateway.problems import ProblemError
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.settings import GatewaySettings
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
+from onecard.ledger.v1 import ledger_pb2_grpc
 
 
 @dataclass
@@ -30,6 +32,11 @@ class GatewayState:
     codegen_stub: codegen_pb2_grpc.CodegenServiceStub | None = None
     # gRPC health of the codegen server, for /readyz.
     codegen_health_stub: health_pb2_grpc.HealthStub | None = None
+    # None when the gateway has no ledger_target.
+    ledger_channel: grpc.aio.Channel | None = None
+    ledger_stub: ledger_pb2_grpc.LedgerServiceStub | None = None
+    # gRPC health of the ledger server, for /readyz.
+    ledger_health_stub: health_pb2_grpc.HealthStub | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
@@ -42,6 +49,15 @@ class GatewayState:
         if self.codegen_stub is None:
             raise RuntimeError("the gateway's lifespan has not opened the codegen channel")
         return self.codegen_stub
+
+    @property
+    def ledger(self) -> ledger_pb2_grpc.LedgerServiceStub:
+        if self.ledger_stub is None:
+            if not self.settings.ledger_target:
+                raise ProblemError(status=503, reason="LEDGER_NOT_CONFIGURED",
+                                   detail="this gateway has no ledger behind it (ONECARD_LEDGER_TARGET)")
+            raise RuntimeError("the gateway's lifespan has not opened the ledger channel")
+        return self.ledger_stub
 
     @property
     def timeout_s(self) -> float:

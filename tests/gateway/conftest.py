@@ -1,5 +1,6 @@
-"""The gateway in this process, in front of the real identity service (the ``identity`` fixture),
-reached through httpx's ASGI transport with the app's lifespan running.
+"""The gateway in this process, in front of the real identity service (the ``identity`` fixture)
+and, for the routes that need them, a real codegen and a real ledger, reached through httpx's ASGI
+transport with the app's lifespan running.
 
 Tenants and API clients are made directly through identity's gRPC stub, as an operator's tooling
 would; everything a partner does goes through HTTP.
@@ -16,12 +17,24 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.app import create_app
-from gateway.auth import CLIENTS_ADMIN, CODES_ADMIN, CODES_ISSUE, DEVICES_SYNC, MEMBERS_READ, MEMBERS_WRITE
+from gateway.auth import (
+    CLIENTS_ADMIN,
+    CODES_ADMIN,
+    CODES_ISSUE,
+    DEVICES_SYNC,
+    LEDGER_ADMIN,
+    MEMBERS_READ,
+    MEMBERS_WRITE,
+    STATEMENTS_READ,
+    WALLETS_READ,
+    WALLETS_TOPUP,
+)
 from gateway.settings import GatewaySettings
 from onecard.identity.v1 import identity_pb2 as pb
 
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
-TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN)
+TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
+                 WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"
@@ -29,11 +42,13 @@ NO_CODEGEN_TARGET = "127.0.0.1:1"
 GENEROUS_RATE = 10_000.0
 
 
-def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_TARGET,
+def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_TARGET, ledger_target: str = "",
                      **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
         "identity_target": identity_target,
         "codegen_target": codegen_target,
+        # Empty: no ledger behind the gateway (its routes answer 503, /readyz leaves it out).
+        "ledger_target": ledger_target,
         "token_secret": TOKEN_SECRET,
         "rate_limit_per_s": GENEROUS_RATE,
         "rate_limit_burst": int(GENEROUS_RATE),
@@ -147,6 +162,39 @@ async def codes_gateway(identity: Any, codegen_service: Any) -> AsyncIterator[Ga
     async with running_gateway(settings) as (app, http):
         gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
         gateway.codegen_stub = codegen_service.stub  # type: ignore[attr-defined]
+        yield gateway
+
+
+@pytest.fixture
+async def ledger_service(launch: Any, database_url: str, nats_url: str) -> Any:
+    """A real ledger beside the test's identity (started here, stopped after the test)."""
+    from onecard.ledger.v1 import ledger_pb2_grpc
+    from services.ledger.app import build_app
+    from tests.ledger.conftest import ledger_settings
+
+    return await launch(build_app(ledger_settings(database_url=database_url, nats_url=nats_url)),
+                        stub_cls=ledger_pb2_grpc.LedgerServiceStub)
+
+
+@pytest.fixture
+async def ledger_gateway(identity: Any, ledger_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity and a real ledger (its stub at ``.ledger_stub``)."""
+    settings = gateway_settings(identity_target=identity.target, ledger_target=ledger_service.target)
+    async with running_gateway(settings) as (app, http):
+        gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+        gateway.ledger_stub = ledger_service.stub  # type: ignore[attr-defined]
+        yield gateway
+
+
+@pytest.fixture
+async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity, codegen and the ledger: every route has its service."""
+    settings = gateway_settings(identity_target=identity.target, codegen_target=codegen_service.target,
+                                ledger_target=ledger_service.target)
+    async with running_gateway(settings) as (app, http):
+        gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+        gateway.codegen_stub = codegen_service.stub  # type: ignore[attr-defined]
+        gateway.ledger_stub = ledger_service.stub  # type: ignore[attr-defined]
         yield gateway
 
 

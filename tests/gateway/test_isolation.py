@@ -21,13 +21,18 @@ from gateway.auth import (
     CODES_ADMIN,
     CODES_ISSUE,
     DEVICES_SYNC,
+    LEDGER_ADMIN,
     MEMBERS_READ,
     MEMBERS_WRITE,
     PLATFORM_ADMIN,
     SCOPES,
+    STATEMENTS_READ,
+    WALLETS_READ,
+    WALLETS_TOPUP,
 )
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.identity.v1 import identity_pb2 as pb
+from onecard.ledger.v1 import ledger_pb2 as lpb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
 
 CARD_A = "0A0B0C0D01"
@@ -43,6 +48,7 @@ class RouteCall:
     content: bytes | None = None
     content_type: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
     # Outcomes allowed with the caller's own tenant in the path but the other tenant's ids in it.
     foreign_ids_statuses: frozenset[int] = frozenset({404})
 
@@ -92,6 +98,35 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("POST", "/v1/tenants/{tenant_id}/issuer-keys/rotate"): RouteCall(),
     ("POST", "/v1/tenants/{tenant_id}/credentials/{credential_id}/revoke"): RouteCall(json={"reason": "intrusion"}),
     ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/credentials/revoke"): RouteCall(json={"reason": "x"}),
+    # The ledger. Writes carry an Idempotency-Key; ids in the path are the member's cash purse, a
+    # payment, a grant batch and a subsidy program of the tenant named by the ids.
+    ("GET", "/v1/tenants/{tenant_id}/members/{member_id}/balances"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}/transfers"): RouteCall(params={"page_size": 10}),
+    ("GET", "/v1/tenants/{tenant_id}/payments/lookup"): RouteCall(params={"idempotency_key": "matrix-pay"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/top-ups"): RouteCall(
+        json={"amount_fen": 100}, headers={"Idempotency-Key": "matrix-top-up"}),
+    ("POST", "/v1/tenants/{tenant_id}/payments/{transfer_id}/refunds"): RouteCall(
+        json={"amount_fen": 1}, headers={"Idempotency-Key": "matrix-refund"}),
+    ("POST", "/v1/tenants/{tenant_id}/accounts/{account_id}/freeze"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/accounts/{account_id}/unfreeze"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/accounts"): RouteCall(
+        json={"owner_kind": "merchant", "owner_id": "intruder", "purse_kind": "merchant_settlement"}),
+    ("GET", "/v1/tenants/{tenant_id}/trial-balance"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/subsidy-programs"): RouteCall(
+        json={"purse_kind": "voucher", "ref": "intrusion", "funding_account_id": str(uuid.UUID(int=1))}),
+    ("GET", "/v1/tenants/{tenant_id}/subsidy-programs/{purse_kind}/{ref}"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/subsidy-batches"): RouteCall(
+        json={"bill_number": "MATRIX-1", "purse_kind": "subsidy", "ref": "intrusion",
+              "rows": [{"member_id": str(uuid.UUID(int=2)), "amount_fen": 1}]}),
+    ("GET", "/v1/tenants/{tenant_id}/subsidy-batches/{batch_id}"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/subsidy-batches/{batch_id}/rows"): RouteCall(params={"status": "granted"}),
+    ("POST", "/v1/tenants/{tenant_id}/accounts/{account_id}/clawbacks"): RouteCall(
+        json={"amount_fen": 1}, headers={"Idempotency-Key": "matrix-clawback"}),
+    ("GET", "/v1/tenants/{tenant_id}/statements"): RouteCall(
+        params={"merchant_account_id": str(uuid.UUID(int=3)), "date": "2026-11-26"}),
+    ("GET", "/v1/tenants/{tenant_id}/statements/totals"): RouteCall(
+        params={"merchant_account_id": str(uuid.UUID(int=3)), "date": "2026-11-26"}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -161,10 +196,49 @@ class TenantFixture:
     import_id: str
     client_id: str
     credential_id: str
+    # The ledger's: the member's cash purse, a payment from it, a grant batch of its subsidy program.
+    account_id: str
+    transfer_id: str
+    batch_id: str
+    program_ref: str
 
     def ids(self) -> dict[str, str]:
         return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
-                "import_id": self.import_id, "client_id": self.client_id, "credential_id": self.credential_id}
+                "import_id": self.import_id, "client_id": self.client_id, "credential_id": self.credential_id,
+                "account_id": self.account_id, "transfer_id": self.transfer_id, "batch_id": self.batch_id,
+                "purse_kind": "subsidy", "ref": self.program_ref}
+
+
+async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: str) -> tuple[str, str, str]:
+    """The member's cash purse with money on it, a payment from it, and a finished grant batch of
+    a subsidy program: (account id, payment transfer id, batch id)."""
+
+    async def open_account(owner_kind: int, owner_id: str, purse_kind: int, ref: str = "") -> str:
+        answer = await ledger.OpenAccount(lpb.OpenAccountRequest(
+            tenant_id=tenant_id, owner_kind=owner_kind, owner_id=owner_id, purse_kind=purse_kind, ref=ref))
+        return answer.account.account.account_id
+
+    bank = await open_account(lpb.OWNER_KIND_TENANT, tenant_id, lpb.PURSE_KIND_BANK_CLEARING, "bank")
+    merchant = await open_account(lpb.OWNER_KIND_MERCHANT, "canteen", lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
+    funding = await open_account(lpb.OWNER_KIND_TENANT, "finance", lpb.PURSE_KIND_SUBSIDY_FUNDING, f"meal-{label}")
+    cash = await open_account(lpb.OWNER_KIND_MEMBER, member_id, lpb.PURSE_KIND_CASH)
+    await ledger.TopUp(lpb.TopUpRequest(tenant_id=tenant_id, idempotency_key=f"top-up-{label}", from_account_id=bank,
+                                        to_account_id=cash, amount_fen=10_000))
+    paid = await ledger.Pay(lpb.PayRequest(tenant_id=tenant_id, idempotency_key=f"pay-{label}",
+                                           merchant_account_id=merchant, device_id=f"pos-{label}",
+                                           legs=[lpb.PayLeg(account_id=cash, amount_fen=1_000)]))
+    await ledger.DefineProgram(lpb.DefineProgramRequest(tenant_id=tenant_id, purse_kind=lpb.PURSE_KIND_SUBSIDY,
+                                                        ref=f"meal-{label}", funding_account_id=funding))
+    started = await ledger.StartGrantBatch(lpb.StartGrantBatchRequest(
+        tenant_id=tenant_id, bill_number=f"BILL-{label}", purse_kind=lpb.PURSE_KIND_SUBSIDY, ref=f"meal-{label}",
+        rows=[lpb.GrantRow(member_id=member_id, amount_fen=2_000)]))
+    batch_id = started.batch.batch_id
+    for _ in range(200):
+        answer = await ledger.GetGrantBatch(lpb.GetGrantBatchRequest(tenant_id=tenant_id, batch_id=batch_id))
+        if answer.batch.status == lpb.GRANT_BATCH_STATUS_DONE:
+            break
+        await asyncio.sleep(0.05)
+    return cash, paid.transfer.transfer_id, batch_id
 
 
 async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> TenantFixture:
@@ -193,9 +267,16 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
             tenant_id=tenant_id, member_id=member.member_id,
             holder_public_key=bytes(nacl.signing.SigningKey.generate().verify_key), purposes=[cpb.PURPOSE_PAY]))
         credential_id = issued.credential.credential_id
+    # Likewise with a ledger: real accounts, a payment and a grant batch; without one, any ids.
+    account_id, transfer_id, batch_id = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    ledger = getattr(gateway, "ledger_stub", None)
+    if ledger is not None:
+        account_id, transfer_id, batch_id = await _ledger_books(ledger, tenant_id=tenant_id,
+                                                                member_id=member.member_id, label=label)
     return TenantFixture(label=label, tenant_id=tenant_id, member_id=member.member_id, member_name=name,
                          external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id,
-                         credential_id=credential_id)
+                         credential_id=credential_id, account_id=account_id, transfer_id=transfer_id,
+                         batch_id=batch_id, program_ref=f"meal-{label}")
 
 
 async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
@@ -217,13 +298,25 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
         answers["revocations"] = await codegen.GetRevocations(cpb.GetRevocationsRequest(tenant_id=tid))
         answers["code_settings"] = await codegen.GetTenantCodeSettings(
             cpb.GetTenantCodeSettingsRequest(tenant_id=tid))
+    ledger = getattr(gateway, "ledger_stub", None)
+    if ledger is not None:
+        # What the ledger routes could change: balances, history, programs, batches, the books.
+        answers["ledger_member"] = await ledger.GetBalances(lpb.GetBalancesRequest(
+            tenant_id=tid, owner_kind=lpb.OWNER_KIND_MEMBER, owner_id=tenant.member_id))
+        answers["ledger_history"] = await ledger.ListTransfers(lpb.ListTransfersRequest(
+            tenant_id=tid, account_id=tenant.account_id, page_size=200))
+        answers["ledger_trial"] = await ledger.TrialBalance(lpb.TrialBalanceRequest(tenant_id=tid))
+        answers["ledger_program"] = await ledger.GetProgram(lpb.GetProgramRequest(
+            tenant_id=tid, purse_kind=lpb.PURSE_KIND_SUBSIDY, ref=tenant.program_ref))
+        answers["ledger_batch"] = await ledger.GetGrantBatch(lpb.GetGrantBatchRequest(
+            tenant_id=tid, batch_id=tenant.batch_id))
     return {name: answer.SerializeToString(deterministic=True) for name, answer in answers.items()}
 
 
 async def call(gateway: Gateway, key: tuple[str, str], *, ids: dict[str, str], token: str) -> httpx.Response:
     method, template = key
     spec = ROUTE_CALLS[key]
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {token}", **spec.headers}
     if spec.content_type:
         headers["Content-Type"] = spec.content_type
     return await gateway.http.request(method, template.format(**ids), headers=headers, json=spec.json,
@@ -246,8 +339,8 @@ def leaked(response: httpx.Response, tenant: TenantFixture) -> list[str]:
     return [s for s in secrets if s in text]
 
 
-async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(codes_gateway: Gateway) -> None:
-    gateway = codes_gateway
+async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(platform_gateway: Gateway) -> None:
+    gateway = platform_gateway
     tenant_a = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     tenant_b = await populated_tenant(gateway, label="B", card_uid=CARD_B)
     token_a = await gateway.token(
@@ -286,7 +379,9 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
 
 async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(gateway: Gateway) -> None:
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
-    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN)
+    all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN,
+                  WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ)
+    assert set(all_scopes) == set(SCOPES)
     token_without: dict[str, str] = {}
     for scope in all_scopes:
         others = [s for s in all_scopes if s != scope]

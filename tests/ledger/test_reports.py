@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import uuid
 
 import grpc
-import nats
 
 from onecard.ledger.v1 import ledger_pb2 as pb
 from tests.conftest import RunningService
 from tests.ledger.support import campus, grant, pay, refused, top_up
+from tests.streams import read_exactly
 
 
 async def test_history_pages_newest_first_and_ends(ledger: RunningService) -> None:
@@ -67,22 +65,8 @@ async def test_writes_send_their_events_through_the_outbox(ledger: RunningServic
                                                       amount_fen=300))
     await stub.CaptureHold(pb.CaptureHoldRequest(tenant_id=c.tenant_id, idempotency_key="c",
                                                  hold_id=held.hold.hold_id, amount_fen=100))
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe("ledger.>", durable=f"t{uuid.uuid4().hex[:8]}", stream="LEDGER")
-        events: list[tuple[str, dict]] = []
-        for _ in range(50):
-            if len(events) >= 4:
-                break
-            try:
-                for msg in await sub.fetch(10, timeout=0.5):
-                    events.append((msg.subject, json.loads(msg.data)))
-                    await msg.ack()
-            except nats.errors.TimeoutError:
-                await asyncio.sleep(0.1)
-    finally:
-        await nc.close()
+    messages = await read_exactly(nats_url, stream="LEDGER", subjects="ledger.>", count=4)
+    events = [(m.subject, json.loads(m.data)) for m in messages]
     subjects = [s for s, _ in events]
     assert subjects == ["ledger.transfer.posted", "ledger.hold.created", "ledger.hold.captured",
                         "ledger.transfer.posted"]
