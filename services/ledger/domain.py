@@ -160,6 +160,14 @@ class Posting:
 
 
 @dataclass(frozen=True)
+class CodeRef:
+    """One use of an e-code: its credential and counter (or a rotating token's sequence)."""
+
+    credential_id: str
+    counter: int
+
+
+@dataclass(frozen=True)
 class Transfer:
     tenant_id: uuid.UUID
     transfer_id: uuid.UUID
@@ -173,6 +181,7 @@ class Transfer:
     device_id: str = ""
     external_ref: str = ""
     original_transfer_id: uuid.UUID | None = None
+    code: CodeRef | None = None
 
 
 @dataclass(frozen=True)
@@ -681,6 +690,7 @@ class OfflineOutcome(StrEnum):
     SHORTFALL = "shortfall"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
+    CODE_REUSED = "code_reused"
 
 
 @dataclass(frozen=True)
@@ -691,11 +701,13 @@ class OfflineRecord:
     device_id: str
     external_ref: str
     event_time: datetime | None
+    code: CodeRef | None = None
 
     def request(self) -> dict[str, Any]:
-        return {"merchant": str(self.merchant_account_id),
-                "legs": [[str(l.account_id), l.amount_fen] for l in self.legs],
-                "device_id": self.device_id, "external_ref": self.external_ref, "event_time": self.event_time}
+        request = {"merchant": str(self.merchant_account_id),
+                   "legs": [[str(l.account_id), l.amount_fen] for l in self.legs],
+                   "device_id": self.device_id, "external_ref": self.external_ref, "event_time": self.event_time}
+        return with_code(request, self.code)
 
 
 @dataclass(frozen=True)
@@ -719,6 +731,7 @@ def check_offline_record(record: OfflineRecord) -> None:
     check_text(record.external_ref, what="external_ref", max_chars=MAX_REF_CHARS)
     if record.event_time is None:
         raise InvalidArgument("an offline record needs the device's event_time", reason="EVENT_TIME_REQUIRED")
+    check_code(record.code)
 
 
 def offline_cover(*, legs: tuple[PayLeg, ...], available: dict[uuid.UUID, int]) -> tuple[list[Posting], int]:
@@ -798,3 +811,35 @@ class NewTransfer:
     merchant_account_id: uuid.UUID | None = None
     device_id: str = ""
     external_ref: str = ""
+    code: CodeRef | None = None
+
+
+# --- e-code references ----------------------------------------------------------------------
+
+MAX_CODE_COUNTER = 2**63 - 1
+
+
+def check_code(code: CodeRef | None) -> CodeRef | None:
+    """A code reference: None, or a credential id (a UUID) with a counter that fits BIGINT."""
+    if code is None:
+        return None
+    try:
+        credential = str(uuid.UUID(code.credential_id))
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidArgument("code.credential_id must be a UUID", reason="INVALID_CODE_REF") from None
+    if not 0 <= code.counter <= MAX_CODE_COUNTER:
+        raise InvalidArgument("code.counter does not fit", reason="INVALID_CODE_REF")
+    return CodeRef(credential_id=credential, counter=code.counter)
+
+
+def with_code(request: dict[str, Any], code: CodeRef | None) -> dict[str, Any]:
+    """A request's fingerprint input, with its code only when it has one (so the fingerprints of
+    requests without a code stay what they were)."""
+    if code is not None:
+        request["code"] = [code.credential_id, code.counter]
+    return request
+
+
+def code_already_used(code: CodeRef) -> FailedPrecondition:
+    return FailedPrecondition("this e-code (credential and counter) has paid already", reason="CODE_ALREADY_USED",
+                              metadata={"credential_id": code.credential_id, "counter": str(code.counter)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from services.ledger.domain import (
     Account,
     AccountBalance,
     AccountStatus,
+    CodeRef,
     GrantBatch,
     GrantBatchStatus,
     GrantRow,
@@ -49,7 +51,7 @@ from services.ledger.domain import (
     TrialBalance,
     WriteResult,
 )
-from services.ledger.store import LedgerStore, TenantTx, account_data, event_data
+from services.ledger.store import CODE_INDEX, LedgerStore, TenantTx, account_data, event_data
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -184,8 +186,9 @@ class Ledger:
 
     async def pay(self, *, tenant_id: uuid.UUID, idempotency_key: str, merchant_account_id: uuid.UUID,
                   legs: list[PayLeg], device_id: str, external_ref: str, event_time: datetime | None,
-                  guards: tuple[Guard, ...] = ()) -> WriteResult:
+                  guards: tuple[Guard, ...] = (), code: CodeRef | None = None) -> WriteResult:
         domain.check_pay_legs(legs)
+        code = domain.check_code(code)
         checked_guards = domain.check_guards(list(guards))
         if any(leg.account_id == merchant_account_id for leg in legs):
             raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
@@ -196,6 +199,7 @@ class Ledger:
             # Only when present, so the fingerprints of unguarded payments stay what they were.
             # Sorted by key: the same caps in another order are the same request.
             request["guards"] = [[g.counter_key, g.increment, g.limit] for g in checked_guards]
+        domain.with_code(request, code)
 
         async def body(tx: TenantTx) -> WriteResult:
             ids = [leg.account_id for leg in legs]
@@ -215,7 +219,7 @@ class Ledger:
                 postings=[*(Posting(leg.account_id, -leg.amount_fen) for leg in legs),
                           Posting(merchant_account_id, total_fen)],
                 sharded=_sharded(accounts), event_time=event_time, merchant_account_id=merchant_account_id,
-                device_id=device_id, external_ref=external_ref,
+                device_id=device_id, external_ref=external_ref, code=code,
             )
             await tx.record_payment(transfer_id=transfer.transfer_id, paid_fen=total_fen)
             await tx.record_guards(transfer.transfer_id, applied=applied)
@@ -275,13 +279,15 @@ class Ledger:
 
     async def create_hold(self, *, tenant_id: uuid.UUID, idempotency_key: str, account_id: uuid.UUID,
                           merchant_account_id: uuid.UUID, amount_fen: int, timeout_s: int, device_id: str,
-                          external_ref: str) -> WriteResult:
+                          external_ref: str, code: CodeRef | None = None) -> WriteResult:
         domain.check_amount(amount_fen)
+        code = domain.check_code(code)
         timeout_s = domain.check_hold_timeout(timeout_s)
         if account_id == merchant_account_id:
             raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
         request = {"account": str(account_id), "merchant": str(merchant_account_id), "amount_fen": amount_fen,
                    "timeout_s": timeout_s, "device_id": device_id, "external_ref": external_ref}
+        domain.with_code(request, code)
 
         async def body(tx: TenantTx) -> WriteResult:
             accounts = await tx.accounts([account_id, merchant_account_id], lock_unsharded=True)
@@ -293,7 +299,7 @@ class Ledger:
             transfer = await tx.post(
                 kind=TransferKind.HOLD, idempotency_key=idempotency_key, amount_fen=amount_fen,
                 postings=[Posting(account_id, 0, amount_fen)], sharded=set(), event_time=None,
-                merchant_account_id=merchant_account_id, device_id=device_id, external_ref=external_ref,
+                merchant_account_id=merchant_account_id, device_id=device_id, external_ref=external_ref, code=code,
             )
             hold = await tx.create_hold(hold_id=transfer.transfer_id, account_id=account_id,
                                         merchant_account_id=merchant_account_id, amount_fen=amount_fen,
@@ -678,6 +684,7 @@ class Ledger:
     async def _settle_offline_tx(self, *, tenant_id: uuid.UUID,
                                  records: dict[int, OfflineRecord]) -> dict[int, OfflineResult]:
         out: dict[int, OfflineResult] = {}
+        later_of: dict[int, int] = {}  # a record replaying a code booked earlier in this call -> that record
         if not records:
             return out
         fingerprints = {i: domain.fingerprint(operation="settle_offline", request=r.request())
@@ -698,6 +705,25 @@ class Ledger:
                                            message="this idempotency key was used for a different request")
             todo = sorted((i for i in records if i not in out),
                           key=lambda i: (records[i].event_time, records[i].idempotency_key))
+            # A code books once: one booked before (by any device) or earlier in this call wins;
+            # the unique index settles a race with a concurrent call (which is then retried).
+            booked_codes = await tx.transfers_by_code([c for i in todo if (c := records[i].code) is not None])
+            code_first: dict[CodeRef, int] = {}
+            for i in list(todo):
+                code = records[i].code
+                if code is None:
+                    continue
+                if code in booked_codes or code in code_first:
+                    out[i] = OfflineResult(idempotency_key=records[i].idempotency_key,
+                                           outcome=OfflineOutcome.CODE_REUSED, transfer_id=booked_codes.get(code),
+                                           reason="CODE_ALREADY_USED",
+                                           message="this e-code (credential and counter) was booked by another record")
+                    if code in code_first:
+                        out[i] = replace(out[i], transfer_id=None)
+                        later_of[i] = code_first[code]
+                    todo.remove(i)
+                else:
+                    code_first[code] = i
             ids = {leg.account_id for i in todo for leg in records[i].legs} | {records[i].merchant_account_id
                                                                                   for i in todo}
             accounts = await tx.accounts(sorted(ids), lock_unsharded=True, missing_ok=True)
@@ -724,9 +750,11 @@ class Ledger:
                     kind=TransferKind.OFFLINE_SETTLEMENT, idempotency_key=record.idempotency_key, amount_fen=total,
                     postings=tuple(postings), event_time=record.event_time,
                     merchant_account_id=record.merchant_account_id, device_id=record.device_id,
-                    external_ref=record.external_ref), member_id, shortfall))
+                    external_ref=record.external_ref, code=record.code), member_id, shortfall))
+            # Refused records and replayed codes give their keys back: nothing was booked for them.
             await tx.release_keys([records[i].idempotency_key for i, r in out.items()
-                                   if r.outcome is OfflineOutcome.REJECTED and records[i].idempotency_key in claimed])
+                                   if r.outcome in (OfflineOutcome.REJECTED, OfflineOutcome.CODE_REUSED)
+                                   and records[i].idempotency_key in claimed])
             sharded = _sharded(accounts) | {ab.account.account_id for ab in receivables.values()}
             transfers = await tx.post_many([item for _, item, _, _ in items], sharded=sharded)
             await tx.record_payments([(t.transfer_id, t.amount_fen) for t in transfers])
@@ -749,6 +777,8 @@ class Ledger:
                 out[i] = OfflineResult(idempotency_key=t.idempotency_key,
                                        outcome=OfflineOutcome.SHORTFALL if shortfall else OfflineOutcome.BOOKED,
                                        transfer_id=t.transfer_id, shortfall_fen=shortfall)
+            for i, first in later_of.items():
+                out[i] = replace(out[i], transfer_id=out[first].transfer_id)
         return out
 
     @staticmethod
@@ -796,7 +826,9 @@ class Ledger:
         for attempt in range(_RETRIES):
             try:
                 return await work()
-            except _RETRYABLE:
+            except (*_RETRYABLE, asyncpg.UniqueViolationError) as error:
+                if isinstance(error, asyncpg.UniqueViolationError) and error.constraint_name != CODE_INDEX:
+                    raise
                 if attempt == _RETRIES - 1:
                     raise
                 log.info("ledger transaction retried after a deadlock or serialization failure", attempt=attempt + 1)

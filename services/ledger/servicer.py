@@ -19,6 +19,7 @@ from services.ledger.domain import (
     AccountBalance,
     AccountStatus,
     Balance,
+    CodeRef,
     GrantBatch,
     GrantBatchStatus,
     GrantRow,
@@ -89,6 +90,7 @@ _OUTCOME = {
     OfflineOutcome.SHORTFALL: pb.OFFLINE_OUTCOME_SHORTFALL,
     OfflineOutcome.DUPLICATE: pb.OFFLINE_OUTCOME_DUPLICATE,
     OfflineOutcome.REJECTED: pb.OFFLINE_OUTCOME_REJECTED,
+    OfflineOutcome.CODE_REUSED: pb.OFFLINE_OUTCOME_CODE_REUSED,
 }
 _HOLD_STATUS = {
     HoldStatus.PENDING: pb.HOLD_STATUS_PENDING,
@@ -132,7 +134,20 @@ def transfer_pb(t: Transfer) -> pb.Transfer:
         merchant_account_id=str(t.merchant_account_id or ""), device_id=t.device_id, external_ref=t.external_ref,
         original_transfer_id=str(t.original_transfer_id or ""), event_time=timestamp_pb(t.event_time),
         booked_at=timestamp_pb(t.booked_at),
+        code=pb.CodeRef(credential_id=t.code.credential_id, counter=t.code.counter) if t.code else None,
     )
+
+
+def _code(code: pb.CodeRef) -> CodeRef | None:
+    """The code of a request: None when it names no credential; a credential id in its canonical
+    UUID form when it is one (the domain refuses it otherwise)."""
+    if not code.credential_id:
+        return None
+    try:
+        credential = str(uuid.UUID(code.credential_id))
+    except ValueError:
+        credential = code.credential_id
+    return CodeRef(credential_id=credential, counter=code.counter)
 
 
 def hold_pb(h: Hold) -> pb.Hold:
@@ -206,6 +221,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             event_time=_event_time(request.HasField("event_time"), request.event_time),
             guards=tuple(Guard(counter_key=g.counter_key, increment=g.increment, limit=g.limit)
                          for g in request.guards),
+            code=_code(request.code) if request.HasField("code") else None,
         )
         transfer, balances = await self._answer(tenant_id, result)
         return pb.PayResponse(transfer=transfer, balances=balances)
@@ -236,6 +252,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             merchant_account_id=domain.parse_account_ref(request.merchant_account_id), amount_fen=request.amount_fen,
             timeout_s=request.timeout_s, device_id=_text(request.device_id, what="device_id"),
             external_ref=_text(request.external_ref, what="external_ref"),
+            code=_code(request.code) if request.HasField("code") else None,
         )
         hold, transfer, balances = await self._hold_answer(tenant_id, result)
         return pb.CreateHoldResponse(hold=hold, transfer=transfer, balances=balances)
@@ -411,6 +428,7 @@ def _offline_record(r: pb.OfflineRecord) -> OfflineRecord:
         idempotency_key=r.idempotency_key, merchant_account_id=_uuid_or_nil(r.merchant_account_id),
         legs=tuple(PayLeg(account_id=_uuid_or_nil(leg.account_id), amount_fen=leg.amount_fen) for leg in r.legs),
         device_id=r.device_id, external_ref=r.external_ref, event_time=_event_time(r.HasField("event_time"), r.event_time),
+        code=_code(r.code) if r.HasField("code") else None,
     )
 
 

@@ -25,6 +25,8 @@ from runtime.errors import NotFound
 from runtime.events import PendingEvent, emit_many
 from services.ledger.domain import (
     SHARD_COUNT,
+    CodeRef,
+    code_already_used,
     STATEMENT_KINDS,
     GrantBatch,
     GrantBatchStatus,
@@ -57,7 +59,9 @@ _ACCOUNT_COLUMNS = "tenant_id, account_id, owner_kind, owner_id, purse_kind, ref
 _POSTED = ("(a.posted_fen + COALESCE((SELECT sum(s.posted_fen) FROM account_shards s"
            " WHERE s.account_id = a.account_id), 0))::bigint")
 _TRANSFER_COLUMNS = ("tenant_id, transfer_id, seq, kind, idempotency_key, amount_fen, merchant_account_id, device_id,"
-                     " external_ref, original_transfer_id, event_time, booked_at")
+                     " external_ref, original_transfer_id, event_time, booked_at, code_credential_id, code_counter")
+# The unique index that books each e-code use once.
+CODE_INDEX = "transfers_by_code"
 _PROGRAM_COLUMNS = ("tenant_id, purse_kind, ref, funding_account_id, ends_at, status, expired_purses,"
                     " expired_fen")
 _BATCH_COLUMNS = ("tenant_id, batch_id, bill_number, purse_kind, ref, status, total_rows, done_rows, granted_rows,"
@@ -112,6 +116,8 @@ def _transfer(row: asyncpg.Record, postings: list[asyncpg.Record]) -> Transfer:
         event_time=row["event_time"], booked_at=row["booked_at"], merchant_account_id=row["merchant_account_id"],
         device_id=row["device_id"], external_ref=row["external_ref"],
         original_transfer_id=row["original_transfer_id"],
+        code=CodeRef(credential_id=row["code_credential_id"], counter=row["code_counter"])
+        if row["code_credential_id"] else None,
     )
 
 
@@ -217,16 +223,24 @@ class TenantTx:
     async def post(self, *, kind: TransferKind, idempotency_key: str, amount_fen: int, postings: list[Posting],
                    sharded: set[uuid.UUID], event_time: datetime | None, merchant_account_id: uuid.UUID | None = None,
                    device_id: str = "", external_ref: str = "", original_transfer_id: uuid.UUID | None = None,
-                   ) -> Transfer:
-        """Book one transfer: its row, its postings, and the balance caches they change."""
+                   code: CodeRef | None = None) -> Transfer:
+        """Book one transfer: its row, its postings, and the balance caches they change. A code
+        that paid before is CODE_ALREADY_USED (the caller's transaction then rolls back)."""
         transfer_id = uuid.uuid4()
-        row = await self.conn.fetchrow(
-            f"INSERT INTO transfers (transfer_id, tenant_id, kind, idempotency_key, amount_fen, merchant_account_id,"
-            f" device_id, external_ref, original_transfer_id, event_time)"
-            f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, now())) RETURNING {_TRANSFER_COLUMNS}",
-            transfer_id, self.tenant_id, kind.value, idempotency_key, amount_fen, merchant_account_id, device_id,
-            external_ref, original_transfer_id, event_time,
-        )
+        try:
+            row = await self.conn.fetchrow(
+                f"INSERT INTO transfers (transfer_id, tenant_id, kind, idempotency_key, amount_fen, merchant_account_id,"
+                f" device_id, external_ref, original_transfer_id, event_time, code_credential_id, code_counter)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, now()), $11, $12)"
+                f" RETURNING {_TRANSFER_COLUMNS}",
+                transfer_id, self.tenant_id, kind.value, idempotency_key, amount_fen, merchant_account_id, device_id,
+                external_ref, original_transfer_id, event_time, code.credential_id if code else "",
+                code.counter if code else None,
+            )
+        except asyncpg.UniqueViolationError as error:
+            if code is not None and error.constraint_name == CODE_INDEX:
+                raise code_already_used(code) from None
+            raise
         await self.conn.executemany(
             "INSERT INTO postings (transfer_id, account_id, tenant_id, seq, leg, amount_fen, pending_fen)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -273,6 +287,18 @@ class TenantTx:
             self.tenant_id, transfer_ids,
         )
         return await self._with_postings(list(rows))
+
+    async def transfers_by_code(self, codes: list[CodeRef]) -> dict[CodeRef, uuid.UUID]:
+        """The transfers that booked these codes, for those booked."""
+        if not codes:
+            return {}
+        rows = await self.conn.fetch(
+            "SELECT t.code_credential_id, t.code_counter, t.transfer_id FROM transfers t"
+            " JOIN unnest($2::text[], $3::bigint[]) AS u(cred, counter)"
+            " ON t.code_credential_id = u.cred AND t.code_counter = u.counter WHERE t.tenant_id = $1",
+            self.tenant_id, [c.credential_id for c in codes], [c.counter for c in codes],
+        )
+        return {CodeRef(r["code_credential_id"], r["code_counter"]): r["transfer_id"] for r in rows}
 
     async def transfer_by_key(self, idempotency_key: str) -> Transfer | None:
         transfer_id = await self.conn.fetchval(
@@ -486,14 +512,16 @@ class TenantTx:
         ids = [uuid.uuid4() for _ in items]
         rows = await self.conn.fetch(
             "INSERT INTO transfers (transfer_id, tenant_id, kind, idempotency_key, amount_fen, merchant_account_id,"
-            " device_id, external_ref, event_time)"
-            " SELECT u.id, $1, u.kind, u.key, u.amount, u.merchant, u.device, u.ref, COALESCE(u.et, now())"
-            " FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::uuid[], $7::text[], $8::text[],"
-            " $9::timestamptz[]) WITH ORDINALITY AS u(id, kind, key, amount, merchant, device, ref, et, n)"
+            " device_id, external_ref, event_time, code_credential_id, code_counter)"
+            " SELECT u.id, $1, u.kind, u.key, u.amount, u.merchant, u.device, u.ref, COALESCE(u.et, now()), u.cred,"
+            " u.counter FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::uuid[], $7::text[],"
+            " $8::text[], $9::timestamptz[], $10::text[], $11::bigint[]) WITH ORDINALITY"
+            " AS u(id, kind, key, amount, merchant, device, ref, et, cred, counter, n)"
             f" ORDER BY u.n RETURNING {_TRANSFER_COLUMNS}",
             self.tenant_id, ids, [t.kind.value for t in items], [t.idempotency_key for t in items],
             [t.amount_fen for t in items], [t.merchant_account_id for t in items], [t.device_id for t in items],
             [t.external_ref for t in items], [t.event_time for t in items],
+            [t.code.credential_id if t.code else "" for t in items], [t.code.counter if t.code else None for t in items],
         )
         by_id = {r["transfer_id"]: r for r in rows}
         legs = [(tid, p, leg) for tid, t in zip(ids, items, strict=True) for leg, p in enumerate(t.postings)]
@@ -795,6 +823,8 @@ def event_data(transfer: Transfer, **extra: Any) -> dict[str, Any]:
         "original_transfer_id": str(transfer.original_transfer_id) if transfer.original_transfer_id else None,
         "event_time": transfer.event_time.isoformat(),
         "booked_at": transfer.booked_at.isoformat(),
+        "code": {"credential_id": transfer.code.credential_id, "counter": transfer.code.counter}
+        if transfer.code else None,
         **extra,
     }
 
