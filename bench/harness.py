@@ -27,7 +27,7 @@ from devstack.servers import Nats, Postgres, free_port
 from devstack.supervisor import ManagedProcess, Probe, wait_healthy
 
 # Modules whose import registers benchmarks.
-SUITES = ("bench.identity", "bench.codegen", "bench.codes")
+SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger")
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_SUMMARY_PATH = BENCH_DIR / "out" / "summary.json"
 DEFAULT_DURATION_S = 5.0
@@ -98,6 +98,7 @@ class BenchContext:
     work_dir: Path
     _postgres: Postgres | None = field(default=None, init=False)
     _nats: Nats | None = field(default=None, init=False)
+    _durable_postgres: Postgres | None = field(default=None, init=False)
     _processes: list[ManagedProcess] = field(default_factory=list, init=False)
 
     def database_url(self) -> str:
@@ -107,6 +108,14 @@ class BenchContext:
             self._postgres = Postgres(self.work_dir / "postgres", free_port(), fsync=False)
             self._postgres.start()
         return self._postgres.dsn()
+
+    def durable_postgres(self) -> Postgres:
+        """A second PostgreSQL with fsync on and synchronous_commit at its default (on), for the
+        figures whose meaning includes each commit's flush to disk (the ledger against pgbench)."""
+        if self._durable_postgres is None:
+            self._durable_postgres = Postgres(self.work_dir / "postgres-durable", free_port(), fsync=True)
+            self._durable_postgres.start()
+        return self._durable_postgres
 
     def nats_url(self) -> str:
         if self._nats is None:
@@ -135,6 +144,8 @@ class BenchContext:
             self._nats.stop()
         if self._postgres is not None:
             self._postgres.stop()
+        if self._durable_postgres is not None:
+            self._durable_postgres.stop()
 
 
 @contextlib.asynccontextmanager

@@ -90,7 +90,9 @@ async def get_member(context: BenchContext) -> Figures:
             "ONECARD_RATE_LIMIT_PER_S": BENCH_RATE_LIMIT_PER_S,
             "ONECARD_RATE_LIMIT_BURST": BENCH_RATE_LIMIT_BURST,
         },
-        probe=http_ready_probe(f"http://{BENCH_HOST}:{gateway_port}/readyz"),
+        # /healthz, not /readyz: readiness also asks codegen and the ledger, which this bench does
+        # not start (identity, the one dependency measured, is serving already).
+        probe=http_ready_probe(f"http://{BENCH_HOST}:{gateway_port}/healthz"),
     )
     await context.start_process(
         name="bare",

@@ -176,3 +176,38 @@ async def closed_loop_get(*, url: str, headers: Mapping[str, str], duration_s: f
     client_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return LoadResult(requests=len(latencies_ms), errors=errors, elapsed_s=elapsed_s,
                       client_cpu_s=client_cpu_s, latencies_ms=latencies_ms)
+
+
+async def closed_loop_calls(*, call: Callable[[int], Awaitable[bool]], duration_s: float,
+                            concurrency: int) -> LoadResult:
+    """The same closed loop for any async call (a gRPC stub's, say): ``concurrency`` workers, each
+    awaiting ``call(worker_index)`` again as soon as the last one answers, for ``duration_s``. A
+    call answering False, raising or taking longer than ``REQUEST_TIMEOUT_S`` is an error; the
+    caller keeps whatever detail it wants about why."""
+    latencies_ms: list[float] = []
+    errors = 0
+    budget = MAX_REQUESTS
+    deadline = time.perf_counter() + duration_s
+
+    async def worker(index: int) -> None:
+        nonlocal errors, budget
+        while budget > 0 and time.perf_counter() < deadline:
+            budget -= 1
+            sent = time.perf_counter()
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    ok = await call(index)
+            except Exception:  # noqa: BLE001 - any failure of the call is an error of the load
+                ok = False
+            latencies_ms.append((time.perf_counter() - sent) * 1000)
+            if not ok:
+                errors += 1
+
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed_s = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    client_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return LoadResult(requests=len(latencies_ms), errors=errors, elapsed_s=elapsed_s,
+                      client_cpu_s=client_cpu_s, latencies_ms=latencies_ms)

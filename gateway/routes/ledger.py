@@ -133,6 +133,11 @@ class PostingOut(BaseModel):
     pending_fen: int
 
 
+class CodeOut(BaseModel):
+    credential_id: str
+    counter: int
+
+
 class TransferOut(BaseModel):
     transfer_id: str
     kind: TransferKindName
@@ -146,6 +151,8 @@ class TransferOut(BaseModel):
                                              "expiry: the hold's transfer.")
     event_time: datetime | None
     booked_at: datetime | None
+    code: CodeOut | None = Field(default=None, description="The e-code that paid (payments, holds, offline "
+                                 "settlements made with a code).")
 
 
 class WriteOut(BaseModel):
@@ -287,6 +294,7 @@ def _transfer(t: pb.Transfer) -> TransferOut:
         merchant_account_id=_or_none(t.merchant_account_id), device_id=_or_none(t.device_id),
         external_ref=_or_none(t.external_ref), original_transfer_id=_or_none(t.original_transfer_id),
         event_time=timestamp(t.event_time), booked_at=timestamp(t.booked_at),
+        code=CodeOut(credential_id=t.code.credential_id, counter=t.code.counter) if t.HasField("code") else None,
     )
 
 

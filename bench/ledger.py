@@ -1,0 +1,465 @@
+"""The ledger's payments against pgbench on the same PostgreSQL, and offline settlement in bulk.
+
+``ledger.pay_vs_pgbench_ratio``: payments per second through LedgerService.Pay (two purses of a
+member, cash and a subsidy purse, to one merchant), divided by pgbench's built-in TPC-B-like
+transactions per second, both with the same number of clients for the same time, against one
+PostgreSQL started for this suite with fsync on and synchronous_commit on (the defaults; the other
+suites share a server with fsync off). Both sides commit once per operation and wait for the WAL
+flush, so the ratio says what the ledger's Python, gRPC and extra SQL cost on top of a plain
+durable OLTP transaction. Goal >= 0.5. pgbench: ``-i -s <clients> -I dtGvp`` into its own database
+on that server (one branch per client), then ``-c N -j N -T <duration> -M prepared -n``, each side
+after a warm-up of the same length and a CHECKPOINT.
+``ledger.pay_p99_ms``: the client-side latency of Pay at that load.
+``ledger.settle_offline_per_s``: offline records per second booked through SettleOffline, a
+100k-record batch in calls of 1000, a few calls in flight; checked afterwards (every record
+BOOKED, merchant credited with the batch's sum, trial balance balanced). No call starts after
+``OFFLINE_MAX_S``; a batch cut short says so and ``ledger.settle_offline_records`` counts what went.
+Absent, with a message, while the ledger does not implement SettleOffline (UNIMPLEMENTED, or the
+generated stub still in its servicer, which the mesh's error interceptor answers INTERNAL).
+
+The ``*_cpu_ratio`` figures (CPU seconds per second of load of the ledger process, of PostgreSQL
+and of the load client or pgbench) say where the time went on this two-core machine.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bench.harness import BenchContext, Figures, benchmark
+from bench.load import LoadResult, closed_loop_calls
+from bench.serve import BENCH_HOST
+from devstack.servers import POSTGRES_BIN_PATH, Postgres, free_port
+from devstack.supervisor import grpc_health_probe
+from onecard.ledger.v1 import ledger_pb2 as pb
+from onecard.ledger.v1 import ledger_pb2_grpc
+from runtime.grpc_client import open_channel
+from services.ledger.servicer import LedgerServicer
+
+CALL_TIMEOUT_S = 60.0
+MEMBERS = 2000
+SETUP_CONCURRENCY = 16
+SUBSIDY_REF = "bench-subsidy"
+# Each purse starts with 1000 yuan; a payment draws at most 0.20 from each, so even the offline
+# batch (about 50 records per member) and a long pay run leave every purse far from empty.
+PURSE_FUNDING_FEN = 100_000
+MAX_LEG_FEN = 20
+PGBENCH_DATABASE = "pgbench"
+OFFLINE_RECORDS = 100_000
+OFFLINE_PER_CALL = 1000
+OFFLINE_CALLS_IN_FLIGHT = 4
+OFFLINE_DEVICES = 50
+# Keeps the suite within its time on a slow server: no call is started after this; the figure is
+# then over the records sent, and says so.
+OFFLINE_MAX_S = 75.0
+TPS_LINE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Member:
+    cash: str
+    subsidy: str
+
+
+@dataclass(frozen=True)
+class Fixture:
+    tenant_id: str
+    merchant: str
+    members: list[Member]
+
+
+# --- CPU of other processes -----------------------------------------------------------------
+
+def _proc_cpu_s(pid: int, *, with_children: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` (and of its reaped children), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the name: state is fields[0], so utime/stime/cutime/cstime (stat fields 14-17) are 11-14.
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def _postgres_cpu_s(postgres: Postgres) -> float:
+    """The postmaster, every live backend and helper, and the children it has reaped."""
+    assert postgres.process is not None
+    root = postgres.process.pid
+    total = _proc_cpu_s(root, with_children=True)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == root:
+            total += _proc_cpu_s(int(entry))
+    return total
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of the ledger process and of PostgreSQL over one measurement."""
+
+    ledger_pid: int
+    postgres: Postgres
+    _ledger0: float = 0.0
+    _postgres0: float = 0.0
+
+    def start(self) -> None:
+        self._ledger0 = _proc_cpu_s(self.ledger_pid)
+        self._postgres0 = _postgres_cpu_s(self.postgres)
+
+    def stop(self) -> tuple[float, float]:
+        return _proc_cpu_s(self.ledger_pid) - self._ledger0, _postgres_cpu_s(self.postgres) - self._postgres0
+
+
+# --- the service and its accounts -----------------------------------------------------------
+
+async def _start_ledger(context: BenchContext, postgres: Postgres) -> tuple[str, int]:
+    port, metrics_port = free_port(), free_port()
+    target = f"{BENCH_HOST}:{port}"
+    process = await context.start_process(
+        name="ledger",
+        module_args=["services.ledger"],
+        env={
+            "ONECARD_DATABASE_URL": postgres.dsn(),
+            "ONECARD_NATS_URL": context.nats_url(),
+            "ONECARD_GRPC_HOST": BENCH_HOST,
+            "ONECARD_GRPC_PORT": str(port),
+            "ONECARD_METRICS_PORT": str(metrics_port),
+            "ONECARD_LOG_LEVEL": "warning",
+        },
+        probe=grpc_health_probe(target),
+    )
+    assert process.pid is not None
+    return target, process.pid
+
+
+async def _open(stub: ledger_pb2_grpc.LedgerServiceStub, tenant_id: str, owner_kind: int, owner_id: str,
+                purse_kind: int, ref: str = "") -> str:
+    answer = await stub.OpenAccount(pb.OpenAccountRequest(
+        tenant_id=tenant_id, owner_kind=owner_kind, owner_id=owner_id, purse_kind=purse_kind, ref=ref),
+        timeout=CALL_TIMEOUT_S)
+    return answer.account.account.account_id
+
+
+async def _seed(stub: ledger_pb2_grpc.LedgerServiceStub) -> Fixture:
+    """A tenant's bank clearing and subsidy funding accounts, one merchant, and ``MEMBERS`` members
+    each with a cash purse and a subsidy purse funded by a top-up and a subsidy grant."""
+    tenant_id = str(uuid.uuid4())
+    bank = await _open(stub, tenant_id, pb.OWNER_KIND_SYSTEM, "bench-bank", pb.PURSE_KIND_BANK_CLEARING)
+    funding = await _open(stub, tenant_id, pb.OWNER_KIND_TENANT, tenant_id, pb.PURSE_KIND_SUBSIDY_FUNDING,
+                          SUBSIDY_REF)
+    merchant = await _open(stub, tenant_id, pb.OWNER_KIND_MERCHANT, "bench-canteen",
+                           pb.PURSE_KIND_MERCHANT_SETTLEMENT)
+    members: list[Member | None] = [None] * MEMBERS
+    queue = iter(range(MEMBERS))
+
+    async def fund(source: str, target: str) -> None:
+        await stub.TopUp(pb.TopUpRequest(tenant_id=tenant_id, idempotency_key=f"bench-fund-{target}",
+                                          from_account_id=source, to_account_id=target,
+                                          amount_fen=PURSE_FUNDING_FEN), timeout=CALL_TIMEOUT_S)
+
+    async def worker() -> None:
+        for i in queue:
+            owner = str(uuid.uuid4())
+            cash = await _open(stub, tenant_id, pb.OWNER_KIND_MEMBER, owner, pb.PURSE_KIND_CASH)
+            subsidy = await _open(stub, tenant_id, pb.OWNER_KIND_MEMBER, owner, pb.PURSE_KIND_SUBSIDY, SUBSIDY_REF)
+            await fund(bank, cash)
+            await fund(funding, subsidy)
+            members[i] = Member(cash=cash, subsidy=subsidy)
+
+    await asyncio.gather(*(worker() for _ in range(SETUP_CONCURRENCY)))
+    return Fixture(tenant_id=tenant_id, merchant=merchant, members=[m for m in members if m is not None])
+
+
+async def _trial_balance(stub: ledger_pb2_grpc.LedgerServiceStub, tenant_id: str) -> pb.TrialBalanceResponse:
+    trial = await stub.TrialBalance(pb.TrialBalanceRequest(tenant_id=tenant_id), timeout=CALL_TIMEOUT_S)
+    if not trial.balanced or trial.postings_sum_fen or trial.balances_sum_fen:
+        raise RuntimeError(f"the bench tenant's trial balance is off: {trial}")
+    return trial
+
+
+async def _merchant_posted(stub: ledger_pb2_grpc.LedgerServiceStub, fixture: Fixture) -> int:
+    answer = await stub.GetBalances(pb.GetBalancesRequest(tenant_id=fixture.tenant_id,
+                                                          account_ids=[fixture.merchant]), timeout=CALL_TIMEOUT_S)
+    return answer.accounts[0].balance.posted_fen
+
+
+def _legs(member: Member, rng: random.Random) -> list[pb.PayLeg]:
+    # Funding order: the subsidy first, then cash.
+    return [pb.PayLeg(account_id=member.subsidy, amount_fen=rng.randint(1, MAX_LEG_FEN)),
+            pb.PayLeg(account_id=member.cash, amount_fen=rng.randint(1, MAX_LEG_FEN))]
+
+
+# --- pgbench --------------------------------------------------------------------------------
+
+def _pgbench(postgres: Postgres, *args: str, timeout_s: float) -> str:
+    argv = [str(POSTGRES_BIN_PATH / "pgbench"), "-h", postgres.host, "-p", str(postgres.port), "-U", "postgres",
+            *args, PGBENCH_DATABASE]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _pgbench_run_argv(clients: int, duration_s: float) -> list[str]:
+    # Prepared statements, as the ledger's asyncpg uses; a whole number of seconds, at least one.
+    return ["-c", str(clients), "-j", str(clients), "-T", str(max(1, round(duration_s))), "-M", "prepared", "-n"]
+
+
+async def _pgbench_tps(postgres: Postgres, *, clients: int, duration_s: float, ledger_pid: int
+                       ) -> tuple[float, float, float, float]:
+    """TPC-B-like transactions/s, and the CPU ratios of PostgreSQL, pgbench and the (idle) ledger."""
+    meter = CpuMeter(ledger_pid=ledger_pid, postgres=postgres)
+    meter.start()
+    before = os.times()
+    started = time.perf_counter()
+    out = await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, duration_s),
+                                  timeout_s=duration_s + 60)
+    elapsed_s = time.perf_counter() - started
+    after = os.times()
+    ledger_cpu, postgres_cpu = meter.stop()
+    found = TPS_LINE.search(out)
+    if found is None:
+        raise RuntimeError(f"no tps in pgbench's output:\n{out}")
+    pgbench_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return float(found.group(1)), postgres_cpu / elapsed_s, pgbench_cpu / elapsed_s, ledger_cpu / elapsed_s
+
+
+def _settings(postgres: Postgres) -> str:
+    names = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "shared_buffers")
+    rows = postgres._psql(
+        "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings"
+        f" WHERE name IN ({', '.join(repr(n) for n in names)})")
+    if "fsync=on" not in rows or "synchronous_commit=on" not in rows:
+        raise RuntimeError(f"the ledger benchmark needs a durable PostgreSQL, this one runs with {rows}")
+    return rows
+
+
+# --- the benchmarks -------------------------------------------------------------------------
+
+@dataclass
+class LedgerSetup:
+    target: str
+    pid: int
+    postgres: Postgres
+    fixture: Fixture
+    settings: str
+
+
+_setup: LedgerSetup | None = None
+
+
+async def _ledger_setup(context: BenchContext) -> LedgerSetup:
+    """The durable server, the ledger on it and the seeded tenant, shared by both benchmarks."""
+    global _setup
+    if _setup is not None and _setup.postgres is context.durable_postgres():
+        return _setup
+    postgres = context.durable_postgres()
+    settings = _settings(postgres)
+    target, pid = await _start_ledger(context, postgres)
+    started = time.perf_counter()
+    async with open_channel(target) as channel:
+        fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))
+    print(f"  PostgreSQL for the ledger: {settings}", flush=True)
+    print(f"  seeded {len(fixture.members)} members (2 purses each, funded) in {time.perf_counter() - started:.1f}s",
+          flush=True)
+    _setup = LedgerSetup(target=target, pid=pid, postgres=postgres, fixture=fixture, settings=settings)
+    return _setup
+
+
+@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server")
+async def pay(context: BenchContext) -> Figures:
+    setup = await _ledger_setup(context)
+    load = context.load
+    clients = load.concurrency
+    postgres = setup.postgres
+    fixture = setup.fixture
+
+    # pgbench: its own database on the same server, one branch per client so the TPC-B rows do
+    # not all queue on one branch row.
+    scale = max(1, clients)
+    postgres.create_database(PGBENCH_DATABASE)
+    started = time.perf_counter()
+    await asyncio.to_thread(_pgbench, postgres, "-i", "-s", str(scale), "-I", "dtGvp", "-q", timeout_s=300)
+    print(f"  pgbench -i -s {scale} in {time.perf_counter() - started:.1f}s; runs: pgbench "
+          f"{' '.join(_pgbench_run_argv(clients, load.duration_s))}", flush=True)
+
+    run = uuid.uuid4().hex[:8]
+    failures: list[str] = []
+    sequence = [0] * clients
+    rngs = [random.Random(i) for i in range(clients)]
+
+    async with open_channel(setup.target) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        merchant_before = await _merchant_posted(stub, fixture)
+        paid_fen = 0
+
+        async def call(worker: int) -> bool:
+            nonlocal paid_fen
+            rng = rngs[worker]
+            sequence[worker] += 1
+            legs = _legs(rng.choice(fixture.members), rng)
+            request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{run}-{worker}-"
+                                    f"{sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
+                                    device_id=f"bench-pos-{worker}")
+            try:
+                await stub.Pay(request, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if len(failures) < 5:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+                return False
+            paid_fen += sum(leg.amount_fen for leg in legs)
+            return True
+
+        # Warm-up of both sides, then a checkpoint before each measured run, so neither pays
+        # for the other's dirty pages or starts with fewer full-page writes to make.
+        await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, load.warmup_s), timeout_s=60)
+        await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=clients)
+
+        await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+        tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
+                                                                   duration_s=load.duration_s, ledger_pid=setup.pid)
+
+        await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+        meter = CpuMeter(ledger_pid=setup.pid, postgres=postgres)
+        meter.start()
+        result: LoadResult = await closed_loop_calls(call=call, duration_s=load.duration_s, concurrency=clients)
+        ledger_cpu, postgres_cpu = meter.stop()
+        if result.errors or failures:
+            raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {failures}")
+
+        merchant_after = await _merchant_posted(stub, fixture)
+        if merchant_after - merchant_before != paid_fen:
+            raise RuntimeError(f"the merchant got {merchant_after - merchant_before} fen for {paid_fen} fen paid")
+        await _trial_balance(stub, fixture.tenant_id)
+
+    return {
+        "ledger.pay_vs_pgbench_ratio": result.rps / tps,
+        "ledger.pay_per_s": result.rps,
+        "ledger.pgbench_tpcb_tps": tps,
+        "ledger.pay_p50_ms": result.median_ms,
+        "ledger.pay_p99_ms": result.percentile_ms(0.99),
+        # Where the time went (CPU seconds per second of load; the machine has two cores).
+        "ledger.pay_ledger_cpu_ratio": ledger_cpu / result.elapsed_s,
+        "ledger.pay_postgres_cpu_ratio": postgres_cpu / result.elapsed_s,
+        "ledger.pay_client_cpu_ratio": result.client_cpu_ratio,
+        "ledger.pgbench_postgres_cpu_ratio": pg_postgres_cpu,
+        "ledger.pgbench_client_cpu_ratio": pgbench_cpu,
+    }
+
+
+def _offline_chunks(fixture: Fixture, *, prefix: str, count: int, per_call: int
+                    ) -> Iterator[tuple[list[pb.OfflineRecord], int]]:
+    """``count`` records in calls of ``per_call``, each with the sum of money it moves."""
+    rng = random.Random(7)
+    event_time = Timestamp()
+    event_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    for start in range(0, count, per_call):
+        records = []
+        fen = 0
+        for seq in range(start, min(count, start + per_call)):
+            device = f"bench-dev-{seq % OFFLINE_DEVICES}"
+            legs = _legs(rng.choice(fixture.members), rng)
+            fen += sum(leg.amount_fen for leg in legs)
+            records.append(pb.OfflineRecord(
+                idempotency_key=f"offline:{prefix}:{device}:{seq}", merchant_account_id=fixture.merchant,
+                legs=legs, device_id=device, event_time=event_time))
+        yield records, fen
+
+
+@benchmark("ledger.settle_offline",
+           description=f"SettleOffline of {OFFLINE_RECORDS} records, {OFFLINE_PER_CALL} per call, "
+                       f"{OFFLINE_CALLS_IN_FLIGHT} calls in flight")
+async def settle_offline(context: BenchContext) -> Figures:
+    setup = await _ledger_setup(context)
+    fixture = setup.fixture
+    run = uuid.uuid4().hex[:8]
+    async with open_channel(setup.target) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def settle(records: list[pb.OfflineRecord]) -> list[pb.OfflineResult]:
+            answer = await stub.SettleOffline(pb.SettleOfflineRequest(tenant_id=fixture.tenant_id, records=records),
+                                              timeout=CALL_TIMEOUT_S)
+            if len(answer.results) != len(records):
+                raise RuntimeError(f"SettleOffline answered {len(answer.results)} results for {len(records)} records")
+            return list(answer.results)
+
+        # Not there yet: the servicer the ledger process runs still has the generated stub
+        # (which the mesh's error interceptor answers as INTERNAL), or the server says so.
+        if LedgerServicer.SettleOffline is ledger_pb2_grpc.LedgerServiceServicer.SettleOffline:
+            print("  SKIPPED: services.ledger does not implement SettleOffline yet; no figure reported", flush=True)
+            return {}
+        # A small call first, not timed: does SettleOffline answer at all, and does it book?
+        probe, _ = next(_offline_chunks(fixture, prefix=f"probe-{run}", count=10, per_call=10))
+        try:
+            await settle(probe)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                print("  SKIPPED: LedgerService.SettleOffline answers UNIMPLEMENTED; no figure reported", flush=True)
+                return {}
+            raise
+
+        chunks = _offline_chunks(fixture, prefix=run, count=OFFLINE_RECORDS, per_call=OFFLINE_PER_CALL)
+        sent = sent_fen = 0
+        outcomes: dict[int, int] = {}
+        examples: list[str] = []
+        merchant_before = await _merchant_posted(stub, fixture)
+        deadline = time.perf_counter() + OFFLINE_MAX_S
+
+        async def caller() -> None:
+            nonlocal sent, sent_fen
+            # One shared generator: each caller takes the next call's records when it is free.
+            for records, fen in chunks:
+                sent += len(records)
+                sent_fen += fen
+                for result in await settle(records):
+                    outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+                    if result.outcome != pb.OFFLINE_OUTCOME_BOOKED and len(examples) < 5:
+                        examples.append(f"{pb.OfflineOutcome.Name(result.outcome)} {result.reason} {result.message}")
+                if time.perf_counter() > deadline:
+                    return
+
+        meter = CpuMeter(ledger_pid=setup.pid, postgres=setup.postgres)
+        meter.start()
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(OFFLINE_CALLS_IN_FLIGHT)))
+        elapsed_s = time.perf_counter() - started
+        ledger_cpu, postgres_cpu = meter.stop()
+
+        booked = outcomes.get(pb.OFFLINE_OUTCOME_BOOKED, 0)
+        if booked != sent:
+            named = {pb.OfflineOutcome.Name(k): v for k, v in outcomes.items()}
+            raise RuntimeError(f"{booked} of {sent} offline records BOOKED ({named}), e.g. {examples}")
+        merchant_fen = await _merchant_posted(stub, fixture) - merchant_before
+        if merchant_fen != sent_fen:
+            raise RuntimeError(f"the merchant got {merchant_fen} fen for {sent_fen} fen of offline records")
+        await _trial_balance(stub, fixture.tenant_id)
+    if sent < OFFLINE_RECORDS:
+        print(f"  CUT SHORT: {OFFLINE_MAX_S:.0f}s passed after {sent} of {OFFLINE_RECORDS} records; "
+              "the rate is over those", flush=True)
+    print(f"  settled {sent} records in {elapsed_s:.1f}s", flush=True)
+    return {
+        "ledger.settle_offline_per_s": sent / elapsed_s,
+        "ledger.settle_offline_records": float(sent),
+        "ledger.settle_offline_ledger_cpu_ratio": ledger_cpu / elapsed_s,
+        "ledger.settle_offline_postgres_cpu_ratio": postgres_cpu / elapsed_s,
+    }
