@@ -71,6 +71,7 @@ class Event:
 
 
 def outbox_channel(schema: str) -> str:
+    # _notify_relay builds the same name in SQL; keep the two alike.
     return f"{schema}_outbox"
 
 
@@ -92,9 +93,13 @@ def _outbox_row(
 _INSERT_OUTBOX = "INSERT INTO outbox (event_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
 
 
+# Wakes the schema's relay at commit; the channel is outbox_channel(current schema), named in SQL,
+# so a bulk write can fold it into its own statement.
+NOTIFY_RELAY_SQL = "pg_notify(current_schema() || '_outbox', '')"
+
+
 async def _notify_relay(conn: asyncpg.Connection) -> None:
-    schema = await conn.fetchval("SELECT current_schema()")
-    await conn.execute("SELECT pg_notify($1, '')", outbox_channel(schema))
+    await conn.execute(f"SELECT {NOTIFY_RELAY_SQL}")
 
 
 async def emit(
@@ -115,6 +120,13 @@ async def emit(
     return str(row[0])
 
 
+def outbox_rows(events: list[PendingEvent]) -> list[tuple[uuid.UUID, str, bytes, dict[str, str]]]:
+    """The outbox rows (event_id, subject, payload, headers) of events, for a store that writes
+    them in its own bulk statement (then it must also run ``NOTIFY_RELAY_SQL``)."""
+    return [_outbox_row(subject=e.subject, event_type=e.event_type, data=e.data, tenant_id=e.tenant_id,
+                        event_id=e.event_id) for e in events]
+
+
 @dataclass(frozen=True)
 class PendingEvent:
     """One event for ``emit_many``; the fields mean what ``emit``'s arguments mean."""
@@ -133,10 +145,7 @@ async def emit_many(conn: asyncpg.Connection, *, events: list[PendingEvent]) -> 
         raise RuntimeError("emit_many() must run inside the transaction that makes the change")
     if not events:
         return []
-    rows = [
-        _outbox_row(subject=e.subject, event_type=e.event_type, data=e.data, tenant_id=e.tenant_id, event_id=e.event_id)
-        for e in events
-    ]
+    rows = outbox_rows(events)
     await conn.executemany(_INSERT_OUTBOX, rows)
     await _notify_relay(conn)
     return [str(row[0]) for row in rows]

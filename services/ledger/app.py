@@ -15,7 +15,7 @@ from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
 from runtime.settings import ServiceSettings
 from services.ledger.consumer import IDENTITY_DURABLE, IDENTITY_FILTER, IDENTITY_STREAM, open_member_purses
-from services.ledger.operations import Ledger
+from services.ledger.operations import Ledger, PayBatcher
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
 
@@ -29,6 +29,8 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 DEFAULT_EXPIRY_INTERVAL_S = 1.0
 DEFAULT_EXPIRY_BATCH = 200
 DEFAULT_PROGRAM_INTERVAL_S = 5.0
+DEFAULT_PAY_WORKERS = 2
+DEFAULT_PAY_MAX_BATCH = 64
 
 
 class LedgerSettings(ServiceSettings):
@@ -39,6 +41,10 @@ class LedgerSettings(ServiceSettings):
     # How often running grant batches and programs past their end are looked for (a new batch
     # also wakes the worker at once).
     program_interval_s: float = Field(default=DEFAULT_PROGRAM_INTERVAL_S, gt=0)
+    # Concurrent payments are booked in batches (one transaction, one flush each): this many
+    # batches at once, each of at most this many payments.
+    pay_workers: int = Field(default=DEFAULT_PAY_WORKERS, ge=1, le=64)
+    pay_max_batch: int = Field(default=DEFAULT_PAY_MAX_BATCH, ge=1, le=1000)
 
 
 async def expire_holds_forever(*, ledger: Ledger, interval_s: float, batch: int) -> None:
@@ -75,10 +81,12 @@ async def run_programs_forever(*, ledger: Ledger, interval_s: float) -> None:
 
 def build_app(settings: LedgerSettings) -> ServiceApp:
     batch_started = asyncio.Event()
+    batcher = PayBatcher(workers=settings.pay_workers, max_batch=settings.pay_max_batch)
 
     async def on_ready(app: ServiceApp) -> None:
         ledger = Ledger(LedgerStore(app.pool), batch_started=batch_started)
         app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema=SCHEMA).run(), name="outbox-relay")
+        app.spawn(batcher.run(ledger), name="pay-batcher")
         app.spawn(expire_holds_forever(ledger=ledger, interval_s=settings.hold_expiry_interval_s,
                                        batch=settings.hold_expiry_batch), name="hold-expiry")
         app.spawn(run_programs_forever(ledger=ledger, interval_s=settings.program_interval_s), name="programs")
@@ -87,8 +95,8 @@ def build_app(settings: LedgerSettings) -> ServiceApp:
                   name="identity-consumer")
 
     def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(app=app, batch_started=batch_started),
-                                                            server)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(app=app, batch_started=batch_started, batcher=batcher), server)
 
     return ServiceApp(
         name="ledger",

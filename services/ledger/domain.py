@@ -843,3 +843,51 @@ def with_code(request: dict[str, Any], code: CodeRef | None) -> dict[str, Any]:
 def code_already_used(code: CodeRef) -> FailedPrecondition:
     return FailedPrecondition("this e-code (credential and counter) has paid already", reason="CODE_ALREADY_USED",
                               metadata={"credential_id": code.credential_id, "counter": str(code.counter)})
+
+
+# --- payments -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PayCommand:
+    """One checked payment request: purses of one member to a merchant, with its guards (sorted
+    by counter key) and the e-code that paid, if any."""
+
+    idempotency_key: str
+    merchant_account_id: uuid.UUID
+    legs: tuple[PayLeg, ...]
+    device_id: str = ""
+    external_ref: str = ""
+    event_time: datetime | None = None
+    guards: tuple[Guard, ...] = ()
+    code: CodeRef | None = None
+
+    @property
+    def total_fen(self) -> int:
+        return sum(leg.amount_fen for leg in self.legs)
+
+    def request(self) -> dict[str, Any]:
+        """What the idempotency key names (the fingerprint's input)."""
+        request: dict[str, Any] = {
+            "merchant": str(self.merchant_account_id), "legs": [[str(l.account_id), l.amount_fen] for l in self.legs],
+            "device_id": self.device_id, "external_ref": self.external_ref, "event_time": self.event_time,
+        }
+        if self.guards:
+            # Only when present, so the fingerprints of unguarded payments stay what they were.
+            request["guards"] = [[g.counter_key, g.increment, g.limit] for g in self.guards]
+        return with_code(request, self.code)
+
+
+def check_pay(*, idempotency_key: str, merchant_account_id: uuid.UUID, legs: list[PayLeg], device_id: str = "",
+              external_ref: str = "", event_time: datetime | None = None, guards: tuple[Guard, ...] = (),
+              code: CodeRef | None = None) -> PayCommand:
+    """A payment request checked as far as it can be without the database."""
+    check_pay_legs(legs)
+    checked_guards = check_guards(list(guards))
+    if any(leg.account_id == merchant_account_id for leg in legs):
+        raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
+    checked_code = check_code(code)
+    check_idempotency_key(idempotency_key)
+    return PayCommand(idempotency_key=idempotency_key, merchant_account_id=merchant_account_id, legs=tuple(legs),
+                      device_id=device_id, external_ref=external_ref, event_time=event_time,
+                      guards=tuple(checked_guards), code=checked_code)

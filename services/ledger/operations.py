@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from runtime.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from runtime.events import PendingEvent
+from runtime.events import PendingEvent, outbox_rows
 from runtime.logs import get_logger
 from services.ledger import domain
 from services.ledger.domain import (
@@ -27,6 +27,7 @@ from services.ledger.domain import (
     AccountBalance,
     AccountStatus,
     CodeRef,
+    Balance,
     GrantBatch,
     GrantBatchStatus,
     GrantRow,
@@ -40,6 +41,7 @@ from services.ledger.domain import (
     OfflineOutcome,
     OfflineRecord,
     OfflineResult,
+    PayCommand,
     PayLeg,
     Posting,
     Program,
@@ -97,6 +99,15 @@ def _hold_event(transfer: Transfer, hold: Hold) -> PendingEvent:
 
 def _sharded(accounts: dict[uuid.UUID, AccountBalance]) -> set[uuid.UUID]:
     return {a for a, ab in accounts.items() if ab.account.sharded}
+
+
+@dataclass(frozen=True)
+class PayOutcome:
+    """A payment's answer: its result (the first one, for a repeat), and its transfer when this
+    call booked it (a repeat's transfer is read again)."""
+
+    result: WriteResult
+    transfer: Transfer | None
 
 
 class Ledger:
@@ -187,59 +198,147 @@ class Ledger:
     async def pay(self, *, tenant_id: uuid.UUID, idempotency_key: str, merchant_account_id: uuid.UUID,
                   legs: list[PayLeg], device_id: str, external_ref: str, event_time: datetime | None,
                   guards: tuple[Guard, ...] = (), code: CodeRef | None = None) -> WriteResult:
-        domain.check_pay_legs(legs)
-        code = domain.check_code(code)
-        checked_guards = domain.check_guards(list(guards))
-        if any(leg.account_id == merchant_account_id for leg in legs):
-            raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
-        total_fen = sum(leg.amount_fen for leg in legs)
-        request = {"merchant": str(merchant_account_id), "legs": [[str(l.account_id), l.amount_fen] for l in legs],
-                   "device_id": device_id, "external_ref": external_ref, "event_time": event_time}
-        if checked_guards:
-            # Only when present, so the fingerprints of unguarded payments stay what they were.
-            # Sorted by key: the same caps in another order are the same request.
-            request["guards"] = [[g.counter_key, g.increment, g.limit] for g in checked_guards]
-        domain.with_code(request, code)
+        """One payment (a batch of one; the service batches concurrent payments, see PayBatcher)."""
+        command = domain.check_pay(idempotency_key=idempotency_key, merchant_account_id=merchant_account_id,
+                                   legs=legs, device_id=device_id, external_ref=external_ref, event_time=event_time,
+                                   guards=guards, code=code)
+        [outcome] = await self.pay_batch(tenant_id=tenant_id, commands=[command])
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome.result
 
-        async def body(tx: TenantTx) -> WriteResult:
-            ids = [leg.account_id for leg in legs]
-            accounts = await tx.accounts([*ids, merchant_account_id], lock_unsharded=True)
-            domain.check_one_member([accounts[a].account for a in ids])
-            merchant = accounts[merchant_account_id]
-            domain.check_purse(merchant.account, kinds=_MERCHANT, what="merchant_account")
-            domain.check_may_receive(merchant.account)
-            for leg in legs:
-                payer = accounts[leg.account_id]
-                domain.check_may_debit(payer.account, balance=payer.balance, amount_fen=leg.amount_fen)
-            # After the purses (lock order step 4), before post() touches the merchant's shard:
-            # a refused guard raises and the whole transaction, key claim included, rolls back.
-            applied = await self._raise_counters(tx, guards=checked_guards)
-            transfer = await tx.post(
-                kind=TransferKind.PAYMENT, idempotency_key=idempotency_key, amount_fen=total_fen,
-                postings=[*(Posting(leg.account_id, -leg.amount_fen) for leg in legs),
-                          Posting(merchant_account_id, total_fen)],
-                sharded=_sharded(accounts), event_time=event_time, merchant_account_id=merchant_account_id,
-                device_id=device_id, external_ref=external_ref, code=code,
+    async def pay_batch(self, *, tenant_id: uuid.UUID, commands: list[PayCommand],
+                        shard: int | None = None) -> list[PayOutcome | DomainError]:
+        """Book many payments of one tenant in one transaction, each decided alone: a payment
+        refused (funds, a frozen purse, a guard, a used code) is its own DomainError and writes
+        nothing; the others commit together, with one flush for all. The same rules, lock order
+        and idempotency as a single payment: keys (claimed in one statement, in key order), then
+        the member purses (locked in one statement, in id order), then the guard counters (in key
+        order), and last the merchants' shards. Each payment is checked against the balances and
+        counters the ones before it in the batch left, so the batch equals the payments one after
+        another."""
+        outcomes: list[PayOutcome | DomainError | None] = [None] * len(commands)
+        fingerprints = [domain.fingerprint(operation="pay", request=c.request()) for c in commands]
+        first_of: dict[str, int] = {}
+        repeats: dict[int, int] = {}
+        for i, command in enumerate(commands):
+            if command.idempotency_key in first_of:
+                repeats[i] = first_of[command.idempotency_key]
+            else:
+                first_of[command.idempotency_key] = i
+        active = list(first_of.values())
+        async with self._store.tenant_tx(tenant_id) as tx:
+            claimed, seen = await tx.claim_keys([(commands[i].idempotency_key, "pay", fingerprints[i]) for i in active])
+            for i in active:
+                if commands[i].idempotency_key in claimed:
+                    continue
+                operation, stored, result = seen[commands[i].idempotency_key]
+                try:
+                    domain.check_same_request(stored_operation=operation, stored_fingerprint=stored, operation="pay",
+                                              request_fingerprint=fingerprints[i])
+                    assert result is not None, "a claimed key's result is saved in the claiming transaction"
+                    outcomes[i] = PayOutcome(result=result, transfer=None)
+                except DomainError as error:
+                    outcomes[i] = error
+            todo = [i for i in active if outcomes[i] is None]
+            await self._book_payments(tx, commands=commands, todo=todo, outcomes=outcomes, shard=shard)
+        for i, first in repeats.items():
+            outcomes[i] = outcomes[first] if fingerprints[i] == fingerprints[first] else Conflict(
+                "this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
+        return [o for o in outcomes if o is not None]
+
+    async def _book_payments(self, tx: TenantTx, *, commands: list[PayCommand], todo: list[int],
+                             outcomes: list[PayOutcome | DomainError | None], shard: int | None) -> None:
+        """Decide and book the claimed payments, filling ``outcomes``: a few reads (the purses
+        locked, the merchants, the counters, the codes), the decisions in Python against the
+        running state, and one statement that writes everything (``commit_payments``)."""
+        if not todo:
+            return
+        ids = sorted({leg.account_id for i in todo for leg in commands[i].legs}
+                     | {commands[i].merchant_account_id for i in todo})
+        accounts = await tx.lock_purses(ids)
+        sharded_accounts, now = await tx.sharded_accounts_and_now(ids)
+        accounts.update(sharded_accounts)
+        counters, created = await tx.lock_counters([g.counter_key for i in todo for g in commands[i].guards])
+        codes = [c for i in todo if (c := commands[i].code) is not None]
+        used_codes = set(await tx.transfers_by_code(codes)) if codes else set()
+        # The state each payment sees: what the payments before it in the batch left.
+        posted = {a: ab.balance.posted_fen for a, ab in accounts.items()}
+        pending = {a: ab.balance.pending_fen for a, ab in accounts.items()}
+        booked: list[tuple[uuid.UUID, NewTransfer]] = []
+        events: list[PendingEvent] = []
+        results: dict[str, WriteResult] = {}
+        guards: list[tuple[uuid.UUID, Guard, int]] = []
+        refused: list[str] = []
+        for i in todo:
+            command = commands[i]
+            try:
+                applied = self._decide_payment(command, accounts=accounts, posted=posted, pending=pending,
+                                               counters=counters, used_codes=used_codes)
+            except DomainError as error:
+                outcomes[i] = error
+                refused.append(command.idempotency_key)
+                continue
+            item = NewTransfer(
+                kind=TransferKind.PAYMENT, idempotency_key=command.idempotency_key, amount_fen=command.total_fen,
+                postings=(*(Posting(leg.account_id, -leg.amount_fen) for leg in command.legs),
+                          Posting(command.merchant_account_id, command.total_fen)),
+                event_time=command.event_time, merchant_account_id=command.merchant_account_id,
+                device_id=command.device_id, external_ref=command.external_ref, code=command.code,
             )
-            await tx.record_payment(transfer_id=transfer.transfer_id, paid_fen=total_fen)
-            await tx.record_guards(transfer.transfer_id, applied=applied)
-            await tx.emit([_posted_event(transfer, applied_guards=applied)])
-            balances = await tx.balances([*ids, merchant_account_id])
-            return WriteResult(transfer_id=transfer.transfer_id, balances=balances)
-
-        return await self._idempotent(tenant_id=tenant_id, idempotency_key=idempotency_key, operation="pay",
-                                      request=request, body=body)
+            transfer_id = uuid.uuid4()
+            transfer = Transfer(
+                tenant_id=tx.tenant_id, transfer_id=transfer_id, kind=item.kind,
+                idempotency_key=item.idempotency_key, amount_fen=item.amount_fen, postings=item.postings,
+                event_time=item.event_time or now, booked_at=now, merchant_account_id=item.merchant_account_id,
+                device_id=item.device_id, external_ref=item.external_ref, code=item.code,
+            )
+            touched = [*(leg.account_id for leg in command.legs), command.merchant_account_id]
+            result = WriteResult(transfer_id=transfer_id,
+                                 balances=tuple(Balance(a, posted[a], pending[a]) for a in touched))
+            booked.append((transfer_id, item))
+            events.append(_posted_event(transfer, applied_guards=applied))
+            results[command.idempotency_key] = result
+            guards.extend((transfer_id, g, after) for g, after in applied)
+            outcomes[i] = PayOutcome(result=result, transfer=transfer)
+        raised = {g.counter_key: counters[g.counter_key] for _, g, _ in guards}
+        await tx.commit_payments(payments=booked, outbox=outbox_rows(events), results=results,
+                                 sharded={a for a, ab in accounts.items() if ab.account.sharded},
+                                 counters=raised, unused_counters=created - set(raised), guards=guards,
+                                 released_keys=refused, shard=shard)
 
     @staticmethod
-    async def _raise_counters(tx: TenantTx, *, guards: list[Guard]) -> list[tuple[Guard, int]]:
-        """Raise each guard's counter, in key order; GUARD_EXCEEDED at the first that would pass
-        its limit (the caller's transaction then rolls back the ones already raised)."""
-        applied = []
-        for guard in guards:
-            value = await tx.raise_counter(guard)
-            if value is None:
+    def _decide_payment(command: PayCommand, *, accounts: dict[uuid.UUID, AccountBalance],
+                        posted: dict[uuid.UUID, int], pending: dict[uuid.UUID, int], counters: dict[str, int],
+                        used_codes: set[CodeRef]) -> list[tuple[Guard, int]]:
+        """Check one payment against the running state and, if it holds, apply it to that state:
+        the guards applied, each with the counter's value after it."""
+        for account_id in [*(leg.account_id for leg in command.legs), command.merchant_account_id]:
+            if account_id not in accounts:
+                raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND", metadata={"account_id": str(account_id)})
+        domain.check_one_member([accounts[leg.account_id].account for leg in command.legs])
+        merchant = accounts[command.merchant_account_id].account
+        domain.check_purse(merchant, kinds=_MERCHANT, what="merchant_account")
+        domain.check_may_receive(merchant)
+        for leg in command.legs:
+            account = accounts[leg.account_id].account
+            domain.check_may_debit(account, balance=Balance(leg.account_id, posted[leg.account_id],
+                                                            pending[leg.account_id]), amount_fen=leg.amount_fen)
+        for guard in command.guards:
+            if counters[guard.counter_key] + guard.increment > guard.limit:
                 raise domain.guard_exceeded(guard)
-            applied.append((guard, value))
+        if command.code is not None and command.code in used_codes:
+            raise domain.code_already_used(command.code)
+        # Every check held: apply it.
+        for leg in command.legs:
+            posted[leg.account_id] -= leg.amount_fen
+        posted[command.merchant_account_id] += command.total_fen
+        applied = []
+        for guard in command.guards:
+            counters[guard.counter_key] += guard.increment
+            applied.append((guard, counters[guard.counter_key]))
+        if command.code is not None:
+            used_codes.add(command.code)
         return applied
 
     async def refund(self, *, tenant_id: uuid.UUID, idempotency_key: str, payment_transfer_id: uuid.UUID,
@@ -847,3 +946,86 @@ def batch_data(batch: GrantBatch) -> dict[str, Any]:
             "purse_kind": batch.purse_kind.value, "ref": batch.ref, "status": batch.status.value,
             "total_rows": batch.total_rows, "granted_rows": batch.granted_rows, "failed_rows": batch.failed_rows,
             "granted_fen": batch.granted_fen}
+
+
+class PayBatcher:
+    """Payments arriving together are booked together: a few workers each take the waiting
+    payments of one tenant (up to ``max_batch``) and book them in one transaction
+    (``Ledger.pay_batch``), so a busy canteen's payments share commits instead of queueing for
+    one flush each. Nothing waits on purpose: a batch is whatever arrived while the workers were
+    busy, so a lone payment goes at once. A batch that fails as a whole (a deadlock, a lost race
+    on a code) is retried, and then each payment alone, so one payment's trouble is only its own."""
+
+    def __init__(self, *, workers: int, max_batch: int):
+        self._workers = workers
+        self._max_batch = max_batch
+        self._waiting: list[tuple[uuid.UUID, PayCommand, asyncio.Future[PayOutcome]]] = []
+        self._arrived = asyncio.Event()
+
+    async def pay(self, tenant_id: uuid.UUID, command: PayCommand) -> PayOutcome:
+        future: asyncio.Future[PayOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting.append((tenant_id, command, future))
+        self._arrived.set()
+        return await future
+
+    async def run(self, ledger: Ledger) -> None:
+        """The workers, booking through ``ledger`` (payments submitted earlier wait for this)."""
+        await asyncio.gather(*(self._work(ledger, shard=n) for n in range(self._workers)))
+
+    def _take(self) -> tuple[uuid.UUID, list[tuple[PayCommand, asyncio.Future[PayOutcome]]]]:
+        tenant_id = self._waiting[0][0]
+        batch, rest = [], []
+        for item in self._waiting:
+            if item[0] == tenant_id and len(batch) < self._max_batch:
+                batch.append((item[1], item[2]))
+            else:
+                rest.append(item)
+        self._waiting = rest
+        return tenant_id, batch
+
+    async def _work(self, ledger: Ledger, *, shard: int) -> None:
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            tenant_id, batch = self._take()
+            try:
+                outcomes = await self._book(ledger, tenant_id, [command for command, _ in batch], shard=shard)
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    @staticmethod
+    async def _book(ledger: Ledger, tenant_id: uuid.UUID, commands: list[PayCommand], *, shard: int
+                    ) -> list[PayOutcome | BaseException]:
+        try:
+            return list(await ledger._retrying(lambda: ledger.pay_batch(tenant_id=tenant_id, commands=commands,
+                                                                        shard=shard)))
+        except Exception as error:  # noqa: BLE001 - each payment is tried alone below
+            if len(commands) == 1:
+                return [_code_race(error, commands[0])]
+        outcomes: list[PayOutcome | BaseException] = []
+        for command in commands:
+            try:
+                [outcome] = await ledger._retrying(lambda c=command: ledger.pay_batch(
+                    tenant_id=tenant_id, commands=[c], shard=shard))
+                outcomes.append(outcome)
+            except Exception as error:  # noqa: BLE001 - this payment's own failure, answered to it
+                outcomes.append(_code_race(error, command))
+        return outcomes
+
+
+def _code_race(error: Exception, command: PayCommand) -> BaseException:
+    """A payment whose code another booked between our check and our insert: CODE_ALREADY_USED."""
+    if isinstance(error, asyncpg.UniqueViolationError) and error.constraint_name == CODE_INDEX \
+            and command.code is not None:
+        return domain.code_already_used(command.code)
+    return error

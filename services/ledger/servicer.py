@@ -38,7 +38,7 @@ from services.ledger.domain import (
     TransferKind,
     WriteResult,
 )
-from services.ledger.operations import Ledger
+from services.ledger.operations import Ledger, PayBatcher
 from services.ledger.store import LedgerStore
 
 _OWNER = {
@@ -161,9 +161,10 @@ def _text(value: str, *, what: str) -> str:
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, *, app: ServiceApp, batch_started: asyncio.Event):
+    def __init__(self, *, app: ServiceApp, batch_started: asyncio.Event, batcher: PayBatcher):
         self._app = app
         self._batch_started = batch_started
+        self._batcher = batcher
 
     @property
     def _ledger(self) -> Ledger:
@@ -211,8 +212,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def Pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
         tenant_id = _tenant(request.tenant_id)
-        result = await self._ledger.pay(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+        command = domain.check_pay(
+            idempotency_key=request.idempotency_key,
             merchant_account_id=domain.parse_account_ref(request.merchant_account_id),
             legs=[PayLeg(account_id=domain.parse_account_ref(leg.account_id), amount_fen=leg.amount_fen)
                   for leg in request.legs],
@@ -223,7 +224,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                          for g in request.guards),
             code=_code(request.code) if request.HasField("code") else None,
         )
-        transfer, balances = await self._answer(tenant_id, result)
+        outcome = await self._batcher.pay(tenant_id, command)
+        if outcome.transfer is not None:
+            transfer = transfer_pb(outcome.transfer)
+            balances = [balance_pb(b) for b in outcome.result.balances]
+        else:
+            transfer, balances = await self._answer(tenant_id, outcome.result)
         return pb.PayResponse(transfer=transfer, balances=balances)
 
     async def Refund(self, request: pb.RefundRequest, context: grpc.aio.ServicerContext) -> pb.RefundResponse:

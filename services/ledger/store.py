@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from runtime.errors import NotFound
-from runtime.events import PendingEvent, emit_many
+from runtime.events import NOTIFY_RELAY_SQL, PendingEvent, emit_many
 from services.ledger.domain import (
     SHARD_COUNT,
     CodeRef,
@@ -241,11 +241,13 @@ class TenantTx:
             if code is not None and error.constraint_name == CODE_INDEX:
                 raise code_already_used(code) from None
             raise
-        await self.conn.executemany(
+        # One statement for all the legs: the zero-sum trigger checks each statement.
+        await self.conn.execute(
             "INSERT INTO postings (transfer_id, account_id, tenant_id, seq, leg, amount_fen, pending_fen)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            [(transfer_id, p.account_id, self.tenant_id, row["seq"], leg, p.amount_fen, p.pending_fen)
-             for leg, p in enumerate(postings)],
+            " SELECT $1, u.aid, $2, $3, u.leg, u.amount, u.pending FROM unnest($4::uuid[], $5::smallint[],"
+            " $6::bigint[], $7::bigint[]) AS u(aid, leg, amount, pending)",
+            transfer_id, self.tenant_id, row["seq"], [p.account_id for p in postings], list(range(len(postings))),
+            [p.amount_fen for p in postings], [p.pending_fen for p in postings],
         )
         own = [p for p in postings if p.account_id not in sharded]
         if own:
@@ -352,30 +354,52 @@ class TenantTx:
 
     # --- guards -------------------------------------------------------------------------------
 
-    async def raise_counter(self, guard: Guard) -> int | None:
-        """Add the guard's increment to its counter if that keeps it within the limit: the new
-        value, or None (and nothing changed) when it would pass. One statement, so the check and
-        the update see the same row version: a concurrent payment on the counter waits for this
-        one's commit and then checks against the value it left (no lost update)."""
-        # A counter not there yet is inserted only if the increment alone fits (the SELECT ...
-        # WHERE); an existing one is raised only if the sum fits (the DO UPDATE ... WHERE).
-        return await self.conn.fetchval(
-            "INSERT INTO usage_counters AS c (tenant_id, counter_key, value)"
-            " SELECT $1::uuid, $2::text, $3::bigint WHERE $3::bigint <= $4::bigint"
-            " ON CONFLICT (tenant_id, counter_key) DO UPDATE SET value = c.value + EXCLUDED.value, updated_at = now()"
-            " WHERE c.value + EXCLUDED.value <= $4::bigint RETURNING value",
-            self.tenant_id, guard.counter_key, guard.increment, guard.limit,
+    async def lock_counters(self, counter_keys: list[str]) -> tuple[dict[str, int], set[str]]:
+        """The counters' values, locked (in ascending key order) until the transaction ends, and
+        the keys created now: a counter never raised is created at 0 first. Concurrent payments on
+        a counter queue here, so each checks its cap against the value the one before left (no
+        lost update)."""
+        keys = sorted(set(counter_keys))
+        if not keys:
+            return {}, set()
+        created = await self.conn.fetch(
+            "INSERT INTO usage_counters (tenant_id, counter_key, value) SELECT $1, k, 0 FROM unnest($2::text[]) AS k"
+            " ORDER BY k ON CONFLICT DO NOTHING RETURNING counter_key",
+            self.tenant_id, keys,
         )
+        rows = await self.conn.fetch(
+            "SELECT counter_key, value FROM usage_counters WHERE tenant_id = $1 AND counter_key = ANY($2::text[])"
+            " ORDER BY counter_key FOR UPDATE",
+            self.tenant_id, keys,
+        )
+        return {r["counter_key"]: r["value"] for r in rows}, {r["counter_key"] for r in created}
 
-    async def record_guards(self, transfer_id: uuid.UUID, *, applied: list[tuple[Guard, int]]) -> None:
-        if not applied:
-            return
-        await self.conn.executemany(
-            "INSERT INTO transfer_guards (transfer_id, tenant_id, counter_key, increment, limit_value, value_after)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            [(transfer_id, self.tenant_id, g.counter_key, g.increment, g.limit, value_after)
-             for g, value_after in applied],
-        )
+    async def set_counters(self, values: dict[str, int], *, unused: set[str]) -> None:
+        """Store counters' new values (locked by ``lock_counters`` in this transaction), and drop
+        the ones it created that no payment raised: a refused payment leaves no trace."""
+        if unused:
+            await self.conn.execute(
+                "DELETE FROM usage_counters WHERE tenant_id = $1 AND counter_key = ANY($2::text[])",
+                self.tenant_id, sorted(unused),
+            )
+        if values:
+            await self.conn.execute(
+                "UPDATE usage_counters c SET value = u.value, updated_at = now()"
+                " FROM unnest($2::text[], $3::bigint[]) AS u(key, value)"
+                " WHERE c.tenant_id = $1 AND c.counter_key = u.key",
+                self.tenant_id, list(values), list(values.values()),
+            )
+
+    async def record_guards(self, applied: list[tuple[uuid.UUID, Guard, int]]) -> None:
+        """(transfer, guard, the counter's value right after it) of the guards payments applied."""
+        if applied:
+            await self.conn.execute(
+                "INSERT INTO transfer_guards (transfer_id, tenant_id, counter_key, increment, limit_value, value_after)"
+                " SELECT u.tid, $1, u.key, u.inc, u.lim, u.after FROM unnest($2::uuid[], $3::text[], $4::bigint[],"
+                " $5::bigint[], $6::bigint[]) AS u(tid, key, inc, lim, after)",
+                self.tenant_id, [a[0] for a in applied], [a[1].counter_key for a in applied],
+                [a[1].increment for a in applied], [a[1].limit for a in applied], [a[2] for a in applied],
+            )
 
     async def counters(self, counter_keys: list[str]) -> dict[str, int]:
         rows = await self.conn.fetch(
@@ -559,6 +583,102 @@ class TenantTx:
         return [_transfer(by_id[tid], [{"account_id": p.account_id, "amount_fen": p.amount_fen,  # type: ignore[misc]
                                          "pending_fen": p.pending_fen} for p in t.postings])
                 for tid, t in zip(ids, items, strict=True)]
+
+    # --- the payment path: few round trips --------------------------------------------------------
+
+    async def lock_purses(self, account_ids: list[uuid.UUID]) -> dict[uuid.UUID, AccountBalance]:
+        """The unsharded accounts (member purses) among these, locked in ascending id order and
+        read by the same statement, so each row is its latest committed version."""
+        rows = await self.conn.fetch(
+            f"SELECT {_ACCOUNT_COLUMNS}, posted_fen, pending_fen FROM accounts WHERE tenant_id = $1"
+            " AND account_id = ANY($2::uuid[]) AND NOT sharded ORDER BY account_id FOR UPDATE",
+            self.tenant_id, sorted(set(account_ids)),
+        )
+        return {r["account_id"]: AccountBalance(account=_account(r), balance=_balance(r)) for r in rows}
+
+    async def sharded_accounts_and_now(self, account_ids: list[uuid.UUID]
+                                       ) -> tuple[dict[uuid.UUID, AccountBalance], datetime]:
+        """The sharded accounts among these (unlocked: payments only add to them), and the
+        transaction's time, which every transfer of it is booked at."""
+        rows = await self.conn.fetch(
+            f"SELECT now() AS now, {', '.join('a.' + c.strip() for c in _ACCOUNT_COLUMNS.split(','))},"
+            f" {_POSTED} AS posted_fen, a.pending_fen FROM (SELECT 1) AS one LEFT JOIN accounts a"
+            " ON a.tenant_id = $1 AND a.account_id = ANY($2::uuid[]) AND a.sharded",
+            self.tenant_id, sorted(set(account_ids)),
+        )
+        found = {r["account_id"]: AccountBalance(account=_account(r), balance=_balance(r))
+                 for r in rows if r["account_id"] is not None}
+        return found, rows[0]["now"]
+
+    async def commit_payments(self, *, payments: list[tuple[uuid.UUID, NewTransfer]], outbox: list[tuple[Any, ...]],
+                              results: dict[str, WriteResult], sharded: set[uuid.UUID],
+                              counters: dict[str, int], unused_counters: set[str],
+                              guards: list[tuple[uuid.UUID, Guard, int]], released_keys: list[str],
+                              shard: int | None = None) -> None:
+        """Everything a batch of payments writes, in one statement: the transfers, their postings,
+        the balance caches (sharded ones last in account order), the payments' refund rows, the
+        guard counters and their record, the outbox rows and the relay's wake-up, the keys'
+        results, and the keys of refused payments given back. The caller holds the purse and
+        counter locks; the zero-sum trigger checks the postings when the statement ends."""
+        legs = [(tid, p, leg) for tid, t in payments for leg, p in enumerate(t.postings)]
+        own: dict[uuid.UUID, int] = {}
+        into_shards: dict[uuid.UUID, int] = {}
+        for _, p, _ in legs:
+            bucket = into_shards if p.account_id in sharded else own
+            bucket[p.account_id] = bucket.get(p.account_id, 0) + p.amount_fen
+        shard_ids = sorted(a for a in into_shards if into_shards[a])
+        # A caller that books concurrently with others (a batch worker) names its own shard, so
+        # two of them never wait on the same shard row; otherwise one at random.
+        shards = [shard % SHARD_COUNT if shard is not None else secrets.randbelow(SHARD_COUNT) for _ in shard_ids]
+        await self.conn.execute(
+            "WITH t AS ("
+            " INSERT INTO transfers (transfer_id, tenant_id, kind, idempotency_key, amount_fen, merchant_account_id,"
+            " device_id, external_ref, event_time, code_credential_id, code_counter)"
+            " SELECT u.id, $1, 'payment', u.key, u.amount, u.merchant, u.device, u.ref, COALESCE(u.et, now()), u.cred,"
+            " u.counter FROM unnest($2::uuid[], $3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::text[],"
+            " $8::timestamptz[], $9::text[], $10::bigint[]) WITH ORDINALITY"
+            " AS u(id, key, amount, merchant, device, ref, et, cred, counter, n) ORDER BY u.n"
+            " RETURNING transfer_id, seq),"
+            " p AS (INSERT INTO postings (transfer_id, account_id, tenant_id, seq, leg, amount_fen, pending_fen)"
+            " SELECT l.tid, l.aid, $1, t.seq, l.leg, l.amount, 0 FROM unnest($11::uuid[], $12::uuid[], $13::smallint[],"
+            " $14::bigint[]) AS l(tid, aid, leg, amount) JOIN t ON t.transfer_id = l.tid),"
+            " a AS (UPDATE accounts a SET posted_fen = a.posted_fen + u.amount"
+            " FROM unnest($15::uuid[], $16::bigint[]) AS u(id, amount) WHERE a.account_id = u.id),"
+            " s AS (INSERT INTO account_shards (account_id, shard, posted_fen)"
+            " SELECT u.id, u.shard, u.amount FROM unnest($17::uuid[], $18::smallint[], $19::bigint[])"
+            " AS u(id, shard, amount) ORDER BY u.id"
+            " ON CONFLICT (account_id, shard) DO UPDATE SET posted_fen = account_shards.posted_fen + EXCLUDED.posted_fen),"
+            " pay AS (INSERT INTO payments (transfer_id, tenant_id, paid_fen)"
+            " SELECT u.id, $1, u.amount FROM unnest($2::uuid[], $4::bigint[]) AS u(id, amount)),"
+            " o AS (INSERT INTO outbox (event_id, subject, payload, headers)"
+            " SELECT * FROM unnest($20::uuid[], $21::text[], $22::bytea[], $23::jsonb[])),"
+            " k AS (UPDATE idempotency_keys k SET result = u.result FROM unnest($24::text[], $25::jsonb[])"
+            " AS u(key, result) WHERE k.tenant_id = $1 AND k.idempotency_key = u.key),"
+            " r AS (DELETE FROM idempotency_keys WHERE tenant_id = $1 AND idempotency_key = ANY($26::text[])),"
+            " c AS (UPDATE usage_counters c SET value = u.value, updated_at = now()"
+            " FROM unnest($27::text[], $28::bigint[]) AS u(key, value) WHERE c.tenant_id = $1 AND c.counter_key = u.key),"
+            " cu AS (DELETE FROM usage_counters WHERE tenant_id = $1 AND counter_key = ANY($29::text[])),"
+            " g AS (INSERT INTO transfer_guards (transfer_id, tenant_id, counter_key, increment, limit_value,"
+            " value_after) SELECT u.tid, $1, u.key, u.inc, u.lim, u.after FROM unnest($30::uuid[], $31::text[],"
+            " $32::bigint[], $33::bigint[], $34::bigint[]) AS u(tid, key, inc, lim, after) JOIN t ON t.transfer_id = u.tid)"
+            f" SELECT {NOTIFY_RELAY_SQL}",
+            self.tenant_id,
+            [tid for tid, _ in payments], [t.idempotency_key for _, t in payments], [t.amount_fen for _, t in payments],
+            [t.merchant_account_id for _, t in payments], [t.device_id for _, t in payments],
+            [t.external_ref for _, t in payments], [t.event_time for _, t in payments],
+            [t.code.credential_id if t.code else "" for _, t in payments],
+            [t.code.counter if t.code else None for _, t in payments],
+            [tid for tid, _, _ in legs], [p.account_id for _, p, _ in legs], [leg for _, _, leg in legs],
+            [p.amount_fen for _, p, _ in legs],
+            list(own), list(own.values()),
+            shard_ids, shards, [into_shards[a] for a in shard_ids],
+            [o[0] for o in outbox], [o[1] for o in outbox], [o[2] for o in outbox], [o[3] for o in outbox],
+            list(results), [r.to_json() for r in results.values()],
+            released_keys,
+            list(counters), list(counters.values()), sorted(unused_counters),
+            [g[0] for g in guards], [g[1].counter_key for g in guards], [g[1].increment for g in guards],
+            [g[1].limit for g in guards], [g[2] for g in guards],
+        )
 
     async def record_payments(self, payments: list[tuple[uuid.UUID, int]]) -> None:
         if payments:

@@ -8,6 +8,7 @@ import asyncio
 import grpc
 
 from onecard.ledger.v1 import ledger_pb2 as pb
+from runtime.grpc_client import error_info
 from tests.conftest import RunningService
 from tests.ledger.support import balance, campus, check_books, pay, top_up
 
@@ -61,4 +62,38 @@ async def test_crossing_payments_and_refunds_finish_without_deadlock(ledger: Run
                                             payment_transfer_id=p.transfer.transfer_id))
                for n, p in enumerate(paid[:20])]
     await asyncio.gather(*refunds, *(pay(stub, c, [(c.cash[n % 4], 50)]) for n in range(20)))
+    await check_books(ledger_db)
+
+
+async def test_concurrent_payments_share_commits_and_each_answers_alone(ledger: RunningService, ledger_db) -> None:
+    """Payments arriving together are booked in shared transactions (same booking time), and a
+    payment refused inside such a batch (funds, a frozen purse, a reused key) is refused alone."""
+    stub = ledger.stub
+    c = await campus(stub, members=6)
+    for n in range(5):
+        await top_up(stub, c, c.cash[n], 1000)
+    await stub.FreezeAccount(pb.FreezeAccountRequest(tenant_id=c.tenant_id, account_id=c.cash[5]))
+    # Each of members 0..4 tries 8 payments of 200 (affords 5); member 5 is frozen.
+    attempts = [(n, k) for k in range(8) for n in range(6)]
+    answers = await asyncio.gather(*(pay(stub, c, [(c.cash[n], 200)], key=f"p-{n}-{k}") for n, k in attempts),
+                                   return_exceptions=True)
+    reasons: dict[int, list[str]] = {n: [] for n in range(6)}
+    for (n, _), answer in zip(attempts, answers, strict=True):
+        if isinstance(answer, grpc.aio.AioRpcError):
+            reasons[n].append(error_info(answer)[0] or "")
+        else:
+            reasons[n].append("ok")
+    for n in range(5):
+        assert sorted(reasons[n]) == ["INSUFFICIENT_FUNDS"] * 3 + ["ok"] * 5, reasons[n]
+        assert (await balance(stub, c.tenant_id, c.cash[n])).posted_fen == 0
+    assert reasons[5] == ["ACCOUNT_FROZEN"] * 8
+    booked = await ledger_db.fetch("SELECT booked_at FROM transfers WHERE kind = 'payment'")
+    assert len(booked) == 25
+    # Shared commits: fewer booking times than payments (a batch books at its transaction's time).
+    assert len({r["booked_at"] for r in booked}) < 25
+    # The refused ones left their keys free: paid again once funded, they go through.
+    refused_key = next(f"p-0-{k}" for (n, k), answer in zip(attempts, answers, strict=True)
+                       if n == 0 and isinstance(answer, grpc.aio.AioRpcError))
+    await top_up(stub, c, c.cash[0], 200)
+    assert (await pay(stub, c, [(c.cash[0], 200)], key=refused_key)).transfer.amount_fen == 200
     await check_books(ledger_db)
