@@ -281,6 +281,7 @@ class IdempotentConsumer:
     ack_wait_s: float = DEFAULT_ACK_WAIT_S
     max_deliver: int = DEFAULT_MAX_DELIVER
     _sub: Any = field(default=None, init=False)
+    _waiting_for_stream: bool = field(default=False, init=False)
 
     async def _subscribe(self) -> Any:
         config = ConsumerConfig(
@@ -340,6 +341,14 @@ class IdempotentConsumer:
                     await msg.ack()
             except asyncio.CancelledError:
                 raise
+            except NotFoundError:
+                # The stream's owner has not created it yet (it starts later, or not at all in a
+                # test of this service alone): wait quietly, say so once.
+                if not self._waiting_for_stream:
+                    log.info("waiting for the stream", consumer=self.durable, stream=self.stream)
+                    self._waiting_for_stream = True
+                self._sub = None
+                await asyncio.sleep(1.0)
             except Exception as exc:  # noqa: BLE001 - NATS or PostgreSQL away: wait and retry
                 log.warning("consumer retrying", consumer=self.durable, error=type(exc).__name__)
                 self._sub = None

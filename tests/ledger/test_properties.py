@@ -257,6 +257,7 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
                 paid.append(["receivable", short, 0])
                 m.receivable[n] -= short
             m.merchant += sum(f for _, _, f in legs)
+            seen["written"] += 1
             want = pb.OFFLINE_OUTCOME_SHORTFALL if short else pb.OFFLINE_OUTCOME_BOOKED
             assert (answer.outcome, answer.shortfall_fen) == (want, short)
             m.payments.append((answer.transfer.transfer_id, n, paid))
