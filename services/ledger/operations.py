@@ -245,7 +245,9 @@ class Ledger:
         for i, first in repeats.items():
             outcomes[i] = outcomes[first] if fingerprints[i] == fingerprints[first] else Conflict(
                 "this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
-        return [o for o in outcomes if o is not None]
+        answered = [o for o in outcomes if o is not None]
+        assert len(answered) == len(commands), "every payment of the batch is answered"
+        return answered
 
     async def _book_payments(self, tx: TenantTx, *, commands: list[PayCommand], todo: list[int],
                              outcomes: list[PayOutcome | DomainError | None], shard: int | None) -> None:
