@@ -53,7 +53,7 @@ from services.ledger.domain import (
     TrialBalance,
     WriteResult,
 )
-from services.ledger.store import CODE_INDEX, LedgerStore, TenantTx, account_data, event_data
+from services.ledger.store import CODE_INDEX, LedgerStore, PaymentReads, TenantTx, account_data, event_data
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -228,11 +228,17 @@ class Ledger:
                 first_of[command.idempotency_key] = i
         active = list(first_of.values())
         async with self._store.tenant_tx(tenant_id) as tx:
-            claimed, seen = await tx.claim_keys([(commands[i].idempotency_key, "pay", fingerprints[i]) for i in active])
+            reads = await tx.read_for_payments(
+                claims=[(commands[i].idempotency_key, "pay", fingerprints[i]) for i in active],
+                account_ids=[a for i in active for a in (*(leg.account_id for leg in commands[i].legs),
+                                                         commands[i].merchant_account_id)],
+                counter_keys=[g.counter_key for i in active for g in commands[i].guards],
+                codes=[c for i in active if (c := commands[i].code) is not None],
+            )
             for i in active:
-                if commands[i].idempotency_key in claimed:
+                if commands[i].idempotency_key in reads.claimed:
                     continue
-                operation, stored, result = seen[commands[i].idempotency_key]
+                operation, stored, result = reads.seen[commands[i].idempotency_key]
                 try:
                     domain.check_same_request(stored_operation=operation, stored_fingerprint=stored, operation="pay",
                                               request_fingerprint=fingerprints[i])
@@ -241,7 +247,7 @@ class Ledger:
                 except DomainError as error:
                     outcomes[i] = error
             todo = [i for i in active if outcomes[i] is None]
-            await self._book_payments(tx, commands=commands, todo=todo, outcomes=outcomes, shard=shard)
+            await self._book_payments(tx, reads=reads, commands=commands, todo=todo, outcomes=outcomes, shard=shard)
         for i, first in repeats.items():
             outcomes[i] = outcomes[first] if fingerprints[i] == fingerprints[first] else Conflict(
                 "this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
@@ -249,21 +255,17 @@ class Ledger:
         assert len(answered) == len(commands), "every payment of the batch is answered"
         return answered
 
-    async def _book_payments(self, tx: TenantTx, *, commands: list[PayCommand], todo: list[int],
-                             outcomes: list[PayOutcome | DomainError | None], shard: int | None) -> None:
-        """Decide and book the claimed payments, filling ``outcomes``: a few reads (the purses
-        locked, the merchants, the counters, the codes), the decisions in Python against the
-        running state, and one statement that writes everything (``commit_payments``)."""
+    async def _book_payments(self, tx: TenantTx, *, reads: PaymentReads, commands: list[PayCommand],
+                             todo: list[int], outcomes: list[PayOutcome | DomainError | None],
+                             shard: int | None) -> None:
+        """Decide the claimed payments in Python against what ``read_for_payments`` locked and
+        read, filling ``outcomes``, then write everything in one statement (``commit_payments``)."""
         if not todo:
+            if reads.created_counters:
+                await tx.set_counters({}, unused=reads.created_counters)
             return
-        ids = sorted({leg.account_id for i in todo for leg in commands[i].legs}
-                     | {commands[i].merchant_account_id for i in todo})
-        accounts = await tx.lock_purses(ids)
-        sharded_accounts, now = await tx.sharded_accounts_and_now(ids)
-        accounts.update(sharded_accounts)
-        counters, created = await tx.lock_counters([g.counter_key for i in todo for g in commands[i].guards])
-        codes = [c for i in todo if (c := commands[i].code) is not None]
-        used_codes = set(await tx.transfers_by_code(codes)) if codes else set()
+        accounts, counters, used_codes, now = reads.accounts, dict(reads.counters), set(reads.used_codes), reads.now
+        created = reads.created_counters
         # The state each payment sees: what the payments before it in the batch left.
         posted = {a: ab.balance.posted_fen for a, ab in accounts.items()}
         pending = {a: ab.balance.pending_fen for a, ab in accounts.items()}

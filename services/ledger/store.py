@@ -16,6 +16,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -119,6 +120,19 @@ def _transfer(row: asyncpg.Record, postings: list[asyncpg.Record]) -> Transfer:
         code=CodeRef(credential_id=row["code_credential_id"], counter=row["code_counter"])
         if row["code_credential_id"] else None,
     )
+
+
+@dataclass
+class PaymentReads:
+    """What ``read_for_payments`` found (see there)."""
+
+    now: datetime
+    claimed: set[str]
+    seen: dict[str, tuple[str, bytes, WriteResult | None]]
+    accounts: dict[uuid.UUID, AccountBalance]
+    counters: dict[str, int]
+    created_counters: set[str]
+    used_codes: set[CodeRef]
 
 
 class TenantTx:
@@ -586,29 +600,65 @@ class TenantTx:
 
     # --- the payment path: few round trips --------------------------------------------------------
 
-    async def lock_purses(self, account_ids: list[uuid.UUID]) -> dict[uuid.UUID, AccountBalance]:
-        """The unsharded accounts (member purses) among these, locked in ascending id order and
-        read by the same statement, so each row is its latest committed version."""
-        rows = await self.conn.fetch(
-            f"SELECT {_ACCOUNT_COLUMNS}, posted_fen, pending_fen FROM accounts WHERE tenant_id = $1"
-            " AND account_id = ANY($2::uuid[]) AND NOT sharded ORDER BY account_id FOR UPDATE",
-            self.tenant_id, sorted(set(account_ids)),
+    async def read_for_payments(self, *, claims: list[tuple[str, str, bytes]], account_ids: list[uuid.UUID],
+                                counter_keys: list[str], codes: list[CodeRef]) -> PaymentReads:
+        """Everything a batch of payments reads, in one statement, in the lock order: the keys
+        claimed (key order), the purses locked and read (id order; a locking read answers each
+        row's latest version), the merchants (unlocked), the guard counters (created at 0 when new,
+        locked in key order), the e-codes already used, and the transaction's time."""
+        claims = sorted(claims)
+        keys = sorted(set(counter_keys))
+        columns = "account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status"
+        row = await self.conn.fetchrow(
+            "WITH claimed AS (INSERT INTO idempotency_keys (tenant_id, idempotency_key, operation, fingerprint)"
+            " SELECT $1, u.key, u.op, u.fp FROM unnest($2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY"
+            " AS u(key, op, fp, n) ORDER BY u.n ON CONFLICT DO NOTHING RETURNING idempotency_key),"
+            f" purses AS (SELECT {columns}, posted_fen, pending_fen FROM accounts WHERE tenant_id = $1"
+            " AND account_id = ANY($5::uuid[]) AND NOT sharded ORDER BY account_id FOR UPDATE),"
+            " created AS (INSERT INTO usage_counters (tenant_id, counter_key, value) SELECT $1, k, 0"
+            " FROM unnest($6::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING RETURNING counter_key),"
+            " counters AS (SELECT counter_key, value FROM usage_counters WHERE tenant_id = $1"
+            " AND counter_key = ANY($6::text[]) ORDER BY counter_key FOR UPDATE)"
+            " SELECT now() AS now, ARRAY(SELECT idempotency_key FROM claimed) AS claimed,"
+            " (SELECT json_agg(p) FROM purses p) AS purses,"
+            f" (SELECT json_agg(s) FROM (SELECT {', '.join('a.' + c.strip() for c in columns.split(','))},"
+            f" {_POSTED} AS posted_fen, a.pending_fen FROM accounts a WHERE a.tenant_id = $1"
+            " AND a.account_id = ANY($5::uuid[]) AND a.sharded) s) AS sharded,"
+            " ARRAY(SELECT counter_key FROM created) AS created,"
+            " (SELECT json_agg(c) FROM counters c) AS counters,"
+            " (SELECT json_agg(json_build_array(u.cred, u.counter)) FROM unnest($7::text[], $8::bigint[])"
+            " AS u(cred, counter) WHERE EXISTS (SELECT 1 FROM transfers t WHERE t.tenant_id = $1"
+            " AND t.code_credential_id = u.cred AND t.code_counter = u.counter)) AS used_codes",
+            self.tenant_id, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims],
+            sorted(set(account_ids)), keys, [c.credential_id for c in codes], [c.counter for c in codes],
         )
-        return {r["account_id"]: AccountBalance(account=_account(r), balance=_balance(r)) for r in rows}
-
-    async def sharded_accounts_and_now(self, account_ids: list[uuid.UUID]
-                                       ) -> tuple[dict[uuid.UUID, AccountBalance], datetime]:
-        """The sharded accounts among these (unlocked: payments only add to them), and the
-        transaction's time, which every transfer of it is booked at."""
-        rows = await self.conn.fetch(
-            f"SELECT now() AS now, {', '.join('a.' + c.strip() for c in _ACCOUNT_COLUMNS.split(','))},"
-            f" {_POSTED} AS posted_fen, a.pending_fen FROM (SELECT 1) AS one LEFT JOIN accounts a"
-            " ON a.tenant_id = $1 AND a.account_id = ANY($2::uuid[]) AND a.sharded",
-            self.tenant_id, sorted(set(account_ids)),
-        )
-        found = {r["account_id"]: AccountBalance(account=_account(r), balance=_balance(r))
-                 for r in rows if r["account_id"] is not None}
-        return found, rows[0]["now"]
+        accounts: dict[uuid.UUID, AccountBalance] = {}
+        for item in [*(row["purses"] or []), *(row["sharded"] or [])]:
+            item["account_id"], item["tenant_id"] = uuid.UUID(item["account_id"]), uuid.UUID(item["tenant_id"])
+            accounts[item["account_id"]] = AccountBalance(account=_account(item), balance=_balance(item))
+        counters = {c["counter_key"]: c["value"] for c in row["counters"] or []}
+        created = set(row["created"])
+        counters.update({k: 0 for k in created})
+        missing = [k for k in keys if k not in counters]
+        if missing:
+            # Created by a transaction that committed while this statement ran (its snapshot does
+            # not show them): lock them now, still in key order after the ones held.
+            more, _ = await self.lock_counters(missing)
+            counters.update(more)
+        claimed = set(row["claimed"])
+        seen: dict[str, tuple[str, bytes, WriteResult | None]] = {}
+        others = [c[0] for c in claims if c[0] not in claimed]
+        if others:
+            for found in await self.conn.fetch(
+                "SELECT idempotency_key, operation, fingerprint, result FROM idempotency_keys"
+                " WHERE tenant_id = $1 AND idempotency_key = ANY($2::text[])",
+                self.tenant_id, others,
+            ):
+                result = WriteResult.from_json(found["result"]) if found["result"] is not None else None
+                seen[found["idempotency_key"]] = (found["operation"], bytes(found["fingerprint"]), result)
+        return PaymentReads(now=row["now"], claimed=claimed, seen=seen, accounts=accounts, counters=counters,
+                            created_counters=created,
+                            used_codes={CodeRef(c[0], c[1]) for c in row["used_codes"] or []})
 
     async def commit_payments(self, *, payments: list[tuple[uuid.UUID, NewTransfer]], outbox: list[tuple[Any, ...]],
                               results: dict[str, WriteResult], sharded: set[uuid.UUID],
