@@ -27,7 +27,7 @@ from devstack.servers import Nats, Postgres, free_port
 from devstack.supervisor import ManagedProcess, Probe, wait_healthy
 
 # Modules whose import registers benchmarks.
-SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger")
+SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger", "bench.policy")
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_SUMMARY_PATH = BENCH_DIR / "out" / "summary.json"
 DEFAULT_DURATION_S = 5.0

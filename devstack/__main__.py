@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run onecard locally: PostgreSQL, NATS, every service and the gateway, with a demo campus.",
         epilog="Settings (environment): ONECARD_DATA_DIR (.data), ONECARD_PG_PORT (55432), ONECARD_NATS_PORT "
         "(54222), ONECARD_<SERVICE>_PORT and ONECARD_<SERVICE>_METRICS_PORT (identity 50051/9101, "
-        "codegen 50052/9102, ledger 50053/9103, gateway 8080), "
+        "codegen 50052/9102, ledger 50053/9103, policy 50054/9104, gateway 8080), "
         "ONECARD_HOST (127.0.0.1), ONECARD_DEMO_MEMBERS (3000), DATABASE_URL and NATS_URL to use existing "
         "servers instead of the embedded ones.",
     )

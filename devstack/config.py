@@ -82,9 +82,15 @@ SERVICES: tuple[ServiceSpec, ...] = (
         name="ledger", module="services.ledger", protocol="grpc",
         default_port=50053, default_metrics_port=9103, migrates=True,
     ),
-    # The gateway reaches it at ONECARD_LEDGER_TARGET, set like every target of an earlier service.
-    # Each later service is one entry here, before the gateway that calls it, on the next ports:
-    # policy 50054/9104, devicehub 50055/9105.
+    # Policy reads the ledger at ONECARD_LEDGER_TARGET (set like every target of an earlier
+    # service); its master key seals the tenants' bundle signing keys, kept like codegen's.
+    ServiceSpec(
+        name="policy", module="services.policy", protocol="grpc",
+        default_port=50054, default_metrics_port=9104, migrates=True,
+        secret_env={"ONECARD_POLICY_MASTER_KEY": "policy_master_key"},
+    ),
+    # The gateway reaches each at ONECARD_<NAME>_TARGET. Each later service is one entry here,
+    # before the gateway that calls it, on the next ports: devicehub 50055/9105.
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},

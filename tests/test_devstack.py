@@ -112,6 +112,8 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         "ONECARD_CODEGEN_METRICS_PORT": str(free_port()),
         "ONECARD_LEDGER_PORT": str(free_port()),
         "ONECARD_LEDGER_METRICS_PORT": str(free_port()),
+        "ONECARD_POLICY_PORT": str(free_port()),
+        "ONECARD_POLICY_METRICS_PORT": str(free_port()),
         "ONECARD_GATEWAY_PORT": str(free_port()),
         "ONECARD_DEMO_MEMBERS": str(DEMO_MEMBERS),
         "PYTHONUNBUFFERED": "1",

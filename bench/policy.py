@@ -1,0 +1,253 @@
+"""The policy service's Evaluate against a bare gRPC echo, and the pure evaluator in process.
+
+``policy.evaluate_vs_echo_ratio``: Evaluate calls per second through PolicyService (the published
+Demo University rule set; each call reads the tenant's published version from PostgreSQL, the
+member's purses and the plan's usage counters from the ledger over gRPC, and evaluates), divided
+by the calls per second of ``bench.echo`` (a gRPC server built like every service's, answering
+the request's bytes), both with the same client, the same concurrency and the same time, in the
+same run; the echo is sent the serialized EvaluateRequest, so both carry the same request bytes.
+It says what a plan costs on top of gRPC itself (the floor is 1.0; the ledger round trips and the
+database read make most of it).
+``policy.evaluate_p99_ms`` / ``policy.echo_p99_ms``: client-side latency at that load.
+The ``*_cpu_ratio`` figures (CPU seconds per second of load of the policy, ledger and echo
+processes and of the load client) say where the time went.
+``policy.evaluate_inproc_p99_us`` / ``_p50_us``: ``onecard_policy.evaluate`` alone on
+``university_rule_set()``, in this process, over a mix of payments (lunch, a dinner voucher, a free
+breakfast, a store coupon, a decline), the counters and purses prepared beforehand.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+import uuid
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from onecard_policy.evaluate import PurseState, Request, counter_keys, evaluate
+from onecard_policy.examples import university_rule_set
+from onecard_policy.rules import parse_rule_set
+
+from bench.echo import ECHO_METHOD
+from bench.harness import BenchContext, Figures, benchmark
+from bench.ledger import _proc_cpu_s
+from bench.load import closed_loop_calls
+from bench.serve import BENCH_HOST
+from devstack.servers import free_port
+from devstack.supervisor import grpc_health_probe
+from onecard.ledger.v1 import ledger_pb2 as lpb
+from onecard.ledger.v1 import ledger_pb2_grpc
+from onecard.policy.v1 import policy_pb2 as pb
+from onecard.policy.v1 import policy_pb2_grpc
+from runtime.grpc_client import open_channel
+
+# A fixed bench master key: the bench database is thrown away after the run.
+BENCH_MASTER_KEY = "43" * 32
+CALL_TIMEOUT_S = 60.0
+MEMBERS = 200
+SETUP_CONCURRENCY = 16
+CASH_FEN = 100_000
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+LUNCH = datetime(2026, 11, 26, 12, 0, tzinfo=SHANGHAI)
+INPROC_CALLS = 20_000
+INPROC_WARMUP_CALLS = 2_000
+
+
+async def _grpc_service(context: BenchContext, *, name: str, module: str, env: dict[str, str]) -> tuple[str, int]:
+    port, metrics_port = free_port(), free_port()
+    target = f"{BENCH_HOST}:{port}"
+    process = await context.start_process(
+        name=name,
+        module_args=[module],
+        env={
+            "ONECARD_DATABASE_URL": context.database_url(),
+            "ONECARD_NATS_URL": context.nats_url(),
+            "ONECARD_GRPC_HOST": BENCH_HOST,
+            "ONECARD_GRPC_PORT": str(port),
+            "ONECARD_METRICS_PORT": str(metrics_port),
+            "ONECARD_LOG_LEVEL": "warning",
+            **env,
+        },
+        probe=grpc_health_probe(target),
+    )
+    assert process.pid is not None
+    return target, process.pid
+
+
+async def _echo_server(context: BenchContext) -> tuple[str, int]:
+    port = free_port()
+    target = f"{BENCH_HOST}:{port}"
+    process = await context.start_process(name="echo", module_args=["bench.echo", "--port", str(port)], env={},
+                                          probe=grpc_health_probe(target))
+    assert process.pid is not None
+    return target, process.pid
+
+
+async def _open(stub: ledger_pb2_grpc.LedgerServiceStub, tenant_id: str, owner_kind: int, owner_id: str,
+                purse_kind: int) -> str:
+    answer = await stub.OpenAccount(lpb.OpenAccountRequest(tenant_id=tenant_id, owner_kind=owner_kind,
+                                                           owner_id=owner_id, purse_kind=purse_kind),
+                                    timeout=CALL_TIMEOUT_S)
+    return answer.account.account.account_id
+
+
+async def _seed(ledger: ledger_pb2_grpc.LedgerServiceStub, policy: policy_pb2_grpc.PolicyServiceStub
+                ) -> tuple[str, str, list[str]]:
+    """A tenant with a canteen, MEMBERS members with funded cash purses, the rule set published."""
+    tenant_id = str(uuid.uuid4())
+    bank = await _open(ledger, tenant_id, lpb.OWNER_KIND_TENANT, "bank", lpb.PURSE_KIND_BANK_CLEARING)
+    merchant = await _open(ledger, tenant_id, lpb.OWNER_KIND_MERCHANT, "canteen-north",
+                           lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
+    members = [str(uuid.uuid4()) for _ in range(MEMBERS)]
+    queue = list(members)
+
+    async def worker() -> None:
+        while queue:
+            member = queue.pop()
+            cash = await _open(ledger, tenant_id, lpb.OWNER_KIND_MEMBER, member, lpb.PURSE_KIND_CASH)
+            await ledger.TopUp(lpb.TopUpRequest(tenant_id=tenant_id, idempotency_key=f"fund-{member}",
+                                                from_account_id=bank, to_account_id=cash, amount_fen=CASH_FEN),
+                               timeout=CALL_TIMEOUT_S)
+
+    await asyncio.gather(*(worker() for _ in range(SETUP_CONCURRENCY)))
+    doc = json.loads(json.dumps(university_rule_set()).replace('"canteen-north"', json.dumps(merchant)))
+    created = await policy.CreateRuleSetVersion(pb.CreateRuleSetVersionRequest(
+        tenant_id=tenant_id, document=json.dumps(doc), note="bench"), timeout=CALL_TIMEOUT_S)
+    await policy.PublishRuleSetVersion(pb.PublishRuleSetVersionRequest(
+        tenant_id=tenant_id, version=created.version.version, published_by="bench"), timeout=CALL_TIMEOUT_S)
+    return tenant_id, merchant, members
+
+
+def _requests(tenant_id: str, merchant: str, members: list[str]) -> list[pb.EvaluateRequest]:
+    at = Timestamp()
+    at.FromDatetime(LUNCH)
+    return [pb.EvaluateRequest(tenant_id=tenant_id, request=pb.PaymentRequest(
+        member_id=member, member_groups={"role": "student"}, scene="canteen", merchant_id=merchant,
+        device_id="pos-north-1", amount_fen=1200, time=at)) for member in members]
+
+
+@benchmark("policy.evaluate_vs_echo",
+           description="PolicyService.Evaluate (reads PostgreSQL and the ledger) vs a bare gRPC echo, same client")
+async def evaluate_vs_echo(context: BenchContext) -> Figures:
+    load = context.load
+    ledger_target, ledger_pid = await _grpc_service(context, name="ledger-policy", module="services.ledger", env={})
+    policy_target, policy_pid = await _grpc_service(context, name="policy", module="services.policy", env={
+        "ONECARD_LEDGER_TARGET": ledger_target,
+        "ONECARD_POLICY_MASTER_KEY": BENCH_MASTER_KEY,
+    })
+    echo_target, echo_pid = await _echo_server(context)
+    async with open_channel(ledger_target) as ledger_channel, open_channel(policy_target) as policy_channel, \
+            open_channel(echo_target) as echo_channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
+        policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+        echo = echo_channel.unary_unary(ECHO_METHOD)
+        tenant_id, merchant, members = await _seed(ledger, policy)
+        requests = _requests(tenant_id, merchant, members)
+        payloads = [r.SerializeToString() for r in requests]
+        # One plan checked before measuring: approved, paid from the member's cash purse.
+        plan = (await policy.Evaluate(requests[0], timeout=CALL_TIMEOUT_S)).plan
+        if not (plan.approved and len(plan.legs) == 1 and plan.legs[0].amount_fen == 1200):
+            raise RuntimeError(f"unexpected plan: {plan}")
+        rng = random.Random(5)
+
+        async def call_evaluate(_worker: int) -> bool:
+            answer = await policy.Evaluate(requests[rng.randrange(len(requests))], timeout=CALL_TIMEOUT_S)
+            return answer.plan.approved
+
+        async def call_echo(_worker: int) -> bool:
+            payload = payloads[rng.randrange(len(payloads))]
+            return await echo(payload, timeout=CALL_TIMEOUT_S) == payload
+
+        results = {}
+        cpu: dict[str, float] = {}
+        for name, call, pids in (("echo", call_echo, {"echo": echo_pid}),
+                                 ("evaluate", call_evaluate, {"policy": policy_pid, "ledger": ledger_pid})):
+            await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
+            before = {who: _proc_cpu_s(pid) for who, pid in pids.items()}
+            results[name] = await closed_loop_calls(call=call, duration_s=load.duration_s,
+                                                    concurrency=load.concurrency)
+            for who, pid in pids.items():
+                cpu[who] = (_proc_cpu_s(pid) - before[who]) / results[name].elapsed_s
+    for name, result in results.items():
+        if result.errors:
+            raise RuntimeError(f"{name}: {result.errors} of {result.requests} calls failed")
+    evaluate_rps, echo_rps = results["evaluate"].rps, results["echo"].rps
+    return {
+        "policy.evaluate_rps": evaluate_rps,
+        "policy.echo_rps": echo_rps,
+        "policy.evaluate_vs_echo_ratio": evaluate_rps / echo_rps if echo_rps else 0.0,
+        "policy.evaluate_p99_ms": results["evaluate"].percentile_ms(0.99),
+        "policy.echo_p99_ms": results["echo"].percentile_ms(0.99),
+        "policy.evaluate_client_cpu_ratio": results["evaluate"].client_cpu_ratio,
+        "policy.echo_client_cpu_ratio": results["echo"].client_cpu_ratio,
+        # CPU seconds per second of load: where Evaluate's time goes on this machine.
+        "policy.policy_cpu_ratio": cpu["policy"],
+        "policy.ledger_cpu_ratio": cpu["ledger"],
+        "policy.echo_cpu_ratio": cpu["echo"],
+    }
+
+
+def _inproc_cases() -> list[tuple[Request, dict[str, int]]]:
+    rule_set = parse_rule_set(university_rule_set())
+    member = str(uuid.UUID(int=7))
+    cash = PurseState(kind="cash", ref="", available_fen=50_000)
+    voucher = PurseState(kind="voucher", ref="dinner-voucher", available_fen=3000)
+    nutrition = PurseState(kind="subsidy", ref="nutrition-2026", available_fen=6000)
+
+    def at(hour: int, minute: int = 0) -> datetime:
+        return datetime(2026, 11, 26, hour, minute, tzinfo=SHANGHAI)
+
+    requests = [
+        # lunch from cash, as a student
+        Request(tenant_id="t", member_id=member, member_groups={"role": "student"}, scene="canteen",
+                merchant_id="canteen-north", device_id="pos-north-1", amount_fen=1200, at=at(12), purses=(cash,)),
+        # dinner: the voucher first, then cash
+        Request(tenant_id="t", member_id=member, member_groups={"role": "student"}, scene="canteen",
+                merchant_id="canteen-south", device_id="pos-south-1", amount_fen=2000, at=at(18),
+                purses=(voucher, cash)),
+        # a free breakfast for an employee
+        Request(tenant_id="t", member_id=member, member_groups={"role": "employee"}, scene="canteen",
+                merchant_id="canteen-north", device_id="pos-north-2", amount_fen=800, at=at(7, 30), purses=(cash,)),
+        # the store coupon
+        Request(tenant_id="t", member_id=member, member_groups={"role": "student"}, scene="store",
+                merchant_id="campus-store", device_id="store-till-1", amount_fen=2500, at=at(15), purses=(cash,)),
+        # milk on the nutrition subsidy, offline
+        Request(tenant_id="t", member_id=member, member_groups={"role": "student"}, scene="vending",
+                merchant_id="milk-cabinet", device_id="cabinet-1", amount_fen=350, at=at(10), channel="offline",
+                purses=(nutrition, cash)),
+        # declined: over the canteen's per-payment limit
+        Request(tenant_id="t", member_id=member, member_groups={"role": "student"}, scene="canteen",
+                merchant_id="canteen-north", device_id="pos-north-1", amount_fen=20_000, at=at(12), purses=(cash,)),
+    ]
+    cases = []
+    for request in requests:
+        # Some use already on the day's counters, as a busy lunch would have.
+        counters = {key: 1 for key in counter_keys(rule_set, request)}
+        cases.append((request, counters))
+    return cases
+
+
+@benchmark("policy.evaluate_inproc", description="onecard_policy.evaluate on university_rule_set(), in process")
+async def evaluate_inproc(context: BenchContext) -> Figures:
+    rule_set = parse_rule_set(university_rule_set())
+    cases = _inproc_cases()
+    for i in range(INPROC_WARMUP_CALLS):
+        request, counters = cases[i % len(cases)]
+        evaluate(rule_set, request, counters)
+    times_us: list[float] = []
+    clock = time.perf_counter_ns
+    for i in range(INPROC_CALLS):
+        request, counters = cases[i % len(cases)]
+        started = clock()
+        evaluate(rule_set, request, counters)
+        times_us.append((clock() - started) / 1000)
+        if i % 1000 == 999:
+            await asyncio.sleep(0)
+    ordered = sorted(times_us)
+    return {
+        "policy.evaluate_inproc_p99_us": ordered[int(0.99 * len(ordered))],
+        "policy.evaluate_inproc_p50_us": statistics.median(ordered),
+    }

@@ -1,0 +1,68 @@
+"""Secrets at rest: small values sealed with a service's master key, bound to the row they live in.
+
+A value is encrypted with XSalsa20-Poly1305 (``nacl.secret.SecretBox``) under a key derived from
+the master key and a context (what the row is: its tenant, key id, public key...) with keyed
+BLAKE2b, personalised per use. A sealed value copied into another row, or read with another
+master key, fails authentication instead of being used for the wrong row. Plain computation; no I/O.
+
+Used by codegen (issuer keys) and policy (bundle signing keys); each names its own
+personalisation and context, so a value sealed for one can never open as the other's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import nacl.exceptions
+import nacl.hash
+import nacl.secret
+from nacl.encoding import RawEncoder
+
+MASTER_KEY_BYTES = 32
+# BLAKE2b personalisation is at most 16 bytes.
+MAX_PERSON_BYTES = 16
+
+
+class SealOpenError(Exception):
+    """A sealed value did not open: wrong master key, or the row was tampered with or moved."""
+
+
+def parse_master_key(text: str) -> bytes:
+    """32 bytes from 64 hex digits or base64 (standard or URL-safe, padding optional)."""
+    text = text.strip()
+    if len(text) == 2 * MASTER_KEY_BYTES:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    padded = text + "=" * (-len(text) % 4)
+    for decode in (base64.b64decode, base64.urlsafe_b64decode):
+        try:
+            raw = decode(padded.encode())
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == MASTER_KEY_BYTES:
+            return raw
+    raise ValueError(f"must be {MASTER_KEY_BYTES} bytes as 64 hex digits or base64")
+
+
+def _box(*, master_key: bytes, person: bytes, context: bytes) -> nacl.secret.SecretBox:
+    if len(person) > MAX_PERSON_BYTES:
+        raise ValueError("a BLAKE2b personalisation is at most 16 bytes")
+    derived = nacl.hash.blake2b(context, key=master_key, digest_size=nacl.secret.SecretBox.KEY_SIZE,
+                                person=person, encoder=RawEncoder)
+    return nacl.secret.SecretBox(derived)
+
+
+def seal(*, master_key: bytes, person: bytes, context: bytes, plaintext: bytes) -> bytes:
+    """``plaintext`` sealed under the key derived from ``master_key``, ``person`` and ``context``."""
+    return bytes(_box(master_key=master_key, person=person, context=context).encrypt(plaintext))
+
+
+def unseal(*, master_key: bytes, person: bytes, context: bytes, sealed: bytes) -> bytes:
+    """The plaintext ``seal`` sealed with the same three, or SealOpenError."""
+    try:
+        return _box(master_key=master_key, person=person, context=context).decrypt(sealed)
+    except nacl.exceptions.CryptoError:
+        raise SealOpenError("the sealed value does not open with this master key and context") from None

@@ -1,0 +1,266 @@
+"""The gRPC face of policy: protobuf in, domain and onecard_policy calls, protobuf out. No rules
+and no SQL here: validation is ``parse_rule_set``'s, plans are ``evaluate``'s, bundles are
+``make_bundle``'s.
+
+Every call parses its tenant id first and reaches rows only through that tenant; the ledger is
+asked under the same tenant, so another tenant's member has no purses here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import grpc
+from onecard_policy.bundle import make_bundle
+from onecard_policy.evaluate import Plan, Request, counter_keys, evaluate
+from onecard_policy.rules import RuleSet
+
+from onecard.ledger.v1 import ledger_pb2
+from onecard.policy.v1 import policy_pb2 as pb
+from onecard.policy.v1 import policy_pb2_grpc
+from runtime.grpc_server import ServiceApp
+from runtime.wire import timestamp_pb
+from services.policy import domain
+from services.policy.domain import (
+    BundleKey,
+    MemberPurse,
+    PublishedCache,
+    RuleSetCache,
+    RuleSetStatus,
+    StoredVersion,
+)
+from services.policy.ledger_client import PURSE_KINDS, LedgerClient
+from services.policy.store import PolicyStore
+
+_STATUS = {
+    RuleSetStatus.DRAFT: pb.RULE_SET_STATUS_DRAFT,
+    RuleSetStatus.PUBLISHED: pb.RULE_SET_STATUS_PUBLISHED,
+    RuleSetStatus.SUPERSEDED: pb.RULE_SET_STATUS_SUPERSEDED,
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def version_pb(v: StoredVersion) -> pb.RuleSetVersion:
+    return pb.RuleSetVersion(
+        tenant_id=str(v.tenant_id), version=v.version, status=_STATUS[v.status], document=v.document,
+        sha256=v.sha256.hex(), note=v.note, created_at=timestamp_pb(v.created_at),
+        published_at=timestamp_pb(v.published_at), published_by=v.published_by,
+    )
+
+
+def bundle_key_pb(key: BundleKey) -> pb.BundleKey:
+    return pb.BundleKey(key_id=key.key_id, public_key=key.public_key, created_at=timestamp_pb(key.created_at))
+
+
+def plan_pb(plan: Plan, *, purses: list[MemberPurse], version: int, sha256: bytes,
+            counters: dict[str, int]) -> pb.Plan:
+    return pb.Plan(
+        approved=plan.approved,
+        reason=plan.reason,
+        amount_fen=plan.amount_fen,
+        legs=[pb.Leg(purse_kind=PURSE_KINDS[leg.purse_kind], ref=leg.ref,
+                     account_id=domain.account_of(purses, kind=leg.purse_kind, ref=leg.ref), amount_fen=leg.amount_fen)
+              for leg in plan.legs],
+        charged_fen=plan.charged_fen,
+        discount_fen=plan.discount_fen,
+        coupon=plan.coupon or "",
+        benefit=plan.benefit or "",
+        benefit_funding_fen=plan.benefit_funding_fen,
+        guards=[ledger_pb2.Guard(counter_key=g.counter_key, increment=g.increment, limit=g.limit) for g in plan.guards],
+        pin_required=plan.pin_required,
+        scene=plan.scene or "",
+        meal_period=plan.meal_period or "",
+        service_date=plan.service_date or "",
+        detail=plan.detail,
+        rule_set_version=version,
+        rule_set_sha256=sha256.hex(),
+        counters=[ledger_pb2.UsageCounter(counter_key=k, value=counters.get(k, 0)) for k in plan.counter_keys_read],
+    )
+
+
+def policy_request(*, tenant_id: uuid.UUID, request: pb.PaymentRequest) -> Request:
+    """The payment as onecard_policy reads it, without purses yet; checked before any I/O."""
+    at = request.time.ToDatetime(tzinfo=UTC) if request.HasField("time") else _now()
+    return Request(
+        tenant_id=str(tenant_id),
+        member_id=domain.check_member_id(request.member_id),
+        member_groups=dict(request.member_groups),
+        scene=request.scene or None,
+        merchant_id=request.merchant_id or None,
+        device_id=request.device_id or None,
+        amount_fen=request.amount_fen,
+        at=at,
+        channel=domain.check_channel(request.channel),
+    )
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, *, app: ServiceApp, ledger: LedgerClient, master_key: bytes, cache: RuleSetCache,
+                 published: PublishedCache):
+        self._app = app
+        self._ledger = ledger
+        self._master_key = master_key
+        self._cache = cache
+        self._published = published
+
+    async def _published_version(self, tenant_id: uuid.UUID) -> tuple[int, bytes]:
+        """The tenant's published version and its SHA-256, or NO_PUBLISHED_RULE_SET."""
+        now = time.monotonic()
+        known, published = self._published.get(tenant_id, now=now)
+        if not known:
+            published = await self._store.published(tenant_id=tenant_id)
+            self._published.put(tenant_id, published, now=now)
+        if published is None:
+            raise domain.no_published_rule_set()
+        return published
+
+    @property
+    def _store(self) -> PolicyStore:
+        return PolicyStore(self._app.pool, master_key=self._master_key)
+
+    # --- versions -------------------------------------------------------------------------------
+
+    async def CreateRuleSetVersion(
+        self, request: pb.CreateRuleSetVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateRuleSetVersionResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        note = domain.check_note(request.note)
+        valid = domain.validate_document(request.document)
+        async with self._store.tenant_tx(tenant_id) as tx:
+            stored = await tx.create_version(document=valid.canonical, sha256=valid.sha256, note=note, now=_now())
+        self._cache.put((tenant_id, stored.version, stored.sha256), valid.rule_set)
+        return pb.CreateRuleSetVersionResponse(version=version_pb(stored))
+
+    async def ValidateRuleSet(
+        self, request: pb.ValidateRuleSetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ValidateRuleSetResponse:
+        domain.parse_tenant_id(request.tenant_id)
+        valid = domain.validate_document(request.document)
+        return pb.ValidateRuleSetResponse(canonical_document=valid.canonical, sha256=valid.sha256.hex())
+
+    async def GetRuleSetVersion(
+        self, request: pb.GetRuleSetVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRuleSetVersionResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        version = domain.check_version(request.version)
+        stored = await self._store.version(tenant_id=tenant_id, version=version)
+        if stored is None:
+            raise domain.version_not_found(version)
+        return pb.GetRuleSetVersionResponse(version=version_pb(stored))
+
+    async def ListRuleSetVersions(
+        self, request: pb.ListRuleSetVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRuleSetVersionsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        size = domain.page_size(request.page_size)
+        below = domain.parse_page_token(request.page_token)
+        versions, published = await self._store.versions(tenant_id=tenant_id, below=below, limit=size + 1)
+        page, more = versions[:size], len(versions) > size
+        return pb.ListRuleSetVersionsResponse(
+            versions=[version_pb(v) for v in page],
+            next_page_token=domain.page_token(page[-1].version) if more else "",
+            published_version=published,
+        )
+
+    async def PublishRuleSetVersion(
+        self, request: pb.PublishRuleSetVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PublishRuleSetVersionResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        version = domain.check_version(request.version)
+        published_by = domain.check_published_by(request.published_by)
+        async with self._store.tenant_tx(tenant_id) as tx:
+            publication = await tx.publish(version=version, published_by=published_by, now=_now())
+        if publication is None:
+            raise domain.version_not_found(version)
+        # This replica evaluates with the new version from the next call on.
+        self._published.put(tenant_id, (publication.version.version, publication.version.sha256),
+                            now=time.monotonic())
+        return pb.PublishRuleSetVersionResponse(version=version_pb(publication.version),
+                                                previous_version=publication.previous_version,
+                                                changed=publication.changed)
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    async def _rule_set(self, *, tenant_id: uuid.UUID, version: int, sha256: bytes | None) -> tuple[RuleSet, bytes]:
+        if sha256 is not None:
+            cached = self._cache.get((tenant_id, version, sha256))
+            if cached is not None:
+                return cached, sha256
+        found = await self._store.document(tenant_id=tenant_id, version=version)
+        if found is None:
+            raise domain.version_not_found(version)
+        document, digest = found
+        cached = self._cache.get((tenant_id, version, digest))
+        if cached is None:
+            cached = domain.stored_rule_set(document)
+            self._cache.put((tenant_id, version, digest), cached)
+        return cached, digest
+
+    async def _plan(self, *, tenant_id: uuid.UUID, version: int, sha256: bytes | None,
+                    request: pb.PaymentRequest) -> pb.Plan:
+        asked = policy_request(tenant_id=tenant_id, request=request)
+        rule_set, digest = await self._rule_set(tenant_id=tenant_id, version=version, sha256=sha256)
+        # The counters a request reads may depend on the purses the member holds (a voucher), so
+        # they are asked for together with the purses on the keys known without them, then any
+        # the purses add are read before evaluating.
+        first_keys = counter_keys(rule_set, asked)
+        purses, counters = await asyncio.gather(
+            self._ledger.member_purses(tenant_id=tenant_id, member_id=asked.member_id),
+            self._ledger.usage_counters(tenant_id=tenant_id, counter_keys=first_keys),
+        )
+        full = dataclasses.replace(asked, purses=domain.purse_states(purses))
+        missing = [k for k in counter_keys(rule_set, full) if k not in counters]
+        if missing:
+            counters.update(await self._ledger.usage_counters(tenant_id=tenant_id, counter_keys=missing))
+        plan = evaluate(rule_set, full, counters)
+        return plan_pb(plan, purses=purses, version=version, sha256=digest, counters=counters)
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        version, sha256 = await self._published_version(tenant_id)
+        return pb.EvaluateResponse(plan=await self._plan(tenant_id=tenant_id, version=version, sha256=sha256,
+                                                         request=request.request))
+
+    async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        version = domain.check_version(request.version)
+        return pb.DryRunResponse(plan=await self._plan(tenant_id=tenant_id, version=version, sha256=None,
+                                                       request=request.request))
+
+    # --- bundles --------------------------------------------------------------------------------
+
+    async def GetBundle(self, request: pb.GetBundleRequest, context: grpc.aio.ServicerContext) -> pb.GetBundleResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        published = await self._store.published(tenant_id=tenant_id)
+        if published is None:
+            raise domain.no_published_rule_set()
+        version, sha256 = published
+        now = _now()
+        async with self._store.tenant_tx(tenant_id) as tx:
+            key, signing_key = await tx.signing_key(now=now)
+            bundle = await tx.bundle(version=version, key_id=key.key_id)
+            if bundle is None:
+                stored = await tx.version(version)
+                assert stored is not None
+                signed = make_bundle(json.loads(stored.document), tenant_id=str(tenant_id), version=version,
+                                     signing_key=signing_key, key_id=key.key_id)
+                bundle = await tx.save_bundle(version=version, key_id=key.key_id, bundle=signed, now=now)
+        return pb.GetBundleResponse(bundle=bundle, version=version, key_id=key.key_id, sha256=sha256.hex())
+
+    async def GetBundleKeys(
+        self, request: pb.GetBundleKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBundleKeysResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        # Made on first need, so a device may learn the key before the first bundle exists.
+        async with self._store.tenant_tx(tenant_id) as tx:
+            await tx.signing_key(now=_now())
+        keys = await self._store.bundle_keys(tenant_id=tenant_id)
+        return pb.GetBundleKeysResponse(keys=[bundle_key_pb(k) for k in keys])
