@@ -861,10 +861,17 @@ class PayCommand:
     event_time: datetime | None = None
     guards: tuple[Guard, ...] = ()
     code: CodeRef | None = None
+    # A tenant's subsidy funding account paying part or all of it (an identity-only benefit).
+    sponsor: PayLeg | None = None
 
     @property
     def total_fen(self) -> int:
-        return sum(leg.amount_fen for leg in self.legs)
+        return sum(leg.amount_fen for leg in self.legs) + (self.sponsor.amount_fen if self.sponsor else 0)
+
+    @property
+    def paying(self) -> tuple[PayLeg, ...]:
+        """Every leg that pays, the sponsor's last (a refund returns to it first)."""
+        return (*self.legs, self.sponsor) if self.sponsor else self.legs
 
     def request(self) -> dict[str, Any]:
         """What the idempotency key names (the fingerprint's input)."""
@@ -875,19 +882,28 @@ class PayCommand:
         if self.guards:
             # Only when present, so the fingerprints of unguarded payments stay what they were.
             request["guards"] = [[g.counter_key, g.increment, g.limit] for g in self.guards]
+        if self.sponsor:
+            request["sponsor"] = [str(self.sponsor.account_id), self.sponsor.amount_fen]
         return with_code(request, self.code)
 
 
 def check_pay(*, idempotency_key: str, merchant_account_id: uuid.UUID, legs: list[PayLeg], device_id: str = "",
               external_ref: str = "", event_time: datetime | None = None, guards: tuple[Guard, ...] = (),
-              code: CodeRef | None = None) -> PayCommand:
+              code: CodeRef | None = None, sponsor: PayLeg | None = None) -> PayCommand:
     """A payment request checked as far as it can be without the database."""
-    check_pay_legs(legs)
+    if legs or sponsor is None:
+        check_pay_legs(legs)
+    if sponsor is not None:
+        check_amount(sponsor.amount_fen, what="the sponsor's amount_fen")
+        if any(leg.account_id == sponsor.account_id for leg in legs):
+            raise InvalidArgument("the sponsor is not one of the member's purses", reason="DUPLICATE_LEG")
+        check_amount(sum(leg.amount_fen for leg in legs) + sponsor.amount_fen, what="the payment's total")
     checked_guards = check_guards(list(guards))
-    if any(leg.account_id == merchant_account_id for leg in legs):
+    paying = [*legs, *([sponsor] if sponsor else [])]
+    if any(leg.account_id == merchant_account_id for leg in paying):
         raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
     checked_code = check_code(code)
     check_idempotency_key(idempotency_key)
     return PayCommand(idempotency_key=idempotency_key, merchant_account_id=merchant_account_id, legs=tuple(legs),
                       device_id=device_id, external_ref=external_ref, event_time=event_time,
-                      guards=tuple(checked_guards), code=checked_code)
+                      guards=tuple(checked_guards), code=checked_code, sponsor=sponsor)

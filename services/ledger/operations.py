@@ -230,7 +230,7 @@ class Ledger:
         async with self._store.tenant_tx(tenant_id) as tx:
             reads = await tx.read_for_payments(
                 claims=[(commands[i].idempotency_key, "pay", fingerprints[i]) for i in active],
-                account_ids=[a for i in active for a in (*(leg.account_id for leg in commands[i].legs),
+                account_ids=[a for i in active for a in (*(leg.account_id for leg in commands[i].paying),
                                                          commands[i].merchant_account_id)],
                 counter_keys=[g.counter_key for i in active for g in commands[i].guards],
                 codes=[c for i in active if (c := commands[i].code) is not None],
@@ -285,7 +285,7 @@ class Ledger:
                 continue
             item = NewTransfer(
                 kind=TransferKind.PAYMENT, idempotency_key=command.idempotency_key, amount_fen=command.total_fen,
-                postings=(*(Posting(leg.account_id, -leg.amount_fen) for leg in command.legs),
+                postings=(*(Posting(leg.account_id, -leg.amount_fen) for leg in command.paying),
                           Posting(command.merchant_account_id, command.total_fen)),
                 event_time=command.event_time, merchant_account_id=command.merchant_account_id,
                 device_id=command.device_id, external_ref=command.external_ref, code=command.code,
@@ -297,7 +297,7 @@ class Ledger:
                 event_time=item.event_time or now, booked_at=now, merchant_account_id=item.merchant_account_id,
                 device_id=item.device_id, external_ref=item.external_ref, code=item.code,
             )
-            touched = [*(leg.account_id for leg in command.legs), command.merchant_account_id]
+            touched = [*(leg.account_id for leg in command.paying), command.merchant_account_id]
             result = WriteResult(transfer_id=transfer_id,
                                  balances=tuple(Balance(a, posted[a], pending[a]) for a in touched))
             booked.append((transfer_id, item))
@@ -317,14 +317,17 @@ class Ledger:
                         used_codes: set[CodeRef]) -> list[tuple[Guard, int]]:
         """Check one payment against the running state and, if it holds, apply it to that state:
         the guards applied, each with the counter's value after it."""
-        for account_id in [*(leg.account_id for leg in command.legs), command.merchant_account_id]:
+        for account_id in [*(leg.account_id for leg in command.paying), command.merchant_account_id]:
             if account_id not in accounts:
                 raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND", metadata={"account_id": str(account_id)})
-        domain.check_one_member([accounts[leg.account_id].account for leg in command.legs])
+        if command.legs:
+            domain.check_one_member([accounts[leg.account_id].account for leg in command.legs])
+        if command.sponsor is not None:
+            domain.check_purse(accounts[command.sponsor.account_id].account, kinds=_FUNDING, what="sponsor")
         merchant = accounts[command.merchant_account_id].account
         domain.check_purse(merchant, kinds=_MERCHANT, what="merchant_account")
         domain.check_may_receive(merchant)
-        for leg in command.legs:
+        for leg in command.paying:
             account = accounts[leg.account_id].account
             domain.check_may_debit(account, balance=Balance(leg.account_id, posted[leg.account_id],
                                                             pending[leg.account_id]), amount_fen=leg.amount_fen)
@@ -334,7 +337,7 @@ class Ledger:
         if command.code is not None and command.code in used_codes:
             raise domain.code_already_used(command.code)
         # Every check held: apply it.
-        for leg in command.legs:
+        for leg in command.paying:
             posted[leg.account_id] -= leg.amount_fen
         posted[command.merchant_account_id] += command.total_fen
         applied = []
@@ -522,6 +525,14 @@ class Ledger:
         async with self._store.tenant_read(tenant_id) as tx:
             found = await tx.counters(keys)
         return [(k, found.get(k, 0)) for k in keys]
+
+    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str]
+                           ) -> tuple[list[AccountBalance], list[tuple[str, int]]]:
+        """A member's accounts and the values of some counters (0 for one never raised), in order."""
+        domain.check_text(member_id, what="member_id", max_chars=domain.MAX_ID_CHARS, required=True)
+        keys = domain.check_counter_keys(counter_keys) if counter_keys else []
+        accounts, found = await self._store.member_state(tenant_id=tenant_id, member_id=member_id, counter_keys=keys)
+        return accounts, [(k, found.get(k, 0)) for k in keys]
 
     async def trial_balance(self, *, tenant_id: uuid.UUID) -> TrialBalance:
         async with self._store.tenant_read(tenant_id) as tx:

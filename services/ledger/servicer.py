@@ -223,6 +223,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             guards=tuple(Guard(counter_key=g.counter_key, increment=g.increment, limit=g.limit)
                          for g in request.guards),
             code=_code(request.code) if request.HasField("code") else None,
+            sponsor=PayLeg(account_id=domain.parse_account_ref(request.sponsor.account_id),
+                           amount_fen=request.sponsor.amount_fen) if request.HasField("sponsor") else None,
         )
         outcome = await self._batcher.pay(tenant_id, command)
         if outcome.transfer is not None:
@@ -418,6 +420,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             lines=[pb.StatementLine(transfer=transfer_pb(t), merchant_fen=fen) for t, fen in lines],
             next_page_token=token, day_start=timestamp_pb(start), day_end=timestamp_pb(end),
         )
+
+
+    async def GetMemberState(self, request: pb.GetMemberStateRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.GetMemberStateResponse:
+        accounts, counters = await self._ledger.member_state(
+            tenant_id=_tenant(request.tenant_id), member_id=request.member_id, counter_keys=list(request.counter_keys))
+        return pb.GetMemberStateResponse(accounts=[account_balance_pb(a) for a in accounts],
+                                         counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in counters])
 
 
 def _batch_id(value: str) -> uuid.UUID:

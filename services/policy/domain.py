@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -286,3 +287,27 @@ def account_of(purses: list[MemberPurse], *, kind: str, ref: str) -> str:
     # The evaluator funds legs only from the purses it was given, which all came from here.
     raise FailedPrecondition(f"the plan names a {kind} purse {ref!r} the member does not hold",
                              reason="PURSE_NOT_FOUND")
+
+
+# --- paying a plan ----------------------------------------------------------------------------
+
+# Why a payment whose plan needs the member's PIN or face was not paid.
+PIN_REQUIRED = "PIN_REQUIRED"
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+MAX_EXTERNAL_REF_CHARS = 128
+_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def check_idempotency_key(value: str) -> str:
+    """The ledger checks it again; refusing it here spares an evaluation."""
+    if not _KEY.match(value):
+        raise InvalidArgument(f"idempotency_key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
+                              reason="INVALID_IDEMPOTENCY_KEY")
+    return value
+
+
+def check_external_ref(value: str) -> str:
+    if len(value) > MAX_EXTERNAL_REF_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+        raise InvalidArgument(f"external_ref must be at most {MAX_EXTERNAL_REF_CHARS} characters, without control "
+                              "characters", reason="INVALID_EXTERNAL_REF")
+    return value

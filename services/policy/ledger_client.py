@@ -9,7 +9,7 @@ import uuid
 import grpc
 
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from runtime.errors import InvalidArgument, Unavailable
+from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from runtime.grpc_client import error_info, open_channel
 from services.policy.domain import MemberPurse
 
@@ -22,6 +22,8 @@ PURSE_KINDS = {name: kind for kind, name in _KIND_NAMES.items()}
 
 # GetUsageCounters answers at most this many keys per call.
 MAX_COUNTER_KEYS_PER_CALL = 100
+# The ref of the tenant's subsidy funding account that pays identity-only benefits.
+BENEFIT_FUNDING_REF = "benefits"
 
 
 class LedgerClient:
@@ -31,6 +33,7 @@ class LedgerClient:
         self._target = target
         self._timeout_s = timeout_s
         self._stub: ledger_pb2_grpc.LedgerServiceStub | None = None
+        self._benefit_accounts: dict[uuid.UUID, str] = {}
 
     async def hold(self) -> None:
         """Open the channel, keep it until cancelled, then close it: one place for both."""
@@ -55,20 +58,21 @@ class LedgerClient:
                                    reason=reason or "INVALID_ARGUMENT")
         return Unavailable("the ledger did not answer; retry later", reason="LEDGER_UNAVAILABLE")
 
-    async def member_purses(self, *, tenant_id: uuid.UUID, member_id: str) -> list[MemberPurse]:
-        """Every purse of the member (cash, subsidy, voucher, receivable) with what it may spend now."""
+    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str]
+                           ) -> tuple[list[MemberPurse], dict[str, int]]:
+        """Every purse of the member (cash, subsidy, voucher, receivable) with what it may spend
+        now, and the counters' values (0 for one never raised): one ledger call, one read."""
         stub = self._ready()
+        unique = list(dict.fromkeys(counter_keys))
+        first, rest = unique[:MAX_COUNTER_KEYS_PER_CALL], unique[MAX_COUNTER_KEYS_PER_CALL:]
         try:
-            answer = await stub.GetBalances(
-                ledger_pb2.GetBalancesRequest(tenant_id=str(tenant_id), owner_kind=ledger_pb2.OWNER_KIND_MEMBER,
-                                              owner_id=member_id),
+            answer = await stub.GetMemberState(
+                ledger_pb2.GetMemberStateRequest(tenant_id=str(tenant_id), member_id=member_id, counter_keys=first),
                 timeout=self._timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return []
             raise self._refused(exc) from None
-        return [
+        purses = [
             MemberPurse(
                 kind=_KIND_NAMES.get(a.account.purse_kind, ledger_pb2.PurseKind.Name(a.account.purse_kind)),
                 ref=a.account.ref,
@@ -78,6 +82,10 @@ class LedgerClient:
             )
             for a in answer.accounts
         ]
+        counters = {c.counter_key: c.value for c in answer.counters}
+        if rest:
+            counters.update(await self.usage_counters(tenant_id=tenant_id, counter_keys=rest))
+        return purses, counters
 
     async def usage_counters(self, *, tenant_id: uuid.UUID, counter_keys: list[str]) -> dict[str, int]:
         """The counters' values now (0 for one never raised)."""
@@ -95,3 +103,54 @@ class LedgerClient:
         except grpc.aio.AioRpcError as exc:
             raise self._refused(exc) from None
         return {c.counter_key: c.value for answer in answers for c in answer.counters}
+
+    async def benefit_account(self, *, tenant_id: uuid.UUID) -> str:
+        """The tenant's account that pays identity-only benefits (a free breakfast): its subsidy
+        funding account with ref "benefits", opened on first need (OpenAccount is idempotent)."""
+        cached = self._benefit_accounts.get(tenant_id)
+        if cached is not None:
+            return cached
+        stub = self._ready()
+        try:
+            answer = await stub.OpenAccount(ledger_pb2.OpenAccountRequest(
+                tenant_id=str(tenant_id), owner_kind=ledger_pb2.OWNER_KIND_TENANT, owner_id=str(tenant_id),
+                purse_kind=ledger_pb2.PURSE_KIND_SUBSIDY_FUNDING, ref=BENEFIT_FUNDING_REF), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._refused(exc) from None
+        self._benefit_accounts[tenant_id] = answer.account.account.account_id
+        return answer.account.account.account_id
+
+    async def pay(self, request: ledger_pb2.PayRequest) -> ledger_pb2.PayResponse:
+        """LedgerService.Pay; its refusals come back as the same typed errors (reason kept)."""
+        stub = self._ready()
+        try:
+            return await stub.Pay(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _passed_on(exc) from None
+
+    async def lookup(self, *, tenant_id: uuid.UUID, idempotency_key: str) -> ledger_pb2.Transfer | None:
+        stub = self._ready()
+        try:
+            answer = await stub.LookupTransfer(ledger_pb2.LookupTransferRequest(
+                tenant_id=str(tenant_id), idempotency_key=idempotency_key), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._refused(exc) from None
+        return answer.transfer if answer.found else None
+
+
+# The ledger's refusals of a payment, passed on to policy's caller with their reason.
+_PASSED_ON = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Conflict,
+}
+
+
+def _passed_on(exc: grpc.aio.AioRpcError) -> Exception:
+    reason, metadata = error_info(exc)
+    kind = _PASSED_ON.get(exc.code())
+    if kind is None:
+        return Unavailable("the ledger did not answer; retry later", reason="LEDGER_UNAVAILABLE")
+    return kind(exc.details() or "the ledger refused the payment", reason=reason or exc.code().name,
+                metadata=dict(metadata))

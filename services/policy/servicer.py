@@ -8,7 +8,6 @@ asked under the same tenant, so another tenant's member has no purses here.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -23,6 +22,7 @@ from onecard_policy.rules import RuleSet
 from onecard.ledger.v1 import ledger_pb2
 from onecard.policy.v1 import policy_pb2 as pb
 from onecard.policy.v1 import policy_pb2_grpc
+from runtime.errors import Conflict
 from runtime.grpc_server import ServiceApp
 from runtime.wire import timestamp_pb
 from services.policy import domain
@@ -212,10 +212,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         # they are asked for together with the purses on the keys known without them, then any
         # the purses add are read before evaluating.
         first_keys = counter_keys(rule_set, asked)
-        purses, counters = await asyncio.gather(
-            self._ledger.member_purses(tenant_id=tenant_id, member_id=asked.member_id),
-            self._ledger.usage_counters(tenant_id=tenant_id, counter_keys=first_keys),
-        )
+        purses, counters = await self._ledger.member_state(tenant_id=tenant_id, member_id=asked.member_id,
+                                                           counter_keys=first_keys)
         full = dataclasses.replace(asked, purses=domain.purse_states(purses))
         missing = [k for k in counter_keys(rule_set, full) if k not in counters]
         if missing:
@@ -234,6 +232,42 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         version = domain.check_version(request.version)
         return pb.DryRunResponse(plan=await self._plan(tenant_id=tenant_id, version=version, sha256=None,
                                                        request=request.request))
+
+    async def Pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        key = domain.check_idempotency_key(request.idempotency_key)
+        external_ref = domain.check_external_ref(request.external_ref)
+        version, sha256 = await self._published_version(tenant_id)
+        plan = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256, request=request.request)
+        if not plan.approved:
+            return pb.PayResponse(paid=False, reason=plan.reason, plan=plan)
+        if plan.pin_required and not request.request.pin_verified:
+            return pb.PayResponse(paid=False, reason=domain.PIN_REQUIRED, plan=plan)
+        sponsor = None
+        if plan.benefit_funding_fen > 0:
+            sponsor = ledger_pb2.PayLeg(account_id=await self._ledger.benefit_account(tenant_id=tenant_id),
+                                        amount_fen=plan.benefit_funding_fen)
+        asked = request.request
+        payment = ledger_pb2.PayRequest(
+            tenant_id=str(tenant_id), idempotency_key=key, merchant_account_id=asked.merchant_id,
+            legs=[ledger_pb2.PayLeg(account_id=leg.account_id, amount_fen=leg.amount_fen) for leg in plan.legs],
+            device_id=asked.device_id, external_ref=external_ref,
+            event_time=asked.time if asked.HasField("time") else None, guards=list(plan.guards),
+            code=request.code if request.HasField("code") else None, sponsor=sponsor,
+        )
+        try:
+            paid = await self._ledger.pay(payment)
+        except Conflict as conflict:
+            # The key paid before under another plan (balances or counters moved since): the
+            # first payment is the answer, as a repeat of any write is.
+            if conflict.reason != "IDEMPOTENCY_KEY_REUSED":
+                raise
+            first = await self._ledger.lookup(tenant_id=tenant_id, idempotency_key=key)
+            if first is None or first.kind != ledger_pb2.TRANSFER_KIND_PAYMENT:
+                raise
+            return pb.PayResponse(paid=True, transfer=first, repeated=True)
+        return pb.PayResponse(paid=True, reason="APPROVED", plan=plan, transfer=paid.transfer,
+                              balances=list(paid.balances))
 
     # --- bundles --------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 
 from onecard.ledger.v1 import ledger_pb2 as pb
@@ -124,3 +126,47 @@ async def test_concurrent_refunds_of_one_payment_never_exceed_it(ledger: Running
             assert r.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (await balance(stub, c.tenant_id, c.cash[0])).posted_fen == 900
     await check_books(ledger_db)
+
+
+async def test_a_sponsor_pays_a_benefit_and_a_refund_returns_to_it(ledger: RunningService, ledger_db) -> None:
+    stub = ledger.stub
+    c = await campus(stub, members=1)
+    await top_up(stub, c, c.cash[0], 1000)
+
+    def sponsored(key: str, sponsor: str, sponsor_fen: int, legs: list[tuple[str, int]]) -> object:
+        return stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key=key, merchant_account_id=c.merchant_id,
+                                      legs=[pb.PayLeg(account_id=a, amount_fen=f) for a, f in legs],
+                                      sponsor=pb.PayLeg(account_id=sponsor, amount_fen=sponsor_fen)))
+
+    free = await sponsored("bf", c.funding_id, 800, [])
+    assert {p.account_id: p.amount_fen for p in free.transfer.postings} == {c.funding_id: -800, c.merchant_id: 800}
+    part = await sponsored("half", c.funding_id, 300, [(c.cash[0], 200)])
+    assert part.transfer.amount_fen == 500
+    assert (await balance(stub, c.tenant_id, c.cash[0])).posted_fen == 800
+    refund = await stub.Refund(pb.RefundRequest(tenant_id=c.tenant_id, idempotency_key="r",
+                                                payment_transfer_id=part.transfer.transfer_id, amount_fen=400))
+    assert {p.account_id: p.amount_fen for p in refund.transfer.postings if p.amount_fen > 0} == {
+        c.funding_id: 300, c.cash[0]: 100}
+    # Only a subsidy funding account sponsors.
+    assert await refused(sponsored("bad", c.bank_id, 100, [])) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                  "WRONG_ACCOUNT_KIND")
+    assert await refused(stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="none",
+                                                merchant_account_id=c.merchant_id))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "NO_LEGS")
+    await check_books(ledger_db)
+
+
+async def test_member_state_in_one_read(ledger: RunningService) -> None:
+    stub = ledger.stub
+    c = await campus(stub, members=1)
+    await top_up(stub, c, c.cash[0], 1000)
+    await stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="g", merchant_account_id=c.merchant_id,
+                                 legs=[pb.PayLeg(account_id=c.cash[0], amount_fen=300)],
+                                 guards=[pb.Guard(counter_key="day:m0", increment=300, limit=5000)]))
+    state = await stub.GetMemberState(pb.GetMemberStateRequest(tenant_id=c.tenant_id, member_id="m0",
+                                                               counter_keys=["day:m0", "never"]))
+    assert {a.account.account_id: a.balance.available_fen for a in state.accounts} == {c.cash[0]: 700,
+                                                                                       c.subsidy[0]: 0}
+    assert [(x.counter_key, x.value) for x in state.counters] == [("day:m0", 300), ("never", 0)]
+    other = await stub.GetMemberState(pb.GetMemberStateRequest(tenant_id=str(uuid.uuid4()), member_id="m0"))
+    assert not other.accounts
