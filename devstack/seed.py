@@ -31,9 +31,9 @@ DEMO_CURRENCY = "CNY"
 DEMO_RANDOM_SEED = 20250901
 BANK_CLIENT_NAME = "Demo Bank"
 ADMIN_CLIENT_NAME = "Demo University Admin"
-BANK_SCOPES = ("members:read", "members:write", "codes:issue", "wallets:read", "wallets:topup")
+BANK_SCOPES = ("members:read", "members:write", "codes:issue", "wallets:read", "wallets:topup", "payments:create")
 ADMIN_SCOPES = ("members:read", "members:write", "clients:admin", "codes:issue", "devices:sync", "codes:admin",
-                "wallets:read", "wallets:topup", "ledger:admin", "statements:read")
+                "wallets:read", "wallets:topup", "ledger:admin", "statements:read", "policy:admin")
 CLIENT_ORDER = ("bank", "admin")
 CALL_TIMEOUT_S = 30.0
 IMPORT_POLL_S = 0.25

@@ -19,12 +19,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import TokenBucketLimiter
-from gateway.routes import codes, identity, ledger, oauth, ops
+from gateway.routes import codes, identity, ledger, oauth, ops, policy
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
+from onecard.policy.v1 import policy_pb2_grpc
 from runtime.grpc_client import open_channel
 from runtime.logs import get_logger, new_request_id
 
@@ -59,6 +60,11 @@ OPENAPI_TAGS = [
     {"name": "ledger", "description": "The tenant's ledger administration (ledger:admin): accounts, refunds, "
      "freezing, subsidy programs, grant batches, clawbacks, the trial balance."},
     {"name": "statements", "description": "A merchant's or a device's daily statement (statements:read)."},
+    {"name": "policy", "description": "The tenant's spending rules (policy:admin): rule-set versions, validation, "
+     "publishing, dry runs of a payment against a version or the published rules."},
+    {"name": "policy-bundle", "description": "The published rules signed for devices, and the keys to check them "
+     "(devices:sync)."},
+    {"name": "payments", "description": "App-initiated payments under the published rules (payments:create)."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -196,8 +202,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.ledger_channel = ledger_channel
             state.ledger_stub = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
             state.ledger_health_stub = health_pb2_grpc.HealthStub(ledger_channel)
+        policy_channel = open_channel(settings.policy_target) if settings.policy_target else None
+        if policy_channel is not None:
+            state.policy_channel = policy_channel
+            state.policy_stub = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+            state.policy_health_stub = health_pb2_grpc.HealthStub(policy_channel)
         log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target,
-                 ledger_target=settings.ledger_target or None)
+                 ledger_target=settings.ledger_target or None, policy_target=settings.policy_target or None)
         try:
             yield
         finally:
@@ -210,6 +221,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.ledger_stub = None
             state.ledger_health_stub = None
             state.ledger_channel = None
+            state.policy_stub = None
+            state.policy_health_stub = None
+            state.policy_channel = None
+            if policy_channel is not None:
+                await policy_channel.close()
             if ledger_channel is not None:
                 await ledger_channel.close()
             await codegen_channel.close()
@@ -231,6 +247,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(identity.router)
     app.include_router(codes.router)
     app.include_router(ledger.router)
+    app.include_router(policy.router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]

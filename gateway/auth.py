@@ -36,6 +36,8 @@ WALLETS_READ = "wallets:read"
 WALLETS_TOPUP = "wallets:topup"
 LEDGER_ADMIN = "ledger:admin"
 STATEMENTS_READ = "statements:read"
+POLICY_ADMIN = "policy:admin"
+PAYMENTS_CREATE = "payments:create"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -44,8 +46,8 @@ SCOPES: dict[str, str] = {
     PLATFORM_ADMIN: "Create tenants (the platform operator).",
     CODES_ISSUE: "Issue offline e-code credentials and rotating-token batches for the tenant's members "
     "(bank apps, member app backends).",
-    DEVICES_SYNC: "Fetch the tenant's trust list (issuer keys) and revocation list, as changes since a version "
-    "(devices, device hubs).",
+    DEVICES_SYNC: "Fetch the tenant's trust list (issuer keys) and revocation list, as changes since a version, "
+    "and the signed policy bundle and its keys (devices, device hubs).",
     CODES_ADMIN: "Administer the tenant's e-codes: read and change its code settings (offline caps, defaults), "
     "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
     WALLETS_READ: "Read members' purse balances, an account's transfer history, and whether a payment was booked "
@@ -54,6 +56,10 @@ SCOPES: dict[str, str] = {
     LEDGER_ADMIN: "Administer the tenant's ledger: open accounts, refunds, freezing accounts, subsidy programs, "
     "grant batches and clawbacks, the trial balance (the school's finance office).",
     STATEMENTS_READ: "Download a merchant's or a device's daily statement (CSV) and its totals.",
+    POLICY_ADMIN: "Administer the tenant's spending rules: create, validate, list, read and publish rule-set "
+    "versions; dry-run a payment against a version or the published rules (the school's operators).",
+    PAYMENTS_CREATE: "Make an app-initiated payment for a member at a merchant under the published rules "
+    "(app backends, bank apps).",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -212,3 +218,5 @@ ReadWallets = Annotated[Principal, Security(authorize, scopes=[WALLETS_READ])]
 TopUpWallets = Annotated[Principal, Security(authorize, scopes=[WALLETS_TOPUP])]
 AdminLedger = Annotated[Principal, Security(authorize, scopes=[LEDGER_ADMIN])]
 ReadStatements = Annotated[Principal, Security(authorize, scopes=[STATEMENTS_READ])]
+AdminPolicy = Annotated[Principal, Security(authorize, scopes=[POLICY_ADMIN])]
+CreatePayments = Annotated[Principal, Security(authorize, scopes=[PAYMENTS_CREATE])]

@@ -65,6 +65,9 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpMapping] = {
 }
 # Everything else (INTERNAL, UNKNOWN, DATA_LOSS, CANCELLED) is our fault: a bare 500.
 FALLBACK_MAPPING = HttpMapping(500, show_detail=False)
+# ErrorInfo metadata a caller needs to act on, copied into the problem body (only where the
+# detail is shown): ``rule``, the rule of a refused rule set (policy's INVALID_ARGUMENT).
+SURFACED_METADATA = ("rule",)
 
 
 def http_mapping(code: grpc.StatusCode) -> HttpMapping:
@@ -163,7 +166,7 @@ def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONRespon
     """The problem for a failed call to a service, through GRPC_TO_HTTP."""
     code = error.code()
     mapping = http_mapping(code)
-    reason, _metadata = error_info(error)
+    reason, metadata = error_info(error)
     if mapping.status >= 500:
         # The caller learns only that it failed; the operator gets the service's message.
         log.error("service call failed", grpc_code=code.name, grpc_reason=reason, grpc_detail=error.details())
@@ -173,7 +176,9 @@ def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONRespon
     headers = {"Retry-After": "1"} if mapping.status in (429, 503) else None
     if code is grpc.StatusCode.UNIMPLEMENTED:
         reason = "NOT_IMPLEMENTED"
-    return problem_response(request, status=mapping.status, reason=reason or code.name, detail=detail, headers=headers)
+    extra = {key: metadata[key] for key in SURFACED_METADATA if key in metadata} if mapping.show_detail else None
+    return problem_response(request, status=mapping.status, reason=reason or code.name, detail=detail,
+                            headers=headers, extra=extra)
 
 
 def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""What the app holds for its lifetime: settings, the identity, codegen and ledger channels and
-stubs, the rate limiters.
+"""What the app holds for its lifetime: settings, the identity, codegen, ledger and policy channels
+and stubs, the rate limiters.
 
 Created and closed by the lifespan in ``gateway.app``; routes reach it through ``gateway_state``.
 """
@@ -17,6 +17,7 @@ from gateway.settings import GatewaySettings
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
+from onecard.policy.v1 import policy_pb2_grpc
 
 
 @dataclass
@@ -37,6 +38,11 @@ class GatewayState:
     ledger_stub: ledger_pb2_grpc.LedgerServiceStub | None = None
     # gRPC health of the ledger server, for /readyz.
     ledger_health_stub: health_pb2_grpc.HealthStub | None = None
+    # None when the gateway has no policy_target.
+    policy_channel: grpc.aio.Channel | None = None
+    policy_stub: policy_pb2_grpc.PolicyServiceStub | None = None
+    # gRPC health of the policy server, for /readyz.
+    policy_health_stub: health_pb2_grpc.HealthStub | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
@@ -58,6 +64,15 @@ class GatewayState:
                                    detail="this gateway has no ledger behind it (ONECARD_LEDGER_TARGET)")
             raise RuntimeError("the gateway's lifespan has not opened the ledger channel")
         return self.ledger_stub
+
+    @property
+    def policy(self) -> policy_pb2_grpc.PolicyServiceStub:
+        if self.policy_stub is None:
+            if not self.settings.policy_target:
+                raise ProblemError(status=503, reason="POLICY_NOT_CONFIGURED",
+                                   detail="this gateway has no policy service behind it (ONECARD_POLICY_TARGET)")
+            raise RuntimeError("the gateway's lifespan has not opened the policy channel")
+        return self.policy_stub
 
     @property
     def timeout_s(self) -> float:

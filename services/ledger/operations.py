@@ -526,13 +526,18 @@ class Ledger:
             found = await tx.counters(keys)
         return [(k, found.get(k, 0)) for k in keys]
 
-    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str]
-                           ) -> tuple[list[AccountBalance], list[tuple[str, int]]]:
-        """A member's accounts and the values of some counters (0 for one never raised), in order."""
+    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str],
+                           idempotency_key: str = "",
+                           ) -> tuple[list[AccountBalance], list[tuple[str, int]], uuid.UUID | None]:
+        """A member's accounts, the values of some counters (0 for one never raised) in order, and
+        the transfer booked under an idempotency key, if given and used."""
         domain.check_text(member_id, what="member_id", max_chars=domain.MAX_ID_CHARS, required=True)
         keys = domain.check_counter_keys(counter_keys) if counter_keys else []
-        accounts, found = await self._store.member_state(tenant_id=tenant_id, member_id=member_id, counter_keys=keys)
-        return accounts, [(k, found.get(k, 0)) for k in keys]
+        if idempotency_key:
+            domain.check_idempotency_key(idempotency_key)
+        accounts, found, existing = await self._store.member_state(
+            tenant_id=tenant_id, member_id=member_id, counter_keys=keys, idempotency_key=idempotency_key)
+        return accounts, [(k, found.get(k, 0)) for k in keys], existing
 
     async def trial_balance(self, *, tenant_id: uuid.UUID) -> TrialBalance:
         async with self._store.tenant_read(tenant_id) as tx:

@@ -424,10 +424,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def GetMemberState(self, request: pb.GetMemberStateRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetMemberStateResponse:
-        accounts, counters = await self._ledger.member_state(
-            tenant_id=_tenant(request.tenant_id), member_id=request.member_id, counter_keys=list(request.counter_keys))
+        accounts, counters, existing = await self._ledger.member_state(
+            tenant_id=_tenant(request.tenant_id), member_id=request.member_id, counter_keys=list(request.counter_keys),
+            idempotency_key=request.idempotency_key)
         return pb.GetMemberStateResponse(accounts=[account_balance_pb(a) for a in accounts],
-                                         counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in counters])
+                                         counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in counters],
+                                         existing_transfer_id=str(existing or ""))
 
 
 def _batch_id(value: str) -> uuid.UUID:

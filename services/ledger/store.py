@@ -963,8 +963,8 @@ class LedgerStore:
             )
         return [(r["tenant_id"], r["hold_id"]) for r in rows]
 
-    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str]
-                           ) -> tuple[list[AccountBalance], dict[str, int]]:
+    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str],
+                           idempotency_key: str = "") -> tuple[list[AccountBalance], dict[str, int], uuid.UUID | None]:
         """A member's accounts with balances and some usage counters, in one statement (one
         snapshot, one round trip, no explicit transaction): the read a policy makes per payment."""
         columns = "account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status"
@@ -973,14 +973,16 @@ class LedgerStore:
             f" {', '.join('a.' + c.strip() for c in columns.split(','))}, {_POSTED} AS posted_fen, a.pending_fen"
             " FROM accounts a WHERE a.tenant_id = $1 AND a.owner_kind = 'member' AND a.owner_id = $2) x) AS accounts,"
             " (SELECT json_agg(json_build_array(c.counter_key, c.value)) FROM usage_counters c"
-            " WHERE c.tenant_id = $1 AND c.counter_key = ANY($3::text[])) AS counters",
-            tenant_id, member_id, counter_keys,
+            " WHERE c.tenant_id = $1 AND c.counter_key = ANY($3::text[])) AS counters,"
+            " (SELECT t.transfer_id FROM transfers t WHERE t.tenant_id = $1 AND t.idempotency_key = $4"
+            " AND $4 <> '') AS existing",
+            tenant_id, member_id, counter_keys, idempotency_key,
         )
         accounts = []
         for item in row["accounts"] or []:
             item["account_id"], item["tenant_id"] = uuid.UUID(item["account_id"]), uuid.UUID(item["tenant_id"])
             accounts.append(AccountBalance(account=_account(item), balance=_balance(item)))
-        return accounts, {k: v for k, v in row["counters"] or []}
+        return accounts, {k: v for k, v in row["counters"] or []}, row["existing"]
 
     async def running_batches(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """(tenant, batch) of grant batches still running, oldest first."""

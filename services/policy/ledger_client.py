@@ -58,16 +58,18 @@ class LedgerClient:
                                    reason=reason or "INVALID_ARGUMENT")
         return Unavailable("the ledger did not answer; retry later", reason="LEDGER_UNAVAILABLE")
 
-    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str]
-                           ) -> tuple[list[MemberPurse], dict[str, int]]:
+    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str],
+                           idempotency_key: str = "") -> tuple[list[MemberPurse], dict[str, int], str]:
         """Every purse of the member (cash, subsidy, voucher, receivable) with what it may spend
-        now, and the counters' values (0 for one never raised): one ledger call, one read."""
+        now, the counters' values (0 for one never raised), and the transfer already booked under
+        ``idempotency_key`` (empty if none): one ledger call, one read."""
         stub = self._ready()
         unique = list(dict.fromkeys(counter_keys))
         first, rest = unique[:MAX_COUNTER_KEYS_PER_CALL], unique[MAX_COUNTER_KEYS_PER_CALL:]
         try:
             answer = await stub.GetMemberState(
-                ledger_pb2.GetMemberStateRequest(tenant_id=str(tenant_id), member_id=member_id, counter_keys=first),
+                ledger_pb2.GetMemberStateRequest(tenant_id=str(tenant_id), member_id=member_id, counter_keys=first,
+                                                 idempotency_key=idempotency_key),
                 timeout=self._timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
@@ -85,7 +87,7 @@ class LedgerClient:
         counters = {c.counter_key: c.value for c in answer.counters}
         if rest:
             counters.update(await self.usage_counters(tenant_id=tenant_id, counter_keys=rest))
-        return purses, counters
+        return purses, counters, answer.existing_transfer_id
 
     async def usage_counters(self, *, tenant_id: uuid.UUID, counter_keys: list[str]) -> dict[str, int]:
         """The counters' values now (0 for one never raised)."""

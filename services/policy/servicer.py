@@ -205,40 +205,46 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return cached, digest
 
     async def _plan(self, *, tenant_id: uuid.UUID, version: int, sha256: bytes | None,
-                    request: pb.PaymentRequest) -> pb.Plan:
+                    request: pb.PaymentRequest, idempotency_key: str = "") -> tuple[pb.Plan, str]:
+        """The plan, and the transfer already booked under ``idempotency_key`` (empty if none)."""
         asked = policy_request(tenant_id=tenant_id, request=request)
         rule_set, digest = await self._rule_set(tenant_id=tenant_id, version=version, sha256=sha256)
         # The counters a request reads may depend on the purses the member holds (a voucher), so
         # they are asked for together with the purses on the keys known without them, then any
         # the purses add are read before evaluating.
         first_keys = counter_keys(rule_set, asked)
-        purses, counters = await self._ledger.member_state(tenant_id=tenant_id, member_id=asked.member_id,
-                                                           counter_keys=first_keys)
+        purses, counters, existing = await self._ledger.member_state(
+            tenant_id=tenant_id, member_id=asked.member_id, counter_keys=first_keys, idempotency_key=idempotency_key)
         full = dataclasses.replace(asked, purses=domain.purse_states(purses))
         missing = [k for k in counter_keys(rule_set, full) if k not in counters]
         if missing:
             counters.update(await self._ledger.usage_counters(tenant_id=tenant_id, counter_keys=missing))
         plan = evaluate(rule_set, full, counters)
-        return plan_pb(plan, purses=purses, version=version, sha256=digest, counters=counters)
+        return plan_pb(plan, purses=purses, version=version, sha256=digest, counters=counters), existing
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         version, sha256 = await self._published_version(tenant_id)
-        return pb.EvaluateResponse(plan=await self._plan(tenant_id=tenant_id, version=version, sha256=sha256,
-                                                         request=request.request))
+        plan, _ = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256, request=request.request)
+        return pb.EvaluateResponse(plan=plan)
 
     async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         version = domain.check_version(request.version)
-        return pb.DryRunResponse(plan=await self._plan(tenant_id=tenant_id, version=version, sha256=None,
-                                                       request=request.request))
+        plan, _ = await self._plan(tenant_id=tenant_id, version=version, sha256=None, request=request.request)
+        return pb.DryRunResponse(plan=plan)
 
     async def Pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         key = domain.check_idempotency_key(request.idempotency_key)
         external_ref = domain.check_external_ref(request.external_ref)
         version, sha256 = await self._published_version(tenant_id)
-        plan = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256, request=request.request)
+        plan, existing = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256,
+                                          request=request.request, idempotency_key=key)
+        if existing:
+            # Paid before under this key: the first payment is the answer, whatever the rules
+            # would plan now (the purse it drained, the counters it raised).
+            return await self._repeat(tenant_id=tenant_id, key=key, merchant_id=request.request.merchant_id)
         if not plan.approved:
             return pb.PayResponse(paid=False, reason=plan.reason, plan=plan)
         if plan.pin_required and not request.request.pin_verified:
@@ -258,16 +264,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         try:
             paid = await self._ledger.pay(payment)
         except Conflict as conflict:
-            # The key paid before under another plan (balances or counters moved since): the
-            # first payment is the answer, as a repeat of any write is.
+            # A concurrent call under the same key paid first, with another plan.
             if conflict.reason != "IDEMPOTENCY_KEY_REUSED":
                 raise
-            first = await self._ledger.lookup(tenant_id=tenant_id, idempotency_key=key)
-            if first is None or first.kind != ledger_pb2.TRANSFER_KIND_PAYMENT:
-                raise
-            return pb.PayResponse(paid=True, transfer=first, repeated=True)
+            return await self._repeat(tenant_id=tenant_id, key=key, merchant_id=request.request.merchant_id)
         return pb.PayResponse(paid=True, reason="APPROVED", plan=plan, transfer=paid.transfer,
                               balances=list(paid.balances))
+
+    async def _repeat(self, *, tenant_id: uuid.UUID, key: str, merchant_id: str) -> pb.PayResponse:
+        """The answer to a key that booked already: that payment, if it was a payment to this
+        merchant; otherwise the key names another write (ABORTED IDEMPOTENCY_KEY_REUSED)."""
+        first = await self._ledger.lookup(tenant_id=tenant_id, idempotency_key=key)
+        if first is None or first.kind != ledger_pb2.TRANSFER_KIND_PAYMENT or first.merchant_account_id != merchant_id:
+            raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
+        return pb.PayResponse(paid=True, reason="APPROVED", transfer=first, repeated=True)
 
     # --- bundles --------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The gateway in this process, in front of the real identity service (the ``identity`` fixture)
-and, for the routes that need them, a real codegen and a real ledger, reached through httpx's ASGI
+and, for the routes that need them, a real codegen, a real ledger and a real policy service, reached through httpx's ASGI
 transport with the app's lifespan running.
 
 Tenants and API clients are made directly through identity's gRPC stub, as an operator's tooling
@@ -25,6 +25,8 @@ from gateway.auth import (
     LEDGER_ADMIN,
     MEMBERS_READ,
     MEMBERS_WRITE,
+    PAYMENTS_CREATE,
+    POLICY_ADMIN,
     STATEMENTS_READ,
     WALLETS_READ,
     WALLETS_TOPUP,
@@ -34,7 +36,7 @@ from onecard.identity.v1 import identity_pb2 as pb
 
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
 TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
-                 WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ)
+                 WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"
@@ -43,12 +45,14 @@ GENEROUS_RATE = 10_000.0
 
 
 def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_TARGET, ledger_target: str = "",
-                     **overrides: Any) -> GatewaySettings:
+                     policy_target: str = "", **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
         "identity_target": identity_target,
         "codegen_target": codegen_target,
         # Empty: no ledger behind the gateway (its routes answer 503, /readyz leaves it out).
         "ledger_target": ledger_target,
+        # Likewise for policy (503 POLICY_NOT_CONFIGURED).
+        "policy_target": policy_target,
         "token_secret": TOKEN_SECRET,
         "rate_limit_per_s": GENEROUS_RATE,
         "rate_limit_burst": int(GENEROUS_RATE),
@@ -187,14 +191,40 @@ async def ledger_gateway(identity: Any, ledger_service: Any) -> AsyncIterator[Ga
 
 
 @pytest.fixture
-async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: Any) -> AsyncIterator[Gateway]:
-    """The gateway in front of identity, codegen and the ledger: every route has its service."""
+async def policy_service(launch: Any, database_url: str, nats_url: str, ledger_service: Any) -> Any:
+    """A real policy service reading the test's ledger (started here, stopped after the test)."""
+    from onecard.policy.v1 import policy_pb2_grpc
+    from services.policy.app import build_app
+    from tests.policy_service.conftest import policy_settings
+
+    return await launch(build_app(policy_settings(database_url=database_url, nats_url=nats_url,
+                                                  ledger_target=ledger_service.target)),
+                        stub_cls=policy_pb2_grpc.PolicyServiceStub)
+
+
+@pytest.fixture
+async def policy_gateway(identity: Any, ledger_service: Any, policy_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity, the ledger and policy (stubs at ``.ledger_stub``, ``.policy_stub``)."""
+    settings = gateway_settings(identity_target=identity.target, ledger_target=ledger_service.target,
+                                policy_target=policy_service.target)
+    async with running_gateway(settings) as (app, http):
+        gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+        gateway.ledger_stub = ledger_service.stub  # type: ignore[attr-defined]
+        gateway.policy_stub = policy_service.stub  # type: ignore[attr-defined]
+        yield gateway
+
+
+@pytest.fixture
+async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: Any,
+                           policy_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity, codegen, the ledger and policy: every route has its service."""
     settings = gateway_settings(identity_target=identity.target, codegen_target=codegen_service.target,
-                                ledger_target=ledger_service.target)
+                                ledger_target=ledger_service.target, policy_target=policy_service.target)
     async with running_gateway(settings) as (app, http):
         gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
         gateway.codegen_stub = codegen_service.stub  # type: ignore[attr-defined]
         gateway.ledger_stub = ledger_service.stub  # type: ignore[attr-defined]
+        gateway.policy_stub = policy_service.stub  # type: ignore[attr-defined]
         yield gateway
 
 

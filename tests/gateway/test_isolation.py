@@ -7,6 +7,7 @@ isolation and scope matrices below.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import nacl.signing
 from fastapi.routing import APIRoute, iter_route_contexts
+from onecard_policy.examples import university_rule_set
 
 from gateway.app import create_app
 from gateway.auth import (
@@ -24,7 +26,9 @@ from gateway.auth import (
     LEDGER_ADMIN,
     MEMBERS_READ,
     MEMBERS_WRITE,
+    PAYMENTS_CREATE,
     PLATFORM_ADMIN,
+    POLICY_ADMIN,
     SCOPES,
     STATEMENTS_READ,
     WALLETS_READ,
@@ -33,6 +37,7 @@ from gateway.auth import (
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2 as lpb
+from onecard.policy.v1 import policy_pb2 as ppb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
 
 CARD_A = "0A0B0C0D01"
@@ -40,6 +45,10 @@ CARD_B = "0B0B0C0D02"
 MATRIX_CSV = b"external_number,name\nX900,Intruder\n"
 # Base64 of a 32-byte Ed25519 public key (any 32 bytes do for the matrix).
 MATRIX_HOLDER_KEY = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80="
+MATRIX_RULE_SET = university_rule_set()
+# A payment the rules can plan in any tenant: groups given, so the directory is not asked.
+MATRIX_PAYMENT = {"member_id": str(uuid.UUID(int=4)), "member_groups": {"role": "student"}, "scene": "store",
+                  "amount_fen": 100}
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,20 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
         params={"merchant_account_id": str(uuid.UUID(int=3)), "date": "2026-11-26"}),
     ("GET", "/v1/tenants/{tenant_id}/statements/totals"): RouteCall(
         params={"merchant_account_id": str(uuid.UUID(int=3)), "date": "2026-11-26"}),
+    # Policy. {version} is a rule-set version of the tenant named by the ids; versions are
+    # numbered per tenant, so tenant B holds one more than A and B's last version is none of A's.
+    ("POST", "/v1/tenants/{tenant_id}/rule-sets"): RouteCall(json=MATRIX_RULE_SET, params={"note": "intrusion"}),
+    ("POST", "/v1/tenants/{tenant_id}/rule-sets/validate"): RouteCall(json=MATRIX_RULE_SET),
+    ("GET", "/v1/tenants/{tenant_id}/rule-sets"): RouteCall(params={"page_size": 10}),
+    ("GET", "/v1/tenants/{tenant_id}/rule-sets/{version}"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/rule-sets/{version}/publish"): RouteCall(json={"published_by": "intruder"}),
+    ("POST", "/v1/tenants/{tenant_id}/rule-sets/{version}/dry-run"): RouteCall(json=MATRIX_PAYMENT),
+    ("POST", "/v1/tenants/{tenant_id}/policy/dry-run"): RouteCall(json=MATRIX_PAYMENT),
+    ("GET", "/v1/tenants/{tenant_id}/policy/bundle"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/policy/bundle-keys"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/payments"): RouteCall(
+        json={"merchant_account_id": str(uuid.UUID(int=3)), "amount_fen": 100, "scene": "store"},
+        headers={"Idempotency-Key": "matrix-app-payment"}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -201,12 +224,14 @@ class TenantFixture:
     transfer_id: str
     batch_id: str
     program_ref: str
+    # Policy's: the tenant's last rule-set version (published).
+    version: int
 
     def ids(self) -> dict[str, str]:
         return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
                 "import_id": self.import_id, "client_id": self.client_id, "credential_id": self.credential_id,
                 "account_id": self.account_id, "transfer_id": self.transfer_id, "batch_id": self.batch_id,
-                "purse_kind": "subsidy", "ref": self.program_ref}
+                "purse_kind": "subsidy", "ref": self.program_ref, "version": str(self.version)}
 
 
 async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: str) -> tuple[str, str, str]:
@@ -273,10 +298,22 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
     if ledger is not None:
         account_id, transfer_id, batch_id = await _ledger_books(ledger, tenant_id=tenant_id,
                                                                 member_id=member.member_id, label=label)
+    # And with policy: rule-set versions (B one more than A, see ROUTE_CALLS), the last published,
+    # its bundle and bundle key made; without one, any version number.
+    version = 2 if label == "B" else 1
+    policy = getattr(gateway, "policy_stub", None)
+    if policy is not None:
+        for _ in range(version):
+            created = await policy.CreateRuleSetVersion(ppb.CreateRuleSetVersionRequest(
+                tenant_id=tenant_id, document=json.dumps(university_rule_set()), note=f"rules of {label}"))
+        version = created.version.version
+        await policy.PublishRuleSetVersion(ppb.PublishRuleSetVersionRequest(
+            tenant_id=tenant_id, version=version, published_by=f"admin {label}"))
+        await policy.GetBundle(ppb.GetBundleRequest(tenant_id=tenant_id))
     return TenantFixture(label=label, tenant_id=tenant_id, member_id=member.member_id, member_name=name,
                          external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id,
                          credential_id=credential_id, account_id=account_id, transfer_id=transfer_id,
-                         batch_id=batch_id, program_ref=f"meal-{label}")
+                         batch_id=batch_id, program_ref=f"meal-{label}", version=version)
 
 
 async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
@@ -310,6 +347,15 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
             tenant_id=tid, purse_kind=lpb.PURSE_KIND_SUBSIDY, ref=tenant.program_ref))
         answers["ledger_batch"] = await ledger.GetGrantBatch(lpb.GetGrantBatchRequest(
             tenant_id=tid, batch_id=tenant.batch_id))
+    policy = getattr(gateway, "policy_stub", None)
+    if policy is not None:
+        # What the policy routes could change: the versions, which one is published, the keys.
+        answers["policy_versions"] = await policy.ListRuleSetVersions(ppb.ListRuleSetVersionsRequest(
+            tenant_id=tid, page_size=200))
+        answers["policy_version"] = await policy.GetRuleSetVersion(ppb.GetRuleSetVersionRequest(
+            tenant_id=tid, version=tenant.version))
+        answers["policy_bundle"] = await policy.GetBundle(ppb.GetBundleRequest(tenant_id=tid))
+        answers["policy_keys"] = await policy.GetBundleKeys(ppb.GetBundleKeysRequest(tenant_id=tid))
     return {name: answer.SerializeToString(deterministic=True) for name, answer in answers.items()}
 
 
@@ -335,7 +381,7 @@ def leaked(response: httpx.Response, tenant: TenantFixture) -> list[str]:
         body = {k: v for k, v in body.items() if k != "instance"}
     text = str(body)
     secrets = [tenant.member_name, tenant.external_number, f"Imported {tenant.label}", f"IMP{tenant.label}",
-               tenant.tenant_id]
+               tenant.tenant_id, f"rules of {tenant.label}", f"admin {tenant.label}"]
     return [s for s in secrets if s in text]
 
 
@@ -380,7 +426,7 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
 async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(gateway: Gateway) -> None:
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN,
-                  WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ)
+                  WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE)
     assert set(all_scopes) == set(SCOPES)
     token_without: dict[str, str] = {}
     for scope in all_scopes:

@@ -47,8 +47,14 @@ async def test_lunch_is_paid_from_cash(policy: RunningService, ledger: RunningSe
     # The same key again answers the same payment; nothing moves twice.
     again = await policy.stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="lunch-1",
                                                 request=payment(c, amount_fen=1200, at=LUNCH), external_ref="order-77"))
-    assert again.paid and again.transfer.transfer_id == answer.transfer.transfer_id
+    assert again.paid and again.repeated and again.transfer.transfer_id == answer.transfer.transfer_id
     assert await balance(ledger, c.tenant_id, c.cash_id) == 8_800
+    # The key at another merchant is another request.
+    other = payment(c, amount_fen=1200, at=LUNCH)
+    other.merchant_id = c.bank_id
+    assert (await refused(policy.stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="lunch-1",
+                                                        request=other))))[:2] == (grpc.StatusCode.ABORTED,
+                                                                                  "IDEMPOTENCY_KEY_REUSED")
 
 
 async def test_free_breakfast_is_paid_by_the_tenant_once(policy: RunningService, ledger: RunningService) -> None:
