@@ -24,6 +24,7 @@ from typing import Any, TextIO, TypeVar
 from devstack.config import ConfigError, DevstackConfig, ServicePorts
 from devstack.private import load_or_create_secrets, write_private_text
 from devstack.seed import DEMO_TENANT_NAME, SeedError, SeedResult, seed_demo
+from devstack.seed_rules import RulesSeed, seed_rules
 from devstack.servers import Nats, Postgres
 from devstack.supervisor import (
     ManagedProcess,
@@ -330,7 +331,7 @@ class Stack:
             self.console.status("postgres", "stopped")
 
 
-def print_ready(console: Console, stack: Stack, seed: SeedResult) -> None:
+def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: RulesSeed | None = None) -> None:
     config = stack.config
     gateway = next((s for s in config.services if s.spec.protocol == "http"), None)
     grpc_services = [s for s in config.services if s.spec.protocol == "grpc"]
@@ -359,7 +360,8 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult) -> None:
         console.line(f"    {'':<22} scopes        {' '.join(client.scopes)}")
     console.line(f"    (kept in {shown_path(config.credentials_path)}; identity shows a secret only once)")
     if gateway is not None and "bank" in seed.clients:
-        tour = walkthrough(base_url=gateway.base_url, tenant_id=seed.tenant_id, client=seed.clients["bank"])
+        tour = walkthrough(base_url=gateway.base_url, tenant_id=seed.tenant_id, client=seed.clients["bank"],
+                           canteen_account_id=rules.canteen_account_id if rules else "")
         script_path = config.data_dir / "walkthrough.sh"
         write_private_text(script_path, "#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(tour) + "\n")
         console.line()
@@ -401,12 +403,19 @@ async def run_stack(config: DevstackConfig, *, console: Console) -> int:
             member_count=config.demo_members,
             progress=console.progress,
         )
+        rules = None
+        names = {svc.spec.name for svc in config.services}
+        if {"ledger", "policy"} <= names:
+            rules = await seed_rules(ledger_target=config.service("ledger").target,
+                                     policy_target=config.service("policy").target)
         console.status(
             "seed", "done",
             f"{DEMO_TENANT_NAME} {'created' if seed.tenant_created else 'reused'}, {seed.member_count} members, "
-            f"API clients {'created' if seed.clients_created else 'reused'}",
+            f"API clients {'created' if seed.clients_created else 'reused'}"
+            + (f", rules v{rules.version} {'published' if rules.published else 'in force'}"
+               f" ({len(rules.merchants)} merchants)" if rules else ""),
         )
-        print_ready(console, stack, seed)
+        print_ready(console, stack, seed, rules=rules)
         await stack.watch()
     except asyncio.CancelledError:
         if state["signal"] is None:

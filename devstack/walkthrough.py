@@ -20,6 +20,8 @@ DIRECTORY_CHANGES_PATH = "/v1/tenants/{tenant_id}/directory-changes"
 TOP_UP_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/top-ups"
 BALANCES_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/balances"
 PAYMENT_LOOKUP_PATH = "/v1/tenants/{tenant_id}/payments/lookup"
+UNFREEZE_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/unfreeze"
+PAYMENTS_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/payments"
 SEARCH_PREFIX = "Zhou"
 
 _JSON_FIELD = "python3 -c 'import json,sys;print(json.load(sys.stdin)[\"{field}\"])'"
@@ -36,6 +38,10 @@ _LOOKUP = (
     "print(\"found\", a[\"transfer\"][\"kind\"], a[\"transfer\"][\"amount_fen\"], \"fen\") "
     "if a[\"found\"] else print(\"not found\")'"
 )
+_PAID = (
+    "python3 -c 'import json,sys;a=json.load(sys.stdin);"
+    "print(\"paid\", a[\"transfer\"][\"amount_fen\"], \"fen\") if a[\"paid\"] else print(\"not paid:\", a[\"reason\"])'"
+)
 _LIST_CHANGES = (
     "python3 -c 'import json,sys;[print(c[\"sequence\"], c[\"kind\"], c[\"member\"][\"name\"]) "
     "for c in json.load(sys.stdin)[\"changes\"]]'"
@@ -47,7 +53,7 @@ def _shell_path(template: str) -> str:
     return "$GW" + template.format(tenant_id="$TENANT", member_id="$MEMBER")
 
 
-def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient) -> list[str]:
+def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient, canteen_account_id: str = "") -> list[str]:
     auth = '-H "Authorization: Bearer $TOKEN"'
     return [
         f"GW={shlex.quote(base_url)}",
@@ -89,4 +95,14 @@ def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient) -> list[st
         "",
         "# 8. \"Did this pay?\" after a timeout: look the write up by its Idempotency-Key",
         f'curl -sf "{_shell_path(PAYMENT_LOOKUP_PATH)}?idempotency_key=$KEY" {auth} | {_LOOKUP}',
-    ]
+    ] + ([] if not canteen_account_id else [
+        "",
+        "# 9. Unfreeze the member (the card was found), then pay 12.00 CNY at the North Canteen from the app:",
+        "#    the tenant's published rules decide (meal periods, limits, funding order); outside a meal period",
+        "#    the canteen is closed and the answer says so",
+        f'curl -sf -X POST "{_shell_path(UNFREEZE_PATH)}" {auth} | {_JSON_FIELD.format(field="status")}',
+        f"CANTEEN={shlex.quote(canteen_account_id)}",
+        f'curl -sf -X POST "{_shell_path(PAYMENTS_PATH)}" {auth} -H "Idempotency-Key: $KEY-lunch" \\',
+        "    -H \"Content-Type: application/json\" -d '{\"merchant_account_id\": \"'\"$CANTEEN\"'\", \"amount_fen\": 1200}' \\",
+        f"    | {_PAID}",
+    ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -23,7 +24,15 @@ from devstack.config import REPO_ROOT
 from devstack.run import READY_MARKER
 from devstack.seed import DEMO_TENANT_ID, count_members
 from devstack.servers import free_port
-from devstack.walkthrough import DIRECTORY_CHANGES_PATH, FREEZE_PATH, MEMBERS_PATH, TOKEN_PATH
+from devstack.walkthrough import (
+    DIRECTORY_CHANGES_PATH,
+    FREEZE_PATH,
+    MEMBERS_PATH,
+    PAYMENTS_PATH,
+    TOKEN_PATH,
+    TOP_UP_PATH,
+    UNFREEZE_PATH,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +141,8 @@ def demo_member_count(env: dict[str, str]) -> int:
     return asyncio.run(count())
 
 
-def run_walkthrough(*, base_url: str, client_id: str, client_secret: str) -> dict[str, object]:
+def run_walkthrough(*, base_url: str, client_id: str, client_secret: str,
+                    canteen_account_id: str) -> dict[str, object]:
     """The printed tour's calls: token, create a member, search, freeze, directory feed."""
     tenant = DEMO_TENANT_ID
     with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S) as http:
@@ -169,6 +179,21 @@ def run_walkthrough(*, base_url: str, client_id: str, client_secret: str) -> dic
 
         docs = http.get("/docs")
         assert docs.status_code == 200
+
+        # The bank's app-initiated payment at the seeded North Canteen, under the published rules:
+        # paid inside a meal period, refused with the rules' reason outside one.
+        unfrozen = http.post(UNFREEZE_PATH.format(tenant_id=tenant, member_id=member["member_id"]), headers=auth)
+        assert unfrozen.status_code == 200 and unfrozen.json()["status"] == "active", unfrozen.text
+        topped = http.post(TOP_UP_PATH.format(tenant_id=tenant, member_id=member["member_id"]),
+                           headers={**auth, "Idempotency-Key": "smoke-top-up"}, json={"amount_fen": 10000})
+        assert topped.status_code == 201, topped.text
+        paid = http.post(PAYMENTS_PATH.format(tenant_id=tenant, member_id=member["member_id"]),
+                         headers={**auth, "Idempotency-Key": "smoke-lunch"},
+                         json={"merchant_account_id": canteen_account_id, "amount_fen": 1200})
+        assert paid.status_code in (200, 201), paid.text
+        answer = paid.json()
+        assert answer["paid"] == (paid.status_code == 201)
+        assert answer["paid"] or answer["reason"] in ("OUTSIDE_MEAL_PERIOD", "PIN_REQUIRED"), answer
     return member
 
 
@@ -198,7 +223,7 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         children = first.tree()
         names = " ".join(" ".join(p.cmdline()) for p in children)
         for expected in ("postgres", "nats-server", "services.identity", "services.codegen", "services.ledger",
-                         "gateway"):
+                         "services.policy", "gateway"):
             assert expected in names, f"{expected} is not running under devstack: {names}"
 
         assert f"imported {DEMO_MEMBERS} members" in first.output
@@ -210,7 +235,10 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         bank = credentials["clients"]["bank"]
         assert bank["client_id"] in first.output and bank["client_secret"] in first.output
 
-        run_walkthrough(base_url=base_url, client_id=bank["client_id"], client_secret=bank["client_secret"])
+        assert "rules v1 published (6 merchants)" in first.output, first.output
+        [canteen] = re.findall(r"^  CANTEEN=(\S+)$", first.output, flags=re.M)
+        run_walkthrough(base_url=base_url, client_id=bank["client_id"], client_secret=bank["client_secret"],
+                        canteen_account_id=canteen)
         if shutil.which("curl") and shutil.which("python3"):
             # The printed tour itself, as a user would paste it.
             tour = subprocess.run(["bash", str(data_dir / "walkthrough.sh")], capture_output=True, text=True,
