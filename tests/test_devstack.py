@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import stat
@@ -22,6 +21,7 @@ import pytest
 
 from devstack.config import REPO_ROOT
 from devstack.run import READY_MARKER
+from devstack.seed_rules import CANTEEN
 from devstack.seed import DEMO_TENANT_ID, count_members
 from devstack.servers import free_port
 from devstack.walkthrough import (
@@ -130,6 +130,22 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def demo_canteen_account(env: dict[str, str]) -> str:
+    """The North Canteen's settlement account the seed opened (opening it again finds it)."""
+    from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+    from runtime.grpc_client import open_channel
+
+    async def find() -> str:
+        async with open_channel(f"127.0.0.1:{env['ONECARD_LEDGER_PORT']}") as channel:
+            opened = await ledger_pb2_grpc.LedgerServiceStub(channel).OpenAccount(ledger_pb2.OpenAccountRequest(
+                tenant_id=DEMO_TENANT_ID, owner_kind=ledger_pb2.OWNER_KIND_MERCHANT, owner_id=CANTEEN,
+                purse_kind=ledger_pb2.PURSE_KIND_MERCHANT_SETTLEMENT))
+            assert not opened.created, "the seed opened the canteen's account"
+            return opened.account.account.account_id
+
+    return asyncio.run(find())
+
+
 def demo_member_count(env: dict[str, str]) -> int:
     from onecard.identity.v1 import identity_pb2_grpc
     from runtime.grpc_client import open_channel
@@ -236,9 +252,8 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         assert bank["client_id"] in first.output and bank["client_secret"] in first.output
 
         assert "rules v1 published (6 merchants)" in first.output, first.output
-        [canteen] = re.findall(r"^  CANTEEN=(\S+)$", first.output, flags=re.M)
         run_walkthrough(base_url=base_url, client_id=bank["client_id"], client_secret=bank["client_secret"],
-                        canteen_account_id=canteen)
+                        canteen_account_id=demo_canteen_account(stack_env))
         if shutil.which("curl") and shutil.which("python3"):
             # The printed tour itself, as a user would paste it.
             tour = subprocess.run(["bash", str(data_dir / "walkthrough.sh")], capture_output=True, text=True,
@@ -263,6 +278,7 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         second.wait_ready()
         assert "imported" not in second.output, "the second run imported the demo members again"
         assert "reused" in second.output
+        assert "rules v1 in force" in second.output, "the second run published the same rules again"
         assert demo_member_count(stack_env) == members_before
         again = json.loads((data_dir / "demo-credentials.json").read_text())
         assert again["clients"]["bank"]["client_id"] == bank["client_id"], "the demo bank client was created again"
