@@ -1,13 +1,14 @@
 """All of the ledger's SQL. Rows in, domain values out; no rules and no protobuf here.
 
 Lock order, the same in every write, so no two transactions wait on each other in a cycle:
-the idempotency key row, then a hold or payment row, then the unsharded accounts (member purses)
-in ascending id order (``SELECT ... ORDER BY account_id FOR UPDATE``), then a payment's guard
-counters in ascending key order (one upsert each), and last the one shard row of each sharded
-account, again in ascending account order. Sharded accounts (merchants,
-clearing, funding) are never locked as a whole: a payment adds to one of their shard rows
-(``INSERT ... ON CONFLICT DO UPDATE SET posted_fen = posted_fen + ...``), the last statement
-before commit, so a busy canteen's payments do not queue on one row.
+the idempotency key rows (in key order), then a hold or payment row, then the unsharded accounts
+(member purses) in ascending id order (``SELECT ... ORDER BY account_id FOR UPDATE``), then the
+guard counters of payments in ascending key order, and last the one shard row of each sharded
+account, again in ascending account order. Sharded accounts (merchants, clearing, funding) are
+never locked as a whole: a transfer adds to one of their shard rows (``INSERT ... ON CONFLICT DO
+UPDATE SET posted_fen = posted_fen + ...``) as its last write, so a busy canteen's payments do not
+queue on one row. The payment path (``read_for_payments`` then ``commit_payments``) takes the
+same order in two statements for a whole batch.
 """
 
 from __future__ import annotations
@@ -402,17 +403,6 @@ class TenantTx:
                 " FROM unnest($2::text[], $3::bigint[]) AS u(key, value)"
                 " WHERE c.tenant_id = $1 AND c.counter_key = u.key",
                 self.tenant_id, list(values), list(values.values()),
-            )
-
-    async def record_guards(self, applied: list[tuple[uuid.UUID, Guard, int]]) -> None:
-        """(transfer, guard, the counter's value right after it) of the guards payments applied."""
-        if applied:
-            await self.conn.execute(
-                "INSERT INTO transfer_guards (transfer_id, tenant_id, counter_key, increment, limit_value, value_after)"
-                " SELECT u.tid, $1, u.key, u.inc, u.lim, u.after FROM unnest($2::uuid[], $3::text[], $4::bigint[],"
-                " $5::bigint[], $6::bigint[]) AS u(tid, key, inc, lim, after)",
-                self.tenant_id, [a[0] for a in applied], [a[1].counter_key for a in applied],
-                [a[1].increment for a in applied], [a[1].limit for a in applied], [a[2] for a in applied],
             )
 
     async def counters(self, counter_keys: list[str]) -> dict[str, int]:
