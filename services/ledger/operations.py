@@ -102,6 +102,21 @@ def _sharded(accounts: dict[uuid.UUID, AccountBalance]) -> set[uuid.UUID]:
 
 
 @dataclass(frozen=True)
+class MemberStateQuestion:
+    tenant_id: uuid.UUID
+    member_id: str
+    counter_keys: list[str]
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class MemberState:
+    accounts: list[AccountBalance]
+    counters: list[tuple[str, int]]
+    existing: uuid.UUID | None
+
+
+@dataclass(frozen=True)
 class PayOutcome:
     """A payment's answer: its result (the first one, for a repeat), and its transfer when this
     call booked it (a repeat's transfer is read again)."""
@@ -526,18 +541,22 @@ class Ledger:
             found = await tx.counters(keys)
         return [(k, found.get(k, 0)) for k in keys]
 
-    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str],
-                           idempotency_key: str = "",
-                           ) -> tuple[list[AccountBalance], list[tuple[str, int]], uuid.UUID | None]:
-        """A member's accounts, the values of some counters (0 for one never raised) in order, and
-        the transfer booked under an idempotency key, if given and used."""
-        domain.check_text(member_id, what="member_id", max_chars=domain.MAX_ID_CHARS, required=True)
-        keys = domain.check_counter_keys(counter_keys) if counter_keys else []
-        if idempotency_key:
-            domain.check_idempotency_key(idempotency_key)
-        accounts, found, existing = await self._store.member_state(
-            tenant_id=tenant_id, member_id=member_id, counter_keys=keys, idempotency_key=idempotency_key)
-        return accounts, [(k, found.get(k, 0)) for k in keys], existing
+    async def member_states(self, questions: list[MemberStateQuestion]) -> list[MemberState]:
+        """For each question: the member's accounts, the counters' values (0 for one never raised)
+        in the order asked, and the transfer booked under the idempotency key, if given and used.
+        Every question is checked before anything is read."""
+        if not 1 <= len(questions) <= domain.MAX_MEMBER_STATE_QUESTIONS:
+            raise InvalidArgument(f"give 1..{domain.MAX_MEMBER_STATE_QUESTIONS} requests", reason="INVALID_QUERY")
+        checked = []
+        for q in questions:
+            domain.check_text(q.member_id, what="member_id", max_chars=domain.MAX_ID_CHARS, required=True)
+            keys = domain.check_counter_keys(q.counter_keys) if q.counter_keys else []
+            if q.idempotency_key:
+                domain.check_idempotency_key(q.idempotency_key)
+            checked.append((q.tenant_id, q.member_id, keys, q.idempotency_key))
+        answers = await self._store.member_states(checked)
+        return [MemberState(accounts=accounts, counters=[(k, found.get(k, 0)) for k in keys], existing=existing)
+                for (_, _, keys, _), (accounts, found, existing) in zip(checked, answers, strict=True)]
 
     async def trial_balance(self, *, tenant_id: uuid.UUID) -> TrialBalance:
         async with self._store.tenant_read(tenant_id) as tx:

@@ -38,7 +38,7 @@ from services.ledger.domain import (
     TransferKind,
     WriteResult,
 )
-from services.ledger.operations import Ledger, PayBatcher
+from services.ledger.operations import Ledger, MemberState, MemberStateQuestion, PayBatcher
 from services.ledger.store import LedgerStore
 
 _OWNER = {
@@ -424,13 +424,24 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def GetMemberState(self, request: pb.GetMemberStateRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetMemberStateResponse:
-        accounts, counters, existing = await self._ledger.member_state(
-            tenant_id=_tenant(request.tenant_id), member_id=request.member_id, counter_keys=list(request.counter_keys),
-            idempotency_key=request.idempotency_key)
-        return pb.GetMemberStateResponse(accounts=[account_balance_pb(a) for a in accounts],
-                                         counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in counters],
-                                         existing_transfer_id=str(existing or ""))
+        [state] = await self._ledger.member_states([_question(request)])
+        return _member_state_pb(state)
 
+    async def GetMemberStates(self, request: pb.GetMemberStatesRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.GetMemberStatesResponse:
+        states = await self._ledger.member_states([_question(r) for r in request.requests])
+        return pb.GetMemberStatesResponse(responses=[_member_state_pb(s) for s in states])
+
+
+def _question(request: pb.GetMemberStateRequest) -> MemberStateQuestion:
+    return MemberStateQuestion(tenant_id=_tenant(request.tenant_id), member_id=request.member_id,
+                               counter_keys=list(request.counter_keys), idempotency_key=request.idempotency_key)
+
+
+def _member_state_pb(state: MemberState) -> pb.GetMemberStateResponse:
+    return pb.GetMemberStateResponse(accounts=[account_balance_pb(a) for a in state.accounts],
+                                     counters=[pb.UsageCounter(counter_key=k, value=v) for k, v in state.counters],
+                                     existing_transfer_id=str(state.existing or ""))
 
 def _batch_id(value: str) -> uuid.UUID:
     try:

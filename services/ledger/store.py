@@ -953,26 +953,39 @@ class LedgerStore:
             )
         return [(r["tenant_id"], r["hold_id"]) for r in rows]
 
-    async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str],
-                           idempotency_key: str = "") -> tuple[list[AccountBalance], dict[str, int], uuid.UUID | None]:
-        """A member's accounts with balances and some usage counters, in one statement (one
-        snapshot, one round trip, no explicit transaction): the read a policy makes per payment."""
+    async def member_states(self, questions: list[tuple[uuid.UUID, str, list[str], str]]
+                            ) -> list[tuple[list[AccountBalance], dict[str, int], uuid.UUID | None]]:
+        """For each (tenant, member, counter keys, idempotency key): the member's accounts with
+        balances, the counters' values, and the transfer booked under the key if any. One
+        statement for all of them (one snapshot, one round trip, no explicit transaction): the
+        read a policy makes per payment, batched."""
         columns = "account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status"
-        row = await self._pool.fetchrow(
-            f"SELECT (SELECT json_agg(x ORDER BY x.purse_kind, x.ref) FROM (SELECT"
+        key_of = [n for n, (_, _, keys, _) in enumerate(questions) for _ in keys]
+        keys = [k for (_, _, ks, _) in questions for k in ks]
+        rows = await self._pool.fetch(
+            "SELECT u.n,"
+            " (SELECT json_agg(x ORDER BY x.purse_kind, x.ref) FROM (SELECT"
             f" {', '.join('a.' + c.strip() for c in columns.split(','))}, {_POSTED} AS posted_fen, a.pending_fen"
-            " FROM accounts a WHERE a.tenant_id = $1 AND a.owner_kind = 'member' AND a.owner_id = $2) x) AS accounts,"
+            " FROM accounts a WHERE a.tenant_id = u.tenant AND a.owner_kind = 'member' AND a.owner_id = u.member) x)"
+            " AS accounts,"
             " (SELECT json_agg(json_build_array(c.counter_key, c.value)) FROM usage_counters c"
-            " WHERE c.tenant_id = $1 AND c.counter_key = ANY($3::text[])) AS counters,"
-            " (SELECT t.transfer_id FROM transfers t WHERE t.tenant_id = $1 AND t.idempotency_key = $4"
-            " AND $4 <> '') AS existing",
-            tenant_id, member_id, counter_keys, idempotency_key,
+            " WHERE c.tenant_id = u.tenant AND c.counter_key IN"
+            " (SELECT k.key FROM unnest($4::int[], $5::text[]) AS k(n, key) WHERE k.n = u.n)) AS counters,"
+            " (SELECT t.transfer_id FROM transfers t WHERE t.tenant_id = u.tenant AND u.idem <> ''"
+            " AND t.idempotency_key = u.idem) AS existing"
+            " FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS u(tenant, member, idem, n)"
+            " ORDER BY u.n",
+            [q[0] for q in questions], [q[1] for q in questions], [q[3] for q in questions],
+            [n + 1 for n in key_of], keys,
         )
-        accounts = []
-        for item in row["accounts"] or []:
-            item["account_id"], item["tenant_id"] = uuid.UUID(item["account_id"]), uuid.UUID(item["tenant_id"])
-            accounts.append(AccountBalance(account=_account(item), balance=_balance(item)))
-        return accounts, {k: v for k, v in row["counters"] or []}, row["existing"]
+        answers = []
+        for row in rows:
+            accounts = []
+            for item in row["accounts"] or []:
+                item["account_id"], item["tenant_id"] = uuid.UUID(item["account_id"]), uuid.UUID(item["tenant_id"])
+                accounts.append(AccountBalance(account=_account(item), balance=_balance(item)))
+            answers.append((accounts, {k: v for k, v in row["counters"] or []}, row["existing"]))
+        return answers
 
     async def running_batches(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """(tenant, batch) of grant batches still running, oldest first."""

@@ -22,6 +22,9 @@ PURSE_KINDS = {name: kind for kind, name in _KIND_NAMES.items()}
 
 # GetUsageCounters answers at most this many keys per call.
 MAX_COUNTER_KEYS_PER_CALL = 100
+# Member-state reads in flight to the ledger at once, and questions per read.
+STATE_READERS = 2
+MAX_STATES_PER_CALL = 200
 # The ref of the tenant's subsidy funding account that pays identity-only benefits.
 BENEFIT_FUNDING_REF = "benefits"
 
@@ -34,16 +37,62 @@ class LedgerClient:
         self._timeout_s = timeout_s
         self._stub: ledger_pb2_grpc.LedgerServiceStub | None = None
         self._benefit_accounts: dict[uuid.UUID, str] = {}
+        self._waiting: list[tuple[ledger_pb2.GetMemberStateRequest, asyncio.Future]] = []
+        self._arrived = asyncio.Event()
 
     async def hold(self) -> None:
-        """Open the channel, keep it until cancelled, then close it: one place for both."""
+        """Open the channel, keep it until cancelled, then close it: one place for both. Meanwhile
+        the readers that batch the member-state reads run."""
         channel = open_channel(self._target)
         self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         try:
-            await asyncio.Event().wait()
+            await asyncio.gather(*(self._read_batches() for _ in range(STATE_READERS)))
         finally:
             self._stub = None
+            for _, future in self._waiting:
+                future.cancel()
+            self._waiting = []
             await channel.close()
+
+    async def _read_batches(self) -> None:
+        """Evaluations that arrive together share one ledger call (GetMemberStates): whatever
+        waited while the previous call was out goes in the next, up to MAX_STATES_PER_CALL."""
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch, self._waiting = self._waiting[:MAX_STATES_PER_CALL], self._waiting[MAX_STATES_PER_CALL:]
+            try:
+                answer = await self._ready().GetMemberStates(
+                    ledger_pb2.GetMemberStatesRequest(requests=[request for request, _ in batch]),
+                    timeout=self._timeout_s)
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and len(batch) > 1:
+                    # One question is wrong: ask each alone, so only its asker hears of it.
+                    await self._ask_alone(batch)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(self._refused(exc))
+                continue
+            for (_, future), response in zip(batch, answer.responses, strict=True):
+                if not future.done():
+                    future.set_result(response)
+
+    async def _ask_alone(self, batch: list[tuple[ledger_pb2.GetMemberStateRequest, asyncio.Future]]) -> None:
+        for request, future in batch:
+            try:
+                answer = await self._ready().GetMemberState(request, timeout=self._timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if not future.done():
+                    future.set_exception(self._refused(exc))
+                continue
+            if not future.done():
+                future.set_result(answer)
 
     def _ready(self) -> ledger_pb2_grpc.LedgerServiceStub:
         if self._stub is None:
@@ -63,17 +112,15 @@ class LedgerClient:
         """Every purse of the member (cash, subsidy, voucher, receivable) with what it may spend
         now, the counters' values (0 for one never raised), and the transfer already booked under
         ``idempotency_key`` (empty if none): one ledger call, one read."""
-        stub = self._ready()
+        self._ready()
         unique = list(dict.fromkeys(counter_keys))
         first, rest = unique[:MAX_COUNTER_KEYS_PER_CALL], unique[MAX_COUNTER_KEYS_PER_CALL:]
-        try:
-            answer = await stub.GetMemberState(
-                ledger_pb2.GetMemberStateRequest(tenant_id=str(tenant_id), member_id=member_id, counter_keys=first,
-                                                 idempotency_key=idempotency_key),
-                timeout=self._timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._refused(exc) from None
+        future: asyncio.Future[ledger_pb2.GetMemberStateResponse] = asyncio.get_running_loop().create_future()
+        self._waiting.append((ledger_pb2.GetMemberStateRequest(
+            tenant_id=str(tenant_id), member_id=member_id, counter_keys=first, idempotency_key=idempotency_key),
+            future))
+        self._arrived.set()
+        answer = await future
         purses = [
             MemberPurse(
                 kind=_KIND_NAMES.get(a.account.purse_kind, ledger_pb2.PurseKind.Name(a.account.purse_kind)),

@@ -186,3 +186,19 @@ async def test_a_publication_takes_effect_at_once_here_and_within_the_cache_time
     await asyncio.sleep(0.35)
     plan = (await other.stub.Evaluate(pb.EvaluateRequest(tenant_id=c.tenant_id, request=request))).plan
     assert (plan.rule_set_version, plan.approved) == (second, False)
+
+
+async def test_evaluations_arriving_together_each_get_their_own_member(policy, ledger) -> None:
+    """Policy batches the ledger reads of concurrent evaluations; each still sees its own member."""
+    from tests.policy_service.support import LUNCH, campus, payment, publish, university
+
+    campuses = [await campus(ledger.stub, cash_fen=1000 + n) for n in range(12)]
+    for c in campuses:
+        await publish(policy.stub, c.tenant_id, university(canteen_merchant_id=c.merchant_id))
+    plans = await asyncio.gather(*(policy.stub.Evaluate(pb.EvaluateRequest(
+        tenant_id=c.tenant_id, request=payment(c, amount_fen=1000 + n, at=LUNCH)))
+        for n, c in enumerate(campuses) for _ in range(3)))
+    for i, answer in enumerate(plans):
+        c = campuses[i // 3]
+        assert answer.plan.approved, answer.plan.reason
+        assert [(leg.account_id, leg.amount_fen) for leg in answer.plan.legs] == [(c.cash_id, 1000 + i // 3)]
