@@ -22,8 +22,10 @@ PURSE_KINDS = {name: kind for kind, name in _KIND_NAMES.items()}
 
 # GetUsageCounters answers at most this many keys per call.
 MAX_COUNTER_KEYS_PER_CALL = 100
-# Member-state reads in flight to the ledger at once, and questions per read.
-STATE_READERS = 2
+# Member-state reads in flight to the ledger at once, and questions per read. One reader makes
+# the biggest batches: measured, it serves more evaluations per second than two or four, because
+# each outgoing gRPC call costs more than the questions it carries.
+STATE_READERS = 1
 MAX_STATES_PER_CALL = 200
 # The ref of the tenant's subsidy funding account that pays identity-only benefits.
 BENEFIT_FUNDING_REF = "benefits"
