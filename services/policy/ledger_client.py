@@ -81,6 +81,17 @@ class LedgerClient:
                     if not future.done():
                         future.set_exception(self._refused(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001 - the askers hear of it; the reader goes on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            if len(answer.responses) != len(batch):
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(Unavailable("the ledger answered a different number of questions",
+                                                         reason="LEDGER_UNAVAILABLE"))
+                continue
             for (_, future), response in zip(batch, answer.responses, strict=True):
                 if not future.done():
                     future.set_result(response)
