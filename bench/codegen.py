@@ -6,9 +6,6 @@ import time
 import uuid
 
 from bench.harness import BenchContext, Figures, benchmark
-from bench.serve import BENCH_HOST
-from devstack.servers import free_port
-from devstack.supervisor import grpc_health_probe
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2 as pb
@@ -23,30 +20,10 @@ BATCH_HOURS = 24
 SLOT_LENGTH_S = 60
 
 
-async def _grpc_service(context: BenchContext, *, name: str, module: str, extra_env: dict[str, str]) -> str:
-    port, metrics_port = free_port(), free_port()
-    target = f"{BENCH_HOST}:{port}"
-    await context.start_process(
-        name=name,
-        module_args=[module],
-        env={
-            "ONECARD_DATABASE_URL": context.database_url(),
-            "ONECARD_NATS_URL": context.nats_url(),
-            "ONECARD_GRPC_HOST": BENCH_HOST,
-            "ONECARD_GRPC_PORT": str(port),
-            "ONECARD_METRICS_PORT": str(metrics_port),
-            "ONECARD_LOG_LEVEL": "warning",
-            **extra_env,
-        },
-        probe=grpc_health_probe(target),
-    )
-    return target
-
-
 @benchmark("codes.batch_24h", description="IssueTokenBatch of 24 h in 60 s slots (1440 signed tokens) via gRPC")
 async def batch_24h(context: BenchContext) -> Figures:
-    identity_target = await _grpc_service(context, name="identity-codes", module="services.identity", extra_env={})
-    codegen_target = await _grpc_service(context, name="codegen", module="services.codegen", extra_env={
+    identity_target, _ = await context.start_grpc_service(name="identity-codes", module="services.identity")
+    codegen_target, _ = await context.start_grpc_service(name="codegen", module="services.codegen", env={
         "ONECARD_IDENTITY_TARGET": identity_target,
         "ONECARD_CODEGEN_MASTER_KEY": BENCH_MASTER_KEY,
     })

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import CLIENT_KINDS, ClientKind
+from bench.serve import BENCH_HOST
 from devstack.servers import Nats, Postgres, free_port
-from devstack.supervisor import ManagedProcess, Probe, wait_healthy
+from devstack.supervisor import ManagedProcess, Probe, grpc_health_probe, wait_healthy
 
 # Modules whose import registers benchmarks.
 SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger", "bench.policy")
@@ -136,6 +137,29 @@ class BenchContext:
         self._processes.append(process)
         await wait_healthy(process, probe=probe, timeout_s=READY_TIMEOUT_S)
         return process
+
+    async def start_grpc_service(self, *, name: str, module: str, env: Mapping[str, str] | None = None,
+                                 database_url: str | None = None) -> tuple[str, int]:
+        """A onecard gRPC service (``python -m services.<x>``) on its own port, quiet logs, on the
+        shared PostgreSQL (or ``database_url``) and NATS, once healthy: (target, pid)."""
+        port, metrics_port = free_port(), free_port()
+        target = f"{BENCH_HOST}:{port}"
+        process = await self.start_process(
+            name=name,
+            module_args=[module],
+            env={
+                "ONECARD_DATABASE_URL": database_url or self.database_url(),
+                "ONECARD_NATS_URL": self.nats_url(),
+                "ONECARD_GRPC_HOST": BENCH_HOST,
+                "ONECARD_GRPC_PORT": str(port),
+                "ONECARD_METRICS_PORT": str(metrics_port),
+                "ONECARD_LOG_LEVEL": "warning",
+                **(env or {}),
+            },
+            probe=grpc_health_probe(target),
+        )
+        assert process.pid is not None
+        return target, process.pid
 
     async def close(self) -> None:
         for process in reversed(self._processes):

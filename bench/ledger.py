@@ -38,9 +38,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.harness import BenchContext, Figures, benchmark
 from bench.load import LoadResult, closed_loop_calls
-from bench.serve import BENCH_HOST
-from devstack.servers import POSTGRES_BIN_PATH, Postgres, free_port
-from devstack.supervisor import grpc_health_probe
+from devstack.servers import POSTGRES_BIN_PATH, Postgres
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.grpc_client import open_channel
@@ -131,26 +129,6 @@ class CpuMeter:
 
 
 # --- the service and its accounts -----------------------------------------------------------
-
-async def _start_ledger(context: BenchContext, postgres: Postgres) -> tuple[str, int]:
-    port, metrics_port = free_port(), free_port()
-    target = f"{BENCH_HOST}:{port}"
-    process = await context.start_process(
-        name="ledger",
-        module_args=["services.ledger"],
-        env={
-            "ONECARD_DATABASE_URL": postgres.dsn(),
-            "ONECARD_NATS_URL": context.nats_url(),
-            "ONECARD_GRPC_HOST": BENCH_HOST,
-            "ONECARD_GRPC_PORT": str(port),
-            "ONECARD_METRICS_PORT": str(metrics_port),
-            "ONECARD_LOG_LEVEL": "warning",
-        },
-        probe=grpc_health_probe(target),
-    )
-    assert process.pid is not None
-    return target, process.pid
-
 
 async def _open(stub: ledger_pb2_grpc.LedgerServiceStub, tenant_id: str, owner_kind: int, owner_id: str,
                 purse_kind: int, ref: str = "") -> str:
@@ -275,7 +253,8 @@ async def _ledger_setup(context: BenchContext) -> LedgerSetup:
         return _setup
     postgres = context.durable_postgres()
     settings = _settings(postgres)
-    target, pid = await _start_ledger(context, postgres)
+    target, pid = await context.start_grpc_service(name="ledger", module="services.ledger",
+                                                   database_url=postgres.dsn())
     started = time.perf_counter()
     async with open_channel(target) as channel:
         fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))

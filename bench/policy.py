@@ -56,27 +56,6 @@ INPROC_CALLS = 20_000
 INPROC_WARMUP_CALLS = 2_000
 
 
-async def _grpc_service(context: BenchContext, *, name: str, module: str, env: dict[str, str]) -> tuple[str, int]:
-    port, metrics_port = free_port(), free_port()
-    target = f"{BENCH_HOST}:{port}"
-    process = await context.start_process(
-        name=name,
-        module_args=[module],
-        env={
-            "ONECARD_DATABASE_URL": context.database_url(),
-            "ONECARD_NATS_URL": context.nats_url(),
-            "ONECARD_GRPC_HOST": BENCH_HOST,
-            "ONECARD_GRPC_PORT": str(port),
-            "ONECARD_METRICS_PORT": str(metrics_port),
-            "ONECARD_LOG_LEVEL": "warning",
-            **env,
-        },
-        probe=grpc_health_probe(target),
-    )
-    assert process.pid is not None
-    return target, process.pid
-
-
 async def _echo_server(context: BenchContext) -> tuple[str, int]:
     port = free_port()
     target = f"{BENCH_HOST}:{port}"
@@ -133,8 +112,8 @@ def _requests(tenant_id: str, merchant: str, members: list[str]) -> list[pb.Eval
            description="PolicyService.Evaluate (reads PostgreSQL and the ledger) vs a bare gRPC echo, same client")
 async def evaluate_vs_echo(context: BenchContext) -> Figures:
     load = context.load
-    ledger_target, ledger_pid = await _grpc_service(context, name="ledger-policy", module="services.ledger", env={})
-    policy_target, policy_pid = await _grpc_service(context, name="policy", module="services.policy", env={
+    ledger_target, ledger_pid = await context.start_grpc_service(name="ledger-policy", module="services.ledger")
+    policy_target, policy_pid = await context.start_grpc_service(name="policy", module="services.policy", env={
         "ONECARD_LEDGER_TARGET": ledger_target,
         "ONECARD_POLICY_MASTER_KEY": BENCH_MASTER_KEY,
     })

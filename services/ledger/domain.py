@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from runtime import paging
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
 CURRENCY = "CNY"
@@ -325,26 +326,12 @@ def check_hold_timeout(timeout_s: int) -> int:
 
 
 def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return paging.page_size(requested, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
-def parse_page_token(token: str) -> int | None:
-    """The booking sequence a page starts below; tokens are opaque to callers."""
-    if not token:
-        return None
-    try:
-        value = int(token, 16)
-    except ValueError:
-        raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN") from None
-    if value <= 0:
-        raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN")
-    return value
-
-
-def page_token(seq: int) -> str:
-    return format(seq, "x")
+# Page tokens are the runtime's: a position, opaque to callers.
+parse_page_token = paging.parse_page_token
+page_token = paging.page_token
 
 
 # --- idempotency ------------------------------------------------------------------------------
@@ -663,9 +650,7 @@ def grant_key(bill_number: str, line: int) -> str:
 
 
 def rows_page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
-    return min(requested or DEFAULT_ROWS_PAGE, MAX_ROWS_PAGE)
+    return paging.page_size(requested, default=DEFAULT_ROWS_PAGE, maximum=MAX_ROWS_PAGE)
 
 
 def clawback_amount(*, requested_fen: int, available_fen: int) -> int:
@@ -795,9 +780,7 @@ def statement_day(day_text: str, time_zone: str) -> tuple[datetime, datetime]:
 
 
 def statement_page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
-    return min(requested or DEFAULT_STATEMENT_PAGE, MAX_STATEMENT_PAGE)
+    return paging.page_size(requested, default=DEFAULT_STATEMENT_PAGE, maximum=MAX_STATEMENT_PAGE)
 
 
 @dataclass(frozen=True)

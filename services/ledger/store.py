@@ -486,17 +486,20 @@ class TenantTx:
             self.tenant_id, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims],
         )
         claimed = {r["idempotency_key"] for r in rows}
-        others = [c[0] for c in claims if c[0] not in claimed]
+        return claimed, await self._stored_keys([c[0] for c in claims if c[0] not in claimed])
+
+    async def _stored_keys(self, keys: list[str]) -> dict[str, tuple[str, bytes, WriteResult | None]]:
+        """What keys claimed before were claimed for: operation, fingerprint, result."""
         seen: dict[str, tuple[str, bytes, WriteResult | None]] = {}
-        if others:
+        if keys:
             for row in await self.conn.fetch(
                 "SELECT idempotency_key, operation, fingerprint, result FROM idempotency_keys"
                 " WHERE tenant_id = $1 AND idempotency_key = ANY($2::text[])",
-                self.tenant_id, others,
+                self.tenant_id, keys,
             ):
                 result = WriteResult.from_json(row["result"]) if row["result"] is not None else None
                 seen[row["idempotency_key"]] = (row["operation"], bytes(row["fingerprint"]), result)
-        return claimed, seen
+        return seen
 
     async def release_keys(self, keys: list[str]) -> None:
         """Give back keys claimed in this transaction for writes that were refused."""
@@ -636,16 +639,7 @@ class TenantTx:
             more, _ = await self.lock_counters(missing)
             counters.update(more)
         claimed = set(row["claimed"])
-        seen: dict[str, tuple[str, bytes, WriteResult | None]] = {}
-        others = [c[0] for c in claims if c[0] not in claimed]
-        if others:
-            for found in await self.conn.fetch(
-                "SELECT idempotency_key, operation, fingerprint, result FROM idempotency_keys"
-                " WHERE tenant_id = $1 AND idempotency_key = ANY($2::text[])",
-                self.tenant_id, others,
-            ):
-                result = WriteResult.from_json(found["result"]) if found["result"] is not None else None
-                seen[found["idempotency_key"]] = (found["operation"], bytes(found["fingerprint"]), result)
+        seen = await self._stored_keys([c[0] for c in claims if c[0] not in claimed])
         return PaymentReads(now=row["now"], claimed=claimed, seen=seen, accounts=accounts, counters=counters,
                             created_counters=created,
                             used_codes={CodeRef(c[0], c[1]) for c in row["used_codes"] or []})

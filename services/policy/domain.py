@@ -21,6 +21,7 @@ from typing import Any
 from onecard_policy.evaluate import PurseState
 from onecard_policy.rules import RuleSet, RuleSetError, canonical_json, parse_rule_set
 
+from runtime import paging
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_PAGE_SIZE = 50
@@ -105,26 +106,12 @@ def check_version(value: int) -> int:
 
 
 def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return paging.page_size(requested, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
-def parse_page_token(token: str) -> int | None:
-    """The version a page starts below; tokens are opaque to callers."""
-    if not token:
-        return None
-    try:
-        value = int(token, 16)
-    except ValueError:
-        raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN") from None
-    if value <= 0:
-        raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN")
-    return value
-
-
-def page_token(version: int) -> str:
-    return format(version, "x")
+# Page tokens are the runtime's: a position, opaque to callers.
+parse_page_token = paging.parse_page_token
+page_token = paging.page_token
 
 
 def check_note(note: str) -> str:
