@@ -17,6 +17,7 @@ import binascii
 import nacl.exceptions
 import nacl.hash
 import nacl.secret
+import nacl.signing
 from nacl.encoding import RawEncoder
 
 MASTER_KEY_BYTES = 32
@@ -66,3 +67,14 @@ def unseal(*, master_key: bytes, person: bytes, context: bytes, sealed: bytes) -
         return _box(master_key=master_key, person=person, context=context).decrypt(sealed)
     except nacl.exceptions.CryptoError:
         raise SealOpenError("the sealed value does not open with this master key and context") from None
+
+
+def open_signing_key(*, master_key: bytes, person: bytes, context: bytes, sealed: bytes,
+                     public_key: bytes) -> nacl.signing.SigningKey:
+    """An Ed25519 signing key whose seed was sealed with ``seal``, checked against the public key
+    stored beside it; SealOpenError when it does not open or does not match."""
+    signing_key = nacl.signing.SigningKey(unseal(master_key=master_key, person=person, context=context,
+                                                 sealed=sealed))
+    if bytes(signing_key.verify_key) != public_key:
+        raise SealOpenError("the sealed seed does not make the stored public key")
+    return signing_key

@@ -13,7 +13,8 @@ import uuid
 
 import nacl.signing
 
-from runtime.sealing import MASTER_KEY_BYTES, SealOpenError, parse_master_key, seal, unseal
+from runtime import sealing
+from runtime.sealing import MASTER_KEY_BYTES, SealOpenError, parse_master_key, seal
 
 __all__ = ["MASTER_KEY_BYTES", "SEED_BYTES", "MasterKeyMismatch", "open_signing_key", "parse_master_key",
            "seal_seed"]
@@ -42,13 +43,10 @@ def seal_seed(*, master_key: bytes, tenant_id: uuid.UUID, key_id: bytes, public_
 def open_signing_key(
     *, master_key: bytes, tenant_id: uuid.UUID, key_id: bytes, public_key: bytes, sealed: bytes
 ) -> nacl.signing.SigningKey:
-    """The signing key, or MasterKeyMismatch. Also checks the seed makes the stored public key."""
+    """The signing key, or MasterKeyMismatch: it does not open with this master key and row, or its
+    seed does not make the stored public key."""
     try:
-        seed = unseal(master_key=master_key, person=_PERSON,
-                      context=_context(tenant_id=tenant_id, key_id=key_id, public_key=public_key), sealed=sealed)
-    except SealOpenError:
-        raise MasterKeyMismatch("the issuer key does not open with this master key") from None
-    signing_key = nacl.signing.SigningKey(seed)
-    if bytes(signing_key.verify_key) != public_key:
-        raise MasterKeyMismatch("the issuer key's seed does not match its public key")
-    return signing_key
+        return sealing.open_signing_key(master_key=master_key, person=_PERSON, sealed=sealed, public_key=public_key,
+                                        context=_context(tenant_id=tenant_id, key_id=key_id, public_key=public_key))
+    except SealOpenError as error:
+        raise MasterKeyMismatch(f"the issuer key: {error}") from None
