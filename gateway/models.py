@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
+from fastapi import Path
 from google.protobuf import timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -504,3 +505,8 @@ class TokenResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "ready"]
+
+
+# The path parameters every tenant route shares.
+TenantId = Annotated[str, Path(max_length=MAX_ID_CHARS, description="The tenant; must be the token's tenant.")]
+MemberId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="identity's member id (UUID).")]

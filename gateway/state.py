@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 from grpc_health.v1 import health_pb2_grpc
 
 from gateway.problems import ProblemError
@@ -87,3 +89,7 @@ async def state_dependency(request: Request) -> GatewayState:
     """``gateway_state`` for ``Depends``: FastAPI runs a plain ``def`` dependency in a thread pool,
     a thread hop on every request that this async form avoids."""
     return gateway_state(request)
+
+
+# What a route declares to get the gateway's state, e.g. ``state: State``.
+State = Annotated[GatewayState, Depends(state_dependency)]

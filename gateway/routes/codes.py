@@ -15,21 +15,18 @@ import binascii
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Path, Query
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import AdminCodes, IssueCodes, SyncDevices
-from gateway.models import MAX_ID_CHARS
+from gateway.models import MemberId, TenantId, MAX_ID_CHARS
 from gateway.problems import ProblemError, problem_responses
-from gateway.state import GatewayState, gateway_state
+from gateway.state import State
 from onecard.codegen.v1 import codegen_pb2 as pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 503, 504))
 
-State = Annotated[GatewayState, Depends(gateway_state)]
-TenantId = Annotated[str, Path(max_length=MAX_ID_CHARS, description="The tenant; must be the token's tenant.")]
-MemberId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 CredentialId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A credential id (UUID).")]
 
 PurposeName = Literal["pay", "access", "ride", "check_in"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from starlette.datastructures import UploadFile
 
 from gateway.auth import AdminClients, AdminPlatform, Principal, ReadMembers, WriteMembers
 from gateway.models import (
+    MemberId,
+    TenantId,
     MAX_BLACKLIST_PAGE_SIZE,
     MAX_FEED_PAGE_SIZE,
     MAX_ID_CHARS,
@@ -47,7 +49,7 @@ from gateway.models import (
     tenant_from_pb,
 )
 from gateway.problems import ProblemError, problem_responses
-from gateway.state import GatewayState, state_dependency
+from gateway.state import State
 from onecard.identity.v1 import identity_pb2 as pb
 
 # Every protected route can answer these; routes add their own (409, 413, 415).
@@ -59,9 +61,6 @@ CSV_MEDIA_TYPES = ("text/csv", "application/csv")
 MAX_CURSOR_CHARS = 1024
 DEFAULT_PAGE_SIZE = 50
 
-State = Annotated[GatewayState, Depends(state_dependency)]
-TenantId = Annotated[str, Path(max_length=MAX_ID_CHARS, description="The tenant; must be the token's tenant.")]
-MemberId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 CardUid = Annotated[str, Path(min_length=1, max_length=40, description="Card UID, hex.")]
 ImportId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 ClientId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]

@@ -23,24 +23,21 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import pydantic
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import AdminLedger, ReadStatements, ReadWallets, TopUpWallets
-from gateway.models import MAX_ID_CHARS, enum_name, enum_value, timestamp
+from gateway.models import MemberId, TenantId, MAX_ID_CHARS, enum_name, enum_value, timestamp
 from gateway.problems import ProblemError, problem_responses
-from gateway.state import GatewayState, state_dependency
+from gateway.state import GatewayState, State
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
-State = Annotated[GatewayState, Depends(state_dependency)]
-TenantId = Annotated[str, Path(max_length=MAX_ID_CHARS, description="The tenant; must be the token's tenant.")]
-MemberId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="identity's member id (UUID).")]
 AccountId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A ledger account id (UUID).")]
 TransferId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A transfer id (UUID).")]
 BatchId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A grant batch id (UUID).")]

@@ -18,12 +18,12 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Response
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import AdminPolicy, CreatePayments, SyncDevices
-from gateway.models import MAX_GROUP_KEY_CHARS, MAX_GROUP_VALUE_CHARS, MAX_GROUPS, MAX_ID_CHARS, enum_name, timestamp
+from gateway.models import MemberId, TenantId, MAX_GROUP_KEY_CHARS, MAX_GROUP_VALUE_CHARS, MAX_GROUPS, MAX_ID_CHARS, enum_name, timestamp
 from gateway.problems import ProblemError, problem_responses
 from gateway.routes.ledger import (
     MAX_REF_CHARS,
@@ -35,16 +35,13 @@ from gateway.routes.ledger import (
     _key,
     _transfer,
 )
-from gateway.state import GatewayState, state_dependency
+from gateway.state import GatewayState, State
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
-State = Annotated[GatewayState, Depends(state_dependency)]
-TenantId = Annotated[str, Path(max_length=MAX_ID_CHARS, description="The tenant; must be the token's tenant.")]
-MemberId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="identity's member id (UUID).")]
 Version = Annotated[int, Path(ge=1, le=2**62, description="A rule-set version of the tenant (1, 2, ...).")]
 
 # The policy service's own bounds (it checks them again).
