@@ -1,13 +1,25 @@
 """The policy service's Evaluate against a bare gRPC echo, and the pure evaluator in process.
 
 ``policy.evaluate_vs_echo_ratio``: Evaluate calls per second through PolicyService (the published
-Demo University rule set; each call reads the tenant's published version from PostgreSQL, the
-member's purses and the plan's usage counters from the ledger over gRPC, and evaluates), divided
-by the calls per second of ``bench.echo`` (a gRPC server built like every service's, answering
-the request's bytes), both with the same client, the same concurrency and the same time, in the
-same run; the echo is sent the serialized EvaluateRequest, so both carry the same request bytes.
-It says what a plan costs on top of gRPC itself (the floor is 1.0; the ledger round trips and the
-database read make most of it).
+Demo University rule set, MEMBERS members picked at random), divided by the calls per second of
+``bench.echo`` (a gRPC server built like every service's, answering the request's bytes), both
+with the same client, the same concurrency and the same time, in the same run; the echo is sent
+the serialized EvaluateRequest, so both carry the same request bytes. It says what a plan costs on
+top of gRPC itself (the floor is 1.0).
+
+Evaluate reads through policy's member-state cache, as it does in production (the service's
+default ``member_state_cache_s``): a member's purses and counters read from the ledger are reused
+until the ledger's events say they changed or the entry ages out; the tenant's published version
+comes from its own short cache. So that the cache is measured under invalidations and not on a
+frozen ledger, a background payer keeps paying while Evaluate is measured (warm-up included):
+PAYMENTS_PER_S dinner payments of random bench members, each planned by Evaluate and booked with
+LedgerService.Pay with the plan's legs and guards (its ``ledger.transfer.posted`` names the
+member's cash purse and the day's counters that the lunch evaluations hold). Its calls are not
+counted in either rate.
+``policy.evaluate_cache_hit_ratio``: of the member-state lookups of the measured Evaluate run, the
+share answered from the cache (the rest read the ledger: never read, aged out, or dropped by a
+payment's event), from the policy process's Prometheus counters.
+``policy.evaluate_payments``: the background payments booked during the measured run.
 ``policy.evaluate_p99_ms`` / ``policy.echo_p99_ms``: client-side latency at that load.
 The ``*_cpu_ratio`` figures (CPU seconds per second of load of the policy, ledger and echo
 processes and of the load client) say where the time went.
@@ -18,10 +30,13 @@ breakfast, a store coupon, a decline), the counters and purses prepared beforeha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import re
 import statistics
 import time
+import urllib.request
 import uuid
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -52,6 +67,11 @@ SETUP_CONCURRENCY = 16
 CASH_FEN = 100_000
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 LUNCH = datetime(2026, 11, 26, 12, 0, tzinfo=SHANGHAI)
+DINNER = datetime(2026, 11, 26, 18, 0, tzinfo=SHANGHAI)
+# The background payer: payments per second while Evaluate is measured, and what each pays.
+PAYMENTS_PER_S = 5.0
+PAYMENT_FEN = 100
+LOOKUPS_METRIC = "onecard_policy_member_state_cache_lookups_total"
 INPROC_CALLS = 20_000
 INPROC_WARMUP_CALLS = 2_000
 
@@ -108,15 +128,70 @@ def _requests(tenant_id: str, merchant: str, members: list[str]) -> list[pb.Eval
         device_id="pos-north-1", amount_fen=1200, time=at)) for member in members]
 
 
+def _metric_lines(text: str, name: str) -> dict[str, float]:
+    """The samples of one counter in a Prometheus exposition, by their label text."""
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if match:
+            found[match.group(1) or ""] = float(match.group(2))
+    return found
+
+
+async def _cache_lookups(metrics_url: str) -> dict[str, float]:
+    """hit / absent / expired / keys / off: the policy process's member-state lookups so far."""
+    def fetch() -> str:
+        with urllib.request.urlopen(metrics_url, timeout=CALL_TIMEOUT_S) as answer:  # noqa: S310 - our own
+            return answer.read().decode()
+
+    text = await asyncio.to_thread(fetch)
+    lookups = {}
+    for labels, value in _metric_lines(text, LOOKUPS_METRIC).items():
+        result = re.search(r'result="([^"]*)"', labels)
+        if result:
+            lookups[result.group(1)] = value
+    return lookups
+
+
+async def _pay_in_background(ledger: ledger_pb2_grpc.LedgerServiceStub, policy: policy_pb2_grpc.PolicyServiceStub,
+                             tenant_id: str, merchant: str, members: list[str], booked: list[float]) -> None:
+    """PAYMENTS_PER_S payments of random members until cancelled, each planned by Evaluate (a
+    dinner, so the lunch plans the load asks for stay approved) and booked with its legs and
+    guards; the time of each booking goes to ``booked``."""
+    rng = random.Random(11)
+    at = Timestamp()
+    at.FromDatetime(DINNER)
+    period = 1.0 / PAYMENTS_PER_S
+    next_at = time.perf_counter()
+    while True:
+        next_at += period
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        member = members[rng.randrange(len(members))]
+        plan = (await policy.Evaluate(pb.EvaluateRequest(tenant_id=tenant_id, request=pb.PaymentRequest(
+            member_id=member, member_groups={"role": "student"}, scene="canteen", merchant_id=merchant,
+            device_id="pos-north-2", amount_fen=PAYMENT_FEN, time=at)), timeout=CALL_TIMEOUT_S)).plan
+        if not plan.approved:
+            raise RuntimeError(f"the background payment was declined: {plan.reason}")
+        await ledger.Pay(lpb.PayRequest(
+            tenant_id=tenant_id, idempotency_key=str(uuid.uuid4()), merchant_account_id=merchant,
+            legs=[lpb.PayLeg(account_id=leg.account_id, amount_fen=leg.amount_fen) for leg in plan.legs],
+            guards=list(plan.guards), device_id="pos-north-2"), timeout=CALL_TIMEOUT_S)
+        booked.append(time.perf_counter())
+
+
 @benchmark("policy.evaluate_vs_echo",
-           description="PolicyService.Evaluate (reads PostgreSQL and the ledger) vs a bare gRPC echo, same client")
+           description="PolicyService.Evaluate (through its member-state cache, with payments going on) vs a bare "
+                       "gRPC echo, same client")
 async def evaluate_vs_echo(context: BenchContext) -> Figures:
     load = context.load
     ledger_target, ledger_pid = await context.start_grpc_service(name="ledger-policy", module="services.ledger")
+    metrics_port = free_port()
     policy_target, policy_pid = await context.start_grpc_service(name="policy", module="services.policy", env={
         "ONECARD_LEDGER_TARGET": ledger_target,
         "ONECARD_POLICY_MASTER_KEY": BENCH_MASTER_KEY,
+        "ONECARD_METRICS_PORT": str(metrics_port),
     })
+    metrics_url = f"http://{BENCH_HOST}:{metrics_port}/metrics"
     echo_target, echo_pid = await _echo_server(context)
     async with open_channel(ledger_target) as ledger_channel, open_channel(policy_target) as policy_channel, \
             open_channel(echo_target) as echo_channel:
@@ -142,22 +217,50 @@ async def evaluate_vs_echo(context: BenchContext) -> Figures:
 
         results = {}
         cpu: dict[str, float] = {}
+        booked: list[float] = []
+        lookups: dict[str, float] = {}
+        measured = (0.0, 0.0)
         for name, call, pids in (("echo", call_echo, {"echo": echo_pid}),
                                  ("evaluate", call_evaluate, {"policy": policy_pid, "ledger": ledger_pid})):
-            await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
-            before = {who: _proc_cpu_s(pid) for who, pid in pids.items()}
-            results[name] = await closed_loop_calls(call=call, duration_s=load.duration_s,
-                                                    concurrency=load.concurrency)
-            for who, pid in pids.items():
-                cpu[who] = (_proc_cpu_s(pid) - before[who]) / results[name].elapsed_s
+            payer = None
+            if name == "evaluate":
+                payer = asyncio.ensure_future(_pay_in_background(ledger, policy, tenant_id, merchant, members,
+                                                                 booked))
+            try:
+                await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
+                if payer is not None:
+                    lookups_before = await _cache_lookups(metrics_url)
+                before = {who: _proc_cpu_s(pid) for who, pid in pids.items()}
+                started = time.perf_counter()
+                results[name] = await closed_loop_calls(call=call, duration_s=load.duration_s,
+                                                        concurrency=load.concurrency)
+                measured = (started, time.perf_counter()) if payer is not None else measured
+                for who, pid in pids.items():
+                    cpu[who] = (_proc_cpu_s(pid) - before[who]) / results[name].elapsed_s
+                if payer is not None:
+                    after = await _cache_lookups(metrics_url)
+                    lookups = {k: after.get(k, 0.0) - lookups_before.get(k, 0.0) for k in after}
+            finally:
+                if payer is not None:
+                    if payer.done():
+                        payer.result()  # a payer that failed says why
+                    payer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await payer
     for name, result in results.items():
         if result.errors:
             raise RuntimeError(f"{name}: {result.errors} of {result.requests} calls failed")
     evaluate_rps, echo_rps = results["evaluate"].rps, results["echo"].rps
+    payments = sum(1 for t in booked if measured[0] <= t <= measured[1])
+    if payments == 0:
+        raise RuntimeError("no background payment was booked while Evaluate was measured")
+    total_lookups = sum(lookups.values())
     return {
         "policy.evaluate_rps": evaluate_rps,
         "policy.echo_rps": echo_rps,
         "policy.evaluate_vs_echo_ratio": evaluate_rps / echo_rps if echo_rps else 0.0,
+        "policy.evaluate_cache_hit_ratio": lookups.get("hit", 0.0) / total_lookups if total_lookups else 0.0,
+        "policy.evaluate_payments": float(payments),
         "policy.evaluate_p99_ms": results["evaluate"].percentile_ms(0.99),
         "policy.echo_p99_ms": results["echo"].percentile_ms(0.99),
         "policy.evaluate_client_cpu_ratio": results["evaluate"].client_cpu_ratio,

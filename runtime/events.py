@@ -353,3 +353,66 @@ class IdempotentConsumer:
                 log.warning("consumer retrying", consumer=self.durable, error=type(exc).__name__)
                 self._sub = None
                 await asyncio.sleep(1.0)
+
+
+EventCallback = Callable[[Event], None]
+
+
+@dataclass
+class EventFollower:
+    """Every event of ``filter_subject`` on ``stream`` from the moment it subscribes on, in stream
+    order, handed to ``handler`` (synchronous, quick: it runs on the event loop), with no
+    acknowledgements and no ``processed_events`` bookkeeping: for a replica's in-memory state (a
+    cache that drops entries), where each replica needs every event and a repeat is harmless.
+
+    An ordered ephemeral push consumer (memory storage, one replica, deleted when the process
+    goes): nats-py re-creates it from the next stream sequence after a missed heartbeat or a
+    sequence gap, so events arrive late rather than never. ``live`` says whether the subscription
+    stands and NATS is connected; ``subscriptions`` counts the subscriptions made, so a cache can
+    tell that it may have missed events in between (each new one starts at "now").
+    """
+
+    nc: Any  # nats.aio.client.Client
+    stream: str
+    filter_subject: str
+    handler: EventCallback
+    idle_heartbeat_s: float = 2.0
+    subscriptions: int = field(default=0, init=False)
+    _subscribed: bool = field(default=False, init=False)
+    _waiting_for_stream: bool = field(default=False, init=False)
+
+    @property
+    def live(self) -> bool:
+        return self._subscribed and self.nc.is_connected
+
+    async def run(self) -> None:
+        while True:
+            sub = None
+            try:
+                sub = await self.nc.jetstream().subscribe(
+                    self.filter_subject, stream=self.stream, ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW, idle_heartbeat=self.idle_heartbeat_s)
+                self.subscriptions += 1
+                self._subscribed = True
+                self._waiting_for_stream = False
+                async for msg in sub.messages:
+                    try:
+                        self.handler(Event.from_bytes(msg.data, subject=msg.subject))
+                    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the others
+                        log.warning("event follower handler failed", subject=msg.subject, error=type(exc).__name__)
+                # The subscription ended (NATS closed it): subscribe again.
+            except asyncio.CancelledError:
+                raise
+            except NotFoundError:
+                if not self._waiting_for_stream:
+                    log.info("waiting for the stream", follower=self.filter_subject, stream=self.stream)
+                    self._waiting_for_stream = True
+                await asyncio.sleep(1.0)
+            except Exception as exc:  # noqa: BLE001 - NATS away: wait and retry
+                log.warning("event follower retrying", follower=self.filter_subject, error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+            finally:
+                self._subscribed = False
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -34,7 +35,8 @@ from services.policy.domain import (
     RuleSetStatus,
     StoredVersion,
 )
-from services.policy.ledger_client import PURSE_KINDS, LedgerClient
+from services.policy.ledger_client import MAX_COUNTER_KEYS_PER_CALL, PURSE_KINDS, LedgerClient
+from services.policy.state_cache import HITS, MISS_KEYS, MemberStateCache
 from services.policy.store import PolicyStore
 
 _STATUS = {
@@ -60,8 +62,8 @@ def bundle_key_pb(key: BundleKey) -> pb.BundleKey:
     return pb.BundleKey(key_id=key.key_id, public_key=key.public_key, created_at=timestamp_pb(key.created_at))
 
 
-def plan_pb(plan: Plan, *, purses: list[MemberPurse], version: int, sha256: bytes,
-            counters: dict[str, int]) -> pb.Plan:
+def plan_pb(plan: Plan, *, purses: Sequence[MemberPurse], version: int, sha256: bytes,
+            counters: Mapping[str, int]) -> pb.Plan:
     return pb.Plan(
         approved=plan.approved,
         reason=plan.reason,
@@ -104,12 +106,13 @@ def policy_request(*, tenant_id: uuid.UUID, request: pb.PaymentRequest) -> Reque
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, *, app: ServiceApp, ledger: LedgerClient, master_key: bytes, cache: RuleSetCache,
-                 published: PublishedCache):
+                 published: PublishedCache, states: MemberStateCache | None = None):
         self._app = app
         self._ledger = ledger
         self._master_key = master_key
         self._cache = cache
         self._published = published
+        self._states = states if states is not None else MemberStateCache(max_age_s=0)
 
     async def _published_version(self, tenant_id: uuid.UUID) -> tuple[int, bytes]:
         """The tenant's published version and its SHA-256, or NO_PUBLISHED_RULE_SET."""
@@ -205,33 +208,84 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return cached, digest
 
     async def _plan(self, *, tenant_id: uuid.UUID, version: int, sha256: bytes | None,
-                    request: pb.PaymentRequest, idempotency_key: str = "") -> tuple[pb.Plan, str]:
-        """The plan, and the transfer already booked under ``idempotency_key`` (empty if none)."""
+                    request: pb.PaymentRequest, idempotency_key: str = "", fresh: bool = True) -> tuple[pb.Plan, str]:
+        """The plan, and the transfer already booked under ``idempotency_key`` (empty if none).
+        ``fresh=False`` (Evaluate, DryRun) may answer from the member-state cache."""
         asked = policy_request(tenant_id=tenant_id, request=request)
         rule_set, digest = await self._rule_set(tenant_id=tenant_id, version=version, sha256=sha256)
+        existing = ""
+        if fresh or not self._states.enabled:
+            purses, counters, existing = await self._read_state(
+                tenant_id=tenant_id, rule_set=rule_set, asked=asked, idempotency_key=idempotency_key)
+            full = dataclasses.replace(asked, purses=domain.purse_states(purses))
+        else:
+            purses, full, counters = await self._cached_state(tenant_id=tenant_id, rule_set=rule_set, asked=asked)
+        plan = evaluate(rule_set, full, counters)
+        return plan_pb(plan, purses=purses, version=version, sha256=digest, counters=counters), existing
+
+    async def _read_state(self, *, tenant_id: uuid.UUID, rule_set: RuleSet, asked: Request, idempotency_key: str = "",
+                          also_keys: Sequence[str] = ()) -> tuple[list[MemberPurse], dict[str, int], str]:
+        """The member's purses and every counter the evaluation reads, from the ledger."""
         # The counters a request reads may depend on the purses the member holds (a voucher), so
         # they are asked for together with the purses on the keys known without them, then any
         # the purses add are read before evaluating.
         first_keys = counter_keys(rule_set, asked)
+        if also_keys:
+            first_keys = list(dict.fromkeys([*first_keys, *also_keys]))
         purses, counters, existing = await self._ledger.member_state(
             tenant_id=tenant_id, member_id=asked.member_id, counter_keys=first_keys, idempotency_key=idempotency_key)
         full = dataclasses.replace(asked, purses=domain.purse_states(purses))
         missing = [k for k in counter_keys(rule_set, full) if k not in counters]
         if missing:
             counters.update(await self._ledger.usage_counters(tenant_id=tenant_id, counter_keys=missing))
-        plan = evaluate(rule_set, full, counters)
-        return plan_pb(plan, purses=purses, version=version, sha256=digest, counters=counters), existing
+        # A counter never raised has no row, so the ledger leaves it out: it is 0, and known to be.
+        for k in (*first_keys, *missing):
+            counters.setdefault(k, 0)
+        return purses, counters, existing
+
+    async def _cached_state(self, *, tenant_id: uuid.UUID, rule_set: RuleSet, asked: Request
+                            ) -> tuple[Sequence[MemberPurse], Request, Mapping[str, int]]:
+        """The member's purses (and the request with them) and counters, from the cache when it
+        holds the member, young enough, with every counter this evaluation reads; otherwise read
+        from the ledger (with the counters the entry held, so it keeps them) and kept unless an
+        invalidation of the member arrived meanwhile."""
+        states = self._states
+        key = (tenant_id, asked.member_id)
+        now = time.monotonic()
+        entry = states.get(key, now=now)
+        also: Sequence[str] = ()
+        if entry is not None:
+            full = dataclasses.replace(asked, purses=entry.states)
+            counters = entry.counters
+            if all(k in counters for k in counter_keys(rule_set, full)):
+                HITS.inc()
+                return entry.purses, full, counters
+            MISS_KEYS.inc()
+            # Read again with the counters it held, so the new entry keeps them (one call's worth).
+            also = list(counters)[:MAX_COUNTER_KEYS_PER_CALL]
+        ticket = states.begin(key, now=now)
+        purses: list[MemberPurse] | None = None
+        counters_read: dict[str, int] | None = None
+        try:
+            purses, counters_read, _ = await self._read_state(tenant_id=tenant_id, rule_set=rule_set, asked=asked,
+                                                              also_keys=also)
+        finally:
+            states.finish(ticket, purses=purses, counters=counters_read)
+        assert purses is not None and counters_read is not None
+        return purses, dataclasses.replace(asked, purses=domain.purse_states(purses)), counters_read
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         version, sha256 = await self._published_version(tenant_id)
-        plan, _ = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256, request=request.request)
+        plan, _ = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256, request=request.request,
+                                   fresh=False)
         return pb.EvaluateResponse(plan=plan)
 
     async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         version = domain.check_version(request.version)
-        plan, _ = await self._plan(tenant_id=tenant_id, version=version, sha256=None, request=request.request)
+        plan, _ = await self._plan(tenant_id=tenant_id, version=version, sha256=None, request=request.request,
+                                   fresh=False)
         return pb.DryRunResponse(plan=plan)
 
     async def Pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:

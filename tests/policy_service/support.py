@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -116,3 +119,17 @@ def payment(c: Campus, *, amount_fen: int, at: datetime, scene: str = "canteen",
     return pb.PaymentRequest(member_id=c.member_id, member_groups=groups or {"role": "student"}, scene=scene,
                              merchant_id=c.merchant_id, device_id=device_id, amount_fen=amount_fen, time=stamp(at),
                              channel=channel)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, what: str, deadline_s: float = 5.0,
+                     detail: Callable[[], str] = lambda: "") -> Any:
+    """Poll ``check`` until it answers something truthy, for at most ``deadline_s``: for what
+    Evaluate sees once the ledger's event reached policy's member-state cache."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        answer = await check()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {deadline_s} s: {what} {detail()}".rstrip())
+        await asyncio.sleep(0.05)

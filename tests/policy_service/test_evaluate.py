@@ -18,6 +18,7 @@ from tests.policy_service.support import (
     add_voucher,
     campus,
     document,
+    eventually,
     payment,
     publish,
     refused,
@@ -55,8 +56,13 @@ async def test_a_voucher_at_dinner_and_counters_already_used_come_from_the_ledge
         tenant_id=c.tenant_id, idempotency_key=str(uuid.uuid4()), merchant_account_id=c.merchant_id,
         legs=[lpb.PayLeg(account_id=leg.account_id, amount_fen=leg.amount_fen) for leg in plan.legs],
         guards=plan.guards))
-    again = (await policy.stub.Evaluate(pb.EvaluateRequest(
-        tenant_id=c.tenant_id, request=payment(c, amount_fen=2000, at=DINNER)))).plan
+    # Evaluate may answer from policy's member-state cache until the payment's event reaches it.
+    async def voucher_used() -> pb.Plan | None:
+        plan = (await policy.stub.Evaluate(pb.EvaluateRequest(
+            tenant_id=c.tenant_id, request=payment(c, amount_fen=2000, at=DINNER)))).plan
+        return plan if [leg.purse_kind for leg in plan.legs] == [lpb.PURSE_KIND_CASH] else None
+
+    again = await eventually(voucher_used, what="the voucher's counter seen used")
     assert [(leg.purse_kind, leg.amount_fen) for leg in again.legs] == [(lpb.PURSE_KIND_CASH, 2000)]
     used = {u.counter_key.split(":")[1]: u.value for u in again.counters}
     assert used["daily-canteen"] == 2000 and used["dinner-voucher"] == 1
@@ -143,8 +149,13 @@ async def test_the_plans_guards_hold_a_daily_cap_under_100_concurrent_evaluate_a
     assert set(outcomes) <= {"PAID", "FAILED_PRECONDITION", "LIMIT_EXCEEDED:daily-canteen"}
     balances = await ledger.stub.GetBalances(lpb.GetBalancesRequest(tenant_id=c.tenant_id, account_ids=[c.cash_id]))
     assert balances.accounts[0].balance.posted_fen == 100_000 - 7 * 700
-    after = (await policy.stub.Evaluate(pb.EvaluateRequest(
-        tenant_id=c.tenant_id, request=payment(c, amount_fen=700, at=LUNCH)))).plan
+
+    async def capped() -> pb.Plan | None:
+        plan = (await policy.stub.Evaluate(pb.EvaluateRequest(
+            tenant_id=c.tenant_id, request=payment(c, amount_fen=700, at=LUNCH)))).plan
+        return plan if not plan.approved else None
+
+    after = await eventually(capped, what="the used cap seen by Evaluate")
     assert (after.approved, after.reason) == (False, "LIMIT_EXCEEDED:daily-canteen")
     assert {u.counter_key.split(":")[1]: u.value for u in after.counters}["daily-canteen"] == 4900
 
