@@ -509,6 +509,37 @@ def set_face_enrolment(member: Member, *, face_enrolment_ref: str, now: datetime
     return [MemberChange(ChangeKind.FACE_ENROLLED, _next(member, now=now, face_enrolment_ref=ref))]
 
 
+# --- lookups by what a device was shown -----------------------------------------------------
+
+
+def check_face_ref(value: str) -> str:
+    """A face enrolment reference to look up: what SetFaceEnrolment would store for it."""
+    return _clean_text(value, what="face_enrolment_ref", max_chars=MAX_FACE_REF_CHARS, reason="FACE_REF_INVALID")
+
+
+def member_by_card(*, card_uid: str, holder: Member | None, lost: bool) -> Member:
+    """The member a card UID names: its active holder; a lost card is refused with its holder."""
+    if holder is None:
+        raise NotFound(f"no member holds card {card_uid}", reason="CARD_UNKNOWN")
+    if lost:
+        raise FailedPrecondition(
+            f"card {card_uid} was reported lost", reason="CARD_LOST", metadata={"member_id": str(holder.member_id)}
+        )
+    return holder
+
+
+def member_by_face(candidates: Iterable[Member]) -> Member:
+    """The one member a face reference names. A member who left no longer counts when another
+    holds the same reference; two current members with one reference cannot be told apart."""
+    found = list(candidates)
+    if not found:
+        raise NotFound("no member has this face enrolment", reason="FACE_UNKNOWN")
+    current = [m for m in found if m.status is not MemberStatus.LEFT] or found
+    if len(current) > 1:
+        raise FailedPrecondition("more than one member has this face enrolment", reason="FACE_AMBIGUOUS")
+    return current[0]
+
+
 # --- events ---------------------------------------------------------------------------------
 
 SUBJECT_PREFIX = "identity"

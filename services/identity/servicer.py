@@ -423,6 +423,28 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             version=entries[-1].version if entries else request.since_version,
         )
 
+    async def LookupMember(
+        self, request: pb.LookupMemberRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupMemberResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        by = request.WhichOneof("by")
+        store = self._store
+        if by == "card_uid":
+            card_uid = domain.normalise_card_uid(request.card_uid)
+            holder, lost = await store.member_by_card(tenant_id=tenant_id, card_uid=card_uid)
+            if holder is None:
+                await store.require_tenant(tenant_id)
+            member = domain.member_by_card(card_uid=card_uid, holder=holder, lost=lost)
+        elif by == "face_enrolment_ref":
+            ref = domain.check_face_ref(request.face_enrolment_ref)
+            candidates = await store.members_by_face(tenant_id=tenant_id, face_enrolment_ref=ref)
+            if not candidates:
+                await store.require_tenant(tenant_id)
+            member = domain.member_by_face(candidates)
+        else:
+            raise InvalidArgument("give card_uid or face_enrolment_ref", reason="LOOKUP_KEY_REQUIRED")
+        return pb.LookupMemberResponse(member=member_pb(member))
+
     # --- bulk import -----------------------------------------------------------------------
 
     async def StartMemberImport(

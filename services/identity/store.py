@@ -482,6 +482,35 @@ class IdentityStore:
         )
         return _member(row) if row else None
 
+    async def member_by_card(self, *, tenant_id: uuid.UUID, card_uid: str) -> tuple[Member | None, bool]:
+        """The member holding ``card_uid`` as an active card (False), or the one who reported it
+        lost (True); (None, False) when nobody in the tenant has it. One indexed read."""
+        row = await self._pool.fetchrow(
+            f"""SELECT {_MEMBER_COLUMNS}, false AS lost FROM cards k
+                    JOIN members m ON m.tenant_id = k.tenant_id AND m.member_id = k.member_id
+                WHERE k.tenant_id = $1 AND k.card_uid = $2 AND k.status = 'active'
+                UNION ALL
+                SELECT {_MEMBER_COLUMNS}, true AS lost FROM card_blacklist b
+                    JOIN members m ON m.tenant_id = b.tenant_id AND m.member_id = b.member_id
+                WHERE b.tenant_id = $1 AND b.card_uid = $2
+                LIMIT 1""",
+            tenant_id,
+            card_uid,
+        )
+        return (_member(row), row["lost"]) if row else (None, False)
+
+    async def members_by_face(self, *, tenant_id: uuid.UUID, face_enrolment_ref: str, limit: int = 10) -> list[Member]:
+        """Members enrolled with this face reference (normally one), by the partial index."""
+        rows = await self._pool.fetch(
+            f"""SELECT {_MEMBER_COLUMNS} FROM members m
+                WHERE m.tenant_id = $1 AND m.face_enrolment_ref = $2 AND m.face_enrolment_ref <> ''
+                ORDER BY m.updated_at DESC LIMIT $3""",
+            tenant_id,
+            face_enrolment_ref,
+            limit,
+        )
+        return [_member(row) for row in rows]
+
     async def search_members(
         self,
         *,
