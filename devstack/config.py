@@ -89,8 +89,15 @@ SERVICES: tuple[ServiceSpec, ...] = (
         default_port=50054, default_metrics_port=9104, migrates=True,
         secret_env={"ONECARD_POLICY_MASTER_KEY": "policy_master_key"},
     ),
+    # The device hub calls identity, codegen, policy and the ledger, each at its
+    # ONECARD_<NAME>_TARGET (all started before it), holds the devices' streams, and
+    # owns the DEVICEHUB stream. No secret: device keys are public keys, enrolment tokens are stored hashed.
+    ServiceSpec(
+        name="devicehub", module="services.devicehub", protocol="grpc",
+        default_port=50055, default_metrics_port=9105, migrates=True,
+    ),
     # The gateway reaches each at ONECARD_<NAME>_TARGET. Each later service is one entry here,
-    # before the gateway that calls it, on the next ports: devicehub 50055/9105.
+    # before the gateway that calls it, on the next ports: 50056/9106.
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},

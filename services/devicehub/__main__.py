@@ -1,0 +1,7 @@
+"""``python -m services.devicehub [serve|migrate]``."""
+
+from runtime.cli import run_service
+from services.devicehub.app import DevicehubSettings, build_app
+
+if __name__ == "__main__":
+    run_service(name="devicehub", settings_cls=DevicehubSettings, build_app=build_app)

@@ -1,0 +1,185 @@
+"""Checking what devices send: scanned codes (one onecard_codes Verifier per tenant, fed from
+codegen's trust list and revocations) and the device signatures of offline records.
+
+A tenant's verifier is built on its first code and then kept: the trust list is fetched again when
+codegen says it changed (codegen.trust_list.changed), when a code names a key the list does not
+hold (at most once per ``unknown_key_refresh_s``), and every ``refresh_s``; revocations arrive in
+codegen.credential.revoked events at once and are read again since the last version on every
+refresh. The replay cache lives as long as the verifier, so a code accepted once is refused as
+REPLAYED afterwards on this replica (the ledger books a code once whatever the replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import nacl.bindings
+import onecard_codes as codes
+
+from onecard.codegen.v1 import codegen_pb2 as cpb
+from onecard.codegen.v1 import codegen_pb2_grpc
+from onecard.devicehub.v1 import devicehub_pb2 as pb
+from runtime.errors import Unavailable
+from runtime.logs import get_logger
+from services.codegen.client import MAX_REVOCATION_PAGES, trust_list_from
+
+log = get_logger(__name__)
+
+RECORD_CONTEXT = b"onecard-device-record-v1\x00"
+DEFAULT_REFRESH_S = 300.0
+DEFAULT_UNKNOWN_KEY_REFRESH_S = 5.0
+REVOCATION_PAGE_SIZE = 10_000
+
+PURPOSES = {pb.PURPOSE_PAY: codes.Purpose.PAY, pb.PURPOSE_ACCESS: codes.Purpose.ACCESS,
+            pb.PURPOSE_RIDE: codes.Purpose.RIDE}
+
+
+def record_message(*, tenant_id: str, device_id: str, record: pb.OfflineRecord) -> bytes:
+    """The bytes a device signs for an offline record (docs/devicehub.md §5)."""
+    body = pb.OfflineRecord()
+    body.CopyFrom(record)
+    body.ClearField("signature")
+    return (RECORD_CONTEXT + tenant_id.encode() + b"\x00" + device_id.encode() + b"\x00"
+            + body.SerializeToString(deterministic=True))
+
+
+def record_signature_ok(*, public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is the device key's Ed25519 signature over ``message``
+    (``record_message`` of the record)."""
+    if len(signature) != 64 or len(public_key) != 32:
+        return False
+    try:
+        nacl.bindings.crypto_sign_open(signature + message, public_key)
+    except Exception:  # noqa: BLE001 - any failure is a bad signature
+        return False
+    return True
+
+
+@dataclass
+class _Tenant:
+    verifier: codes.Verifier
+    revocations_version: int
+    fetched_at: float
+    unknown_key_at: float = 0.0
+    refreshing: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class CodeVerifiers:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float, refresh_s: float = DEFAULT_REFRESH_S,
+                 unknown_key_refresh_s: float = DEFAULT_UNKNOWN_KEY_REFRESH_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self._stub = codegen_pb2_grpc.CodegenServiceStub(channel)
+        self._timeout_s = timeout_s
+        self._refresh_s = refresh_s
+        self._unknown_key_refresh_s = unknown_key_refresh_s
+        self._clock = clock
+        self._tenants: dict[str, _Tenant] = {}
+        self._building: dict[str, asyncio.Future[_Tenant]] = {}
+        self.fetches = 0
+
+    async def verify(self, *, tenant_id: str, code: str, purpose: codes.Purpose,
+                     now_s: int | None = None) -> codes.Verified | codes.Rejected:
+        tenant = await self._tenant(tenant_id)
+        now = int(time.time()) if now_s is None else now_s
+        result = tenant.verifier.verify(code, now_s=now, expected_tenant_id=uuid.UUID(tenant_id), purpose=purpose)
+        if (type(result) is codes.Rejected and result.reason is codes.Reason.UNKNOWN_KEY
+                and self._clock() - tenant.unknown_key_at >= self._unknown_key_refresh_s):
+            # A key rotated since the list was fetched (and the event not seen yet): fetch, try again.
+            tenant.unknown_key_at = self._clock()
+            await self._refresh(tenant_id, tenant)
+            result = tenant.verifier.verify(code, now_s=now, expected_tenant_id=uuid.UUID(tenant_id), purpose=purpose)
+        elif self._clock() - tenant.fetched_at >= self._refresh_s and tenant.refreshing is None:
+            tenant.refreshing = asyncio.ensure_future(self._refresh_in_background(tenant_id, tenant))
+        return result
+
+    # --- events --------------------------------------------------------------------------------
+
+    def trust_list_changed(self, tenant_id: str) -> None:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is not None and tenant.refreshing is None:
+            tenant.refreshing = asyncio.ensure_future(self._refresh_in_background(tenant_id, tenant))
+
+    def credential_revoked(self, tenant_id: str, *, credential_id: str, version: int) -> None:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
+            return
+        with contextlib.suppress(ValueError):
+            tenant.verifier.revocations.revoke_credential(credential_id=uuid.UUID(credential_id))
+        # The version is not advanced: a refresh reads every entry after the last one it read.
+
+    # --- fetching ------------------------------------------------------------------------------
+
+    async def _tenant(self, tenant_id: str) -> _Tenant:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is not None:
+            return tenant
+        building = self._building.get(tenant_id)
+        if building is None:
+            building = asyncio.ensure_future(self._build(tenant_id))
+            self._building[tenant_id] = building
+            building.add_done_callback(lambda _f: self._building.pop(tenant_id, None))
+        return await asyncio.shield(building)
+
+    async def _build(self, tenant_id: str) -> _Tenant:
+        trust = await self._trust_list(tenant_id)
+        revocations = codes.Revocations()
+        version = await self._read_revocations(tenant_id, revocations, since=0)
+        tenant = _Tenant(verifier=codes.Verifier(trust_list=trust, revocations=revocations),
+                         revocations_version=version, fetched_at=self._clock())
+        self._tenants[tenant_id] = tenant
+        return tenant
+
+    async def _refresh_in_background(self, tenant_id: str, tenant: _Tenant) -> None:
+        try:
+            await self._refresh(tenant_id, tenant)
+        except Exception as exc:  # noqa: BLE001 - the next code or event tries again
+            log.warning("code verifier refresh failed", tenant_id=tenant_id, error=type(exc).__name__)
+        finally:
+            tenant.refreshing = None
+
+    async def _refresh(self, tenant_id: str, tenant: _Tenant) -> None:
+        trust = await self._trust_list(tenant_id)
+        tenant.revocations_version = await self._read_revocations(tenant_id, tenant.verifier.revocations,
+                                                                  since=tenant.revocations_version)
+        tenant.verifier.replace_trust_list(trust)
+        tenant.fetched_at = self._clock()
+
+    async def _trust_list(self, tenant_id: str) -> codes.TrustList:
+        self.fetches += 1
+        try:
+            answer = await self._stub.GetTrustList(cpb.GetTrustListRequest(tenant_id=tenant_id),
+                                                   timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"codegen did not answer ({exc.code().name}); retry later",
+                              reason="CODEGEN_UNAVAILABLE") from None
+        return trust_list_from(answer)
+
+    async def _read_revocations(self, tenant_id: str, revocations: codes.Revocations, *, since: int) -> int:
+        for _ in range(MAX_REVOCATION_PAGES):
+            try:
+                page = await self._stub.GetRevocations(
+                    cpb.GetRevocationsRequest(tenant_id=tenant_id, since_version=since,
+                                              page_size=REVOCATION_PAGE_SIZE), timeout=self._timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"codegen did not answer ({exc.code().name}); retry later",
+                                  reason="CODEGEN_UNAVAILABLE") from None
+            for entry in page.entries:
+                with contextlib.suppress(ValueError):
+                    revocations.revoke_credential(credential_id=uuid.UUID(entry.credential_id))
+            since = page.version
+            if not page.more:
+                break
+        return since
+
+    def close(self) -> None:
+        for tenant in self._tenants.values():
+            if tenant.refreshing is not None:
+                tenant.refreshing.cancel()
+        for building in self._building.values():
+            building.cancel()
