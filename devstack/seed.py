@@ -33,7 +33,8 @@ BANK_CLIENT_NAME = "Demo Bank"
 ADMIN_CLIENT_NAME = "Demo University Admin"
 BANK_SCOPES = ("members:read", "members:write", "codes:issue", "wallets:read", "wallets:topup", "payments:create")
 ADMIN_SCOPES = ("members:read", "members:write", "clients:admin", "codes:issue", "devices:sync", "codes:admin",
-                "wallets:read", "wallets:topup", "ledger:admin", "statements:read", "policy:admin")
+                "wallets:read", "wallets:topup", "ledger:admin", "statements:read", "policy:admin", "devices:admin",
+                "data:read")
 CLIENT_ORDER = ("bank", "admin")
 CALL_TIMEOUT_S = 30.0
 IMPORT_POLL_S = 0.25

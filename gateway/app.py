@@ -19,10 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import TokenBucketLimiter
-from gateway.routes import codes, identity, ledger, oauth, ops, policy
+from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
+from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
@@ -65,6 +66,13 @@ OPENAPI_TAGS = [
     {"name": "policy-bundle", "description": "The published rules signed for devices, and the keys to check them "
      "(devices:sync)."},
     {"name": "payments", "description": "App-initiated payments under the published rules (payments:create)."},
+    {"name": "devices", "description": "The tenant's POS terminals, gates, shuttle readers, cabinets and kiosks "
+     "(devices:admin): registration and one-time enrolment tokens, updates, decommissioning."},
+    {"name": "alarms", "description": "The fleet's alarms (devices:admin): list, acknowledge, clear."},
+    {"name": "access", "description": "Access rules of gates and shuttle readers, and the pass/deny records "
+     "attendance comes from (devices:admin)."},
+    {"name": "rollouts", "description": "Firmware and config rollouts to a device group in stages (devices:admin)."},
+    {"name": "data", "description": "The data API (data:read): the real-time dining index per canteen."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -207,8 +215,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.policy_channel = policy_channel
             state.policy_stub = policy_pb2_grpc.PolicyServiceStub(policy_channel)
             state.policy_health_stub = health_pb2_grpc.HealthStub(policy_channel)
+        devicehub_channel = open_channel(settings.devicehub_target) if settings.devicehub_target else None
+        if devicehub_channel is not None:
+            state.devicehub_channel = devicehub_channel
+            state.devicehub_stub = devicehub_pb2_grpc.DeviceAdminServiceStub(devicehub_channel)
+            state.devicehub_health_stub = health_pb2_grpc.HealthStub(devicehub_channel)
         log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target,
-                 ledger_target=settings.ledger_target or None, policy_target=settings.policy_target or None)
+                 ledger_target=settings.ledger_target or None, policy_target=settings.policy_target or None,
+                 devicehub_target=settings.devicehub_target or None)
         try:
             yield
         finally:
@@ -224,6 +238,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.policy_stub = None
             state.policy_health_stub = None
             state.policy_channel = None
+            state.devicehub_stub = None
+            state.devicehub_health_stub = None
+            state.devicehub_channel = None
+            if devicehub_channel is not None:
+                await devicehub_channel.close()
             if policy_channel is not None:
                 await policy_channel.close()
             if ledger_channel is not None:
@@ -248,6 +267,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(codes.router)
     app.include_router(ledger.router)
     app.include_router(policy.router)
+    app.include_router(devices.router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]

@@ -38,6 +38,8 @@ LEDGER_ADMIN = "ledger:admin"
 STATEMENTS_READ = "statements:read"
 POLICY_ADMIN = "policy:admin"
 PAYMENTS_CREATE = "payments:create"
+DEVICES_ADMIN = "devices:admin"
+DATA_READ = "data:read"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -60,6 +62,11 @@ SCOPES: dict[str, str] = {
     "versions; dry-run a payment against a version or the published rules (the school's operators).",
     PAYMENTS_CREATE: "Make an app-initiated payment for a member at a merchant under the published rules "
     "(app backends, bank apps).",
+    DEVICES_ADMIN: "Administer the tenant's devices: register them and make enrolment tokens, update and "
+    "decommission them; list, acknowledge and clear alarms; set and read the access rules and list the access "
+    "records; create and follow firmware and config rollouts (the school's operators).",
+    DATA_READ: "Read the tenant's data API: the real-time dining index (people served per canteen against "
+    "capacity) for dashboards and partners.",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -220,3 +227,5 @@ AdminLedger = Annotated[Principal, Security(authorize, scopes=[LEDGER_ADMIN])]
 ReadStatements = Annotated[Principal, Security(authorize, scopes=[STATEMENTS_READ])]
 AdminPolicy = Annotated[Principal, Security(authorize, scopes=[POLICY_ADMIN])]
 CreatePayments = Annotated[Principal, Security(authorize, scopes=[PAYMENTS_CREATE])]
+AdminDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_ADMIN])]
+ReadData = Annotated[Principal, Security(authorize, scopes=[DATA_READ])]

@@ -66,7 +66,8 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpMapping] = {
 # Everything else (INTERNAL, UNKNOWN, DATA_LOSS, CANCELLED) is our fault: a bare 500.
 FALLBACK_MAPPING = HttpMapping(500, show_detail=False)
 # ErrorInfo metadata a caller needs to act on, copied into the problem body (only where the
-# detail is shown): ``rule``, the rule of a refused rule set (policy's INVALID_ARGUMENT).
+# detail is shown): ``rule``, the rule of a refused rule set (policy's INVALID_ARGUMENT) or of a
+# refused access rule document (the device hub's ACCESS_RULES_INVALID).
 SURFACED_METADATA = ("rule",)
 
 

@@ -36,6 +36,10 @@ class GatewaySettings(BaseSettings):
     # host:port of the policy gRPC service (rule sets, plans, bundles, rule-checked payments). Empty:
     # no policy behind this gateway; its routes answer 503 POLICY_NOT_CONFIGURED and /readyz leaves it out.
     policy_target: str = ""
+    # host:port of the device hub gRPC service (devices, alarms, access rules and records, rollouts,
+    # the dining index). Empty: no device hub behind this gateway; its routes answer 503
+    # DEVICEHUB_NOT_CONFIGURED and /readyz leaves it out.
+    devicehub_target: str = ""
     # HS256 key for access tokens; every gateway replica must share it.
     token_secret: SecretStr
     http_host: str = DEFAULT_HTTP_HOST
@@ -47,7 +51,8 @@ class GatewaySettings(BaseSettings):
     # The token endpoint, per client id and per caller address.
     token_rate_limit_per_s: float = Field(default=DEFAULT_TOKEN_RATE_LIMIT_PER_S, gt=0)
     token_rate_limit_burst: int = Field(default=DEFAULT_TOKEN_RATE_LIMIT_BURST, ge=1)
-    # Deadline of each call to identity, codegen, the ledger or policy; a slower answer becomes 504.
+    # Deadline of each call to identity, codegen, the ledger, policy or the device hub; a slower answer
+    # becomes 504.
     identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
     ready_timeout_s: float = Field(default=DEFAULT_READY_TIMEOUT_S, gt=0)
     log_level: str = "info"

@@ -1,5 +1,5 @@
-"""What the app holds for its lifetime: settings, the identity, codegen, ledger and policy channels
-and stubs, the rate limiters.
+"""What the app holds for its lifetime: settings, the identity, codegen, ledger, policy and device hub
+channels and stubs, the rate limiters.
 
 Created and closed by the lifespan in ``gateway.app``; routes reach it through ``gateway_state``.
 """
@@ -17,6 +17,7 @@ from gateway.problems import ProblemError
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.settings import GatewaySettings
 from onecard.codegen.v1 import codegen_pb2_grpc
+from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
@@ -45,6 +46,11 @@ class GatewayState:
     policy_stub: policy_pb2_grpc.PolicyServiceStub | None = None
     # gRPC health of the policy server, for /readyz.
     policy_health_stub: health_pb2_grpc.HealthStub | None = None
+    # None when the gateway has no devicehub_target.
+    devicehub_channel: grpc.aio.Channel | None = None
+    devicehub_stub: devicehub_pb2_grpc.DeviceAdminServiceStub | None = None
+    # gRPC health of the device hub, for /readyz.
+    devicehub_health_stub: health_pb2_grpc.HealthStub | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
@@ -75,6 +81,15 @@ class GatewayState:
                                    detail="this gateway has no policy service behind it (ONECARD_POLICY_TARGET)")
             raise RuntimeError("the gateway's lifespan has not opened the policy channel")
         return self.policy_stub
+
+    @property
+    def devicehub(self) -> devicehub_pb2_grpc.DeviceAdminServiceStub:
+        if self.devicehub_stub is None:
+            if not self.settings.devicehub_target:
+                raise ProblemError(status=503, reason="DEVICEHUB_NOT_CONFIGURED",
+                                   detail="this gateway has no device hub behind it (ONECARD_DEVICEHUB_TARGET)")
+            raise RuntimeError("the gateway's lifespan has not opened the device hub channel")
+        return self.devicehub_stub
 
     @property
     def timeout_s(self) -> float:

@@ -12,6 +12,7 @@ from gateway.models import Health
 from gateway.problems import PROBLEM_CONTENT, ProblemError
 from gateway.state import gateway_state
 from onecard.codegen.v1 import codegen_pb2
+from onecard.devicehub.v1 import devicehub_pb2
 from onecard.identity.v1 import identity_pb2
 from onecard.ledger.v1 import ledger_pb2
 from onecard.policy.v1 import policy_pb2
@@ -22,6 +23,7 @@ IDENTITY_SERVICE = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].f
 CODEGEN_SERVICE = codegen_pb2.DESCRIPTOR.services_by_name["CodegenService"].full_name
 LEDGER_SERVICE = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+DEVICEHUB_SERVICE = devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminService"].full_name
 
 
 async def _serving(stub: health_pb2_grpc.HealthStub | None, *, service: str, timeout_s: float) -> bool:
@@ -43,7 +45,7 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="The gateway can serve: the gRPC health of every upstream (identity, codegen and, when "
-    "configured, the ledger and policy) is SERVING",
+    "configured, the ledger, policy and the device hub) is SERVING",
     responses={503: {"description": "An upstream is not serving; `not_ready` names which",
                      "content": PROBLEM_CONTENT}},
 )
@@ -59,6 +61,8 @@ async def readyz(request: Request) -> Health:
         upstreams["ledger"] = (state.ledger_health_stub, LEDGER_SERVICE)
     if state.settings.policy_target:
         upstreams["policy"] = (state.policy_health_stub, POLICY_SERVICE)
+    if state.settings.devicehub_target:
+        upstreams["devicehub"] = (state.devicehub_health_stub, DEVICEHUB_SERVICE)
     answers = await asyncio.gather(*(_serving(stub, service=service, timeout_s=timeout_s)
                                      for stub, service in upstreams.values()))
     not_ready = [name for name, serving in zip(upstreams, answers, strict=True) if not serving]

@@ -1,6 +1,6 @@
 """The gateway in this process, in front of the real identity service (the ``identity`` fixture)
-and, for the routes that need them, a real codegen, a real ledger and a real policy service, reached through httpx's ASGI
-transport with the app's lifespan running.
+and, for the routes that need them, a real codegen, a real ledger, a real policy service and a real device hub,
+reached through httpx's ASGI transport with the app's lifespan running.
 
 Tenants and API clients are made directly through identity's gRPC stub, as an operator's tooling
 would; everything a partner does goes through HTTP.
@@ -21,6 +21,8 @@ from gateway.auth import (
     CLIENTS_ADMIN,
     CODES_ADMIN,
     CODES_ISSUE,
+    DATA_READ,
+    DEVICES_ADMIN,
     DEVICES_SYNC,
     LEDGER_ADMIN,
     MEMBERS_READ,
@@ -36,7 +38,7 @@ from onecard.identity.v1 import identity_pb2 as pb
 
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
 TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
-                 WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE)
+                 WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE, DEVICES_ADMIN, DATA_READ)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"
@@ -45,7 +47,7 @@ GENEROUS_RATE = 10_000.0
 
 
 def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_TARGET, ledger_target: str = "",
-                     policy_target: str = "", **overrides: Any) -> GatewaySettings:
+                     policy_target: str = "", devicehub_target: str = "", **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
         "identity_target": identity_target,
         "codegen_target": codegen_target,
@@ -53,6 +55,8 @@ def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_T
         "ledger_target": ledger_target,
         # Likewise for policy (503 POLICY_NOT_CONFIGURED).
         "policy_target": policy_target,
+        # Likewise for the device hub (503 DEVICEHUB_NOT_CONFIGURED).
+        "devicehub_target": devicehub_target,
         "token_secret": TOKEN_SECRET,
         "rate_limit_per_s": GENEROUS_RATE,
         "rate_limit_burst": int(GENEROUS_RATE),
@@ -215,16 +219,51 @@ async def policy_gateway(identity: Any, ledger_service: Any, policy_service: Any
 
 
 @pytest.fixture
-async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: Any,
-                           policy_service: Any) -> AsyncIterator[Gateway]:
-    """The gateway in front of identity, codegen, the ledger and policy: every route has its service."""
+async def devicehub_service(launch: Any, database_url: str, nats_url: str, identity: Any, codegen_service: Any,
+                            ledger_service: Any, policy_service: Any) -> Any:
+    """A real device hub beside the test's identity, codegen, ledger and policy (started here,
+    stopped after the test); its admin stub at ``.stub``, its ServiceApp (and pool) at ``.app``."""
+    from onecard.devicehub.v1 import devicehub_pb2_grpc
+    from services.devicehub.app import DevicehubSettings, build_app
+
+    settings = DevicehubSettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2,
+                                 identity_target=identity.target, codegen_target=codegen_service.target,
+                                 ledger_target=ledger_service.target, policy_target=policy_service.target)
+    return await launch(build_app(settings), stub_cls=devicehub_pb2_grpc.DeviceAdminServiceStub)
+
+
+@pytest.fixture
+async def devices_gateway(identity: Any, codegen_service: Any, ledger_service: Any, policy_service: Any,
+                          devicehub_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity, codegen, the ledger, policy and the device hub (the hub's
+    admin stub at ``.devicehub_stub``, the running hub at ``.devicehub``)."""
     settings = gateway_settings(identity_target=identity.target, codegen_target=codegen_service.target,
-                                ledger_target=ledger_service.target, policy_target=policy_service.target)
+                                ledger_target=ledger_service.target, policy_target=policy_service.target,
+                                devicehub_target=devicehub_service.target)
+    async with running_gateway(settings) as (app, http):
+        gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
+        gateway.ledger_stub = ledger_service.stub  # type: ignore[attr-defined]
+        gateway.policy_stub = policy_service.stub  # type: ignore[attr-defined]
+        gateway.devicehub_stub = devicehub_service.stub  # type: ignore[attr-defined]
+        gateway.devicehub = devicehub_service  # type: ignore[attr-defined]
+        yield gateway
+
+
+@pytest.fixture
+async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: Any, policy_service: Any,
+                           devicehub_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity, codegen, the ledger, policy and the device hub: every route
+    has its service."""
+    settings = gateway_settings(identity_target=identity.target, codegen_target=codegen_service.target,
+                                ledger_target=ledger_service.target, policy_target=policy_service.target,
+                                devicehub_target=devicehub_service.target)
     async with running_gateway(settings) as (app, http):
         gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
         gateway.codegen_stub = codegen_service.stub  # type: ignore[attr-defined]
         gateway.ledger_stub = ledger_service.stub  # type: ignore[attr-defined]
         gateway.policy_stub = policy_service.stub  # type: ignore[attr-defined]
+        gateway.devicehub_stub = devicehub_service.stub  # type: ignore[attr-defined]
+        gateway.devicehub = devicehub_service  # type: ignore[attr-defined]
         yield gateway
 
 

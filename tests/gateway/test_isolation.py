@@ -22,6 +22,8 @@ from gateway.auth import (
     CLIENTS_ADMIN,
     CODES_ADMIN,
     CODES_ISSUE,
+    DATA_READ,
+    DEVICES_ADMIN,
     DEVICES_SYNC,
     LEDGER_ADMIN,
     MEMBERS_READ,
@@ -35,6 +37,8 @@ from gateway.auth import (
     WALLETS_TOPUP,
 )
 from onecard.codegen.v1 import codegen_pb2 as cpb
+from onecard.devicehub.v1 import devicehub_pb2 as dpb
+from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
@@ -49,6 +53,10 @@ MATRIX_RULE_SET = university_rule_set()
 # A payment the rules can plan in any tenant: groups given, so the directory is not asked.
 MATRIX_PAYMENT = {"member_id": str(uuid.UUID(int=4)), "member_groups": {"role": "student"}, "scene": "store",
                   "amount_fen": 100}
+MATRIX_ACCESS_RULES = {"time_zone": "Asia/Shanghai", "rules": [
+    {"name": "intrusion", "places": ["dorm-3"], "purposes": ["access"], "from": "00:00", "to": "24:00"}]}
+MATRIX_ROLLOUT = {"target": "firmware", "version": "6.6.6", "kind": "pos", "stage_sizes": [1],
+                  "success_threshold": 1.0, "error_threshold": 1}
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,27 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/payments"): RouteCall(
         json={"merchant_account_id": str(uuid.UUID(int=3)), "amount_fen": 100, "scene": "store"},
         headers={"Idempotency-Key": "matrix-app-payment"}),
+    # The device hub. {device_id}, {alarm_id} and {rollout_id} are a device (enrolled), an open
+    # alarm of it and a rollout to it, of the tenant named by the ids.
+    ("POST", "/v1/tenants/{tenant_id}/devices"): RouteCall(
+        json={"kind": "pos", "model": "M-1", "name": "Intruder POS", "location": "intrusion"}),
+    ("GET", "/v1/tenants/{tenant_id}/devices"): RouteCall(params={"kind": "pos"}),
+    ("GET", "/v1/tenants/{tenant_id}/devices/{device_id}"): RouteCall(),
+    ("PATCH", "/v1/tenants/{tenant_id}/devices/{device_id}"): RouteCall(
+        json={"name": "Renamed", "config": {"intrusion": True}}),
+    ("POST", "/v1/tenants/{tenant_id}/devices/{device_id}/decommission"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/devices/{device_id}/enrolment-tokens"): RouteCall(json={"ttl_s": 3600}),
+    ("GET", "/v1/tenants/{tenant_id}/alarms"): RouteCall(params={"kind": "sequence_gap"}),
+    ("POST", "/v1/tenants/{tenant_id}/alarms/{alarm_id}/acknowledge"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/alarms/{alarm_id}/clear"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/access-rules"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/access-rules"): RouteCall(json=MATRIX_ACCESS_RULES),
+    ("GET", "/v1/tenants/{tenant_id}/access-records"): RouteCall(params={"location": "dorm-3"}),
+    ("POST", "/v1/tenants/{tenant_id}/rollouts"): RouteCall(json=MATRIX_ROLLOUT,
+                                                            headers={"Idempotency-Key": "matrix-rollout"}),
+    ("GET", "/v1/tenants/{tenant_id}/rollouts"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/rollouts/{rollout_id}"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/dining-index"): RouteCall(params={"window_s": 900}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -226,12 +255,17 @@ class TenantFixture:
     program_ref: str
     # Policy's: the tenant's last rule-set version (published).
     version: int
+    # The device hub's: an enrolled POS, an open alarm of it, a rollout to it.
+    device_id: str
+    alarm_id: str
+    rollout_id: str
 
     def ids(self) -> dict[str, str]:
         return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
                 "import_id": self.import_id, "client_id": self.client_id, "credential_id": self.credential_id,
                 "account_id": self.account_id, "transfer_id": self.transfer_id, "batch_id": self.batch_id,
-                "purse_kind": "subsidy", "ref": self.program_ref, "version": str(self.version)}
+                "purse_kind": "subsidy", "ref": self.program_ref, "version": str(self.version),
+                "device_id": self.device_id, "alarm_id": self.alarm_id, "rollout_id": self.rollout_id}
 
 
 async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: str) -> tuple[str, str, str]:
@@ -310,10 +344,42 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
         await policy.PublishRuleSetVersion(ppb.PublishRuleSetVersionRequest(
             tenant_id=tenant_id, version=version, published_by=f"admin {label}"))
         await policy.GetBundle(ppb.GetBundleRequest(tenant_id=tenant_id))
+    # And with the device hub: an enrolled POS with an open alarm, a rollout to it, access rules;
+    # without one, any ids.
+    device_id, alarm_id, rollout_id = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    if getattr(gateway, "devicehub_stub", None) is not None:
+        device_id, alarm_id, rollout_id = await _devicehub_fleet(gateway, tenant_id=tenant_id, label=label)
     return TenantFixture(label=label, tenant_id=tenant_id, member_id=member.member_id, member_name=name,
                          external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id,
                          credential_id=credential_id, account_id=account_id, transfer_id=transfer_id,
-                         batch_id=batch_id, program_ref=f"meal-{label}", version=version)
+                         batch_id=batch_id, program_ref=f"meal-{label}", version=version, device_id=device_id,
+                         alarm_id=alarm_id, rollout_id=rollout_id)
+
+
+async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> tuple[str, str, str]:
+    """An enrolled POS, an open alarm of it and a rollout to it: (device id, alarm id, rollout id)."""
+    from services.devicehub.alarms import Alarms
+
+    hub = gateway.devicehub_stub  # type: ignore[attr-defined]
+    registered = await hub.RegisterDevice(dpb.RegisterDeviceRequest(
+        tenant_id=tenant_id, kind=dpb.DEVICE_KIND_POS, model="M-1", name=f"Secret POS {label}",
+        location=f"canteen-{label}", scene_tags=["canteen"], capacity=50))
+    device_id = registered.device.device_id
+    await devicehub_pb2_grpc.DeviceServiceStub(gateway.devicehub.channel).Enrol(  # type: ignore[attr-defined]
+        dpb.EnrolRequest(enrolment_token=registered.enrolment_token,
+                         public_key=bytes(nacl.signing.SigningKey.generate().verify_key), firmware_version="1.0"))
+    await Alarms(gateway.devicehub.app.pool).raise_alarm(  # type: ignore[attr-defined]
+        tenant_id=tenant_id, device_id=device_id, kind=dpb.ALARM_KIND_SEQUENCE_GAP,
+        severity=dpb.ALARM_SEVERITY_WARNING, detail=f"gap at {label}")
+    alarms = await hub.ListAlarms(dpb.ListAlarmsRequest(tenant_id=tenant_id))
+    rollout = await hub.CreateRollout(dpb.CreateRolloutRequest(
+        tenant_id=tenant_id, idempotency_key=f"rollout-{label}", target=dpb.ROLLOUT_TARGET_FIRMWARE,
+        version=f"secret-{label}", kind=dpb.DEVICE_KIND_POS, stage_sizes=[1], success_threshold=1.0,
+        error_threshold=1))
+    await hub.SetAccessRules(dpb.SetAccessRulesRequest(tenant_id=tenant_id, rules_json=json.dumps({
+        "time_zone": "Asia/Shanghai", "rules": [{"name": f"secret-{label}", "places": ["dorm-3"],
+                                                 "purposes": ["access"], "from": "06:00", "to": "23:00"}]})))
+    return device_id, alarms.alarms[0].alarm_id, rollout.rollout.rollout_id
 
 
 async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
@@ -356,6 +422,19 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
             tenant_id=tid, version=tenant.version))
         answers["policy_bundle"] = await policy.GetBundle(ppb.GetBundleRequest(tenant_id=tid))
         answers["policy_keys"] = await policy.GetBundleKeys(ppb.GetBundleKeysRequest(tenant_id=tid))
+    hub = getattr(gateway, "devicehub_stub", None)
+    if hub is not None:
+        # What the device routes could change: devices, alarms, rollouts, access rules and records.
+        answers["devices"] = await hub.ListDevices(dpb.ListDevicesRequest(tenant_id=tid, page_size=200))
+        answers["device"] = await hub.GetDevice(dpb.GetDeviceRequest(tenant_id=tid, device_id=tenant.device_id))
+        for state in (dpb.ALARM_STATE_UNSPECIFIED, dpb.ALARM_STATE_CLEARED):
+            answers[f"alarms_{state}"] = await hub.ListAlarms(dpb.ListAlarmsRequest(tenant_id=tid, state=state,
+                                                                                     page_size=200))
+        answers["rollouts"] = await hub.ListRollouts(dpb.ListRolloutsRequest(tenant_id=tid, page_size=200))
+        answers["rollout"] = await hub.GetRollout(dpb.GetRolloutRequest(tenant_id=tid, rollout_id=tenant.rollout_id))
+        answers["access_rules"] = await hub.GetAccessRules(dpb.GetAccessRulesRequest(tenant_id=tid))
+        answers["access_records"] = await hub.ListAccessRecords(dpb.ListAccessRecordsRequest(tenant_id=tid,
+                                                                                              page_size=200))
     return {name: answer.SerializeToString(deterministic=True) for name, answer in answers.items()}
 
 
@@ -381,7 +460,8 @@ def leaked(response: httpx.Response, tenant: TenantFixture) -> list[str]:
         body = {k: v for k, v in body.items() if k != "instance"}
     text = str(body)
     secrets = [tenant.member_name, tenant.external_number, f"Imported {tenant.label}", f"IMP{tenant.label}",
-               tenant.tenant_id, f"rules of {tenant.label}", f"admin {tenant.label}"]
+               tenant.tenant_id, f"rules of {tenant.label}", f"admin {tenant.label}", f"Secret POS {tenant.label}",
+               f"gap at {tenant.label}", f"secret-{tenant.label}", f"canteen-{tenant.label}"]
     return [s for s in secrets if s in text]
 
 
@@ -426,7 +506,8 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
 async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(gateway: Gateway) -> None:
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN,
-                  WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE)
+                  WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE,
+                  DEVICES_ADMIN, DATA_READ)
     assert set(all_scopes) == set(SCOPES)
     token_without: dict[str, str] = {}
     for scope in all_scopes:
