@@ -28,7 +28,7 @@ from devstack.servers import Nats, Postgres, free_port
 from devstack.supervisor import ManagedProcess, Probe, grpc_health_probe, wait_healthy
 
 # Modules whose import registers benchmarks.
-SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger", "bench.policy")
+SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger", "bench.policy", "bench.devicehub")
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_SUMMARY_PATH = BENCH_DIR / "out" / "summary.json"
 DEFAULT_DURATION_S = 5.0
