@@ -1,4 +1,5 @@
-"""``python -m devstack run``: the whole mesh on one machine (what `make run` does)."""
+"""``python -m devstack run``: the whole mesh on one machine (what `make run` does).
+``python -m devstack simulate [options]``: simulated terminals against it (``python -m devstack.simulate``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,11 @@ from devstack.run import run
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_given = sys.argv[1:] if argv is None else argv
+    if args_given[:1] == ["simulate"]:
+        from devstack.simulate import main as simulate
+
+        return simulate(args_given[1:])
     parser = argparse.ArgumentParser(
         prog="python -m devstack",
         description="Run onecard locally: PostgreSQL, NATS, every service and the gateway, with a demo campus.",
@@ -17,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         "ONECARD_HOST (127.0.0.1), ONECARD_DEMO_MEMBERS (3000), DATABASE_URL and NATS_URL to use existing "
         "servers instead of the embedded ones.",
     )
-    parser.add_argument("command", choices=["run"], help="run: start everything, seed the demo, serve until Ctrl-C")
-    parser.parse_args(argv)
+    parser.add_argument("command", choices=["run", "simulate"],
+                        help="run: start everything, seed the demo, serve until Ctrl-C; "
+                        "simulate: POS terminals, gates and a cabinet against it (see simulate --help)")
+    parser.parse_args(args_given)
     return run()
 
 

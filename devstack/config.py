@@ -160,6 +160,9 @@ class DevstackConfig:
     def credentials_path(self) -> Path:
         return self.data_dir / "demo-credentials.json"
 
+    def has_service(self, name: str) -> bool:
+        return any(svc.spec.name == name for svc in self.services)
+
     def service(self, name: str) -> ServicePorts:
         for svc in self.services:
             if svc.spec.name == name:

@@ -45,6 +45,10 @@ SERVER_STOP_TIMEOUT_S = 30.0
 PIPED_PROGRESS_EVERY_S = 2.0
 # How far above a busy port to look for a free one to suggest.
 PORT_SUGGESTION_SPAN = 100
+# The small fleet `make run` starts so the platform is visibly alive (ONECARD_SIMULATOR=0: none).
+SIMULATOR_ARGS = ["--pos", "3", "--gates", "2", "--members", "30", "--rate", "1", "--offline-share", "0.25",
+                  "--report-every-s", "30", "--drain-s", "5"]
+SIMULATOR_POLL_S = 1.0
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
 
 T = TypeVar("T")
@@ -175,6 +179,9 @@ class Stack:
     database_url: str = ""
     nats_url: str = ""
     processes: list[tuple[ServicePorts, ManagedProcess]] = field(default_factory=list)
+    # Not watched: if the simulator ends, the platform goes on without it.
+    simulator: ManagedProcess | None = None
+    _simulator_shown: int = 0
 
     def check_ports(self) -> None:
         claims = self.config.port_claims()
@@ -313,7 +320,56 @@ class Stack:
                     )
             await asyncio.sleep(WATCH_INTERVAL_S)
 
+    def start_simulator(self) -> ManagedProcess | None:
+        """The device simulator as a child process (its own CPU, its own crash), when the mesh has
+        a device hub and ONECARD_SIMULATOR is not 0. Its lines go to .data/logs/simulator.log."""
+        names = {svc.spec.name for svc in self.config.services}
+        if os.environ.get("ONECARD_SIMULATOR", "1") == "0" or "devicehub" not in names:
+            return None
+        self.simulator = ManagedProcess(
+            name="simulator",
+            argv=[sys.executable, "-m", "devstack.simulate", *SIMULATOR_ARGS],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log_path=self.config.logs_dir / "simulator.log",
+        )
+        self.simulator.start()
+        self.console.status("simulator", "started",
+                            f"3 POS, 2 gates, a cabinet  pid {self.simulator.pid}  log "
+                            f"{shown_path(self.simulator.log_path)}")
+        return self.simulator
+
+    async def echo_simulator(self) -> None:
+        """Show the simulator's lines (one every 30 s, and its summary) as they come."""
+        simulator = self.simulator
+        if simulator is None:
+            return
+        while True:
+            await asyncio.sleep(SIMULATOR_POLL_S)
+            self._show_simulator_lines()
+            if simulator.returncode() is not None:
+                self.console.status("simulator", "ended", f"exit code {simulator.returncode()}  log "
+                                    f"{shown_path(simulator.log_path)}")
+                return
+
+    def _show_simulator_lines(self) -> None:
+        if self.simulator is None:
+            return
+        with contextlib.suppress(OSError):
+            with self.simulator.log_path.open("rb") as log:
+                log.seek(self._simulator_shown)
+                chunk = log.read()
+            complete = chunk.rfind(b"\n") + 1
+            self._simulator_shown += complete
+            for line in chunk[:complete].decode(errors="replace").splitlines():
+                if line.strip():
+                    self.console.status("fleet", "", line.strip())
+
     async def stop(self) -> None:
+        simulator = self.simulator
+        if simulator is not None and simulator.returncode() is None:
+            code = await simulator.stop(grace_s=self.config.stop_grace_s)
+            self._show_simulator_lines()
+            self.console.status("simulator", "stopped", "cleanly" if code in (0, -signal.SIGTERM) else f"exit code {code}")
         for svc, process in reversed(self.processes):
             if process.returncode() is not None:
                 continue
@@ -361,7 +417,8 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
     console.line(f"    (kept in {shown_path(config.credentials_path)}; identity shows a secret only once)")
     if gateway is not None and "bank" in seed.clients:
         tour = walkthrough(base_url=gateway.base_url, tenant_id=seed.tenant_id, client=seed.clients["bank"],
-                           canteen_account_id=rules.canteen_account_id if rules else "")
+                           canteen_account_id=rules.canteen_account_id if rules else "",
+                           admin=seed.clients.get("admin") if config.has_service("devicehub") else None)
         script_path = config.data_dir / "walkthrough.sh"
         write_private_text(script_path, "#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(tour) + "\n")
         console.line()
@@ -416,7 +473,14 @@ async def run_stack(config: DevstackConfig, *, console: Console) -> int:
                f" ({len(rules.merchants)} merchants)" if rules else ""),
         )
         print_ready(console, stack, seed, rules=rules)
-        await stack.watch()
+        if stack.start_simulator() is not None:
+            echo = asyncio.create_task(stack.echo_simulator(), name="simulator-echo")
+            try:
+                await stack.watch()
+            finally:
+                echo.cancel()
+        else:
+            await stack.watch()
     except asyncio.CancelledError:
         if state["signal"] is None:
             raise

@@ -1,5 +1,6 @@
 """The copy-paste tour `make run` prints: token, create a member, search, freeze, directory feed,
-then the bank's wallet calls: a top-up, the member's balances and "did this pay?".
+then the bank's wallet calls: a top-up, the member's balances and "did this pay?", an app payment,
+and, as the admin client, the device fleet: terminals, the dining index and alarms.
 
 Plain curl and python3, no jq, with the real address, tenant and credentials filled in. The same
 lines are written to ``.data/walkthrough.sh`` so they can be run as a script, and the smoke test
@@ -22,6 +23,9 @@ BALANCES_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/balances"
 PAYMENT_LOOKUP_PATH = "/v1/tenants/{tenant_id}/payments/lookup"
 UNFREEZE_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/unfreeze"
 PAYMENTS_PATH = "/v1/tenants/{tenant_id}/members/{member_id}/payments"
+DEVICES_PATH = "/v1/tenants/{tenant_id}/devices"
+DINING_INDEX_PATH = "/v1/tenants/{tenant_id}/dining-index"
+ALARMS_PATH = "/v1/tenants/{tenant_id}/alarms"
 SEARCH_PREFIX = "Zhou"
 
 _JSON_FIELD = "python3 -c 'import json,sys;print(json.load(sys.stdin)[\"{field}\"])'"
@@ -42,6 +46,18 @@ _PAID = (
     "python3 -c 'import json,sys;a=json.load(sys.stdin);"
     "print(\"paid\", a[\"transfer\"][\"amount_fen\"], \"fen\") if a[\"paid\"] else print(\"not paid:\", a[\"reason\"])'"
 )
+_LIST_DEVICES = (
+    "python3 -c 'import json,sys;[print(d[\"kind\"], d[\"name\"], d[\"location\"], "
+    "\"online\" if d[\"online\"] else \"offline\") for d in json.load(sys.stdin)[\"devices\"]]'"
+)
+_LIST_DINING = (
+    "python3 -c 'import json,sys;[print(l[\"location\"], l[\"served\"], \"served in 15 min, capacity\", "
+    "l[\"capacity\"], \"load\", l[\"load\"]) for l in json.load(sys.stdin)[\"locations\"]]'"
+)
+_LIST_ALARMS = (
+    "python3 -c 'import json,sys;a=json.load(sys.stdin)[\"alarms\"];print(len(a), \"open alarms\");"
+    "[print(\" \", x[\"severity\"], x[\"kind\"], x[\"detail\"]) for x in a]'"
+)
 _LIST_CHANGES = (
     "python3 -c 'import json,sys;[print(c[\"sequence\"], c[\"kind\"], c[\"member\"][\"name\"]) "
     "for c in json.load(sys.stdin)[\"changes\"]]'"
@@ -53,8 +69,31 @@ def _shell_path(template: str) -> str:
     return "$GW" + template.format(tenant_id="$TENANT", member_id="$MEMBER")
 
 
-def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient, canteen_account_id: str = "") -> list[str]:
+def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient, canteen_account_id: str = "",
+                admin: DemoClient | None = None) -> list[str]:
     auth = '-H "Authorization: Bearer $TOKEN"'
+    return _bank_steps(base_url=base_url, tenant_id=tenant_id, client=client, canteen_account_id=canteen_account_id,
+                       auth=auth) + ([] if admin is None else _fleet_steps(admin))
+
+
+def _fleet_steps(admin: DemoClient) -> list[str]:
+    auth = '-H "Authorization: Bearer $ADMIN_TOKEN"'
+    return [
+        "",
+        f"# 10. The device fleet, as {admin.name} (scopes devices:admin and data:read): the terminals the",
+        "#     simulator runs (some go offline and come back), the dining index (people served per canteen in",
+        "#     the last 15 minutes against capacity) and the open alarms",
+        f"ADMIN_TOKEN=$(curl -sf -X POST \"{_shell_path(TOKEN_PATH)}\" -d grant_type=client_credentials \\",
+        f"    -d client_id={shlex.quote(admin.client_id)} -d client_secret={shlex.quote(admin.client_secret)} "
+        "-d tenant_id=\"$TENANT\" \\",
+        f"    | {_JSON_FIELD.format(field='access_token')})",
+        f'curl -sf "{_shell_path(DEVICES_PATH)}?page_size=10" {auth} | {_LIST_DEVICES}',
+        f'curl -sf "{_shell_path(DINING_INDEX_PATH)}" {auth} | {_LIST_DINING}',
+        f'curl -sf "{_shell_path(ALARMS_PATH)}?page_size=5" {auth} | {_LIST_ALARMS}',
+    ]
+
+
+def _bank_steps(*, base_url: str, tenant_id: str, client: DemoClient, canteen_account_id: str, auth: str) -> list[str]:
     return [
         f"GW={shlex.quote(base_url)}",
         f"TENANT={shlex.quote(tenant_id)}",

@@ -282,9 +282,9 @@ class AlarmPage(BaseModel):
 
 
 _ACCESS_RULES_EXAMPLE = {
-    "format": 1, "time_zone": "Asia/Shanghai",
-    "rules": [{"name": "dorm-7-students", "places": ["dorm-7"], "groups": {"role": ["student"]},
-               "weekdays": [1, 2, 3, 4, 5, 6, 7], "windows": [["06:00", "23:30"]]}],
+    "time_zone": "Asia/Shanghai",
+    "rules": [{"name": "dorm-7-students", "places": ["dorm-7"], "purposes": ["access"],
+               "groups": {"role": ["student"]}, "weekdays": [1, 2, 3, 4, 5, 6, 7], "from": "06:00", "to": "23:30"}],
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -547,3 +548,12 @@ async def test_readiness_names_the_device_hub_when_it_is_down(identity: Any, cod
                 break
             assert asyncio.get_running_loop().time() < deadline, body
             await asyncio.sleep(0.05)
+
+
+def test_the_access_rules_example_in_the_api_docs_is_a_valid_document() -> None:
+    from onecard_device.access import parse_access_rules
+
+    from gateway.routes.devices import _ACCESS_RULES_EXAMPLE
+
+    rules = parse_access_rules(json.dumps(_ACCESS_RULES_EXAMPLE))
+    assert [rule.name for rule in rules.rules] == ["dorm-7-students"]
