@@ -70,7 +70,8 @@ def timestamp(value: timestamp_pb2.Timestamp) -> datetime | None:
     return value.ToDatetime(tzinfo=UTC)
 
 
-def _or_none(value: str) -> str | None:
+def or_none(value: str) -> str | None:
+    """An empty protobuf string as JSON null."""
     return value or None
 
 
@@ -218,7 +219,7 @@ def member_from_pb(member: pb.Member) -> Member:
             )
             for card in member.cards
         ],
-        face_enrolment_ref=_or_none(member.face_enrolment_ref),
+        face_enrolment_ref=or_none(member.face_enrolment_ref),
         created_at=timestamp(member.created_at),
         updated_at=timestamp(member.updated_at),
         version=member.version,
@@ -373,12 +374,12 @@ def import_from_pb(value: pb.MemberImport) -> MemberImport:
         rows_unchanged=value.rows_unchanged,
         rows_failed=value.rows_failed,
         errors=[
-            ImportRowError(line=e.line, external_number=_or_none(e.external_number), reason=e.reason)
+            ImportRowError(line=e.line, external_number=or_none(e.external_number), reason=e.reason)
             for e in value.errors
         ],
         created_at=timestamp(value.created_at),
         finished_at=timestamp(value.finished_at),
-        failure=_or_none(value.failure),
+        failure=or_none(value.failure),
     )
 
 

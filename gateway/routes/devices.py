@@ -23,7 +23,6 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Response
-from google.protobuf import timestamp_pb2
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from gateway.auth import AdminDevices, ReadData
@@ -32,6 +31,8 @@ from gateway.problems import ProblemError, problem_responses
 from gateway.routes.ledger import IdempotencyKeyHeader, _key
 from gateway.state import State
 from onecard.devicehub.v1 import devicehub_pb2 as pb
+from gateway.models import or_none
+from runtime.wire import timestamp_pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
@@ -84,18 +85,6 @@ AlarmId = Annotated[str, Path(pattern=UUID_PATTERN, description="An alarm id (UU
 RolloutId = Annotated[str, Path(pattern=UUID_PATTERN, description="A rollout id (UUID).")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 PageToken = Annotated[str, Query(max_length=MAX_CURSOR_CHARS, description="next_page_token of the page before.")]
-
-
-def _or_none(value: str) -> str | None:
-    return value or None
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _document(value: str) -> dict[str, Any] | None:
@@ -164,12 +153,12 @@ def _device(d: pb.Device) -> DeviceOut:
     return DeviceOut(
         tenant_id=d.tenant_id, device_id=d.device_id, kind=enum_name(pb.DeviceKind, value=d.kind), model=d.model,
         name=d.name, location=d.location, scene_tags=list(d.scene_tags),
-        merchant_account_id=_or_none(d.merchant_account_id), parent_device_id=_or_none(d.parent_device_id),
-        status=enum_name(pb.DeviceStatus, value=d.status), firmware_version=_or_none(d.firmware_version),
+        merchant_account_id=or_none(d.merchant_account_id), parent_device_id=or_none(d.parent_device_id),
+        status=enum_name(pb.DeviceStatus, value=d.status), firmware_version=or_none(d.firmware_version),
         config_version=d.config_version, reported_config_version=d.reported_config_version,
         config=_document(d.config_json), online=d.online, last_seen_at=timestamp(d.last_seen_at),
         queue_depth=d.queue_depth, clock_offset_ms=d.clock_offset_ms, last_settled_sequence=d.last_settled_sequence,
-        capacity=d.capacity, created_at=timestamp(d.created_at), key_fingerprint=_or_none(d.key_fingerprint),
+        capacity=d.capacity, created_at=timestamp(d.created_at), key_fingerprint=or_none(d.key_fingerprint),
     )
 
 
@@ -271,8 +260,8 @@ def _alarm(a: pb.Alarm) -> AlarmOut:
         tenant_id=a.tenant_id, alarm_id=a.alarm_id, device_id=a.device_id, kind=enum_name(pb.AlarmKind, value=a.kind),
         severity=enum_name(pb.AlarmSeverity, value=a.severity), state=enum_name(pb.AlarmState, value=a.state),
         detail=a.detail, count=a.count, opened_at=timestamp(a.opened_at), last_raised_at=timestamp(a.last_raised_at),
-        acknowledged_at=timestamp(a.acknowledged_at), acknowledged_by=_or_none(a.acknowledged_by),
-        cleared_at=timestamp(a.cleared_at), cleared_by=_or_none(a.cleared_by),
+        acknowledged_at=timestamp(a.acknowledged_at), acknowledged_by=or_none(a.acknowledged_by),
+        cleared_at=timestamp(a.cleared_at), cleared_by=or_none(a.cleared_by),
     )
 
 
@@ -329,9 +318,9 @@ class AccessRecordOut(BaseModel):
 
 def _access_record(r: pb.AccessRecord) -> AccessRecordOut:
     return AccessRecordOut(
-        tenant_id=r.tenant_id, device_id=r.device_id, member_id=_or_none(r.member_id), location=r.location,
+        tenant_id=r.tenant_id, device_id=r.device_id, member_id=or_none(r.member_id), location=r.location,
         method=enum_name(pb.Method, value=r.method) if r.method else None, passed=r.passed, reason=r.reason,
-        nonce=r.nonce, event_time=timestamp(r.event_time), offline=r.offline, rule=_or_none(r.rule),
+        nonce=r.nonce, event_time=timestamp(r.event_time), offline=r.offline, rule=or_none(r.rule),
     )
 
 
@@ -410,15 +399,15 @@ def _step(value: int) -> str:
 def _rollout(r: pb.Rollout) -> RolloutOut:
     return RolloutOut(
         tenant_id=r.tenant_id, rollout_id=r.rollout_id, target=enum_name(pb.RolloutTarget, value=r.target),
-        version=_or_none(r.version), config=_document(r.config_json),
-        kind=enum_name(pb.DeviceKind, value=r.kind) if r.kind else None, model=_or_none(r.model),
-        location=_or_none(r.location), stage_sizes=list(r.stage_sizes), success_threshold=r.success_threshold,
+        version=or_none(r.version), config=_document(r.config_json),
+        kind=enum_name(pb.DeviceKind, value=r.kind) if r.kind else None, model=or_none(r.model),
+        location=or_none(r.location), stage_sizes=list(r.stage_sizes), success_threshold=r.success_threshold,
         error_threshold=r.error_threshold, state=enum_name(pb.RolloutState, value=r.state),
         current_stage=r.current_stage,
         devices=[RolloutDeviceOut(device_id=d.device_id, stage=d.stage, step=_step(d.step),
-                                  reported_version=_or_none(d.reported_version), detail=_or_none(d.detail),
+                                  reported_version=or_none(d.reported_version), detail=or_none(d.detail),
                                   updated_at=timestamp(d.updated_at)) for d in r.devices],
-        created_at=timestamp(r.created_at), detail=_or_none(r.detail),
+        created_at=timestamp(r.created_at), detail=or_none(r.detail),
     )
 
 
@@ -628,7 +617,7 @@ async def clear_alarm(tenant_id: TenantId, alarm_id: AlarmId, state: State, prin
 async def get_access_rules(tenant_id: TenantId, state: State, _principal: AdminDevices) -> AccessRulesOut:
     answer = await state.devicehub.GetAccessRules(pb.GetAccessRulesRequest(tenant_id=tenant_id),
                                                   timeout=state.timeout_s)
-    return AccessRulesOut(version=answer.version, sha256=_or_none(answer.sha256), rules=_document(answer.rules_json))
+    return AccessRulesOut(version=answer.version, sha256=or_none(answer.sha256), rules=_document(answer.rules_json))
 
 
 @router.put("/v1/tenants/{tenant_id}/access-rules", response_model=AccessRulesSetOut, tags=["access"],
@@ -669,7 +658,7 @@ async def list_access_records(
     answer = await state.devicehub.ListAccessRecords(
         pb.ListAccessRecordsRequest(
             tenant_id=tenant_id, device_id=(device or "").lower(), member_id=(member or "").lower(),
-            location=location or "", since=_ts(since), until=_ts(until), page_size=page_size, page_token=page_token,
+            location=location or "", since=timestamp_pb(since), until=timestamp_pb(until), page_size=page_size, page_token=page_token,
         ),
         timeout=state.timeout_s,
     )

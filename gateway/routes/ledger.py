@@ -35,6 +35,8 @@ from gateway.problems import ProblemError, problem_responses
 from gateway.state import GatewayState, State
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as pb
+from gateway.models import or_none
+from runtime.wire import timestamp_pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
@@ -81,18 +83,6 @@ def _key(value: str | None) -> str:
         raise ProblemError(status=400, reason="IDEMPOTENCY_KEY_REQUIRED",
                            detail="send an Idempotency-Key header with every write (e.g. a UUID)")
     return value
-
-
-def _or_none(value: str) -> str | None:
-    return value or None
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -288,8 +278,8 @@ def _transfer(t: pb.Transfer) -> TransferOut:
         amount_fen=t.amount_fen,
         postings=[PostingOut(account_id=p.account_id, amount_fen=p.amount_fen, pending_fen=p.pending_fen)
                   for p in t.postings],
-        merchant_account_id=_or_none(t.merchant_account_id), device_id=_or_none(t.device_id),
-        external_ref=_or_none(t.external_ref), original_transfer_id=_or_none(t.original_transfer_id),
+        merchant_account_id=or_none(t.merchant_account_id), device_id=or_none(t.device_id),
+        external_ref=or_none(t.external_ref), original_transfer_id=or_none(t.original_transfer_id),
         event_time=timestamp(t.event_time), booked_at=timestamp(t.booked_at),
         code=CodeOut(credential_id=t.code.credential_id, counter=t.code.counter) if t.HasField("code") else None,
     )
@@ -318,8 +308,8 @@ def _batch(b: pb.GrantBatch) -> GrantBatchOut:
 
 def _row(r: pb.GrantRowResult) -> GrantRowOut:
     return GrantRowOut(line=r.line, member_id=r.member_id, amount_fen=r.amount_fen,
-                       status=enum_name(pb.GrantRowStatus, value=r.status), transfer_id=_or_none(r.transfer_id),
-                       account_id=_or_none(r.account_id), reason=_or_none(r.reason), message=_or_none(r.message))
+                       status=enum_name(pb.GrantRowStatus, value=r.status), transfer_id=or_none(r.transfer_id),
+                       account_id=or_none(r.account_id), reason=or_none(r.reason), message=or_none(r.message))
 
 
 async def _member_must_exist(state: GatewayState, *, tenant_id: str, member_id: str) -> None:
@@ -552,7 +542,7 @@ async def define_program(tenant_id: TenantId, body: ProgramIn, response: Respons
                          _principal: AdminLedger) -> DefinedProgramOut:
     answer = await state.ledger.DefineProgram(
         pb.DefineProgramRequest(tenant_id=tenant_id, purse_kind=enum_value(pb.PurseKind, name=body.purse_kind),
-                                ref=body.ref, funding_account_id=body.funding_account_id, ends_at=_ts(body.ends_at)),
+                                ref=body.ref, funding_account_id=body.funding_account_id, ends_at=timestamp_pb(body.ends_at)),
         timeout=state.timeout_s,
     )
     response.status_code = 201 if answer.created else 200

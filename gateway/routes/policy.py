@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Path, Query, Response
-from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import AdminPolicy, CreatePayments, SyncDevices
@@ -39,6 +38,8 @@ from gateway.state import GatewayState, State
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as pb
+from gateway.models import or_none
+from runtime.wire import timestamp_pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
@@ -58,18 +59,6 @@ SHA256_HEADER = "X-Onecard-Policy-Sha256"
 
 RuleSetStatusName = Literal["draft", "published", "superseded"]
 ChannelName = Literal["online", "offline"]
-
-
-def _or_none(value: str) -> str | None:
-    return value or None
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -102,8 +91,8 @@ class RuleSetVersionOut(BaseModel):
 def _version(v: pb.RuleSetVersion) -> RuleSetVersionOut:
     return RuleSetVersionOut(
         version=v.version, status=enum_name(pb.RuleSetStatus, value=v.status), sha256=v.sha256,
-        note=_or_none(v.note), created_at=timestamp(v.created_at), published_at=timestamp(v.published_at),
-        published_by=_or_none(v.published_by), document=json.loads(v.document) if v.document else None,
+        note=or_none(v.note), created_at=timestamp(v.created_at), published_at=timestamp(v.published_at),
+        published_by=or_none(v.published_by), document=json.loads(v.document) if v.document else None,
     )
 
 
@@ -219,12 +208,12 @@ def _plan(p: pb.Plan) -> PlanOut:
     return PlanOut(
         approved=p.approved, reason=p.reason, amount_fen=p.amount_fen,
         legs=[LegOut(purse_kind=enum_name(lpb.PurseKind, value=leg.purse_kind), ref=leg.ref,
-                     account_id=_or_none(leg.account_id), amount_fen=leg.amount_fen) for leg in p.legs],
-        charged_fen=p.charged_fen, discount_fen=p.discount_fen, coupon=_or_none(p.coupon),
-        benefit=_or_none(p.benefit), benefit_funding_fen=p.benefit_funding_fen,
+                     account_id=or_none(leg.account_id), amount_fen=leg.amount_fen) for leg in p.legs],
+        charged_fen=p.charged_fen, discount_fen=p.discount_fen, coupon=or_none(p.coupon),
+        benefit=or_none(p.benefit), benefit_funding_fen=p.benefit_funding_fen,
         guards=[GuardOut(counter_key=g.counter_key, increment=g.increment, limit=g.limit) for g in p.guards],
-        pin_required=p.pin_required, scene=_or_none(p.scene), meal_period=_or_none(p.meal_period),
-        service_date=_or_none(p.service_date), detail=_or_none(p.detail), rule_set_version=p.rule_set_version,
+        pin_required=p.pin_required, scene=or_none(p.scene), meal_period=or_none(p.meal_period),
+        service_date=or_none(p.service_date), detail=or_none(p.detail), rule_set_version=p.rule_set_version,
         rule_set_sha256=p.rule_set_sha256,
         counters=[CounterOut(counter_key=c.counter_key, value=c.value) for c in p.counters],
     )
@@ -380,7 +369,7 @@ async def _payment_request(state: GatewayState, *, tenant_id: str, body: Payment
         groups = dict(answer.member.groups)
     return pb.PaymentRequest(member_id=body.member_id, member_groups=groups, scene=body.scene or "",
                              merchant_id=body.merchant_id or "", device_id=body.device_id or "",
-                             amount_fen=body.amount_fen, time=_ts(body.time), channel=body.channel or "")
+                             amount_fen=body.amount_fen, time=timestamp_pb(body.time), channel=body.channel or "")
 
 
 @router.post("/v1/tenants/{tenant_id}/rule-sets/{version}/dry-run", response_model=PlanOut, tags=["policy"],
@@ -500,7 +489,7 @@ async def create_payment(
     )
     response.status_code = 201 if answer.paid else 200
     return PaymentOut(
-        paid=answer.paid, reason=_or_none(answer.reason),
+        paid=answer.paid, reason=or_none(answer.reason),
         plan=_plan(answer.plan) if answer.HasField("plan") else None,
         transfer=_transfer(answer.transfer) if answer.paid and answer.HasField("transfer") else None,
         balances=[_balance(b) for b in answer.balances], repeated=answer.repeated,
