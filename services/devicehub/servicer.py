@@ -198,6 +198,13 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
             return 0
         return int(await self._hub.tx.last_settled_sequence(str(device.tenant_id), str(device.device_id)))
 
+    async def _settled_page(self, tenant_id: uuid.UUID, devices: list[Device]) -> dict[str, int]:
+        """``_settled`` of a page of devices, in one query."""
+        ids = [str(d.device_id) for d in devices if d.status != DeviceStatus.PENDING]
+        if self._hub.tx is None or not ids:
+            return {}
+        return {k: int(v) for k, v in (await self._hub.tx.last_settled_sequences(str(tenant_id), ids)).items()}
+
     async def GetDevice(self, request: pb.GetDeviceRequest, context: grpc.aio.ServicerContext
                         ) -> pb.GetDeviceResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
@@ -222,8 +229,9 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
         after = paging.parse_page_token(request.page_token)
         devices = await self._hub.store.devices(tenant_id=tenant_id, where=where, after=after, limit=limit + 1)
         page = devices[:limit]
+        settled = await self._settled_page(tenant_id, page)
         return pb.ListDevicesResponse(
-            devices=[device_pb(d) for d in page],
+            devices=[device_pb(d, last_settled_sequence=settled.get(str(d.device_id), 0)) for d in page],
             next_page_token=paging.page_token(page[-1].seq) if len(devices) > limit else "",
         )
 

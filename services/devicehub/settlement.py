@@ -134,6 +134,12 @@ class Settlement:
         highest, missing = await self._store.sequences(tenant_id=uuid.UUID(tenant_id), device_id=uuid.UUID(device_id))
         return watermark(highest, missing)
 
+    async def last_settled_sequences(self, tenant_id: str, device_ids: list[str]) -> dict[str, int]:
+        """``last_settled_sequence`` of many devices of a tenant, in one query (0 for a device with none)."""
+        found = await self._store.sequences_of(tenant_id=uuid.UUID(tenant_id),
+                                               device_ids=[uuid.UUID(d) for d in device_ids])
+        return {d: watermark(*found[uuid.UUID(d)]) if uuid.UUID(d) in found else 0 for d in device_ids}
+
     async def upload(self, device: DeviceContext, msg: pb.Upload) -> pb.UploadResult:
         count = len(msg.records)
         if count == 0:

@@ -278,6 +278,9 @@ class Transactions:
     async def last_settled_sequence(self, tenant_id: str, device_id: str) -> int:
         return await self.settlement.last_settled_sequence(tenant_id, device_id)
 
+    async def last_settled_sequences(self, tenant_id: str, device_ids: list[str]) -> dict[str, int]:
+        return await self.settlement.last_settled_sequences(tenant_id, device_ids)
+
     async def cabinet_order(self, device: DeviceContext, msg: pb.CabinetOrder) -> pb.CabinetResult:
         return await self.cabinets.order(device, msg)
 

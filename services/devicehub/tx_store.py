@@ -230,6 +230,16 @@ class TxStore:
             tenant_id, device_id)
         return (row["highest"], list(row["missing"])) if row else (0, [])
 
+    async def sequences_of(self, *, tenant_id: uuid.UUID, device_ids: list[uuid.UUID]
+                           ) -> dict[uuid.UUID, tuple[int, list[int]]]:
+        """``sequences`` for many devices of a tenant in one query; devices with none are left out."""
+        if not device_ids:
+            return {}
+        rows = await self._pool.fetch(
+            "SELECT device_id, highest, missing FROM device_sequences WHERE tenant_id = $1 AND device_id = ANY($2)",
+            tenant_id, device_ids)
+        return {row["device_id"]: (row["highest"], list(row["missing"])) for row in rows}
+
     # --- access rules --------------------------------------------------------------------------
 
     async def current_access_rules(self, tenant_id: uuid.UUID) -> tuple[int, str, str] | None:

@@ -76,9 +76,10 @@ async def start_devicehub(launch: Launch, database_url: str, nats_url: str, iden
     """Starts devicehub apps (settings overridable) beside the test's mesh; stops them after."""
 
     async def start(**overrides: Any) -> RunningService:
-        settings = devicehub_settings(
-            database_url=database_url, nats_url=nats_url, identity_target=identity.target,
-            codegen_target=codegen.target, policy_target=policy.target, ledger_target=ledger.target, **overrides)
+        # The mesh's targets unless overridden (e.g. policy reached through a faulty link).
+        values: dict[str, Any] = {"identity_target": identity.target, "codegen_target": codegen.target,
+                                  "policy_target": policy.target, "ledger_target": ledger.target, **overrides}
+        settings = devicehub_settings(database_url=database_url, nats_url=nats_url, **values)
         return await launch(build_devicehub(settings), stub_cls=devicehub_pb2_grpc.DeviceAdminServiceStub)
 
     return start

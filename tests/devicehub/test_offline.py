@@ -137,6 +137,13 @@ async def test_a_whole_lunch_offline_settles_every_record_once_twice_over(
         await conn_a.close()
         conn_a = await online(device_stub, pos_a)
         assert conn_a.welcome.last_settled_sequence == 300
+        # The fleet list says what each device may drop, as GetDevice does.
+        listed = await devicehub.stub.ListDevices(pb.ListDevicesRequest(tenant_id=tenant_id))
+        settled_of = {d.device_id: d.last_settled_sequence for d in listed.devices}
+        assert settled_of == {pos_a.device_id: 300, pos_b.device_id: 1}, settled_of
+        for pos in (pos_a, pos_b):
+            got = await devicehub.stub.GetDevice(pb.GetDeviceRequest(tenant_id=tenant_id, device_id=pos.device_id))
+            assert got.device.last_settled_sequence == settled_of[pos.device_id]
     finally:
         await conn_a.close()
         await conn_b.close()
