@@ -127,7 +127,8 @@ class BenchDevice:
 
 
 class Mesh:
-    def __init__(self, targets: dict[str, str], pids: dict[str, int]):
+    def __init__(self, context: BenchContext, mark: int, targets: dict[str, str], pids: dict[str, int]):
+        self.context, self.mark = context, mark
         self.targets, self.pids = targets, pids
         self.channels = {name: open_channel(target) for name, target in targets.items()}
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channels["identity"])
@@ -140,12 +141,16 @@ class Mesh:
     async def close(self) -> None:
         for channel in self.channels.values():
             await channel.close()
+        # Its relays and consumers must not go on working while the next benchmark measures.
+        await self.context.stop_children_since(self.mark)
 
 
-async def _start_mesh(context: BenchContext) -> Mesh:
+async def _start_mesh(context: BenchContext, name: str) -> Mesh:
+    """The five services on a database of their own (not what earlier benchmarks left behind)."""
     targets: dict[str, str] = {}
     pids: dict[str, int] = {}
-    database_url = context.database_url()
+    mark = context.children
+    database_url = context.fresh_database(name)
     for name, module, env in (
         ("identity", "services.identity", {}),
         ("codegen", "services.codegen", {"ONECARD_CODEGEN_MASTER_KEY": BENCH_CODEGEN_KEY}),
@@ -156,7 +161,7 @@ async def _start_mesh(context: BenchContext) -> Mesh:
         wired = {f"ONECARD_{peer.upper()}_TARGET": target for peer, target in targets.items()}
         targets[name], pids[name] = await context.start_grpc_service(
             name=f"{name}-dh", module=module, env={**wired, **env}, database_url=database_url)
-    return Mesh(targets, pids)
+    return Mesh(context, mark, targets, pids)
 
 
 async def _gather_limited(coros: list, limit: int = SETUP_CONCURRENCY) -> list:
@@ -251,7 +256,7 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 async def online_pay(context: BenchContext) -> Figures:
     load = context.load
     duration_s = ONLINE_DURATION_S if load.duration_s == DEFAULT_DURATION_S else load.duration_s
-    mesh = await _start_mesh(context)
+    mesh = await _start_mesh(context, "devicehub_online")
     campus = Campus()
     devices: list[BenchDevice] = []
     try:
@@ -329,7 +334,7 @@ def _signed_record(device: BenchDevice, record: dpb.OfflineRecord) -> dpb.Offlin
 @benchmark("devicehub.offline_settle",
            description="100,000 device-signed offline records uploaded on 10 streams and settled by the ledger")
 async def offline_settle(context: BenchContext) -> Figures:
-    mesh = await _start_mesh(context)
+    mesh = await _start_mesh(context, "devicehub_offline")
     campus = Campus()
     devices: list[BenchDevice] = []
     try:

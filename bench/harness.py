@@ -110,6 +110,26 @@ class BenchContext:
             self._postgres.start()
         return self._postgres.dsn()
 
+    def fresh_database(self, name: str) -> str:
+        """A new, empty database on the shared server, for a benchmark that must not find what the
+        ones before it wrote (tables, dead rows, outbox backlogs)."""
+        self.database_url()
+        assert self._postgres is not None
+        return self._postgres.create_database(name)
+
+    @property
+    def children(self) -> int:
+        """How many child processes were started so far: a mark for ``stop_children_since``."""
+        return len(self._processes)
+
+    async def stop_children_since(self, mark: int) -> None:
+        """Stop the children started after ``mark``, newest first, so a benchmark's services do not
+        go on working (relays, consumers) while the next benchmark measures."""
+        started = self._processes[mark:]
+        del self._processes[mark:]
+        for process in reversed(started):
+            await process.stop(grace_s=STOP_GRACE_S)
+
     def durable_postgres(self) -> Postgres:
         """A second PostgreSQL with fsync on and synchronous_commit at its default (on), for the
         figures whose meaning includes each commit's flush to disk (the ledger against pgbench)."""
