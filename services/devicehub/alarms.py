@@ -113,6 +113,10 @@ def _severity_name(severity: int) -> str:
     return name
 
 
+# Who clears an alarm whose condition went away by itself.
+CLEARED_BY_HUB = "devicehub"
+
+
 class Alarms:
     """The AlarmSink of devicehub, and the alarm RPCs' domain."""
 
@@ -140,6 +144,14 @@ class Alarms:
             log.info("alarm opened", tenant_id=str(tenant), device_id=str(device), kind=alarm.kind)
         return alarm
 
+    async def condition_ended(self, *, tenant_id: str | uuid.UUID, device_id: str | uuid.UUID, kind: int) -> Alarm | None:
+        """The condition behind an alarm kind went away (the gap was filled, the device is back):
+        its open alarm, if any, is cleared by ``devicehub``."""
+        tenant = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(tenant_id)
+        device = device_id if isinstance(device_id, uuid.UUID) else uuid.UUID(device_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await self.clear_open(conn, tenant_id=tenant, device_id=device, kind=kind, by=CLEARED_BY_HUB)
+
     async def clear_open(self, conn: asyncpg.Connection, *, tenant_id: uuid.UUID, device_id: uuid.UUID, kind: int,
                          by: str) -> Alarm | None:
         """Clear the device's open alarm of this kind, if any (the condition went away)."""
@@ -149,7 +161,7 @@ class Alarms:
         cleared = alarm_from_row(await AlarmStore.clear(conn, tenant_id=tenant_id, alarm_id=row["alarm_id"], by=by,
                                                         now=datetime.now(UTC)))
         await emit(conn, subject=SUBJECT_CLEARED, event_type=SUBJECT_CLEARED, tenant_id=str(tenant_id),
-                   data=_event_data(cleared))
+                   data={**_event_data(cleared), "by": by})
         return cleared
 
     async def acknowledge(self, *, tenant_id: uuid.UUID, alarm_id: str, by: str) -> Alarm:

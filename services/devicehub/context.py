@@ -33,3 +33,7 @@ class AlarmSink(Protocol):
         kind / severity: onecard.devicehub.v1.AlarmKind / AlarmSeverity values. detail: for a
         person, no codes or keys."""
         ...
+
+    async def condition_ended(self, *, tenant_id: str, device_id: str, kind: int) -> object:
+        """The condition behind this kind went away: clear the device's open alarm of it, if any."""
+        ...

@@ -73,6 +73,9 @@ class Fleet:
         await self._hub.store.mark_online(
             tenant_id=session.tenant_id, device_id=session.device_id, now=now, firmware_version=firmware,
             clock_offset_ms=offset, subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="connected"))
+        # Back: an open OFFLINE_TOO_LONG alarm has nothing left to say.
+        await self._hub.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
+                                               kind=KIND_OFFLINE_TOO_LONG)
         await self._check_drift(tenant_id=session.tenant_id, device_id=session.device_id, offset=offset)
 
     async def disconnected(self, session: Session) -> None:
@@ -92,11 +95,14 @@ class Fleet:
         health = _health(dict(heartbeat.health))
         offset = clock_offset_ms(heartbeat.device_time if heartbeat.HasField("device_time") else None, now=now)
         oldest = heartbeat.oldest_queued_at.ToDatetime(tzinfo=UTC) if heartbeat.HasField("oldest_queued_at") else None
-        await self._hub.store.heartbeat(
+        came_back = await self._hub.store.heartbeat(
             tenant_id=session.tenant_id, device_id=session.device_id, now=now,
             firmware_version=heartbeat.firmware_version, config_version=heartbeat.config_version,
             queue_depth=heartbeat.queue_depth, oldest_queued_at=oldest, clock_offset_ms=offset, health=health,
             subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="heartbeat"))
+        if came_back:
+            await self._hub.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
+                                                   kind=KIND_OFFLINE_TOO_LONG)
         await self._check_drift(tenant_id=session.tenant_id, device_id=session.device_id, offset=offset)
         if oldest is not None and heartbeat.queue_depth > 0:
             # The device's clock wrote the record's time: judge its age on the device's clock.

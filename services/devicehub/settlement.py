@@ -215,6 +215,8 @@ class Settlement:
         final = [r for r in results if r is not None]
         await self._raise_alarms(device, fresh=fresh, results=final,
                                  new_missing=sorted(set(missing) - set(old_missing)))
+        if old_missing and not missing:
+            await self._gap_filled(device)
         return pb.UploadResult(upload_id=msg.upload_id, results=final,
                                last_settled_sequence=watermark(highest, missing), missing_sequences=missing)
 
@@ -329,6 +331,14 @@ class Settlement:
         return purses
 
     # --- after the commit ----------------------------------------------------------------------
+
+    async def _gap_filled(self, device: DeviceContext) -> None:
+        """Every sequence is in: the device's SEQUENCE_GAP alarm, if open, is cleared."""
+        try:
+            await self._alarms.condition_ended(tenant_id=device.tenant_id, device_id=device.device_id,
+                                               kind=ALARM_SEQUENCE_GAP)
+        except Exception as exc:  # noqa: BLE001 - the upload is settled; the alarm is best effort
+            log.warning("alarm not cleared", kind=ALARM_SEQUENCE_GAP, error=type(exc).__name__)
 
     async def _raise_alarms(self, device: DeviceContext, *, fresh: list[_Work], results: list[pb.RecordResult],
                             new_missing: list[int]) -> None:

@@ -51,6 +51,16 @@ async def test_silent_devices_go_offline_and_raise_offline_too_long(start_device
             return (await _device(stub, tenant_id, device.device_id)).online
 
         await eventually(online, timeout=5)
+        # Back: its OFFLINE_TOO_LONG alarm cleared itself (and a new stream finds none open).
+        assert not await _alarms(stub, tenant_id, device.device_id, pb.ALARM_KIND_OFFLINE_TOO_LONG)
+    finally:
+        await connection.close()
+    connection = await connect(device_stub, device)
+    try:
+        assert not await _alarms(stub, tenant_id, device.device_id, pb.ALARM_KIND_OFFLINE_TOO_LONG)
+        cleared = await stub.ListAlarms(pb.ListAlarmsRequest(tenant_id=tenant_id, device_id=device.device_id,
+                                                             state=pb.ALARM_STATE_CLEARED))
+        assert [(a.kind, a.cleared_by) for a in cleared.alarms] == [(pb.ALARM_KIND_OFFLINE_TOO_LONG, "devicehub")]
     finally:
         await connection.close()
 

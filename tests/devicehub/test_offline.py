@@ -109,6 +109,11 @@ async def test_a_whole_lunch_offline_settles_every_record_once_twice_over(
         filled = await upload(conn_a, [records[s] for s in sorted(gap)])
         assert [r.outcome for r in filled.results] == [pb.RECORD_OUTCOME_BOOKED] * 3
         assert (list(filled.missing_sequences), filled.last_settled_sequence) == ([], 300)
+        # The gap is filled: its alarm cleared itself (the shortfall's stays for a person).
+        assert set(await alarms(devicehub, tenant_id, pos_a.device_id)) == {"SHORTFALL"}
+        cleared = await devicehub.stub.ListAlarms(pb.ListAlarmsRequest(
+            tenant_id=tenant_id, device_id=pos_a.device_id, state=pb.ALARM_STATE_CLEARED))
+        assert [(a.kind, a.cleared_by) for a in cleared.alarms] == [(pb.ALARM_KIND_SEQUENCE_GAP, "devicehub")]
 
         async def books() -> tuple[dict[str, int], int]:
             purses = {m.member_id: await balance(ledger, tenant_id, m.cash_id) for m in [*members, poor]}
