@@ -330,8 +330,12 @@ class ServiceApp:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
         if self._pool is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self._pool.close(), self.settings.shutdown_grace_s)
+            except Exception:  # noqa: BLE001 - a connection still held: close the rest by force
+                # rather than leave them open until the database server goes.
+                log.warning("database pool did not close in time; terminated")
+                self._pool.terminate()
         if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.shutdown()
         log.info("stopped")
