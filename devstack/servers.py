@@ -107,7 +107,9 @@ class Postgres:
         return self.data_dir / "postgres.log"
 
     def dsn(self, database: str = DATABASE_NAME) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+        # The embedded server has no TLS: say so, so a client does not ask first (asyncpg's TLS
+        # probe, cut short by a cancelled connect, otherwise leaves a future nobody reads).
+        return f"postgresql://postgres@{self.host}:{self.port}/{database}?sslmode=disable"
 
     def _run_as(self) -> dict[str, object]:
         user = _pg_user()
