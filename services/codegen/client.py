@@ -28,19 +28,32 @@ def trust_list_from(answer: pb.GetTrustListResponse, *, fetched_at_s: int | None
     return sdk.TrustList(keys=keys, fetched_at_s=fetched, version=answer.version)
 
 
+async def revocations_since(stub: Any, *, tenant_id: str, since: int, timeout_s: float = 10.0,
+                            page_size: int = 0) -> tuple[list[pb.RevocationEntry], int]:
+    """Every revocation entry after version ``since``, page after page, and the version to ask from
+    next time. A version below ``since`` means the list was started over (a restored database):
+    the caller should read from 0 again."""
+    entries: list[pb.RevocationEntry] = []
+    version = since
+    for _ in range(MAX_REVOCATION_PAGES):
+        page = await stub.GetRevocations(pb.GetRevocationsRequest(tenant_id=tenant_id, since_version=version,
+                                                                  page_size=page_size), timeout=timeout_s)
+        entries.extend(page.entries)
+        if page.version < version:
+            return entries, page.version
+        version = page.version
+        if not page.more:
+            break
+    return entries, version
+
+
 async def fetch_verifier_inputs(
     stub: Any, *, tenant_id: str, timeout_s: float = 10.0
 ) -> tuple[sdk.TrustList, sdk.Revocations]:
     """The tenant's whole trust list and revocation list, as the SDK's verifier takes them."""
     trust = await stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id), timeout=timeout_s)
     revocations = sdk.Revocations()
-    since = 0
-    for _ in range(MAX_REVOCATION_PAGES):
-        page = await stub.GetRevocations(pb.GetRevocationsRequest(tenant_id=tenant_id, since_version=since),
-                                         timeout=timeout_s)
-        for entry in page.entries:
-            revocations.revoke_credential(credential_id=uuid.UUID(entry.credential_id))
-        since = page.version
-        if not page.more:
-            break
+    entries, _version = await revocations_since(stub, tenant_id=tenant_id, since=0, timeout_s=timeout_s)
+    for entry in entries:
+        revocations.revoke_credential(credential_id=uuid.UUID(entry.credential_id))
     return trust_list_from(trust), revocations

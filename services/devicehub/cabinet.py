@@ -26,7 +26,9 @@ from onecard.policy.v1 import policy_pb2_grpc
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.devicehub.context import DeviceContext
 from services.devicehub.members import MemberInfo, Refused
+from services.devicehub.registry import DeviceKind, DeviceStatus
 from services.devicehub.settlement import MAX_AMOUNT_FEN, ledger_refusal, now_utc, purse_name
+from services.devicehub.store import DevicehubStore
 from services.devicehub.tx_store import CabinetOrderRow, TxStore
 
 DEFAULT_SCENE = "vending"
@@ -60,9 +62,10 @@ def _balances(holds: list[dict[str, Any]], balances: Any) -> list[dict[str, Any]
 
 
 class Cabinets:
-    def __init__(self, *, store: TxStore, policy: policy_pb2_grpc.PolicyServiceStub,
+    def __init__(self, *, store: TxStore, devices: DevicehubStore, policy: policy_pb2_grpc.PolicyServiceStub,
                  ledger: ledger_pb2_grpc.LedgerServiceStub, resolve: Resolve, timeout_s: float):
         self._store = store
+        self._devices = devices
         self._policy = policy
         self._ledger = ledger
         self._resolve = resolve
@@ -89,10 +92,10 @@ class Cabinets:
             if existing.request_sha256 != request_sha256:
                 raise Conflict("this order id was used for another order", reason="ORDER_ID_REUSED")
             return result_pb(existing)
-        cabinet = await self._store.device(tenant_id=tenant_id, device_id=cabinet_id)
-        if cabinet is None or cabinet.kind != "cabinet" or cabinet.parent_device_id != pos_id:
+        cabinet = await self._devices.device(tenant_id=tenant_id, device_id=cabinet_id)
+        if cabinet is None or cabinet.kind is not DeviceKind.CABINET or cabinet.parent_device_id != pos_id:
             raise PermissionDenied("that cabinet is not this POS's", reason="NOT_CABINET_PARENT")
-        if cabinet.status != "active":
+        if cabinet.status is not DeviceStatus.ACTIVE:
             raise PermissionDenied("that cabinet is not active", reason="CABINET_INACTIVE")
 
         def declined(reason: str, member_id: str = "") -> CabinetOrderRow:

@@ -31,6 +31,7 @@ from onecard.policy.v1 import policy_pb2
 from runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from runtime.events import Event
 from runtime.logs import get_logger
+from services.codegen.client import revocations_since
 from services.devicehub.registry import (
     SUBJECT_DEVICE_CONFIG_CHANGED,
     SUBJECT_DEVICE_DECOMMISSIONED,
@@ -161,22 +162,15 @@ class Sync:
 
     async def _revocations(self, tenant: str, since: int) -> pb.SyncUpdate | None:
         assert self._hub.codegen is not None
-        entries: list[pb.Revocation] = []
-        version = since
-        for _ in range(MAX_PAGES):
-            answer = await self._hub.codegen.GetRevocations(
-                codegen_pb2.GetRevocationsRequest(tenant_id=tenant, since_version=version, page_size=REVOCATIONS_PAGE),
-                timeout=self._timeout)
-            entries += [pb.Revocation(credential_id=e.credential_id, member_id=e.member_id,
-                                      not_after=e.not_after if e.HasField("not_after") else None)
-                        for e in answer.entries]
-            if answer.version < version:
-                return await self._revocations(tenant, 0) if since else None
-            version = answer.version
-            if not answer.more:
-                break
+        found, version = await revocations_since(self._hub.codegen, tenant_id=tenant, since=since,
+                                                 timeout_s=self._timeout, page_size=REVOCATIONS_PAGE)
+        if version < since:
+            # The device holds a version the source never made (restored database): start over.
+            return await self._revocations(tenant, 0) if since else None
         if version == since:
             return None
+        entries = [pb.Revocation(credential_id=e.credential_id, member_id=e.member_id,
+                                 not_after=e.not_after if e.HasField("not_after") else None) for e in found]
         return pb.SyncUpdate(kind=pb.SYNC_KIND_REVOCATIONS, from_version=since, version=version, full=since == 0,
                              revocations=entries)
 

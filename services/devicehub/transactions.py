@@ -43,6 +43,7 @@ from services.devicehub.settlement import (
     now_utc,
     purse_name,
 )
+from services.devicehub.store import DevicehubStore
 from services.devicehub.tx_store import SUBJECT_ACCESS_RULES_CHANGED, ServedRow, TxStore
 from services.devicehub.verifier import PURPOSES, CodeVerifiers
 
@@ -85,7 +86,7 @@ class Transactions:
         self.access = Access(store=self._store)
         self.settlement = Settlement(store=self._store, ledger=self._ledger, alarms=alarms,
                                      member_by_card=self.members.by_card, timeout_s=timeout_s)
-        self.cabinets = Cabinets(store=self._store, policy=self._policy, ledger=self._ledger, resolve=self._resolve,
+        self.cabinets = Cabinets(store=self._store, devices=DevicehubStore(pool), policy=self._policy, ledger=self._ledger, resolve=self._resolve,
                                  timeout_s=timeout_s)
         self._recent_codes: OrderedDict[bytes, tuple[str, str, codes.Verified]] = OrderedDict()
         self._served: list[ServedRow] = []

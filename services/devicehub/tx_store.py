@@ -86,20 +86,6 @@ class CabinetOrderRow:
 
 
 @dataclass(frozen=True)
-class DeviceRow:
-    """What the transactions part reads of a device (core's table, read-only)."""
-
-    tenant_id: uuid.UUID
-    device_id: uuid.UUID
-    kind: str
-    status: str
-    location: str
-    scene_tags: tuple[str, ...]
-    merchant_account_id: str
-    parent_device_id: uuid.UUID | None
-
-
-@dataclass(frozen=True)
 class DiningRow:
     location: str
     served: int
@@ -301,18 +287,6 @@ class TxStore:
                 ORDER BY seq DESC LIMIT $8""",
             tenant_id, device_id, member_id, location, since, until, before_seq, limit)
         return [_access(r) for r in rows]
-
-    # --- devices (core's table, read-only) -----------------------------------------------------
-
-    async def device(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID) -> DeviceRow | None:
-        row = await self._pool.fetchrow(
-            """SELECT tenant_id, device_id, kind, status, location, scene_tags, merchant_account_id, parent_device_id
-               FROM devices WHERE tenant_id = $1 AND device_id = $2""", tenant_id, device_id)
-        if row is None:
-            return None
-        return DeviceRow(tenant_id=row["tenant_id"], device_id=row["device_id"], kind=row["kind"], status=row["status"],
-                         location=row["location"], scene_tags=tuple(row["scene_tags"]),
-                         merchant_account_id=row["merchant_account_id"], parent_device_id=row["parent_device_id"])
 
     # --- cabinet orders ------------------------------------------------------------------------
 

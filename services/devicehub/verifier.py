@@ -27,7 +27,7 @@ from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from runtime.errors import Unavailable
 from runtime.logs import get_logger
-from services.codegen.client import MAX_REVOCATION_PAGES, trust_list_from
+from services.codegen.client import revocations_since, trust_list_from
 
 log = get_logger(__name__)
 
@@ -161,21 +161,17 @@ class CodeVerifiers:
         return trust_list_from(answer)
 
     async def _read_revocations(self, tenant_id: str, revocations: codes.Revocations, *, since: int) -> int:
-        for _ in range(MAX_REVOCATION_PAGES):
-            try:
-                page = await self._stub.GetRevocations(
-                    cpb.GetRevocationsRequest(tenant_id=tenant_id, since_version=since,
-                                              page_size=REVOCATION_PAGE_SIZE), timeout=self._timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"codegen did not answer ({exc.code().name}); retry later",
-                                  reason="CODEGEN_UNAVAILABLE") from None
-            for entry in page.entries:
-                with contextlib.suppress(ValueError):
-                    revocations.revoke_credential(credential_id=uuid.UUID(entry.credential_id))
-            since = page.version
-            if not page.more:
-                break
-        return since
+        try:
+            entries, version = await revocations_since(self._stub, tenant_id=tenant_id, since=since,
+                                                       timeout_s=self._timeout_s, page_size=REVOCATION_PAGE_SIZE)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"codegen did not answer ({exc.code().name}); retry later",
+                              reason="CODEGEN_UNAVAILABLE") from None
+        for entry in entries:
+            with contextlib.suppress(ValueError):
+                revocations.revoke_credential(credential_id=uuid.UUID(entry.credential_id))
+        # A list started over (a restored codegen) keeps what was revoked; ask from its version on.
+        return version
 
     def close(self) -> None:
         for tenant in self._tenants.values():
