@@ -165,34 +165,29 @@ class Alarms:
         return cleared
 
     async def acknowledge(self, *, tenant_id: uuid.UUID, alarm_id: str, by: str) -> Alarm:
-        alarm_uuid = parse_uuid(alarm_id, what="alarm_id", reason="ALARM_ID_INVALID")
-        by = check_by(by)
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await self._store.get(conn, tenant_id=tenant_id, alarm_id=alarm_uuid, lock=True)
-            if row is None:
-                raise NotFound("no such alarm", reason="ALARM_NOT_FOUND")
-            if row["state"] == "cleared":
-                raise FailedPrecondition("the alarm was cleared", reason="ALARM_CLEARED")
-            if row["state"] == "acknowledged":
-                return alarm_from_row(row)
-            alarm = alarm_from_row(await AlarmStore.acknowledge(conn, tenant_id=tenant_id, alarm_id=alarm_uuid, by=by,
-                                                                now=datetime.now(UTC)))
-            await emit(conn, subject=SUBJECT_ACKNOWLEDGED, event_type=SUBJECT_ACKNOWLEDGED, tenant_id=str(tenant_id),
-                       data={**_event_data(alarm), "by": by})
-        return alarm
+        return await self._change(tenant_id=tenant_id, alarm_id=alarm_id, by=by, to="acknowledged")
 
     async def clear(self, *, tenant_id: uuid.UUID, alarm_id: str, by: str) -> Alarm:
+        return await self._change(tenant_id=tenant_id, alarm_id=alarm_id, by=by, to="cleared")
+
+    async def _change(self, *, tenant_id: uuid.UUID, alarm_id: str, by: str, to: str) -> Alarm:
+        """open -> acknowledged -> cleared, by a person. Asking for the state the alarm is in
+        answers it unchanged; acknowledging a cleared alarm is refused."""
         alarm_uuid = parse_uuid(alarm_id, what="alarm_id", reason="ALARM_ID_INVALID")
         by = check_by(by)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self._store.get(conn, tenant_id=tenant_id, alarm_id=alarm_uuid, lock=True)
             if row is None:
                 raise NotFound("no such alarm", reason="ALARM_NOT_FOUND")
-            if row["state"] == "cleared":
+            if row["state"] == to:
                 return alarm_from_row(row)
-            alarm = alarm_from_row(await AlarmStore.clear(conn, tenant_id=tenant_id, alarm_id=alarm_uuid, by=by,
-                                                          now=datetime.now(UTC)))
-            await emit(conn, subject=SUBJECT_CLEARED, event_type=SUBJECT_CLEARED, tenant_id=str(tenant_id),
+            if row["state"] == "cleared":
+                raise FailedPrecondition("the alarm was cleared", reason="ALARM_CLEARED")
+            write, subject = ((AlarmStore.acknowledge, SUBJECT_ACKNOWLEDGED) if to == "acknowledged"
+                              else (AlarmStore.clear, SUBJECT_CLEARED))
+            alarm = alarm_from_row(await write(conn, tenant_id=tenant_id, alarm_id=alarm_uuid, by=by,
+                                               now=datetime.now(UTC)))
+            await emit(conn, subject=subject, event_type=subject, tenant_id=str(tenant_id),
                        data={**_event_data(alarm), "by": by})
         return alarm
 
