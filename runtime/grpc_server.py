@@ -175,6 +175,9 @@ class ServiceApp:
     service_names: list[str]
     streams: list[StreamSpec] = field(default_factory=list)
     on_ready: Hook | None = None
+    # Runs first when the service stops, before the server drains its calls: for work that must end
+    # calls which never end by themselves (open streams), so the drain does not wait its grace out.
+    on_stop: Hook | None = None
     migrate_on_start: bool = True
 
     port: int = field(default=0, init=False)
@@ -317,6 +320,11 @@ class ServiceApp:
             return
         self._stopping = True
         await self.health.enter_graceful_shutdown()
+        if self.on_stop is not None:
+            try:
+                await asyncio.wait_for(self.on_stop(self), self.settings.shutdown_grace_s)
+            except Exception as exc:  # noqa: BLE001 - stopping goes on whatever the hook did
+                log.warning("on_stop hook failed", error=type(exc).__name__)
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
         for task in reversed(self._tasks):

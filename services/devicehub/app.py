@@ -81,6 +81,7 @@ def build_app(settings: DevicehubSettings) -> ServiceApp:
         service_names=[ADMIN_SERVICE_NAME, DEVICE_SERVICE_NAME],
         streams=[STREAM],
         on_ready=on_ready,
+        on_stop=hub.end_streams,
     )
     hub.app = app
     # Reachable from the process (tests and debugging look at connected streams through it).

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 TRANSACTIONS_MODULE = "services.devicehub.transactions"
-SHUTDOWN_WATCH_S = 0.1
 SHUTDOWN_DRAIN_S = 1.0
 
 
@@ -108,18 +107,16 @@ class Hub:
         app.spawn(self.fleet.watch_forever(), name="fleet-watcher")
         app.spawn(self._close_on_shutdown(), name="channels")
 
+    async def end_streams(self, _app: ServiceApp | None = None) -> None:
+        """At SIGTERM (ServiceApp.on_stop), end the devices' streams after the answers in flight (at
+        most a second), so the server's drain does not wait its whole grace period on streams that
+        never end by themselves, and devices reconnect to another replica at once."""
+        await self.sessions.drain_all(timeout_s=SHUTDOWN_DRAIN_S,
+                                      error=Unavailable("the hub is restarting: reconnect", reason="HUB_SHUTTING_DOWN"))
+
     async def _close_on_shutdown(self) -> None:
-        """At SIGTERM, end the devices' streams (after the answers in flight, at most a second) so
-        the server's drain does not wait its whole grace period on streams that never end by
-        themselves, and devices reconnect to another replica at once. ServiceApp has no stop hook:
-        its stopping flag is watched."""
-        app = self.app
+        """Hold the channels and the transactions part until the service's tasks are cancelled."""
         try:
-            while not getattr(app, "_stopping", False):
-                await asyncio.sleep(SHUTDOWN_WATCH_S)
-            await self.sessions.drain_all(timeout_s=SHUTDOWN_DRAIN_S,
-                                          error=Unavailable("the hub is restarting: reconnect",
-                                                            reason="HUB_SHUTTING_DOWN"))
             await asyncio.Event().wait()
         finally:
             self.sessions.close_all()
