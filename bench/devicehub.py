@@ -28,6 +28,7 @@ import nacl.signing
 from google.protobuf.timestamp_pb2 import Timestamp
 from onecard_codes import Purpose
 from onecard_codes.issue import make_holder_code
+from onecard_device.identity import challenge_message, record_message
 from onecard_policy.examples import university_rule_set
 
 from bench.harness import DEFAULT_DURATION_S, BenchContext, Figures, benchmark
@@ -59,8 +60,6 @@ OFFLINE_DEVICES = 10
 OFFLINE_RECORDS = 100_000
 UPLOAD_SIZE = 1000
 UPLOADS_IN_FLIGHT_PER_DEVICE = 2
-CHALLENGE_CONTEXT = b"onecard-device-challenge-v1\x00"
-RECORD_CONTEXT = b"onecard-device-record-v1\x00"
 
 
 class BenchDevice:
@@ -81,7 +80,7 @@ class BenchDevice:
                                                             firmware_version="bench-1")))
         challenge = await call.read()
         nonce = challenge.challenge.nonce
-        message = CHALLENGE_CONTEXT + self.tenant_id.encode() + b"\x00" + self.device_id.encode() + b"\x00" + nonce
+        message = challenge_message(tenant_id=self.tenant_id, device_id=self.device_id, nonce=nonce)
         await call.write(dpb.ConnectRequest(challenge_response=dpb.ChallengeResponse(
             signature=self.key.sign(message).signature)))
         while True:
@@ -325,8 +324,7 @@ async def online_pay(context: BenchContext) -> Figures:
 
 
 def _signed_record(device: BenchDevice, record: dpb.OfflineRecord) -> dpb.OfflineRecord:
-    body = record.SerializeToString(deterministic=True)
-    message = (RECORD_CONTEXT + device.tenant_id.encode() + b"\x00" + device.device_id.encode() + b"\x00" + body)
+    message = record_message(tenant_id=device.tenant_id, device_id=device.device_id, record=record)
     record.signature = device.key.sign(message).signature
     return record
 

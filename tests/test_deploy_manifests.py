@@ -48,3 +48,17 @@ def test_every_service_container_has_probes_limits_and_config(rendered: str) -> 
     assert container["readinessProbe"]["grpc"]["port"] == 50051
     assert container["args"] == ["services.identity"]
     assert {"configMapRef": {"name": "onecard-config"}} in container["envFrom"]
+
+
+def test_the_image_holds_every_sdk_package_the_services_import() -> None:
+    """The services import SDK packages from sdk/python; the image must copy each one."""
+    import re
+
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    packages = {p.name for p in (REPO_ROOT / "sdk" / "python").iterdir() if (p / "__init__.py").exists()}
+    imported = set()
+    for source in [*(REPO_ROOT / "services").rglob("*.py"), *(REPO_ROOT / "runtime").rglob("*.py")]:
+        imported |= set(re.findall(r"^\s*(?:from|import) (onecard_\w+)", source.read_text(), re.M)) & packages
+    assert imported, "the services import no SDK package: the check looks at the wrong place"
+    missing = sorted(p for p in imported if f"COPY sdk/python/{p} " not in dockerfile)
+    assert not missing, f"deploy/Dockerfile does not copy {missing}"

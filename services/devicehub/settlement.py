@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 import grpc
 
 from onecard.devicehub.v1 import devicehub_pb2 as pb
+from onecard_device.identity import record_message
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.errors import DomainError, FailedPrecondition, InvalidArgument, Unavailable
@@ -32,7 +33,7 @@ from runtime.logs import get_logger
 from services.devicehub.context import AlarmSink, DeviceContext
 from services.devicehub.members import MemberInfo, Refused
 from services.devicehub.tx_store import AccessRow, NewRecord, ServedRow, StoredRecord, TxStore
-from services.devicehub.verifier import record_message, record_signature_ok
+from services.devicehub.verifier import record_signature_ok
 
 log = get_logger(__name__)
 

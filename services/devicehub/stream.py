@@ -25,6 +25,7 @@ import nacl.exceptions
 import nacl.signing
 
 from onecard.devicehub.v1 import devicehub_pb2 as pb
+from onecard_device.identity import challenge_message
 from onecard.policy.v1 import policy_pb2
 from runtime.errors import Conflict, DomainError, FailedPrecondition, PermissionDenied, Unauthenticated
 from runtime.logs import get_logger
@@ -36,7 +37,6 @@ from services.devicehub.sessions import Session, _End
 
 log = get_logger(__name__)
 
-CHALLENGE_CONTEXT = b"onecard-device-challenge-v1\x00"
 NONCE_BYTES = 32
 # Requests of one device answered at once; more wait for a slot (the stream's own flow control
 # then slows the device down).
@@ -44,10 +44,6 @@ MAX_IN_FLIGHT = 64
 
 _KIND_TO_PB = {"pos": pb.DEVICE_KIND_POS, "gate": pb.DEVICE_KIND_GATE, "shuttle": pb.DEVICE_KIND_SHUTTLE,
                "cabinet": pb.DEVICE_KIND_CABINET, "kiosk": pb.DEVICE_KIND_KIOSK}
-
-
-def challenge_message(*, tenant_id: str, device_id: str, nonce: bytes) -> bytes:
-    return CHALLENGE_CONTEXT + tenant_id.encode() + b"\x00" + device_id.encode() + b"\x00" + nonce
 
 
 def device_context(device: Device) -> DeviceContext:

@@ -31,7 +31,6 @@ from services.codegen.client import revocations_since, trust_list_from
 
 log = get_logger(__name__)
 
-RECORD_CONTEXT = b"onecard-device-record-v1\x00"
 DEFAULT_REFRESH_S = 300.0
 DEFAULT_UNKNOWN_KEY_REFRESH_S = 5.0
 REVOCATION_PAGE_SIZE = 10_000
@@ -40,18 +39,9 @@ PURPOSES = {pb.PURPOSE_PAY: codes.Purpose.PAY, pb.PURPOSE_ACCESS: codes.Purpose.
             pb.PURPOSE_RIDE: codes.Purpose.RIDE}
 
 
-def record_message(*, tenant_id: str, device_id: str, record: pb.OfflineRecord) -> bytes:
-    """The bytes a device signs for an offline record (docs/devicehub.md §5)."""
-    body = pb.OfflineRecord()
-    body.CopyFrom(record)
-    body.ClearField("signature")
-    return (RECORD_CONTEXT + tenant_id.encode() + b"\x00" + device_id.encode() + b"\x00"
-            + body.SerializeToString(deterministic=True))
-
-
 def record_signature_ok(*, public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Whether ``signature`` is the device key's Ed25519 signature over ``message``
-    (``record_message`` of the record)."""
+    (``onecard_device.identity.record_message`` of the record: the format devices implement)."""
     if len(signature) != 64 or len(public_key) != 32:
         return False
     try:

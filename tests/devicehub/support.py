@@ -18,9 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
+from onecard_device.identity import challenge_message
 from runtime.grpc_client import error_info
 
-CHALLENGE_CONTEXT = b"onecard-device-challenge-v1\x00"
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -37,10 +37,6 @@ async def refused(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str | None]:
         await call
     reason, _ = error_info(info.value)
     return info.value.code(), reason
-
-
-def challenge_message(*, tenant_id: str, device_id: str, nonce: bytes) -> bytes:
-    return CHALLENGE_CONTEXT + tenant_id.encode() + b"\x00" + device_id.encode() + b"\x00" + nonce
 
 
 def now_pb(offset_s: float = 0.0) -> Timestamp:
