@@ -25,6 +25,7 @@ from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.identity.v1 import identity_pb2_grpc
 from runtime.grpc_client import error_info, open_channel
+from runtime.mesh import MeshTLS, TLSMaterialError
 from services.codegen.client import fetch_verifier_inputs
 
 CALL_TIMEOUT_S = 10.0
@@ -44,9 +45,15 @@ class TryItError(Exception):
     """Something the user can fix (the stack is not running, no such member); printed, not traced."""
 
 
-def _targets() -> tuple[str, str]:
+def _targets() -> tuple[str, str, MeshTLS]:
+    """identity's and codegen's addresses, and devstack's certificate, of the stack make run started."""
     config = DevstackConfig.from_env()
-    return config.service("identity").target, config.service("codegen").target
+    try:
+        tls = MeshTLS.load(config.identity_dir("devstack"))
+    except TLSMaterialError:
+        raise TryItError("no devstack certificate under the data folder; start the stack with `make run` first"
+                         ) from None
+    return config.service("identity").target, config.service("codegen").target, tls
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> TryItError:
@@ -71,8 +78,9 @@ async def _demo_member(identity: identity_pb2_grpc.IdentityServiceStub, *, exter
 
 async def show(*, external_number: str | None, purpose: sdk.Purpose, seconds: int, refresh_s: int,
                clear: bool) -> None:
-    identity_target, codegen_target = _targets()
-    async with open_channel(identity_target) as identity_channel, open_channel(codegen_target) as codegen_channel:
+    identity_target, codegen_target, tls = _targets()
+    async with open_channel(identity_target, tls=tls, server_name="identity") as identity_channel, \
+            open_channel(codegen_target, tls=tls, server_name="codegen") as codegen_channel:
         identity = identity_pb2_grpc.IdentityServiceStub(identity_channel)
         codegen = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
         try:
@@ -110,8 +118,8 @@ async def show(*, external_number: str | None, purpose: sdk.Purpose, seconds: in
 
 
 async def verify(*, code: str, purpose: sdk.Purpose) -> bool:
-    _identity_target, codegen_target = _targets()
-    async with open_channel(codegen_target) as channel:
+    _identity_target, codegen_target, tls = _targets()
+    async with open_channel(codegen_target, tls=tls, server_name="codegen") as channel:
         try:
             trust_list, revocations = await fetch_verifier_inputs(
                 codegen_pb2_grpc.CodegenServiceStub(channel), tenant_id=DEMO_TENANT_ID, timeout_s=CALL_TIMEOUT_S)

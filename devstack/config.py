@@ -47,6 +47,10 @@ class ServiceSpec:
     migrates: bool = False
     # Child environment variable -> key in .data/secrets.json (generated once, never printed).
     secret_env: Mapping[str, str] = field(default_factory=dict)
+    # A second listener and its default port (the device hub's device port), told to the child as
+    # ``ONECARD_<LISTENER>_PORT`` and moved with ``ONECARD_<NAME>_<LISTENER>_PORT``.
+    extra_listener: str | None = None
+    default_extra_port: int | None = None
 
     @property
     def env_name(self) -> str:
@@ -63,6 +67,10 @@ class ServiceSpec:
     @property
     def target_env(self) -> str:
         return f"ONECARD_{self.env_name}_TARGET"
+
+    @property
+    def extra_port_setting(self) -> str:
+        return f"ONECARD_{self.env_name}_{(self.extra_listener or '').upper()}_PORT"
 
 
 # The mesh in start order: a service comes after those it calls. A new service is one line here.
@@ -92,12 +100,15 @@ SERVICES: tuple[ServiceSpec, ...] = (
     # The device hub calls identity, codegen, policy and the ledger, each at its
     # ONECARD_<NAME>_TARGET (all started before it), holds the devices' streams, and
     # owns the DEVICEHUB stream. No secret: device keys are public keys, enrolment tokens are stored hashed.
+    # Terminals reach it on its device port (server TLS, the device stream only); the rest of the
+    # mesh on 50055 with mutual TLS.
     ServiceSpec(
         name="devicehub", module="services.devicehub", protocol="grpc",
         default_port=50055, default_metrics_port=9105, migrates=True,
+        extra_listener="device", default_extra_port=50056,
     ),
     # The gateway reaches each at ONECARD_<NAME>_TARGET. Each later service is one entry here,
-    # before the gateway that calls it, on the next ports: 50056/9106.
+    # before the gateway that calls it, on the next ports: 50057/9106.
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},
@@ -115,6 +126,11 @@ class ServicePorts:
     host: str
     port: int
     metrics_port: int | None
+    extra_port: int | None = None
+
+    @property
+    def extra_target(self) -> str:
+        return f"{self.host}:{self.extra_port}" if self.extra_port else ""
 
     @property
     def target(self) -> str:
@@ -160,6 +176,15 @@ class DevstackConfig:
     def credentials_path(self) -> Path:
         return self.data_dir / "demo-credentials.json"
 
+    @property
+    def pki_dir(self) -> Path:
+        """The mesh's CA and every process's certificate (runtime.pki), made by make run."""
+        return self.data_dir / "pki"
+
+    def identity_dir(self, name: str) -> Path:
+        """The TLS folder (ca.crt, tls.crt, tls.key) of the process or tool ``name``."""
+        return self.pki_dir / name
+
     def has_service(self, name: str) -> bool:
         return any(svc.spec.name == name for svc in self.services)
 
@@ -179,6 +204,9 @@ class DevstackConfig:
             claims.append(PortClaim(svc.port, f"{svc.spec.name} {svc.spec.protocol}", svc.spec.port_setting))
             if svc.metrics_port is not None:
                 claims.append(PortClaim(svc.metrics_port, f"{svc.spec.name} metrics", svc.spec.metrics_port_setting))
+            if svc.extra_port is not None:
+                claims.append(PortClaim(svc.extra_port, f"{svc.spec.name} {svc.spec.extra_listener}",
+                                        svc.spec.extra_port_setting))
         return claims
 
     @classmethod
@@ -194,6 +222,10 @@ class DevstackConfig:
                 metrics_port=(
                     None if spec.default_metrics_port is None
                     else _port(env, spec.metrics_port_setting, spec.default_metrics_port)
+                ),
+                extra_port=(
+                    None if spec.default_extra_port is None
+                    else _port(env, spec.extra_port_setting, spec.default_extra_port)
                 ),
             )
             for spec in services

@@ -1,8 +1,9 @@
 """`make run`: PostgreSQL and NATS, migrations, every service and the gateway, the demo campus.
 
-Order of start: the two servers (embedded, unless DATABASE_URL / NATS_URL name existing ones),
-then each service in ``SERVICES`` order (migrate, start, wait until healthy), then the seed. Order
-of stop, on Ctrl-C, SIGTERM or a child dying: the services in reverse (SIGTERM and a grace period,
+Order of start: the mesh's CA and every process's certificate (made on the first run, renewed
+when close to expiry, and checked again every hour while the stack runs), the two servers
+(embedded, unless DATABASE_URL / NATS_URL name existing ones), then each service in ``SERVICES``
+order (migrate, start, wait until healthy), then the seed. Order of stop, on Ctrl-C, SIGTERM or a child dying: the services in reverse (SIGTERM and a grace period,
 then SIGKILL), then NATS, then PostgreSQL. The data folder stays for the next run.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ from devstack.supervisor import (
     wait_healthy,
 )
 from devstack.walkthrough import walkthrough
+from runtime.mesh import MeshTLS
+from runtime.pki import ensure_identity
 
 READY_MARKER = "onecard is ready"
 MIGRATION_TIMEOUT_S = 120.0
@@ -49,6 +52,11 @@ PORT_SUGGESTION_SPAN = 100
 SIMULATOR_ARGS = ["--pos", "3", "--gates", "2", "--members", "30", "--rate", "1", "--offline-share", "0.25",
                   "--report-every-s", "30", "--drain-s", "5"]
 SIMULATOR_POLL_S = 1.0
+# Tools of the local stack that call the mesh, each with a certificate of its own: the operator
+# (grpcurl, the ops CLI), devstack itself (health probes, the seed, the e-code helper) and the
+# simulated fleet.
+TOOL_IDENTITIES = ("ops", "devstack", "simulator")
+PKI_CHECK_INTERVAL_S = 3600.0
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
 
 T = TypeVar("T")
@@ -182,6 +190,20 @@ class Stack:
     # Not watched: if the simulator ends, the platform goes on without it.
     simulator: ManagedProcess | None = None
     _simulator_shown: int = 0
+    _tls: MeshTLS | None = None
+
+    def ensure_certificates(self) -> int:
+        """Every process's certificate under the data folder, issued or renewed as needed; answers
+        how many were (re)issued. Running servers pick a renewed certificate up by themselves."""
+        names = [svc.spec.name for svc in self.config.services] + list(TOOL_IDENTITIES)
+        return sum(ensure_identity(self.config.pki_dir, name)[1] for name in names)
+
+    @property
+    def tls(self) -> MeshTLS:
+        """devstack's own certificate, for its probes and the seed."""
+        if self._tls is None:
+            self._tls = MeshTLS.load(self.config.identity_dir("devstack"))
+        return self._tls
 
     def check_ports(self) -> None:
         claims = self.config.port_claims()
@@ -214,6 +236,9 @@ class Stack:
         self.check_ports()
         secret_names = {key for svc in config.services for key in svc.spec.secret_env.values()}
         secrets = load_or_create_secrets(config.secrets_path, names=sorted(secret_names))
+        issued = await asyncio.to_thread(self.ensure_certificates)
+        self.console.status("pki", "ready", f"CA and certificates in {shown_path(config.pki_dir)}"
+                            + (f"  ({issued} issued)" if issued else ""))
         await self._start_servers()
         for svc in config.services:
             await self._start_service(svc, secrets=secrets)
@@ -257,6 +282,7 @@ class Stack:
         env = dict(os.environ)
         # Unbuffered, so a crash leaves its last words in the log the user is pointed to.
         env["PYTHONUNBUFFERED"] = "1"
+        env["ONECARD_TLS_DIR"] = str(self.config.identity_dir(svc.spec.name))
         for earlier, _process in self.processes:
             if earlier.spec.protocol == "grpc":
                 env[earlier.spec.target_env] = earlier.target
@@ -268,6 +294,8 @@ class Stack:
                 "ONECARD_GRPC_PORT": str(svc.port),
                 "ONECARD_METRICS_PORT": str(svc.metrics_port or 0),
             })
+            if svc.extra_port is not None and svc.spec.extra_listener:
+                env[f"ONECARD_{svc.spec.extra_listener.upper()}_PORT"] = str(svc.extra_port)
         else:
             env.update({"ONECARD_HTTP_HOST": svc.host, "ONECARD_HTTP_PORT": str(svc.port)})
         for env_name, secret_key in svc.spec.secret_env.items():
@@ -297,8 +325,9 @@ class Stack:
         process.start()
         self.processes.append((svc, process))
         if spec.protocol == "grpc":
-            probe = grpc_health_probe(svc.target)
-            where = f"grpc {svc.target}" + (f"  metrics :{svc.metrics_port}" if svc.metrics_port else "")
+            probe = grpc_health_probe(svc.target, tls=self.tls, server_name=spec.name)
+            where = f"grpc {svc.target}" + (f"  {spec.extra_listener} :{svc.extra_port}" if svc.extra_port else "") \
+                + (f"  metrics :{svc.metrics_port}" if svc.metrics_port else "")
         else:
             probe = http_ready_probe(f"{svc.base_url}/readyz")
             where = svc.base_url
@@ -308,8 +337,14 @@ class Stack:
         )
 
     async def watch(self) -> None:
-        """Return never; raise when a child dies, so the rest are stopped instead of limping on."""
+        """Return never; raise when a child dies, so the rest are stopped instead of limping on.
+        Meanwhile renew certificates that come close to expiry."""
+        next_pki_check = time.monotonic() + PKI_CHECK_INTERVAL_S
         while True:
+            if time.monotonic() >= next_pki_check:
+                next_pki_check = time.monotonic() + PKI_CHECK_INTERVAL_S
+                if await asyncio.to_thread(self.ensure_certificates):
+                    self.console.status("pki", "renewed", f"certificates in {shown_path(self.config.pki_dir)}")
             for _svc, process in self.processes:
                 process.check_alive()
             for name, server in (("PostgreSQL", self.postgres), ("nats-server", self.nats)):
@@ -398,7 +433,13 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
         console.line(f"  Gateway      {gateway.base_url}")
         console.line(f"  API docs     {gateway.base_url}/docs")
     for svc in grpc_services:
-        console.line(f"  gRPC         {svc.spec.name:<10} {svc.target}   (try: grpcurl -plaintext {svc.target} list)")
+        console.line(f"  gRPC         {svc.spec.name:<10} {svc.target}   (mutual TLS)"
+                     + (f"   {svc.spec.extra_listener} port {svc.extra_target} (TLS)" if svc.extra_port else ""))
+    if grpc_services:
+        ops = shown_path(config.identity_dir("ops"))
+        first = grpc_services[0]
+        console.line(f"  grpcurl      as the operator: grpcurl -cacert {ops}/ca.crt -cert {ops}/tls.crt"
+                     f" -key {ops}/tls.key -authority {first.spec.name} {first.target} list")
     for svc in config.services:
         if svc.metrics_port:
             console.line(f"  Metrics      {svc.spec.name:<10} http://{svc.host}:{svc.metrics_port}/metrics")
@@ -456,6 +497,7 @@ async def run_stack(config: DevstackConfig, *, console: Console) -> int:
         identity = config.service("identity")
         seed = await seed_demo(
             identity_target=identity.target,
+            tls=stack.tls,
             credentials_path=config.credentials_path,
             member_count=config.demo_members,
             progress=console.progress,
@@ -464,7 +506,7 @@ async def run_stack(config: DevstackConfig, *, console: Console) -> int:
         names = {svc.spec.name for svc in config.services}
         if {"ledger", "policy"} <= names:
             rules = await seed_rules(ledger_target=config.service("ledger").target,
-                                     policy_target=config.service("policy").target)
+                                     policy_target=config.service("policy").target, tls=stack.tls)
         console.status(
             "seed", "done",
             f"{DEMO_TENANT_NAME} {'created' if seed.tenant_created else 'reused'}, {seed.member_count} members, "

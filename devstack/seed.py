@@ -22,6 +22,7 @@ from devstack.private import read_private_json, write_private_json
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.identity.v1 import identity_pb2_grpc
 from runtime.grpc_client import open_channel
+from runtime.mesh import MeshTLS
 
 DEMO_TENANT_ID = "0c0ffee0-0000-4000-8000-000000000001"
 DEMO_TENANT_NAME = "Demo University"
@@ -160,10 +161,11 @@ class Progress(Protocol):
     def __call__(self, text: str, *, final: bool) -> None: ...
 
 
-async def seed_demo(*, identity_target: str, credentials_path: Path, member_count: int,
+async def seed_demo(*, identity_target: str, tls: MeshTLS | None, credentials_path: Path, member_count: int,
                     progress: Progress) -> SeedResult:
-    """Create or find the demo campus, reporting the member import through ``progress``."""
-    async with open_channel(identity_target) as channel:
+    """Create or find the demo campus, reporting the member import through ``progress``; calls
+    identity as ``tls`` names (devstack's certificate)."""
+    async with open_channel(identity_target, tls=tls, server_name="identity") as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         try:
             tenant_created = await _ensure_tenant(stub)

@@ -15,6 +15,7 @@ from devstack.seed import DEMO_TENANT_ID, SeedError
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2, policy_pb2_grpc
 from runtime.grpc_client import open_channel
+from runtime.mesh import MeshTLS
 
 CALL_TIMEOUT_S = 10.0
 PUBLISHED_BY = "make run (demo seed)"
@@ -42,9 +43,10 @@ def demo_rule_set(merchants: dict[str, str]) -> dict:
     return json.loads(text)
 
 
-async def seed_rules(*, ledger_target: str, policy_target: str) -> RulesSeed:
+async def seed_rules(*, ledger_target: str, policy_target: str, tls: MeshTLS | None) -> RulesSeed:
     try:
-        async with open_channel(ledger_target) as ledger_channel, open_channel(policy_target) as policy_channel:
+        async with open_channel(ledger_target, tls=tls, server_name="ledger") as ledger_channel, \
+                open_channel(policy_target, tls=tls, server_name="policy") as policy_channel:
             ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
             policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
             merchants = {}

@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -43,8 +42,8 @@ from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard_device.client import DeviceClient, Outcome
 from runtime.grpc_client import error_info, open_channel
+from runtime.mesh import MeshTLS, TLSMaterialError
 
-DEFAULT_DEVICEHUB_PORT = 50055
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 20.0
@@ -97,21 +96,26 @@ class SimulatorOptions:
 
 @dataclass(frozen=True)
 class Targets:
+    """Where the simulator reaches the mesh (as ``tls`` names it: the simulator's certificate) and
+    where its terminals dial the hub's device port."""
+
     identity: str
     codegen: str
     ledger: str
     devicehub: str
+    devices: str
+    tls: MeshTLS | None
 
     @classmethod
-    def from_config(cls, config: DevstackConfig, environ: dict[str, str] | None = None) -> Targets:
-        env = os.environ if environ is None else environ
+    def from_config(cls, config: DevstackConfig) -> Targets:
+        hub = config.service("devicehub")
         try:
-            devicehub = config.service("devicehub").target
-        except KeyError:
-            devicehub = env.get("ONECARD_DEVICEHUB_TARGET") or \
-                f"{config.host}:{int(env.get('ONECARD_DEVICEHUB_PORT') or DEFAULT_DEVICEHUB_PORT)}"
+            tls = MeshTLS.load(config.identity_dir("simulator"))
+        except TLSMaterialError:
+            raise SimulatorError("no simulator certificate under the data folder; start the stack with `make run`"
+                                 ) from None
         return cls(identity=config.service("identity").target, codegen=config.service("codegen").target,
-                   ledger=config.service("ledger").target, devicehub=devicehub)
+                   ledger=config.service("ledger").target, devicehub=hub.target, devices=hub.extra_target, tls=tls)
 
 
 @dataclass
@@ -196,16 +200,16 @@ class Simulator:
 
     # ---- setup ----
 
-    def _channel(self, target: str) -> grpc.aio.Channel:
-        channel = open_channel(target)
+    def _channel(self, target: str, server_name: str) -> grpc.aio.Channel:
+        channel = open_channel(target, tls=self.targets.tls, server_name=server_name)
         self._channels.append(channel)
         return channel
 
     async def setup(self) -> None:
-        self.identity = identity_pb2_grpc.IdentityServiceStub(self._channel(self.targets.identity))
-        self.codegen = codegen_pb2_grpc.CodegenServiceStub(self._channel(self.targets.codegen))
-        self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channel(self.targets.ledger))
-        self.admin = devicehub_pb2_grpc.DeviceAdminServiceStub(self._channel(self.targets.devicehub))
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self._channel(self.targets.identity, "identity"))
+        self.codegen = codegen_pb2_grpc.CodegenServiceStub(self._channel(self.targets.codegen, "codegen"))
+        self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channel(self.targets.ledger, "ledger"))
+        self.admin = devicehub_pb2_grpc.DeviceAdminServiceStub(self._channel(self.targets.devicehub, "devicehub"))
         try:
             await self.identity.GetTenant(ipb.GetTenantRequest(tenant_id=DEMO_TENANT_ID), timeout=CALL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
@@ -321,14 +325,17 @@ class Simulator:
             merchant_account_id=self.merchants.get(merchant, ""), parent_device_id=parent_device_id,
             firmware_version=FIRMWARE, capacity=capacity), timeout=CALL_TIMEOUT_S)
         device_id = registered.device.device_id
-        client = self._client(self.data_dir / device_id)
+        client = self._client(self.data_dir / device_id, ca_pem=registered.hub_ca_pem)
         await client.enrol(registered.enrolment_token)
         registry[name] = device_id
         self._save_registry(registry)
         return client
 
-    def _client(self, folder: Path) -> DeviceClient:
-        return DeviceClient(target=self.targets.devicehub, data_dir=folder, firmware_version=FIRMWARE,
+    def _client(self, folder: Path, *, ca_pem: str | None = None) -> DeviceClient:
+        """A terminal in ``folder``: it checks the hub against ``ca_pem`` (from its registration) or,
+        once enrolled, the bundle it kept; plaintext only against a hub in insecure development mode."""
+        return DeviceClient(target=self.targets.devices, data_dir=folder, firmware_version=FIRMWARE,
+                            ca_pem=ca_pem or None, insecure=self.targets.tls is None,
                             heartbeat_interval_s=5.0, reconnect_max_s=10.0,
                             health=lambda: {"reader": "ok", "printer": "ok"})
 

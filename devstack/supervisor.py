@@ -20,6 +20,8 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.config import REPO_ROOT
+from runtime.grpc_client import open_channel
+from runtime.mesh import MeshTLS
 
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 16_384
@@ -158,11 +160,12 @@ async def run_to_completion(process: ManagedProcess, *, timeout_s: float, grace_
 Probe = Callable[[], Awaitable[bool]]
 
 
-def grpc_health_probe(target: str) -> Probe:
-    """True once the server at ``target`` answers the standard health check with SERVING."""
+def grpc_health_probe(target: str, *, tls: MeshTLS | None, server_name: str) -> Probe:
+    """True once the server at ``target`` answers the standard health check with SERVING, asked
+    over mutual TLS as ``tls`` names (devstack's certificate)."""
 
     async def probe() -> bool:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target, tls=tls, server_name=server_name) as channel:
             try:
                 response = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S

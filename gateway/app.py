@@ -28,6 +28,7 @@ from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
 from runtime.grpc_client import open_channel
+from runtime.mesh import load_tls
 from runtime.logs import get_logger, new_request_id
 
 log = get_logger(__name__)
@@ -197,25 +198,29 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # The one place the service channels are opened and closed. They connect lazily, so the
         # gateway starts while the services are still coming up; /readyz tells when both answer.
-        channel = open_channel(settings.identity_target)
-        codegen_channel = open_channel(settings.codegen_target)
+        tls = load_tls(settings)
+        channel = open_channel(settings.identity_target, tls=tls, server_name="identity")
+        codegen_channel = open_channel(settings.codegen_target, tls=tls, server_name="codegen")
         state.channel = channel
         state.identity_stub = identity_pb2_grpc.IdentityServiceStub(channel)
         state.health_stub = health_pb2_grpc.HealthStub(channel)
         state.codegen_channel = codegen_channel
         state.codegen_stub = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
         state.codegen_health_stub = health_pb2_grpc.HealthStub(codegen_channel)
-        ledger_channel = open_channel(settings.ledger_target) if settings.ledger_target else None
+        ledger_channel = (open_channel(settings.ledger_target, tls=tls, server_name="ledger")
+                          if settings.ledger_target else None)
         if ledger_channel is not None:
             state.ledger_channel = ledger_channel
             state.ledger_stub = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
             state.ledger_health_stub = health_pb2_grpc.HealthStub(ledger_channel)
-        policy_channel = open_channel(settings.policy_target) if settings.policy_target else None
+        policy_channel = (open_channel(settings.policy_target, tls=tls, server_name="policy")
+                          if settings.policy_target else None)
         if policy_channel is not None:
             state.policy_channel = policy_channel
             state.policy_stub = policy_pb2_grpc.PolicyServiceStub(policy_channel)
             state.policy_health_stub = health_pb2_grpc.HealthStub(policy_channel)
-        devicehub_channel = open_channel(settings.devicehub_target) if settings.devicehub_target else None
+        devicehub_channel = (open_channel(settings.devicehub_target, tls=tls, server_name="devicehub")
+                             if settings.devicehub_target else None)
         if devicehub_channel is not None:
             state.devicehub_channel = devicehub_channel
             state.devicehub_stub = devicehub_pb2_grpc.DeviceAdminServiceStub(devicehub_channel)

@@ -1,12 +1,15 @@
 """The gateway's settings, read once from ``ONECARD_*`` environment variables.
 
 The gateway is not a gRPC service (no database, no NATS), so it has its own settings class rather
-than a subclass of ``runtime.settings.ServiceSettings``.
+than a subclass of ``runtime.settings.ServiceSettings``; like every process of the mesh it proves
+itself with its certificate (``ONECARD_TLS_DIR``, runtime.mesh) on each channel it opens.
 """
 from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from runtime.mesh import MeshSettings
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
@@ -23,7 +26,7 @@ DEFAULT_IDENTITY_TIMEOUT_S = 10.0
 DEFAULT_READY_TIMEOUT_S = 2.0
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(MeshSettings):
     model_config = SettingsConfigDict(env_prefix="ONECARD_", extra="ignore", frozen=True)
 
     # host:port of the identity gRPC service.

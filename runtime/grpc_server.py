@@ -1,5 +1,9 @@
 """The gRPC server bootstrap every service uses.
 
+The server listens with mutual TLS (runtime.mesh) and lets each call through only when the
+caller its certificate names is on the method's allow-list (runtime.access); an optional
+plaintext health port serves the orchestrator's probes and nothing else.
+
 Start order: the server listens at once with health NOT_SERVING; a background task connects to
 PostgreSQL and NATS (retrying), ensures the streams, runs the service's ``on_ready`` hook (relay,
 consumers) and from then on a watcher keeps health SERVING only while both answer. SIGTERM puts
@@ -24,16 +28,19 @@ import nats
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from runtime.access import Authorizer, method_rules
 from runtime.db import create_pool, migrate
 from runtime.errors import ERROR_DOMAIN, DomainError, Unavailable
 from runtime.events import StreamSpec, ensure_streams
 from runtime.logs import bind_request_id, get_logger, new_request_id
+from runtime.mesh import MeshTLS, load_tls, peer_name
 from runtime.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -59,25 +66,36 @@ def status_trailer(error: DomainError) -> tuple[tuple[str, bytes], ...]:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Binds a request id, records metrics, and turns domain errors into status codes.
+    """The one interceptor of every server: binds a request id, lets the call through only when
+    ``authorizer`` allows its caller (the name in its client certificate), records metrics, and
+    turns domain errors into status codes.
 
     Anything that is not a DomainError is logged here and answered as INTERNAL with no detail.
     """
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, authorizer: Authorizer | None = None):
         self._service = service
+        self._authorizer = authorizer
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method.rsplit("/", 1)[-1]
+        full_method = details.method
+        method = full_method.rsplit("/", 1)[-1]
         service = self._service
+        authorizer = self._authorizer
 
         def begin(context: grpc.aio.ServicerContext) -> float:
             metadata = dict(context.invocation_metadata() or ())
             request_id = metadata.get(REQUEST_ID_METADATA) or new_request_id()
             bind_request_id(str(request_id)[:64])
+            if authorizer is not None:
+                refusal = authorizer.refusal(full_method, peer_name(context))
+                if refusal is not None:
+                    log.warning("call refused", method=full_method, reason=refusal.reason,
+                                caller=refusal.metadata.get("caller"), peer=context.peer())
+                    raise refusal
             return time.perf_counter()
 
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -97,8 +115,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary or handler.stream_unary
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = begin(context)
                 try:
+                    started = begin(context)
                     response = await inner(request, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
@@ -117,8 +135,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = begin(context)
             try:
+                started = begin(context)
                 async for item in inner_stream(request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -129,8 +147,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream_by_writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
             # Handlers that answer with context.write() (health's Watch) are coroutines, not generators.
-            started = begin(context)
             try:
+                started = begin(context)
                 await inner_stream(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
@@ -163,6 +181,21 @@ Register = Callable[[grpc.aio.Server, "ServiceApp"], None]
 Hook = Callable[["ServiceApp"], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class TerminalListener:
+    """A second server, for terminals on the campus network: server TLS with no client
+    certificate (a terminal proves itself by its key inside the call), serving only the methods
+    whose allow-list says ``terminals`` (and health). Nothing of the mesh's own API listens there.
+
+    ``tls_dir`` holds the certificate terminals see (the public name they dial); None: the
+    process's mesh certificate."""
+
+    register: Register
+    service_names: list[str]
+    port: int = 0
+    tls_dir: Path | None = None
+
+
 @dataclass
 class ServiceApp:
     """One service process: its gRPC server, pool, NATS connection and background tasks."""
@@ -179,14 +212,20 @@ class ServiceApp:
     # calls which never end by themselves (open streams), so the drain does not wait its grace out.
     on_stop: Hook | None = None
     migrate_on_start: bool = True
+    terminals: TerminalListener | None = None
 
     port: int = field(default=0, init=False)
+    health_port: int = field(default=0, init=False)
+    terminal_port: int = field(default=0, init=False)
+    terminal_tls: MeshTLS | None = field(default=None, init=False)
     metrics_port: int = field(default=0, init=False)
+    tls: MeshTLS | None = field(default=None, init=False)
     health: HealthServicer = field(default_factory=HealthServicer, init=False)
     _pool: asyncpg.Pool | None = field(default=None, init=False)
     _nc: NATS | None = field(default=None, init=False)
     _js: JetStreamContext | None = field(default=None, init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
+    _terminal_server: grpc.aio.Server | None = field(default=None, init=False)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _serving: bool = field(default=False, init=False)
@@ -228,36 +267,85 @@ class ServiceApp:
         if serving == self._serving and self._ready.is_set():
             return
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for svc in ["", *self.service_names]:
+        for svc in ["", *self.health_names]:
             await self.health.set(svc, status)
         if serving != self._serving:
             log.info("health changed", serving=serving)
         self._serving = serving
 
+    @property
+    def health_names(self) -> list[str]:
+        return [*self.service_names, *(self.terminals.service_names if self.terminals else [])]
+
+    def authorizer(self, *, terminals: bool = False) -> Authorizer:
+        """The allow-list of this server's methods (from the protos), or of the terminal
+        listener's, enforced unless the process runs in insecure development mode."""
+        pool = descriptor_pool.Default()
+        names = self.terminals.service_names if terminals and self.terminals else self.service_names
+        descriptors = []
+        for name in names:
+            with contextlib.suppress(KeyError):  # no descriptor, no rules: nobody may call it
+                descriptors.append(pool.FindServiceByName(name))
+        return Authorizer(method_rules(descriptors), enforce=not self.settings.insecure_development,
+                          terminals_port=terminals)
+
     async def start(self) -> int:
         """Listen, with health NOT_SERVING, and begin connecting. Answers the bound port."""
+        tls = load_tls(self.settings)
+        if tls is None:
+            log.warning("insecure development mode: plaintext gRPC, every caller allowed")
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(self.name)], options=options)
+        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(self.name, self.authorizer())], options=options)
         self.register(server, self)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        for svc in ["", *self.service_names]:
+        for svc in ["", *self.health_names]:
             await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        self.port = self._listen(server, tls)
         await server.start()
         self._server = server
+        self.tls = tls
+        if self.terminals is not None:
+            await self._start_terminal_server(self.terminals, tls, options)
         metrics_server, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
         self.metrics_port = metrics_server.server_port
         self._metrics_server = metrics_server
-        log.info("listening", grpc_port=self.port, metrics_port=self.metrics_port)
+        log.info("listening", grpc_port=self.port, health_port=self.health_port or None,
+                 metrics_port=self.metrics_port, identity=tls.name if tls else None)
         self.spawn(self._connect_and_watch(), name="dependencies")
         return self.port
+
+    async def _start_terminal_server(self, listener: TerminalListener, tls: MeshTLS | None,
+                                     options: list[tuple[str, int]]) -> None:
+        server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(self.name, self.authorizer(terminals=True))], options=options)
+        listener.register(server, self)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.settings.grpc_host}:{listener.port}"
+        if tls is None:
+            self.terminal_port = server.add_insecure_port(address)
+        else:
+            self.terminal_tls = MeshTLS.load(listener.tls_dir) if listener.tls_dir else tls
+            self.terminal_port = server.add_secure_port(address, self.terminal_tls.server_only_credentials())
+        await server.start()
+        self._terminal_server = server
+        log.info("listening for terminals", port=self.terminal_port)
+
+    def _listen(self, server: grpc.aio.Server, tls: MeshTLS | None) -> int:
+        settings = self.settings
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+        if settings.health_port is not None:
+            # Plaintext, for probes that cannot present a certificate: no caller identity, so the
+            # allow-list answers every method but health UNAUTHENTICATED.
+            self.health_port = server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
+        return port
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
@@ -325,8 +413,8 @@ class ServiceApp:
                 await asyncio.wait_for(self.on_stop(self), self.settings.shutdown_grace_s)
             except Exception as exc:  # noqa: BLE001 - stopping goes on whatever the hook did
                 log.warning("on_stop hook failed", error=type(exc).__name__)
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_s)
+        servers = [s for s in (self._terminal_server, self._server) if s is not None]
+        await asyncio.gather(*(server.stop(self.settings.shutdown_grace_s) for server in servers))
         for task in reversed(self._tasks):
             task.cancel()
         if self._tasks:

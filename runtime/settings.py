@@ -6,11 +6,13 @@ from typing import TypeVar
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runtime.mesh import MeshSettings
+
 DEFAULT_GRPC_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(MeshSettings):
     """What every service needs. Services subclass it and add their own fields."""
 
     model_config = SettingsConfigDict(env_prefix="ONECARD_", extra="ignore", frozen=True)
@@ -19,6 +21,9 @@ class ServiceSettings(BaseSettings):
     nats_url: str
     grpc_host: str = DEFAULT_GRPC_HOST
     grpc_port: int = 0
+    # A plaintext port that answers gRPC health and refuses everything else (no caller identity):
+    # for an orchestrator's probes, which present no certificate. None: no such port.
+    health_port: int | None = None
     metrics_port: int = 0
     log_level: str = "info"
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
@@ -45,7 +50,10 @@ def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
             env_name = f"{prefix}{field}".upper()
-            if err["type"] == "missing":
+            if not field:
+                # A rule over several settings: its message names them.
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+            elif err["type"] == "missing":
                 lines.append(f"missing required setting {env_name}")
             else:
                 lines.append(f"bad setting {env_name}: {err['msg']}")

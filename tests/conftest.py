@@ -12,6 +12,7 @@ import pytest
 
 from devstack.servers import Nats, Postgres, free_port
 from runtime.logs import configure_logging
+from tests.mesh import service_values, terminal_channel
 
 configure_logging(service="tests", level=os.environ.get("ONECARD_TEST_LOG_LEVEL", "warning"))
 
@@ -46,7 +47,8 @@ def nats_url(nats_server: Nats) -> str:
 
 
 class RunningService:
-    """A service started in this process on a real port, reached over a real gRPC channel; its
+    """A service started in this process on a real port, reached over real mutual-TLS gRPC
+    channels (each method as a caller its allow-list names: tests.mesh.AllowedCallerChannel); its
     gRPC stub, when one was asked for, is at ``.stub``."""
 
     def __init__(self, app, channel, stub=None) -> None:  # noqa: ANN001
@@ -54,18 +56,25 @@ class RunningService:
         self.channel = channel
         self.stub = stub
         self.target = f"127.0.0.1:{app.port}"
+        # A service with a terminal listener (the device hub): where terminals dial, the CA bundle
+        # they check it against, and a channel as a terminal has one (server TLS, no certificate).
+        self.device_target = f"127.0.0.1:{app.terminal_port}" if app.terminal_port else ""
+        self.device_ca_pem = app.terminal_tls.ca_pem if app.terminal_tls else b""
+        self.device_channel = terminal_channel(self.device_target, self.device_ca_pem) if self.device_target else None
 
     async def stop(self) -> None:
         await self.channel.close()
+        if self.device_channel is not None:
+            await self.device_channel.close()
         await self.app.stop()
 
 
 async def start_service(app, *, stub_cls=None, ready_timeout_s: float = 30.0) -> RunningService:  # noqa: ANN001
-    from runtime.grpc_client import open_channel
+    from tests.mesh import AllowedCallerChannel
 
     await app.start()
     await app.wait_ready(ready_timeout_s)
-    channel = open_channel(f"127.0.0.1:{app.port}")
+    channel = AllowedCallerChannel(f"127.0.0.1:{app.port}", server_name=app.name, authorizer=app.authorizer())
     return RunningService(app, channel, stub_cls(channel) if stub_cls else None)
 
 
@@ -73,9 +82,10 @@ Launch = Callable[..., Awaitable[RunningService]]
 
 
 @pytest.fixture
-async def launch() -> AsyncIterator[Launch]:
+async def launch(database_url: str, nats_url: str) -> AsyncIterator[Launch]:
     """``await launch(app, stub_cls=...)`` starts a service for this test; every service started
-    so is stopped at the end of the test, newest first."""
+    so is stopped at the end of the test, newest first, before the test's NATS and database go
+    (asking for them here orders the teardown so)."""
     running: list[RunningService] = []
 
     async def start(app, *, stub_cls=None) -> RunningService:  # noqa: ANN001
@@ -94,5 +104,6 @@ async def identity(launch: Launch, database_url: str, nats_url: str) -> RunningS
     from onecard.identity.v1 import identity_pb2_grpc
     from services.identity.app import IdentitySettings, build_app
 
-    app = build_app(IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2))
+    app = build_app(IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2,
+                                     **service_values("identity")))
     return await launch(app, stub_cls=identity_pb2_grpc.IdentityServiceStub)

@@ -123,11 +123,21 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         "ONECARD_LEDGER_METRICS_PORT": str(free_port()),
         "ONECARD_POLICY_PORT": str(free_port()),
         "ONECARD_POLICY_METRICS_PORT": str(free_port()),
+        "ONECARD_DEVICEHUB_PORT": str(free_port()),
+        "ONECARD_DEVICEHUB_METRICS_PORT": str(free_port()),
+        "ONECARD_DEVICEHUB_DEVICE_PORT": str(free_port()),
         "ONECARD_GATEWAY_PORT": str(free_port()),
         "ONECARD_DEMO_MEMBERS": str(DEMO_MEMBERS),
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+def stack_tls(env: dict[str, str], name: str = "devstack"):  # noqa: ANN201
+    """The certificate ``make run`` made for ``name`` under its data folder."""
+    from runtime.mesh import MeshTLS
+
+    return MeshTLS.load(Path(env["ONECARD_DATA_DIR"]) / "pki" / name)
 
 
 def demo_canteen_account(env: dict[str, str]) -> str:
@@ -136,7 +146,8 @@ def demo_canteen_account(env: dict[str, str]) -> str:
     from runtime.grpc_client import open_channel
 
     async def find() -> str:
-        async with open_channel(f"127.0.0.1:{env['ONECARD_LEDGER_PORT']}") as channel:
+        async with open_channel(f"127.0.0.1:{env['ONECARD_LEDGER_PORT']}", tls=stack_tls(env),
+                                server_name="ledger") as channel:
             opened = await ledger_pb2_grpc.LedgerServiceStub(channel).OpenAccount(ledger_pb2.OpenAccountRequest(
                 tenant_id=DEMO_TENANT_ID, owner_kind=ledger_pb2.OWNER_KIND_MERCHANT, owner_id=CANTEEN,
                 purse_kind=ledger_pb2.PURSE_KIND_MERCHANT_SETTLEMENT))
@@ -151,7 +162,8 @@ def demo_member_count(env: dict[str, str]) -> int:
     from runtime.grpc_client import open_channel
 
     async def count() -> int:
-        async with open_channel(f"127.0.0.1:{env['ONECARD_IDENTITY_PORT']}") as channel:
+        async with open_channel(f"127.0.0.1:{env['ONECARD_IDENTITY_PORT']}", tls=stack_tls(env),
+                                server_name="identity") as channel:
             return await count_members(identity_pb2_grpc.IdentityServiceStub(channel), tenant_id=DEMO_TENANT_ID)
 
     return asyncio.run(count())

@@ -76,7 +76,7 @@ def build_app(settings: CodegenSettings) -> ServiceApp:
 
     async def on_ready(app: ServiceApp) -> None:
         store = CodegenStore(app.pool, master_key=master_key, key_id_for=signing.key_id_for)
-        app.spawn(identity.hold(), name="identity-channel")
+        app.spawn(identity.hold(tls=app.tls), name="identity-channel")
         app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema=SCHEMA).run(), name="outbox-relay")
         app.spawn(
             IdempotentConsumer(

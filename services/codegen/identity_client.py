@@ -10,6 +10,7 @@ import grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from runtime.errors import InvalidArgument, NotFound, Unavailable
 from runtime.grpc_client import error_info, open_channel
+from runtime.mesh import MeshTLS
 from services.codegen.domain import MemberStatus
 
 _STATUS = {
@@ -27,9 +28,9 @@ class IdentityClient:
         self._timeout_s = timeout_s
         self._stub: identity_pb2_grpc.IdentityServiceStub | None = None
 
-    async def hold(self) -> None:
+    async def hold(self, *, tls: MeshTLS | None) -> None:
         """Open the channel, keep it until cancelled, then close it: one place for both."""
-        channel = open_channel(self._target)
+        channel = open_channel(self._target, tls=tls, server_name="identity")
         self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
         try:
             await asyncio.Event().wait()

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
 from runtime.events import StreamSpec
-from runtime.grpc_server import ServiceApp
+from runtime.grpc_server import ServiceApp, TerminalListener
 from runtime.settings import ServiceSettings
 from services.devicehub.hub import Hub
 from services.devicehub.servicer import DeviceAdminServicer, DeviceServicer
@@ -34,6 +34,11 @@ DEFAULT_SYNC_RESYNC_S = 60.0
 
 
 class DevicehubSettings(ServiceSettings):
+    # The device port: terminals' streams, server TLS (no client certificate), nothing else of the
+    # hub's API. Its certificate is the one in ONECARD_DEVICE_TLS_DIR (the name terminals dial),
+    # or the hub's mesh certificate when unset.
+    device_port: int = Field(default=0, ge=0, le=65535)
+    device_tls_dir: Path | None = None
     # ONECARD_IDENTITY_TARGET etc.: host:port of the services the hub asks for members, codes,
     # plans and bookings, and reads sync sources from.
     identity_target: str = Field(min_length=1)
@@ -70,6 +75,8 @@ def build_app(settings: DevicehubSettings) -> ServiceApp:
     def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
         hub.app = app
         devicehub_pb2_grpc.add_DeviceAdminServiceServicer_to_server(DeviceAdminServicer(hub=hub), server)
+
+    def register_terminals(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
         devicehub_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(hub=hub), server)
 
     app = ServiceApp(
@@ -78,10 +85,12 @@ def build_app(settings: DevicehubSettings) -> ServiceApp:
         schema=SCHEMA,
         migrations_dir=MIGRATIONS_DIR,
         register=register,
-        service_names=[ADMIN_SERVICE_NAME, DEVICE_SERVICE_NAME],
+        service_names=[ADMIN_SERVICE_NAME],
         streams=[STREAM],
         on_ready=on_ready,
         on_stop=hub.end_streams,
+        terminals=TerminalListener(register=register_terminals, service_names=[DEVICE_SERVICE_NAME],
+                                   port=settings.device_port, tls_dir=settings.device_tls_dir),
     )
     hub.app = app
     # Reachable from the process (tests and debugging look at connected streams through it).

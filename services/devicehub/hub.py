@@ -79,6 +79,12 @@ class Hub:
             raise Unavailable("devicehub is starting", reason="STARTING")
         return self._alarms
 
+    @property
+    def device_ca_pem(self) -> str:
+        """The CA bundle terminals check the device port against ('' in insecure development mode)."""
+        tls = self.app.terminal_tls if self.app is not None else None
+        return tls.ca_pem.decode() if tls is not None else ""
+
     def transactions(self) -> Any:
         if self.tx is None:
             raise Unavailable("payments, uploads and access are not available in this build",
@@ -91,7 +97,7 @@ class Hub:
         self._store = DevicehubStore(app.pool)
         self._alarms = Alarms(app.pool)
         for name in ("identity", "codegen", "policy", "ledger"):
-            self.channels[name] = open_channel(getattr(settings, f"{name}_target"))
+            self.channels[name] = open_channel(getattr(settings, f"{name}_target"), tls=app.tls, server_name=name)
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channels["identity"])
         self.codegen = codegen_pb2_grpc.CodegenServiceStub(self.channels["codegen"])
         self.policy = policy_pb2_grpc.PolicyServiceStub(self.channels["policy"])

@@ -185,7 +185,8 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
             await tx.insert_token(device.device_id, sha256=token.sha256, expires_at=token.expires_at, now=now)
             await tx.emit(registry.SUBJECT_DEVICE_REGISTERED, registry.device_event_data(device))
         return pb.RegisterDeviceResponse(device=device_pb(device), enrolment_token=token.token,
-                                         enrolment_token_expires_at=timestamp_pb(token.expires_at))
+                                         enrolment_token_expires_at=timestamp_pb(token.expires_at),
+                                         hub_ca_pem=self._hub.device_ca_pem)
 
     async def _device(self, tenant_id: uuid.UUID, device_id: uuid.UUID) -> Device:
         device = await self._hub.store.device(tenant_id=tenant_id, device_id=device_id)
@@ -306,7 +307,8 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
             await tx.insert_token(device_id, sha256=token.sha256, expires_at=token.expires_at, now=now)
             await tx.emit(registry.SUBJECT_TOKEN_CREATED,
                           {"device_id": str(device_id), "expires_at": token.expires_at.isoformat()})
-        return pb.CreateEnrolmentTokenResponse(enrolment_token=token.token, expires_at=timestamp_pb(token.expires_at))
+        return pb.CreateEnrolmentTokenResponse(enrolment_token=token.token, expires_at=timestamp_pb(token.expires_at),
+                                               hub_ca_pem=self._hub.device_ca_pem)
 
     # --- alarms -------------------------------------------------------------------------------
 
@@ -421,7 +423,7 @@ class DeviceServicer(devicehub_pb2_grpc.DeviceServiceServicer):
             session.end(Unauthenticated("the device enrolled a new key", reason="DEVICE_KEY_REPLACED"))
         log.info("device enrolled", tenant_id=str(tenant_id), device_id=str(device_id),
                  key_fingerprint=device.key_fingerprint)
-        return pb.EnrolResponse(device=device_pb(device))
+        return pb.EnrolResponse(device=device_pb(device), hub_ca_pem=self._hub.device_ca_pem)
 
     async def Connect(self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[pb.ConnectResponse]:

@@ -69,7 +69,7 @@ def build_app(settings: PolicySettings) -> ServiceApp:
     states = MemberStateCache(max_age_s=settings.member_state_cache_s, size=settings.member_state_cache_size)
 
     async def on_ready(app: ServiceApp) -> None:
-        app.spawn(ledger.hold(), name="ledger-channel")
+        app.spawn(ledger.hold(tls=app.tls), name="ledger-channel")
         app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema=SCHEMA).run(), name="outbox-relay")
         if states.enabled:
             follower = EventFollower(nc=app.nc, stream=LEDGER_STREAM, filter_subject=LEDGER_SUBJECTS,

@@ -11,6 +11,7 @@ import grpc
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from runtime.grpc_client import error_info, open_channel
+from runtime.mesh import MeshTLS
 from services.policy.domain import MemberPurse
 
 _KIND_NAMES = {
@@ -42,10 +43,10 @@ class LedgerClient:
         self._waiting: list[tuple[ledger_pb2.GetMemberStateRequest, asyncio.Future]] = []
         self._arrived = asyncio.Event()
 
-    async def hold(self) -> None:
+    async def hold(self, *, tls: MeshTLS | None) -> None:
         """Open the channel, keep it until cancelled, then close it: one place for both. Meanwhile
         the readers that batch the member-state reads run."""
-        channel = open_channel(self._target)
+        channel = open_channel(self._target, tls=tls, server_name="ledger")
         self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         try:
             await asyncio.gather(*(self._read_batches() for _ in range(STATE_READERS)))

@@ -11,6 +11,7 @@ import pytest
 
 from onecard.codegen.v1 import codegen_pb2_grpc
 from services.codegen.app import CodegenSettings, build_app
+from tests.mesh import service_values
 from tests.conftest import Launch, RunningService
 from tests.identity.support import create_member, create_tenant
 
@@ -22,6 +23,7 @@ def codegen_settings(*, database_url: str, nats_url: str, identity_target: str, 
     values: dict[str, Any] = {
         "database_url": database_url,
         "nats_url": nats_url,
+        **service_values("codegen"),
         "identity_target": identity_target,
         "codegen_master_key": TEST_MASTER_KEY,
         "health_interval_s": 0.2,

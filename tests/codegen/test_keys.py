@@ -16,6 +16,7 @@ from onecard_codes.verify import Verifier
 from services.codegen import keys
 from services.codegen.app import CodegenSettings
 from services.codegen.client import fetch_verifier_inputs
+from tests.mesh import service_values
 from tests.codegen.conftest import TEST_MASTER_KEY
 from tests.codegen.support import holder_key, issue, refused
 
@@ -100,7 +101,8 @@ async def test_a_service_with_the_wrong_master_key_cannot_sign(start_codegen, co
 
 
 def test_the_master_key_setting_is_required_and_must_be_32_bytes() -> None:
-    base = {"database_url": "postgresql://x", "nats_url": "nats://x", "identity_target": "127.0.0.1:1"}
+    base = {"database_url": "postgresql://x", "nats_url": "nats://x", "identity_target": "127.0.0.1:1",
+            **service_values("codegen")}
     from runtime.settings import MissingSettingError, load_settings
     with pytest.raises(MissingSettingError, match="ONECARD_CODEGEN_MASTER_KEY"):
         load_settings(CodegenSettings, **base)

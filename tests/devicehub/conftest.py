@@ -26,6 +26,7 @@ from services.ledger.app import build_app as build_ledger
 from services.policy.app import build_app as build_policy
 from tests.codegen.conftest import codegen_settings
 from tests.conftest import Launch, RunningService
+from tests.mesh import service_values
 from tests.devicehub.support import make_tenant
 from tests.ledger.conftest import ledger_settings
 from tests.policy_service.conftest import policy_settings
@@ -36,6 +37,7 @@ def devicehub_settings(*, database_url: str, nats_url: str, identity_target: str
     values: dict[str, Any] = {
         "database_url": database_url,
         "nats_url": nats_url,
+        **service_values("devicehub"),
         "identity_target": identity_target,
         "codegen_target": codegen_target,
         "policy_target": policy_target,
@@ -93,7 +95,7 @@ async def devicehub(start_devicehub: StartDevicehub) -> RunningService:
 
 @pytest.fixture
 def device_stub(devicehub: RunningService) -> devicehub_pb2_grpc.DeviceServiceStub:
-    return devicehub_pb2_grpc.DeviceServiceStub(devicehub.channel)
+    return devicehub_pb2_grpc.DeviceServiceStub(devicehub.device_channel)
 
 
 @pytest.fixture

@@ -1,7 +1,11 @@
 """Network faults between real services: ``HangingProxy`` is a real gRPC server that passes every
 unary call on to a real service (request, metadata, answer and error details as they are), except
 the methods it is told to hold, whose calls it takes and never answers (a link that swallows the
-request) until the caller gives up."""
+request) until the caller gives up.
+
+It stands where the network is, so it speaks the mesh's mutual TLS on both sides: to its callers
+it shows the certificate of the service it fronts (``server_name``), and it passes their calls on
+as ``caller`` (the one identity that calls that service in these tests)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,14 +13,18 @@ from collections import Counter
 
 import grpc
 
+from tests.mesh import channel_as, pki
+
 # Headers gRPC sets itself on each hop.
 _HOP_HEADERS = frozenset({"user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "te",
                           "content-type"})
 
 
 class HangingProxy(grpc.GenericRpcHandler):
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, server_name: str = "policy", caller: str = "devicehub") -> None:
         self.upstream = upstream
+        self.server_name = server_name
+        self.caller = caller
         self.held: set[str] = set()  # short method names ("Pay") whose calls are never answered
         self.calls: Counter[str] = Counter()  # short method name -> calls taken
         self.swallowed: Counter[str] = Counter()
@@ -25,10 +33,10 @@ class HangingProxy(grpc.GenericRpcHandler):
         self.target = ""
 
     async def start(self) -> HangingProxy:
-        self._channel = grpc.aio.insecure_channel(self.upstream)
+        self._channel = channel_as(self.caller, self.upstream, server_name=self.server_name)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((self,))
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        port = self._server.add_secure_port("127.0.0.1:0", pki().tls(self.server_name).server_credentials())
         await self._server.start()
         self.target = f"127.0.0.1:{port}"
         return self

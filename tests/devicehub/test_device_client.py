@@ -19,6 +19,7 @@ from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
 from onecard_device.client import ONLINE_OUTCOME_UNKNOWN, DeviceClient
+from tests.mesh import pki
 from tests.conftest import RunningService
 
 FUNDED_FEN = 10_000
@@ -87,7 +88,8 @@ class _Campus:
     async def connected_client(self, devicehub: RunningService, data_dir: Path, **options: Any) -> DeviceClient:
         settings: dict[str, Any] = {"heartbeat_interval_s": 0.5, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
                                     "durable": False}
-        client = DeviceClient(target=devicehub.target, data_dir=data_dir, **{**settings, **options})
+        client = DeviceClient(target=devicehub.device_target, data_dir=data_dir, ca_pem=self.registered.hub_ca_pem,
+                              **{**settings, **options})
         device_id = await client.enrol(self.registered.enrolment_token)
         assert device_id == self.registered.device.device_id
         await client.start()
@@ -170,14 +172,16 @@ async def test_the_simulator_runs_a_small_fleet_on_the_demo_campus(
     from devstack.seed_rules import seed_rules
     from devstack.simulator import Simulator, SimulatorOptions, Targets, summary_text
 
-    await seed_demo(identity_target=identity.target, credentials_path=tmp_path / "credentials.json",
-                    member_count=30, progress=lambda text, *, final: None)
-    await seed_rules(ledger_target=ledger.target, policy_target=policy.target)
+    await seed_demo(identity_target=identity.target, tls=pki().tls("devstack"),
+                    credentials_path=tmp_path / "credentials.json", member_count=30,
+                    progress=lambda text, *, final: None)
+    await seed_rules(ledger_target=ledger.target, policy_target=policy.target, tls=pki().tls("devstack"))
     lines: list[str] = []
     options = SimulatorOptions(pos=2, gates=1, members=8, duration_s=8, rate=4, offline_share=0.3,
                                report_every_s=2, seed=7)
     simulator = Simulator(targets=Targets(identity=identity.target, codegen=codegen.target, ledger=ledger.target,
-                                          devicehub=devicehub.target),
+                                          devicehub=devicehub.target, devices=devicehub.device_target,
+                                          tls=pki().tls("simulator")),
                           options=options, data_dir=tmp_path / "simulator", out=lines.append)
     try:
         await simulator.setup()
@@ -215,7 +219,8 @@ async def test_a_gate_passes_online_and_offline_and_its_offline_passes_are_store
                                                  "offline": True}]})))
     registered = await devicehub.stub.RegisterDevice(pb.RegisterDeviceRequest(
         tenant_id=tenant_id, kind=pb.DEVICE_KIND_GATE, model="sdk", name="Library gate", location="library"))
-    client = DeviceClient(target=devicehub.target, data_dir=tmp_path, heartbeat_interval_s=0.5,
+    client = DeviceClient(target=devicehub.device_target, data_dir=tmp_path, ca_pem=registered.hub_ca_pem,
+                          heartbeat_interval_s=0.5,
                           reconnect_min_s=0.05, reconnect_max_s=0.5, durable=False)
     try:
         device_id = await client.enrol(registered.enrolment_token)
@@ -325,7 +330,7 @@ async def test_a_device_enrols_connects_syncs_and_the_hub_records_its_acknowledg
         await client.close()
 
     # A restarted device says what it holds, and the hub sends nothing again.
-    again = DeviceClient(target=devicehub.target, data_dir=tmp_path, heartbeat_interval_s=0.1,
+    again = DeviceClient(target=devicehub.device_target, data_dir=tmp_path, heartbeat_interval_s=0.1,
                          reconnect_min_s=0.05, reconnect_max_s=0.5, durable=False)
     try:
         assert again.device_id == device_id and _held_versions(again) == held

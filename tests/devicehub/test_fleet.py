@@ -23,7 +23,7 @@ async def _device(stub, tenant_id, device_id):
 async def test_silent_devices_go_offline_and_raise_offline_too_long(start_devicehub, tenant_id, database_url):
     hub = await start_devicehub(offline_after_s=0.5, offline_alarm_after_s=1.5, heartbeat_check_interval_s=0.1)
     stub = hub.stub
-    device_stub = devicehub_pb2_grpc.DeviceServiceStub(hub.channel)
+    device_stub = devicehub_pb2_grpc.DeviceServiceStub(hub.device_channel)
     device = await enrol_device(stub, device_stub, tenant_id)
     never_seen = await enrol_device(stub, device_stub, tenant_id)
     connection = await connect(device_stub, device)

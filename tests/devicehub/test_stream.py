@@ -272,7 +272,7 @@ async def test_shutdown_ends_open_streams_at_once(start_devicehub, tenant_id):
     from onecard.devicehub.v1 import devicehub_pb2_grpc
 
     hub = await start_devicehub(shutdown_grace_s=10.0)
-    device_stub = devicehub_pb2_grpc.DeviceServiceStub(hub.channel)
+    device_stub = devicehub_pb2_grpc.DeviceServiceStub(hub.device_channel)
     device = await enrol_device(hub.stub, device_stub, tenant_id)
     connection = await connect(device_stub, device)
     try:

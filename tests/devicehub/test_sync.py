@@ -185,7 +185,7 @@ async def test_a_missed_event_is_made_good_by_the_periodic_resync(start_devicehu
     from onecard.devicehub.v1 import devicehub_pb2_grpc
 
     hub = await start_devicehub(sync_resync_interval_s=0.3)
-    device_stub = devicehub_pb2_grpc.DeviceServiceStub(hub.channel)
+    device_stub = devicehub_pb2_grpc.DeviceServiceStub(hub.device_channel)
     alice = await _member(identity, tenant_id, "S4001")
     await identity.stub.BindCard(ipb.BindCardRequest(tenant_id=tenant_id, member_id=alice, card_uid="04AB000001"))
     device = await enrol_device(hub.stub, device_stub, tenant_id)

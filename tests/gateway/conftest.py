@@ -35,6 +35,7 @@ from gateway.auth import (
 )
 from gateway.settings import GatewaySettings
 from onecard.identity.v1 import identity_pb2 as pb
+from tests.mesh import service_values
 
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
 TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
@@ -63,6 +64,7 @@ def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_T
         "token_rate_limit_per_s": GENEROUS_RATE,
         "token_rate_limit_burst": int(GENEROUS_RATE),
         "identity_timeout_s": 10.0,
+        **service_values("gateway"),
     }
     values.update(overrides)
     return GatewaySettings(**values)
@@ -228,7 +230,8 @@ async def devicehub_service(launch: Any, database_url: str, nats_url: str, ident
 
     settings = DevicehubSettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2,
                                  identity_target=identity.target, codegen_target=codegen_service.target,
-                                 ledger_target=ledger_service.target, policy_target=policy_service.target)
+                                 ledger_target=ledger_service.target, policy_target=policy_service.target,
+                                 **service_values("devicehub"))
     return await launch(build_app(settings), stub_cls=devicehub_pb2_grpc.DeviceAdminServiceStub)
 
 

@@ -39,7 +39,7 @@ def _key() -> dict[str, str]:
 
 
 def _enrol_stub(gateway: Gateway) -> devicehub_pb2_grpc.DeviceServiceStub:
-    return devicehub_pb2_grpc.DeviceServiceStub(gateway.devicehub.channel)  # type: ignore[attr-defined]
+    return devicehub_pb2_grpc.DeviceServiceStub(gateway.devicehub.device_channel)  # type: ignore[attr-defined]
 
 
 async def _register(gateway: Gateway, access: TenantAccess, body: dict[str, Any]) -> dict[str, Any]:

@@ -365,7 +365,7 @@ async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> t
         tenant_id=tenant_id, kind=dpb.DEVICE_KIND_POS, model="M-1", name=f"Secret POS {label}",
         location=f"canteen-{label}", scene_tags=["canteen"], capacity=50))
     device_id = registered.device.device_id
-    await devicehub_pb2_grpc.DeviceServiceStub(gateway.devicehub.channel).Enrol(  # type: ignore[attr-defined]
+    await devicehub_pb2_grpc.DeviceServiceStub(gateway.devicehub.device_channel).Enrol(  # type: ignore[attr-defined]
         dpb.EnrolRequest(enrolment_token=registered.enrolment_token,
                          public_key=bytes(nacl.signing.SigningKey.generate().verify_key), firmware_version="1.0"))
     await Alarms(gateway.devicehub.app.pool).raise_alarm(  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from gateway.auth import LEDGER_ADMIN, STATEMENTS_READ, WALLETS_READ, WALLETS_TO
 from gateway.problems import http_mapping
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
+from tests.mesh import pki
 from tests.gateway.conftest import (
     Gateway,
     TenantAccess,
@@ -558,7 +559,7 @@ async def test_a_ledger_without_the_operation_answers_501(identity: Any) -> None
     # A real gRPC server that offers no LedgerService at all, as a ledger older than the gateway
     # would lack a newer RPC: every call to it is UNIMPLEMENTED.
     server = grpc.aio.server()
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", pki().tls("ledger").server_credentials())
     await server.start()
     try:
         settings = gateway_settings(identity_target=identity.target, ledger_target=f"127.0.0.1:{port}")

@@ -16,6 +16,7 @@ import httpx
 from devstack.servers import free_port
 from gateway.auth import MEMBERS_READ
 from onecard.identity.v1 import identity_pb2 as pb
+from tests.mesh import service_values
 from tests.gateway.conftest import TOKEN_SECRET
 
 START_TIMEOUT_S = 30.0
@@ -55,6 +56,7 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
         "ONECARD_HTTP_HOST": "127.0.0.1",
         "ONECARD_HTTP_PORT": str(port),
         "ONECARD_LOG_LEVEL": "info",
+        "ONECARD_TLS_DIR": str(service_values("gateway")["tls_dir"]),
     }
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(

@@ -5,6 +5,7 @@ import pytest
 
 from gateway.settings import GatewaySettings
 from runtime.settings import MissingSettingError, load_settings
+from tests.mesh import service_values
 
 
 def test_missing_settings_are_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,6 +35,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("ONECARD_TOKEN_SECRET", "s" * 32)
     monkeypatch.setenv("ONECARD_HTTP_PORT", "9090")
     monkeypatch.setenv("ONECARD_RATE_LIMIT_PER_S", "5")
+    monkeypatch.setenv("ONECARD_TLS_DIR", str(service_values("gateway")["tls_dir"]))
     settings = load_settings(GatewaySettings)
     assert settings.identity_target == "10.0.0.5:50051"
     assert settings.codegen_target == "10.0.0.6:50052"

@@ -12,12 +12,14 @@ import pytest
 from onecard.ledger.v1 import ledger_pb2_grpc
 from services.ledger.app import LedgerSettings, build_app
 from tests.conftest import Launch, RunningService
+from tests.mesh import service_values
 
 
 def ledger_settings(*, database_url: str, nats_url: str, **overrides: Any) -> LedgerSettings:
     values: dict[str, Any] = {
         "database_url": database_url,
         "nats_url": nats_url,
+        **service_values("ledger"),
         "health_interval_s": 0.2,
         # Holds expire within a test's patience.
         "hold_expiry_interval_s": 0.1,

@@ -29,6 +29,7 @@ from devstack.servers import free_port
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.grpc_client import error_info
+from tests.mesh import AllowedCallerChannel, authorizer_for, service_values
 from tests.ledger.support import check_books
 
 pytestmark = pytest.mark.slow
@@ -78,6 +79,7 @@ class LedgerProcess:
             "ONECARD_METRICS_PORT": "0",
             "ONECARD_HEALTH_INTERVAL_S": "0.2",
             "ONECARD_LOG_LEVEL": "warning",
+            "ONECARD_TLS_DIR": str(service_values("ledger")["tls_dir"]),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -277,7 +279,8 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
         database_url: str, nats_url: str, tmp_path: Path) -> None:
     ledger = LedgerProcess(database_url=database_url, nats_url=nats_url, port=free_port(HOST),
                            log_path=tmp_path / "ledger.log")
-    channel = grpc.aio.insecure_channel(f"{HOST}:{ledger.port}", options=[
+    channel = AllowedCallerChannel(f"{HOST}:{ledger.port}", server_name="ledger",
+                                   authorizer=authorizer_for("onecard.ledger.v1.LedgerService"), options=[
         ("grpc.initial_reconnect_backoff_ms", 50),
         ("grpc.min_reconnect_backoff_ms", 50),
         ("grpc.max_reconnect_backoff_ms", 300),

@@ -11,6 +11,7 @@ from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
 from services.ledger.app import build_app as build_ledger
 from services.policy.app import PolicySettings, build_app
+from tests.mesh import service_values
 from tests.conftest import Launch, RunningService
 from tests.ledger.conftest import ledger_settings
 
@@ -21,6 +22,7 @@ def policy_settings(*, database_url: str, nats_url: str, ledger_target: str, **o
     values: dict[str, Any] = {
         "database_url": database_url,
         "nats_url": nats_url,
+        **service_values("policy"),
         "health_interval_s": 0.2,
         "policy_master_key": TEST_MASTER_KEY,
         "ledger_target": ledger_target,

@@ -8,6 +8,7 @@ from pathlib import Path
 from runtime.events import OutboxRelay, StreamSpec, emit
 from runtime.grpc_server import ServiceApp
 from runtime.settings import ServiceSettings
+from tests.mesh import service_values
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA = "widgets"
@@ -15,7 +16,8 @@ STREAM = StreamSpec(name="WIDGETS", subjects=["widgets.>"])
 
 
 def widget_app(*, database_url: str, nats_url: str, with_relay: bool = False) -> ServiceApp:
-    settings = ServiceSettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.1, shutdown_grace_s=1.0)
+    settings = ServiceSettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.1,
+                               shutdown_grace_s=1.0, **service_values("widgets"))
 
     async def on_ready(app: ServiceApp) -> None:
         if with_relay:

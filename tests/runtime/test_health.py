@@ -3,10 +3,10 @@ and NOT_SERVING again once shutdown begins."""
 import asyncio
 from urllib.parse import urlsplit
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.servers import Nats, free_port
+from tests.mesh import channel_as
 from tests.runtime.support import TcpProxy, wait_until, widget_app
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -14,8 +14,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def health_status(port: int, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    async with channel_as("ops", f"127.0.0.1:{port}", server_name="widgets") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                timeout=2)
         return reply.status
 
 
@@ -65,7 +66,7 @@ async def test_health_turns_not_serving_when_shutdown_begins(database_url: str, 
     app = widget_app(database_url=database_url, nats_url=nats_url)
     port = await app.start()
     await becomes(port, SERVING)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with channel_as("ops", f"127.0.0.1:{port}", server_name="widgets") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         first = await watch.read()
         assert first.status == SERVING

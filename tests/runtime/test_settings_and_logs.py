@@ -27,6 +27,18 @@ def test_a_malformed_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(ServiceSettings)
 
 
+def test_a_service_refuses_to_start_without_tls_unless_told_it_is_insecure_development(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONECARD_DATABASE_URL", "postgresql://x/y")
+    monkeypatch.setenv("ONECARD_NATS_URL", "nats://127.0.0.1:4222")
+    monkeypatch.delenv("ONECARD_TLS_DIR", raising=False)
+    monkeypatch.delenv("ONECARD_INSECURE_DEVELOPMENT", raising=False)
+    with pytest.raises(MissingSettingError, match="missing required setting ONECARD_TLS_DIR"):
+        load_settings(ServiceSettings)
+    monkeypatch.setenv("ONECARD_INSECURE_DEVELOPMENT", "1")
+    assert load_settings(ServiceSettings).insecure_development
+
+
 def test_a_service_process_without_settings_exits_naming_them() -> None:
     env = {"PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c",

@@ -1,12 +1,17 @@
 """``DeviceClient``: a terminal's connection to the hub (docs/devicehub.md), with the offline
 engine behind it.
 
-    client = DeviceClient(target="127.0.0.1:50055", data_dir="/var/lib/pos")
-    await client.enrol(enrolment_token)          # once: makes and keeps the device key
+    client = DeviceClient(target="127.0.0.1:50056", data_dir="/var/lib/pos", ca_pem=hub_ca_pem)
+    await client.enrol(enrolment_token)          # once: makes and keeps the device key and CA bundle
     await client.start()                         # connects, and reconnects, in the background
     paid = await client.pay(pb.Presentation(code=scanned), 1200)
     ...
     await client.close()
+
+The hub's device port speaks TLS: the client checks the hub's certificate against the CA bundle
+that came with the enrolment token (``hub_ca_pem``), and from enrolment on against the bundle the
+hub answered, kept beside the device key (``hub-ca.pem``). Plaintext is only for a hub in insecure
+development mode, and only when asked for (``insecure=True``).
 
 The connection: hello (with the sync versions held) -> challenge -> signature -> welcome -> the
 hub's syncs (applied, acknowledged) -> heartbeats, authorisations, uploads, update commands.
@@ -68,6 +73,7 @@ NOT_CONNECTED = "NOT_CONNECTED"
 # Refusals of the handshake that retrying cannot heal.
 TERMINAL_REASONS = frozenset({"DEVICE_UNKNOWN", "DEVICE_DECOMMISSIONED", "DEVICE_NOT_ENROLLED", "CHALLENGE_FAILED"})
 _STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+CA_FILE = "hub-ca.pem"
 _METHODS = {"code": pb.METHOD_CODE, "card_uid": pb.METHOD_CARD, "face_enrolment_ref": pb.METHOD_FACE}
 
 
@@ -154,10 +160,13 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-async def enrol(target: str, token: str, *, data_dir: Path | str, firmware_version: str = DEFAULT_FIRMWARE,
-                timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> str:
-    """Enrol a device with a one-time token: make its key, keep it in ``data_dir``; answers the device id."""
-    client = DeviceClient(target=target, data_dir=data_dir, firmware_version=firmware_version)
+async def enrol(target: str, token: str, *, data_dir: Path | str, ca_pem: bytes | str | None = None,
+                firmware_version: str = DEFAULT_FIRMWARE, timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                server_name: str | None = None, insecure: bool = False) -> str:
+    """Enrol a device with a one-time token and the hub's CA bundle that came with it: make its key,
+    keep it (and the bundle) in ``data_dir``; answers the device id."""
+    client = DeviceClient(target=target, data_dir=data_dir, firmware_version=firmware_version, ca_pem=ca_pem,
+                          server_name=server_name, insecure=insecure)
     try:
         return await client.enrol(token, timeout_s=timeout_s)
     finally:
@@ -174,11 +183,19 @@ class DeviceClient:
                  clock: Callable[[], float] = time.time, durable: bool = True,
                  health: Callable[[], dict[str, str]] | None = None,
                  install_update: Callable[[pb.UpdateCommand], Awaitable[bool]] | None = None,
-                 update_step_s: float = 0.2) -> None:
+                 update_step_s: float = 0.2, ca_pem: bytes | str | None = None, server_name: str | None = None,
+                 insecure: bool = False) -> None:
         if not 1 <= upload_batch_size <= MAX_UPLOAD_RECORDS:
             raise ValueError(f"upload_batch_size must be 1..{MAX_UPLOAD_RECORDS}")
         self.target = target
         self.data_dir = Path(data_dir)
+        # The hub's CA bundle: the one given, else the one kept at enrolment.
+        kept = self.data_dir / CA_FILE
+        self.ca_pem: bytes | None = (ca_pem.encode() if isinstance(ca_pem, str) else ca_pem) or (
+            kept.read_bytes() if kept.exists() else None)
+        # The name the hub's certificate must carry, when it differs from the host in ``target``.
+        self.server_name = server_name
+        self.insecure = insecure
         self.heartbeat_interval_s = heartbeat_interval_s
         self.authorize_timeout_s = authorize_timeout_s
         self.upload_batch_size = upload_batch_size
@@ -248,8 +265,17 @@ class DeviceClient:
 
     def _stub(self) -> devicehub_pb2_grpc.DeviceServiceStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target)
+            self._channel = self._open_channel()
         return devicehub_pb2_grpc.DeviceServiceStub(self._channel)
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        if self.ca_pem:
+            options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+            return grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem),
+                                           options=options)
+        if self.insecure:
+            return grpc.aio.insecure_channel(self.target)
+        raise IdentityError("no CA bundle for the hub: pass ca_pem (it comes with the enrolment token)")
 
     async def enrol(self, token: str, *, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> str:
         """Enrol with a one-time token: a new device key (kept in the data folder) and the device id."""
@@ -260,12 +286,21 @@ class DeviceClient:
         identity.tenant_id = answer.device.tenant_id
         identity.device_id = answer.device.device_id
         identity.save(self.data_dir)
+        if answer.hub_ca_pem:
+            self._keep_ca(answer.hub_ca_pem.encode())
         self.identity = identity
         self._load_state()
         assert self.state is not None
         self.state.device = DeviceInfo.from_pb(answer.device)
         self._save_state()
         return identity.device_id
+
+    def _keep_ca(self, ca_pem: bytes) -> None:
+        path = self.data_dir / CA_FILE
+        scratch = path.with_name(f".{CA_FILE}.tmp")
+        scratch.write_bytes(ca_pem)
+        scratch.replace(path)
+        self.ca_pem = ca_pem
 
     # ---- lifecycle ----
 
