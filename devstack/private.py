@@ -5,7 +5,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,10 @@ def read_private_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def load_or_create_secrets(path: Path, *, names: Iterable[str]) -> dict[str, str]:
-    """The named random secrets, generated on first use and kept for every later run.
+def load_or_create_secrets(path: Path, *, names: Iterable[str],
+                           make: Callable[[], str] = lambda: secrets.token_urlsafe(SECRET_BYTES)) -> dict[str, str]:
+    """The named secrets, made by ``make`` (random text by default) on first use and kept for every
+    later run.
 
     Kept because a new token secret on each start would sign out every client of the demo.
     """
@@ -53,6 +55,6 @@ def load_or_create_secrets(path: Path, *, names: Iterable[str]) -> dict[str, str
     missing = [name for name in names if not stored.get(name)]
     if missing:
         for name in missing:
-            stored[name] = secrets.token_urlsafe(SECRET_BYTES)
+            stored[name] = make()
         write_private_json(path, stored)
     return {str(k): str(v) for k, v in stored.items()}

@@ -21,6 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
 
 from devstack.config import ConfigError, DevstackConfig, ServicePorts
 from devstack.private import load_or_create_secrets, write_private_text
@@ -37,8 +40,11 @@ from devstack.supervisor import (
     wait_healthy,
 )
 from devstack.walkthrough import walkthrough
+from runtime.dbroles import ServiceRole, bootstrap, role_dsn, role_name
 from runtime.mesh import MeshTLS
-from runtime.pki import ensure_identity
+from runtime.nats_access import new_seed, public_key
+from runtime.pki import IdentityFiles, ensure_identity
+from services.nats_accounts import NATS_ACCOUNTS
 
 READY_MARKER = "onecard is ready"
 MIGRATION_TIMEOUT_S = 120.0
@@ -56,6 +62,8 @@ SIMULATOR_POLL_S = 1.0
 # (grpcurl, the ops CLI), devstack itself (health probes, the seed, the e-code helper) and the
 # simulated fleet.
 TOOL_IDENTITIES = ("ops", "devstack", "simulator")
+# The embedded nats-server's own certificate.
+NATS_IDENTITY = "nats"
 PKI_CHECK_INTERVAL_S = 3600.0
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
 
@@ -64,6 +72,19 @@ T = TypeVar("T")
 
 class StackError(RuntimeError):
     """The stack cannot start; the message tells the user what to do."""
+
+
+POSTGRES_PASSWORD_KEY = "postgres_password"
+
+
+def pg_password_key(name: str) -> str:
+    """The key of the service ``name``'s database role password in .data/secrets.json."""
+    return f"pg_password_{name}"
+
+
+def nats_seed_key(name: str) -> str:
+    """The key of ``name``'s NATS nkey seed in .data/secrets.json."""
+    return f"nats_seed_{name}"
 
 
 def redact_url(url: str) -> str:
@@ -191,11 +212,21 @@ class Stack:
     simulator: ManagedProcess | None = None
     _simulator_shown: int = 0
     _tls: MeshTLS | None = None
+    nats_seeds: dict[str, str] = field(default_factory=dict)
+    pg_passwords: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def grpc_services(self) -> list[ServicePorts]:
+        return [svc for svc in self.config.services if svc.spec.protocol == "grpc"]
+
+    @property
+    def database_name(self) -> str:
+        return urlsplit(self.database_url).path.lstrip("/") or "postgres"
 
     def ensure_certificates(self) -> int:
         """Every process's certificate under the data folder, issued or renewed as needed; answers
         how many were (re)issued. Running servers pick a renewed certificate up by themselves."""
-        names = [svc.spec.name for svc in self.config.services] + list(TOOL_IDENTITIES)
+        names = [svc.spec.name for svc in self.config.services] + list(TOOL_IDENTITIES) + [NATS_IDENTITY]
         return sum(ensure_identity(self.config.pki_dir, name)[1] for name in names)
 
     @property
@@ -236,6 +267,10 @@ class Stack:
         self.check_ports()
         secret_names = {key for svc in config.services for key in svc.spec.secret_env.values()}
         secrets = load_or_create_secrets(config.secrets_path, names=sorted(secret_names))
+        self.nats_seeds = load_or_create_secrets(config.secrets_path, names=[nats_seed_key(n) for n in NATS_ACCOUNTS],
+                                                 make=new_seed)
+        self.pg_passwords = load_or_create_secrets(
+            config.secrets_path, names=[POSTGRES_PASSWORD_KEY, *(pg_password_key(s.spec.name) for s in self.grpc_services)])
         issued = await asyncio.to_thread(self.ensure_certificates)
         self.console.status("pki", "ready", f"CA and certificates in {shown_path(config.pki_dir)}"
                             + (f"  ({issued} issued)" if issued else ""))
@@ -249,7 +284,8 @@ class Stack:
             self.database_url = config.external_database_url
             self.console.status("postgres", "external", redact_url(self.database_url))
         else:
-            self.postgres = Postgres(config.data_dir / "postgres", config.pg_port, host=config.host)
+            self.postgres = Postgres(config.data_dir / "postgres", config.pg_port, host=config.host,
+                                     password=self.pg_passwords[POSTGRES_PASSWORD_KEY])
             started = time.monotonic()
             try:
                 await _in_thread(self.postgres.start)
@@ -261,11 +297,22 @@ class Stack:
                 f"{config.host}:{config.pg_port}  pid {self.postgres.process.pid if self.postgres.process else '?'}"
                 f"  {time.monotonic() - started:.1f}s  log {shown_path(self.postgres.log_path)}",
             )
+        roles = [ServiceRole(schema=svc.spec.name, password=self.pg_passwords[pg_password_key(svc.spec.name)])
+                 for svc in self.grpc_services]
+        try:
+            await bootstrap(self.database_url, database=self.database_name, roles=roles)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StackError(f"could not give the services their PostgreSQL roles: {exc}") from exc
+        self.console.status("postgres", "roles", ", ".join(role.role for role in roles))
         if config.external_nats_url:
             self.nats_url = config.external_nats_url
             self.console.status("nats", "external", redact_url(self.nats_url))
         else:
-            self.nats = Nats(config.data_dir / "nats", config.nats_port, host=config.host)
+            # TLS only, and only the accounts of services.nats_accounts (public keys in its config).
+            users = {name: (public_key(self.nats_seeds[nats_seed_key(name)]), access)
+                     for name, access in NATS_ACCOUNTS.items()}
+            self.nats = Nats(config.data_dir / "nats", config.nats_port, host=config.host,
+                             tls=IdentityFiles(config.identity_dir(NATS_IDENTITY)), users=users)
             started = time.monotonic()
             try:
                 await _in_thread(self.nats.start)
@@ -288,8 +335,10 @@ class Stack:
                 env[earlier.spec.target_env] = earlier.target
         if svc.spec.protocol == "grpc":
             env.update({
-                "ONECARD_DATABASE_URL": self.database_url,
+                "ONECARD_DATABASE_URL": role_dsn(self.database_url, role=role_name(svc.spec.name),
+                                                 password=self.pg_passwords[pg_password_key(svc.spec.name)]),
                 "ONECARD_NATS_URL": self.nats_url,
+                "ONECARD_NATS_SEED": self.nats_seeds[nats_seed_key(svc.spec.name)],
                 "ONECARD_GRPC_HOST": svc.host,
                 "ONECARD_GRPC_PORT": str(svc.port),
                 "ONECARD_METRICS_PORT": str(svc.metrics_port or 0),

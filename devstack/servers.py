@@ -14,8 +14,13 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
+
+from runtime.nats_access import NatsAccess, accounts_config
+from runtime.pki import IdentityFiles
 
 
 PG_SYSTEM_USER = "onecard_pg"
@@ -88,14 +93,28 @@ def _open_path_for(user: str, path: Path) -> None:
                 p.chmod(mode | extra)
 
 
+# Every connection proves its role's password; nothing is trusted for coming from this host.
+PASSWORD_HBA = (
+    "# onecard: every connection authenticates with its role's password (scram-sha-256)\n"
+    "local all all scram-sha-256\n"
+    "host  all all 127.0.0.1/32 scram-sha-256\n"
+    "host  all all ::1/128 scram-sha-256\n"
+)
+
+
 @dataclass
 class Postgres:
-    """A PostgreSQL cluster in ``data_dir`` listening on 127.0.0.1:``port``."""
+    """A PostgreSQL cluster in ``data_dir`` listening on 127.0.0.1:``port``.
+
+    With ``password`` (the superuser's) every connection must authenticate with a password, so a
+    service's role is the only way in to its schema; a cluster made before (trusting local
+    connections) is brought to that at its next start."""
 
     data_dir: Path
     port: int
     host: str = "127.0.0.1"
     fsync: bool = True
+    password: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -109,7 +128,8 @@ class Postgres:
     def dsn(self, database: str = DATABASE_NAME) -> str:
         # The embedded server has no TLS: say so, so a client does not ask first (asyncpg's TLS
         # probe, cut short by a cancelled connect, otherwise leaves a future nobody reads).
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}?sslmode=disable"
+        user = f"postgres:{quote(self.password, safe='')}" if self.password else "postgres"
+        return f"postgresql://{user}@{self.host}:{self.port}/{database}?sslmode=disable"
 
     def _run_as(self) -> dict[str, object]:
         user = _pg_user()
@@ -130,13 +150,22 @@ class Postgres:
                 os.chown(self.log_path, entry.pw_uid, entry.pw_gid)
         if (self.pgdata / "PG_VERSION").exists():
             return
-        subprocess.run(
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
-             "--auth=trust", "--encoding=UTF8", "--locale=C"],
-            check=True,
-            capture_output=True,
-            **self._run_as(),  # type: ignore[arg-type]
-        )
+        args = [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--encoding=UTF8",
+                "--locale=C"]
+        pwfile = self.data_dir / ".initdb-password"
+        if self.password:
+            pwfile.unlink(missing_ok=True)
+            pwfile.touch(mode=0o600)
+            pwfile.write_text(self.password + "\n")
+            if user:  # read by initdb, which runs as the server's user
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            args += ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        else:
+            args += ["--auth=trust"]
+        try:
+            subprocess.run(args, check=True, capture_output=True, **self._run_as())  # type: ignore[arg-type]
+        finally:
+            pwfile.unlink(missing_ok=True)
 
     def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
         self.init()
@@ -153,7 +182,20 @@ class Postgres:
         ]
         self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True, **self._run_as())  # type: ignore[call-overload]
         _wait(lambda: self._ready(), timeout_s, "PostgreSQL", self.log_path)
+        if self.password:
+            self._require_passwords()
         self._ensure_database()
+
+    def _require_passwords(self) -> None:
+        """Set the superuser's password (a cluster that trusted local connections accepts this
+        once more), then make every connection authenticate."""
+        hba = self.pgdata / "pg_hba.conf"
+        if hba.read_text() == PASSWORD_HBA:
+            return
+        assert self.password is not None
+        self._psql(f"ALTER ROLE postgres PASSWORD '{self.password.replace(chr(39), chr(39) * 2)}'")
+        hba.write_text(PASSWORD_HBA)
+        self._psql("SELECT pg_reload_conf()")
 
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -180,6 +222,10 @@ class Postgres:
         self._psql(f"CREATE DATABASE {name}")
         return self.dsn(name)
 
+    def run_sql(self, statements: list[str], *, database: str = DATABASE_NAME) -> None:
+        """Run ``statements`` in one transaction as the superuser."""
+        self._psql(";\n".join(statements), database)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -204,12 +250,18 @@ def nats_server_binary() -> str:
 
 @dataclass
 class Nats:
-    """A nats-server with JetStream in ``data_dir``; every stream write is fsynced before its ack."""
+    """A nats-server with JetStream in ``data_dir``; every stream write is fsynced before its ack.
+
+    With ``tls`` (the server's folder: ca.crt, tls.crt, tls.key) it speaks only TLS and asks each
+    client for a certificate from the CA; with ``users`` (name -> public nkey and NatsAccess) a
+    client must sign in as one of them and may do only what its account allows."""
 
     data_dir: Path
     port: int
     host: str = "127.0.0.1"
     sync_always: bool = True
+    tls: IdentityFiles | None = None
+    users: Mapping[str, tuple[str, NatsAccess]] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -224,7 +276,7 @@ class Nats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "nats.conf"
         store = self.data_dir / "jetstream"
-        config.write_text(
+        text = (
             f'host: "{self.host}"\nport: {self.port}\n'
             "jetstream {\n"
             f'  store_dir: "{store}"\n'
@@ -233,6 +285,19 @@ class Nats:
             "  max_file_store: 4GB\n"
             "}\n"
         )
+        if self.tls is not None:
+            text += (
+                "tls {\n"
+                f'  cert_file: "{self.tls.cert}"\n  key_file: "{self.tls.key}"\n  ca_file: "{self.tls.ca}"\n'
+                "  verify: true\n  timeout: 2\n"
+                "}\n"
+            )
+        if self.users is not None:
+            text += accounts_config(self.users)
+        # The configuration names only public keys, but it is the server's: owner-only all the same.
+        config.unlink(missing_ok=True)
+        config.touch(mode=0o600)
+        config.write_text(text)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(config)], stdout=log, stderr=log, start_new_session=True

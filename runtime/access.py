@@ -67,6 +67,17 @@ def standard_rules() -> dict[str, MethodRule]:
     return rules
 
 
+def allow_list_table(services: Iterable[ServiceDescriptor]) -> str:
+    """The allow-list of ``services`` as a Markdown table (docs/security.md carries it; a test
+    keeps the two alike)."""
+    lines = ["| method | who may call it |", "|---|---|"]
+    for service in services:
+        for path, rule in method_rules([service]).items():
+            who = "terminals, on the device port" if rule.terminals else ", ".join(rule.callers) or "nobody"
+            lines.append(f"| `{path.strip('/').replace('/', '.')}` | {who} |")
+    return "\n".join(lines)
+
+
 class Authorizer:
     """Answers, per call, the refusal for a caller on a method, or None to let the call through."""
 

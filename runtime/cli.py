@@ -5,10 +5,27 @@ import argparse
 import asyncio
 from collections.abc import Callable
 
+import asyncpg
+
 from runtime.db import migrate
+from runtime.dbroles import is_superuser
 from runtime.grpc_server import ServiceApp
 from runtime.logs import configure_logging, get_logger
+from runtime.mesh import INSECURE_SETTING
 from runtime.settings import ServiceSettings, load_settings
+
+
+async def _migrate(settings: ServiceSettings, app: ServiceApp) -> list[str]:
+    """Apply the migrations as the service's own role: tables a superuser made would not be its."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        superuser = await is_superuser(conn)
+    finally:
+        await conn.close()
+    if superuser and not settings.insecure_development:
+        raise SystemExit(f"{app.name}: refusing to migrate as a PostgreSQL superuser; connect as the service's "
+                         f"role (runtime.dbroles), or set {INSECURE_SETTING}=1 for development only")
+    return await migrate(settings.database_url, schema=app.schema, migrations_dir=app.migrations_dir)
 
 
 def run_service(
@@ -26,7 +43,7 @@ def run_service(
     configure_logging(service=name, level=settings.log_level)
     app = build_app(settings)
     if args.command == "migrate":
-        applied = asyncio.run(migrate(settings.database_url, schema=app.schema, migrations_dir=app.migrations_dir))
+        applied = asyncio.run(_migrate(settings, app))
         get_logger(__name__).info("migrations done", applied=len(applied))
         return
     asyncio.run(app.run_until_signalled())

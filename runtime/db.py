@@ -105,7 +105,10 @@ async def migrate(dsn: str, *, schema: str, migrations_dir: Path) -> list[str]:
     try:
         await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"onecard.migrate.{schema}")
         try:
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            # The service's role owns its schema but may not create one (the bootstrap made it):
+            # ask first, so only a stack without roles creates it here.
+            if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
+                await conn.execute(f"CREATE SCHEMA {schema}")
             await conn.execute(
                 f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
                         component  TEXT NOT NULL,

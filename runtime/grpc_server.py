@@ -37,10 +37,12 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from runtime.access import Authorizer, method_rules
 from runtime.db import create_pool, migrate
+from runtime.dbroles import is_superuser
 from runtime.errors import ERROR_DOMAIN, DomainError, Unavailable
 from runtime.events import StreamSpec, ensure_streams
 from runtime.logs import bind_request_id, get_logger, new_request_id
-from runtime.mesh import MeshTLS, load_tls, peer_name
+from runtime.mesh import INSECURE_SETTING, MeshTLS, load_tls, peer_name
+from runtime.nats_access import NatsAccess, connect_options
 from runtime.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -166,7 +168,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _log_nats_error(exc: Exception) -> None:
-    log.warning("nats error", error=type(exc).__name__)
+    # The server's own words (a permissions violation names the subject), never a credential.
+    log.warning("nats error", error=type(exc).__name__, detail=str(exc)[:200])
 
 
 async def _log_nats_disconnected() -> None:
@@ -213,6 +216,8 @@ class ServiceApp:
     on_stop: Hook | None = None
     migrate_on_start: bool = True
     terminals: TerminalListener | None = None
+    # What the service does on NATS: its account's permissions are derived from this alone.
+    nats_access: NatsAccess = field(default_factory=NatsAccess)
 
     port: int = field(default=0, init=False)
     health_port: int = field(default=0, init=False)
@@ -228,6 +233,9 @@ class ServiceApp:
     _terminal_server: grpc.aio.Server | None = field(default=None, init=False)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list, init=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    # Set, with the reason, when the service must not go on (its database role is a superuser).
+    fatal: str | None = field(default=None, init=False)
+    _failed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _serving: bool = field(default=False, init=False)
     _stopping: bool = field(default=False, init=False)
 
@@ -348,12 +356,38 @@ class ServiceApp:
         return port
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        ready = asyncio.ensure_future(self._ready.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait_for(asyncio.wait([ready, failed], return_when=asyncio.FIRST_COMPLETED), timeout_s)
+        finally:
+            ready.cancel()
+            failed.cancel()
+        if self.fatal is not None:
+            raise RuntimeError(self.fatal)
+
+    def _fail(self, reason: str) -> None:
+        self.fatal = reason
+        log.error("refusing to run", reason=reason)
+        self._failed.set()
 
     async def _connect_and_watch(self) -> None:
         settings = self.settings
+        checked_role = False
         while self._pool is None:
             try:
+                if not checked_role:
+                    # Before anything is written: tables a superuser made would not be the role's.
+                    conn = await asyncpg.connect(settings.database_url, timeout=DEFAULT_CHECK_TIMEOUT_S)
+                    try:
+                        superuser = await is_superuser(conn)
+                    finally:
+                        await conn.close()
+                    if superuser and not settings.insecure_development:
+                        self._fail(f"{self.name} connects to PostgreSQL as a superuser; give it its own role "
+                                   f"(runtime.dbroles), or set {INSECURE_SETTING}=1 for development only")
+                        return
+                    checked_role = True
                 if self.migrate_on_start:
                     await migrate(settings.database_url, schema=self.schema, migrations_dir=self.migrations_dir)
                 self._pool = await create_pool(settings.database_url, schema=self.schema)
@@ -363,9 +397,11 @@ class ServiceApp:
                 await asyncio.sleep(DEFAULT_CONNECT_RETRY_S)
         while self._nc is None:
             try:
+                seed = settings.nats_seed.get_secret_value() if settings.nats_seed else None
                 nc = await nats.connect(
                     settings.nats_url,
                     name=f"onecard-{self.name}",
+                    **connect_options(name=self.name, seed=seed, tls=self.tls, tls_name=settings.nats_tls_name),
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
@@ -443,6 +479,12 @@ class ServiceApp:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        failed = asyncio.ensure_future(self._failed.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        stopped.cancel()
         log.info("shutting down")
         await self.stop()
+        if self.fatal is not None:
+            raise SystemExit(f"{self.name}: {self.fatal}")

@@ -63,6 +63,7 @@ def configure_logging(*, service: str, level: str = "info", stream: Any = None) 
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()],
         )
     )
+    handler.addFilter(_drop_known_noise)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(log_level)
@@ -79,6 +80,15 @@ def configure_logging(*, service: str, level: str = "info", stream: Any = None) 
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
+
+
+# asyncio warns at every close of a TLS connection whose protocol asks to keep the transport half
+# open (nats-py's does): a line per disconnect that says nothing an operator can act on.
+_NOISE = {("asyncio", "returning true from eof_received() has no effect when using ssl")}
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    return (record.name, str(record.msg)) not in _NOISE
 
 
 def new_request_id() -> str:

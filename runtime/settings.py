@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runtime.mesh import MeshSettings
+from runtime.mesh import INSECURE_SETTING, MeshSettings
 
 DEFAULT_GRPC_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
@@ -19,6 +19,11 @@ class ServiceSettings(MeshSettings):
 
     database_url: str
     nats_url: str
+    # The process's NATS user nkey seed (SU...): its account's permissions are what its NatsAccess
+    # declares (runtime.nats_access). Required unless in insecure development mode.
+    nats_seed: SecretStr | None = None
+    # The name the NATS server's certificate must carry.
+    nats_tls_name: str = "nats"
     grpc_host: str = DEFAULT_GRPC_HOST
     grpc_port: int = 0
     # A plaintext port that answers gRPC health and refuses everything else (no caller identity):
@@ -31,6 +36,13 @@ class ServiceSettings(MeshSettings):
     health_interval_s: float = 1.0
     # JetStream replicas for the streams this service owns: 1 on one machine, 3 in a cluster.
     stream_replicas: int = 1
+
+    @model_validator(mode="after")
+    def _nats_account_unless_told(self) -> ServiceSettings:
+        if self.nats_seed is None and not self.insecure_development:
+            raise ValueError("missing required setting ONECARD_NATS_SEED (the service's NATS nkey seed); "
+                             f"{INSECURE_SETTING}=1 runs without it, for development only")
+        return self
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

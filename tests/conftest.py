@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 
 from devstack.servers import Nats, Postgres, free_port
 from runtime.logs import configure_logging
-from tests.mesh import service_values, terminal_channel
+from runtime.dbroles import bootstrap_statements
+from runtime.pki import IdentityFiles
+from tests.mesh import nats_users, pki, service_roles, service_values, terminal_channel
 
 configure_logging(service="tests", level=os.environ.get("ONECARD_TEST_LOG_LEVEL", "warning"))
 
@@ -21,7 +24,9 @@ _db_counter = itertools.count(1)
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    server = Postgres(tmp_path_factory.mktemp("postgres"), free_port(), fsync=False)
+    """The session's PostgreSQL: every connection authenticates with a password."""
+    server = Postgres(tmp_path_factory.mktemp("postgres"), free_port(), fsync=False,
+                      password=secrets.token_urlsafe(24))
     server.start()
     yield server
     server.stop()
@@ -29,13 +34,19 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
 
 @pytest.fixture
 def database_url(postgres: Postgres) -> str:
-    """A new, empty database for this test."""
-    return postgres.create_database(f"t{os.getpid()}_{next(_db_counter)}")
+    """A new database for this test, as the superuser's URL (for the checks a client cannot make):
+    each service's role and schema are made in it as the bootstrap makes them, so a service under
+    test connects as its own role (tests.mesh.service_values)."""
+    name = f"t{os.getpid()}_{next(_db_counter)}"
+    url = postgres.create_database(name)
+    postgres.run_sql(bootstrap_statements(database=name, roles=service_roles()), database=name)
+    return url
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[Nats]:
-    server = Nats(tmp_path / "nats", free_port())
+    """This test's nats-server: TLS with the session's CA, and every process's account."""
+    server = Nats(tmp_path / "nats", free_port(), tls=IdentityFiles(pki().tls_dir("nats")), users=nats_users())
     server.start()
     yield server
     server.stop()
@@ -73,7 +84,11 @@ async def start_service(app, *, stub_cls=None, ready_timeout_s: float = 30.0) ->
     from tests.mesh import AllowedCallerChannel
 
     await app.start()
-    await app.wait_ready(ready_timeout_s)
+    try:
+        await app.wait_ready(ready_timeout_s)
+    except BaseException:
+        await app.stop()
+        raise
     channel = AllowedCallerChannel(f"127.0.0.1:{app.port}", server_name=app.name, authorizer=app.authorizer())
     return RunningService(app, channel, stub_cls(channel) if stub_cls else None)
 
@@ -104,6 +119,6 @@ async def identity(launch: Launch, database_url: str, nats_url: str) -> RunningS
     from onecard.identity.v1 import identity_pb2_grpc
     from services.identity.app import IdentitySettings, build_app
 
-    app = build_app(IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2,
-                                     **service_values("identity")))
+    app = build_app(IdentitySettings(nats_url=nats_url, health_interval_s=0.2,
+                                     **service_values("identity", database_url)))
     return await launch(app, stub_cls=identity_pb2_grpc.IdentityServiceStub)

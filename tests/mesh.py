@@ -1,5 +1,5 @@
 """The test session's mesh identity: its own CA, a certificate for every name the allow-list knows,
-and channels that present them.
+channels that present them, and every process's NATS account.
 
 Each test process (each xdist worker) makes its CA once, in a scratch folder removed at exit.
 A service under test gets the files of its own name (``service_values``); a test that calls a
@@ -7,12 +7,17 @@ service directly goes through ``AllowedCallerChannel``, which sends each method 
 mutual-TLS channel presenting the certificate of a caller the method's allow-list names (the
 gateway for a member route, policy for ``LedgerService.Pay``...), so the services' own tests run
 through the same authentication and allow-list as production. The tests of the allow-list
-itself (tests/runtime/test_mesh_access.py) call as every other name too.
+itself (tests/trust) call as every other name too.
+
+NATS: each test's nats-server speaks TLS and knows the accounts of services.nats_accounts (plus
+the runtime tests' widgets service); a service under test signs in with its own nkey, and a test
+that reads a stream does so as the operator (``connect_nats``).
 """
 from __future__ import annotations
 
 import atexit
 import functools
+import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
+import nats
 from google.protobuf import descriptor_pool
 
 from runtime.access import Authorizer, method_rules
+from runtime.dbroles import ServiceRole, role_dsn, role_name
+from runtime.nats_access import NatsAccess, connect_options, new_seed, public_key
+from services.nats_accounts import NATS_ACCOUNTS
 from runtime.grpc_client import open_channel
 from runtime.mesh import MeshTLS
 from runtime.pki import CertificateAuthority, IdentityFiles
@@ -54,9 +62,46 @@ def pki() -> TestPKI:
     return TestPKI(root)
 
 
-def service_values(name: str) -> dict[str, Any]:
-    """The settings every process named ``name`` needs in a test, beside its own: its TLS folder."""
-    return {"tls_dir": pki().tls_dir(name)}
+@functools.cache
+def nats_seed(name: str) -> str:
+    return new_seed()
+
+
+def nats_users() -> dict[str, tuple[str, NatsAccess]]:
+    """Every account a test's nats-server knows: name -> (public nkey, access)."""
+    from tests.runtime.support import NATS_ACCESS as WIDGETS
+
+    accounts = {**NATS_ACCOUNTS, "widgets": WIDGETS}
+    return {name: (public_key(nats_seed(name)), access) for name, access in accounts.items()}
+
+
+# The schemas (and so the database roles) of every service a test may start.
+SERVICE_SCHEMAS = ("identity", "codegen", "ledger", "policy", "devicehub", "widgets")
+
+
+@functools.cache
+def pg_password(name: str) -> str:
+    return secrets.token_urlsafe(24)
+
+
+def service_roles() -> list[ServiceRole]:
+    return [ServiceRole(schema=name, password=pg_password(name)) for name in SERVICE_SCHEMAS]
+
+
+def service_values(name: str, database_url: str | None = None) -> dict[str, Any]:
+    """The settings every process named ``name`` needs in a test, beside its own: its TLS folder, its
+    NATS nkey and, given the test's database (the superuser's URL), its own role's URL to it."""
+    values: dict[str, Any] = {"tls_dir": pki().tls_dir(name), "nats_seed": nats_seed(name)}
+    if database_url is not None:
+        values["database_url"] = role_dsn(database_url, role=role_name(name), password=pg_password(name))
+    return values
+
+
+async def connect_nats(url: str, *, as_: str = "ops") -> nats.aio.client.Client:
+    """A NATS connection signed in as ``as_`` (the operator by default: it reads streams, publishes
+    nothing), over TLS with that name's certificate."""
+    return await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3,
+                              **connect_options(name=as_, seed=nats_seed(as_), tls=pki().tls(as_)))
 
 
 def channel_as(caller: str, target: str, *, server_name: str, options: Sequence[tuple[str, Any]] = ()

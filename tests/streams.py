@@ -4,10 +4,12 @@ from __future__ import annotations
 import nats
 import pytest
 
+from tests.mesh import connect_nats
+
 
 async def read_exactly(nats_url: str, *, stream: str, subjects: str, count: int) -> list[nats.aio.msg.Msg]:
     """Exactly ``count`` messages from ``stream``, oldest first; fails on fewer or more."""
-    nc = await nats.connect(nats_url)
+    nc = await connect_nats(nats_url)
     try:
         sub = await nc.jetstream().subscribe(subjects, stream=stream, ordered_consumer=True)
         received = [await sub.next_msg(timeout=10) for _ in range(count)]

@@ -1,5 +1,6 @@
 import asyncpg
-import nats
+
+from tests.mesh import connect_nats
 
 
 async def test_real_postgres_and_nats_answer(database_url: str, nats_url: str) -> None:
@@ -8,7 +9,7 @@ async def test_real_postgres_and_nats_answer(database_url: str, nats_url: str) -
         assert await conn.fetchval("SELECT 41 + 1") == 42
     finally:
         await conn.close()
-    nc = await nats.connect(nats_url)
+    nc = await connect_nats(nats_url)
     try:
         info = await nc.jetstream().account_info()
         assert info.streams == 0

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from onecard.codegen.v1 import codegen_pb2, codegen_pb2_grpc
 from runtime.events import IdempotentConsumer, OutboxRelay, StreamSpec
+from runtime.nats_access import Durable, NatsAccess
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
 from runtime.settings import ServiceSettings
@@ -28,6 +29,7 @@ log = get_logger(__name__)
 SCHEMA = "codegen"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("CODEGEN", ["codegen.>"])
+NATS_ACCESS = NatsAccess(owns=(STREAM,), consumes=(Durable(IDENTITY_STREAM, IDENTITY_DURABLE),))
 SERVICE_NAME = codegen_pb2.DESCRIPTOR.services_by_name["CodegenService"].full_name
 
 DEFAULT_IDENTITY_TIMEOUT_S = 5.0
@@ -101,5 +103,6 @@ def build_app(settings: CodegenSettings) -> ServiceApp:
         register=register,
         service_names=[SERVICE_NAME],
         streams=[STREAM],
+        nats_access=NATS_ACCESS,
         on_ready=on_ready,
     )

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
 from runtime.events import StreamSpec
+from runtime.nats_access import NatsAccess
 from runtime.grpc_server import ServiceApp, TerminalListener
 from runtime.settings import ServiceSettings
 from services.devicehub.hub import Hub
@@ -19,6 +20,9 @@ from services.devicehub.servicer import DeviceAdminServicer, DeviceServicer
 SCHEMA = "devicehub"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("DEVICEHUB", ["devicehub.>"])
+# The sync listener and the transactions part drop cached state as the mesh's events pass
+# (plain subscriptions: every replica needs every event).
+NATS_ACCESS = NatsAccess(owns=(STREAM,), listens=("identity.>", "codegen.>", "policy.>", "devicehub.>"))
 ADMIN_SERVICE_NAME = devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminService"].full_name
 DEVICE_SERVICE_NAME = devicehub_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 
@@ -87,6 +91,7 @@ def build_app(settings: DevicehubSettings) -> ServiceApp:
         register=register,
         service_names=[ADMIN_SERVICE_NAME],
         streams=[STREAM],
+        nats_access=NATS_ACCESS,
         on_ready=on_ready,
         on_stop=hub.end_streams,
         terminals=TerminalListener(register=register_terminals, service_names=[DEVICE_SERVICE_NAME],

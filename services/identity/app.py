@@ -7,6 +7,7 @@ from pathlib import Path
 
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from runtime.events import OutboxRelay, StreamSpec
+from runtime.nats_access import NatsAccess
 from runtime.grpc_server import ServiceApp
 from runtime.settings import ServiceSettings
 from services.identity.importer import DEFAULT_CHUNK_ROWS, resume_imports
@@ -16,6 +17,7 @@ from services.identity.store import IdentityStore
 SCHEMA = "identity"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("IDENTITY", ["identity.>"])
+NATS_ACCESS = NatsAccess(owns=(STREAM,))
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 
 DEFAULT_IMPORT_MAX_BYTES = 8 * 1024 * 1024
@@ -51,5 +53,6 @@ def build_app(settings: IdentitySettings) -> ServiceApp:
         register=register,
         service_names=[SERVICE_NAME],
         streams=[STREAM],
+        nats_access=NATS_ACCESS,
         on_ready=on_ready,
     )

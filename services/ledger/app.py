@@ -11,6 +11,7 @@ from pydantic import Field
 
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from runtime.events import IdempotentConsumer, OutboxRelay, StreamSpec
+from runtime.nats_access import Durable, NatsAccess
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
 from runtime.settings import ServiceSettings
@@ -24,6 +25,7 @@ log = get_logger(__name__)
 SCHEMA = "ledger"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("LEDGER", ["ledger.>"])
+NATS_ACCESS = NatsAccess(owns=(STREAM,), consumes=(Durable(IDENTITY_STREAM, IDENTITY_DURABLE),))
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 
 DEFAULT_EXPIRY_INTERVAL_S = 1.0
@@ -106,5 +108,6 @@ def build_app(settings: LedgerSettings) -> ServiceApp:
         register=register,
         service_names=[SERVICE_NAME],
         streams=[STREAM],
+        nats_access=NATS_ACCESS,
         on_ready=on_ready,
     )

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from onecard.policy.v1 import policy_pb2, policy_pb2_grpc
 from runtime.events import EventFollower, OutboxRelay, StreamSpec
+from runtime.nats_access import NatsAccess
 from runtime.grpc_server import ServiceApp
 from runtime.sealing import parse_master_key
 from runtime.settings import ServiceSettings
@@ -25,6 +26,8 @@ STREAM = StreamSpec("POLICY", ["policy.>"])
 # The ledger's events, followed by each replica to drop the member states it holds.
 LEDGER_STREAM = "LEDGER"
 LEDGER_SUBJECTS = "ledger.>"
+# Member states are dropped from the cache as the ledger's events pass (an ordered consumer).
+NATS_ACCESS = NatsAccess(owns=(STREAM,), follows=(LEDGER_STREAM,))
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 DEFAULT_LEDGER_TIMEOUT_S = 5.0
@@ -91,5 +94,6 @@ def build_app(settings: PolicySettings) -> ServiceApp:
         register=register,
         service_names=[SERVICE_NAME],
         streams=[STREAM],
+        nats_access=NATS_ACCESS,
         on_ready=on_ready,
     )

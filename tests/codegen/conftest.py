@@ -21,9 +21,8 @@ TEST_MASTER_KEY = "6f" * 32
 
 def codegen_settings(*, database_url: str, nats_url: str, identity_target: str, **overrides: Any) -> CodegenSettings:
     values: dict[str, Any] = {
-        "database_url": database_url,
         "nats_url": nats_url,
-        **service_values("codegen"),
+        **service_values("codegen", database_url),
         "identity_target": identity_target,
         "codegen_master_key": TEST_MASTER_KEY,
         "health_interval_s": 0.2,

@@ -35,9 +35,8 @@ from tests.policy_service.conftest import policy_settings
 def devicehub_settings(*, database_url: str, nats_url: str, identity_target: str, codegen_target: str,
                        policy_target: str, ledger_target: str, **overrides: Any) -> DevicehubSettings:
     values: dict[str, Any] = {
-        "database_url": database_url,
         "nats_url": nats_url,
-        **service_values("devicehub"),
+        **service_values("devicehub", database_url),
         "identity_target": identity_target,
         "codegen_target": codegen_target,
         "policy_target": policy_target,

@@ -228,10 +228,10 @@ async def devicehub_service(launch: Any, database_url: str, nats_url: str, ident
     from onecard.devicehub.v1 import devicehub_pb2_grpc
     from services.devicehub.app import DevicehubSettings, build_app
 
-    settings = DevicehubSettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2,
+    settings = DevicehubSettings(nats_url=nats_url, health_interval_s=0.2,
                                  identity_target=identity.target, codegen_target=codegen_service.target,
                                  ledger_target=ledger_service.target, policy_target=policy_service.target,
-                                 **service_values("devicehub"))
+                                 **service_values("devicehub", database_url))
     return await launch(build_app(settings), stub_cls=devicehub_pb2_grpc.DeviceAdminServiceStub)
 
 

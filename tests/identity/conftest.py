@@ -35,8 +35,8 @@ async def start_identity(launch: Launch, database_url: str, nats_url: str) -> St
     """Starts identity apps with settings overridden; each is stopped at the end of the test."""
 
     async def start(**overrides: object) -> RunningService:
-        settings = IdentitySettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.2,
-                                    **{**service_values("identity"), **overrides})
+        settings = IdentitySettings(nats_url=nats_url, health_interval_s=0.2,
+                                    **{**service_values("identity", database_url), **overrides})
         service = await launch(build_app(settings))
         service.stub = identity_stub(service.channel)
         return service

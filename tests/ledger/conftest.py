@@ -17,9 +17,8 @@ from tests.mesh import service_values
 
 def ledger_settings(*, database_url: str, nats_url: str, **overrides: Any) -> LedgerSettings:
     values: dict[str, Any] = {
-        "database_url": database_url,
         "nats_url": nats_url,
-        **service_values("ledger"),
+        **service_values("ledger", database_url),
         "health_interval_s": 0.2,
         # Holds expire within a test's patience.
         "hold_expiry_interval_s": 0.1,

@@ -72,7 +72,7 @@ class LedgerProcess:
         self.log_path = log_path
         self.env = {
             **os.environ,
-            "ONECARD_DATABASE_URL": database_url,
+            "ONECARD_DATABASE_URL": service_values("ledger", database_url)["database_url"],
             "ONECARD_NATS_URL": nats_url,
             "ONECARD_GRPC_HOST": HOST,
             "ONECARD_GRPC_PORT": str(port),
@@ -80,6 +80,7 @@ class LedgerProcess:
             "ONECARD_HEALTH_INTERVAL_S": "0.2",
             "ONECARD_LOG_LEVEL": "warning",
             "ONECARD_TLS_DIR": str(service_values("ledger")["tls_dir"]),
+            "ONECARD_NATS_SEED": service_values("ledger")["nats_seed"],
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0

@@ -10,11 +10,11 @@ from typing import Any
 
 import asyncpg
 import grpc
-import nats
 import pytest
 
 from onecard.ledger.v1 import ledger_pb2 as pb
 from runtime.grpc_client import error_info
+from tests.mesh import connect_nats
 from tests.conftest import RunningService
 from tests.ledger.support import Campus, balance, campus, check_books, refused, top_up
 
@@ -193,22 +193,16 @@ async def test_a_guarded_payment_says_what_it_raised_in_its_event(ledger: Runnin
     c = await campus(stub, members=1)
     await top_up(stub, c, c.cash[0], 1000)
     paid = await guarded_pay(stub, c, c.cash[0], 400, [("b-count", 1, 3), ("a-amount", 400, 5000)])
-    nc = await nats.connect(nats_url)
+    # Read as any outside consumer would: the operator's ordered consumer over the stream.
+    nc = await connect_nats(nats_url)
     try:
-        sub = await nc.jetstream().pull_subscribe("ledger.transfer.posted", durable=f"t{uuid.uuid4().hex[:8]}",
-                                                  stream="LEDGER")
+        sub = await nc.jetstream().subscribe("ledger.transfer.posted", stream="LEDGER", ordered_consumer=True)
         found = None
-        for _ in range(50):
-            try:
-                for msg in await sub.fetch(10, timeout=0.5):
-                    await msg.ack()
-                    data = json.loads(msg.data)["data"]
-                    if data["transfer_id"] == paid.transfer.transfer_id:
-                        found = data
-            except nats.errors.TimeoutError:
-                await asyncio.sleep(0.1)
-            if found is not None:
-                break
+        while found is None:
+            msg = await sub.next_msg(timeout=10)
+            data = json.loads(msg.data)["data"]
+            if data["transfer_id"] == paid.transfer.transfer_id:
+                found = data
     finally:
         await nc.close()
     assert found is not None and found["guards"] == [

@@ -20,9 +20,8 @@ TEST_MASTER_KEY = "ab" * 32
 
 def policy_settings(*, database_url: str, nats_url: str, ledger_target: str, **overrides: Any) -> PolicySettings:
     values: dict[str, Any] = {
-        "database_url": database_url,
         "nats_url": nats_url,
-        **service_values("policy"),
+        **service_values("policy", database_url),
         "health_interval_s": 0.2,
         "policy_master_key": TEST_MASTER_KEY,
         "ledger_target": ledger_target,

@@ -7,17 +7,21 @@ from pathlib import Path
 
 from runtime.events import OutboxRelay, StreamSpec, emit
 from runtime.grpc_server import ServiceApp
+from runtime.nats_access import Durable, NatsAccess
 from runtime.settings import ServiceSettings
 from tests.mesh import service_values
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA = "widgets"
 STREAM = StreamSpec(name="WIDGETS", subjects=["widgets.>"])
+# The tests run an idempotent consumer named "effects" on the widgets' own stream.
+CONSUMER = "effects"
+NATS_ACCESS = NatsAccess(owns=(STREAM,), consumes=(Durable(STREAM.name, CONSUMER),))
 
 
 def widget_app(*, database_url: str, nats_url: str, with_relay: bool = False) -> ServiceApp:
-    settings = ServiceSettings(database_url=database_url, nats_url=nats_url, health_interval_s=0.1,
-                               shutdown_grace_s=1.0, **service_values("widgets"))
+    settings = ServiceSettings(nats_url=nats_url, health_interval_s=0.1, shutdown_grace_s=1.0,
+                               **service_values("widgets", database_url))
 
     async def on_ready(app: ServiceApp) -> None:
         if with_relay:
@@ -32,6 +36,7 @@ def widget_app(*, database_url: str, nats_url: str, with_relay: bool = False) ->
         service_names=["onecard.test.Widgets"],
         streams=[STREAM],
         on_ready=on_ready,
+        nats_access=NATS_ACCESS,
     )
 
 

@@ -8,12 +8,12 @@ import sys
 import uuid
 
 import asyncpg
-import nats
 import pytest
 
 from devstack.servers import Nats
 from runtime.db import create_pool, migrate
 from runtime.events import MSG_ID_HEADER, IdempotentConsumer, OutboxRelay, ensure_streams
+from tests.mesh import connect_nats, service_values
 from tests.runtime.support import MIGRATIONS, SCHEMA, STREAM, make_widgets, wait_until, widget_app
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,10 +37,11 @@ async def stream_messages(js) -> int:  # noqa: ANN001
 async def test_relay_killed_mid_batch_still_delivers_each_event_once(database_url: str, nats_url: str) -> None:
     await migrate(database_url, schema=SCHEMA, migrations_dir=MIGRATIONS)
     pool = await create_pool(database_url, schema=SCHEMA)
-    nc = await nats.connect(nats_url)
+    nc = await connect_nats(nats_url, as_="widgets")
     js = nc.jetstream()
     await ensure_streams(js, [STREAM])
     total = 400
+    widgets = service_values("widgets")
     event_ids = set(await make_widgets(pool, count=total))
     consumer_task = None
     try:
@@ -49,6 +50,7 @@ async def test_relay_killed_mid_batch_still_delivers_each_event_once(database_ur
             relay = subprocess.Popen(
                 [sys.executable, "-m", "tests.runtime.relay_process", database_url, nats_url],
                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                env={**os.environ, "ONECARD_TLS_DIR": str(widgets["tls_dir"]), "ONECARD_NATS_SEED": widgets["nats_seed"]},
             )
             try:
                 assert relay.stdout is not None

@@ -36,7 +36,7 @@ async def mesh(launch: Launch, database_url: str, nats_url: str) -> dict[str, Ru
     where: dict[str, Any] = {"database_url": database_url, "nats_url": nats_url}
     running: dict[str, RunningService] = {}
     running["identity"] = await launch(build_identity(IdentitySettings(
-        **where, health_interval_s=0.2, **HEALTH_PORT, **service_values("identity"))))
+        nats_url=nats_url, health_interval_s=0.2, **HEALTH_PORT, **service_values("identity", database_url))))
     running["codegen"] = await launch(build_codegen(codegen_settings(
         **where, identity_target=running["identity"].target, **HEALTH_PORT)))
     running["ledger"] = await launch(build_ledger(ledger_settings(**where, **HEALTH_PORT)))

@@ -7,7 +7,6 @@ it is not the interceptor's refusal). A meta-test fails when an RPC has no entry
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -22,6 +21,7 @@ from onecard.identity.v1 import identity_pb2
 from onecard.ledger.v1 import ledger_pb2
 from onecard.mesh.v1 import access_pb2
 from onecard.policy.v1 import policy_pb2
+from devstack.security_doc import onecard_services
 from runtime.access import known_callers, method_rules
 from runtime.grpc_client import error_info
 from tests.conftest import RunningService
@@ -39,14 +39,6 @@ TERMINAL_SERVICES = [devicehub_pb2.DESCRIPTOR.services_by_name["DeviceService"]]
 INTERCEPTOR_REFUSALS = {(grpc.StatusCode.UNAUTHENTICATED, "NO_CALLER_IDENTITY"),
                         (grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED")}
 CALL_TIMEOUT_S = 10.0
-
-
-def onecard_services() -> Iterator[ServiceDescriptor]:
-    """Every service any onecard proto declares, found in the descriptor pool by package."""
-    pool = descriptor_pool.Default()
-    for module in (identity_pb2, codegen_pb2, ledger_pb2, policy_pb2, devicehub_pb2):
-        file = pool.FindFileByName(module.DESCRIPTOR.name)
-        yield from file.services_by_name.values()
 
 
 def test_every_rpc_of_every_service_has_an_allow_list_entry() -> None:
