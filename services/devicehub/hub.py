@@ -26,7 +26,7 @@ from services.devicehub.store import DevicehubStore
 from services.devicehub.sync import Sync, SyncListener
 
 if TYPE_CHECKING:
-    from services.devicehub.app import DevicehubSettings
+    from services.devicehub.settings import DevicehubSettings
 
 log = get_logger(__name__)
 
