@@ -33,54 +33,13 @@ from services.devicehub.registry import (
 )
 from services.devicehub.rollouts import Rollout, make_spec
 from services.devicehub.store import Tx
+from services.devicehub.wire import KIND_TO_PB, STATUS_FROM_PB, device_pb, parse_kind
 
 log = get_logger(__name__)
-
-KIND_TO_PB = {
-    DeviceKind.POS: pb.DEVICE_KIND_POS,
-    DeviceKind.GATE: pb.DEVICE_KIND_GATE,
-    DeviceKind.SHUTTLE: pb.DEVICE_KIND_SHUTTLE,
-    DeviceKind.CABINET: pb.DEVICE_KIND_CABINET,
-    DeviceKind.KIOSK: pb.DEVICE_KIND_KIOSK,
-}
-KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}
-STATUS_TO_PB = {
-    DeviceStatus.PENDING: pb.DEVICE_STATUS_PENDING,
-    DeviceStatus.ACTIVE: pb.DEVICE_STATUS_ACTIVE,
-    DeviceStatus.DECOMMISSIONED: pb.DEVICE_STATUS_DECOMMISSIONED,
-}
-STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def device_pb(device: Device, *, last_settled_sequence: int = 0) -> pb.Device:
-    return pb.Device(
-        tenant_id=str(device.tenant_id),
-        device_id=str(device.device_id),
-        kind=KIND_TO_PB[device.kind],
-        model=device.model,
-        name=device.name,
-        location=device.location,
-        scene_tags=list(device.scene_tags),
-        merchant_account_id=device.merchant_account_id,
-        parent_device_id=str(device.parent_device_id) if device.parent_device_id else "",
-        status=STATUS_TO_PB[device.status],
-        firmware_version=device.firmware_version,
-        config_version=device.config_version,
-        reported_config_version=device.reported_config_version,
-        config_json=device.config_json,
-        online=device.online,
-        last_seen_at=timestamp_pb(device.last_seen_at),
-        queue_depth=device.queue_depth,
-        clock_offset_ms=device.clock_offset_ms,
-        last_settled_sequence=last_settled_sequence,
-        capacity=device.capacity,
-        created_at=timestamp_pb(device.created_at),
-        key_fingerprint=device.key_fingerprint,
-    )
 
 
 def alarm_pb(alarm: Alarm) -> pb.Alarm:
@@ -124,15 +83,6 @@ def rollout_pb(rollout: Rollout) -> pb.Rollout:
                                   updated_at=timestamp_pb(d.updated_at)) for d in rollout.devices],
         created_at=timestamp_pb(rollout.created_at), detail=rollout.detail,
     )
-
-
-def parse_kind(value: int, *, required: bool) -> DeviceKind | None:
-    if value == pb.DEVICE_KIND_UNSPECIFIED and not required:
-        return None
-    kind = KIND_FROM_PB.get(value)
-    if kind is None:
-        raise InvalidArgument("kind must be pos, gate, shuttle, cabinet or kiosk", reason="KIND_INVALID")
-    return kind
 
 
 def device_not_found() -> NotFound:

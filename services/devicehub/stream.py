@@ -30,10 +30,10 @@ from onecard.policy.v1 import policy_pb2
 from runtime.errors import Conflict, DomainError, FailedPrecondition, PermissionDenied, Unauthenticated
 from runtime.logs import get_logger
 from runtime.wire import timestamp_pb
-from services.devicehub.context import DeviceContext
 from services.devicehub.hub import Hub
 from services.devicehub.registry import Device, DeviceStatus
 from services.devicehub.sessions import Session, _End
+from services.devicehub.wire import device_context, device_pb
 
 log = get_logger(__name__)
 
@@ -41,24 +41,6 @@ NONCE_BYTES = 32
 # Requests of one device answered at once; more wait for a slot (the stream's own flow control
 # then slows the device down).
 MAX_IN_FLIGHT = 64
-
-_KIND_TO_PB = {"pos": pb.DEVICE_KIND_POS, "gate": pb.DEVICE_KIND_GATE, "shuttle": pb.DEVICE_KIND_SHUTTLE,
-               "cabinet": pb.DEVICE_KIND_CABINET, "kiosk": pb.DEVICE_KIND_KIOSK}
-
-
-def device_context(device: Device) -> DeviceContext:
-    assert device.public_key is not None
-    return DeviceContext(
-        tenant_id=str(device.tenant_id),
-        device_id=str(device.device_id),
-        kind=_KIND_TO_PB[device.kind.value],
-        model=device.model,
-        location=device.location,
-        scene_tags=tuple(device.scene_tags),
-        merchant_account_id=device.merchant_account_id,
-        parent_device_id=str(device.parent_device_id) if device.parent_device_id else "",
-        public_key=device.public_key,
-    )
 
 
 def stream_error(reason: str, message: str, *, ref: str = "") -> pb.ConnectResponse:
@@ -160,8 +142,6 @@ class DeviceStream:
                     await asyncio.shield(self._hub.fleet.disconnected(session))
 
     async def _welcome(self, device: Device, *, now: datetime) -> pb.Welcome:
-        from services.devicehub.servicer import device_pb
-
         settled = 0
         if self._hub.tx is not None:
             settled = int(await self._hub.tx.last_settled_sequence(str(device.tenant_id), str(device.device_id)))

@@ -39,6 +39,7 @@ from services.devicehub.registry import (
     SUBJECT_DEVICE_UPDATED,
 )
 from services.devicehub.sessions import Session
+from services.devicehub.wire import device_context
 
 if TYPE_CHECKING:
     from services.devicehub.hub import Hub
@@ -307,8 +308,6 @@ class Sync:
             return
         device = await self._hub.store.device(tenant_id=tenant_id, device_id=device_id)
         if device is not None and device.public_key is not None:
-            from services.devicehub.stream import device_context
-
             session.context = device_context(device)
 
     async def acknowledged(self, session: Session, ack: pb.SyncAck) -> None:
