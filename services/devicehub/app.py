@@ -29,11 +29,12 @@ def build_app(settings: DevicehubSettings) -> ServiceApp:
         await hub.start(app)
 
     def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
-        hub.app = app
-        devicehub_pb2_grpc.add_DeviceAdminServiceServicer_to_server(DeviceAdminServicer(hub=hub), server)
+        admin = DeviceAdminServicer(backends=hub.backends, sessions=hub.sessions, sync=hub.sync, rollouts=hub.rollouts)
+        devicehub_pb2_grpc.add_DeviceAdminServiceServicer_to_server(admin, server)
 
     def register_terminals(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
-        devicehub_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(hub=hub), server)
+        devices = DeviceServicer(backends=hub.backends, sessions=hub.sessions, stream=hub.stream)
+        devicehub_pb2_grpc.add_DeviceServiceServicer_to_server(devices, server)
 
     app = ServiceApp(
         name="devicehub",
@@ -48,7 +49,6 @@ def build_app(settings: DevicehubSettings) -> ServiceApp:
         terminals=TerminalListener(register=register_terminals, service_names=[DEVICE_SERVICE_NAME],
                                    port=settings.device_port, tls_dir=settings.device_tls_dir),
     )
-    hub.app = app
     # Reachable from the process (tests and debugging look at connected streams through it).
     app.hub = hub  # type: ignore[attr-defined]
     return app
