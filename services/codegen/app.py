@@ -1,6 +1,7 @@
-"""Assembles the codegen service: settings (the master key among them), schema and migrations,
-its stream, and the background work it starts once PostgreSQL and NATS are up: the outbox relay,
-the consumer of identity's member events, the identity channel and the sweep that retires keys."""
+"""Assembles the codegen service from its settings (services.codegen.settings, the master key
+among them): schema and migrations, its stream, and the background work it starts once PostgreSQL
+and NATS are up: the outbox relay, the consumer of identity's member events, the identity channel
+and the sweep that retires keys."""
 
 from __future__ import annotations
 
@@ -8,20 +9,16 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
-
 from onecard.codegen.v1 import codegen_pb2, codegen_pb2_grpc
 from runtime.events import IdempotentConsumer, OutboxRelay, StreamSpec
 from runtime.nats_access import Durable, NatsAccess
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
-from runtime.settings import ServiceSettings
 from services.codegen import signing
 from services.codegen.consumer import IDENTITY_DURABLE, IDENTITY_FILTER, IDENTITY_STREAM, member_event_handler
-from services.codegen.domain import DEFAULT_MIN_VALIDITY_S
 from services.codegen.identity_client import IdentityClient
-from services.codegen.keys import parse_master_key
 from services.codegen.servicer import CodegenServicer
+from services.codegen.settings import CodegenSettings
 from services.codegen.store import CodegenStore
 
 log = get_logger(__name__)
@@ -31,31 +28,6 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("CODEGEN", ["codegen.>"])
 NATS_ACCESS = NatsAccess(owns=(STREAM,), consumes=(Durable(IDENTITY_STREAM, IDENTITY_DURABLE),))
 SERVICE_NAME = codegen_pb2.DESCRIPTOR.services_by_name["CodegenService"].full_name
-
-DEFAULT_IDENTITY_TIMEOUT_S = 5.0
-DEFAULT_RETIRE_INTERVAL_S = 30.0
-
-
-class CodegenSettings(ServiceSettings):
-    # ONECARD_CODEGEN_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals issuer keys at rest.
-    codegen_master_key: SecretStr
-    # ONECARD_IDENTITY_TARGET: host:port of identity, asked for a member's status before issuing.
-    identity_target: str = Field(min_length=1)
-    identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
-    # The shortest credential a caller may ask for. Tests lower it to see keys retire in seconds.
-    min_validity_s: int = Field(default=DEFAULT_MIN_VALIDITY_S, ge=1)
-    # How often verifying keys past their last credential are retired without a caller asking.
-    retire_interval_s: float = Field(default=DEFAULT_RETIRE_INTERVAL_S, gt=0)
-
-    @field_validator("codegen_master_key")
-    @classmethod
-    def _master_key_decodes(cls, value: SecretStr) -> SecretStr:
-        parse_master_key(value.get_secret_value())
-        return value
-
-    @property
-    def master_key(self) -> bytes:
-        return parse_master_key(self.codegen_master_key.get_secret_value())
 
 
 async def retire_keys_forever(*, store: CodegenStore, interval_s: float) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,10 +32,8 @@ from services.codegen.domain import (
     TenantCodeSettings,
 )
 from services.codegen.identity_client import IdentityClient
+from services.codegen.settings import CodegenSettings
 from services.codegen.store import CodegenStore, TenantTx
-
-if TYPE_CHECKING:
-    from services.codegen.app import CodegenSettings
 
 _PURPOSE = {
     Purpose.PAY: pb.PURPOSE_PAY,

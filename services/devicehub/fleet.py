@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from runtime.errors import InvalidArgument
@@ -25,11 +25,10 @@ from services.devicehub.alarms import (
     KIND_OFFLINE_TOO_LONG,
     SEVERITY_WARNING,
 )
+from services.devicehub.backends import Backends
 from services.devicehub.registry import SUBJECT_DEVICE_OFFLINE, SUBJECT_DEVICE_ONLINE, Device
 from services.devicehub.sessions import Session
-
-if TYPE_CHECKING:
-    from services.devicehub.hub import Hub
+from services.devicehub.settings import DevicehubSettings
 
 log = get_logger(__name__)
 
@@ -54,38 +53,39 @@ def _health(values: dict[str, str]) -> dict[str, str]:
 
 
 class Fleet:
-    def __init__(self, hub: Hub):
-        self._hub = hub
+    def __init__(self, *, settings: DevicehubSettings, backends: Backends):
+        self._settings = settings
+        self._backends = backends
 
     def _event(self, session_or_device: Session | Device, **extra: Any) -> dict[str, Any]:
         return {"device_id": str(session_or_device.device_id), **extra}
 
     async def _check_drift(self, *, tenant_id: Any, device_id: Any, offset: int | None) -> None:
-        limit = self._hub.settings.clock_drift_alarm_ms
+        limit = self._settings.clock_drift_alarm_ms
         if offset is not None and abs(offset) > limit:
-            await self._hub.alarms.raise_alarm(
+            await self._backends.alarms.raise_alarm(
                 tenant_id=str(tenant_id), device_id=str(device_id), kind=KIND_CLOCK_DRIFT, severity=SEVERITY_WARNING,
                 detail=f"device clock off by {offset} ms (limit {limit} ms)")
 
     async def connected(self, session: Session, *, device: Device, hello: pb.Hello, now: datetime) -> None:
         offset = clock_offset_ms(hello.device_time if hello.HasField("device_time") else None, now=now)
         firmware = hello.firmware_version[:64]
-        await self._hub.store.mark_online(
+        await self._backends.store.mark_online(
             tenant_id=session.tenant_id, device_id=session.device_id, now=now, firmware_version=firmware,
             clock_offset_ms=offset, subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="connected"))
         # Back: an open OFFLINE_TOO_LONG alarm has nothing left to say.
-        await self._hub.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
-                                               kind=KIND_OFFLINE_TOO_LONG)
+        await self._backends.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
+                                                    kind=KIND_OFFLINE_TOO_LONG)
         await self._check_drift(tenant_id=session.tenant_id, device_id=session.device_id, offset=offset)
 
     async def disconnected(self, session: Session) -> None:
-        await self._hub.store.mark_offline(tenant_id=session.tenant_id, device_id=session.device_id,
-                                           subject=SUBJECT_DEVICE_OFFLINE,
-                                           event=self._event(session, reason="stream_closed"))
+        await self._backends.store.mark_offline(tenant_id=session.tenant_id, device_id=session.device_id,
+                                                subject=SUBJECT_DEVICE_OFFLINE,
+                                                event=self._event(session, reason="stream_closed"))
 
     async def heartbeat(self, session: Session, heartbeat: pb.Heartbeat) -> None:
         now = datetime.now(UTC)
-        settings = self._hub.settings
+        settings = self._settings
         if heartbeat.queue_depth < 0:
             raise InvalidArgument("queue_depth must not be negative", reason="QUEUE_DEPTH_INVALID")
         if heartbeat.config_version < 0:
@@ -95,20 +95,20 @@ class Fleet:
         health = _health(dict(heartbeat.health))
         offset = clock_offset_ms(heartbeat.device_time if heartbeat.HasField("device_time") else None, now=now)
         oldest = heartbeat.oldest_queued_at.ToDatetime(tzinfo=UTC) if heartbeat.HasField("oldest_queued_at") else None
-        came_back = await self._hub.store.heartbeat(
+        came_back = await self._backends.store.heartbeat(
             tenant_id=session.tenant_id, device_id=session.device_id, now=now,
             firmware_version=heartbeat.firmware_version, config_version=heartbeat.config_version,
             queue_depth=heartbeat.queue_depth, oldest_queued_at=oldest, clock_offset_ms=offset, health=health,
             subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="heartbeat"))
         if came_back:
-            await self._hub.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
-                                                   kind=KIND_OFFLINE_TOO_LONG)
+            await self._backends.alarms.condition_ended(tenant_id=session.tenant_id,
+                                                        device_id=session.device_id, kind=KIND_OFFLINE_TOO_LONG)
         await self._check_drift(tenant_id=session.tenant_id, device_id=session.device_id, offset=offset)
         if oldest is not None and heartbeat.queue_depth > 0:
             # The device's clock wrote the record's time: judge its age on the device's clock.
             age_s = ((now + timedelta(milliseconds=offset or 0)) - oldest).total_seconds()
             if age_s > settings.backlog_alarm_after_s:
-                await self._hub.alarms.raise_alarm(
+                await self._backends.alarms.raise_alarm(
                     tenant_id=str(session.tenant_id), device_id=str(session.device_id), kind=KIND_BACKLOG_TOO_OLD,
                     severity=SEVERITY_WARNING,
                     detail=f"{heartbeat.queue_depth} offline records queued, the oldest {int(age_s)} s old")
@@ -116,8 +116,8 @@ class Fleet:
     # --- the watcher ------------------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        settings = self._hub.settings
-        store = self._hub.store
+        settings = self._settings
+        store = self._backends.store
         now = datetime.now(UTC)
         silent_since = now - timedelta(seconds=settings.offline_after_s)
         for tenant_id, device_id in await store.stale_online(seen_before=silent_since):
@@ -127,14 +127,14 @@ class Fleet:
         for device in await store.offline_too_long(seen_before=now - timedelta(seconds=settings.offline_alarm_after_s)):
             assert device.last_seen_at is not None
             minutes = int((now - device.last_seen_at).total_seconds() // 60)
-            await self._hub.alarms.raise_alarm(
+            await self._backends.alarms.raise_alarm(
                 tenant_id=str(device.tenant_id), device_id=str(device.device_id), kind=KIND_OFFLINE_TOO_LONG,
                 severity=SEVERITY_WARNING,
                 detail=f"offline for {minutes} min (last seen {device.last_seen_at:%Y-%m-%d %H:%M:%S} UTC)")
 
     async def watch_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._hub.settings.heartbeat_check_interval_s)
+            await asyncio.sleep(self._settings.heartbeat_check_interval_s)
             try:
                 await self.sweep()
             except asyncio.CancelledError:

@@ -1,12 +1,15 @@
-"""The hub's parts for one process, wired once PostgreSQL and NATS are up: the store, the alarms,
-the channels to identity, codegen, policy and the ledger, the transactions part (tx's), the
-connected streams, sync, fleet and rollouts. The servicers reach everything through it."""
+"""The device hub's parts for one process, made here and given the few collaborators each uses:
+the connected streams (sessions), sync, the fleet, rollouts and the device stream, over the
+backends they reach (services.devicehub.backends). Once PostgreSQL and NATS are up, ``start``
+opens the channels to identity, codegen, policy and the ledger, connects the store, the alarms and
+the transactions part (tx's), and starts the sync listener and the fleet watcher; at shutdown the
+streams end and the channels close. app.py hands the servicers their parts from here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -19,14 +22,14 @@ from runtime.grpc_client import open_channel
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
 from services.devicehub.alarms import Alarms
+from services.devicehub.backends import Backends
 from services.devicehub.fleet import Fleet
 from services.devicehub.rollouts import Rollouts
 from services.devicehub.sessions import Sessions
+from services.devicehub.settings import DevicehubSettings
 from services.devicehub.store import DevicehubStore
+from services.devicehub.stream import DeviceStream
 from services.devicehub.sync import Sync, SyncListener
-
-if TYPE_CHECKING:
-    from services.devicehub.app import DevicehubSettings
 
 log = get_logger(__name__)
 
@@ -52,64 +55,39 @@ def load_transactions_class() -> Any | None:
 class Hub:
     def __init__(self, *, settings: DevicehubSettings):
         self.settings = settings
-        self.app: ServiceApp | None = None
         self.sessions = Sessions()
-        self.tx: Any | None = None
-        self._store: DevicehubStore | None = None
-        self._alarms: Alarms | None = None
+        self.backends = Backends()
         self.channels: dict[str, grpc.aio.Channel] = {}
-        self.identity: identity_pb2_grpc.IdentityServiceStub | None = None
-        self.codegen: codegen_pb2_grpc.CodegenServiceStub | None = None
-        self.policy: policy_pb2_grpc.PolicyServiceStub | None = None
-        self.sync = Sync(self)
-        self.fleet = Fleet(self)
-        self.rollouts = Rollouts(self)
-
-    # --- parts that exist once the process is ready ------------------------------------------------
-
-    @property
-    def store(self) -> DevicehubStore:
-        if self._store is None:
-            raise Unavailable("devicehub is starting", reason="STARTING")
-        return self._store
-
-    @property
-    def alarms(self) -> Alarms:
-        if self._alarms is None:
-            raise Unavailable("devicehub is starting", reason="STARTING")
-        return self._alarms
-
-    @property
-    def device_ca_pem(self) -> str:
-        """The CA bundle terminals check the device port against ('' in insecure development mode)."""
-        tls = self.app.terminal_tls if self.app is not None else None
-        return tls.ca_pem.decode() if tls is not None else ""
-
-    def transactions(self) -> Any:
-        if self.tx is None:
-            raise Unavailable("payments, uploads and access are not available in this build",
-                              reason="TRANSACTIONS_UNAVAILABLE")
-        return self.tx
+        self.sync = Sync(settings=settings, backends=self.backends, sessions=self.sessions)
+        self.fleet = Fleet(settings=settings, backends=self.backends)
+        self.rollouts = Rollouts(backends=self.backends, sessions=self.sessions, sync=self.sync)
+        self.stream = DeviceStream(settings=settings, backends=self.backends, sessions=self.sessions,
+                                   fleet=self.fleet, sync=self.sync, rollouts=self.rollouts)
 
     async def start(self, app: ServiceApp) -> None:
-        self.app = app
         settings = self.settings
-        self._store = DevicehubStore(app.pool)
-        self._alarms = Alarms(app.pool)
         for name in ("identity", "codegen", "policy", "ledger"):
             self.channels[name] = open_channel(getattr(settings, f"{name}_target"), tls=app.tls, server_name=name)
-        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channels["identity"])
-        self.codegen = codegen_pb2_grpc.CodegenServiceStub(self.channels["codegen"])
-        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channels["policy"])
+        alarms = Alarms(app.pool)
+        self.backends.connect(
+            store=DevicehubStore(app.pool), alarms=alarms,
+            identity=identity_pb2_grpc.IdentityServiceStub(self.channels["identity"]),
+            codegen=codegen_pb2_grpc.CodegenServiceStub(self.channels["codegen"]),
+            policy=policy_pb2_grpc.PolicyServiceStub(self.channels["policy"]),
+            device_ca_pem=app.terminal_tls.ca_pem.decode() if app.terminal_tls is not None else "",
+        )
         transactions_cls = load_transactions_class()
         if transactions_cls is not None:
-            self.tx = transactions_cls(
-                pool=app.pool, settings=settings, alarms=self._alarms, identity=self.channels["identity"],
+            tx = transactions_cls(
+                pool=app.pool, settings=settings, alarms=alarms, identity=self.channels["identity"],
                 codegen=self.channels["codegen"], policy=self.channels["policy"], ledger=self.channels["ledger"],
             )
-            await self.tx.start(app)
+            self.backends.tx = tx
+            await tx.start(app)
         app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema="devicehub").run(), name="outbox-relay")
-        app.spawn(SyncListener(self).run(), name="sync-listener")
+        listener = SyncListener(settings=settings, nc=app.nc, sessions=self.sessions, sync=self.sync,
+                                on_rollout_event=self.rollouts.on_event)
+        app.spawn(listener.run(), name="sync-listener")
         app.spawn(self.fleet.watch_forever(), name="fleet-watcher")
         app.spawn(self._close_on_shutdown(), name="channels")
 
@@ -126,9 +104,9 @@ class Hub:
             await asyncio.Event().wait()
         finally:
             self.sessions.close_all()
-            if self.tx is not None:
+            if self.backends.tx is not None:
                 with contextlib.suppress(Exception):
-                    await self.tx.close()
+                    await self.backends.tx.close()
             for channel in self.channels.values():
                 with contextlib.suppress(Exception):
                     await channel.close()

@@ -20,7 +20,6 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -30,6 +29,7 @@ from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFou
 from runtime.events import Event
 from runtime.logs import get_logger
 from services.devicehub.alarms import KIND_ROLLOUT_FAILED, SEVERITY_CRITICAL
+from services.devicehub.backends import Backends
 from services.devicehub.registry import (
     SUBJECT_DEVICE_CONFIG_CHANGED,
     DeviceKind,
@@ -39,11 +39,9 @@ from services.devicehub.registry import (
     check_model,
     parse_uuid,
 )
-from services.devicehub.sessions import Session
+from services.devicehub.sessions import Session, Sessions
 from services.devicehub.store import RolloutStore, RolloutTx, Tx
-
-if TYPE_CHECKING:
-    from services.devicehub.hub import Hub
+from services.devicehub.sync import Sync
 
 log = get_logger(__name__)
 
@@ -213,12 +211,14 @@ _STEP_FROM_PB = {
 
 
 class Rollouts:
-    def __init__(self, hub: Hub):
-        self._hub = hub
+    def __init__(self, *, backends: Backends, sessions: Sessions, sync: Sync):
+        self._backends = backends
+        self._sessions = sessions
+        self._sync = sync
 
     @property
     def _store(self) -> RolloutStore:
-        return RolloutStore(self._hub.store.pool)
+        return RolloutStore(self._backends.store.pool)
 
     # --- admin ------------------------------------------------------------------------------------
 
@@ -275,7 +275,7 @@ class Rollouts:
         """Send the UpdateCommand to this replica's connected devices of the started stages that
         were not told yet, each device once, whichever replica claims it (also after the rollout
         succeeded: its stragglers; never once it stopped)."""
-        sessions = {s.device_id: s for s in self._hub.sessions.of_tenant(tenant_id)}
+        sessions = {s.device_id: s for s in self._sessions.of_tenant(tenant_id)}
         if not sessions:
             return
         async with self._store.tx(tenant_id) as tx:
@@ -338,7 +338,7 @@ class Rollouts:
             if rollout["state"] == "running" and step in FINAL_STEPS:
                 started_stage = await self._advance(tx, rollout, device_id, now=now)
         if config_changed:
-            await self._hub.sync.push_config(tenant_id=tenant_id, device_id=device_id)
+            await self._sync.push_config(tenant_id=tenant_id, device_id=device_id)
         if started_stage is not None:
             await self.tell_connected(tenant_id, rollout_id)
 
@@ -369,7 +369,7 @@ class Rollouts:
             await tx.finish(rollout_id, state="stopped", detail=detail, now=now)
             await tx.emit(SUBJECT_STOPPED, {"rollout_id": str(rollout_id), "failed": failed,
                                             "stage": current.current_stage})
-            alarms = self._hub.alarms
+            alarms = self._backends.alarms
             await alarms.raise_in(tx.conn, tenant_id=tx.tenant_id, device_id=device_id, kind=KIND_ROLLOUT_FAILED,
                                   severity=SEVERITY_CRITICAL,
                                   detail=f"rollout {rollout_id} stopped: {failed} devices failed")

@@ -22,7 +22,7 @@ from runtime.logs import get_logger
 from runtime.wire import timestamp_pb
 from services.devicehub import registry
 from services.devicehub.alarms import KIND_VALUES, SEVERITY_VALUES, STATE_VALUES, Alarm
-from services.devicehub.hub import Hub
+from services.devicehub.backends import Backends
 from services.devicehub.registry import (
     Device,
     DeviceChanges,
@@ -31,56 +31,18 @@ from services.devicehub.registry import (
     DeviceStatus,
     NewDevice,
 )
-from services.devicehub.rollouts import Rollout, make_spec
+from services.devicehub.rollouts import Rollout, Rollouts, make_spec
+from services.devicehub.sessions import Sessions
 from services.devicehub.store import Tx
+from services.devicehub.stream import DeviceStream
+from services.devicehub.sync import Sync
+from services.devicehub.wire import KIND_TO_PB, STATUS_FROM_PB, device_pb, parse_kind
 
 log = get_logger(__name__)
-
-KIND_TO_PB = {
-    DeviceKind.POS: pb.DEVICE_KIND_POS,
-    DeviceKind.GATE: pb.DEVICE_KIND_GATE,
-    DeviceKind.SHUTTLE: pb.DEVICE_KIND_SHUTTLE,
-    DeviceKind.CABINET: pb.DEVICE_KIND_CABINET,
-    DeviceKind.KIOSK: pb.DEVICE_KIND_KIOSK,
-}
-KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}
-STATUS_TO_PB = {
-    DeviceStatus.PENDING: pb.DEVICE_STATUS_PENDING,
-    DeviceStatus.ACTIVE: pb.DEVICE_STATUS_ACTIVE,
-    DeviceStatus.DECOMMISSIONED: pb.DEVICE_STATUS_DECOMMISSIONED,
-}
-STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def device_pb(device: Device, *, last_settled_sequence: int = 0) -> pb.Device:
-    return pb.Device(
-        tenant_id=str(device.tenant_id),
-        device_id=str(device.device_id),
-        kind=KIND_TO_PB[device.kind],
-        model=device.model,
-        name=device.name,
-        location=device.location,
-        scene_tags=list(device.scene_tags),
-        merchant_account_id=device.merchant_account_id,
-        parent_device_id=str(device.parent_device_id) if device.parent_device_id else "",
-        status=STATUS_TO_PB[device.status],
-        firmware_version=device.firmware_version,
-        config_version=device.config_version,
-        reported_config_version=device.reported_config_version,
-        config_json=device.config_json,
-        online=device.online,
-        last_seen_at=timestamp_pb(device.last_seen_at),
-        queue_depth=device.queue_depth,
-        clock_offset_ms=device.clock_offset_ms,
-        last_settled_sequence=last_settled_sequence,
-        capacity=device.capacity,
-        created_at=timestamp_pb(device.created_at),
-        key_fingerprint=device.key_fingerprint,
-    )
 
 
 def alarm_pb(alarm: Alarm) -> pb.Alarm:
@@ -126,15 +88,6 @@ def rollout_pb(rollout: Rollout) -> pb.Rollout:
     )
 
 
-def parse_kind(value: int, *, required: bool) -> DeviceKind | None:
-    if value == pb.DEVICE_KIND_UNSPECIFIED and not required:
-        return None
-    kind = KIND_FROM_PB.get(value)
-    if kind is None:
-        raise InvalidArgument("kind must be pos, gate, shuttle, cabinet or kiosk", reason="KIND_INVALID")
-    return kind
-
-
 def device_not_found() -> NotFound:
     return NotFound("no such device", reason="DEVICE_NOT_FOUND")
 
@@ -154,8 +107,11 @@ async def _check_parent(tx: Tx, *, kind: DeviceKind, parent: uuid.UUID | None) -
 
 
 class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
-    def __init__(self, *, hub: Hub):
-        self._hub = hub
+    def __init__(self, *, backends: Backends, sessions: Sessions, sync: Sync, rollouts: Rollouts):
+        self._backends = backends
+        self._sessions = sessions
+        self._sync = sync
+        self._rollouts = rollouts
 
     # --- registry -----------------------------------------------------------------------------
 
@@ -179,32 +135,34 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
         ttl_s = registry.check_ttl(request.enrolment_token_ttl_s)
         now = _now()
         token = registry.new_token(now=now, ttl_s=ttl_s)
-        async with self._hub.store.tx(tenant_id) as tx:
+        async with self._backends.store.tx(tenant_id) as tx:
             await _check_parent(tx, kind=kind, parent=new.parent_device_id)
             device = await tx.insert_device(device_id=uuid.uuid4(), new=new, now=now)
             await tx.insert_token(device.device_id, sha256=token.sha256, expires_at=token.expires_at, now=now)
             await tx.emit(registry.SUBJECT_DEVICE_REGISTERED, registry.device_event_data(device))
         return pb.RegisterDeviceResponse(device=device_pb(device), enrolment_token=token.token,
                                          enrolment_token_expires_at=timestamp_pb(token.expires_at),
-                                         hub_ca_pem=self._hub.device_ca_pem)
+                                         hub_ca_pem=self._backends.device_ca_pem)
 
     async def _device(self, tenant_id: uuid.UUID, device_id: uuid.UUID) -> Device:
-        device = await self._hub.store.device(tenant_id=tenant_id, device_id=device_id)
+        device = await self._backends.store.device(tenant_id=tenant_id, device_id=device_id)
         if device is None:
             raise device_not_found()
         return device
 
     async def _settled(self, device: Device) -> int:
-        if self._hub.tx is None or device.status == DeviceStatus.PENDING:
+        tx = self._backends.tx
+        if tx is None or device.status == DeviceStatus.PENDING:
             return 0
-        return int(await self._hub.tx.last_settled_sequence(str(device.tenant_id), str(device.device_id)))
+        return int(await tx.last_settled_sequence(str(device.tenant_id), str(device.device_id)))
 
     async def _settled_page(self, tenant_id: uuid.UUID, devices: list[Device]) -> dict[str, int]:
         """``_settled`` of a page of devices, in one query."""
         ids = [str(d.device_id) for d in devices if d.status != DeviceStatus.PENDING]
-        if self._hub.tx is None or not ids:
+        tx = self._backends.tx
+        if tx is None or not ids:
             return {}
-        return {k: int(v) for k, v in (await self._hub.tx.last_settled_sequences(str(tenant_id), ids)).items()}
+        return {k: int(v) for k, v in (await tx.last_settled_sequences(str(tenant_id), ids)).items()}
 
     async def GetDevice(self, request: pb.GetDeviceRequest, context: grpc.aio.ServicerContext
                         ) -> pb.GetDeviceResponse:
@@ -228,7 +186,7 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
         limit = paging.page_size(request.page_size, default=registry.DEFAULT_PAGE_SIZE,
                                  maximum=registry.MAX_PAGE_SIZE)
         after = paging.parse_page_token(request.page_token)
-        devices = await self._hub.store.devices(tenant_id=tenant_id, where=where, after=after, limit=limit + 1)
+        devices = await self._backends.store.devices(tenant_id=tenant_id, where=where, after=after, limit=limit + 1)
         page = devices[:limit]
         settled = await self._settled_page(tenant_id, page)
         return pb.ListDevicesResponse(
@@ -253,7 +211,7 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
             config_json=registry.check_config(request.config_json) if request.HasField("config_json") else None,
             capacity=registry.check_capacity(request.capacity) if request.HasField("capacity") else None,
         )
-        async with self._hub.store.tx(tenant_id) as tx:
+        async with self._backends.store.tx(tenant_id) as tx:
             current = await tx.device(device_id, lock=True)
             if current is None:
                 raise device_not_found()
@@ -270,16 +228,16 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
                 await tx.emit(registry.SUBJECT_DEVICE_CONFIG_CHANGED,
                               {"device_id": str(device_id), "config_version": device.config_version})
         # This replica's stream of the device hears it at once; others through the events.
-        await self._hub.sync.refresh_context(tenant_id=tenant_id, device_id=device_id)
+        await self._sync.refresh_context(tenant_id=tenant_id, device_id=device_id)
         if bump:
-            await self._hub.sync.push_config(tenant_id=tenant_id, device_id=device_id)
+            await self._sync.push_config(tenant_id=tenant_id, device_id=device_id)
         return pb.UpdateDeviceResponse(device=device_pb(device))
 
     async def DecommissionDevice(self, request: pb.DecommissionDeviceRequest, context: grpc.aio.ServicerContext
                                  ) -> pb.DecommissionDeviceResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
         device_id = registry.parse_device_id(request.device_id)
-        async with self._hub.store.tx(tenant_id) as tx:
+        async with self._backends.store.tx(tenant_id) as tx:
             current = await tx.device(device_id, lock=True)
             if current is None:
                 raise device_not_found()
@@ -287,7 +245,7 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
                 return pb.DecommissionDeviceResponse(device=device_pb(current))
             device = await tx.decommission(device_id, now=_now())
             await tx.emit(registry.SUBJECT_DEVICE_DECOMMISSIONED, registry.device_event_data(device))
-        self._hub.sessions.close(device_id, decommissioned())
+        self._sessions.close(device_id, decommissioned())
         log.info("device decommissioned", tenant_id=str(tenant_id), device_id=str(device_id))
         return pb.DecommissionDeviceResponse(device=device_pb(device))
 
@@ -298,7 +256,7 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
         ttl_s = registry.check_ttl(request.ttl_s)
         now = _now()
         token = registry.new_token(now=now, ttl_s=ttl_s)
-        async with self._hub.store.tx(tenant_id) as tx:
+        async with self._backends.store.tx(tenant_id) as tx:
             current = await tx.device(device_id, lock=True)
             if current is None:
                 raise device_not_found()
@@ -308,14 +266,14 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
             await tx.emit(registry.SUBJECT_TOKEN_CREATED,
                           {"device_id": str(device_id), "expires_at": token.expires_at.isoformat()})
         return pb.CreateEnrolmentTokenResponse(enrolment_token=token.token, expires_at=timestamp_pb(token.expires_at),
-                                               hub_ca_pem=self._hub.device_ca_pem)
+                                               hub_ca_pem=self._backends.device_ca_pem)
 
     # --- alarms -------------------------------------------------------------------------------
 
     async def ListAlarms(self, request: pb.ListAlarmsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListAlarmsResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
-        alarms, token = await self._hub.alarms.list(
+        alarms, token = await self._backends.alarms.list(
             tenant_id=tenant_id, state=request.state, device_id=request.device_id, kind=request.kind,
             page_size=request.page_size, page_token=request.page_token)
         return pb.ListAlarmsResponse(alarms=[alarm_pb(a) for a in alarms], next_page_token=token)
@@ -323,13 +281,13 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
     async def AcknowledgeAlarm(self, request: pb.AcknowledgeAlarmRequest, context: grpc.aio.ServicerContext
                                ) -> pb.AcknowledgeAlarmResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
-        alarm = await self._hub.alarms.acknowledge(tenant_id=tenant_id, alarm_id=request.alarm_id, by=request.by)
+        alarm = await self._backends.alarms.acknowledge(tenant_id=tenant_id, alarm_id=request.alarm_id, by=request.by)
         return pb.AcknowledgeAlarmResponse(alarm=alarm_pb(alarm))
 
     async def ClearAlarm(self, request: pb.ClearAlarmRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ClearAlarmResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
-        alarm = await self._hub.alarms.clear(tenant_id=tenant_id, alarm_id=request.alarm_id, by=request.by)
+        alarm = await self._backends.alarms.clear(tenant_id=tenant_id, alarm_id=request.alarm_id, by=request.by)
         return pb.ClearAlarmResponse(alarm=alarm_pb(alarm))
 
     # --- access and dining (the transactions part) --------------------------------------------
@@ -337,22 +295,22 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
     async def SetAccessRules(self, request: pb.SetAccessRulesRequest, context: grpc.aio.ServicerContext
                              ) -> pb.SetAccessRulesResponse:
         registry.parse_tenant_id(request.tenant_id)
-        return await self._hub.transactions().set_access_rules(request)
+        return await self._backends.transactions().set_access_rules(request)
 
     async def GetAccessRules(self, request: pb.GetAccessRulesRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetAccessRulesResponse:
         registry.parse_tenant_id(request.tenant_id)
-        return await self._hub.transactions().get_access_rules(request)
+        return await self._backends.transactions().get_access_rules(request)
 
     async def ListAccessRecords(self, request: pb.ListAccessRecordsRequest, context: grpc.aio.ServicerContext
                                 ) -> pb.ListAccessRecordsResponse:
         registry.parse_tenant_id(request.tenant_id)
-        return await self._hub.transactions().list_access_records(request)
+        return await self._backends.transactions().list_access_records(request)
 
     async def GetDiningIndex(self, request: pb.GetDiningIndexRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetDiningIndexResponse:
         registry.parse_tenant_id(request.tenant_id)
-        return await self._hub.transactions().get_dining_index(request)
+        return await self._backends.transactions().get_dining_index(request)
 
     # --- rollouts -----------------------------------------------------------------------------
 
@@ -365,19 +323,19 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
             kind=parse_kind(request.kind, required=False), model=request.model, location=request.location,
             stage_sizes=list(request.stage_sizes), success_threshold=request.success_threshold,
             error_threshold=request.error_threshold)
-        rollout, created = await self._hub.rollouts.create(tenant_id, spec)
+        rollout, created = await self._rollouts.create(tenant_id, spec)
         return pb.CreateRolloutResponse(rollout=rollout_pb(rollout), created=created)
 
     async def GetRollout(self, request: pb.GetRolloutRequest, context: grpc.aio.ServicerContext
                          ) -> pb.GetRolloutResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
-        return pb.GetRolloutResponse(rollout=rollout_pb(await self._hub.rollouts.get(tenant_id, request.rollout_id)))
+        return pb.GetRolloutResponse(rollout=rollout_pb(await self._rollouts.get(tenant_id, request.rollout_id)))
 
     async def ListRollouts(self, request: pb.ListRolloutsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListRolloutsResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
-        rollouts, token = await self._hub.rollouts.list(tenant_id, page_size=request.page_size,
-                                                        page_token=request.page_token)
+        rollouts, token = await self._rollouts.list(tenant_id, page_size=request.page_size,
+                                                    page_token=request.page_token)
         return pb.ListRolloutsResponse(rollouts=[rollout_pb(r) for r in rollouts], next_page_token=token)
 
 
@@ -390,8 +348,10 @@ def token_invalid() -> Unauthenticated:
 
 
 class DeviceServicer(devicehub_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, *, hub: Hub):
-        self._hub = hub
+    def __init__(self, *, backends: Backends, sessions: Sessions, stream: DeviceStream):
+        self._backends = backends
+        self._sessions = sessions
+        self._stream = stream
 
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolResponse:
         public_key = registry.check_public_key(request.public_key)
@@ -400,17 +360,17 @@ class DeviceServicer(devicehub_pb2_grpc.DeviceServiceServicer):
             raise token_invalid()
         sha256 = registry.token_sha256(request.enrolment_token)
         now = _now()
-        owner = await self._hub.store.token_owner_any(sha256)
+        owner = await self._backends.store.token_owner_any(sha256)
         if owner is None:
             raise token_invalid()
         tenant_id, device_id = owner
-        async with self._hub.store.tx(tenant_id) as tx:
+        async with self._backends.store.tx(tenant_id) as tx:
             current = await tx.device(device_id, lock=True)
             if current is None:
                 raise token_invalid()
             if current.status == DeviceStatus.DECOMMISSIONED:
                 raise decommissioned()
-            if not await self._hub.store.token_usable(tx.conn, sha256, now=now):
+            if not await self._backends.store.token_usable(tx.conn, sha256, now=now):
                 raise token_invalid()
             await tx.use_token(sha256, now=now)
             await tx.revoke_tokens(device_id, now=now)
@@ -418,16 +378,14 @@ class DeviceServicer(devicehub_pb2_grpc.DeviceServiceServicer):
                                     firmware_version=firmware, now=now)
             await tx.emit(registry.SUBJECT_DEVICE_ENROLLED, registry.device_event_data(device))
         # A stream still open with the old key (a replaced board) ends.
-        session = self._hub.sessions.get(device_id)
+        session = self._sessions.get(device_id)
         if session is not None and session.context.public_key != public_key:
             session.end(Unauthenticated("the device enrolled a new key", reason="DEVICE_KEY_REPLACED"))
         log.info("device enrolled", tenant_id=str(tenant_id), device_id=str(device_id),
                  key_fingerprint=device.key_fingerprint)
-        return pb.EnrolResponse(device=device_pb(device), hub_ca_pem=self._hub.device_ca_pem)
+        return pb.EnrolResponse(device=device_pb(device), hub_ca_pem=self._backends.device_ca_pem)
 
     async def Connect(self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[pb.ConnectResponse]:
-        from services.devicehub.stream import DeviceStream
-
-        async for message in DeviceStream(self._hub).run(request_iterator):
+        async for message in self._stream.run(request_iterator):
             yield message

@@ -30,10 +30,14 @@ from onecard.policy.v1 import policy_pb2
 from runtime.errors import Conflict, DomainError, FailedPrecondition, PermissionDenied, Unauthenticated
 from runtime.logs import get_logger
 from runtime.wire import timestamp_pb
-from services.devicehub.context import DeviceContext
-from services.devicehub.hub import Hub
+from services.devicehub.backends import Backends
+from services.devicehub.fleet import Fleet
 from services.devicehub.registry import Device, DeviceStatus
-from services.devicehub.sessions import Session, _End
+from services.devicehub.rollouts import Rollouts
+from services.devicehub.sessions import Session, Sessions, _End
+from services.devicehub.settings import DevicehubSettings
+from services.devicehub.sync import Sync
+from services.devicehub.wire import device_context, device_pb
 
 log = get_logger(__name__)
 
@@ -41,24 +45,6 @@ NONCE_BYTES = 32
 # Requests of one device answered at once; more wait for a slot (the stream's own flow control
 # then slows the device down).
 MAX_IN_FLIGHT = 64
-
-_KIND_TO_PB = {"pos": pb.DEVICE_KIND_POS, "gate": pb.DEVICE_KIND_GATE, "shuttle": pb.DEVICE_KIND_SHUTTLE,
-               "cabinet": pb.DEVICE_KIND_CABINET, "kiosk": pb.DEVICE_KIND_KIOSK}
-
-
-def device_context(device: Device) -> DeviceContext:
-    assert device.public_key is not None
-    return DeviceContext(
-        tenant_id=str(device.tenant_id),
-        device_id=str(device.device_id),
-        kind=_KIND_TO_PB[device.kind.value],
-        model=device.model,
-        location=device.location,
-        scene_tags=tuple(device.scene_tags),
-        merchant_account_id=device.merchant_account_id,
-        parent_device_id=str(device.parent_device_id) if device.parent_device_id else "",
-        public_key=device.public_key,
-    )
 
 
 def stream_error(reason: str, message: str, *, ref: str = "") -> pb.ConnectResponse:
@@ -70,12 +56,20 @@ def malformed(message: str, *, ref: str = "") -> pb.ConnectResponse:
 
 
 class DeviceStream:
-    def __init__(self, hub: Hub):
-        self._hub = hub
+    """The streams of this process's devices: one ``run`` per stream, whose state lives in that call."""
+
+    def __init__(self, *, settings: DevicehubSettings, backends: Backends, sessions: Sessions, fleet: Fleet,
+                 sync: Sync, rollouts: Rollouts):
+        self._settings = settings
+        self._backends = backends
+        self._sessions = sessions
+        self._fleet = fleet
+        self._sync = sync
+        self._rollouts = rollouts
 
     async def _next(self, requests: AsyncIterator[pb.ConnectRequest]) -> pb.ConnectRequest | None:
         try:
-            async with asyncio.timeout(self._hub.settings.handshake_timeout_s):
+            async with asyncio.timeout(self._settings.handshake_timeout_s):
                 return await anext(requests)
         except StopAsyncIteration:
             return None
@@ -89,7 +83,7 @@ class DeviceStream:
             device_id = uuid.UUID(hello.device_id)
         except ValueError:
             raise Unauthenticated("unknown device", reason="DEVICE_UNKNOWN") from None
-        device = await self._hub.store.device(tenant_id=tenant_id, device_id=device_id)
+        device = await self._backends.store.device(tenant_id=tenant_id, device_id=device_id)
         if device is None:
             raise Unauthenticated("unknown device", reason="DEVICE_UNKNOWN")
         if device.status == DeviceStatus.DECOMMISSIONED:
@@ -131,15 +125,15 @@ class DeviceStream:
         for version in hello.versions:
             if version.kind:
                 session.versions[version.kind] = max(0, version.version)
-        self._hub.sessions.add(session, replaced_error=Conflict("a newer stream of the device replaced this one",
-                                                                reason="STREAM_REPLACED"))
+        self._sessions.add(session, replaced_error=Conflict("a newer stream of the device replaced this one",
+                                                            reason="STREAM_REPLACED"))
         reader: asyncio.Task[Any] | None = None
         try:
             now = datetime.now(UTC)
-            await self._hub.fleet.connected(session, device=device, hello=hello, now=now)
+            await self._fleet.connected(session, device=device, hello=hello, now=now)
             yield pb.ConnectResponse(welcome=await self._welcome(device, now=now))
-            session.spawn(self._hub.sync.catch_up(session), name="sync-catch-up")
-            session.spawn(self._hub.rollouts.on_connect(session), name="rollout-resume")
+            session.spawn(self._sync.catch_up(session), name="sync-catch-up")
+            session.spawn(self._rollouts.on_connect(session), name="rollout-resume")
             reader = asyncio.ensure_future(self._read(requests, session))
             while True:
                 item = await session.out.get()
@@ -154,23 +148,21 @@ class DeviceStream:
                 reader.cancel()
             for task in list(session.tasks):
                 task.cancel()
-            if self._hub.sessions.remove(session):
+            if self._sessions.remove(session):
                 # Offline only when no newer stream of the device took over.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._hub.fleet.disconnected(session))
+                    await asyncio.shield(self._fleet.disconnected(session))
 
     async def _welcome(self, device: Device, *, now: datetime) -> pb.Welcome:
-        from services.devicehub.servicer import device_pb
-
         settled = 0
-        if self._hub.tx is not None:
-            settled = int(await self._hub.tx.last_settled_sequence(str(device.tenant_id), str(device.device_id)))
+        tx = self._backends.tx
+        if tx is not None:
+            settled = int(await tx.last_settled_sequence(str(device.tenant_id), str(device.device_id)))
         keys: list[pb.BundleKey] = []
         try:
-            assert self._hub.policy is not None
-            answer = await self._hub.policy.GetBundleKeys(
+            answer = await self._backends.policy.GetBundleKeys(
                 policy_pb2.GetBundleKeysRequest(tenant_id=str(device.tenant_id)),
-                timeout=self._hub.settings.downstream_timeout_s)
+                timeout=self._settings.downstream_timeout_s)
             keys = [pb.BundleKey(key_id=k.key_id, public_key=k.public_key) for k in answer.keys]
         except grpc.aio.AioRpcError as exc:
             log.warning("bundle keys unavailable", code=exc.code().name)
@@ -188,7 +180,7 @@ class DeviceStream:
             # The device closed its side: answer what it already asked, then end.
             pending = [t for t in session.tasks if t.get_name().startswith("device-request:")]
             if pending:
-                await asyncio.wait(pending, timeout=self._hub.settings.downstream_timeout_s * 2)
+                await asyncio.wait(pending, timeout=self._settings.downstream_timeout_s * 2)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError:
@@ -199,7 +191,7 @@ class DeviceStream:
 
     async def _dispatch(self, session: Session, message: pb.ConnectRequest, *, limit: asyncio.Semaphore,
                         upload_lock: asyncio.Lock) -> None:
-        hub = self._hub
+        transactions = self._backends.transactions
         body = message.WhichOneof("body")
         if body is None:
             session.send(malformed("empty message: no body set"))
@@ -208,14 +200,14 @@ class DeviceStream:
             session.send(malformed(f"{body} is only valid at the start of a stream"))
             return
         if body == "heartbeat":
-            await self._guard(session, "", hub.fleet.heartbeat(session, message.heartbeat))
+            await self._guard(session, "", self._fleet.heartbeat(session, message.heartbeat))
             return
         if body == "sync_ack":
-            await self._guard(session, "", hub.sync.acknowledged(session, message.sync_ack))
+            await self._guard(session, "", self._sync.acknowledged(session, message.sync_ack))
             return
         if body == "update_report":
             report = message.update_report
-            await self._guard(session, report.rollout_id, hub.rollouts.on_report(session, report))
+            await self._guard(session, report.rollout_id, self._rollouts.on_report(session, report))
             return
         ctx = session.context
         if body == "authorize":
@@ -224,26 +216,26 @@ class DeviceStream:
                 session.send(malformed("authorize needs a request_id"))
                 return
             await self._answer(session, req.request_id, limit,
-                               lambda: hub.transactions().authorize(ctx, req),
+                               lambda: transactions().authorize(ctx, req),
                                lambda r: pb.ConnectResponse(authorize_result=r))
         elif body == "upload":
             req_u = message.upload
 
             async def upload() -> Any:
                 async with upload_lock:
-                    return await hub.transactions().upload(ctx, req_u)
+                    return await transactions().upload(ctx, req_u)
 
             await self._answer(session, req_u.upload_id, limit, upload,
                                lambda r: pb.ConnectResponse(upload_result=r))
         elif body == "cabinet_order":
             req_o = message.cabinet_order
             await self._answer(session, req_o.order_id, limit,
-                               lambda: hub.transactions().cabinet_order(ctx, req_o),
+                               lambda: transactions().cabinet_order(ctx, req_o),
                                lambda r: pb.ConnectResponse(cabinet_result=r))
         elif body == "cabinet_dispensed":
             req_d = message.cabinet_dispensed
             await self._answer(session, req_d.order_id, limit,
-                               lambda: hub.transactions().cabinet_dispensed(ctx, req_d),
+                               lambda: transactions().cabinet_dispensed(ctx, req_d),
                                lambda r: pb.ConnectResponse(cabinet_result=r))
         else:  # pragma: no cover - a field added to the proto and not handled here
             session.send(malformed(f"unsupported message {body}"))

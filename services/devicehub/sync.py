@@ -20,7 +20,8 @@ import base64
 import contextlib
 import uuid
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -32,16 +33,17 @@ from runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from runtime.events import Event
 from runtime.logs import get_logger
 from services.codegen.client import revocations_since
+from services.devicehub.backends import Backends
 from services.devicehub.registry import (
     SUBJECT_DEVICE_CONFIG_CHANGED,
     SUBJECT_DEVICE_DECOMMISSIONED,
     SUBJECT_DEVICE_ENROLLED,
     SUBJECT_DEVICE_UPDATED,
+    key_fingerprint,
 )
-from services.devicehub.sessions import Session
-
-if TYPE_CHECKING:
-    from services.devicehub.hub import Hub
+from services.devicehub.sessions import Session, Sessions
+from services.devicehub.settings import DevicehubSettings
+from services.devicehub.wire import device_context
 
 log = get_logger(__name__)
 
@@ -109,12 +111,10 @@ def kinds_for_subject(subject: str) -> frozenset[int]:
 
 
 class Sync:
-    def __init__(self, hub: Hub):
-        self._hub = hub
-
-    @property
-    def _timeout(self) -> float:
-        return self._hub.settings.downstream_timeout_s
+    def __init__(self, *, settings: DevicehubSettings, backends: Backends, sessions: Sessions):
+        self._timeout = settings.downstream_timeout_s
+        self._backends = backends
+        self._sessions = sessions
 
     # --- one kind's update ------------------------------------------------------------------------
 
@@ -144,8 +144,7 @@ class Sync:
         raise InvalidArgument("unknown sync kind", reason="SYNC_KIND_INVALID")
 
     async def _trust_list(self, tenant: str, since: int) -> pb.SyncUpdate | None:
-        assert self._hub.codegen is not None
-        answer = await self._hub.codegen.GetTrustList(
+        answer = await self._backends.codegen.GetTrustList(
             codegen_pb2.GetTrustListRequest(tenant_id=tenant, since_version=since), timeout=self._timeout)
         if answer.version < since:
             # The device holds a version the source never made (restored database): start over.
@@ -161,8 +160,7 @@ class Sync:
         )
 
     async def _revocations(self, tenant: str, since: int) -> pb.SyncUpdate | None:
-        assert self._hub.codegen is not None
-        found, version = await revocations_since(self._hub.codegen, tenant_id=tenant, since=since,
+        found, version = await revocations_since(self._backends.codegen, tenant_id=tenant, since=since,
                                                  timeout_s=self._timeout, page_size=REVOCATIONS_PAGE)
         if version < since:
             # The device holds a version the source never made (restored database): start over.
@@ -175,11 +173,10 @@ class Sync:
                              revocations=entries)
 
     async def _blacklist(self, tenant: str, since: int) -> pb.SyncUpdate | None:
-        assert self._hub.identity is not None
         cards: list[pb.BlacklistedCard] = []
         version = since
         for _ in range(MAX_PAGES):
-            answer = await self._hub.identity.ListCardBlacklist(
+            answer = await self._backends.identity.ListCardBlacklist(
                 identity_pb2.ListCardBlacklistRequest(tenant_id=tenant, since_version=version,
                                                       page_size=BLACKLIST_PAGE),
                 timeout=self._timeout)
@@ -197,12 +194,11 @@ class Sync:
                              cards=cards)
 
     async def _member_blocks(self, tenant: str, since: int) -> pb.SyncUpdate | None:
-        assert self._hub.identity is not None
         latest: dict[str, str] = {}
         version = since
         cursor = feed_cursor(since)
         for _ in range(MAX_PAGES):
-            answer = await self._hub.identity.ListDirectoryChanges(
+            answer = await self._backends.identity.ListDirectoryChanges(
                 identity_pb2.ListDirectoryChangesRequest(tenant_id=tenant, cursor=cursor, page_size=FEED_PAGE),
                 timeout=self._timeout)
             for change in answer.changes:
@@ -225,24 +221,25 @@ class Sync:
                              member_blocks=blocks)
 
     async def _policy_bundle(self, tenant: str, since: int) -> pb.SyncUpdate | None:
-        assert self._hub.policy is not None
-        answer = await self._hub.policy.GetBundle(policy_pb2.GetBundleRequest(tenant_id=tenant), timeout=self._timeout)
+        answer = await self._backends.policy.GetBundle(policy_pb2.GetBundleRequest(tenant_id=tenant),
+                                                       timeout=self._timeout)
         if answer.version == since or answer.version == 0:
             return None
         return pb.SyncUpdate(kind=pb.SYNC_KIND_POLICY_BUNDLE, from_version=since, version=answer.version, full=True,
                              document=answer.bundle)
 
     async def _access_rules(self, tenant: str, since: int) -> pb.SyncUpdate | None:
-        if self._hub.tx is None:
+        tx = self._backends.tx
+        if tx is None:
             return None
-        version, rules_json = await self._hub.tx.current_access_rules(tenant)
+        version, rules_json = await tx.current_access_rules(tenant)
         if version == 0 or version == since:
             return None
         return pb.SyncUpdate(kind=pb.SYNC_KIND_ACCESS_RULES, from_version=since, version=version, full=True,
                              document=rules_json.encode())
 
     async def _config(self, tenant_id: uuid.UUID, device_id: uuid.UUID, since: int) -> pb.SyncUpdate | None:
-        device = await self._hub.store.device(tenant_id=tenant_id, device_id=device_id)
+        device = await self._backends.store.device(tenant_id=tenant_id, device_id=device_id)
         if device is None or device.config_version == 0 or device.config_version == since:
             return None
         return pb.SyncUpdate(kind=pb.SYNC_KIND_CONFIG, from_version=since, version=device.config_version, full=True,
@@ -289,26 +286,24 @@ class Sync:
 
     async def push_tenant(self, tenant_id: uuid.UUID, kinds: frozenset[int]) -> None:
         shared: dict[tuple[int, int], pb.SyncUpdate | None] = {}
-        sessions = self._hub.sessions.of_tenant(tenant_id)
+        sessions = self._sessions.of_tenant(tenant_id)
         # Sessions with the same versions share one source call; the first of each group asks.
         for session in sessions:
             await self.push(session, kinds, shared)
 
     async def push_config(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID) -> None:
-        session = self._hub.sessions.get(device_id)
+        session = self._sessions.get(device_id)
         if session is not None and session.tenant_id == tenant_id:
             await self.push(session, frozenset({pb.SYNC_KIND_CONFIG}))
 
     async def refresh_context(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID) -> None:
         """A changed device (location, merchant, scene tags, parent): its stream acts with the new
         values from now on."""
-        session = self._hub.sessions.get(device_id)
+        session = self._sessions.get(device_id)
         if session is None or session.tenant_id != tenant_id:
             return
-        device = await self._hub.store.device(tenant_id=tenant_id, device_id=device_id)
+        device = await self._backends.store.device(tenant_id=tenant_id, device_id=device_id)
         if device is not None and device.public_key is not None:
-            from services.devicehub.stream import device_context
-
             session.context = device_context(device)
 
     async def acknowledged(self, session: Session, ack: pb.SyncAck) -> None:
@@ -317,8 +312,8 @@ class Sync:
             raise InvalidArgument("unknown sync kind", reason="SYNC_KIND_INVALID")
         if ack.version < 0:
             raise InvalidArgument("version must not be negative", reason="SYNC_VERSION_INVALID")
-        await self._hub.store.record_sync_ack(tenant_id=session.tenant_id, device_id=session.device_id, kind=name,
-                                              version=ack.version)
+        await self._backends.store.record_sync_ack(tenant_id=session.tenant_id, device_id=session.device_id,
+                                                   kind=name, version=ack.version)
 
 
 class SyncListener:
@@ -326,8 +321,13 @@ class SyncListener:
 
     SUBJECTS = ("identity.>", "codegen.>", "policy.>", "devicehub.>")
 
-    def __init__(self, hub: Hub):
-        self._hub = hub
+    def __init__(self, *, settings: DevicehubSettings, nc: Any, sessions: Sessions, sync: Sync,
+                 on_rollout_event: Callable[[Event, uuid.UUID], Awaitable[None]]):
+        self._settings = settings
+        self._nc = nc  # nats.aio.client.Client
+        self._sessions = sessions
+        self._sync = sync
+        self._on_rollout_event = on_rollout_event
         self._pending: dict[uuid.UUID, set[int]] = defaultdict(set)
         self._wake = asyncio.Event()
 
@@ -345,11 +345,10 @@ class SyncListener:
         await self.handle(event, tenant_id)
 
     async def handle(self, event: Event, tenant_id: uuid.UUID) -> None:
-        hub = self._hub
         subject = event.subject
         kinds = kinds_for_subject(subject)
         if kinds:
-            if hub.sessions.of_tenant(tenant_id):
+            if self._sessions.of_tenant(tenant_id):
                 self._pending[tenant_id] |= kinds
                 self._wake.set()
             return
@@ -357,25 +356,23 @@ class SyncListener:
         if device_id is None:
             return
         if subject == SUBJECT_DEVICE_UPDATED:
-            await hub.sync.refresh_context(tenant_id=tenant_id, device_id=device_id)
+            await self._sync.refresh_context(tenant_id=tenant_id, device_id=device_id)
         elif subject == SUBJECT_DEVICE_CONFIG_CHANGED:
-            await hub.sync.push_config(tenant_id=tenant_id, device_id=device_id)
+            await self._sync.push_config(tenant_id=tenant_id, device_id=device_id)
         elif subject == SUBJECT_DEVICE_DECOMMISSIONED:
-            hub.sessions.close(device_id, PermissionDenied("the device is decommissioned",
-                                                           reason="DEVICE_DECOMMISSIONED"))
+            self._sessions.close(device_id, PermissionDenied("the device is decommissioned",
+                                                             reason="DEVICE_DECOMMISSIONED"))
         elif subject == SUBJECT_DEVICE_ENROLLED:
-            session = hub.sessions.get(device_id)
+            session = self._sessions.get(device_id)
             fingerprint = event.data.get("key_fingerprint", "")
             if session is not None and session.tenant_id == tenant_id and fingerprint:
-                from services.devicehub.registry import key_fingerprint
-
                 if key_fingerprint(session.context.public_key) != fingerprint:
                     session.end(Unauthenticated("the device enrolled a new key", reason="DEVICE_KEY_REPLACED"))
         elif subject.startswith("devicehub.rollout."):
-            await hub.rollouts.on_event(event, tenant_id)
+            await self._on_rollout_event(event, tenant_id)
 
     async def _flush_forever(self) -> None:
-        debounce = self._hub.settings.sync_debounce_s
+        debounce = self._settings.sync_debounce_s
         while True:
             try:
                 async with asyncio.timeout(RETRY_STALE_S):
@@ -393,18 +390,18 @@ class SyncListener:
         """A safety net for events missed while NATS was away: every connected tenant's kinds are
         compared again now and then (one source call per kind and tenant, thanks to the shared
         round cache; devices that are current get nothing)."""
-        interval = self._hub.settings.sync_resync_interval_s
+        interval = self._settings.sync_resync_interval_s
         while True:
             await asyncio.sleep(interval)
-            tenants = {session.tenant_id for session in self._hub.sessions.all()}
+            tenants = {session.tenant_id for session in self._sessions.all()}
             for tenant_id in tenants:
                 await self._push(tenant_id, TENANT_KINDS)
 
     async def _retry_stale(self) -> None:
-        for session in self._hub.sessions.all():
+        for session in self._sessions.all():
             if session.stale:
                 try:
-                    await self._hub.sync.push(session, frozenset(session.stale))
+                    await self._sync.push(session, frozenset(session.stale))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - tried again next round
@@ -412,21 +409,19 @@ class SyncListener:
 
     async def _push(self, tenant_id: uuid.UUID, kinds: frozenset[int]) -> None:
         try:
-            await self._hub.sync.push_tenant(tenant_id, kinds)
+            await self._sync.push_tenant(tenant_id, kinds)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the devices get it on their next event or hello
             log.warning("sync push failed", tenant_id=str(tenant_id), error=type(exc).__name__)
 
     async def run(self) -> None:
-        assert self._hub.app is not None
-        nc = self._hub.app.nc
         subscriptions = []
         flusher = asyncio.ensure_future(self._flush_forever())
         resync = asyncio.ensure_future(self._resync_forever())
         try:
             for subject in self.SUBJECTS:
-                subscriptions.append(await nc.subscribe(subject, cb=self._on_message))
+                subscriptions.append(await self._nc.subscribe(subject, cb=self._on_message))
             await asyncio.Event().wait()
         finally:
             flusher.cancel()

@@ -1,5 +1,6 @@
-"""Assembles the identity service: settings, schema and migrations, its stream, and the
-background work it starts once PostgreSQL and NATS are up (the outbox relay, unfinished imports)."""
+"""Assembles the identity service from its settings (services.identity.settings): schema and
+migrations, its stream, and the background work it starts once PostgreSQL and NATS are up (the
+outbox relay, unfinished imports)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from runtime.events import OutboxRelay, StreamSpec
 from runtime.nats_access import NatsAccess
 from runtime.grpc_server import ServiceApp
-from runtime.settings import ServiceSettings
-from services.identity.importer import DEFAULT_CHUNK_ROWS, resume_imports
+from services.identity.importer import resume_imports
 from services.identity.servicer import IdentityServicer
+from services.identity.settings import IdentitySettings
 from services.identity.store import IdentityStore
 
 SCHEMA = "identity"
@@ -19,17 +20,6 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("IDENTITY", ["identity.>"])
 NATS_ACCESS = NatsAccess(owns=(STREAM,))
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
-
-DEFAULT_IMPORT_MAX_BYTES = 8 * 1024 * 1024
-DEFAULT_IMPORT_MAX_ROWS = 100_000
-
-
-class IdentitySettings(ServiceSettings):
-    import_max_bytes: int = DEFAULT_IMPORT_MAX_BYTES
-    import_max_rows: int = DEFAULT_IMPORT_MAX_ROWS
-    # Rows applied per transaction: larger is faster, smaller shows progress sooner and holds the
-    # tenant's directory lock for less time.
-    import_chunk_rows: int = DEFAULT_CHUNK_ROWS
 
 
 def build_app(settings: IdentitySettings) -> ServiceApp:

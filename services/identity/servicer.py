@@ -16,7 +16,6 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -39,10 +38,8 @@ from services.identity.domain import (
     TenantKind,
 )
 from services.identity.importer import ImportFileError, parse_csv, run_import
+from services.identity.settings import IdentitySettings
 from services.identity.store import DirectoryWriter, IdentityStore
-
-if TYPE_CHECKING:
-    from services.identity.app import IdentitySettings
 
 _TENANT_KIND = {
     TenantKind.ENTERPRISE: pb.TENANT_KIND_ENTERPRISE,

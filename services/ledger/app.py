@@ -1,5 +1,6 @@
-"""Assembles the ledger service: settings, schema and migrations, its stream, and the background
-work it starts once PostgreSQL and NATS are up: the outbox relay and the sweep that expires holds."""
+"""Assembles the ledger service from its settings (services.ledger.settings): schema and
+migrations, its stream, and the background work it starts once PostgreSQL and NATS are up: the
+outbox relay and the sweep that expires holds."""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from pydantic import Field
-
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from runtime.events import IdempotentConsumer, OutboxRelay, StreamSpec
 from runtime.nats_access import Durable, NatsAccess
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
-from runtime.settings import ServiceSettings
 from services.ledger.consumer import IDENTITY_DURABLE, IDENTITY_FILTER, IDENTITY_STREAM, open_member_purses
 from services.ledger.operations import Ledger, PayBatcher
 from services.ledger.servicer import LedgerServicer
+from services.ledger.settings import LedgerSettings
 from services.ledger.store import LedgerStore
 
 log = get_logger(__name__)
@@ -27,26 +26,6 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 STREAM = StreamSpec("LEDGER", ["ledger.>"])
 NATS_ACCESS = NatsAccess(owns=(STREAM,), consumes=(Durable(IDENTITY_STREAM, IDENTITY_DURABLE),))
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
-
-DEFAULT_EXPIRY_INTERVAL_S = 1.0
-DEFAULT_EXPIRY_BATCH = 200
-DEFAULT_PROGRAM_INTERVAL_S = 5.0
-DEFAULT_PAY_WORKERS = 2
-DEFAULT_PAY_MAX_BATCH = 64
-
-
-class LedgerSettings(ServiceSettings):
-    # How often pending holds past their time are released. Capture and void refuse an expired
-    # hold at once; this only decides how soon its money is available again.
-    hold_expiry_interval_s: float = Field(default=DEFAULT_EXPIRY_INTERVAL_S, gt=0)
-    hold_expiry_batch: int = Field(default=DEFAULT_EXPIRY_BATCH, ge=1, le=10_000)
-    # How often running grant batches and programs past their end are looked for (a new batch
-    # also wakes the worker at once).
-    program_interval_s: float = Field(default=DEFAULT_PROGRAM_INTERVAL_S, gt=0)
-    # Concurrent payments are booked in batches (one transaction, one flush each): this many
-    # batches at once, each of at most this many payments.
-    pay_workers: int = Field(default=DEFAULT_PAY_WORKERS, ge=1, le=64)
-    pay_max_batch: int = Field(default=DEFAULT_PAY_MAX_BATCH, ge=1, le=1000)
 
 
 async def expire_holds_forever(*, ledger: Ledger, interval_s: float, batch: int) -> None:

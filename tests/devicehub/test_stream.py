@@ -208,7 +208,7 @@ async def test_authorisations_run_concurrently_and_answer_by_request_id(devicehu
     refusal is a StreamError naming its request (the transactions part is stubbed here)."""
     from runtime.errors import InvalidArgument
 
-    hub = devicehub.app.hub
+    backends = devicehub.app.hub.backends
     seen_devices = []
 
     async def authorize(device, msg):
@@ -218,14 +218,14 @@ async def test_authorisations_run_concurrently_and_answer_by_request_id(devicehu
         await asyncio.sleep(1.0 if msg.request_id == "slow" else 0.0)
         return pb.AuthorizeResult(request_id=msg.request_id, approved=True, reason="APPROVED")
 
-    original = hub.tx.authorize if hub.tx is not None else None
+    original = backends.tx.authorize if backends.tx is not None else None
 
     class Stub:
         pass
 
-    if hub.tx is None:
-        hub.tx = Stub()
-    hub.tx.authorize = authorize
+    if backends.tx is None:
+        backends.tx = Stub()
+    backends.tx.authorize = authorize
     device = await enrol_device(devicehub.stub, device_stub, tenant_id)
     connection = await connect(device_stub, device)
     try:
@@ -245,7 +245,7 @@ async def test_authorisations_run_concurrently_and_answer_by_request_id(devicehu
     finally:
         await connection.close()
         if original is not None:
-            hub.tx.authorize = original
+            backends.tx.authorize = original
 
 
 async def test_a_device_change_reaches_its_open_stream(devicehub, device_stub, tenant_id):
