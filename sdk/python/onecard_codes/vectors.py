@@ -10,8 +10,10 @@ import hashlib
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import nacl.bindings
 import nacl.signing
 
 from onecard_codes.format import (
@@ -19,6 +21,7 @@ from onecard_codes.format import (
     FORMAT_VERSION,
     HEADER,
     KIND_HOLDER,
+    KIND_TOKEN,
     PROOF_FIELDS,
     TOKEN_FIELDS,
     binary_to_text,
@@ -26,6 +29,7 @@ from onecard_codes.format import (
     decode_code,
     proof_signed_message,
     text_to_binary,
+    token_signed_message,
 )
 from onecard_codes.issue import issue_credential, issue_token_batch, make_holder_code
 from onecard_codes.keys import IssuerKey, Revocations, TrustList
@@ -45,6 +49,13 @@ NOT_BEFORE_S = 1_767_225_600
 NOW_S = NOT_BEFORE_S + 3600
 CAPS = OfflineCaps(per_transaction_fen=3000, per_day_fen=20000, count_per_day=20)
 MAX_TRUST_LIST_AGE_S = 7 * 24 * 3600
+
+# Encodings a strict verifier refuses as a public key or as a signature's R (format doc §4.4).
+ED25519_P = 2**255 - 19
+IDENTITY_POINT = bytes([1]) + bytes(31)  # the neutral element: order 1
+IDENTITY_NONCANONICAL = (ED25519_P + 1).to_bytes(32, "little")  # y = p + 1, which reduces to 1
+IDENTITY_NEGATIVE_ZERO = bytes([1]) + bytes(30) + bytes([0x80])  # y = 1 with the sign bit of x = 0 set
+ORDER_8_POINT = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
 
 
 def verified_to_json(result: Verified) -> dict[str, Any]:
@@ -96,16 +107,133 @@ def run_vector(vector: dict[str, Any]) -> Verified | Rejected:
     return verifier.verify(vector["code"], now_s=vector["now_s"], expected_tenant_id=tenant_id, purpose=purpose)
 
 
-def raw_holder_code(*, credential_body: bytes, issuer: IssuerKey, holder: nacl.signing.SigningKey, time_s: int,
-                    counter: int, purpose_byte: int, version: int = FORMAT_VERSION, kind: int = KIND_HOLDER) -> str:
+def raw_holder_code(*, credential_body: bytes, time_s: int, counter: int, purpose_byte: int,
+                    issuer: IssuerKey | None = None, holder: nacl.signing.SigningKey | None = None,
+                    tenant_id: uuid.UUID | None = None, issuer_sign: Signer | None = None,
+                    holder_sign: Signer | None = None, version: int = FORMAT_VERSION, kind: int = KIND_HOLDER) -> str:
     """A holder code signed as given, with none of ``make_holder_code``'s checks: for vectors and
-    tests of codes the issuing API rightly refuses to make (a forged proof, a 73 h credential)."""
-    credential = credential_body + issuer.sign(credential_signed_message(tenant_id=issuer.tenant_id.bytes,
-                                                                         body=credential_body))
+    tests of codes the issuing API rightly refuses to make (a forged proof, a 73 h credential).
+
+    ``issuer_sign`` and ``holder_sign`` replace the ordinary signatures by ``issuer`` and
+    ``holder``; the tenant in the credential message is ``tenant_id``, else the issuer's.
+    """
+    tenant = tenant_id if tenant_id is not None else issuer.tenant_id
+    issuer_sign = issuer_sign or signer(issuer)
+    holder_sign = holder_sign or signer(holder)
+    credential = credential_body + issuer_sign(credential_signed_message(tenant_id=tenant.bytes, body=credential_body))
     message = proof_signed_message(credential_hash=hashlib.sha256(credential).digest(), time_s=time_s,
                                    counter=counter, purpose=purpose_byte)
-    proof = PROOF_FIELDS.pack(time_s, counter, purpose_byte) + holder.sign(message).signature
+    proof = PROOF_FIELDS.pack(time_s, counter, purpose_byte) + holder_sign(message)
     return binary_to_text(HEADER.pack(version, kind) + credential + proof)
+
+
+def raw_token(*, key_id: bytes, tenant_id: uuid.UUID, sign: Signer, credential_id: uuid.UUID, member_id: uuid.UUID,
+              not_before_s: int, not_after_s: int, caps: OfflineCaps, purposes_byte: int, slot_start_s: int,
+              slot_length_s: int, sequence: int, version: int = FORMAT_VERSION, kind: int = KIND_TOKEN) -> str:
+    """A rotating token signed as given, with none of ``issue_token_batch``'s checks."""
+    fields = TOKEN_FIELDS.pack(version, kind, key_id, credential_id.bytes, member_id.bytes, not_before_s, not_after_s,
+                               caps.per_transaction_fen, caps.per_day_fen, caps.count_per_day, purposes_byte,
+                               slot_start_s, slot_length_s, sequence)
+    return binary_to_text(fields + sign(token_signed_message(tenant_id=tenant_id.bytes, fields=fields)))
+
+
+# ---- signatures a strict verifier refuses (format doc §4.4) -------------------------------------
+# Each is a signature a lax verifier accepts: it satisfies the verification equation of some
+# reading of RFC 8032, so only the strict rules tell it apart. Built from the signing scalar
+# (made deterministic like the keys), never from libsodium's signing, which makes none of them.
+
+ED25519_L = 2**252 + 27742317777372353535851937790883648493
+Signer = Callable[[bytes], bytes]
+
+
+def _secret_scalar(seed: bytes) -> int:
+    digest = hashlib.sha512(seed).digest()
+    return (int.from_bytes(digest[:32], "little") & ((1 << 254) - 8)) | (1 << 254)
+
+
+def _challenge(r_bytes: bytes, public_key: bytes, message: bytes) -> int:
+    return int.from_bytes(hashlib.sha512(r_bytes + public_key + message).digest(), "little") % ED25519_L
+
+
+def _nonce(seed: bytes, message: bytes, attempt: int) -> int:
+    return int.from_bytes(hashlib.sha512(b"onecard vector nonce" + seed + attempt.to_bytes(4, "big")
+                                         + message).digest(), "little") % ED25519_L
+
+
+def _base_times(scalar: int) -> bytes:
+    return nacl.bindings.crypto_scalarmult_ed25519_base_noclamp((scalar % ED25519_L).to_bytes(32, "little"))
+
+
+def _signature(r_bytes: bytes, s: int) -> bytes:
+    return r_bytes + s.to_bytes(32, "little")
+
+
+def signer(key: nacl.signing.SigningKey | IssuerKey) -> Signer:
+    """The ordinary signature."""
+    signing_key = key.signing_key if isinstance(key, IssuerKey) else key
+    return lambda message: signing_key.sign(message).signature
+
+
+def s_plus_l(sign: Signer) -> Signer:
+    """The same signature with S + L for S: the same value mod L, a non-canonical encoding."""
+    def sign_non_canonical(message: bytes) -> bytes:
+        signature = sign(message)
+        return _signature(signature[:32], int.from_bytes(signature[32:], "little") + ED25519_L)
+    return sign_non_canonical
+
+
+def small_order_r(*, seed: bytes, r_bytes: bytes) -> Signer:
+    """R an encoding of the identity and S = k·a: [S]B = R + [k]A holds, by the point R decodes to."""
+    scalar = _secret_scalar(seed)
+    public_key = bytes(nacl.signing.SigningKey(seed).verify_key)
+    return lambda message: _signature(r_bytes, _challenge(r_bytes, public_key, message) * scalar % ED25519_L)
+
+
+def mixed_order_r(*, seed: bytes) -> Signer:
+    """R = [r]B + T (T of order 8) and S = r + k·a: only a cofactored check ([8]…) accepts it."""
+    scalar = _secret_scalar(seed)
+    public_key = bytes(nacl.signing.SigningKey(seed).verify_key)
+
+    def sign(message: bytes) -> bytes:
+        nonce = _nonce(seed, message, 0)
+        r_bytes = nacl.bindings.crypto_core_ed25519_add(_base_times(nonce), ORDER_8_POINT)
+        return _signature(r_bytes, (nonce + _challenge(r_bytes, public_key, message) * scalar) % ED25519_L)
+    return sign
+
+
+def forged_for_small_order_key(public_key: bytes, *, order: int) -> Signer:
+    """A "signature" with no private key: R = [s]B, S = s, for a key A of order ``order`` (1 or 8),
+    choosing s until k is a multiple of the order, so [k]A is the identity and [S]B = R + [k]A."""
+    def forge(message: bytes) -> bytes:
+        for attempt in range(1, 1000):
+            s = _nonce(public_key, message, attempt)
+            r_bytes = _base_times(s)
+            if _challenge(r_bytes, public_key, message) % order == 0:
+                return _signature(r_bytes, s)
+        raise AssertionError("no forgery found")  # 1 in 8 succeeds; 1000 attempts never all fail
+    return forge
+
+
+def mixed_order_key(seed: bytes) -> bytes:
+    """The public key [a]B + T, T of order 8: the same signing scalar, a key with a torsion part."""
+    return nacl.bindings.crypto_core_ed25519_add(bytes(nacl.signing.SigningKey(seed).verify_key), ORDER_8_POINT)
+
+
+def signed_by_mixed_order_key(seed: bytes) -> Signer:
+    """Signatures under ``mixed_order_key(seed)`` that libsodium accepts: R = [r]B, S = r + k·a,
+    r chosen until 8 divides k, so [S]B − [k](aB + T) = R. A strict verifier refuses the key."""
+    scalar = _secret_scalar(seed)
+    public_key = mixed_order_key(seed)
+
+    def sign(message: bytes) -> bytes:
+        for attempt in range(1000):
+            nonce = _nonce(seed, message, attempt)
+            r_bytes = _base_times(nonce)
+            challenge = _challenge(r_bytes, public_key, message)
+            if challenge % 8 == 0:
+                return _signature(r_bytes, (nonce + challenge * scalar) % ED25519_L)
+        raise AssertionError("no signature found")
+    return sign
 
 
 class _Builder:

@@ -50,7 +50,7 @@ from onecard_codes.format import (
     parse_credential,
     purpose_from_byte,
 )
-from onecard_codes.keys import Revocations, TrustedKey, TrustList
+from onecard_codes.keys import Revocations, TrustedKey, TrustList, is_valid_public_key
 from onecard_codes.result import CodeKind, OfflineCaps, Purpose, Reason, Rejected, Verified
 
 DEFAULT_CLOCK_WINDOW_S = (-90, 30)
@@ -122,6 +122,7 @@ class _CachedCredential(NamedTuple):
     credential_id_bytes: bytes
     member_id_bytes: bytes
     holder_public_key: bytes
+    holder_key_usable: bool  # checked once here, so the warm path pays nothing for it
     not_before_s: int
     not_after_s: int
     caps: OfflineCaps
@@ -253,6 +254,8 @@ class Verifier:
         if self.revocations.is_revoked(credential_id=cached.credential_id_bytes, member_id=cached.member_id_bytes,
                                        not_before_s=cached.not_before_s):
             return _reject(Reason.REVOKED, "credential revoked")
+        if not cached.holder_key_usable:
+            return _reject(Reason.BAD_SIGNATURE, "holder public key is not a valid Ed25519 key")
         signed = proof[PROOF_FIELDS.size:] + cached.proof_prefix + proof[:PROOF_FIELDS.size]
         if lib.crypto_sign_open(self._opened, self._opened_len, signed, _SM_BYTES, cached.holder_public_key) != 0:
             return _reject(Reason.BAD_SIGNATURE, "holder proof signature does not verify")
@@ -278,8 +281,10 @@ class Verifier:
         if not candidates:
             return _reject(Reason.UNKNOWN_KEY, f"no trusted key with id {key_id.hex()}")
         for key in candidates:
-            if self._signature_ok(signature, message_for(key.tenant_id.bytes), key.public_key):
+            if key.usable and self._signature_ok(signature, message_for(key.tenant_id.bytes), key.public_key):
                 return key
+        if not any(key.usable for key in candidates):
+            return _reject(Reason.BAD_SIGNATURE, "the trusted key with this id is not a valid Ed25519 key")
         return _reject(Reason.BAD_SIGNATURE, "issuer signature does not verify")
 
     def _admit_credential(self, credential: Credential) -> _CachedCredential | Rejected:
@@ -293,6 +298,7 @@ class Verifier:
             tenant_id=issuer.tenant_id, member_id=uuid.UUID(bytes=credential.member_id),
             credential_id=uuid.UUID(bytes=credential_id), credential_id_bytes=credential_id,
             member_id_bytes=credential.member_id, holder_public_key=credential.holder_public_key,
+            holder_key_usable=is_valid_public_key(credential.holder_public_key),
             not_before_s=credential.not_before_s, not_after_s=credential.not_after_s, caps=credential.caps,
             purposes=int(credential.purposes), proof_prefix=PROOF_TAG + hashlib.sha256(credential.raw).digest(),
             key_id=credential.key_id,
