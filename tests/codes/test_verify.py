@@ -341,3 +341,22 @@ def test_holder_key_with_a_small_order_component_is_a_bad_signature(world: World
     result = _verify(world.verifier(), code)
     assert _reason(result) is Reason.BAD_SIGNATURE
     assert "holder public key" in result.detail
+
+
+def test_replay_entry_is_live_through_its_last_second(world: World) -> None:
+    # With no margin an entry lasts exactly as long as the clock window accepts the code: at
+    # now = time + 90 the code is still inside the window, so the entry must still refuse it.
+    verifier = Verifier(trust_list=world.trust_list(), replay_margin_s=0)
+    code = world.code(time_s=NOW_S, counter=61)
+    assert _verify(verifier, code).ok
+    assert _reason(_verify(verifier, code, now_s=NOW_S + 90)) is Reason.REPLAYED
+    assert _reason(_verify(verifier, code, now_s=NOW_S + 91)) is Reason.EXPIRED
+
+
+def test_replay_cache_keeps_an_entry_at_its_expiry_second_and_drops_it_after() -> None:
+    cache = ReplayCache()
+    assert cache.check_and_record((b"c", 1), expires_at_s=100, now_s=10)
+    assert not cache.check_and_record((b"c", 1), expires_at_s=200, now_s=100)
+    assert cache.check_and_record((b"c", 2), expires_at_s=300, now_s=101)
+    assert len(cache) == 1  # the sweep dropped (c, 1) once its last second had passed
+    assert cache.check_and_record((b"c", 1), expires_at_s=300, now_s=101)

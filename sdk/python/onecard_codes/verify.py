@@ -70,6 +70,9 @@ class ReplayCache:
     """Codes already accepted, each remembered until it could no longer pass the clock window.
 
     Keys are (credential id, counter) for holder codes and (credential id, sequence) for tokens.
+    An entry is live up to and including its expiry second (``now_s <= expires_at_s``): with no
+    margin, a holder code is still inside the clock window at exactly that second, so an exclusive
+    end would accept it twice.
     The rule: an exact key seen before and still live is a replay; any other counter is accepted,
     higher or lower than those seen, so scans that arrive out of order (a slow reader, caches
     merged from several readers) are not refused, while each displayed code is accepted once.
@@ -92,17 +95,17 @@ class ReplayCache:
         entries = self._expiry_s
         previous_s = entries.get(key)
         if previous_s is not None:
-            if previous_s > now_s:
+            if previous_s >= now_s:
                 return False
             del entries[key]
         # Insertion order is close to expiry order, so dropping expired entries from the front
         # keeps the cache small at O(1) amortised per insert.
         for oldest in entries:
-            if entries[oldest] <= now_s:
+            if entries[oldest] < now_s:
                 entries.popitem(last=False)
                 while entries:
                     oldest = next(iter(entries))
-                    if entries[oldest] > now_s:
+                    if entries[oldest] >= now_s:
                         break
                     entries.popitem(last=False)
             break
