@@ -315,6 +315,14 @@ def _set_byte(code_text: str, *, byte_index: int, value: int) -> str:
     return binary_to_text(bytes(data))
 
 
+def _s_plus_l_in_issuer_signature(code_text: str) -> str:
+    data = bytearray(text_to_binary(code_text))
+    s_at = HEADER.size + CREDENTIAL_BODY.size + 32
+    s_value = int.from_bytes(data[s_at:s_at + 32], "little") + ED25519_L
+    data[s_at:s_at + 32] = s_value.to_bytes(32, "little")
+    return binary_to_text(bytes(data))
+
+
 def _resized(code_text: str, *, by: int) -> str:
     data = text_to_binary(code_text)
     return binary_to_text(data + bytes(by) if by > 0 else data[:by])
@@ -753,6 +761,11 @@ def build_vectors() -> dict[str, Any]:
                "those bytes. Cache by the whole 134 bytes: a cache by body or credential id accepts it.",
                b.raw_code(issuer_sign=s_plus_l(signer(b.issuer_a)), counter=8, time_s=NOW_S),
                prior_scans=(Scan(valid, NOW_S - 5),), expected_reason="BAD_SIGNATURE", fails=(4,)),
+        vector("cached_credential_issuer_signature_s_plus_l_old_proof",
+               "Accepted; then a code of the same credential whose issuer signature's S was replaced by S + L "
+               "after the proof was made (the proof covers the original 134 bytes).",
+               _s_plus_l_in_issuer_signature(b.code(counter=8, time_s=NOW_S)),
+               prior_scans=(Scan(valid, NOW_S - 5),), expected_reason="BAD_SIGNATURE", fails=(4, 8)),
         vector("cached_credential_malformed_proof_purpose", "Accepted; then a proof with purpose byte 0x03.",
                b.raw_code(purpose_byte=0x03, counter=8, time_s=NOW_S), prior_scans=(Scan(valid, NOW_S - 5),),
                expected_reason="MALFORMED", fails=(1,)),

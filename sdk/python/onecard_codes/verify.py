@@ -5,18 +5,23 @@ Checks, in this order (the first failure is the answer; the order is part of the
  1. decode               MALFORMED          prefix, Base45, version, kind, length, field ranges
  2. trust list age       STALE_TRUST_LIST   now - fetched_at > max_trust_list_age_s
  3. key id               UNKNOWN_KEY        no trusted key has the code's key id
- 4. issuer signature     BAD_SIGNATURE      no trusted key with that id verifies it
+ 4. issuer signature     BAD_SIGNATURE      no trusted key with that id verifies it (strictly, doc §4.4)
  5. tenant               WRONG_TENANT       the key that verified is another tenant's
  6. validity             NOT_YET_VALID / EXPIRED   now outside [not_before, not_after)
- 7. revocation           REVOKED            credential id, or member revoked at/after not_before
+ 7. revocation           REVOKED            credential id, or member revoked at or after not_before
  8. holder signature     BAD_SIGNATURE      (holder codes) the proof does not verify
  9. purpose              WRONG_PURPOSE      not allowed by the credential, or the proof names another
 10. clock window         EXPIRED / NOT_YET_VALID   proof time (token slot) outside now + window
-11. replay               REPLAYED           (credential id, counter or sequence) seen and still live
+11. replay               REPLAYED           (credential id, counter or sequence) seen, live while now <= expiry
 
-Steps 3-5 run once per credential: a credential that passed them is kept in a bounded LRU keyed
-by its text, so a credential seen before costs one signature check (step 8). A verifier is not
-thread-safe (its caches and signature buffer are unguarded); use one per scanning thread.
+Decoding the credential and steps 3-4 run once per credential: one that passed them is kept in a
+bounded LRU keyed by its whole text (issuer signature included), with its holder key's validity,
+so a credential seen before costs one signature check (step 8). Every other step runs on every
+scan, cached or not (format doc §6). Signatures are checked strictly (format doc §4.4): libsodium
+refuses non-canonical S and small-order R and keys, and keys must also be of prime order
+(``keys.is_valid_public_key``). All time arithmetic is Python's, so nothing wraps (doc §0). A
+verifier is not thread-safe (its caches and signature buffer are unguarded); use one per scanning
+thread.
 """
 from __future__ import annotations
 
