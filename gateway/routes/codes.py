@@ -86,7 +86,7 @@ def _credential(c: pb.Credential) -> CredentialInfo:
 
 class CredentialRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"holder_public_key": "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=", "purposes": ["pay", "access"],
+        {"holder_public_key": "Hg9P8ERluAE8L8SPF3SQgUOLcTd8KBY03KD+MjFCh4o=", "purposes": ["pay", "access"],
          "validity_s": 86400}]})
 
     holder_public_key: str = Field(max_length=MAX_KEY_B64_CHARS,
@@ -201,7 +201,7 @@ class CodeSettingsOut(BaseModel):
 
 class RotatedKeys(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "signing_key": {"key_id": "5be1a2c3", "public_key": "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=",
+        "signing_key": {"key_id": "5be1a2c3", "public_key": "Hg9P8ERluAE8L8SPF3SQgUOLcTd8KBY03KD+MjFCh4o=",
                         "status": "signing", "not_before": "2025-09-01T08:00:00Z", "retire_after": None,
                         "version": 2},
         "previous_key": {"key_id": "0f9e8d7c", "public_key": "3q2+796tvu/erb7v3q2+796tvu/erb7v3q2+796tvu8=",

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from onecard_codes.keys import is_valid_public_key
+
 from runtime.errors import FailedPrecondition, InvalidArgument
 
 HOLDER_PUBLIC_KEY_BYTES = 32
@@ -200,9 +202,17 @@ def parse_credential_id(value: str) -> uuid.UUID:
 
 
 def check_holder_public_key(value: bytes) -> bytes:
+    """32 bytes that verifiers will use: a canonical Ed25519 point of prime order (format doc §4.4).
+
+    A small-order or mixed-order key would give a credential whose codes every verifier refuses
+    (or, for the small-order points, that anyone could forge), so it is refused before it is stored.
+    """
     if len(value) != HOLDER_PUBLIC_KEY_BYTES:
         raise InvalidArgument(f"a holder public key is {HOLDER_PUBLIC_KEY_BYTES} bytes (Ed25519), got {len(value)}",
                               reason="HOLDER_KEY_INVALID")
+    if not is_valid_public_key(bytes(value)):
+        raise InvalidArgument("the holder public key is not a valid Ed25519 public key (a canonical point of "
+                              "prime order)", reason="HOLDER_KEY_INVALID")
     return bytes(value)
 
 

@@ -6,12 +6,16 @@ import base64
 import uuid
 
 import grpc
+import nacl.bindings
 
 import onecard_codes as sdk
 from onecard.codegen.v1 import codegen_pb2 as pb
 from onecard.identity.v1 import identity_pb2 as ipb
 from tests.codegen.support import holder_key, issue, refused
 from tests.identity.support import create_member
+
+# A point of order 8 on Ed25519: added to a real key it gives a mixed-order key.
+ORDER_8_POINT_HEX = "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
 
 
 async def test_a_credential_carries_the_member_the_holder_key_and_the_tenant_caps(codegen, tenant_id, member_id):
@@ -137,6 +141,14 @@ async def test_bad_input_is_refused_with_a_typed_reason_and_changes_nothing(code
     }
     for reason, call in cases.items():
         assert await refused(call) == (grpc.StatusCode.INVALID_ARGUMENT, reason), reason
+    # 32 bytes but not a key a verifier may use: the identity point (small order: anyone could
+    # sign for it) and a real key plus a point of order 8 (mixed order).
+    small_order = bytes.fromhex("01" + "00" * 31)
+    mixed_order = nacl.bindings.crypto_core_ed25519_add(key, bytes.fromhex(ORDER_8_POINT_HEX))
+    for bad_key in (small_order, mixed_order):
+        assert await refused(stub.IssueCredential(pb.IssueCredentialRequest(
+            tenant_id=tenant_id, member_id=member_id, holder_public_key=bad_key,
+            purposes=[pb.PURPOSE_PAY]))) == (grpc.StatusCode.INVALID_ARGUMENT, "HOLDER_KEY_INVALID")
     assert await refused(stub.RevokeCredential(pb.RevokeCredentialRequest(
         tenant_id=tenant_id, credential_id=str(uuid.uuid4())))) == (grpc.StatusCode.NOT_FOUND,
                                                                     "CREDENTIAL_NOT_FOUND")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import uuid
 
+import nacl.bindings
 import pytest
 
 from onecard_codes import (
@@ -12,9 +13,11 @@ from onecard_codes import (
     Purpose,
     decode_code,
     issue_credential,
+    is_valid_public_key,
     issue_token_batch,
     key_id_for,
 )
+from onecard_codes.vectors import IDENTITY_NONCANONICAL, IDENTITY_POINT, ORDER_8_POINT
 from tests.codes.conftest import CAPS, MEMBER, NOT_BEFORE_S, NOW_S, TENANT, World
 
 
@@ -57,6 +60,22 @@ def test_empty_purposes_and_short_holder_key_are_refused(world: World) -> None:
         issue_credential(issuer_key=world.issuer, member_id=str(MEMBER),  # type: ignore[arg-type]
                          holder_public_key=bytes(world.holder.verify_key), not_before_s=NOT_BEFORE_S,
                          not_after_s=NOT_BEFORE_S + 60, caps=CAPS, purposes=Purpose.PAY)
+
+
+@pytest.mark.parametrize("bad_key", [IDENTITY_POINT, IDENTITY_NONCANONICAL, ORDER_8_POINT, b"\xff" * 32],
+                         ids=["identity", "identity-non-canonical", "order-8", "not-a-point"])
+def test_holder_key_that_is_not_a_point_of_prime_order_is_refused(world: World, bad_key: bytes) -> None:
+    with pytest.raises(IssueError, match="not a valid Ed25519 public key"):
+        issue_credential(issuer_key=world.issuer, member_id=MEMBER, holder_public_key=bad_key,
+                         not_before_s=NOT_BEFORE_S, not_after_s=NOT_BEFORE_S + 60, caps=CAPS, purposes=Purpose.PAY)
+
+
+def test_holder_key_with_a_small_order_component_is_refused(world: World) -> None:
+    mixed = nacl.bindings.crypto_core_ed25519_add(bytes(world.holder.verify_key), ORDER_8_POINT)
+    assert not is_valid_public_key(mixed) and is_valid_public_key(bytes(world.holder.verify_key))
+    with pytest.raises(IssueError, match="not a valid Ed25519 public key"):
+        issue_credential(issuer_key=world.issuer, member_id=MEMBER, holder_public_key=mixed,
+                         not_before_s=NOT_BEFORE_S, not_after_s=NOT_BEFORE_S + 60, caps=CAPS, purposes=Purpose.PAY)
 
 
 def test_credential_id_is_derived_from_the_signed_content(world: World) -> None:

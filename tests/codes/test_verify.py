@@ -1,8 +1,10 @@
 """The verifier refuses each kind of bad code with the right reason, and accepts good ones."""
 from __future__ import annotations
 
+import hashlib
 import uuid
 
+import nacl.bindings
 import nacl.signing
 import pytest
 
@@ -11,12 +13,28 @@ from onecard_codes import (
     Purpose,
     Reason,
     Revocations,
+    TrustedKey,
     TrustList,
     issue_token_batch,
     make_holder_code,
 )
-from onecard_codes.format import HOLDER_TEXT_CHARS, binary_to_text, text_to_binary
-from onecard_codes.vectors import raw_holder_code
+from onecard_codes.format import (
+    CREDENTIAL_BODY,
+    HOLDER_TEXT_CHARS,
+    PROOF_FIELDS,
+    PROOF_TAG,
+    binary_to_text,
+    text_to_binary,
+)
+from onecard_codes.vectors import (
+    IDENTITY_NONCANONICAL,
+    IDENTITY_POINT,
+    ORDER_8_POINT,
+    forged_for_small_order_key,
+    mixed_order_key,
+    raw_holder_code,
+    signed_by_mixed_order_key,
+)
 from onecard_codes.verify import ReplayCache, Verifier
 from tests.codes.conftest import CAPS, MEMBER, NOT_BEFORE_S, NOW_S, OTHER_TENANT, TENANT, World
 
@@ -288,3 +306,57 @@ def test_rotated_key_verifies_until_retired_from_the_trust_list(world: World) ->
     overlap.replace_trust_list(TrustList(keys=(new_issuer.trusted(),), fetched_at_s=NOW_S))
     assert _reason(_verify(overlap, world.code(credential=old_credential, counter=2))) is Reason.UNKNOWN_KEY
     assert _verify(overlap, world.code(credential=new_credential, counter=2)).ok
+
+
+@pytest.mark.parametrize(("public_key", "order"), [(IDENTITY_POINT, 1), (IDENTITY_NONCANONICAL, 1), (ORDER_8_POINT, 8)],
+                         ids=["identity", "identity-non-canonical", "order-8"])
+def test_trusted_key_of_small_order_verifies_nothing(world: World, public_key: bytes, order: int) -> None:
+    # Anyone can "sign" for a small-order key: R = [s]B, S = s. Listed in a trust list, it is
+    # refused as a bad signature, never a tenant's key.
+    trusted = TrustedKey(tenant_id=TENANT, public_key=public_key)
+    assert not trusted.usable
+    body = CREDENTIAL_BODY.pack(trusted.key_id, MEMBER.bytes, bytes(world.holder.verify_key), NOT_BEFORE_S,
+                                NOT_BEFORE_S + 7200, *CAPS, int(Purpose.PAY))
+    forged = raw_holder_code(credential_body=body, tenant_id=TENANT, holder=world.holder, time_s=NOW_S, counter=1,
+                             purpose_byte=int(Purpose.PAY),
+                             issuer_sign=forged_for_small_order_key(public_key, order=order))
+    verifier = Verifier(trust_list=TrustList(keys=(trusted,), fetched_at_s=NOW_S))
+    result = _verify(verifier, forged)
+    assert _reason(result) is Reason.BAD_SIGNATURE
+    assert "not a valid Ed25519 key" in result.detail
+
+
+def test_holder_key_with_a_small_order_component_is_a_bad_signature(world: World) -> None:
+    # libsodium alone accepts this proof (8 divides its challenge); the prime-order rule refuses
+    # the key, so every verifier answers alike.
+    holder_seed = b"\x05" * 32
+    holder_key = mixed_order_key(holder_seed)
+    body = CREDENTIAL_BODY.pack(world.issuer.key_id, MEMBER.bytes, holder_key, NOT_BEFORE_S, NOT_BEFORE_S + 7200,
+                                *CAPS, int(Purpose.PAY))
+    code = raw_holder_code(credential_body=body, issuer=world.issuer, time_s=NOW_S, counter=1,
+                           purpose_byte=int(Purpose.PAY), holder_sign=signed_by_mixed_order_key(holder_seed))
+    proof = text_to_binary(code)[-PROOF_FIELDS.size - 64:]
+    message = PROOF_TAG + hashlib.sha256(text_to_binary(code)[2:136]).digest() + proof[:PROOF_FIELDS.size]
+    assert nacl.bindings.crypto_sign_open(proof[PROOF_FIELDS.size:] + message, holder_key) == message
+    result = _verify(world.verifier(), code)
+    assert _reason(result) is Reason.BAD_SIGNATURE
+    assert "holder public key" in result.detail
+
+
+def test_replay_entry_is_live_through_its_last_second(world: World) -> None:
+    # With no margin an entry lasts exactly as long as the clock window accepts the code: at
+    # now = time + 90 the code is still inside the window, so the entry must still refuse it.
+    verifier = Verifier(trust_list=world.trust_list(), replay_margin_s=0)
+    code = world.code(time_s=NOW_S, counter=61)
+    assert _verify(verifier, code).ok
+    assert _reason(_verify(verifier, code, now_s=NOW_S + 90)) is Reason.REPLAYED
+    assert _reason(_verify(verifier, code, now_s=NOW_S + 91)) is Reason.EXPIRED
+
+
+def test_replay_cache_keeps_an_entry_at_its_expiry_second_and_drops_it_after() -> None:
+    cache = ReplayCache()
+    assert cache.check_and_record((b"c", 1), expires_at_s=100, now_s=10)
+    assert not cache.check_and_record((b"c", 1), expires_at_s=200, now_s=100)
+    assert cache.check_and_record((b"c", 2), expires_at_s=300, now_s=101)
+    assert len(cache) == 1  # the sweep dropped (c, 1) once its last second had passed
+    assert cache.check_and_record((b"c", 1), expires_at_s=300, now_s=101)

@@ -47,8 +47,8 @@ from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gatew
 CARD_A = "0A0B0C0D01"
 CARD_B = "0B0B0C0D02"
 MATRIX_CSV = b"external_number,name\nX900,Intruder\n"
-# Base64 of a 32-byte Ed25519 public key (any 32 bytes do for the matrix).
-MATRIX_HOLDER_KEY = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80="
+# Base64 of a real Ed25519 public key: codegen refuses 32 bytes that are not a point of prime order.
+MATRIX_HOLDER_KEY = "Hg9P8ERluAE8L8SPF3SQgUOLcTd8KBY03KD+MjFCh4o="
 MATRIX_RULE_SET = university_rule_set()
 # A payment the rules can plan in any tenant: groups given, so the directory is not asked.
 MATRIX_PAYMENT = {"member_id": str(uuid.UUID(int=4)), "member_groups": {"role": "student"}, "scene": "store",

@@ -34,7 +34,7 @@ from onecard_codes.issue import (
     issue_token_batch,
     make_holder_code,
 )
-from onecard_codes.keys import IssuerKey, Revocations, TrustedKey, TrustList, key_id_for
+from onecard_codes.keys import IssuerKey, Revocations, TrustedKey, TrustList, is_valid_public_key, key_id_for
 from onecard_codes.result import ALL_PURPOSES, CodeKind, OfflineCaps, Purpose, Reason, Rejected, Verified, VerifyResult
 from onecard_codes.verify import DEFAULT_CLOCK_WINDOW_S, DEFAULT_MAX_TRUST_LIST_AGE_S, ReplayCache, Verifier
 
@@ -45,5 +45,5 @@ __all__ = [
     "MalformedCode", "OfflineCaps", "Purpose", "Reason", "Rejected", "ReplayCache", "Revocations", "RotatingToken", "Token",
     "TokenBatch", "TrustList", "TrustedKey", "Verified", "Verifier", "VerifyResult",
     "decode_code", "generate_holder_key", "holder_public_key", "issue_credential", "issue_token_batch",
-    "key_id_for", "make_holder_code",
+    "is_valid_public_key", "key_id_for", "make_holder_code",
 ]

@@ -32,7 +32,7 @@ from onecard_codes.format import (
     proof_signed_message,
     token_signed_message,
 )
-from onecard_codes.keys import IssuerKey, TrustedKey
+from onecard_codes.keys import IssuerKey, TrustedKey, is_valid_public_key
 from onecard_codes.result import ALL_PURPOSES, OfflineCaps, Purpose
 
 DEFAULT_SLOT_LENGTH_S = 60
@@ -133,6 +133,9 @@ def issue_credential(*, issuer_key: IssuerKey, member_id: uuid.UUID, holder_publ
     _check_uuid(member_id, name="member_id")
     if not isinstance(holder_public_key, bytes) or len(holder_public_key) != PUBLIC_KEY_BYTES:
         raise IssueError(f"holder_public_key must be {PUBLIC_KEY_BYTES} bytes")
+    if not is_valid_public_key(holder_public_key):
+        raise IssueError("holder_public_key is not a valid Ed25519 public key (a canonical point of prime order); "
+                         "no verifier would accept a code made with it")
     _check_validity(not_before_s=not_before_s, not_after_s=not_after_s, max_s=MAX_CREDENTIAL_VALIDITY_S,
                     what="credential")
     _check_caps(caps)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import nacl.bindings
 import nacl.signing
 
 from onecard_codes.format import ID_BYTES, KEY_ID_BYTES, PUBLIC_KEY_BYTES
@@ -29,6 +30,22 @@ def key_id_for(public_key: bytes) -> bytes:
     return hashlib.sha256(public_key).digest()[:KEY_ID_BYTES]
 
 
+def is_valid_public_key(public_key: bytes) -> bool:
+    """Whether ``public_key`` is an Ed25519 key a verifier may verify with (format doc §4.4).
+
+    It must be the canonical encoding of a point of prime order L: not one of the small-order
+    points (whose "signatures" anyone can make), not a non-canonical encoding (y ≥ p, or x = 0
+    with the sign bit set), and with no small-order component. libsodium's verify already refuses
+    the first two but accepts a key with a small-order component, which a cofactored verifier
+    would judge differently; refusing such keys leaves every verifier the same answer.
+    """
+    try:
+        public_key = bytes(public_key)
+    except TypeError:
+        return False
+    return len(public_key) == PUBLIC_KEY_BYTES and nacl.bindings.crypto_core_ed25519_is_valid_point(public_key)
+
+
 def _as_uuid(value: uuid.UUID | str | bytes, what: str) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
         return value
@@ -41,14 +58,21 @@ def _as_uuid(value: uuid.UUID | str | bytes, what: str) -> uuid.UUID:
 
 @dataclass(frozen=True)
 class TrustedKey:
-    """An issuer public key a verifier accepts, and the tenant it signs for."""
+    """An issuer public key a verifier accepts, and the tenant it signs for.
+
+    Any 32 bytes are accepted as an entry (so a list is taken as published), but an entry whose
+    key is not ``is_valid_public_key`` (``usable`` False) verifies no signature: a code naming its
+    key id is refused as a bad signature, never accepted.
+    """
 
     tenant_id: uuid.UUID
     public_key: bytes
+    usable: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenant_id", _as_uuid(self.tenant_id, "tenant_id"))
         key_id_for(self.public_key)
+        object.__setattr__(self, "usable", is_valid_public_key(self.public_key))
 
     @property
     def key_id(self) -> bytes:

@@ -5,18 +5,23 @@ Checks, in this order (the first failure is the answer; the order is part of the
  1. decode               MALFORMED          prefix, Base45, version, kind, length, field ranges
  2. trust list age       STALE_TRUST_LIST   now - fetched_at > max_trust_list_age_s
  3. key id               UNKNOWN_KEY        no trusted key has the code's key id
- 4. issuer signature     BAD_SIGNATURE      no trusted key with that id verifies it
+ 4. issuer signature     BAD_SIGNATURE      no trusted key with that id verifies it (strictly, doc §4.4)
  5. tenant               WRONG_TENANT       the key that verified is another tenant's
  6. validity             NOT_YET_VALID / EXPIRED   now outside [not_before, not_after)
- 7. revocation           REVOKED            credential id, or member revoked at/after not_before
+ 7. revocation           REVOKED            credential id, or member revoked at or after not_before
  8. holder signature     BAD_SIGNATURE      (holder codes) the proof does not verify
  9. purpose              WRONG_PURPOSE      not allowed by the credential, or the proof names another
 10. clock window         EXPIRED / NOT_YET_VALID   proof time (token slot) outside now + window
-11. replay               REPLAYED           (credential id, counter or sequence) seen and still live
+11. replay               REPLAYED           (credential id, counter or sequence) seen, live while now <= expiry
 
-Steps 3-5 run once per credential: a credential that passed them is kept in a bounded LRU keyed
-by its text, so a credential seen before costs one signature check (step 8). A verifier is not
-thread-safe (its caches and signature buffer are unguarded); use one per scanning thread.
+Decoding the credential and steps 3-4 run once per credential: one that passed them is kept in a
+bounded LRU keyed by its whole text (issuer signature included), with its holder key's validity,
+so a credential seen before costs one signature check (step 8). Every other step runs on every
+scan, cached or not (format doc §6). Signatures are checked strictly (format doc §4.4): libsodium
+refuses non-canonical S and small-order R and keys, and keys must also be of prime order
+(``keys.is_valid_public_key``). All time arithmetic is Python's, so nothing wraps (doc §0). A
+verifier is not thread-safe (its caches and signature buffer are unguarded); use one per scanning
+thread.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ from onecard_codes.format import (
     parse_credential,
     purpose_from_byte,
 )
-from onecard_codes.keys import Revocations, TrustedKey, TrustList
+from onecard_codes.keys import Revocations, TrustedKey, TrustList, is_valid_public_key
 from onecard_codes.result import CodeKind, OfflineCaps, Purpose, Reason, Rejected, Verified
 
 DEFAULT_CLOCK_WINDOW_S = (-90, 30)
@@ -70,6 +75,9 @@ class ReplayCache:
     """Codes already accepted, each remembered until it could no longer pass the clock window.
 
     Keys are (credential id, counter) for holder codes and (credential id, sequence) for tokens.
+    An entry is live up to and including its expiry second (``now_s <= expires_at_s``): with no
+    margin, a holder code is still inside the clock window at exactly that second, so an exclusive
+    end would accept it twice.
     The rule: an exact key seen before and still live is a replay; any other counter is accepted,
     higher or lower than those seen, so scans that arrive out of order (a slow reader, caches
     merged from several readers) are not refused, while each displayed code is accepted once.
@@ -92,17 +100,17 @@ class ReplayCache:
         entries = self._expiry_s
         previous_s = entries.get(key)
         if previous_s is not None:
-            if previous_s > now_s:
+            if previous_s >= now_s:
                 return False
             del entries[key]
         # Insertion order is close to expiry order, so dropping expired entries from the front
         # keeps the cache small at O(1) amortised per insert.
         for oldest in entries:
-            if entries[oldest] <= now_s:
+            if entries[oldest] < now_s:
                 entries.popitem(last=False)
                 while entries:
                     oldest = next(iter(entries))
-                    if entries[oldest] > now_s:
+                    if entries[oldest] >= now_s:
                         break
                     entries.popitem(last=False)
             break
@@ -122,6 +130,7 @@ class _CachedCredential(NamedTuple):
     credential_id_bytes: bytes
     member_id_bytes: bytes
     holder_public_key: bytes
+    holder_key_usable: bool  # checked once here, so the warm path pays nothing for it
     not_before_s: int
     not_after_s: int
     caps: OfflineCaps
@@ -253,6 +262,8 @@ class Verifier:
         if self.revocations.is_revoked(credential_id=cached.credential_id_bytes, member_id=cached.member_id_bytes,
                                        not_before_s=cached.not_before_s):
             return _reject(Reason.REVOKED, "credential revoked")
+        if not cached.holder_key_usable:
+            return _reject(Reason.BAD_SIGNATURE, "holder public key is not a valid Ed25519 key")
         signed = proof[PROOF_FIELDS.size:] + cached.proof_prefix + proof[:PROOF_FIELDS.size]
         if lib.crypto_sign_open(self._opened, self._opened_len, signed, _SM_BYTES, cached.holder_public_key) != 0:
             return _reject(Reason.BAD_SIGNATURE, "holder proof signature does not verify")
@@ -278,8 +289,10 @@ class Verifier:
         if not candidates:
             return _reject(Reason.UNKNOWN_KEY, f"no trusted key with id {key_id.hex()}")
         for key in candidates:
-            if self._signature_ok(signature, message_for(key.tenant_id.bytes), key.public_key):
+            if key.usable and self._signature_ok(signature, message_for(key.tenant_id.bytes), key.public_key):
                 return key
+        if not any(key.usable for key in candidates):
+            return _reject(Reason.BAD_SIGNATURE, "the trusted key with this id is not a valid Ed25519 key")
         return _reject(Reason.BAD_SIGNATURE, "issuer signature does not verify")
 
     def _admit_credential(self, credential: Credential) -> _CachedCredential | Rejected:
@@ -293,6 +306,7 @@ class Verifier:
             tenant_id=issuer.tenant_id, member_id=uuid.UUID(bytes=credential.member_id),
             credential_id=uuid.UUID(bytes=credential_id), credential_id_bytes=credential_id,
             member_id_bytes=credential.member_id, holder_public_key=credential.holder_public_key,
+            holder_key_usable=is_valid_public_key(credential.holder_public_key),
             not_before_s=credential.not_before_s, not_after_s=credential.not_after_s, caps=credential.caps,
             purposes=int(credential.purposes), proof_prefix=PROOF_TAG + hashlib.sha256(credential.raw).digest(),
             key_id=credential.key_id,
