@@ -32,6 +32,7 @@ from gateway.routes.ledger import IdempotencyKeyHeader, _key
 from gateway.state import State
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from gateway.models import or_none
+from runtime.idempotency import client_scope
 from runtime.wire import timestamp_pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
@@ -678,7 +679,7 @@ async def create_rollout(
     body: RolloutIn,
     response: Response,
     state: State,
-    _principal: AdminDevices,
+    principal: AdminDevices,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> CreatedRolloutOut:
     """201 with the rollout and its Location; the same key and request again answer 200 with the
@@ -686,7 +687,8 @@ async def create_rollout(
     key = _key(idempotency_key)
     answer = await state.devicehub.CreateRollout(
         pb.CreateRolloutRequest(
-            tenant_id=tenant_id, idempotency_key=key, target=enum_value(pb.RolloutTarget, name=body.target),
+            tenant_id=tenant_id, idempotency_key=key, key_scope=client_scope(principal.client_id),
+            target=enum_value(pb.RolloutTarget, name=body.target),
             version=body.version,
             config_json=_dump(body.config, limit=MAX_CONFIG_BYTES, what="config") if body.config is not None else "",
             kind=enum_value(pb.DeviceKind, name=body.kind), model=body.model, location=body.location,

@@ -36,6 +36,7 @@ from gateway.state import GatewayState, State
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as pb
 from gateway.models import or_none
+from runtime.idempotency import client_scope
 from runtime.wire import timestamp_pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
@@ -368,14 +369,16 @@ async def list_account_transfers(
 async def lookup_payment(
     tenant_id: TenantId,
     state: State,
-    _principal: ReadWallets,
+    principal: ReadWallets,
     idempotency_key: Annotated[str, Query(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS,
                                           description="The key the write was sent with.")],
 ) -> LookupOut:
     """The answer to an ambiguous failure (a timeout, a dropped connection): if ``found`` is false
-    nothing was booked under the key, and the write may be sent again with the same key."""
+    nothing was booked under the key, and the write may be sent again with the same key. Keys are
+    the calling client's own: another client's key answers ``found: false``."""
     answer = await state.ledger.LookupTransfer(
-        pb.LookupTransferRequest(tenant_id=tenant_id, idempotency_key=idempotency_key), timeout=state.timeout_s
+        pb.LookupTransferRequest(tenant_id=tenant_id, idempotency_key=idempotency_key,
+                                 key_scope=client_scope(principal.client_id)), timeout=state.timeout_s
     )
     return LookupOut(found=answer.found, transfer=_transfer(answer.transfer) if answer.found else None)
 
@@ -418,7 +421,7 @@ async def top_up(
         timeout=state.timeout_s,
     )
     answer = await state.ledger.TopUp(
-        pb.TopUpRequest(tenant_id=tenant_id, idempotency_key=key,
+        pb.TopUpRequest(tenant_id=tenant_id, idempotency_key=key, key_scope=client_scope(principal.client_id),
                         from_account_id=clearing.account.account.account_id,
                         to_account_id=purse.account.account.account_id, amount_fen=body.amount_fen,
                         external_ref=body.external_ref),
@@ -445,7 +448,7 @@ async def refund_payment(
     tenant_id: TenantId,
     transfer_id: TransferId,
     state: State,
-    _principal: AdminLedger,
+    principal: AdminLedger,
     body: Annotated[RefundIn | None, Body()] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> WriteOut:
@@ -454,7 +457,8 @@ async def refund_payment(
     key = _key(idempotency_key)
     body = body or RefundIn()
     answer = await state.ledger.Refund(
-        pb.RefundRequest(tenant_id=tenant_id, idempotency_key=key, payment_transfer_id=transfer_id,
+        pb.RefundRequest(tenant_id=tenant_id, idempotency_key=key, key_scope=client_scope(principal.client_id),
+                         payment_transfer_id=transfer_id,
                          amount_fen=body.amount_fen, external_ref=body.external_ref),
         timeout=state.timeout_s,
     )
@@ -738,14 +742,15 @@ async def clawback(
     tenant_id: TenantId,
     account_id: AccountId,
     state: State,
-    _principal: AdminLedger,
+    principal: AdminLedger,
     body: Annotated[ClawbackIn | None, Body()] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> WriteOut:
     key = _key(idempotency_key)
     body = body or ClawbackIn()
     answer = await state.ledger.Clawback(
-        pb.ClawbackRequest(tenant_id=tenant_id, idempotency_key=key, account_id=account_id,
+        pb.ClawbackRequest(tenant_id=tenant_id, idempotency_key=key, key_scope=client_scope(principal.client_id),
+                           account_id=account_id,
                            amount_fen=body.amount_fen, external_ref=body.external_ref),
         timeout=state.timeout_s,
     )

@@ -39,6 +39,7 @@ from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as pb
 from gateway.models import or_none
+from runtime.idempotency import client_scope
 from runtime.wire import timestamp_pb
 
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
@@ -463,7 +464,7 @@ async def create_payment(
     body: PaymentCreateIn,
     response: Response,
     state: State,
-    _principal: CreatePayments,
+    principal: CreatePayments,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> PaymentOut:
     """The member's groups come from the directory: an unknown member is 404 ``MEMBER_NOT_FOUND``,
@@ -480,7 +481,8 @@ async def create_payment(
                            "member pays")
     answer = await state.policy.Pay(
         pb.PayRequest(
-            tenant_id=tenant_id, idempotency_key=key, external_ref=body.external_ref,
+            tenant_id=tenant_id, idempotency_key=key, key_scope=client_scope(principal.client_id),
+            external_ref=body.external_ref,
             request=pb.PaymentRequest(member_id=member_id, member_groups=dict(member.groups), scene=body.scene or "",
                                       merchant_id=body.merchant_account_id, device_id=body.device_id or "",
                                       amount_fen=body.amount_fen, channel="online", pin_verified=body.pin_verified),

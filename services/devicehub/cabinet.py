@@ -23,6 +23,7 @@ from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2 as ppb
 from onecard.policy.v1 import policy_pb2_grpc
+from runtime.idempotency import device_scope
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.devicehub.context import DeviceContext
 from services.devicehub.members import MemberInfo, Refused
@@ -154,6 +155,7 @@ class Cabinets:
             try:
                 answer = await self._ledger.CreateHold(lpb.CreateHoldRequest(
                     tenant_id=device.tenant_id, idempotency_key=f"cab:{device.device_id}:{order_id}:{i}",
+                    key_scope=device_scope(device.device_id),
                     account_id=leg.account_id, merchant_account_id=device.merchant_account_id,
                     amount_fen=leg.amount_fen, device_id=device.device_id, external_ref=order_id,
                     code=code if i == 0 else None), timeout=self._timeout_s)
@@ -179,12 +181,12 @@ class Cabinets:
             try:
                 if capture:
                     answer = await self._ledger.CaptureHold(lpb.CaptureHoldRequest(
-                        tenant_id=device.tenant_id, idempotency_key=key, hold_id=hold["hold_id"]),
-                        timeout=self._timeout_s)
+                        tenant_id=device.tenant_id, idempotency_key=key, key_scope=device_scope(device.device_id),
+                        hold_id=hold["hold_id"]), timeout=self._timeout_s)
                 else:
                     answer = await self._ledger.VoidHold(lpb.VoidHoldRequest(
-                        tenant_id=device.tenant_id, idempotency_key=key, hold_id=hold["hold_id"]),
-                        timeout=self._timeout_s)
+                        tenant_id=device.tenant_id, idempotency_key=key, key_scope=device_scope(device.device_id),
+                        hold_id=hold["hold_id"]), timeout=self._timeout_s)
             except grpc.aio.AioRpcError as exc:
                 reason, error = ledger_refusal(exc, service="ledger")
                 if error is not None:

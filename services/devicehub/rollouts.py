@@ -25,6 +25,7 @@ import asyncpg
 
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from runtime import paging
+from runtime.idempotency import scoped_key
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from runtime.events import Event
 from runtime.logs import get_logger
@@ -138,10 +139,12 @@ def check_idempotency_key(value: str) -> str:
     return value
 
 
-def make_spec(*, idempotency_key: str, target: str | None, version: str, config_json: str, kind: DeviceKind | None,
+def make_spec(*, idempotency_key: str, key_scope: str, target: str | None, version: str, config_json: str,
+              kind: DeviceKind | None,
               model: str, location: str, stage_sizes: list[int], success_threshold: float,
               error_threshold: int) -> RolloutSpec:
-    key = check_idempotency_key(idempotency_key)
+    # Filed under the caller's scope: another client's key of the same text is another rollout.
+    key = scoped_key(key_scope, check_idempotency_key(idempotency_key))
     if target not in TARGETS:
         raise InvalidArgument("target must be firmware or config", reason="TARGET_INVALID")
     if kind is None:

@@ -17,6 +17,8 @@ import grpc
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from onecard.devicehub.v1 import devicehub_pb2_grpc
 from runtime import paging
+from runtime.idempotency import key_scope
+from runtime.mesh import peer_name
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from runtime.logs import get_logger
 from runtime.wire import timestamp_pb
@@ -317,8 +319,9 @@ class DeviceAdminServicer(devicehub_pb2_grpc.DeviceAdminServiceServicer):
     async def CreateRollout(self, request: pb.CreateRolloutRequest, context: grpc.aio.ServicerContext
                             ) -> pb.CreateRolloutResponse:
         tenant_id = registry.parse_tenant_id(request.tenant_id)
+        scope = key_scope(request.key_scope, caller=peer_name(context))
         spec = make_spec(
-            idempotency_key=request.idempotency_key, target=TARGET_FROM_PB.get(request.target),
+            idempotency_key=request.idempotency_key, key_scope=scope, target=TARGET_FROM_PB.get(request.target),
             version=request.version, config_json=request.config_json,
             kind=parse_kind(request.kind, required=False), model=request.model, location=request.location,
             stage_sizes=list(request.stage_sizes), success_threshold=request.success_threshold,

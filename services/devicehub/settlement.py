@@ -7,7 +7,8 @@ accounts with one GetMemberStates read per 200 members), the access records are 
 record's outcome is stored per (device, sequence) and the device's sequence gaps are updated.
 Alarms are raised after the commit. A re-upload answers DUPLICATE (its reason: what the first
 upload of the record came to) and changes nothing. The ledger books under the key
-``dev:<device_id>:<sequence>``, so a record that reached the ledger before a crash of the hub is
+``dev:<device_id>:<sequence>`` in the device's key scope (``device:<device_id>``: no partner's key
+can take it), so a record that reached the ledger before a crash of the hub is
 not booked twice either.
 """
 
@@ -27,6 +28,7 @@ from onecard.devicehub.v1 import devicehub_pb2 as pb
 from onecard_device.identity import record_message
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
+from runtime.idempotency import device_scope
 from runtime.errors import DomainError, FailedPrecondition, InvalidArgument, Unavailable
 from runtime.grpc_client import error_info
 from runtime.logs import get_logger
@@ -293,7 +295,8 @@ class Settlement:
             return
         try:
             answer = await self._ledger.SettleOffline(
-                lpb.SettleOfflineRequest(tenant_id=device.tenant_id, records=[r for _, r in booking]),
+                lpb.SettleOfflineRequest(tenant_id=device.tenant_id, key_scope=device_scope(device.device_id),
+                                         records=[r for _, r in booking]),
                 timeout=max(self._timeout_s, 30.0))
         except grpc.aio.AioRpcError as exc:
             _, error = ledger_refusal(exc, service="ledger")

@@ -27,6 +27,7 @@ from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2 as ppb
 from onecard.policy.v1 import policy_pb2_grpc
+from runtime.idempotency import device_scope
 from runtime.errors import FailedPrecondition, InvalidArgument
 from runtime.events import Event
 from runtime.grpc_server import ServiceApp
@@ -215,7 +216,8 @@ class Transactions:
             return pb.AuthorizeResult(request_id=msg.request_id, approved=False, reason=member.refusal(),
                                       member_id=member.member_id)
         request = ppb.PayRequest(
-            tenant_id=device.tenant_id, idempotency_key=key, external_ref=msg.external_ref, code=code_ref,
+            tenant_id=device.tenant_id, idempotency_key=key, key_scope=device_scope(device.device_id),
+            external_ref=msg.external_ref, code=code_ref,
             request=ppb.PaymentRequest(
                 member_id=member.member_id, member_groups=member.groups,
                 scene=device.scene_tags[0] if device.scene_tags else "", merchant_id=device.merchant_account_id,

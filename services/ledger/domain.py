@@ -25,6 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from runtime import paging
+from runtime.idempotency import split_key
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
 CURRENCY = "CNY"
@@ -279,6 +280,23 @@ def check_idempotency_key(value: str) -> str:
     if len(value) > MAX_KEY_CHARS or not _PRINTABLE.match(value):
         raise InvalidArgument(f"idempotency_key must be 1..{MAX_KEY_CHARS} printable ASCII characters",
                               reason="INVALID_IDEMPOTENCY_KEY")
+    return value
+
+
+def check_stored_key(value: str) -> str:
+    """A key as the ledger files it: the caller's key, checked as ``check_idempotency_key`` does,
+    under its scope (``<scope>/<key>``, runtime.idempotency)."""
+    _scope, key = split_key(value)
+    check_idempotency_key(key)
+    return value
+
+
+def check_request_fingerprint(value: bytes) -> bytes | None:
+    """A caller's fingerprint of the request a write carries out: a SHA-256, or none."""
+    if not value:
+        return None
+    if len(value) != 32:
+        raise InvalidArgument("request_fingerprint is a SHA-256 (32 bytes)", reason="INVALID_REQUEST_FINGERPRINT")
     return value
 
 
@@ -709,7 +727,7 @@ class OfflineResult:
 def check_offline_record(record: OfflineRecord) -> None:
     """What can be refused about a record without the database: the same rules as a payment, and
     the device's time is required."""
-    check_idempotency_key(record.idempotency_key)
+    check_stored_key(record.idempotency_key)
     check_pay_legs(list(record.legs))
     if any(leg.account_id == record.merchant_account_id for leg in record.legs):
         raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
@@ -847,6 +865,12 @@ class PayCommand:
     code: CodeRef | None = None
     # A tenant's subsidy funding account paying part or all of it (an identity-only benefit).
     sponsor: PayLeg | None = None
+    # The caller's fingerprint of the request this payment carries out: when set, what the key names.
+    request_fingerprint: bytes | None = None
+
+    def key_fingerprint(self) -> bytes:
+        """What the idempotency key names: the caller's fingerprint when it gave one, else this request's."""
+        return self.request_fingerprint or fingerprint(operation="pay", request=self.request())
 
     @property
     def total_fen(self) -> int:
@@ -873,7 +897,8 @@ class PayCommand:
 
 def check_pay(*, idempotency_key: str, merchant_account_id: uuid.UUID, legs: list[PayLeg], device_id: str = "",
               external_ref: str = "", event_time: datetime | None = None, guards: tuple[Guard, ...] = (),
-              code: CodeRef | None = None, sponsor: PayLeg | None = None) -> PayCommand:
+              code: CodeRef | None = None, sponsor: PayLeg | None = None,
+              request_fingerprint: bytes | None = None) -> PayCommand:
     """A payment request checked as far as it can be without the database."""
     if legs or sponsor is None:
         check_pay_legs(legs)
@@ -887,7 +912,8 @@ def check_pay(*, idempotency_key: str, merchant_account_id: uuid.UUID, legs: lis
     if any(leg.account_id == merchant_account_id for leg in paying):
         raise InvalidArgument("a purse cannot pay itself", reason="SAME_ACCOUNT")
     checked_code = check_code(code)
-    check_idempotency_key(idempotency_key)
+    check_stored_key(idempotency_key)
     return PayCommand(idempotency_key=idempotency_key, merchant_account_id=merchant_account_id, legs=tuple(legs),
                       device_id=device_id, external_ref=external_ref, event_time=event_time,
-                      guards=tuple(checked_guards), code=checked_code, sponsor=sponsor)
+                      guards=tuple(checked_guards), code=checked_code, sponsor=sponsor,
+                      request_fingerprint=check_request_fingerprint(request_fingerprint or b""))

@@ -133,7 +133,7 @@ class Ledger:
 
     async def _idempotent(self, *, tenant_id: uuid.UUID, idempotency_key: str, operation: str,
                           request: dict[str, Any], body: Callable[[TenantTx], Awaitable[WriteResult]]) -> WriteResult:
-        key = domain.check_idempotency_key(idempotency_key)
+        key = domain.check_stored_key(idempotency_key)
         fingerprint = domain.fingerprint(operation=operation, request=request)
         async with self._store.tenant_tx(tenant_id) as tx:
             seen = await tx.claim_key(idempotency_key=key, operation=operation, fingerprint=fingerprint)
@@ -233,7 +233,7 @@ class Ledger:
         counters the ones before it in the batch left, so the batch equals the payments one after
         another."""
         outcomes: list[PayOutcome | DomainError | None] = [None] * len(commands)
-        fingerprints = [domain.fingerprint(operation="pay", request=c.request()) for c in commands]
+        fingerprints = [c.key_fingerprint() for c in commands]
         first_of: dict[str, int] = {}
         repeats: dict[int, int] = {}
         for i, command in enumerate(commands):
@@ -517,10 +517,15 @@ class Ledger:
         async with self._store.tenant_read(tenant_id) as tx:
             return await tx.hold(hold_id)
 
-    async def lookup(self, *, tenant_id: uuid.UUID, idempotency_key: str) -> Transfer | None:
-        key = domain.check_idempotency_key(idempotency_key)
+    async def lookup(self, *, tenant_id: uuid.UUID, idempotency_key: str) -> tuple[Transfer, bytes] | None:
+        """The transfer booked under the (scoped) key and the fingerprint the key names, if any."""
+        key = domain.check_stored_key(idempotency_key)
         async with self._store.tenant_read(tenant_id) as tx:
-            return await tx.transfer_by_key(key)
+            transfer = await tx.transfer_by_key(key)
+            if transfer is None:
+                return None
+            claim = await tx.key_claim(key)
+            return transfer, claim[1] if claim is not None else b""
 
     async def history(self, *, tenant_id: uuid.UUID, account_id: uuid.UUID, page_size: int,
                       page_token: str) -> tuple[list[Transfer], str]:
@@ -552,7 +557,7 @@ class Ledger:
             domain.check_text(q.member_id, what="member_id", max_chars=domain.MAX_ID_CHARS, required=True)
             keys = domain.check_counter_keys(q.counter_keys) if q.counter_keys else []
             if q.idempotency_key:
-                domain.check_idempotency_key(q.idempotency_key)
+                domain.check_stored_key(q.idempotency_key)
             checked.append((q.tenant_id, q.member_id, keys, q.idempotency_key))
         answers = await self._store.member_states(checked)
         return [MemberState(accounts=accounts, counters=[(k, found.get(k, 0)) for k in keys], existing=existing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,6 +14,8 @@ from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.errors import InvalidArgument, NotFound
 from runtime.grpc_server import ServiceApp
+from runtime.idempotency import key_scope, scoped_key, split_key
+from runtime.mesh import peer_name
 from runtime.wire import timestamp_pb
 from services.ledger import domain
 from services.ledger.domain import (
@@ -126,9 +129,10 @@ def account_balance_pb(item: AccountBalance) -> pb.AccountBalance:
 
 
 def transfer_pb(t: Transfer) -> pb.Transfer:
+    scope, key = split_key(t.idempotency_key)
     return pb.Transfer(
         tenant_id=str(t.tenant_id), transfer_id=str(t.transfer_id), kind=_TRANSFER_KIND[t.kind],
-        idempotency_key=t.idempotency_key, amount_fen=t.amount_fen,
+        idempotency_key=key, key_scope=scope, amount_fen=t.amount_fen,
         postings=[pb.Posting(account_id=str(p.account_id), amount_fen=p.amount_fen, pending_fen=p.pending_fen)
                   for p in t.postings],
         merchant_account_id=str(t.merchant_account_id or ""), device_id=t.device_id, external_ref=t.external_ref,
@@ -201,7 +205,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def TopUp(self, request: pb.TopUpRequest, context: grpc.aio.ServicerContext) -> pb.TopUpResponse:
         tenant_id = _tenant(request.tenant_id)
         result = await self._ledger.top_up(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
             from_account_id=domain.parse_account_ref(request.from_account_id),
             to_account_id=domain.parse_account_ref(request.to_account_id), amount_fen=request.amount_fen,
             external_ref=_text(request.external_ref, what="external_ref"),
@@ -213,7 +217,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
         tenant_id = _tenant(request.tenant_id)
         command = domain.check_pay(
-            idempotency_key=request.idempotency_key,
+            idempotency_key=_key(request, context),
             merchant_account_id=domain.parse_account_ref(request.merchant_account_id),
             legs=[PayLeg(account_id=domain.parse_account_ref(leg.account_id), amount_fen=leg.amount_fen)
                   for leg in request.legs],
@@ -225,6 +229,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             code=_code(request.code) if request.HasField("code") else None,
             sponsor=PayLeg(account_id=domain.parse_account_ref(request.sponsor.account_id),
                            amount_fen=request.sponsor.amount_fen) if request.HasField("sponsor") else None,
+            request_fingerprint=request.request_fingerprint,
         )
         outcome = await self._batcher.pay(tenant_id, command)
         if outcome.transfer is not None:
@@ -237,7 +242,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Refund(self, request: pb.RefundRequest, context: grpc.aio.ServicerContext) -> pb.RefundResponse:
         tenant_id = _tenant(request.tenant_id)
         result = await self._ledger.refund(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
             payment_transfer_id=domain.parse_uuid(request.payment_transfer_id, what="payment_transfer_id"),
             amount_fen=request.amount_fen, external_ref=_text(request.external_ref, what="external_ref"),
         )
@@ -255,7 +260,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                          ) -> pb.CreateHoldResponse:
         tenant_id = _tenant(request.tenant_id)
         result = await self._ledger.create_hold(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
             account_id=domain.parse_account_ref(request.account_id),
             merchant_account_id=domain.parse_account_ref(request.merchant_account_id), amount_fen=request.amount_fen,
             timeout_s=request.timeout_s, device_id=_text(request.device_id, what="device_id"),
@@ -269,7 +274,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                           ) -> pb.CaptureHoldResponse:
         tenant_id = _tenant(request.tenant_id)
         result = await self._ledger.capture_hold(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
             hold_id=domain.parse_uuid(request.hold_id, what="hold_id"), amount_fen=request.amount_fen,
         )
         hold, transfer, balances = await self._hold_answer(tenant_id, result)
@@ -278,7 +283,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def VoidHold(self, request: pb.VoidHoldRequest, context: grpc.aio.ServicerContext) -> pb.VoidHoldResponse:
         tenant_id = _tenant(request.tenant_id)
         result = await self._ledger.void_hold(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
             hold_id=domain.parse_uuid(request.hold_id, what="hold_id"),
         )
         hold, transfer, balances = await self._hold_answer(tenant_id, result)
@@ -308,10 +313,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def LookupTransfer(self, request: pb.LookupTransferRequest, context: grpc.aio.ServicerContext
                              ) -> pb.LookupTransferResponse:
-        found = await self._ledger.lookup(tenant_id=_tenant(request.tenant_id), idempotency_key=request.idempotency_key)
+        found = await self._ledger.lookup(tenant_id=_tenant(request.tenant_id), idempotency_key=_key(request, context))
         if found is None:
             return pb.LookupTransferResponse(found=False)
-        return pb.LookupTransferResponse(found=True, transfer=transfer_pb(found))
+        transfer, fingerprint = found
+        return pb.LookupTransferResponse(found=True, transfer=transfer_pb(transfer), request_fingerprint=fingerprint)
 
     async def TrialBalance(self, request: pb.TrialBalanceRequest, context: grpc.aio.ServicerContext
                            ) -> pb.TrialBalanceResponse:
@@ -381,7 +387,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Clawback(self, request: pb.ClawbackRequest, context: grpc.aio.ServicerContext) -> pb.ClawbackResponse:
         tenant_id = _tenant(request.tenant_id)
         result = await self._ledger.clawback(
-            tenant_id=tenant_id, idempotency_key=request.idempotency_key,
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
             account_id=domain.parse_account_ref(request.account_id), amount_fen=request.amount_fen,
             external_ref=request.external_ref,
         )
@@ -393,12 +399,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def SettleOffline(self, request: pb.SettleOfflineRequest, context: grpc.aio.ServicerContext
                             ) -> pb.SettleOfflineResponse:
         tenant_id = _tenant(request.tenant_id)
-        records = [_offline_record(r) for r in request.records]
+        scope = key_scope(request.key_scope, caller=peer_name(context))
+        records = [_offline_record(r, scope=scope) for r in request.records]
         results = await self._ledger.settle_offline(tenant_id=tenant_id, records=records)
         ids = [r.transfer_id for r in results if r.transfer_id is not None]
         transfers = {t.transfer_id: t for t in await self._ledger.transfers(tenant_id=tenant_id, transfer_ids=ids)}
         return pb.SettleOfflineResponse(results=[pb.OfflineResult(
-            idempotency_key=r.idempotency_key, outcome=_OUTCOME[r.outcome], shortfall_fen=r.shortfall_fen,
+            idempotency_key=split_key(r.idempotency_key)[1], outcome=_OUTCOME[r.outcome], shortfall_fen=r.shortfall_fen,
             reason=r.reason, message=r.message,
             transfer=transfer_pb(transfers[r.transfer_id]) if r.transfer_id is not None else None,
         ) for r in results])
@@ -424,18 +431,26 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def GetMemberState(self, request: pb.GetMemberStateRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetMemberStateResponse:
-        [state] = await self._ledger.member_states([_question(request)])
+        [state] = await self._ledger.member_states([_question(request, context)])
         return _member_state_pb(state)
 
     async def GetMemberStates(self, request: pb.GetMemberStatesRequest, context: grpc.aio.ServicerContext
                               ) -> pb.GetMemberStatesResponse:
-        states = await self._ledger.member_states([_question(r) for r in request.requests])
+        states = await self._ledger.member_states([_question(r, context) for r in request.requests])
         return pb.GetMemberStatesResponse(responses=[_member_state_pb(s) for s in states])
 
 
-def _question(request: pb.GetMemberStateRequest) -> MemberStateQuestion:
+def _key(request: Any, context: grpc.aio.ServicerContext) -> str:
+    """The request's idempotency key filed under its scope: the caller's own, or the owner a mesh
+    caller speaks for (runtime.idempotency)."""
+    key = domain.check_idempotency_key(request.idempotency_key)
+    return scoped_key(key_scope(request.key_scope, caller=peer_name(context)), key)
+
+
+def _question(request: pb.GetMemberStateRequest, context: grpc.aio.ServicerContext) -> MemberStateQuestion:
     return MemberStateQuestion(tenant_id=_tenant(request.tenant_id), member_id=request.member_id,
-                               counter_keys=list(request.counter_keys), idempotency_key=request.idempotency_key)
+                               counter_keys=list(request.counter_keys),
+                               idempotency_key=_key(request, context) if request.idempotency_key else "")
 
 
 def _member_state_pb(state: MemberState) -> pb.GetMemberStateResponse:
@@ -450,11 +465,13 @@ def _batch_id(value: str) -> uuid.UUID:
         raise NotFound("no such grant batch", reason="BATCH_NOT_FOUND") from None
 
 
-def _offline_record(r: pb.OfflineRecord) -> OfflineRecord:
-    """A record as the domain checks it; an id that is not even a UUID becomes one no account has,
-    so the record is refused alone (ACCOUNT_NOT_FOUND) instead of failing the whole call."""
+def _offline_record(r: pb.OfflineRecord, *, scope: str) -> OfflineRecord:
+    """A record as the domain checks it, its key under the upload's scope; an id that is not even
+    a UUID becomes one no account has, so the record is refused alone (ACCOUNT_NOT_FOUND) instead
+    of failing the whole call (a bad key likewise: the domain refuses it alone)."""
     return OfflineRecord(
-        idempotency_key=r.idempotency_key, merchant_account_id=_uuid_or_nil(r.merchant_account_id),
+        idempotency_key=scoped_key(scope, r.idempotency_key) if r.idempotency_key else "",
+        merchant_account_id=_uuid_or_nil(r.merchant_account_id),
         legs=tuple(PayLeg(account_id=_uuid_or_nil(leg.account_id), amount_fen=leg.amount_fen) for leg in r.legs),
         device_id=r.device_id, external_ref=r.external_ref, event_time=_event_time(r.HasField("event_time"), r.event_time),
         code=_code(r.code) if r.HasField("code") else None,

@@ -167,6 +167,14 @@ class TenantTx:
         result = WriteResult.from_json(row["result"]) if row["result"] is not None else None
         return row["operation"], bytes(row["fingerprint"]), result
 
+    async def key_claim(self, idempotency_key: str) -> tuple[str, bytes] | None:
+        """(operation, fingerprint) the key was claimed with, if it was."""
+        row = await self.conn.fetchrow(
+            "SELECT operation, fingerprint FROM idempotency_keys WHERE tenant_id = $1 AND idempotency_key = $2",
+            self.tenant_id, idempotency_key,
+        )
+        return None if row is None else (row["operation"], bytes(row["fingerprint"]))
+
     async def save_result(self, *, idempotency_key: str, result: WriteResult) -> None:
         await self.conn.execute(
             "UPDATE idempotency_keys SET result = $3 WHERE tenant_id = $1 AND idempotency_key = $2",

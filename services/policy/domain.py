@@ -293,6 +293,20 @@ def check_idempotency_key(value: str) -> str:
     return value
 
 
+def payment_fingerprint(*, member_id: str, merchant_id: str, amount_fen: int, device_id: str, scene: str,
+                        channel: str, code: tuple[str, int] | None, external_ref: str) -> bytes:
+    """What a payment's idempotency key names: the member, the merchant, the price, the device,
+    the scene, the channel, the code that paid and the caller's reference. Not the time (a hub
+    stamps its own on a retry), not the member's groups (identity's, and they may change), not the
+    plan (the rules may plan otherwise on a retry; the first payment stands)."""
+    canonical = json.dumps({
+        "member": member_id, "merchant": merchant_id, "amount_fen": amount_fen, "device": device_id,
+        "scene": scene, "channel": channel or "online", "code": list(code) if code else None,
+        "external_ref": external_ref,
+    }, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).digest()
+
+
 def check_external_ref(value: str) -> str:
     if len(value) > MAX_EXTERNAL_REF_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
         raise InvalidArgument(f"external_ref must be at most {MAX_EXTERNAL_REF_CHARS} characters, without control "

@@ -122,16 +122,18 @@ class LedgerClient:
         return Unavailable("the ledger did not answer; retry later", reason="LEDGER_UNAVAILABLE")
 
     async def member_state(self, *, tenant_id: uuid.UUID, member_id: str, counter_keys: list[str],
-                           idempotency_key: str = "") -> tuple[list[MemberPurse], dict[str, int], str]:
+                           idempotency_key: str = "", key_scope: str = ""
+                           ) -> tuple[list[MemberPurse], dict[str, int], str]:
         """Every purse of the member (cash, subsidy, voucher, receivable) with what it may spend
         now, the counters' values (0 for one never raised), and the transfer already booked under
-        ``idempotency_key`` (empty if none): one ledger call, one read."""
+        ``idempotency_key`` in ``key_scope`` (empty if none): one ledger call, one read."""
         self._ready()
         unique = list(dict.fromkeys(counter_keys))
         first, rest = unique[:MAX_COUNTER_KEYS_PER_CALL], unique[MAX_COUNTER_KEYS_PER_CALL:]
         future: asyncio.Future[ledger_pb2.GetMemberStateResponse] = asyncio.get_running_loop().create_future()
         self._waiting.append((ledger_pb2.GetMemberStateRequest(
-            tenant_id=str(tenant_id), member_id=member_id, counter_keys=first, idempotency_key=idempotency_key),
+            tenant_id=str(tenant_id), member_id=member_id, counter_keys=first, idempotency_key=idempotency_key,
+            key_scope=key_scope),
             future))
         self._arrived.set()
         answer = await future
@@ -191,14 +193,16 @@ class LedgerClient:
         except grpc.aio.AioRpcError as exc:
             raise _passed_on(exc) from None
 
-    async def lookup(self, *, tenant_id: uuid.UUID, idempotency_key: str) -> ledger_pb2.Transfer | None:
+    async def lookup(self, *, tenant_id: uuid.UUID, idempotency_key: str, key_scope: str
+                     ) -> ledger_pb2.LookupTransferResponse:
+        """What the key booked in its scope (``found`` false: nothing), with the fingerprint it names."""
         stub = self._ready()
         try:
-            answer = await stub.LookupTransfer(ledger_pb2.LookupTransferRequest(
-                tenant_id=str(tenant_id), idempotency_key=idempotency_key), timeout=self._timeout_s)
+            return await stub.LookupTransfer(ledger_pb2.LookupTransferRequest(
+                tenant_id=str(tenant_id), idempotency_key=idempotency_key, key_scope=key_scope),
+                timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._refused(exc) from None
-        return answer.transfer if answer.found else None
 
 
 # The ledger's refusals of a payment, passed on to policy's caller with their reason.

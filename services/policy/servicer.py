@@ -25,6 +25,8 @@ from onecard.policy.v1 import policy_pb2 as pb
 from onecard.policy.v1 import policy_pb2_grpc
 from runtime.errors import Conflict
 from runtime.grpc_server import ServiceApp
+from runtime.idempotency import key_scope
+from runtime.mesh import peer_name
 from runtime.wire import timestamp_pb
 from services.policy import domain
 from services.policy.domain import (
@@ -208,15 +210,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return cached, digest
 
     async def _plan(self, *, tenant_id: uuid.UUID, version: int, sha256: bytes | None,
-                    request: pb.PaymentRequest, idempotency_key: str = "", fresh: bool = True) -> tuple[pb.Plan, str]:
-        """The plan, and the transfer already booked under ``idempotency_key`` (empty if none).
+                    request: pb.PaymentRequest, idempotency_key: str = "", key_scope: str = "",
+                    fresh: bool = True) -> tuple[pb.Plan, str]:
+        """The plan, and the transfer already booked under ``idempotency_key`` in ``key_scope``
+        (empty if none).
         ``fresh=False`` (Evaluate, DryRun) may answer from the member-state cache."""
         asked = policy_request(tenant_id=tenant_id, request=request)
         rule_set, digest = await self._rule_set(tenant_id=tenant_id, version=version, sha256=sha256)
         existing = ""
         if fresh or not self._states.enabled:
             purses, counters, existing = await self._read_state(
-                tenant_id=tenant_id, rule_set=rule_set, asked=asked, idempotency_key=idempotency_key)
+                tenant_id=tenant_id, rule_set=rule_set, asked=asked, idempotency_key=idempotency_key,
+                key_scope=key_scope)
             full = dataclasses.replace(asked, purses=domain.purse_states(purses))
         else:
             purses, full, counters = await self._cached_state(tenant_id=tenant_id, rule_set=rule_set, asked=asked)
@@ -224,7 +229,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return plan_pb(plan, purses=purses, version=version, sha256=digest, counters=counters), existing
 
     async def _read_state(self, *, tenant_id: uuid.UUID, rule_set: RuleSet, asked: Request, idempotency_key: str = "",
-                          also_keys: Sequence[str] = ()) -> tuple[list[MemberPurse], dict[str, int], str]:
+                          key_scope: str = "", also_keys: Sequence[str] = ()
+                          ) -> tuple[list[MemberPurse], dict[str, int], str]:
         """The member's purses and every counter the evaluation reads, from the ledger."""
         # The counters a request reads may depend on the purses the member holds (a voucher), so
         # they are asked for together with the purses on the keys known without them, then any
@@ -233,7 +239,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if also_keys:
             first_keys = list(dict.fromkeys([*first_keys, *also_keys]))
         purses, counters, existing = await self._ledger.member_state(
-            tenant_id=tenant_id, member_id=asked.member_id, counter_keys=first_keys, idempotency_key=idempotency_key)
+            tenant_id=tenant_id, member_id=asked.member_id, counter_keys=first_keys, idempotency_key=idempotency_key,
+            key_scope=key_scope)
         full = dataclasses.replace(asked, purses=domain.purse_states(purses))
         missing = [k for k in counter_keys(rule_set, full) if k not in counters]
         if missing:
@@ -292,13 +299,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         key = domain.check_idempotency_key(request.idempotency_key)
         external_ref = domain.check_external_ref(request.external_ref)
+        # The key is the caller's (or the client's or terminal's it speaks for), and it names this
+        # whole request: a repeat must be the same request, not only the same key.
+        scope = key_scope(request.key_scope, caller=peer_name(context))
+        asked = request.request
+        fingerprint = domain.payment_fingerprint(
+            member_id=asked.member_id, merchant_id=asked.merchant_id, amount_fen=asked.amount_fen,
+            device_id=asked.device_id, scene=asked.scene, channel=asked.channel,
+            code=(request.code.credential_id, request.code.counter) if request.HasField("code") else None,
+            external_ref=request.external_ref)
         version, sha256 = await self._published_version(tenant_id)
         plan, existing = await self._plan(tenant_id=tenant_id, version=version, sha256=sha256,
-                                          request=request.request, idempotency_key=key)
+                                          request=request.request, idempotency_key=key, key_scope=scope)
         if existing:
             # Paid before under this key: the first payment is the answer, whatever the rules
             # would plan now (the purse it drained, the counters it raised).
-            return await self._repeat(tenant_id=tenant_id, key=key, merchant_id=request.request.merchant_id)
+            return await self._repeat(tenant_id=tenant_id, key=key, scope=scope, fingerprint=fingerprint)
         if not plan.approved:
             return pb.PayResponse(paid=False, reason=plan.reason, plan=plan)
         if plan.pin_required and not request.request.pin_verified:
@@ -314,6 +330,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             device_id=asked.device_id, external_ref=external_ref,
             event_time=asked.time if asked.HasField("time") else None, guards=list(plan.guards),
             code=request.code if request.HasField("code") else None, sponsor=sponsor,
+            key_scope=scope, request_fingerprint=fingerprint,
         )
         try:
             paid = await self._ledger.pay(payment)
@@ -321,17 +338,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             # A concurrent call under the same key paid first, with another plan.
             if conflict.reason != "IDEMPOTENCY_KEY_REUSED":
                 raise
-            return await self._repeat(tenant_id=tenant_id, key=key, merchant_id=request.request.merchant_id)
+            return await self._repeat(tenant_id=tenant_id, key=key, scope=scope, fingerprint=fingerprint)
         return pb.PayResponse(paid=True, reason="APPROVED", plan=plan, transfer=paid.transfer,
                               balances=list(paid.balances))
 
-    async def _repeat(self, *, tenant_id: uuid.UUID, key: str, merchant_id: str) -> pb.PayResponse:
-        """The answer to a key that booked already: that payment, if it was a payment to this
-        merchant; otherwise the key names another write (ABORTED IDEMPOTENCY_KEY_REUSED)."""
-        first = await self._ledger.lookup(tenant_id=tenant_id, idempotency_key=key)
-        if first is None or first.kind != ledger_pb2.TRANSFER_KIND_PAYMENT or first.merchant_account_id != merchant_id:
+    async def _repeat(self, *, tenant_id: uuid.UUID, key: str, scope: str, fingerprint: bytes) -> pb.PayResponse:
+        """The answer to a key that booked already: that payment, if it carried out this very
+        request; otherwise the key names another write (ABORTED IDEMPOTENCY_KEY_REUSED)."""
+        first = await self._ledger.lookup(tenant_id=tenant_id, idempotency_key=key, key_scope=scope)
+        if (not first.found or first.transfer.kind != ledger_pb2.TRANSFER_KIND_PAYMENT
+                or first.request_fingerprint != fingerprint):
             raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
-        return pb.PayResponse(paid=True, reason="APPROVED", transfer=first, repeated=True)
+        return pb.PayResponse(paid=True, reason="APPROVED", transfer=first.transfer, repeated=True)
 
     # --- bundles --------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from gateway.auth import LEDGER_ADMIN, STATEMENTS_READ, WALLETS_READ, WALLETS_TO
 from gateway.problems import http_mapping
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
+from runtime.idempotency import client_scope
 from tests.mesh import pki
 from tests.gateway.conftest import (
     Gateway,
@@ -67,9 +68,11 @@ async def _top_up(gateway: Gateway, bank: TenantAccess, member_id: str, amount_f
 
 
 async def _pay(gateway: Gateway, tenant_id: str, *, merchant_id: str, legs: list[tuple[str, int]],
-               key: str | None = None, device_id: str = "pos-1") -> lpb.PayResponse:
+               key: str | None = None, device_id: str = "pos-1", key_scope: str = "") -> lpb.PayResponse:
+    """A payment booked as policy books one (for the client ``key_scope`` names, if any)."""
     return await gateway.ledger_stub.Pay(lpb.PayRequest(  # type: ignore[attr-defined]
-        tenant_id=tenant_id, idempotency_key=key or str(uuid.uuid4()), merchant_account_id=merchant_id,
+        tenant_id=tenant_id, idempotency_key=key or str(uuid.uuid4()), key_scope=key_scope,
+        merchant_account_id=merchant_id,
         legs=[lpb.PayLeg(account_id=a, amount_fen=f) for a, f in legs], device_id=device_id,
     ))
 
@@ -212,7 +215,8 @@ async def test_did_this_pay_answers_found_with_the_transfer_or_not_found(ledger_
     merchant_id = await _open(gateway, admin, owner_kind="merchant", owner_id="canteen-1",
                               purse_kind="merchant_settlement")
     key = f"pos-1:{uuid.uuid4()}"
-    paid = await _pay(gateway, tenant_id, merchant_id=merchant_id, legs=[(cash_id, 1_200)], key=key)
+    paid = await _pay(gateway, tenant_id, merchant_id=merchant_id, legs=[(cash_id, 1_200)], key=key,
+                      key_scope=client_scope(bank.credentials.client_id))
 
     url = f"/v1/tenants/{tenant_id}/payments/lookup"
     found = await gateway.http.get(url, headers=bank.headers, params={"idempotency_key": key})
@@ -231,6 +235,10 @@ async def test_did_this_pay_answers_found_with_the_transfer_or_not_found(ledger_
     elsewhere = await gateway.http.get(f"/v1/tenants/{other.tenant_id}/payments/lookup", headers=other.headers,
                                        params={"idempotency_key": key})
     assert elsewhere.json() == {"found": False, "transfer": None}
+    # Nor another client's in the same tenant: keys are their caller's own.
+    neighbour = await gateway.tenant_access(tenant_id=tenant_id, scopes=(WALLETS_READ,))
+    theirs = await gateway.http.get(url, headers=neighbour.headers, params={"idempotency_key": key})
+    assert theirs.json() == {"found": False, "transfer": None}
     assert_problem(await gateway.http.get(url, headers=bank.headers), 422, reason="VALIDATION_FAILED")
 
 

@@ -442,3 +442,35 @@ async def test_a_retried_payment_that_drained_the_purse_answers_the_first_paymen
     assert retry.json()["paid"] is True and retry.json()["repeated"] is True
     assert retry.json()["transfer"]["transfer_id"] == first.json()["transfer"]["transfer_id"]
     assert (await c.cash(c.member_id))["posted_fen"] == 0
+
+
+async def test_a_key_names_its_whole_payment_and_belongs_to_its_client(policy_gateway: Gateway) -> None:
+    """The attack: a payment for member Y under another payment's key was answered "201 paid,
+    repeated" with member X's transfer. Now a key names the whole request (member, merchant,
+    price, device, scene, reference) and belongs to the client that sent it."""
+    gateway = policy_gateway
+    c = await _campus(gateway, cash_fen=5_000)
+    await c.publish((await c.create(rules(canteen_merchant_id=c.merchant_id, canteen_always_open=True)))["version"])
+    other_member = await _member(gateway, c.tenant_id, "S002")
+    await c.top_up(other_member, 5_000)
+    headers = {**c.app.headers, **_key()}
+    body = {"merchant_account_id": c.merchant_id, "amount_fen": 1_200, "scene": "canteen"}
+    first = await gateway.http.post(c.url(f"/members/{c.member_id}/payments"), headers=headers, json=body)
+    assert first.status_code == 201, first.text
+
+    for member, changed in ((other_member, body), (c.member_id, {**body, "amount_fen": 1_300}),
+                            (c.member_id, {**body, "external_ref": "another-order"})):
+        reused = await gateway.http.post(c.url(f"/members/{member}/payments"), headers=headers, json=changed)
+        assert_problem(reused, 409, reason="IDEMPOTENCY_KEY_REUSED")
+    assert (await c.cash(other_member))["posted_fen"] == 5_000
+    assert (await c.cash(c.member_id))["posted_fen"] == 3_800
+
+    # The same text from another client of the tenant is that client's own payment.
+    other_app = await gateway.tenant_access(tenant_id=c.tenant_id, scopes=(PAYMENTS_CREATE,))
+    theirs = await gateway.http.post(c.url(f"/members/{other_member}/payments"),
+                                     headers={**other_app.headers, "Idempotency-Key": headers["Idempotency-Key"]},
+                                     json=body)
+    assert theirs.status_code == 201, theirs.text
+    assert theirs.json()["repeated"] is False
+    assert theirs.json()["transfer"]["transfer_id"] != first.json()["transfer"]["transfer_id"]
+    assert (await c.cash(other_member))["posted_fen"] == 3_800

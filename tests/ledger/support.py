@@ -61,9 +61,10 @@ async def campus(stub: Any, *, members: int = 2) -> Campus:
                   subsidy=subsidy)
 
 
-async def top_up(stub: Any, c: Campus, account_id: str, amount_fen: int, *, key: str | None = None) -> pb.TopUpResponse:
+async def top_up(stub: Any, c: Campus, account_id: str, amount_fen: int, *, key: str | None = None,
+                 key_scope: str = "") -> pb.TopUpResponse:
     return await stub.TopUp(pb.TopUpRequest(
-        tenant_id=c.tenant_id, idempotency_key=key or str(uuid.uuid4()), from_account_id=c.bank_id,
+        tenant_id=c.tenant_id, idempotency_key=key or str(uuid.uuid4()), key_scope=key_scope, from_account_id=c.bank_id,
         to_account_id=account_id, amount_fen=amount_fen,
     ))
 
@@ -75,9 +76,11 @@ async def grant(stub: Any, c: Campus, account_id: str, amount_fen: int) -> pb.To
     ))
 
 
-async def pay(stub: Any, c: Campus, legs: list[tuple[str, int]], *, key: str | None = None) -> pb.PayResponse:
+async def pay(stub: Any, c: Campus, legs: list[tuple[str, int]], *, key: str | None = None,
+              key_scope: str = "") -> pb.PayResponse:
     return await stub.Pay(pb.PayRequest(
-        tenant_id=c.tenant_id, idempotency_key=key or str(uuid.uuid4()), merchant_account_id=c.merchant_id,
+        tenant_id=c.tenant_id, idempotency_key=key or str(uuid.uuid4()), key_scope=key_scope,
+        merchant_account_id=c.merchant_id,
         legs=[pb.PayLeg(account_id=a, amount_fen=f) for a, f in legs], device_id="pos-1",
     ))
 

@@ -64,6 +64,10 @@ IN_DOUBT = frozenset({
 })
 
 
+# Every write of this bank is filed under its own key scope, whichever service sends it.
+SCOPE = "client:bank-under-test"
+
+
 class LedgerProcess:
     """``python -m services.ledger`` as a child process on a fixed loopback port."""
 
@@ -171,14 +175,17 @@ class Client:
         b = self.books
         if op.kind == "pay":
             return self.stub.Pay, pb.PayRequest(
-                tenant_id=b.tenant_id, idempotency_key=op.key, merchant_account_id=b.merchants[op.merchant],
+                tenant_id=b.tenant_id, idempotency_key=op.key, key_scope=SCOPE,
+                merchant_account_id=b.merchants[op.merchant],
                 legs=[pb.PayLeg(account_id=b.cash[op.member], amount_fen=op.amount_fen)], device_id="pos-1")
         if op.kind == "refund":
             return self.stub.Refund, pb.RefundRequest(
-                tenant_id=b.tenant_id, idempotency_key=op.key, payment_transfer_id=op.payment_transfer_id,
+                tenant_id=b.tenant_id, idempotency_key=op.key, key_scope=SCOPE,
+                payment_transfer_id=op.payment_transfer_id,
                 amount_fen=op.amount_fen)
         return self.stub.TopUp, pb.TopUpRequest(
-            tenant_id=b.tenant_id, idempotency_key=op.key, from_account_id=b.bank, to_account_id=b.cash[op.member],
+            tenant_id=b.tenant_id, idempotency_key=op.key, key_scope=SCOPE, from_account_id=b.bank,
+            to_account_id=b.cash[op.member],
             amount_fen=op.amount_fen)
 
     async def run(self, op: Op) -> Op:
@@ -342,7 +349,8 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
             "SELECT idempotency_key, count(*) AS n, min(transfer_id::text) AS transfer_id, min(kind) AS kind,"
             " min(amount_fen) AS amount_fen FROM transfers WHERE tenant_id = $1 GROUP BY idempotency_key",
             uuid.UUID(tenant_id))
-        stored = {r["idempotency_key"]: r for r in rows}
+        # Stored under the client's scope (runtime.idempotency): the keys the client sent, filed as its own.
+        stored = {r["idempotency_key"].removeprefix(f"{SCOPE}/"): r for r in rows}
         duplicated = [dict(r) for r in rows if r["n"] != 1]
         assert not duplicated, f"keys booked more than once: {duplicated[:5]}"
         strangers = sorted(set(stored) - set(ops))
@@ -358,7 +366,8 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
 
         async def lookup(key: str) -> pb.LookupTransferResponse:
             async with lookups:
-                return await stub.LookupTransfer(pb.LookupTransferRequest(tenant_id=tenant_id, idempotency_key=key),
+                return await stub.LookupTransfer(pb.LookupTransferRequest(tenant_id=tenant_id, idempotency_key=key,
+                                                                          key_scope=SCOPE),
                                                  timeout=CALL_TIMEOUT_S)
 
         keys = list(ops)

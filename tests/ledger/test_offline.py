@@ -65,7 +65,8 @@ async def test_a_lunch_offline_books_every_record_once(ledger: RunningService, l
     rows = await ledger_db.fetch("SELECT idempotency_key, event_time, booked_at, amount_fen FROM transfers"
                                  " WHERE kind = 'offline_settlement'")
     assert len(rows) == 300 and len({r["idempotency_key"] for r in rows}) == 300
-    by_key = {r.idempotency_key: r for r in lunch}
+    # Filed under the device hub's own scope (no key_scope named in these calls).
+    by_key = {f"mesh:devicehub/{r.idempotency_key}": r for r in lunch}
     for row in rows:
         # Booked with the device's time; booked_at is when it reached the ledger.
         assert row["event_time"] == by_key[row["idempotency_key"]].event_time.ToDatetime(tzinfo=UTC)

@@ -175,20 +175,22 @@ async def test_member_state_in_one_read(ledger: RunningService) -> None:
 async def test_member_states_answer_many_questions_each_alone(ledger: RunningService) -> None:
     stub = ledger.stub
     a, b = await campus(stub, members=2), await campus(stub, members=1)
-    await top_up(stub, a, a.cash[0], 100, key="a-top")
+    await top_up(stub, a, a.cash[0], 100, key="a-top", key_scope="client:oc_a")
     await top_up(stub, a, a.cash[1], 200)
     await top_up(stub, b, b.cash[0], 300)
     answer = await stub.GetMemberStates(pb.GetMemberStatesRequest(requests=[
         pb.GetMemberStateRequest(tenant_id=a.tenant_id, member_id="m1", counter_keys=["x", "y"]),
-        pb.GetMemberStateRequest(tenant_id=b.tenant_id, member_id="m0", idempotency_key="a-top"),
-        pb.GetMemberStateRequest(tenant_id=a.tenant_id, member_id="m0", idempotency_key="a-top"),
+        pb.GetMemberStateRequest(tenant_id=b.tenant_id, member_id="m0", idempotency_key="a-top",
+                                 key_scope="client:oc_a"),
+        pb.GetMemberStateRequest(tenant_id=a.tenant_id, member_id="m0", idempotency_key="a-top",
+                                 key_scope="client:oc_a"),
         pb.GetMemberStateRequest(tenant_id=a.tenant_id, member_id="nobody"),
     ]))
     cash = [{x.account.account_id: x.balance.posted_fen for x in r.accounts
              if x.account.purse_kind == pb.PURSE_KIND_CASH} for r in answer.responses]
     assert cash == [{a.cash[1]: 200}, {b.cash[0]: 300}, {a.cash[0]: 100}, {}]
     assert [(c.counter_key, c.value) for c in answer.responses[0].counters] == [("x", 0), ("y", 0)]
-    # The key is tenant a's: found there, not in tenant b.
+    # The key is tenant a's client's: found there, not in tenant b.
     assert [r.existing_transfer_id != "" for r in answer.responses] == [False, False, True, False]
     assert await refused(stub.GetMemberStates(pb.GetMemberStatesRequest())) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                                                "INVALID_QUERY")

@@ -24,7 +24,7 @@ from services.ledger.operations import Ledger
 from services.ledger.store import LedgerStore, TenantTx
 from tests.conftest import Launch, RunningService
 from tests.ledger.conftest import ledger_settings
-from tests.ledger.support import Campus, balance, campus, check_books, pay, refused
+from tests.ledger.support import Campus, balance, campus, check_books, pay, refused, top_up
 from tests.streams import read_exactly
 
 PROGRAM = "meal-2026"
@@ -84,6 +84,8 @@ async def test_a_batch_of_thousands_grants_each_member_once_with_progress(
     # m0 has a frozen purse already: its row fails alone, the rest are granted.
     await stub.FreezeAccount(pb.FreezeAccountRequest(tenant_id=c.tenant_id, account_id=c.subsidy[0]))
     rows = [("m0", 500)] + [(f"student-{n}", 1000 + n % 7) for n in range(2999)]
+    # A client takes the key the batch's second row will book under, before the batch starts.
+    await top_up(stub, c, c.cash[0], 1, key="grant:BILL-2026-11:2", key_scope="client:oc_mallory")
     started = await start(stub, c, "BILL-2026-11", rows)
     assert started.created and started.batch.total_rows == 3000
     seen = await finished(stub, c, started.batch.batch_id)
@@ -110,10 +112,13 @@ async def test_a_batch_of_thousands_grants_each_member_once_with_progress(
     code, reason = await refused(start(stub, c, "BILL-2026-11", rows[:10]))
     assert (code, reason) == (grpc.StatusCode.ABORTED, "BILL_NUMBER_REUSED")
     assert await ledger_db.fetchval("SELECT count(*) FROM transfers WHERE kind = 'subsidy_grant'") == 2999
-    # Each grant is findable by its key, like any write ("did this grant land?").
+    # A grant's key is the batch's own, not any caller's: a client that sent the same text first
+    # (to make the row fail later) only made a write of its own; the row was granted regardless.
     found = await stub.LookupTransfer(pb.LookupTransferRequest(tenant_id=c.tenant_id,
-                                                               idempotency_key="grant:BILL-2026-11:2"))
-    assert found.found and found.transfer.kind == pb.TRANSFER_KIND_SUBSIDY_GRANT
+                                                               idempotency_key="grant:BILL-2026-11:2",
+                                                               key_scope="client:oc_mallory"))
+    assert found.found and found.transfer.kind == pb.TRANSFER_KIND_TOP_UP
+    assert granted[0].line == 2 and granted[0].transfer_id != found.transfer.transfer_id
     await check_books(ledger_db)
 
 

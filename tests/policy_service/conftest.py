@@ -25,6 +25,9 @@ def policy_settings(*, database_url: str, nats_url: str, ledger_target: str, **o
         "health_interval_s": 0.2,
         "policy_master_key": TEST_MASTER_KEY,
         "ledger_target": ledger_target,
+        # Generous: on a loaded two-core machine 100 concurrent payments may queue for seconds, and
+        # no test here is about the ledger's deadline.
+        "ledger_timeout_s": 30.0,
     }
     values.update(overrides)
     return PolicySettings(**values)
