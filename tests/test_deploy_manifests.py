@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +33,9 @@ from devstack.k8s import (
     pg_secret,
     secrets_manifest,
 )
+from devstack.security_doc import onecard_services
 from devstack.servers import nats_server_binary
+from runtime.access import method_rules, standard_rules
 from runtime.dbroles import ADMIN_URL_SETTING, password_setting, role_name
 from runtime.nats_access import public_key
 from runtime.pki import CertificateAuthority, spiffe_id
@@ -139,7 +142,7 @@ def _mesh_issuer(documents: list[dict]) -> str:
 
 def test_kustomize_renders_every_part_of_the_mesh(rendered: str) -> None:
     for kind_and_name in ("kind: Namespace", "kind: Cluster", "kind: StatefulSet", "kind: Job",
-                          "kind: Certificate", "kind: Issuer",
+                          "kind: Certificate", "kind: Issuer", "kind: NetworkPolicy",
                           "name: identity", "name: gateway", "sync_interval: always"):
         assert kind_and_name in rendered, f"{kind_and_name!r} missing from the rendered manifests"
 
@@ -364,3 +367,201 @@ def test_the_image_holds_every_sdk_package_the_services_import() -> None:
     assert imported, "the services import no SDK package: the check looks at the wrong place"
     missing = sorted(p for p in imported if f"COPY sdk/python/{p} " not in dockerfile)
     assert not missing, f"deploy/Dockerfile does not copy {missing}"
+
+
+# The network: NetworkPolicies evaluated as the API defines them (a connection needs an ingress rule
+# of some policy selecting the destination and an egress rule of some policy selecting the source,
+# once any policy selects that pod for that direction), over the pods the manifests make and the
+# few outside them they name.
+
+ANYWHERE = ("0.0.0.0/0", "::/0")
+
+
+@dataclass
+class Peer:
+    """One end of a connection: a pod (its namespace, labels, listening ports) or, with no
+    namespace, an address outside the cluster (a terminal, a client on the internet)."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    namespace: str | None = NAMESPACE
+    ports: set[int] = field(default_factory=set)
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace} if self.namespace else {}
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
+                "Exists": present, "DoesNotExist": not present}[operator]:
+            return False
+    return True
+
+
+def _peer_matches(rule_peer: dict, other: Peer) -> bool:
+    if "ipBlock" in rule_peer:
+        # Only "anywhere" is used; taken to match pods too, as some network plugins do.
+        assert rule_peer["ipBlock"]["cidr"] in ANYWHERE and "except" not in rule_peer["ipBlock"], rule_peer
+        return True
+    if other.namespace is None:
+        return False
+    if "namespaceSelector" in rule_peer:
+        if not _selects(rule_peer["namespaceSelector"], other.namespace_labels):
+            return False
+    elif other.namespace != NAMESPACE:
+        return False
+    return _selects(rule_peer.get("podSelector", {}), other.labels)
+
+
+def _rule_admits(rule: dict, peers_key: str, other: Peer, port: int) -> bool:
+    if peers_key in rule and not any(_peer_matches(p, other) for p in rule[peers_key]):
+        return False
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    for entry in ports:
+        assert isinstance(entry["port"], int), f"named ports are not modelled: {entry}"
+        if entry.get("protocol", "TCP") == "TCP" and entry["port"] == port:
+            return True
+    return False
+
+
+def _direction_allows(policies: list[dict], pod: Peer, direction: str, other: Peer, port: int) -> bool:
+    """Whether ``pod``'s policies for ``direction`` (Ingress, Egress) admit ``other`` on ``port``."""
+    if pod.namespace != NAMESPACE:
+        return True  # another namespace's own policies are not ours to read
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], pod.labels)
+                 and direction in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    return any(_rule_admits(rule, peers_key, other, port) for p in selecting for rule in p["spec"].get(rules_key, []))
+
+
+def _connects(policies: list[dict], source: Peer, destination: Peer, port: int) -> bool:
+    return (_direction_allows(policies, source, "Egress", destination, port)
+            and _direction_allows(policies, destination, "Ingress", source, port))
+
+
+@pytest.fixture(scope="module")
+def network(documents: list[dict]) -> tuple[list[dict], dict[str, Peer]]:
+    """The NetworkPolicies, and every peer by name: the namespace's workloads (by their
+    app.kubernetes.io/name, migration Jobs as `<name>-migrate`), the operator's tool pod and the
+    PostgreSQL instances as the README and the operator label them, and a few peers outside."""
+    pods: dict[str, Peer] = {}
+    for doc in documents:
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            ports = {p["containerPort"] for c in _pod_spec(doc)["containers"] for p in c.get("ports", [])}
+            pods[doc["metadata"]["name"]] = Peer(doc["metadata"]["name"], labels, ports=ports)
+    cluster = next(iter(_of_kind(documents, "Cluster").values()))
+    pods["ops"] = Peer("ops", {NAME_LABEL: "ops"})
+    pods["postgres"] = Peer("postgres", {"cnpg.io/cluster": cluster["metadata"]["name"]}, ports={5432, 8000})
+    pods["kube-dns"] = Peer("kube-dns", {"k8s-app": "kube-dns"}, namespace="kube-system", ports={53})
+    pods["prometheus"] = Peer("prometheus", {NAME_LABEL: "prometheus"}, namespace="monitoring")
+    pods["cnpg-operator"] = Peer("cnpg-operator", {NAME_LABEL: "cloudnative-pg"}, namespace="cnpg-system")
+    pods["elsewhere"] = Peer("elsewhere", {NAME_LABEL: "something"}, namespace="elsewhere")
+    pods["internet"] = Peer("internet", namespace=None)
+    return list(_of_kind(documents, "NetworkPolicy").values()), pods
+
+
+def _mesh_port(pods: dict[str, Peer], documents: list[dict], name: str) -> int:
+    container = _container(_of_kind(documents, "Deployment")[name])
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+
+
+def _callers_the_allow_list_needs() -> dict[str, set[str]]:
+    """Server -> the cluster's callers some method of it names (its protos' access options), and
+    the operator everywhere, for reflection (runtime.access.standard_rules). Health needs no edge:
+    the probes ask on the health port, from the node."""
+    needs: dict[str, set[str]] = {}
+    for service in onecard_services():
+        server = service.full_name.split(".")[1]  # onecard.<server>.v1.<Service>
+        for rule in method_rules([service]).values():
+            if not rule.terminals:
+                needs.setdefault(server, set()).update(c for c in rule.callers if c not in LOCAL_ONLY_CALLERS)
+    standard = {caller for rule in standard_rules().values() if not rule.anyone for caller in rule.callers}
+    return {server: callers | standard for server, callers in needs.items()}
+
+
+def test_the_namespace_denies_by_default(network: tuple[list[dict], dict[str, Peer]]) -> None:
+    policies, _ = network
+    assert any(p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+               and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in policies)
+
+
+def test_the_mesh_ports_admit_exactly_the_callers_the_allow_list_names(
+        network: tuple[list[dict], dict[str, Peer]], documents: list[dict]) -> None:
+    policies, pods = network
+    needs = _callers_the_allow_list_needs()
+    assert set(needs) == set(SERVICES)
+    assert needs["ledger"] >= {"gateway", "policy", "devicehub", "ops"} and "codegen" not in needs["ledger"]
+    wrong = []
+    for server in SERVICES:
+        port = _mesh_port(pods, documents, server)
+        for caller in cluster_callers():
+            needed = caller in needs[server]
+            # Each side on its own as well: a stray rule on one side is an edge waiting for the other.
+            sides = {"ingress": _direction_allows(policies, pods[server], "Ingress", pods[caller], port),
+                     "egress": _direction_allows(policies, pods[caller], "Egress", pods[server], port)}
+            wrong += [f"{caller} -> {server}:{port}: {side} {'allows' if allowed else 'refuses'} it"
+                      for side, allowed in sides.items() if allowed != needed]
+        for outsider in ("internet", "elsewhere", "prometheus", "nats", "db-roles", "postgres"):
+            if _connects(policies, pods[outsider], pods[server], port):
+                wrong.append(f"{outsider} -> {server}:{port} allowed")
+    assert not wrong, "NetworkPolicies and the allow-list disagree:\n" + "\n".join(wrong)
+
+
+def test_each_process_reaches_its_database_and_nats_as_its_accounts_say(
+        network: tuple[list[dict], dict[str, Peer]]) -> None:
+    policies, pods = network
+    for name in cluster_callers():
+        assert _connects(policies, pods[name], pods["postgres"], 5432) == (name in SERVICES), name
+        assert _connects(policies, pods[name], pods["nats"], 4222) == (name in NATS_ACCOUNTS), name
+        assert not _connects(policies, pods[name], pods["nats"], 6222), name
+    for schema in SERVICES:
+        assert _connects(policies, pods[f"{schema}-migrate"], pods["postgres"], 5432), schema
+    assert _connects(policies, pods["db-roles"], pods["postgres"], 5432)
+    assert not _connects(policies, pods["db-roles"], pods["nats"], 4222)
+    assert _connects(policies, pods["nats"], pods["nats"], 6222)
+    assert _connects(policies, pods["postgres"], pods["postgres"], 5432)
+    assert _connects(policies, pods["cnpg-operator"], pods["postgres"], 8000)
+    for outsider in ("internet", "elsewhere", "gateway", "ops"):
+        assert not _connects(policies, pods[outsider], pods["postgres"], 5432), outsider
+
+
+def test_from_outside_only_the_gateway_and_the_device_port_answer(
+        network: tuple[list[dict], dict[str, Peer]], documents: list[dict]) -> None:
+    """Clients reach the gateway's HTTP port, terminals the hub's device port, and nothing else of
+    the namespace answers anyone outside it (the probes come from the node, which policies leave be)."""
+    policies, pods = network
+    hub = _container(_of_kind(documents, "Deployment")["devicehub"])
+    device_port = next(p["containerPort"] for p in hub["ports"] if p["name"] == "device")
+    gateway = _container(_of_kind(documents, "Deployment")["gateway"])
+    http_port = next(p["containerPort"] for p in gateway["ports"] if p["name"] == "http")
+    for outsider in ("internet", "elsewhere"):
+        reached = {(pod.name, port) for pod in pods.values() if pod.namespace == NAMESPACE
+                   for port in pod.ports if _connects(policies, pods[outsider], pod, port)}
+        assert reached == {("gateway", http_port), ("devicehub", device_port)}, outsider
+    # Nothing inside the mesh has any business on the device port.
+    for name in cluster_callers():
+        assert not _connects(policies, pods[name], pods["devicehub"], device_port), name
+
+
+def test_prometheus_scrapes_every_service_and_every_pod_resolves_names(
+        network: tuple[list[dict], dict[str, Peer]], documents: list[dict]) -> None:
+    policies, pods = network
+    for name in SERVICES:
+        container = _container(_of_kind(documents, "Deployment")[name])
+        metrics = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        assert _connects(policies, pods["prometheus"], pods[name], metrics), name
+        assert not _connects(policies, pods["elsewhere"], pods[name], metrics), name
+    for pod in pods.values():
+        if pod.namespace == NAMESPACE:
+            assert _direction_allows(policies, pod, "Egress", pods["kube-dns"], 53), pod.name
