@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from runtime.nats_access import NatsAccess, accounts_config
+from runtime.nats_access import NatsAccess, NkeyVariable, accounts_config
 from runtime.pki import IdentityFiles
 
 
@@ -261,7 +261,8 @@ class Nats:
     host: str = "127.0.0.1"
     sync_always: bool = True
     tls: IdentityFiles | None = None
-    users: Mapping[str, tuple[str, NatsAccess]] | None = None
+    # A public key, or a variable the server reads from its environment (runtime.nats_access).
+    users: Mapping[str, tuple[str | NkeyVariable, NatsAccess]] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property

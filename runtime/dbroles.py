@@ -11,17 +11,27 @@ service's schema: PostgreSQL refuses a table in a schema the role has no USAGE o
 A service checks at start that its role is not a superuser (``is_superuser``; runtime.grpc_server
 and ``python -m services.<name> migrate``) and refuses to run as one unless in insecure
 development mode.
+
+``python -m runtime.dbroles --database app identity codegen ...`` runs the bootstrap from the
+environment (the Kubernetes bootstrap Job): the superuser's DSN in ``ONECARD_ADMIN_DATABASE_URL``
+(libpq's ``PGUSER``/``PGPASSWORD`` fill what it leaves out), each role's password in
+``ONECARD_<SCHEMA>_DB_PASSWORD``. Passwords never appear on the command line or in the output.
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import os
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
 ROLE_PREFIX = "onecard_"
+ADMIN_URL_SETTING = "ONECARD_ADMIN_DATABASE_URL"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -120,3 +130,37 @@ def role_dsn(dsn: str, *, role: str, password: str, database: str | None = None)
 
 async def is_superuser(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
+
+
+def password_setting(schema: str) -> str:
+    """The environment variable the bootstrap command reads ``schema``'s role password from."""
+    return f"ONECARD_{_name(schema).upper()}_DB_PASSWORD"
+
+
+def roles_from_env(schemas: Iterable[str], env: Mapping[str, str]) -> list[ServiceRole]:
+    """Each schema's role with its password from ``env``; a missing one stops with its name."""
+    schemas = list(schemas)
+    missing = [password_setting(schema) for schema in schemas if not env.get(password_setting(schema))]
+    if missing:
+        raise SystemExit(f"missing required setting {', '.join(missing)} (the role's password)")
+    return [ServiceRole(schema=schema, password=env[password_setting(schema)]) for schema in schemas]
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.dbroles",
+                                     description="Give each service its login role and schema (run as a superuser).")
+    parser.add_argument("--database", required=True, help="the database the services share")
+    parser.add_argument("schemas", nargs="+", help="one per service: its schema, owned by onecard_<schema>")
+    args = parser.parse_args(argv)
+    env = os.environ if env is None else env
+    admin_dsn = env.get(ADMIN_URL_SETTING)
+    if not admin_dsn:
+        raise SystemExit(f"missing required setting {ADMIN_URL_SETTING} (a superuser's connection URL)")
+    roles = roles_from_env(args.schemas, env)
+    asyncio.run(bootstrap(admin_dsn, database=args.database, roles=roles))
+    print(f"roles ready in {args.database}: {', '.join(role.role for role in roles)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

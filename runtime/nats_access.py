@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,13 +127,29 @@ def accounts_table(accounts: Mapping[str, NatsAccess]) -> str:
     return "\n".join(lines)
 
 
-def accounts_config(users: Mapping[str, tuple[str, NatsAccess]]) -> str:
+@dataclass(frozen=True)
+class NkeyVariable:
+    """A public nkey the server reads from its environment when it loads the configuration
+    (``nkey: $LEDGER_NKEY``): how a configuration that is the same in every deployment (Kubernetes'
+    ConfigMap) names keys that differ in each."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", self.name):
+            raise ValueError(f"bad nats-server variable name {self.name!r}")
+
+
+def accounts_config(users: Mapping[str, tuple[str | NkeyVariable, NatsAccess]]) -> str:
     """The ``accounts`` block of a nats-server configuration: one JetStream account whose users
-    are ``name -> (public nkey, access)``. The values are JSON, which the server's format reads."""
+    are ``name -> (public nkey, access)``. The values are JSON, which the server's format reads; a
+    ``NkeyVariable`` is written as a bare ``$NAME`` reference (quoted, the server would take it
+    for the key itself)."""
     entries = []
-    for name, (public_key, access) in sorted(users.items()):
-        entry = {"nkey": public_key, "permissions": permissions(name, access)}
-        entries.append(f"      # {name}\n      " + json.dumps(entry))
+    for name, (key, access) in sorted(users.items()):
+        nkey = f"${key.name}" if isinstance(key, NkeyVariable) else json.dumps(key)
+        entry = f'{{"nkey": {nkey}, "permissions": {json.dumps(permissions(name, access))}}}'
+        entries.append(f"      # {name}\n      " + entry)
     body = ",\n".join(entries)
     return (
         "accounts {\n"

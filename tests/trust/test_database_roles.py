@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from runtime.dbroles import ServiceRole, bootstrap, bootstrap_statements, role_dsn, role_name
+from runtime.dbroles import (ADMIN_URL_SETTING, ServiceRole, bootstrap, bootstrap_statements, password_setting, role_dsn,
+                             role_name)
+from runtime.dbroles import main as dbroles_main
 from services.ledger.app import build_app as build_ledger
 from tests.conftest import Launch, RunningService
 from tests.ledger.conftest import ledger_settings
@@ -87,3 +89,28 @@ async def test_the_bootstrap_hands_an_older_stacks_schema_to_the_role_and_can_ru
         await legacy.close()
     assert all("PUBLIC" not in s or s.startswith("REVOKE")
                for s in bootstrap_statements(database=database, roles=roles))
+
+
+def test_the_bootstrap_command_takes_every_password_from_the_environment(database_url: str) -> None:
+    """``python -m runtime.dbroles``, as the Kubernetes bootstrap Job runs it: no password on the
+    command line, a missing one named, and each role able to sign in with its own afterwards."""
+    import asyncio
+
+    database = database_url.rsplit("/", 1)[1].split("?")[0]
+    env = {ADMIN_URL_SETTING: database_url, password_setting("cli_a"): pg_password("cli_a")}
+    with pytest.raises(SystemExit, match=password_setting("cli_b")):
+        dbroles_main(["--database", database, "cli_a", "cli_b"], env=env)
+    with pytest.raises(SystemExit, match=ADMIN_URL_SETTING):
+        dbroles_main(["--database", database, "cli_a"], env={password_setting("cli_a"): "x"})
+    env[password_setting("cli_b")] = pg_password("cli_b")
+    assert dbroles_main(["--database", database, "cli_a", "cli_b"], env=env) == 0
+
+    async def owner_as(schema: str) -> str:
+        conn = await asyncpg.connect(role_dsn(database_url, role=role_name(schema), password=pg_password(schema)))
+        try:
+            return await conn.fetchval("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = $1", schema)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(owner_as("cli_a")) == "onecard_cli_a"
+    assert asyncio.run(owner_as("cli_b")) == "onecard_cli_b"

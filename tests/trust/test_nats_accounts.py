@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
+from devstack.servers import Nats, free_port
 from runtime.events import ensure_streams
-from runtime.nats_access import connect_options, permissions
+from runtime.nats_access import NkeyVariable, accounts_config, connect_options, permissions, public_key
+from runtime.pki import IdentityFiles
 from services.identity.app import STREAM as IDENTITY_STREAM
 from services.nats_accounts import NATS_ACCOUNTS
 from tests.mesh import connect_nats, nats_seed, pki
@@ -125,3 +128,38 @@ def test_every_account_is_derived_and_none_can_publish_everything() -> None:
         events = [s for s in publish if not s.startswith("$")]
         assert all(s.startswith(f"{name}.") for s in events), (name, events)
     assert NATS_ACCOUNTS["ops"].owns == ()
+
+
+async def test_a_server_that_reads_the_public_keys_from_its_environment_signs_each_process_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Kubernetes form of the configuration: the same text in every cluster, each nkey a
+    variable (``nkey: $LEDGER_NKEY``) the server fills from its environment."""
+    users = {}
+    for name, access in NATS_ACCOUNTS.items():
+        variable = NkeyVariable(f"{name.upper()}_NKEY")
+        monkeypatch.setenv(variable.name, public_key(nats_seed(name)))
+        users[name] = (variable, access)
+    assert "$LEDGER_NKEY" in accounts_config(users) and '"$LEDGER_NKEY"' not in accounts_config(users)
+    server = Nats(tmp_path / "nats", free_port(), tls=IdentityFiles(pki().tls_dir("nats")), users=users)
+    server.start()
+    try:
+        ledger, ledger_errors = await _errors_of(lambda cb: nats.connect(
+            server.url, error_cb=cb, **connect_options(name="ledger", seed=nats_seed("ledger"), tls=pki().tls("ledger"))))
+        try:
+            await ledger.publish("ledger.transfer.booked", b"{}")
+            await ledger.publish("identity.member.unfrozen", FORGED)
+            await ledger.flush()
+            await asyncio.sleep(0.3)
+            refused = [e for e in ledger_errors if "permissions violation" in e.lower()]
+            assert len(refused) == 1 and "identity.member.unfrozen" in refused[0], ledger_errors
+        finally:
+            await ledger.close()
+    finally:
+        server.stop()
+
+
+def test_a_variable_names_an_environment_variable_and_nothing_else() -> None:
+    with pytest.raises(ValueError):
+        NkeyVariable("LEDGER_NKEY }\nauthorization {")
+    with pytest.raises(ValueError):
+        NkeyVariable("ledger")
