@@ -40,7 +40,7 @@ from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
-from onecard_device.client import DeviceClient, Outcome
+from onecard_device.client import NO_ANSWER_REVERSED, DeviceClient, Outcome
 from runtime.grpc_client import error_info, open_channel
 from runtime.mesh import MeshTLS, TLSMaterialError
 
@@ -158,7 +158,8 @@ class Tally:
     offline_paid: int = 0
     paid_fen: int = 0
     declined: Counter = field(default_factory=Counter)
-    unknown: int = 0
+    # Online payments whose answer did not come: final at the till as not paid, and reversed.
+    unanswered: int = 0
     passed: int = 0
     denied: Counter = field(default_factory=Counter)
     offline_passes: int = 0
@@ -176,6 +177,7 @@ class SimulatorSummary:
     tally: Tally
     settled: Counter
     queued: int
+    reversals: Counter = field(default_factory=Counter)
 
 
 def _top(counter: Counter, n: int = 3) -> str:
@@ -416,8 +418,8 @@ class Simulator:
             else:
                 self.tally.offline_paid += 1
             self.tally.paid_fen += outcome.charged_fen
-        elif outcome.reason == "ONLINE_OUTCOME_UNKNOWN":
-            self.tally.unknown += 1
+        elif outcome.reason == NO_ANSWER_REVERSED:
+            self.tally.unanswered += 1
         else:
             self.tally.declined[outcome.reason or "DECLINED"] += 1
 
@@ -499,6 +501,16 @@ class Simulator:
         self.tally.alarms_open = len(listed.alarms)
         self.tally.alarm_kinds = Counter(pb.AlarmKind.Name(a.kind).removeprefix("ALARM_KIND_") for a in listed.alarms)
 
+    def reversals(self) -> Counter:
+        """The hub's answers to the fleet's timeout reversals (REVERSED: a booked payment refunded;
+        PREVENTED: nothing had been booked), and the ones still waiting for an answer (PENDING)."""
+        total: Counter = Counter()
+        for device in self.devices:
+            total.update({k.removeprefix("REVERSAL_OUTCOME_"): v for k, v in device.client.stats.reversals.items()})
+            if device.client.refused is None and (pending := device.client.pending_reversals()):
+                total["PENDING"] += pending
+        return total
+
     def settled(self) -> Counter:
         total: Counter = Counter()
         for device in self.devices:
@@ -521,8 +533,9 @@ class Simulator:
             parts.append("cabinet " + _top(t.cabinet, 4))
         parts.append(f"devices {online}/{len(self.devices)} online, {queued} queued")
         parts.append(f"alarms {t.alarms_open}" + (f" ({_top(t.alarm_kinds)})" if t.alarm_kinds else ""))
-        if t.unknown:
-            parts.append(f"unanswered {t.unknown}")
+        reversals = self.reversals()
+        if t.unanswered or reversals:
+            parts.append(f"reversed {t.unanswered}" + (f" ({_top(reversals)})" if reversals else ""))
         if t.errors:
             parts.append(f"errors {_top(t.errors)}")
         return " | ".join(parts)
@@ -559,7 +572,7 @@ class Simulator:
             await self._drain()
             await self._alarms()
         return SimulatorSummary(time.monotonic() - started, len(self.devices), self.tally, self.settled(),
-                                sum(d.client.queue_depth() for d in self.devices))
+                                sum(d.client.queue_depth() for d in self.devices), self.reversals())
 
     async def _drain(self) -> None:
         """Everyone back online, and a little time for the offline records to settle."""
@@ -568,7 +581,7 @@ class Simulator:
         deadline = time.monotonic() + self.options.drain_s
         while time.monotonic() < deadline:
             live = [d for d in self.devices if d.client.refused is None]
-            if all(d.client.queue_depth() == 0 for d in live):
+            if all(d.client.queue_depth() == 0 and d.client.pending_reversals() == 0 for d in live):
                 break
             await asyncio.sleep(0.5)
 
@@ -602,7 +615,9 @@ def summary_text(summary: SimulatorSummary) -> list[str]:
         f"  gates      {t.passed} passed, {sum(t.denied.values())} denied"
         + (f": {_top(t.denied, 5)}" if t.denied else "") + f" ({t.offline_passes} decided offline)",
         f"  cabinet    {_top(t.cabinet, 5) or 'no orders'}",
-        f"  offline    {t.drops} drops; unanswered online requests {t.unknown}",
+        f"  offline    {t.drops} drops",
+        f"  reversed   {t.unanswered} online payments left unanswered at the till"
+        + (f"; the hub answered: {_top(summary.reversals, 3)}" if summary.reversals else ""),
         f"  alarms     {t.alarms_open} open" + (f": {_top(t.alarm_kinds, 8)}" if t.alarm_kinds else ""),
     ]
     if t.errors:

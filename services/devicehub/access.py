@@ -11,7 +11,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime
 
 from onecard_device.access import AccessRules, AccessRulesError, decide_access, empty_rules, parse_access_rules
 
@@ -56,8 +56,10 @@ def access_record_pb(row: AccessRow) -> pb.AccessRecord:
 
 class Access:
     def __init__(self, *, store: TxStore, rules_cache_s: float = DEFAULT_RULES_CACHE_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, now: Callable[[], datetime] = now_utc):
         self._store = store
+        # The hub's clock decides a pass online; the device's time is not believed.
+        self._now = now
         self._rules_cache_s = rules_cache_s
         self._clock = clock
         # tenant -> (version, parsed rules, read at)
@@ -115,7 +117,7 @@ class Access:
         nonce = msg.nonce or msg.request_id
         if len(nonce) > MAX_NONCE_CHARS:
             raise InvalidArgument(f"nonce is longer than {MAX_NONCE_CHARS} characters", reason="NONCE_INVALID")
-        when = msg.device_time.ToDatetime(tzinfo=UTC) if msg.HasField("device_time") else now_utc()
+        when = self._now()
         purpose = PURPOSE_NAMES[msg.purpose]
         passed, reason, rule = False, refusal, ""
         if not refusal and member is not None:

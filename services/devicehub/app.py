@@ -6,6 +6,8 @@ devices, and the fleet watcher."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
@@ -13,6 +15,7 @@ from runtime.events import StreamSpec
 from runtime.nats_access import NatsAccess
 from runtime.grpc_server import ServiceApp, TerminalListener
 from services.devicehub.hub import Hub
+from services.devicehub.settlement import now_utc
 from services.devicehub.servicer import DeviceAdminServicer, DeviceServicer
 from services.devicehub.settings import DevicehubSettings
 
@@ -26,8 +29,10 @@ ADMIN_SERVICE_NAME = devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminServi
 DEVICE_SERVICE_NAME = devicehub_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 
 
-def build_app(settings: DevicehubSettings) -> ServiceApp:
-    hub = Hub(settings=settings)
+def build_app(settings: DevicehubSettings, *, now: Callable[[], datetime] = now_utc) -> ServiceApp:
+    """The hub's process. ``now`` is the hub's clock, the one that decides online (meal periods,
+    the day's limits, access windows); a test may run the campus at a chosen hour with it."""
+    hub = Hub(settings=settings, now=now)
 
     async def on_ready(app: ServiceApp) -> None:
         await hub.start(app)

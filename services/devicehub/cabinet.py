@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from onecard.policy.v1 import policy_pb2 as ppb
 from onecard.policy.v1 import policy_pb2_grpc
 from runtime.idempotency import device_scope
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from runtime.wire import timestamp_pb
 from services.devicehub.context import DeviceContext
 from services.devicehub.members import MemberInfo, Refused
 from services.devicehub.registry import DeviceKind, DeviceStatus
@@ -64,7 +66,9 @@ def _balances(holds: list[dict[str, Any]], balances: Any) -> list[dict[str, Any]
 
 class Cabinets:
     def __init__(self, *, store: TxStore, devices: DevicehubStore, policy: policy_pb2_grpc.PolicyServiceStub,
-                 ledger: ledger_pb2_grpc.LedgerServiceStub, resolve: Resolve, timeout_s: float):
+                 ledger: ledger_pb2_grpc.LedgerServiceStub, resolve: Resolve, timeout_s: float,
+                 now: Callable[[], datetime] = now_utc):
+        self._now = now
         self._store = store
         self._devices = devices
         self._policy = policy
@@ -136,7 +140,7 @@ class Cabinets:
             request = ppb.PaymentRequest(
                 member_id=member.member_id, member_groups=member.groups, scene=scene,
                 merchant_id=device.merchant_account_id, device_id=msg.cabinet_device_id, amount_fen=msg.amount_fen,
-                channel="online")
+                time=timestamp_pb(self._now()), channel="online")
             answer = await self._policy.Evaluate(ppb.EvaluateRequest(tenant_id=device.tenant_id, request=request),
                                                  timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:

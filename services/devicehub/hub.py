@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -53,8 +55,9 @@ def load_transactions_class() -> Any | None:
 
 
 class Hub:
-    def __init__(self, *, settings: DevicehubSettings):
+    def __init__(self, *, settings: DevicehubSettings, now: Callable[[], datetime]):
         self.settings = settings
+        self.now = now
         self.sessions = Sessions()
         self.backends = Backends()
         self.channels: dict[str, grpc.aio.Channel] = {}
@@ -81,6 +84,7 @@ class Hub:
             tx = transactions_cls(
                 pool=app.pool, settings=settings, alarms=alarms, identity=self.channels["identity"],
                 codegen=self.channels["codegen"], policy=self.channels["policy"], ledger=self.channels["ledger"],
+                now=self.now,
             )
             self.backends.tx = tx
             await tx.start(app)

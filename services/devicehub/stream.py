@@ -215,9 +215,24 @@ class DeviceStream:
             if not req.request_id:
                 session.send(malformed("authorize needs a request_id"))
                 return
-            await self._answer(session, req.request_id, limit,
-                               lambda: transactions().authorize(ctx, req),
+
+            async def authorize() -> pb.AuthorizeResult:
+                result = await transactions().authorize(ctx, req)
+                if session.ended and result.approved and req.purpose == pb.PURPOSE_PAY and not result.repeated:
+                    # The stream ended while the payment was made: nobody will read this answer, so
+                    # the till shows the sale as failed. Undo it now rather than leave the member
+                    # charged (the device sends its own reversal too; both are the same one).
+                    await transactions().reverse(ctx, pb.Reversal(idempotency_key=req.idempotency_key,
+                                                                  reason="ANSWER_NOT_DELIVERED"))
+                return result
+
+            await self._answer(session, req.request_id, limit, authorize,
                                lambda r: pb.ConnectResponse(authorize_result=r))
+        elif body == "reversal":
+            req_r = message.reversal
+            await self._answer(session, req_r.idempotency_key, limit,
+                               lambda: transactions().reverse(ctx, req_r),
+                               lambda r: pb.ConnectResponse(reversal_result=r))
         elif body == "upload":
             req_u = message.upload
 

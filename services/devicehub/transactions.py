@@ -16,7 +16,8 @@ import contextlib
 import hashlib
 import uuid
 from collections import OrderedDict
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -65,6 +66,11 @@ MAX_KEY_CHARS = 128
 RECENT_CODES = 65_536
 
 
+MAX_REVERSAL_REASON_CHARS = 64
+_REVERSAL_OUTCOMES = {lpb.REVERSAL_OUTCOME_REVERSED: pb.REVERSAL_OUTCOME_REVERSED,
+                      lpb.REVERSAL_OUTCOME_PREVENTED: pb.REVERSAL_OUTCOME_PREVENTED}
+
+
 def _check_key(value: str) -> str:
     if not 1 <= len(value) <= MAX_KEY_CHARS or not value.isascii() or not value.isprintable():
         raise InvalidArgument("idempotency_key must be 1..128 printable ASCII characters",
@@ -74,7 +80,11 @@ def _check_key(value: str) -> str:
 
 class Transactions:
     def __init__(self, *, pool: asyncpg.Pool, settings: Any, alarms: AlarmSink, identity: grpc.aio.Channel,
-                 codegen: grpc.aio.Channel, policy: grpc.aio.Channel, ledger: grpc.aio.Channel):
+                 codegen: grpc.aio.Channel, policy: grpc.aio.Channel, ledger: grpc.aio.Channel,
+                 now: Callable[[], datetime] = now_utc):
+        # The hub's clock: it decides online (the payment's time, meal periods, the day's limits,
+        # access windows), never the device's.
+        self._now = now
         timeout_s = float(getattr(settings, "downstream_timeout_s", 5.0))
         self._timeout_s = timeout_s
         self._store = TxStore(pool)
@@ -84,11 +94,11 @@ class Transactions:
         self.codes = CodeVerifiers(codegen, timeout_s=timeout_s)
         self._policy = policy_pb2_grpc.PolicyServiceStub(policy)
         self._ledger = ledger_pb2_grpc.LedgerServiceStub(ledger)
-        self.access = Access(store=self._store)
+        self.access = Access(store=self._store, now=now)
         self.settlement = Settlement(store=self._store, ledger=self._ledger, alarms=alarms,
                                      member_by_card=self.members.by_card, timeout_s=timeout_s)
-        self.cabinets = Cabinets(store=self._store, devices=DevicehubStore(pool), policy=self._policy, ledger=self._ledger, resolve=self._resolve,
-                                 timeout_s=timeout_s)
+        self.cabinets = Cabinets(store=self._store, devices=DevicehubStore(pool), policy=self._policy,
+                                 ledger=self._ledger, resolve=self._resolve, timeout_s=timeout_s, now=now)
         self._recent_codes: OrderedDict[bytes, tuple[str, str, codes.Verified]] = OrderedDict()
         self._served: list[ServedRow] = []
         self._served_wake = asyncio.Event()
@@ -201,6 +211,26 @@ class Transactions:
             return await self._pass(device, msg)
         raise InvalidArgument("purpose must be PAY, ACCESS or RIDE", reason="PURPOSE_INVALID")
 
+    async def reverse(self, device: DeviceContext, msg: pb.Reversal) -> pb.ReversalResult:
+        """A timeout reversal of one of this device's payments: refunded if booked, its key closed
+        if not, exactly once either way (the ledger's ReversePayment under the device's scope)."""
+        key = _check_key(msg.idempotency_key)
+        reason = msg.reason or "ANSWER_NOT_RECEIVED"
+        if len(reason) > MAX_REVERSAL_REASON_CHARS or not reason.isascii() or not reason.isprintable():
+            raise InvalidArgument("reason: at most 64 printable ASCII characters", reason="REASON_INVALID")
+        try:
+            answer = await self._ledger.ReversePayment(lpb.ReversePaymentRequest(
+                tenant_id=device.tenant_id, idempotency_key=key, key_scope=device_scope(device.device_id),
+                reason=reason), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            refusal, error = ledger_refusal(exc, service="ledger")
+            raise error or FailedPrecondition(exc.details() or "the ledger refused the reversal",
+                                              reason=refusal) from None
+        log.info("payment reversed", device_id=device.device_id,
+                 outcome=lpb.ReversalOutcome.Name(answer.outcome), reason=reason)
+        return pb.ReversalResult(idempotency_key=key, outcome=_REVERSAL_OUTCOMES[answer.outcome],
+                                 refund_transfer_id=answer.refund.transfer_id if answer.HasField("refund") else "")
+
     async def _pay(self, device: DeviceContext, msg: pb.Authorize) -> pb.AuthorizeResult:
         if not 1 <= msg.amount_fen <= MAX_AMOUNT_FEN:
             raise InvalidArgument("amount_fen must be 1..100,000,000", reason="AMOUNT_INVALID")
@@ -222,7 +252,9 @@ class Transactions:
                 member_id=member.member_id, member_groups=member.groups,
                 scene=device.scene_tags[0] if device.scene_tags else "", merchant_id=device.merchant_account_id,
                 device_id=device.device_id, amount_fen=msg.amount_fen,
-                time=msg.device_time if msg.HasField("device_time") else timestamp_pb(now_utc()),
+                # The hub's clock decides the meal period and which day's caps apply, never the
+                # device's: a till set to yesterday's lunch must not pay under yesterday's limits.
+                time=timestamp_pb(self._now()),
                 channel="online", pin_verified=msg.pin_verified))
         try:
             answer = await self._policy.Pay(request, timeout=self._timeout_s)

@@ -291,6 +291,28 @@ def check_stored_key(value: str) -> str:
     return value
 
 
+class ReversalOutcome(StrEnum):
+    REVERSED = "reversed"
+    PREVENTED = "prevented"
+
+
+@dataclass(frozen=True)
+class Reversal:
+    outcome: ReversalOutcome
+    payment_id: uuid.UUID | None = None
+    refund_id: uuid.UUID | None = None
+
+
+MAX_REVERSAL_REASON_CHARS = 64
+
+
+def reversal_refund_key(payment_key: str) -> str:
+    """The key a reversal's refund books under: the payment's key in a scope of its own, which no
+    caller can name (runtime.idempotency), so the refund happens once and nobody can take its key."""
+    scope, key = split_key(payment_key)
+    return f"{REVERSAL}.{scope or 'unscoped'}/{key}"
+
+
 def check_request_fingerprint(value: bytes) -> bytes | None:
     """A caller's fingerprint of the request a write carries out: a SHA-256, or none."""
     if not value:
@@ -362,8 +384,14 @@ def fingerprint(*, operation: str, request: dict[str, Any]) -> bytes:
     return hashlib.sha256(canonical.encode()).digest()
 
 
+REVERSAL = "reversal"
+
+
 def check_same_request(*, stored_operation: str, stored_fingerprint: bytes, operation: str,
                        request_fingerprint: bytes) -> None:
+    if stored_operation == REVERSAL and operation != REVERSAL:
+        # The caller gave up on this write and reversed it before it arrived: it never happens.
+        raise FailedPrecondition("this payment was reversed before it reached the ledger", reason="PAYMENT_REVERSED")
     if stored_operation != operation or stored_fingerprint != request_fingerprint:
         raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
 

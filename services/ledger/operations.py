@@ -19,6 +19,7 @@ import asyncpg
 
 from runtime.errors import Conflict, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from runtime.events import PendingEvent, outbox_rows
+from runtime.idempotency import split_key
 from runtime.logs import get_logger
 from services.ledger import domain
 from services.ledger.domain import (
@@ -47,6 +48,8 @@ from services.ledger.domain import (
     Program,
     ProgramStatus,
     PurseKind,
+    Reversal,
+    ReversalOutcome,
     StatementTotals,
     Transfer,
     TransferKind,
@@ -68,6 +71,7 @@ SUBJECT_HOLD = {
 SUBJECT_FROZEN = "ledger.account.frozen"
 SUBJECT_UNFROZEN = "ledger.account.unfrozen"
 SUBJECT_SHORTFALL = "ledger.offline.shortfall"
+SUBJECT_REVERSED = "ledger.payment.reversed"
 SUBJECT_BATCH_FINISHED = "ledger.grant_batch.finished"
 SUBJECT_PROGRAM_ENDED = "ledger.program.ended"
 _MERCHANT = frozenset({PurseKind.MERCHANT_SETTLEMENT})
@@ -87,6 +91,12 @@ def _posted_event(transfer: Transfer, *, applied_guards: Sequence[tuple[Guard, i
                             "value_after": value_after} for g, value_after in applied_guards]
     return PendingEvent(subject=SUBJECT_TRANSFER_POSTED, event_type=SUBJECT_TRANSFER_POSTED,
                         tenant_id=str(transfer.tenant_id), data=event_data(transfer, **extra))
+
+
+def _reversal_event(tenant_id: uuid.UUID, *, key: str, outcome: ReversalOutcome) -> PendingEvent:
+    scope, client_key = split_key(key)
+    return PendingEvent(subject=SUBJECT_REVERSED, event_type="payment.reversed", tenant_id=str(tenant_id),
+                        data={"idempotency_key": client_key, "key_scope": scope, "outcome": outcome.value})
 
 
 def _hold_event(transfer: Transfer, hold: Hold) -> PendingEvent:
@@ -363,8 +373,36 @@ class Ledger:
             used_codes.add(command.code)
         return applied
 
+    async def reverse_payment(self, *, tenant_id: uuid.UUID, idempotency_key: str, reason: str) -> Reversal:
+        """Undo the payment under the (scoped) key, or close the key if it booked nothing, exactly
+        once either way (docs/ledger.md, Reversals)."""
+        key = domain.check_stored_key(idempotency_key)
+        reason = domain.check_text(reason, what="reason", max_chars=domain.MAX_REVERSAL_REASON_CHARS)
+        fingerprint = domain.fingerprint(operation=domain.REVERSAL, request={})
+        async with self._store.tenant_tx(tenant_id) as tx:
+            seen = await tx.claim_key(idempotency_key=key, operation=domain.REVERSAL, fingerprint=fingerprint)
+            if seen is None:
+                await tx.emit([_reversal_event(tenant_id, key=key, outcome=ReversalOutcome.PREVENTED)])
+                return Reversal(outcome=ReversalOutcome.PREVENTED)
+        operation, _stored, result = seen
+        if operation == domain.REVERSAL:
+            return Reversal(outcome=ReversalOutcome.PREVENTED)
+        if operation != "pay" or result is None:
+            raise Conflict("this idempotency key names a write that is not a payment", reason="IDEMPOTENCY_KEY_REUSED")
+        try:
+            refunded = await self.refund(tenant_id=tenant_id, idempotency_key=domain.reversal_refund_key(key),
+                                         payment_transfer_id=result.transfer_id, amount_fen=0,
+                                         external_ref=f"reversal: {reason}"[:domain.MAX_REF_CHARS],
+                                         give_back_guards=True)
+        except FailedPrecondition as refused:
+            if refused.reason != "ALREADY_REFUNDED":
+                raise
+            return Reversal(outcome=ReversalOutcome.REVERSED, payment_id=result.transfer_id)
+        return Reversal(outcome=ReversalOutcome.REVERSED, payment_id=result.transfer_id,
+                        refund_id=refunded.transfer_id)
+
     async def refund(self, *, tenant_id: uuid.UUID, idempotency_key: str, payment_transfer_id: uuid.UUID,
-                     amount_fen: int, external_ref: str) -> WriteResult:
+                     amount_fen: int, external_ref: str, give_back_guards: bool = False) -> WriteResult:
         if amount_fen < 0:
             raise InvalidArgument("amount_fen must not be negative", reason="INVALID_AMOUNT")
         request = {"payment": str(payment_transfer_id), "amount_fen": amount_fen, "external_ref": external_ref}
@@ -390,6 +428,9 @@ class Ledger:
                 original_transfer_id=payment_transfer_id,
             )
             await tx.add_refunded(payment_transfer_id, amount_fen=amount)
+            if give_back_guards:
+                # A reversed payment never happened: what it counted against caps is given back.
+                await tx.give_back_guards(payment_transfer_id)
             await tx.emit([_posted_event(transfer)])
             return WriteResult(transfer_id=transfer.transfer_id, balances=await tx.balances([*ids, merchant_id]))
 

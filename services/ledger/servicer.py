@@ -37,6 +37,7 @@ from services.ledger.domain import (
     OwnerKind,
     PayLeg,
     PurseKind,
+    ReversalOutcome,
     Transfer,
     TransferKind,
     WriteResult,
@@ -61,6 +62,8 @@ _PURSE = {
     PurseKind.RECEIVABLE: pb.PURSE_KIND_RECEIVABLE,
 }
 _PURSE_FROM_PB = {v: k for k, v in _PURSE.items()}
+_REVERSAL = {ReversalOutcome.REVERSED: pb.REVERSAL_OUTCOME_REVERSED,
+             ReversalOutcome.PREVENTED: pb.REVERSAL_OUTCOME_PREVENTED}
 _STATUS = {AccountStatus.OPEN: pb.ACCOUNT_STATUS_OPEN, AccountStatus.FROZEN: pb.ACCOUNT_STATUS_FROZEN,
            AccountStatus.CLOSED: pb.ACCOUNT_STATUS_CLOSED}
 _TRANSFER_KIND = {
@@ -238,6 +241,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         else:
             transfer, balances = await self._answer(tenant_id, outcome.result)
         return pb.PayResponse(transfer=transfer, balances=balances)
+
+    async def ReversePayment(self, request: pb.ReversePaymentRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.ReversePaymentResponse:
+        tenant_id = _tenant(request.tenant_id)
+        reversal = await self._ledger.reverse_payment(tenant_id=tenant_id, idempotency_key=_key(request, context),
+                                                      reason=request.reason)
+        ids = [i for i in (reversal.payment_id, reversal.refund_id) if i is not None]
+        found = {t.transfer_id: t for t in await self._ledger.transfers(tenant_id=tenant_id, transfer_ids=ids)}
+        return pb.ReversePaymentResponse(
+            outcome=_REVERSAL[reversal.outcome],
+            payment=transfer_pb(found[reversal.payment_id]) if reversal.payment_id else None,
+            refund=transfer_pb(found[reversal.refund_id]) if reversal.refund_id else None)
 
     async def Refund(self, request: pb.RefundRequest, context: grpc.aio.ServicerContext) -> pb.RefundResponse:
         tenant_id = _tenant(request.tenant_id)

@@ -377,6 +377,22 @@ class TenantTx:
 
     # --- guards -------------------------------------------------------------------------------
 
+    async def give_back_guards(self, transfer_id: uuid.UUID) -> None:
+        """Lower each counter the transfer's guards raised by what they raised (counters locked in
+        key order, as payments lock them)."""
+        guards = await self.conn.fetch(
+            "SELECT counter_key, increment FROM transfer_guards WHERE tenant_id = $1 AND transfer_id = $2",
+            self.tenant_id, transfer_id,
+        )
+        if not guards:
+            return
+        values, _ = await self.lock_counters([g["counter_key"] for g in guards])
+        await self.conn.execute(
+            "UPDATE usage_counters c SET value = GREATEST(0, c.value - u.inc), updated_at = now()"
+            " FROM unnest($2::text[], $3::bigint[]) AS u(key, inc) WHERE c.tenant_id = $1 AND c.counter_key = u.key",
+            self.tenant_id, [g["counter_key"] for g in guards], [g["increment"] for g in guards],
+        )
+
     async def lock_counters(self, counter_keys: list[str]) -> tuple[dict[str, int], set[str]]:
         """The counters' values, locked (in ascending key order) until the transaction ends, and
         the keys created now: a counter never raised is created at 0 first. Concurrent payments on

@@ -9,7 +9,7 @@ devicehub channel), ``start_devicehub(**overrides)`` for a hub with other settin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -28,6 +28,7 @@ from tests.codegen.conftest import codegen_settings
 from tests.conftest import Launch, RunningService
 from tests.mesh import service_values
 from tests.devicehub.support import make_tenant
+from tests.devicehub.tx_support import CAMPUS_CLOCK, CampusClock
 from tests.ledger.conftest import ledger_settings
 from tests.policy_service.conftest import policy_settings
 
@@ -81,9 +82,18 @@ async def start_devicehub(launch: Launch, database_url: str, nats_url: str, iden
         values: dict[str, Any] = {"identity_target": identity.target, "codegen_target": codegen.target,
                                   "policy_target": policy.target, "ledger_target": ledger.target, **overrides}
         settings = devicehub_settings(database_url=database_url, nats_url=nats_url, **values)
-        return await launch(build_devicehub(settings), stub_cls=devicehub_pb2_grpc.DeviceAdminServiceStub)
+        return await launch(build_devicehub(settings, now=CAMPUS_CLOCK.now),
+                            stub_cls=devicehub_pb2_grpc.DeviceAdminServiceStub)
 
     return start
+
+
+@pytest.fixture(autouse=True)
+def campus_clock() -> Iterator[CampusClock]:
+    """The hub's clock runs on real time unless the test sets the hour (tx_support.CampusClock)."""
+    CAMPUS_CLOCK.reset()
+    yield CAMPUS_CLOCK
+    CAMPUS_CLOCK.reset()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from onecard.devicehub.v1 import devicehub_pb2 as pb
 from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
-from onecard_device.client import ONLINE_OUTCOME_UNKNOWN, DeviceClient
+from onecard_device.client import NO_ANSWER_REVERSED, DeviceClient
 from tests.mesh import pki
 from tests.conftest import RunningService
 
@@ -376,7 +376,17 @@ async def test_a_forced_offline_payment_is_uploaded_while_connected(
         await client.close()
 
 
-async def test_an_unanswered_online_payment_is_not_taken_again_offline(
+async def _ledger_payments(ledger: RunningService, tenant_id: str, member_id: str) -> tuple[int, int]:
+    """(payments, refunds) on the member's cash purse."""
+    state = await ledger.stub.GetMemberState(lpb.GetMemberStateRequest(tenant_id=tenant_id, member_id=member_id))
+    (cash,) = [a.account.account_id for a in state.accounts if a.account.purse_kind == lpb.PURSE_KIND_CASH]
+    page = await ledger.stub.ListTransfers(lpb.ListTransfersRequest(tenant_id=tenant_id, account_id=cash,
+                                                                    page_size=100))
+    kinds = [t.kind for t in page.transfers]
+    return kinds.count(lpb.TRANSFER_KIND_PAYMENT), kinds.count(lpb.TRANSFER_KIND_REFUND)
+
+
+async def test_an_unanswered_online_payment_is_reversed_and_never_taken_again_offline(
         identity: RunningService, codegen: RunningService, ledger: RunningService, policy: RunningService,
         start_devicehub, tenant_id: str, tmp_path: Path) -> None:  # noqa: ANN001
     from tests.devicehub.faults import HangingProxy
@@ -389,20 +399,86 @@ async def test_an_unanswered_online_payment_is_not_taken_again_offline(
         campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
         client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=0.3)
         link.held.add("Pay")
-        unknown = await client.pay(campus.code(), 500, "sale-1")
-        assert not unknown.approved and unknown.reason == ONLINE_OUTCOME_UNKNOWN, unknown
-        # The hub did send it on (now or a moment later): its outcome is unknown to the device.
+        unanswered = await client.pay(campus.code(), 500, "sale-1")
+        # Final at the till: not approved, and whatever the hub did with it is undone.
+        assert not unanswered.approved and unanswered.reason == NO_ANSWER_REVERSED, unanswered
         await _eventually(lambda: link.swallowed["Pay"] == 1, what="the hub's Pay call")
+        await _eventually(lambda: client.stats.reversals["REVERSAL_OUTCOME_PREVENTED"] == 1,
+                          what="the reversal's answer")
+        assert client.pending_reversals() == 0
         # The same sale may not become an offline record too.
         again = await client.pay(campus.code(), 500, "sale-1", offline=True)
-        assert not again.approved and again.reason == ONLINE_OUTCOME_UNKNOWN and not again.online, again
+        assert not again.approved and again.reason == NO_ANSWER_REVERSED and not again.online, again
         assert client.queue_depth() == 0 and client.connected
-        # Retried online once the link carries answers: the hub answers it, paid once.
+        # Sold again, under a new key, once the link carries answers: paid once.
         link.held.clear()
         client.authorize_timeout_s = 10.0
-        retried = await client.pay(campus.code(), 500, "sale-1")
-        assert retried.approved and retried.online and retried.transfer_id, retried
+        resold = await client.pay(campus.code(), 500, "sale-1-again")
+        assert resold.approved and resold.online and resold.transfer_id, resold
         assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN - 500
+        assert await _ledger_payments(ledger, tenant_id, campus.member_id) == (1, 0)
+    finally:
+        if client is not None:
+            await client.close()
+        await link.stop()
+
+
+async def test_a_payment_that_arrives_after_the_till_gave_up_is_prevented_by_its_reversal(
+        identity: RunningService, codegen: RunningService, ledger: RunningService, policy: RunningService,
+        start_devicehub, tenant_id: str, tmp_path: Path) -> None:  # noqa: ANN001
+    from tests.devicehub.faults import HangingProxy
+
+    link = await HangingProxy(policy.target).start()
+    client: DeviceClient | None = None
+    try:
+        hub = await start_devicehub(policy_target=link.target)
+        campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
+        client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=0.3)
+        link.delay_s["Pay"] = 2.0  # passed on long after the till gave up
+        late = await client.pay(campus.code(), 700, "late-sale")
+        assert not late.approved and late.reason == NO_ANSWER_REVERSED, late
+        await _eventually(lambda: sum(client.stats.reversals.values()) == 1, what="the reversal's answer")
+        await link.settled()  # the late Pay reached policy and the ledger, and was refused
+        assert client.stats.reversals["REVERSAL_OUTCOME_PREVENTED"] == 1, client.stats.reversals
+        assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN
+        assert await _ledger_payments(ledger, tenant_id, campus.member_id) == (0, 0)
+    finally:
+        if client is not None:
+            await client.close()
+        await link.stop()
+
+
+async def test_a_payment_booked_by_a_hub_that_died_before_answering_is_refunded_once(
+        identity: RunningService, codegen: RunningService, ledger: RunningService, policy: RunningService,
+        start_devicehub, tenant_id: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """The hub is stopped between the booking and the answer: the device reconnects to the hub that
+    comes back, sends its reversal, and the ledger refunds the payment exactly once. Every payment
+    the ledger then holds unrefunded was confirmed to its device."""
+    from tests.devicehub.faults import HangingProxy
+
+    link = await HangingProxy(policy.target).start()
+    client: DeviceClient | None = None
+    try:
+        first = await start_devicehub(policy_target=link.target)
+        campus = await _seeded(identity, codegen, ledger, policy, first, tenant_id)
+        client = await campus.connected_client(first, tmp_path, authorize_timeout_s=10.0)
+        confirmed = await client.pay(campus.code(), 300, "before")
+        assert confirmed.approved, confirmed
+        link.answer_delay_s["Pay"] = 3.0  # booked at once; the answer held back
+        sale = asyncio.ensure_future(client.pay(campus.code(), 800, "doomed-sale"))
+        await _eventually(lambda: link.calls["Pay"] == 2 and not link._carried, what="the booking")
+        assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN - 300 - 800
+        device_port = int(first.device_target.rsplit(":", 1)[1])
+        await first.app.stop()  # gone before its answer
+        lost = await sale
+        assert not lost.approved and lost.reason == NO_ANSWER_REVERSED, lost
+        link.answer_delay_s.clear()
+        await start_devicehub(policy_target=link.target, device_port=device_port)
+        await _eventually(lambda: client.stats.reversals["REVERSAL_OUTCOME_REVERSED"] == 1, timeout_s=30,
+                          what="the reversal through the hub that came back")
+        assert client.pending_reversals() == 0
+        assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN - 300
+        assert await _ledger_payments(ledger, tenant_id, campus.member_id) == (2, 1)
     finally:
         if client is not None:
             await client.close()

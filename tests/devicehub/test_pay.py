@@ -5,6 +5,7 @@ short purses) are answers, not errors."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import onecard_codes as codes
 
@@ -17,6 +18,7 @@ from tests.devicehub.tx_support import (
     DINNER,
     LUNCH,
     add_member,
+    ask,
     balance,
     campus,
     device,
@@ -156,7 +158,7 @@ async def test_a_frozen_members_code_is_refused_online(identity, codegen, ledger
 
 
 async def test_concurrent_payments_answer_out_of_order_by_request_id(identity, codegen, ledger, policy, devicehub,
-                                                                    device_stub,  # noqa: ANN001
+                                                                    device_stub, campus_clock,  # noqa: ANN001
                                                                     tenant_id: str) -> None:
     c = await campus(identity=identity, ledger=ledger, policy=policy, tenant_id=tenant_id)
     members = [await add_member(c, identity=identity, ledger=ledger, number=f"S{i}", cash_fen=10_000,
@@ -164,7 +166,8 @@ async def test_concurrent_payments_answer_out_of_order_by_request_id(identity, c
     pos = await device(devicehub, device_stub, tenant_id, merchant_id=c.merchant_id)
     conn = await online(device_stub, pos)
     try:
-        # All sent before any answer is read: the hub works on them together.
+        # All sent before any answer is read: the hub works on them together. Lunch at the hub.
+        campus_clock.set(LUNCH)
         for i, m in enumerate(members):
             await conn.send(authorize=pb.Authorize(
                 request_id=f"r{i}", presentation=pb.Presentation(code=m.code()), purpose=pb.PURPOSE_PAY,
@@ -245,3 +248,30 @@ async def test_the_member_cache_shares_calls_expires_and_forgets_on_events() -> 
     await pending
     await members.by_id("t", "m2")
     assert calls.count("m2") == 2
+
+
+async def test_a_till_set_to_yesterdays_lunch_pays_by_the_hubs_clock(identity, codegen, ledger, policy, devicehub,
+                                                                     device_stub, tenant_id: str) -> None:  # noqa: ANN001
+    """The hub's clock decides: a till whose clock says yesterday's lunch cannot pay in a closed
+    canteen, nor escape today's caps by claiming another day."""
+    c = await campus(identity=identity, ledger=ledger, policy=policy, tenant_id=tenant_id)
+    member = await add_member(c, identity=identity, ledger=ledger, number="S1", cash_fen=50_000, codegen=codegen)
+    pos = await device(devicehub, device_stub, tenant_id, merchant_id=c.merchant_id)
+    conn = await online(device_stub, pos)
+    yesterday_lunch = stamp(LUNCH - timedelta(days=1))
+    try:
+        closed = await ask(conn, presentation=pb.Presentation(code=member.code()), purpose=pb.PURPOSE_PAY,
+                           amount_fen=1_000, idempotency_key=str(uuid.uuid4()), device_time=yesterday_lunch,
+                           hub_time=LUNCH.replace(hour=15))
+        assert (closed.approved, closed.reason) == (False, "OUTSIDE_MEAL_PERIOD")
+        # Today's daily canteen cap (100.00 CNY) spent at today's lunch...
+        for _ in range(2):
+            assert (await pay(conn, amount_fen=5_000, code=member.code())).approved
+        # ...is today's for a till that says it is yesterday.
+        over = await ask(conn, presentation=pb.Presentation(code=member.code()), purpose=pb.PURPOSE_PAY,
+                         amount_fen=500, idempotency_key=str(uuid.uuid4()), device_time=yesterday_lunch,
+                         hub_time=LUNCH + timedelta(minutes=30))
+        assert (over.approved, over.reason) == (False, "LIMIT_EXCEEDED:daily-canteen")
+        assert await balance(ledger, tenant_id, member.cash_id) == 50_000 - 10_000
+    finally:
+        await conn.close()

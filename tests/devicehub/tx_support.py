@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -154,9 +154,41 @@ async def online(device_stub: Any, enrolled: EnrolledDevice) -> DeviceConnection
     return await connect(device_stub, enrolled)
 
 
-async def ask(conn: DeviceConnection, *, timeout: float = 10.0, **fields: Any) -> pb.AuthorizeResult:
-    """Send an authorize and answer its result."""
+class CampusClock:
+    """The hub's clock in these tests (its ``now``, tests/devicehub/conftest.py): the real time,
+    unless a test said what hour it is on campus, from which it runs on. The hub decides online by
+    its own clock, so "pay at dinner" means "it is dinner time at the hub" — and ``ask`` makes it so
+    (the test's devices agree with the hub; the one test of a device clock that disagrees sends its
+    ``device_time`` with ``hub_time`` apart)."""
+
+    def __init__(self) -> None:
+        self._at: datetime | None = None
+        self._set_at = 0.0
+
+    def set(self, at: datetime) -> None:
+        self._at, self._set_at = at, time.monotonic()
+
+    def reset(self) -> None:
+        self._at = None
+
+    def now(self) -> datetime:
+        if self._at is None:
+            return datetime.now(UTC)
+        return self._at + timedelta(seconds=time.monotonic() - self._set_at)
+
+
+CAMPUS_CLOCK = CampusClock()
+
+
+async def ask(conn: DeviceConnection, *, timeout: float = 10.0, hub_time: datetime | None = None,
+              **fields: Any) -> pb.AuthorizeResult:
+    """Send an authorize and answer its result. The hub's clock reads ``hub_time``, or else the
+    device's ``device_time`` when one is sent."""
     request_id = fields.setdefault("request_id", str(uuid.uuid4()))
+    if hub_time is not None:
+        CAMPUS_CLOCK.set(hub_time)
+    elif "device_time" in fields:
+        CAMPUS_CLOCK.set(fields["device_time"].ToDatetime(tzinfo=UTC))
     await conn.send(authorize=pb.Authorize(**fields))
     answer = await conn.recv_until(
         lambda m: (m.WhichOneof("body") == "authorize_result" and m.authorize_result.request_id == request_id)

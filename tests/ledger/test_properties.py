@@ -48,6 +48,9 @@ operations = st.one_of(
 )
 
 
+# The client the model's top-ups, payments, refunds and clawbacks are written for.
+CLIENT = "client:oc_model"
+
 @dataclass
 class Model:
     """What the ledger should hold, computed the plain way."""
@@ -65,7 +68,8 @@ class Model:
     # [hold id, member, amount, pending?]
     holds: list[list[Any]] = field(default_factory=list)
     # (resend, transfer id, balances answered)
-    writes: list[tuple[Callable[[str], Awaitable[Any]], str, Any, str]] = field(default_factory=list)
+    # (resend, transfer id, balances, key, key scope)
+    writes: list[tuple[Callable[[str], Awaitable[Any]], str, Any, str, str]] = field(default_factory=list)
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str | None:
@@ -98,7 +102,8 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
 
     def write(result: Any, resend: Callable[[str], Awaitable[Any]], key: str) -> None:
         seen["written"] += 1
-        m.writes.append((resend, result.transfer.transfer_id, list(result.balances), key))
+        m.writes.append((resend, result.transfer.transfer_id, list(result.balances), key,
+                         result.transfer.key_scope))
 
     for op in ops:
         kind = op[0]
@@ -109,7 +114,8 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
             source, target = (c.bank_id, c.cash[n]) if kind == "top_up" else (c.funding_id, c.subsidy[n])
 
             def send(k: str, source=source, target=target, amount=amount) -> Awaitable[Any]:  # noqa: ANN001
-                return stub.TopUp(pb.TopUpRequest(tenant_id=c.tenant_id, idempotency_key=k, from_account_id=source,
+                return stub.TopUp(pb.TopUpRequest(tenant_id=c.tenant_id, idempotency_key=k, key_scope=CLIENT,
+                                                  from_account_id=source,
                                                   to_account_id=target, amount_fen=amount))
 
             result, reason = r.call(lambda: send(key))
@@ -129,7 +135,7 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
                 continue
 
             def send(k: str, legs=legs) -> Awaitable[Any]:  # noqa: ANN001
-                return stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key=k,
+                return stub.Pay(pb.PayRequest(tenant_id=c.tenant_id, idempotency_key=k, key_scope=CLIENT,
                                               merchant_account_id=c.merchant_id,
                                               legs=[pb.PayLeg(account_id=a, amount_fen=f) for a, _, f in legs]))
 
@@ -155,7 +161,7 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
             payment_id, n, legs = m.payments[i % len(m.payments)]
 
             def send(k: str, payment_id=payment_id, amount=amount) -> Awaitable[Any]:  # noqa: ANN001
-                return stub.Refund(pb.RefundRequest(tenant_id=c.tenant_id, idempotency_key=k,
+                return stub.Refund(pb.RefundRequest(tenant_id=c.tenant_id, idempotency_key=k, key_scope=CLIENT,
                                                     payment_transfer_id=payment_id, amount_fen=amount))
 
             rest = sum(paid - back for _, paid, back in legs)
@@ -269,7 +275,7 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
             _, n, amount = op
 
             def send(k: str, n=n, amount=amount) -> Awaitable[Any]:  # noqa: ANN001
-                return stub.Clawback(pb.ClawbackRequest(tenant_id=c.tenant_id, idempotency_key=k,
+                return stub.Clawback(pb.ClawbackRequest(tenant_id=c.tenant_id, idempotency_key=k, key_scope=CLIENT,
                                                         account_id=c.subsidy[n], amount_fen=amount))
 
             result, reason = r.call(lambda: send(key))
@@ -284,7 +290,7 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
         elif kind == "repeat":
             if not m.writes:
                 continue
-            resend, transfer_id, balances, first_key = m.writes[op[1] % len(m.writes)]
+            resend, transfer_id, balances, first_key, _scope = m.writes[op[1] % len(m.writes)]
             result, reason = r.call(lambda: resend(first_key))
             assert reason is None, reason
             assert result.transfer.transfer_id == transfer_id
@@ -292,9 +298,14 @@ def run_sequence(r: Runner, c: Campus, ops: list[tuple], *, seen: Counter[str]) 
         elif kind == "reuse":
             if not m.writes:
                 continue
-            first_key = m.writes[op[1] % len(m.writes)][3]
+            # A key of the model client's (its top-ups, payments, refunds, clawbacks): holds are
+            # the till's keys, in another scope, which the gateway may not name.
+            theirs = [w for w in m.writes if w[4] == CLIENT]
+            if not theirs:
+                continue
+            first_key = theirs[op[1] % len(theirs)][3]
             _, reason = r.call(lambda: stub.TopUp(pb.TopUpRequest(
-                tenant_id=c.tenant_id, idempotency_key=first_key, from_account_id=c.bank_id,
+                tenant_id=c.tenant_id, idempotency_key=first_key, key_scope=CLIENT, from_account_id=c.bank_id,
                 to_account_id=c.cash[0], amount_fen=REUSED_AMOUNT_FEN)))
             assert reason == "IDEMPOTENCY_KEY_REUSED", reason
 

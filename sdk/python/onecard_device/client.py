@@ -20,10 +20,13 @@ A broken stream is retried with exponential backoff and jitter; a refusal that c
 with ``refused`` set.
 
 ``pay`` and ``access`` go online when the stream is up and fall back to the offline engine when it
-is down (or when asked to decide offline). An online request that was sent but not answered (a
-timeout, the stream dropping) has an unknown outcome: it answers ``ONLINE_OUTCOME_UNKNOWN``, and
-the same idempotency key is then refused offline — retry it online, where the hub answers the
-first payment — so one purchase never becomes an online payment and an offline record too.
+is down (or when asked to decide offline). An online payment that was sent but not answered (a
+timeout, the stream dropping) is **reversed**, as card networks reverse a timed-out authorisation:
+``pay`` answers ``NO_ANSWER_REVERSED`` (not approved: the sale did not happen at the till), the
+reversal is kept on disk and sent until the hub answers it (on this stream or the next, after a
+restart too), and the hub refunds the payment if it was booked or closes its key so it never
+books. Every sale so ends final at the till; sell again under a new key. The reversed key itself
+is refused offline (a second record of the same sale would be a second charge).
 
 Offline records are uploaded oldest first in batches of at most 1000 whenever the stream is up;
 a record leaves the disk only when an upload result gives it a final outcome.
@@ -68,7 +71,9 @@ HEALTHY_SESSION_S = 10.0
 MAX_AMBIGUOUS_KEYS = 10_000
 # While connected, how often the trust list's age is reset (a verifier refuses one older than a week).
 TRUST_REFRESH_S = 3600
-ONLINE_OUTCOME_UNKNOWN = "ONLINE_OUTCOME_UNKNOWN"
+NO_ANSWER_REVERSED = "NO_ANSWER_REVERSED"
+REVERSAL_REASON = "ANSWER_NOT_RECEIVED"
+MAX_REVERSALS_PER_ROUND = 100
 NOT_CONNECTED = "NOT_CONNECTED"
 # Refusals of the handshake that retrying cannot heal.
 TERMINAL_REASONS = frozenset({"DEVICE_UNKNOWN", "DEVICE_DECOMMISSIONED", "DEVICE_NOT_ENROLLED", "CHALLENGE_FAILED"})
@@ -136,6 +141,7 @@ class ClientStats:
     missing_sequences: set[int] = field(default_factory=set)
     stream_errors: Counter = field(default_factory=Counter)
     updates: Counter = field(default_factory=Counter)  # SUCCEEDED / FAILED
+    reversals: Counter = field(default_factory=Counter)  # ReversalOutcome name -> reversals answered
 
 
 def _now_ts(seconds: float) -> Timestamp:
@@ -229,6 +235,7 @@ class DeviceClient:
         self._want_online = asyncio.Event()
         self._want_online.set()
         self._queued = asyncio.Event()
+        self._reversal_queued = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._session_tasks: list[asyncio.Task] = []
         self._closing = False
@@ -440,8 +447,10 @@ class DeviceClient:
         self._on_welcome(welcome.welcome)
         self.stats.sessions += 1
         self._connected.set()
-        self._session_tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._uploads())]
+        self._session_tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._uploads()),
+                               asyncio.create_task(self._reversals())]
         self._queued.set()
+        self._reversal_queued.set()
         while True:
             message = await self._read(call)
             self._dispatch(message)
@@ -466,12 +475,14 @@ class DeviceClient:
             self._resolve(f"u:{message.upload_result.upload_id}", message.upload_result)
         elif body == "cabinet_result":
             self._resolve(f"c:{message.cabinet_result.order_id}", message.cabinet_result)
+        elif body == "reversal_result":
+            self._resolve(f"r:{message.reversal_result.idempotency_key}", message.reversal_result)
         elif body == "update_command":
             self._spawn(self._on_update(message.update_command))
         elif body == "error":
             error = message.error
             self.stats.stream_errors[error.reason] += 1
-            for prefix in ("a", "u", "c"):
+            for prefix in ("a", "u", "c", "r"):
                 future = self._pending.pop(f"{prefix}:{error.ref}", None) if error.ref else None
                 if future is not None and not future.done():
                     future.set_exception(StreamRefused(error))
@@ -587,6 +598,42 @@ class DeviceClient:
             else:
                 idle_s = 0.5
 
+    async def _reversals(self) -> None:
+        """Send the reversals kept on disk until the hub answers each (final either way)."""
+        idle_s = 0.5
+        while True:
+            pending = self.store.pending_reversals(limit=MAX_REVERSALS_PER_ROUND)
+            if not pending:
+                self._reversal_queued.clear()
+                await self._reversal_queued.wait()
+                continue
+            answered = 0
+            for key, reason in pending:
+                try:
+                    result = await self._request(f"r:{key}", pb.ConnectRequest(reversal=pb.Reversal(
+                        idempotency_key=key, reason=reason)), timeout_s=self.authorize_timeout_s)
+                except (StreamRefused, TimeoutError) as exc:
+                    log.warning("device %s: reversal refused or unanswered: %s", self.device_id, exc)
+                    continue
+                except (NotConnected, ConnectionLost):
+                    return
+                self.stats.reversals[pb.ReversalOutcome.Name(result.outcome)] += 1
+                self.store.drop_reversal(key)
+                answered += 1
+            if answered == 0:
+                await asyncio.sleep(idle_s)
+                idle_s = min(idle_s * 2, 30.0)
+            else:
+                idle_s = 0.5
+
+    def _reverse_later(self, key: str) -> None:
+        """The answer to an online payment did not come: reverse it (kept on disk, sent when it can be)."""
+        self.store.add_reversal(key, reason=REVERSAL_REASON, now_s=self.clock())
+        self._reversal_queued.set()
+
+    def pending_reversals(self) -> int:
+        return len(self.store.pending_reversals(limit=MAX_AMBIGUOUS_KEYS))
+
     async def _on_update(self, command: pb.UpdateCommand) -> None:
         firmware = command.target == pb.ROLLOUT_TARGET_FIRMWARE
         old = self.firmware_version if firmware else str(self.state.version(pb.SYNC_KIND_CONFIG) if self.state else 0)
@@ -674,11 +721,12 @@ class DeviceClient:
             except StreamRefused as exc:
                 return Outcome(False, exc.reason, online=True, amount_fen=amount_fen, idempotency_key=key)
             except (ConnectionLost, TimeoutError):
+                # Sent, never answered: whatever the hub did with it is undone.
                 self._remember_ambiguous(key)
-                return Outcome(False, ONLINE_OUTCOME_UNKNOWN, online=True, amount_fen=amount_fen,
-                               idempotency_key=key)
-        if key in self._ambiguous:
-            return Outcome(False, ONLINE_OUTCOME_UNKNOWN, online=False, amount_fen=amount_fen, idempotency_key=key)
+                self._reverse_later(key)
+                return Outcome(False, NO_ANSWER_REVERSED, online=True, amount_fen=amount_fen, idempotency_key=key)
+        if key in self._ambiguous or self.store.has_reversal(key):
+            return Outcome(False, NO_ANSWER_REVERSED, online=False, amount_fen=amount_fen, idempotency_key=key)
         return self._offline_outcome(self.engine.pay(presentation, amount_fen, pin_verified=pin_verified), key=key)
 
     async def access(self, presentation: pb.Presentation, *, purpose: int = pb.PURPOSE_ACCESS,

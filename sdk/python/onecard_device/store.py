@@ -5,6 +5,9 @@ Each offline decision is one transaction: the record with the next sequence, the
 raised and the code it accepted are written together, or not at all, so a device that loses power
 halfway never reuses a sequence, never forgets a record it approved and never lets a code it
 already took pay again. Records leave the queue only when the hub answered a final outcome.
+
+Timeout reversals wait here too: an online payment whose answer did not come is kept as a reversal
+to send until the hub answers it, through restarts and reconnections.
 """
 from __future__ import annotations
 
@@ -31,6 +34,11 @@ CREATE TABLE IF NOT EXISTS records (
     body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (k TEXT PRIMARY KEY, v INTEGER NOT NULL, day TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS reversals (
+    idempotency_key TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    created_s REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS accepted_codes (
     credential BLOB NOT NULL,
     counter INTEGER NOT NULL,
@@ -164,6 +172,30 @@ class DeviceStore:
         with self._lock:
             row = self._db.execute("SELECT min(event_time_s) FROM records").fetchone()
         return None if row[0] is None else float(row[0])
+
+    # ---- timeout reversals ----
+
+    def add_reversal(self, idempotency_key: str, *, reason: str, now_s: float) -> None:
+        """Keep a reversal to send until the hub answers it (the same key twice is one reversal)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO reversals (idempotency_key, reason, created_s) VALUES (?, ?, ?)",
+                             (idempotency_key, reason, now_s))
+
+    def pending_reversals(self, *, limit: int) -> list[tuple[str, str]]:
+        """(key, reason) of the reversals not answered yet, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT idempotency_key, reason FROM reversals ORDER BY created_s LIMIT ?",
+                                    (limit,)).fetchall()
+        return [(str(k), str(r)) for k, r in rows]
+
+    def has_reversal(self, idempotency_key: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM reversals WHERE idempotency_key = ?",
+                                    (idempotency_key,)).fetchone() is not None
+
+    def drop_reversal(self, idempotency_key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM reversals WHERE idempotency_key = ?", (idempotency_key,))
 
     # ---- local counters and accepted codes ----
 
