@@ -339,7 +339,7 @@ class ServiceApp:
         if tls is None:
             self.terminal_port = server.add_insecure_port(address)
         else:
-            self.terminal_tls = MeshTLS.load(listener.tls_dir) if listener.tls_dir else tls
+            self.terminal_tls = MeshTLS.load(listener.tls_dir, mesh_name=False) if listener.tls_dir else tls
             self.terminal_port = server.add_secure_port(address, self.terminal_tls.server_only_credentials())
         await server.start()
         self._terminal_server = server

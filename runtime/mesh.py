@@ -84,14 +84,16 @@ class MeshTLS:
     name: str
 
     @classmethod
-    def load(cls, directory: Path) -> MeshTLS:
+    def load(cls, directory: Path, *, mesh_name: bool = True) -> MeshTLS:
+        """The folder's material. ``mesh_name=False`` for a certificate that needs no mesh identity
+        (the device port's, issued for the public name terminals dial, e.g. by ACME)."""
         files = {name: directory / name for name in (CA_FILE, CERT_FILE, KEY_FILE)}
         missing = [str(path) for path in files.values() if not path.is_file()]
         if missing:
             raise TLSMaterialError(f"{TLS_DIR_SETTING}: missing {', '.join(missing)}")
         cert_pem = files[CERT_FILE].read_bytes()
         return cls(directory=directory, ca_pem=files[CA_FILE].read_bytes(), cert_pem=cert_pem,
-                   key_pem=files[KEY_FILE].read_bytes(), name=peer_name_of(cert_pem))
+                   key_pem=files[KEY_FILE].read_bytes(), name=peer_name_of(cert_pem) if mesh_name else "")
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Mutual TLS: a client certificate from the CA is required; the server's own is re-read

@@ -74,8 +74,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _san_entries(name: str, hosts: Iterable[str]) -> list[x509.GeneralName]:
-    entries: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id(name)), x509.DNSName(name)]
+def _san_entries(name: str, hosts: Iterable[str], *, spiffe: bool = True) -> list[x509.GeneralName]:
+    entries: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id(name))] if spiffe else []
+    entries.append(x509.DNSName(name))
     for host in hosts:
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -157,7 +158,7 @@ class CertificateAuthority:
         return ca
 
     def issue(self, name: str, *, hosts: Iterable[str] = LOCAL_HOSTS, lifetime: dt.timedelta = DEFAULT_LEAF_LIFETIME,
-              not_before: dt.datetime | None = None) -> tuple[bytes, bytes]:
+              not_before: dt.datetime | None = None, spiffe: bool = True) -> tuple[bytes, bytes]:
         """A leaf for ``name``: URI SAN spiffe://onecard/<name>, DNS SAN <name> (what a client checks
         the server against) and ``hosts``; usable as server and client. Answers (cert PEM, key PEM)."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -171,7 +172,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + lifetime)
-            .add_extension(x509.SubjectAlternativeName(_san_entries(name, hosts)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(_san_entries(name, hosts, spiffe=spiffe)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
                                          crl_sign=False, content_commitment=False, data_encipherment=False,
@@ -185,9 +186,10 @@ class CertificateAuthority:
 
     def write_identity(self, directory: Path, name: str, *, hosts: Iterable[str] = LOCAL_HOSTS,
                        lifetime: dt.timedelta = DEFAULT_LEAF_LIFETIME, not_before: dt.datetime | None = None,
-                       ) -> IdentityFiles:
-        """Issue ``name`` and write its three files into ``directory`` (key first, owner-only)."""
-        cert_pem, key_pem = self.issue(name, hosts=hosts, lifetime=lifetime, not_before=not_before)
+                       spiffe: bool = True) -> IdentityFiles:
+        """Issue ``name`` and write its three files into ``directory`` (key first, owner-only).
+        ``spiffe=False``: a plain server certificate (no mesh identity), as for a public name."""
+        cert_pem, key_pem = self.issue(name, hosts=hosts, lifetime=lifetime, not_before=not_before, spiffe=spiffe)
         files = IdentityFiles(directory)
         _write(files.key, key_pem, private=True)
         _write(files.cert, cert_pem)

@@ -77,3 +77,17 @@ async def test_a_terminal_trusts_only_the_hub_its_ca_bundle_vouches_for(
     assert (tmp_path / "pos" / "hub-ca.pem").read_bytes() == devicehub.device_ca_pem
     async with terminal_channel(devicehub.device_target, devicehub.device_ca_pem) as channel:
         await channel.channel_ready()
+
+
+async def test_the_device_port_may_show_a_public_certificate_with_no_mesh_identity(
+        start_devicehub, tmp_path: Path) -> None:  # noqa: ANN001
+    """Terminals dial a public name: its certificate (from a device CA, or ACME) needs no
+    spiffe://onecard/ identity, and the hub hands out that CA's bundle."""
+    device_ca = CertificateAuthority.create(common_name="campus devices CA")
+    device_ca.write_identity(tmp_path / "device-tls", "devices.campus.example", spiffe=False)
+    hub = await start_devicehub(device_tls_dir=tmp_path / "device-tls")
+    assert hub.device_ca_pem == device_ca.pem
+    async with terminal_channel(hub.device_target, device_ca.pem) as channel:
+        enrol = devicehub_pb2_grpc.DeviceServiceStub(channel).Enrol(pb.EnrolRequest(enrolment_token="nope"),
+                                                                    timeout=CALL_TIMEOUT_S)
+        assert await _code(enrol) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED)
