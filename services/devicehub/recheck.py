@@ -17,13 +17,13 @@ on it. The order of the checks (the first refusal is the record's reason) is doc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import onecard_codes as codes
 from onecard_device import planning
-from onecard_policy import Request, counter_keys
+from onecard_policy import Request, RuleSet, counter_keys
 
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from services.devicehub import evidence
@@ -59,9 +59,12 @@ class _Claim:
     request: Request | None = None
 
 
+_Refuse = Callable[[_Claim, str], None]
+
+
 class Recheck:
-    def __init__(self, *, codes_: CodeVerifiers, members: Members, rules: Rules, limits: OfflineLimits):
-        self._codes = codes_
+    def __init__(self, *, verifiers: CodeVerifiers, members: Members, rules: Rules, limits: OfflineLimits):
+        self._verifiers = verifiers
         self._members = members
         self._rules = rules
         self._limits = limits
@@ -118,12 +121,12 @@ class Recheck:
                     counters[key] = counters.get(key, 0) + increment
         return [v for v in verdicts if v is not None]
 
-    async def _codes_of(self, device: DeviceContext, claims: list[_Claim], refuse) -> None:  # noqa: ANN001
+    async def _codes_of(self, device: DeviceContext, claims: list[_Claim], refuse: _Refuse) -> None:
         """Each code verified as of its record's time; its credential, counter and member must be
         the ones the record names."""
         if not claims:
             return
-        results = await self._codes.verify_as_of(tenant_id=device.tenant_id, presented=[
+        results = await self._verifiers.verify_as_of(tenant_id=device.tenant_id, presented=[
             (c.record.code, codes.Purpose.PAY, c.record.event_time.seconds) for c in claims])
         for c, result in zip(claims, results, strict=True):
             if type(result) is codes.Rejected:
@@ -136,7 +139,7 @@ class Recheck:
                 c.code = result
                 c.member_id = str(result.member_id)
 
-    async def _directory(self, device: DeviceContext, claims: list[_Claim], refuse) -> None:  # noqa: ANN001
+    async def _directory(self, device: DeviceContext, claims: list[_Claim], refuse: _Refuse) -> None:
         """The code's member, or the card's holder, as the directory had them at the record's time."""
         if not claims:
             return
@@ -155,7 +158,7 @@ class Recheck:
             c.counter_member = c.member_id if not by_card else planning.counter_member(
                 member_id=c.record.member_id, card_uid=c.record.card_uid)
 
-    def _plan(self, device: DeviceContext, c: _Claim, rule_set, counters: dict[str, int]) -> Verdict:  # noqa: ANN001
+    def _plan(self, device: DeviceContext, c: _Claim, rule_set: RuleSet, counters: dict[str, int]) -> Verdict:
         recorded = [(evidence.normalise_purse_kind(leg.purse_kind), leg.ref, leg.amount_fen)
                     for leg in c.record.legs]
         plan = evidence.matching_plan(rule_set, _request(c), counters, recorded)

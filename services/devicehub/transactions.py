@@ -91,7 +91,7 @@ class Transactions:
         self.access = Access(store=self._store)
         limits = OfflineLimits(clock_skew=timedelta(seconds=settings.offline_clock_skew_s),
                                max_record_age=timedelta(seconds=settings.offline_max_record_age_s))
-        recheck = Recheck(codes_=self.codes, members=self.members, rules=Rules(self._policy, timeout_s=timeout_s),
+        recheck = Recheck(verifiers=self.codes, members=self.members, rules=Rules(self._policy, timeout_s=timeout_s),
                           limits=limits)
         self.settlement = Settlement(
             store=self._store, ledger=self._ledger, alarms=alarms, member_by_card=self.members.by_card,
