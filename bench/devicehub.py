@@ -11,9 +11,13 @@ directly by the same client in the same run (what the hub, policy and code check
 the payment itself). The ``*_cpu_ratio`` figures say where the time went.
 
 ``devicehub.offline_settle_per_s``: 100,000 device-signed offline records (10 devices, uploads of
-1,000, every record a payment by code) settled through the devices' streams: records per second
-from the first upload to the last answer; every record is checked BOOKED once and the merchant's
-total after.
+1,000, every record a payment by code carrying the code's text) settled through the devices'
+streams: records per second from the first upload to the last answer, every record's evidence
+checked again by the hub (the code verified at the record's time, the member's state then, the
+rules' plan on the device's counters) before the ledger books it; every record is checked BOOKED
+once and the merchant's total after. 25 payments per member per device: the tenant's codes and
+rule set allow 50 offline payments a member a day and 50,000 yuan a device (the example's 20 and
+20,000 would refuse the rest).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import uuid
 import grpc
 import nacl.signing
 from google.protobuf.timestamp_pb2 import Timestamp
+import onecard_codes as codes
 from onecard_codes import Purpose
 from onecard_codes.issue import make_holder_code
 from onecard_device.identity import challenge_message, record_message
@@ -60,6 +65,9 @@ OFFLINE_DEVICES = 10
 OFFLINE_RECORDS = 100_000
 UPLOAD_SIZE = 1000
 UPLOADS_IN_FLIGHT_PER_DEVICE = 2
+OFFLINE_COUNT_PER_DAY = 50
+# 10,000 records of 5 yuan on each device in one day.
+OFFLINE_DEVICE_PER_DAY_FEN = 5_000_000
 
 
 class BenchDevice:
@@ -76,8 +84,9 @@ class BenchDevice:
 
     async def connect(self) -> None:
         call = self.stub.Connect()
+        # No record issued yet (last_sequence 0): every record it uploads was made after this hello.
         await call.write(dpb.ConnectRequest(hello=dpb.Hello(tenant_id=self.tenant_id, device_id=self.device_id,
-                                                            firmware_version="bench-1")))
+                                                            firmware_version="bench-1", last_sequence=0)))
         challenge = await call.read()
         nonce = challenge.challenge.nonce
         message = challenge_message(tenant_id=self.tenant_id, device_id=self.device_id, nonce=nonce)
@@ -192,6 +201,12 @@ class Campus:
         bank = await self._open(mesh, lpb.OWNER_KIND_TENANT, "bank", lpb.PURSE_KIND_BANK_CLEARING)
         self.merchant = await self._open(mesh, lpb.OWNER_KIND_MERCHANT, STORE, lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
         doc = json.loads(json.dumps(university_rule_set()).replace(f'"{STORE}"', json.dumps(self.merchant)))
+        doc["offline"]["credential"]["count_per_day"] = OFFLINE_COUNT_PER_DAY
+        doc["offline"]["device"]["per_day_fen"] = OFFLINE_DEVICE_PER_DAY_FEN
+        await mesh.codegen.UpdateTenantCodeSettings(cpb.UpdateTenantCodeSettingsRequest(
+            tenant_id=self.tenant_id, caps=cpb.OfflineCaps(per_transaction_fen=5000, per_day_fen=20_000,
+                                                           per_day_count=OFFLINE_COUNT_PER_DAY),
+            default_credential_validity_hours=24), timeout=CALL_TIMEOUT_S)
         created = await mesh.policy.CreateRuleSetVersion(ppb.CreateRuleSetVersionRequest(
             tenant_id=self.tenant_id, document=json.dumps(doc), note="bench"), timeout=CALL_TIMEOUT_S)
         await mesh.policy.PublishRuleSetVersion(ppb.PublishRuleSetVersionRequest(
@@ -339,8 +354,6 @@ async def offline_settle(context: BenchContext) -> Figures:
         await campus.seed(mesh)
         devices = await campus.devices(mesh, OFFLINE_DEVICES, "Offline POS")
         per_device = OFFLINE_RECORDS // len(devices)
-        event_time = Timestamp()
-        event_time.GetCurrentTime()
         uploads: list[tuple[BenchDevice, dpb.Upload]] = []
         members = campus.members
         picks = itertools.count()
@@ -348,11 +361,14 @@ async def offline_settle(context: BenchContext) -> Figures:
             records = []
             for sequence in range(1, per_device + 1):
                 member_id = members[next(picks) % len(members)]
-                _, credential_id, counter = campus.code(member_id)
+                text, credential_id, counter = campus.code(member_id)
+                # The record's time is the code's: the hub verifies the code at it.
+                event_time = Timestamp(seconds=codes.decode_code(text).time_s)
                 records.append(_signed_record(device, dpb.OfflineRecord(
                     sequence=sequence, event_time=event_time, purpose=dpb.PURPOSE_PAY, method=dpb.METHOD_CODE,
-                    member_id=member_id, credential_id=credential_id, counter=counter, amount_fen=PRICE_FEN,
-                    legs=[dpb.PlanLeg(purse_kind="cash", amount_fen=PRICE_FEN)], bundle_version=1)))
+                    member_id=member_id, credential_id=credential_id, counter=counter, code=text,
+                    amount_fen=PRICE_FEN, legs=[dpb.PlanLeg(purse_kind="cash", amount_fen=PRICE_FEN)],
+                    bundle_version=1)))
             for start in range(0, len(records), UPLOAD_SIZE):
                 uploads.append((device, dpb.Upload(upload_id=uuid.uuid4().hex,
                                                    records=records[start:start + UPLOAD_SIZE])))

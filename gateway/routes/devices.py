@@ -70,7 +70,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 DeviceKindName = Literal["pos", "gate", "shuttle", "cabinet", "kiosk"]
 DeviceStatusName = Literal["pending", "active", "decommissioned"]
 AlarmKindName = Literal["offline_too_long", "clock_drift", "backlog_too_old", "sequence_gap", "code_replay",
-                        "shortfall", "rollout_failed", "record_rejected"]
+                        "shortfall", "rollout_failed", "record_rejected", "device_flagged"]
 AlarmSeverityName = Literal["info", "warning", "critical"]
 AlarmStateName = Literal["open", "acknowledged", "cleared"]
 MethodName = Literal["code", "card", "face"]
@@ -116,7 +116,7 @@ _DEVICE_EXAMPLE = {
     "reported_config_version": 3, "config": {"offline": {"max_records": 5000}}, "online": True,
     "last_seen_at": "2026-11-26T04:31:07Z", "queue_depth": 0, "clock_offset_ms": -120,
     "last_settled_sequence": 812, "capacity": 120, "created_at": "2026-11-20T02:00:00Z",
-    "key_fingerprint": "9f2c1e0a4b7d8c6e",
+    "key_fingerprint": "9f2c1e0a4b7d8c6e", "flagged": False, "flagged_at": None,
 }
 
 
@@ -148,6 +148,10 @@ class DeviceOut(BaseModel):
     created_at: datetime | None
     key_fingerprint: str | None = Field(description="Hex of the first 8 bytes of SHA-256 of the enrolled public "
                                         "key; null before enrolment.")
+    flagged: bool = Field(description="Flagged for review: its uploads held many records offline settlement "
+                          "rejected (a device_flagged alarm is open); clearing that alarm clears the flag.")
+    flagged_at: datetime | None = Field(description="When the open device_flagged alarm was raised; null when not "
+                                        "flagged.")
 
 
 def _device(d: pb.Device) -> DeviceOut:
@@ -160,6 +164,7 @@ def _device(d: pb.Device) -> DeviceOut:
         config=_document(d.config_json), online=d.online, last_seen_at=timestamp(d.last_seen_at),
         queue_depth=d.queue_depth, clock_offset_ms=d.clock_offset_ms, last_settled_sequence=d.last_settled_sequence,
         capacity=d.capacity, created_at=timestamp(d.created_at), key_fingerprint=or_none(d.key_fingerprint),
+        flagged=d.flagged, flagged_at=timestamp(d.flagged_at),
     )
 
 

@@ -33,6 +33,7 @@ KIND_NAMES: dict[int, str] = {
     6: "SHORTFALL",
     7: "ROLLOUT_FAILED",
     8: "RECORD_REJECTED",
+    9: "DEVICE_FLAGGED",
 }
 KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
 # onecard.devicehub.v1.AlarmSeverity values.

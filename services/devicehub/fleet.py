@@ -1,8 +1,10 @@
 """Watching the fleet: online/offline from streams and heartbeats, and the alarms heartbeats and
 silence raise.
 
-- A stream that completes its handshake puts the device online (event devicehub.device.online);
-  the stream's end puts it offline (devicehub.device.offline) unless a newer stream took over.
+- A stream that completes its handshake puts the device online (event devicehub.device.online)
+  and marks the hello (time, the device's last issued record sequence: offline settlement dates
+  records by it); the stream's end puts it offline (devicehub.device.offline) unless a newer
+  stream took over.
 - A heartbeat records the firmware, reported config version, queue depth, the oldest queued
   record, health and the clock offset; an offset beyond ``clock_drift_alarm_ms`` raises
   CLOCK_DRIFT, an oldest queued record older than ``backlog_alarm_after_s`` BACKLOG_TOO_OLD.
@@ -33,6 +35,8 @@ from services.devicehub.settings import DevicehubSettings
 log = get_logger(__name__)
 
 MAX_HEALTH_ENTRIES = 32
+# A hello's last_sequence is stored as BIGINT; records above it are refused anyway (SEQUENCE_INVALID).
+MAX_SEQUENCE = 2**63 - 1
 MAX_HEALTH_CHARS = 200
 
 
@@ -72,7 +76,8 @@ class Fleet:
         firmware = hello.firmware_version[:64]
         await self._backends.store.mark_online(
             tenant_id=session.tenant_id, device_id=session.device_id, now=now, firmware_version=firmware,
-            clock_offset_ms=offset, subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="connected"))
+            clock_offset_ms=offset, last_sequence=min(hello.last_sequence, MAX_SEQUENCE),
+            subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="connected"))
         # Back: an open OFFLINE_TOO_LONG alarm has nothing left to say.
         await self._backends.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
                                                     kind=KIND_OFFLINE_TOO_LONG)

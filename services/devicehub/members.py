@@ -1,7 +1,9 @@
 """Who a device was shown: members by id (from a code), by card UID or by face reference, from
-identity, cached briefly. A cached member is dropped when identity says anything about it
-(identity.member.*, identity.card.*, identity.face.* events), so a freeze or a lost card is seen at
-once; the time-to-live bounds what a missed event could leave behind.
+identity, cached briefly; and, for offline settlement, who they were at a record's time
+(``states_at``: identity's GetMemberStatesAt, asked once per upload, never cached). A cached
+member is dropped when identity says anything about it (identity.member.*, identity.card.*,
+identity.face.* events), so a freeze or a lost card is seen at once; the time-to-live bounds what
+a missed event could leave behind.
 
 Business refusals (an unknown or lost card, an unknown face) are ``Refused`` with the device-facing
 reason; a malformed card UID is the caller's InvalidArgument; identity away is Unavailable.
@@ -15,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -23,8 +26,10 @@ from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.identity.v1 import identity_pb2_grpc
 from runtime.errors import InvalidArgument, Unavailable
 from runtime.grpc_client import error_info
+from runtime.wire import timestamp_pb
 
 DEFAULT_TTL_S = 30.0
+MAX_STATES_PER_CALL = 1000
 # identity's card UID form (services.identity.domain), checked here to spare a call for garbage.
 _CARD_UID = re.compile(r"^[0-9A-F]{8,20}$")
 DEFAULT_MAX_ENTRIES = 200_000
@@ -66,6 +71,17 @@ class MemberInfo:
         if self.status == ACTIVE:
             return ""
         return "MEMBER_LEFT" if self.status == LEFT else "MEMBER_FROZEN"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberThen:
+    """What the directory said at an instant of a member (or of a card: its holder then)."""
+
+    found: bool
+    member_id: str = ""
+    # "active", "frozen" or "left" ('' when not found).
+    status: str = ""
+    card_lost: bool = False
 
 
 def member_info(member: ipb.Member) -> MemberInfo:
@@ -163,6 +179,29 @@ class Members:
         ref = face_enrolment_ref.strip()
         return await self._cached(("face", tenant_id, ref), lambda: self._stub.LookupMember(
             ipb.LookupMemberRequest(tenant_id=tenant_id, face_enrolment_ref=ref), timeout=self._timeout_s))
+
+    async def states_at(self, tenant_id: str, queries: list[tuple[str, str, datetime]]) -> list[MemberThen]:
+        """Each (member id, card UID, instant) -- one of the two ids set -- as the directory had it
+        then, in order: one identity call per 1000."""
+        answers: list[MemberThen] = []
+        for start in range(0, len(queries), MAX_STATES_PER_CALL):
+            chunk = queries[start:start + MAX_STATES_PER_CALL]
+            request = ipb.GetMemberStatesAtRequest(tenant_id=tenant_id, queries=[
+                ipb.MemberStateQuery(member_id=member_id or None, card_uid=card_uid or None, at=timestamp_pb(at))
+                for member_id, card_uid, at in chunk])
+            self.calls += 1
+            try:
+                answer = await self._stub.GetMemberStatesAt(request, timeout=self._timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    reason, _ = error_info(exc)
+                    raise InvalidArgument(exc.details() or "identity refused the lookup",
+                                          reason=reason or "INVALID_ARGUMENT") from None
+                raise Unavailable("identity did not answer; retry later", reason="IDENTITY_UNAVAILABLE") from None
+            answers += [MemberThen(found=True, member_id=a.member_id, status=_STATUS.get(a.status, FROZEN),
+                                   card_lost=a.card_lost) if a.found else MemberThen(found=False)
+                        for a in answer.states]
+        return answers
 
     async def _cached(self, key: tuple[str, ...], call: Callable[[], Awaitable[Any]]) -> MemberInfo:
         hit = self._cache.get(key, self._clock())

@@ -85,6 +85,8 @@ class Device:
     created_at: datetime
     seq: int = 0
     synced_versions: dict[str, int] = field(default_factory=dict)
+    # When its open DEVICE_FLAGGED alarm was raised: flagged for review until a person clears it.
+    flagged_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ DEFAULT_FLEET_INTERVAL_S = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_SYNC_DEBOUNCE_S = 0.05
 DEFAULT_SYNC_RESYNC_S = 60.0
+DEFAULT_OFFLINE_CLOCK_SKEW_S = 300.0
+DEFAULT_OFFLINE_MAX_RECORD_AGE_S = 7 * 24 * 3600.0
+DEFAULT_FLAG_AFTER_REJECTED_RECORDS = 10
 
 
 class DevicehubSettings(ServiceSettings):
@@ -51,3 +54,12 @@ class DevicehubSettings(ServiceSettings):
     # Connected devices are compared with the sync sources this often even without an event (an
     # event missed while NATS was away reaches them within it).
     sync_resync_interval_s: float = Field(default=DEFAULT_SYNC_RESYNC_S, gt=0)
+    # Offline settlement (docs/devicehub.md §5). How far a terminal's clock may be from the hub's:
+    # a record may be dated this much before the hello that preceded it, or after the next hello
+    # (or the upload). A property of the hardware fleet, not of a tenant's rules: one hub setting.
+    offline_clock_skew_s: float = Field(default=DEFAULT_OFFLINE_CLOCK_SKEW_S, ge=0, le=3600)
+    # The oldest record settled (older ones are EVENT_TIME_TOO_EARLY); each device's counters are
+    # kept as long, and two days more.
+    offline_max_record_age_s: float = Field(default=DEFAULT_OFFLINE_MAX_RECORD_AGE_S, gt=0, le=30 * 24 * 3600)
+    # Rejected records since its last review that flag a device (alarm DEVICE_FLAGGED, critical).
+    flag_after_rejected_records: int = Field(default=DEFAULT_FLAG_AFTER_REJECTED_RECORDS, ge=1)

@@ -1,9 +1,18 @@
 """Offline records uploaded by a device: each becomes exactly one ledger transfer (payments) or one
 access record (gates, shuttle readers), and every record gets a final outcome.
 
+A record is believed only as far as its evidence goes (docs/devicehub.md §5): before anything is
+booked, its signature and shape are checked here, then each new payment is checked again by
+services.devicehub.recheck (its time against the device's hellos, the code or card it carries as
+of its time, the rules the device could have held, the plan those rules make on the counters of
+what this device settled). A payment that fails is REJECTED with the first reason, books nothing
+and raises RECORD_REJECTED on the device; a device with many rejected records since its last
+review is flagged (a DEVICE_FLAGGED alarm, critical).
+
 One upload, one transaction holding the device's sequence row: the records already settled are
-read, the new payments go to LedgerService.SettleOffline in one call (legs mapped to the members'
-accounts with one GetMemberStates read per 200 members), the access records are inserted, every
+read, the new payments are checked, those believed go to LedgerService.SettleOffline in one call
+(the plan's legs mapped to the members' accounts with one GetMemberStates read per 200 members),
+the device's counters are raised by what was booked, the access records are inserted, every
 record's outcome is stored per (device, sequence) and the device's sequence gaps are updated.
 Alarms are raised after the commit. A re-upload answers DUPLICATE (its reason: what the first
 upload of the record came to) and changes nothing. The ledger books under the key
@@ -17,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import grpc
 
@@ -33,8 +43,10 @@ from runtime.errors import DomainError, FailedPrecondition, InvalidArgument, Una
 from runtime.grpc_client import error_info
 from runtime.logs import get_logger
 from services.devicehub.context import AlarmSink, DeviceContext
+from services.devicehub.evidence import Believed, normalise_purse_kind
 from services.devicehub.members import MemberInfo, Refused
-from services.devicehub.tx_store import AccessRow, NewRecord, ServedRow, StoredRecord, TxStore
+from services.devicehub.recheck import Recheck
+from services.devicehub.tx_store import AccessRow, NewRecord, ServedRow, StoredRecord, TxStore, UploadTx
 from services.devicehub.verifier import record_signature_ok
 
 log = get_logger(__name__)
@@ -46,12 +58,19 @@ MAX_SEQUENCE = 2**63 - 1
 MAX_MISSING = 10_000
 MAX_STATES_PER_CALL = 200
 MAX_NONCE_CHARS = 128
+# The text form of a code (docs/code-format.md).
+MAX_CODE_CHARS = 320
+_CARD_UID = re.compile(r"^[0-9A-F]{8,20}$")
+# A device's counters are kept this long past the oldest record settled (a service date may be the
+# day before the local date, and time zones run from -12 to +14 h).
+COUNTER_MARGIN = timedelta(days=2)
 
 # AlarmKind / AlarmSeverity values (devicehub.proto).
 ALARM_SEQUENCE_GAP = pb.ALARM_KIND_SEQUENCE_GAP
 ALARM_CODE_REPLAY = pb.ALARM_KIND_CODE_REPLAY
 ALARM_SHORTFALL = pb.ALARM_KIND_SHORTFALL
 ALARM_RECORD_REJECTED = pb.ALARM_KIND_RECORD_REJECTED
+ALARM_DEVICE_FLAGGED = pb.ALARM_KIND_DEVICE_FLAGGED
 
 PURSE_NAMES = {lpb.PURSE_KIND_CASH: "cash", lpb.PURSE_KIND_SUBSIDY: "subsidy", lpb.PURSE_KIND_VOUCHER: "voucher"}
 PURSE_KINDS = {name: kind for kind, name in PURSE_NAMES.items()}
@@ -80,10 +99,6 @@ _LEDGER_OUTCOMES = {
 def purse_name(kind: int) -> str:
     return PURSE_NAMES.get(kind, lpb.PurseKind.Name(kind).removeprefix("PURSE_KIND_").lower()
                            if kind in lpb.PurseKind.values() else str(kind))
-
-
-def normalise_purse_kind(value: str) -> str:
-    return value.strip().lower().removeprefix("purse_kind_")
 
 
 def ledger_refusal(exc: grpc.aio.AioRpcError, *, service: str) -> tuple[str, DomainError | None]:
@@ -119,6 +134,7 @@ class _Work:
     outcome: str = ""
     transfer_id: str = ""
     shortfall_fen: int = 0
+    believed: Believed | None = None  # a payment whose evidence holds: what to book
 
 
 MemberByCard = Callable[[str, str], Awaitable[MemberInfo]]
@@ -126,11 +142,15 @@ MemberByCard = Callable[[str, str], Awaitable[MemberInfo]]
 
 class Settlement:
     def __init__(self, *, store: TxStore, ledger: ledger_pb2_grpc.LedgerServiceStub, alarms: AlarmSink,
-                 member_by_card: MemberByCard, timeout_s: float):
+                 member_by_card: MemberByCard, recheck: Recheck, max_record_age: timedelta,
+                 flag_after_rejected: int, timeout_s: float):
         self._store = store
         self._ledger = ledger
         self._alarms = alarms
         self._member_by_card = member_by_card
+        self._recheck = recheck
+        self._counters_kept = max_record_age + COUNTER_MARGIN
+        self._flag_after_rejected = flag_after_rejected
         self._timeout_s = timeout_s
 
     async def last_settled_sequence(self, tenant_id: str, device_id: str) -> int:
@@ -156,7 +176,7 @@ class Settlement:
                                      reason="DEVICE_HAS_NO_MERCHANT")
         tenant_id, device_id = uuid.UUID(device.tenant_id), uuid.UUID(device.device_id)
         works = [self._check(device, i, record) for i, record in enumerate(msg.records)]
-        await self._resolve_cards(device, [w for w in works if not w.reason])
+        await self._resolve_cards(device, [w for w in works if not w.reason and w.record.purpose != pb.PURPOSE_PAY])
         results: list[pb.RecordResult | None] = [None] * count
         now = now_utc()
         async with self._store.upload(tenant_id=tenant_id, device_id=device_id, now=now) as tx:
@@ -185,7 +205,13 @@ class Settlement:
                     w.outcome = "rejected"
             payments = [w for w in fresh if not w.reason and w.record.purpose == pb.PURPOSE_PAY]
             passes = [w for w in fresh if not w.reason and w.record.purpose != pb.PURPOSE_PAY]
+            await self._recheck_payments(device, payments, tx=tx, now=now)
+            payments = [w for w in payments if w.believed is not None]
             await self._settle_payments(device, payments)
+            await tx.add_counters([(key, date.fromisoformat(w.believed.service_date), increment)
+                                   for w in payments if w.believed is not None and w.outcome in ("booked", "shortfall")
+                                   for key, increment in w.believed.increments.items()],
+                                  prune_before=(now - self._counters_kept).date())
             by_nonce: dict[str, _Work] = {}
             for w in passes:
                 by_nonce.setdefault(_nonce(w.record), w)
@@ -206,6 +232,8 @@ class Settlement:
                 for w in payments if w.outcome in ("booked", "shortfall") and w.transfer_id and device.location])
             highest, missing = next_sequences(old_highest, old_missing, set(first))
             await tx.save_sequences(highest=highest, missing=missing, now=now)
+            rejected_since_review = (await tx.rejected_since_review()
+                                     if any(w.outcome == "rejected" for w in fresh) else 0)
         for w in fresh:
             results[w.index] = pb.RecordResult(sequence=w.record.sequence, outcome=_OUTCOME_VALUES[w.outcome],
                                                reason=w.reason, transfer_id=w.transfer_id,
@@ -217,7 +245,8 @@ class Settlement:
                 stored.sha256), w.sha256)
         final = [r for r in results if r is not None]
         await self._raise_alarms(device, fresh=fresh, results=final,
-                                 new_missing=sorted(set(missing) - set(old_missing)))
+                                 new_missing=sorted(set(missing) - set(old_missing)),
+                                 rejected_since_review=rejected_since_review)
         if old_missing and not missing:
             await self._gap_filled(device)
         return pb.UploadResult(upload_id=msg.upload_id, results=final,
@@ -245,8 +274,8 @@ class Settlement:
         return work
 
     async def _resolve_cards(self, device: DeviceContext, works: Sequence[_Work]) -> None:
-        """Records of a card tap that name no member: the card's holder (a card lost since still
-        names its holder: the money was handed over)."""
+        """Pass records of a card tap that name no member: the card's holder now (payments find
+        theirs as of their time in the recheck)."""
         wanted = {w.record.card_uid for w in works if not w.member_id and w.record.card_uid}
         if not wanted:
             return
@@ -263,28 +292,46 @@ class Settlement:
         for w in works:
             if not w.member_id and w.record.card_uid:
                 w.member_id = holders.get(w.record.card_uid, "")
-            if not w.member_id and w.record.purpose == pb.PURPOSE_PAY:
-                w.reason = "MEMBER_UNKNOWN"
 
     # --- payments ------------------------------------------------------------------------------
 
+    async def _recheck_payments(self, device: DeviceContext, works: list[_Work], *, tx: UploadTx,
+                                now: datetime) -> None:
+        """The evidence of each new payment, checked again; a refusal rejects the record."""
+        if not works:
+            return
+        claims = []
+        for w in works:
+            assert w.event_time is not None  # _check refused a payment without one
+            claims.append((w.record, w.event_time))
+        verdicts = await self._recheck.payments(device, claims, tx=tx, now=now)
+        for w, verdict in zip(works, verdicts, strict=True):
+            if isinstance(verdict, Believed):
+                w.believed, w.member_id = verdict, verdict.member_id
+            else:
+                w.outcome, w.reason = "rejected", verdict.reason
+
     async def _settle_payments(self, device: DeviceContext, works: list[_Work]) -> None:
+        """Book the believed payments: the plan's legs (the record's, checked equal), never a purse
+        the rules did not draw, with the code the record carried."""
         if not works:
             return
         purses = await self._member_purses(device.tenant_id, sorted({w.member_id for w in works}))
         booking: list[tuple[_Work, lpb.OfflineRecord]] = []
         for w in works:
+            believed = w.believed
+            assert believed is not None
             accounts = purses.get(w.member_id, {})
             legs = []
-            for leg in w.record.legs:
-                account_id = accounts.get((normalise_purse_kind(leg.purse_kind), leg.ref))
+            for kind, ref, amount_fen in believed.legs:
+                account_id = accounts.get((kind, ref))
                 if account_id is None:
                     break
-                legs.append(lpb.PayLeg(account_id=account_id, amount_fen=leg.amount_fen))
+                legs.append(lpb.PayLeg(account_id=account_id, amount_fen=amount_fen))
             else:
                 code = None
-                if w.record.credential_id:
-                    code = lpb.CodeRef(credential_id=w.record.credential_id, counter=w.record.counter)
+                if believed.code is not None:
+                    code = lpb.CodeRef(credential_id=believed.code[0], counter=believed.code[1])
                 booking.append((w, lpb.OfflineRecord(
                     idempotency_key=f"dev:{device.device_id}:{w.record.sequence}",
                     merchant_account_id=device.merchant_account_id, legs=legs, device_id=device.device_id,
@@ -345,7 +392,7 @@ class Settlement:
             log.warning("alarm not cleared", kind=ALARM_SEQUENCE_GAP, error=type(exc).__name__)
 
     async def _raise_alarms(self, device: DeviceContext, *, fresh: list[_Work], results: list[pb.RecordResult],
-                            new_missing: list[int]) -> None:
+                            new_missing: list[int], rejected_since_review: int) -> None:
         raised: list[tuple[int, int, str]] = []
         shortfalls = [w for w in fresh if w.outcome == "shortfall"]
         if shortfalls:
@@ -365,6 +412,10 @@ class Settlement:
         if new_missing:
             raised.append((ALARM_SEQUENCE_GAP, pb.ALARM_SEVERITY_WARNING,
                            f"{len(new_missing)} record sequence(s) never received: {_number_ranges(new_missing)}"))
+        if rejected_since_review >= self._flag_after_rejected:
+            raised.append((ALARM_DEVICE_FLAGGED, pb.ALARM_SEVERITY_CRITICAL,
+                           f"{rejected_since_review} uploaded record(s) rejected since the device was last reviewed"
+                           f" (threshold {self._flag_after_rejected}): check the terminal before it takes more"))
         for kind, severity, detail in raised:
             try:
                 await self._alarms.raise_alarm(tenant_id=device.tenant_id, device_id=device.device_id, kind=kind,
@@ -402,6 +453,8 @@ def _repeat_result(sequence: int, stored: StoredRecord, sha256: bytes) -> pb.Rec
 
 
 def _payment_problem(record: pb.OfflineRecord) -> str:
+    """A payment's shape, and the evidence it must carry: a code's text, or a card's UID (as the
+    engine writes it, upper-case hex: one card, one set of counters)."""
     if not 1 <= record.amount_fen <= MAX_AMOUNT_FEN:
         return "AMOUNT_INVALID"
     if not record.legs:
@@ -410,11 +463,20 @@ def _payment_problem(record: pb.OfflineRecord) -> str:
         return "LEG_INVALID"
     if sum(leg.amount_fen for leg in record.legs) > record.amount_fen:
         return "LEGS_EXCEED_AMOUNT"
-    if not record.member_id and not record.card_uid:
-        return "MEMBER_UNKNOWN"
     if record.credential_id and not _is_uuid(record.credential_id):
         return "CREDENTIAL_INVALID"
-    return ""
+    if record.method == pb.METHOD_CODE:
+        if not record.code:
+            return "CODE_MISSING"
+        if len(record.code) > MAX_CODE_CHARS:
+            return "CODE_MALFORMED"
+        return ""
+    if record.method == pb.METHOD_CARD:
+        if not record.card_uid:
+            return "CARD_MISSING"
+        return "" if _CARD_UID.fullmatch(record.card_uid) else "CARD_UID_INVALID"
+    # A face match (or no method) proves nothing the hub can check again.
+    return "METHOD_NOT_ALLOWED_OFFLINE"
 
 
 def _is_uuid(value: str) -> bool:

@@ -25,11 +25,14 @@ from services.devicehub.registry import (
     NewDevice,
 )
 
+# flagged_at: when the device's open DEVICE_FLAGGED alarm was raised (the flag is that alarm).
 _DEVICE_COLUMNS = """
     seq, tenant_id, device_id, kind, model, name, location, scene_tags, merchant_account_id,
     parent_device_id, status, firmware_version, config_json, config_version, reported_config_version,
     capacity, public_key, key_fingerprint, online, last_seen_at, queue_depth, oldest_queued_at,
-    clock_offset_ms, synced_versions, created_at
+    clock_offset_ms, synced_versions, created_at,
+    (SELECT a.opened_at FROM alarms a WHERE a.tenant_id = devices.tenant_id AND a.device_id = devices.device_id
+       AND a.kind = 'DEVICE_FLAGGED' AND a.state IN ('open', 'acknowledged')) AS flagged_at
 """
 
 
@@ -60,6 +63,7 @@ def device_from_row(row: asyncpg.Record) -> Device:
         clock_offset_ms=row["clock_offset_ms"],
         synced_versions=dict(row["synced_versions"] or {}),
         created_at=row["created_at"],
+        flagged_at=row["flagged_at"],
     )
 
 
@@ -237,9 +241,12 @@ class DevicehubStore:
     # --- fleet state --------------------------------------------------------------------------
 
     async def mark_online(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID, now: datetime,
-                          firmware_version: str, clock_offset_ms: int | None, event: dict[str, Any] | None,
-                          subject: str) -> bool:
-        """Online since now; answers whether it was offline before (then the event is emitted)."""
+                          firmware_version: str, clock_offset_ms: int | None, last_sequence: int,
+                          event: dict[str, Any] | None, subject: str) -> bool:
+        """Online since now, and a mark of the hello (now, the device's last issued sequence, the
+        bundle version last sent to it); answers whether it was offline before (then the event is
+        emitted). Marks no unsettled record needs any more go: those before the newest mark at or
+        below the device's settled watermark."""
         async with self._pool.acquire() as conn, conn.transaction():
             was = await conn.fetchval(
                 "SELECT online FROM devices WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE", tenant_id, device_id)
@@ -250,9 +257,33 @@ class DevicehubStore:
                 " WHERE tenant_id = $1 AND device_id = $2",
                 tenant_id, device_id, now, firmware_version, clock_offset_ms,
             )
+            await conn.execute(
+                "INSERT INTO device_marks (tenant_id, device_id, marked_at, last_sequence, bundle_version)"
+                " SELECT tenant_id, device_id, $3, $4, bundle_version_sent FROM devices"
+                " WHERE tenant_id = $1 AND device_id = $2",
+                tenant_id, device_id, now, last_sequence,
+            )
+            await conn.execute(
+                """WITH settled AS (
+                       SELECT CASE WHEN cardinality(missing) > 0 THEN (SELECT min(m) FROM unnest(missing) m) - 1
+                                   ELSE highest END AS watermark
+                       FROM device_sequences WHERE tenant_id = $1 AND device_id = $2)
+                   DELETE FROM device_marks WHERE tenant_id = $1 AND device_id = $2 AND seq < (
+                       SELECT max(seq) FROM device_marks WHERE tenant_id = $1 AND device_id = $2
+                         AND last_sequence <= COALESCE((SELECT watermark FROM settled), 0))""",
+                tenant_id, device_id,
+            )
             if not was and event is not None:
                 await emit(conn, subject=subject, event_type=subject, tenant_id=str(tenant_id), data=event)
         return not was
+
+    async def record_bundle_sent(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID, version: int) -> None:
+        """The hub sent the device this POLICY_BUNDLE version (its next hello's mark remembers it)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE devices SET bundle_version_sent = $3 WHERE tenant_id = $1 AND device_id = $2",
+                tenant_id, device_id, version,
+            )
 
     async def heartbeat(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID, now: datetime, firmware_version: str,
                         config_version: int, queue_depth: int, oldest_queued_at: datetime | None,
@@ -305,9 +336,10 @@ class DevicehubStore:
         """Active devices offline and unseen since before ``seen_before`` (never-seen ones excluded)."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices d WHERE status = 'active' AND NOT online"
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE status = 'active' AND NOT online"
                 " AND last_seen_at < $1"
-                " AND NOT EXISTS (SELECT 1 FROM alarms a WHERE a.tenant_id = d.tenant_id AND a.device_id = d.device_id"
+                " AND NOT EXISTS (SELECT 1 FROM alarms a WHERE a.tenant_id = devices.tenant_id"
+                "   AND a.device_id = devices.device_id"
                 "   AND a.kind = 'OFFLINE_TOO_LONG' AND a.state IN ('open', 'acknowledged'))"
                 " ORDER BY last_seen_at LIMIT $2",
                 seen_before, limit,

@@ -280,6 +280,10 @@ class Sync:
                     # message to every device; its next hello asks from its own version anyway.
                     continue
                 session.send(pb.ConnectResponse(sync=update))
+                if kind == pb.SYNC_KIND_POLICY_BUNDLE:
+                    # Offline settlement accepts the rules the hub last gave the device.
+                    await self._backends.store.record_bundle_sent(
+                        tenant_id=session.tenant_id, device_id=session.device_id, version=update.version)
 
     async def catch_up(self, session: Session) -> None:
         await self.push(session, frozenset(KINDS), {})

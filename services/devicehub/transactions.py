@@ -2,7 +2,8 @@
 gate and shuttle passes), offline uploads, cabinet orders, and the admin reads of access rules,
 access records and the dining index. Core's stream and servicer call this class (the interface is
 in the team brief); its parts are members (identity, cached), verifier (codes, per tenant),
-settlement (uploads), access (rules and records), cabinet (holds) and tx_store (SQL).
+settlement (uploads), recheck (what an offline payment's evidence is checked against, with rules:
+the rule sets in force), access (rules and records), cabinet (holds) and tx_store (SQL).
 
 The online payment path makes no identity or codegen call for a code seen before (cached verifier
 and members), one PolicyService.Pay (which evaluates and books with guards in the ledger), and no
@@ -38,6 +39,8 @@ from services.devicehub.access import Access, parse_tenant
 from services.devicehub.cabinet import Cabinets
 from services.devicehub.context import AlarmSink, DeviceContext
 from services.devicehub.members import MemberInfo, Members, Refused
+from services.devicehub.recheck import OfflineLimits, Recheck
+from services.devicehub.rules import Rules
 from services.devicehub.settlement import (
     MAX_AMOUNT_FEN,
     Settlement,
@@ -45,6 +48,7 @@ from services.devicehub.settlement import (
     now_utc,
     purse_name,
 )
+from services.devicehub.settings import DevicehubSettings
 from services.devicehub.store import DevicehubStore
 from services.devicehub.tx_store import SUBJECT_ACCESS_RULES_CHANGED, ServedRow, TxStore
 from services.devicehub.verifier import PURPOSES, CodeVerifiers
@@ -79,9 +83,9 @@ def _check_key(value: str) -> str:
 
 
 class Transactions:
-    def __init__(self, *, pool: asyncpg.Pool, settings: Any, alarms: AlarmSink, identity: grpc.aio.Channel,
-                 codegen: grpc.aio.Channel, policy: grpc.aio.Channel, ledger: grpc.aio.Channel,
-                 now: Callable[[], datetime] = now_utc):
+    def __init__(self, *, pool: asyncpg.Pool, settings: DevicehubSettings, alarms: AlarmSink,
+                 identity: grpc.aio.Channel, codegen: grpc.aio.Channel, policy: grpc.aio.Channel,
+                 ledger: grpc.aio.Channel, now: Callable[[], datetime] = now_utc):
         # The hub's clock: it decides online (the payment's time, meal periods, the day's limits,
         # access windows), never the device's.
         self._now = now
@@ -95,8 +99,15 @@ class Transactions:
         self._policy = policy_pb2_grpc.PolicyServiceStub(policy)
         self._ledger = ledger_pb2_grpc.LedgerServiceStub(ledger)
         self.access = Access(store=self._store, now=now)
-        self.settlement = Settlement(store=self._store, ledger=self._ledger, alarms=alarms,
-                                     member_by_card=self.members.by_card, timeout_s=timeout_s)
+        limits = OfflineLimits(clock_skew=timedelta(seconds=settings.offline_clock_skew_s),
+                               max_record_age=timedelta(seconds=settings.offline_max_record_age_s))
+        recheck = Recheck(verifiers=self.codes, members=self.members, rules=Rules(self._policy, timeout_s=timeout_s),
+                          limits=limits)
+        self.settlement = Settlement(
+            store=self._store, ledger=self._ledger, alarms=alarms, member_by_card=self.members.by_card,
+            recheck=recheck, max_record_age=limits.max_record_age,
+            flag_after_rejected=settings.flag_after_rejected_records,
+            timeout_s=timeout_s)
         self.cabinets = Cabinets(store=self._store, devices=DevicehubStore(pool), policy=self._policy,
                                  ledger=self._ledger, resolve=self._resolve, timeout_s=timeout_s, now=now)
         self._recent_codes: OrderedDict[bytes, tuple[str, str, codes.Verified]] = OrderedDict()

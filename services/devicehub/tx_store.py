@@ -1,5 +1,6 @@
-"""All of the transactions part's SQL (migration 0002, and reads of 0001's devices table). Rows in,
-plain values out; no rules and no protobuf here."""
+"""All of the transactions part's SQL (migrations 0002 and 0003's counters, and reads of 0001's
+devices and alarms and 0003's device marks). Rows in, plain values out; no rules and no protobuf
+here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
@@ -172,6 +173,52 @@ class UploadTx:
 
     async def insert_served(self, rows: Sequence[ServedRow]) -> None:
         await insert_served(self.conn, rows)
+
+    # --- what settlement checks records against (migration 0003) ---------------------------------
+
+    async def marks(self) -> list[tuple[datetime, int, int]]:
+        """The device's hellos, oldest first: (hub time, last issued sequence, bundle version sent)."""
+        rows = await self.conn.fetch(
+            "SELECT marked_at, last_sequence, bundle_version FROM device_marks"
+            " WHERE tenant_id = $1 AND device_id = $2 ORDER BY seq", self.tenant_id, self.device_id)
+        return [(r["marked_at"], r["last_sequence"], r["bundle_version"]) for r in rows]
+
+    async def counters(self, keys: Sequence[str]) -> dict[str, int]:
+        """The device's settled usage counters of these keys (a key never counted is left out)."""
+        if not keys:
+            return {}
+        rows = await self.conn.fetch(
+            "SELECT counter_key, value FROM offline_counters"
+            " WHERE tenant_id = $1 AND device_id = $2 AND counter_key = ANY($3::text[])",
+            self.tenant_id, self.device_id, list(keys))
+        return {r["counter_key"]: r["value"] for r in rows}
+
+    async def add_counters(self, rows: Sequence[tuple[str, date, int]], *, prune_before: date) -> None:
+        """Raise (key, service date, increment) counters; forget the device's counters of days
+        before ``prune_before`` (no record that old is settled any more)."""
+        await self.conn.execute(
+            "DELETE FROM offline_counters WHERE tenant_id = $1 AND device_id = $2 AND service_date < $3",
+            self.tenant_id, self.device_id, prune_before)
+        if not rows:
+            return
+        await self.conn.execute(
+            """INSERT INTO offline_counters AS c (tenant_id, device_id, counter_key, service_date, value)
+               SELECT $1, $2, u.key, u.day, sum(u.inc)
+               FROM unnest($3::text[], $4::date[], $5::bigint[]) AS u(key, day, inc)
+               GROUP BY u.key, u.day
+               ON CONFLICT (tenant_id, device_id, counter_key) DO UPDATE SET value = c.value + EXCLUDED.value""",
+            self.tenant_id, self.device_id, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+    async def rejected_since_review(self) -> int:
+        """The device's rejected records settled since its last DEVICE_FLAGGED alarm was cleared."""
+        return await self.conn.fetchval(
+            """SELECT count(*) FROM offline_records r
+               WHERE r.tenant_id = $1 AND r.device_id = $2 AND r.outcome = 'rejected'
+                 AND r.settled_at > COALESCE((SELECT max(a.cleared_at) FROM alarms a
+                                              WHERE a.tenant_id = $1 AND a.device_id = $2
+                                                AND a.kind = 'DEVICE_FLAGGED' AND a.state = 'cleared'),
+                                             '-infinity'::timestamptz)""",
+            self.tenant_id, self.device_id)
 
 
 def _access_columns(rows: Sequence[AccessRow]) -> list[list[Any]]:

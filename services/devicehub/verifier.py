@@ -7,6 +7,11 @@ hold (at most once per ``unknown_key_refresh_s``), and every ``refresh_s``; revo
 codegen.credential.revoked events at once and are read again since the last version on every
 refresh. The replay cache lives as long as the verifier, so a code accepted once is refused as
 REPLAYED afterwards on this replica (the ledger books a code once whatever the replica).
+
+Offline settlement verifies the code an uploaded record carries with a second verifier of the
+tenant on the same trust list (``verify_as_of``): at the record's time, with the revocations as
+codegen knows them at upload time (read again first, each with its time: a credential revoked
+after the payment still paid) and no replay cache (the ledger books a credential's counter once).
 """
 
 from __future__ import annotations
@@ -51,9 +56,37 @@ def record_signature_ok(*, public_key: bytes, signature: bytes, message: bytes) 
     return True
 
 
+class _RevokedAsOf(codes.Revocations):
+    """Revoked credentials with the time of revocation, answering as of ``as_of_s`` (set before each
+    verification): a credential revoked after that instant was still good then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.revoked_at_s: dict[bytes, int] = {}
+        self.as_of_s = 0
+
+    def revoke_at(self, *, credential_id: uuid.UUID, revoked_at_s: int) -> None:
+        key = credential_id.bytes
+        self.revoked_at_s[key] = min(revoked_at_s, self.revoked_at_s.get(key, revoked_at_s))
+
+    def is_revoked(self, *, credential_id: bytes, member_id: bytes, not_before_s: int) -> bool:
+        revoked_at_s = self.revoked_at_s.get(credential_id)
+        return revoked_at_s is not None and revoked_at_s <= self.as_of_s
+
+
+class _NoReplayCache(codes.ReplayCache):
+    """Settlement's: every code is new to it (the ledger refuses a credential's counter twice)."""
+
+    def check_and_record(self, key: tuple[bytes, int], *, expires_at_s: int, now_s: int) -> bool:
+        return True
+
+
 @dataclass
 class _Tenant:
     verifier: codes.Verifier
+    # Settlement's: the same trust list, revocations with their times, no replay cache.
+    as_of: codes.Verifier
+    revoked: _RevokedAsOf
     revocations_version: int
     fetched_at: float
     unknown_key_at: float = 0.0
@@ -88,6 +121,29 @@ class CodeVerifiers:
             tenant.refreshing = asyncio.ensure_future(self._refresh_in_background(tenant_id, tenant))
         return result
 
+    async def verify_as_of(self, *, tenant_id: str, presented: list[tuple[str, codes.Purpose, int]]
+                           ) -> list[codes.Verified | codes.Rejected]:
+        """Offline settlement: each (code, purpose, record time) verified at the record's time, with
+        the revocations codegen has now (read first) and no replay cache. One codegen read of the
+        revocations, another of the trust list when a code names a key the list lacks."""
+        tenant = await self._tenant(tenant_id)
+        await self._read_new_revocations(tenant_id, tenant)
+        expected = uuid.UUID(tenant_id)
+
+        def verify(code: str, purpose: codes.Purpose, at_s: int) -> codes.Verified | codes.Rejected:
+            tenant.revoked.as_of_s = at_s
+            return tenant.as_of.verify(code, now_s=at_s, expected_tenant_id=expected, purpose=purpose)
+
+        results = [verify(*item) for item in presented]
+        unknown = [i for i, r in enumerate(results)
+                   if type(r) is codes.Rejected and r.reason is codes.Reason.UNKNOWN_KEY]
+        if unknown and self._clock() - tenant.unknown_key_at >= self._unknown_key_refresh_s:
+            tenant.unknown_key_at = self._clock()
+            await self._refresh(tenant_id, tenant)
+            for i in unknown:
+                results[i] = verify(*presented[i])
+        return results
+
     # --- events --------------------------------------------------------------------------------
 
     def trust_list_changed(self, tenant_id: str) -> None:
@@ -119,9 +175,11 @@ class CodeVerifiers:
     async def _build(self, tenant_id: str) -> _Tenant:
         trust = await self._trust_list(tenant_id)
         revocations = codes.Revocations()
-        version = await self._read_revocations(tenant_id, revocations, since=0)
+        revoked = _RevokedAsOf()
+        version = await self._read_revocations(tenant_id, revocations, revoked, since=0)
         tenant = _Tenant(verifier=codes.Verifier(trust_list=trust, revocations=revocations),
-                         revocations_version=version, fetched_at=self._clock())
+                         as_of=codes.Verifier(trust_list=trust, revocations=revoked, replay_cache=_NoReplayCache()),
+                         revoked=revoked, revocations_version=version, fetched_at=self._clock())
         self._tenants[tenant_id] = tenant
         return tenant
 
@@ -135,10 +193,14 @@ class CodeVerifiers:
 
     async def _refresh(self, tenant_id: str, tenant: _Tenant) -> None:
         trust = await self._trust_list(tenant_id)
-        tenant.revocations_version = await self._read_revocations(tenant_id, tenant.verifier.revocations,
-                                                                  since=tenant.revocations_version)
+        await self._read_new_revocations(tenant_id, tenant)
         tenant.verifier.replace_trust_list(trust)
+        tenant.as_of.replace_trust_list(trust)
         tenant.fetched_at = self._clock()
+
+    async def _read_new_revocations(self, tenant_id: str, tenant: _Tenant) -> None:
+        tenant.revocations_version = await self._read_revocations(
+            tenant_id, tenant.verifier.revocations, tenant.revoked, since=tenant.revocations_version)
 
     async def _trust_list(self, tenant_id: str) -> codes.TrustList:
         self.fetches += 1
@@ -150,7 +212,8 @@ class CodeVerifiers:
                               reason="CODEGEN_UNAVAILABLE") from None
         return trust_list_from(answer)
 
-    async def _read_revocations(self, tenant_id: str, revocations: codes.Revocations, *, since: int) -> int:
+    async def _read_revocations(self, tenant_id: str, revocations: codes.Revocations, revoked: _RevokedAsOf, *,
+                                since: int) -> int:
         try:
             entries, version = await revocations_since(self._stub, tenant_id=tenant_id, since=since,
                                                        timeout_s=self._timeout_s, page_size=REVOCATION_PAGE_SIZE)
@@ -159,7 +222,9 @@ class CodeVerifiers:
                               reason="CODEGEN_UNAVAILABLE") from None
         for entry in entries:
             with contextlib.suppress(ValueError):
-                revocations.revoke_credential(credential_id=uuid.UUID(entry.credential_id))
+                credential_id = uuid.UUID(entry.credential_id)
+                revocations.revoke_credential(credential_id=credential_id)
+                revoked.revoke_at(credential_id=credential_id, revoked_at_s=entry.revoked_at.seconds)
         # A list started over (a restored codegen) keeps what was revoked; ask from its version on.
         return version
 

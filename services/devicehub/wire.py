@@ -50,6 +50,8 @@ def device_pb(device: Device, *, last_settled_sequence: int = 0) -> pb.Device:
         capacity=device.capacity,
         created_at=timestamp_pb(device.created_at),
         key_fingerprint=device.key_fingerprint,
+        flagged=device.flagged_at is not None,
+        flagged_at=timestamp_pb(device.flagged_at),
     )
 
 

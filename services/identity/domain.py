@@ -58,6 +58,8 @@ DEFAULT_FEED_PAGE_SIZE = 100
 MAX_FEED_PAGE_SIZE = 1000
 DEFAULT_BLACKLIST_PAGE_SIZE = 1000
 MAX_BLACKLIST_PAGE_SIZE = 10_000
+# GetMemberStatesAt: one offline upload's records are at most 1000.
+MAX_STATE_QUERIES = 1000
 
 _EXTERNAL_NUMBER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CARD_UID = re.compile(r"^[0-9A-F]{8,20}$")
@@ -526,6 +528,33 @@ def member_by_card(*, card_uid: str, holder: Member | None, lost: bool) -> Membe
             f"card {card_uid} was reported lost", reason="CARD_LOST", metadata={"member_id": str(holder.member_id)}
         )
     return holder
+
+
+@dataclass(frozen=True)
+class StateQuery:
+    """What the directory said at ``at`` of a member, or of a card (its holder then)."""
+
+    at: datetime
+    member_id: uuid.UUID | None = None
+    card_uid: str = ""
+
+
+@dataclass(frozen=True)
+class StateAt:
+    """The answer to a StateQuery: no member (``member_id`` None) when none existed or held the card."""
+
+    member_id: uuid.UUID | None
+    status: MemberStatus | None
+    card_lost: bool = False
+
+    @property
+    def found(self) -> bool:
+        return self.member_id is not None and self.status is not None
+
+
+def check_state_query_count(count: int) -> None:
+    if not 1 <= count <= MAX_STATE_QUERIES:
+        raise InvalidArgument(f"give 1..{MAX_STATE_QUERIES} queries", reason="QUERY_COUNT_INVALID")
 
 
 def member_by_face(candidates: Iterable[Member]) -> Member:

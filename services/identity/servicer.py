@@ -90,6 +90,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _state_query(query: pb.MemberStateQuery) -> domain.StateQuery:
+    if not query.HasField("at"):
+        raise InvalidArgument("every query needs its instant (at)", reason="AT_REQUIRED")
+    at = query.at.ToDatetime(tzinfo=UTC)
+    by = query.WhichOneof("by")
+    if by == "member_id":
+        return domain.StateQuery(at=at, member_id=domain.parse_member_id(query.member_id))
+    if by == "card_uid":
+        return domain.StateQuery(at=at, card_uid=domain.normalise_card_uid(query.card_uid))
+    raise InvalidArgument("every query names a member_id or a card_uid", reason="LOOKUP_KEY_REQUIRED")
+
+
 def tenant_pb(tenant: Tenant) -> pb.Tenant:
     return pb.Tenant(
         tenant_id=str(tenant.tenant_id),
@@ -441,6 +453,25 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         else:
             raise InvalidArgument("give card_uid or face_enrolment_ref", reason="LOOKUP_KEY_REQUIRED")
         return pb.LookupMemberResponse(member=member_pb(member))
+
+    async def GetMemberStatesAt(
+        self, request: pb.GetMemberStatesAtRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMemberStatesAtResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        domain.check_state_query_count(len(request.queries))
+        queries = [_state_query(q) for q in request.queries]
+        await self._store.require_tenant(tenant_id)
+        states = await self._store.states_at(tenant_id=tenant_id, queries=queries)
+        return pb.GetMemberStatesAtResponse(
+            states=[
+                pb.MemberStateAt(
+                    found=True, member_id=str(s.member_id), status=_MEMBER_STATUS[s.status], card_lost=s.card_lost
+                )
+                if s.found
+                else pb.MemberStateAt(found=False)
+                for s in states
+            ]
+        )
 
     # --- bulk import -----------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from services.identity.domain import (
     MemberChange,
     MemberImport,
     MemberStatus,
+    StateAt,
+    StateQuery,
     Tenant,
     TenantKind,
     change_event_data,
@@ -498,6 +500,37 @@ class IdentityStore:
             card_uid,
         )
         return (_member(row), row["lost"]) if row else (None, False)
+
+    async def states_at(self, *, tenant_id: uuid.UUID, queries: Sequence[StateQuery]) -> list[StateAt]:
+        """What the directory said at each query's instant, in one statement: a card's holder is the
+        member it was last bound to at or before the instant; a member's status is that of its
+        newest feed entry at or before it (none: the member did not exist yet)."""
+        rows = await self._pool.fetch(
+            """SELECT q.i, COALESCE(q.member_id, c.member_id) AS member_id, c.lost_at <= q.at AS card_lost,
+                      d.status
+               FROM unnest($2::uuid[], $3::text[], $4::timestamptz[]) WITH ORDINALITY AS q(member_id, card_uid, at, i)
+               LEFT JOIN LATERAL (
+                   SELECT k.member_id, k.lost_at FROM cards k
+                   WHERE q.card_uid <> '' AND k.tenant_id = $1 AND k.card_uid = q.card_uid AND k.bound_at <= q.at
+                   ORDER BY k.bound_at DESC LIMIT 1) c ON true
+               LEFT JOIN LATERAL (
+                   SELECT f.member->>'status' AS status FROM directory_changes f
+                   WHERE f.tenant_id = $1 AND f.member_id = COALESCE(q.member_id, c.member_id) AND f.changed_at <= q.at
+                   ORDER BY f.changed_at DESC, f.sequence DESC LIMIT 1) d ON true
+               ORDER BY q.i""",
+            tenant_id,
+            [q.member_id for q in queries],
+            [q.card_uid for q in queries],
+            [q.at for q in queries],
+        )
+        return [
+            StateAt(
+                member_id=row["member_id"] if row["status"] is not None else None,
+                status=MemberStatus(row["status"]) if row["status"] is not None else None,
+                card_lost=bool(row["card_lost"]),
+            )
+            for row in rows
+        ]
 
     async def members_by_face(self, *, tenant_id: uuid.UUID, face_enrolment_ref: str, limit: int = 10) -> list[Member]:
         """Members enrolled with this face reference (normally one), by the partial index."""

@@ -15,7 +15,7 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from onecard_policy.evaluate import PurseState
@@ -34,6 +34,10 @@ MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 DEFAULT_RULE_SET_CACHE = 256
 # How long a replica trusts what it read of a tenant's published version.
 DEFAULT_PUBLISHED_CACHE_S = 1.0
+# GetRulesInForce: the window a settlement may ask about (the hub keeps offline records a week),
+# and the documents one call may carry.
+MAX_IN_FORCE_WINDOW = timedelta(days=31)
+MAX_IN_FORCE_VERSIONS = 100
 
 
 class RuleSetStatus(enum.Enum):
@@ -103,6 +107,24 @@ def check_version(value: int) -> int:
     if value < 1:
         raise InvalidArgument("version must be 1 or more", reason="VERSION_INVALID")
     return value
+
+
+@dataclass(frozen=True)
+class InForce:
+    """A version in force from one publication (``since``) to the next (``until``; None: still)."""
+
+    version: int
+    since: datetime
+    until: datetime | None
+
+
+def check_in_force_query(*, since: datetime | None, until: datetime | None, versions: list[int]) -> list[int]:
+    """The window must be given, ordered and at most 31 days; versions 1 or more, at most 100."""
+    if since is None or until is None or until < since or until - since > MAX_IN_FORCE_WINDOW:
+        raise InvalidArgument("give since <= until, at most 31 days apart", reason="WINDOW_INVALID")
+    if len(versions) > MAX_IN_FORCE_VERSIONS:
+        raise InvalidArgument(f"ask for at most {MAX_IN_FORCE_VERSIONS} versions", reason="VERSIONS_INVALID")
+    return sorted({check_version(v) for v in versions})
 
 
 def page_size(requested: int) -> int:

@@ -371,6 +371,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 bundle = await tx.save_bundle(version=version, key_id=key.key_id, bundle=signed, now=now)
         return pb.GetBundleResponse(bundle=bundle, version=version, key_id=key.key_id, sha256=sha256.hex())
 
+    async def GetRulesInForce(
+        self, request: pb.GetRulesInForceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRulesInForceResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        since = request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None
+        until = request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None
+        versions = domain.check_in_force_query(since=since, until=until, versions=list(request.versions))
+        assert since is not None and until is not None
+        spans, documents = await self._store.in_force(tenant_id=tenant_id, since=since, until=until, versions=versions)
+        return pb.GetRulesInForceResponse(
+            spans=[pb.RulesInForce(version=s.version, in_force_from=timestamp_pb(s.since),
+                                   in_force_until=timestamp_pb(s.until)) for s in spans],
+            documents=[pb.PublishedDocument(version=v, document=d) for v, d in documents])
+
     async def GetBundleKeys(
         self, request: pb.GetBundleKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetBundleKeysResponse:

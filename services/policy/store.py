@@ -20,6 +20,7 @@ from runtime.events import emit
 from services.policy import keys
 from services.policy.domain import (
     BundleKey,
+    InForce,
     Publication,
     RuleSetStatus,
     StoredVersion,
@@ -220,6 +221,29 @@ class PolicyStore:
             published = await conn.fetchval("SELECT published_version FROM tenant_state WHERE tenant_id = $1",
                                             tenant_id)
         return [_version(r, with_document=False) for r in rows], published or 0
+
+    async def in_force(self, *, tenant_id: uuid.UUID, since: datetime, until: datetime, versions: list[int]
+                       ) -> tuple[list[InForce], list[tuple[int, str]]]:
+        """The publications in force at some instant of [since, until] (each until the next one), and
+        the documents of ``versions`` that were ever published, in one snapshot."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            rows = await conn.fetch(
+                """SELECT version, published_at, next_at FROM (
+                       SELECT version, published_at, lead(published_at) OVER (ORDER BY seq) AS next_at
+                       FROM publications WHERE tenant_id = $1) p
+                   WHERE published_at <= $3 AND (next_at IS NULL OR next_at > $2)
+                   ORDER BY published_at""",
+                tenant_id, since, until,
+            )
+            documents = await conn.fetch(
+                """SELECT v.version, v.document FROM rule_set_versions v
+                   WHERE v.tenant_id = $1 AND v.version = ANY($2::bigint[])
+                     AND EXISTS (SELECT 1 FROM publications p WHERE p.tenant_id = v.tenant_id AND p.version = v.version)
+                   ORDER BY v.version""",
+                tenant_id, versions,
+            )
+        spans = [InForce(version=r["version"], since=r["published_at"], until=r["next_at"]) for r in rows]
+        return spans, [(r["version"], r["document"]) for r in documents]
 
     async def bundle_keys(self, *, tenant_id: uuid.UUID) -> list[BundleKey]:
         async with self._pool.acquire() as conn:

@@ -21,12 +21,15 @@ def _card(uid: str) -> pb.Presentation:
 
 def test_a_code_pays_offline_with_a_cash_leg_of_unknown_balance_and_a_signed_record(kit: Kit) -> None:
     phone = kit.phone()
-    decision = kit.engine.pay(phone.present(), 1200)
+    shown = phone.present()
+    decision = kit.engine.pay(shown, 1200)
     assert decision.approved and decision.reason == "APPROVED"
     record = decision.record
     assert record.sequence == 1 and record.purpose == pb.PURPOSE_PAY and record.method == pb.METHOD_CODE
     assert record.member_id == phone.member_id
     assert record.credential_id == str(phone.credential.credential_id) and record.counter == 1
+    # The evidence: the code text itself, under the record's signature.
+    assert record.code == shown.code and len(record.code) <= 320 and record.card_uid == ""
     assert record.amount_fen == 1200 and record.bundle_version == 1
     assert [(leg.purse_kind, leg.ref, leg.amount_fen) for leg in record.legs] == [("cash", "", 1200)]
     assert record.event_time.seconds == NOW_S
@@ -113,7 +116,7 @@ def test_a_blacklisted_card_is_refused(kit: Kit) -> None:
 def test_an_unknown_card_is_taken_with_an_empty_member_and_a_known_one_with_its_member(kit: Kit) -> None:
     unknown = kit.engine.pay(_card("0badcafe"), 100)
     assert unknown.approved and unknown.record.member_id == "" and unknown.record.card_uid == "0BADCAFE"
-    assert unknown.record.method == pb.METHOD_CARD
+    assert unknown.record.method == pb.METHOD_CARD and unknown.record.code == ""
     member_id = kit.phone().member_id
     kit.state.learn_card("DEADBEEF", member_id)
     known = kit.engine.pay(_card("deadbeef"), 100)
@@ -167,6 +170,11 @@ def test_records_are_signed_by_the_device_key_over_the_documented_message(kit: K
     tampered.CopyFrom(record)
     tampered.amount_fen = 1
     assert not verify_record(public_key=kit.identity.public_key, tenant_id=TENANT, device_id=DEVICE, record=tampered)
+    # The code it carries is signed too: another code cannot be put in its place.
+    swapped = pb.OfflineRecord()
+    swapped.CopyFrom(record)
+    swapped.code = kit.phone().present().code
+    assert not verify_record(public_key=kit.identity.public_key, tenant_id=TENANT, device_id=DEVICE, record=swapped)
     other = nacl.signing.SigningKey.generate()
     assert not verify_record(public_key=bytes(other.verify_key), tenant_id=TENANT, device_id=DEVICE, record=record)
 

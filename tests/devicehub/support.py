@@ -191,22 +191,23 @@ class DeviceConnection:
 
 
 def hello(device: EnrolledDevice, *, versions: dict[int, int] | None = None, firmware_version: str = "1.0.0",
-          clock_offset_s: float = 0.0) -> pb.ConnectRequest:
+          clock_offset_s: float = 0.0, last_sequence: int = 0) -> pb.ConnectRequest:
     return pb.ConnectRequest(hello=pb.Hello(
         tenant_id=device.tenant_id, device_id=device.device_id, firmware_version=firmware_version,
         versions=[pb.SyncVersion(kind=k, version=v) for k, v in (versions or {}).items()],
-        device_time=now_pb(clock_offset_s)))
+        device_time=now_pb(clock_offset_s), last_sequence=last_sequence))
 
 
 async def connect(device_stub: devicehub_pb2_grpc.DeviceServiceStub, device: EnrolledDevice, *,
                   versions: dict[int, int] | None = None, firmware_version: str = "1.0.0",
                   clock_offset_s: float = 0.0, signing_key: nacl.signing.SigningKey | None = None,
-                  timeout: float = DEFAULT_TIMEOUT_S) -> DeviceConnection:
-    """Open a stream and finish the handshake (hello, signed challenge, welcome)."""
+                  last_sequence: int = 0, timeout: float = DEFAULT_TIMEOUT_S) -> DeviceConnection:
+    """Open a stream and finish the handshake (hello with the highest record sequence the device
+    issued, signed challenge, welcome)."""
     connection = DeviceConnection.start(device_stub, device)
     try:
         await connection.send(hello(device, versions=versions, firmware_version=firmware_version,
-                                    clock_offset_s=clock_offset_s))
+                                    clock_offset_s=clock_offset_s, last_sequence=last_sequence))
         challenge = await connection.recv(timeout)
         assert challenge.WhichOneof("body") == "challenge", challenge
         key = signing_key or device.signing_key

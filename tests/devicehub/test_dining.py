@@ -3,8 +3,9 @@ window, against the capacity of the location's POS devices, with how many are on
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import grpc
 
@@ -30,7 +31,7 @@ async def index(devicehub, tenant_id: str, window_s: int = 0) -> dict[str, tuple
 
 async def test_served_per_canteen_against_capacity(identity, codegen, ledger, policy, devicehub, device_stub,
                                                    tenant_id: str) -> None:  # noqa: ANN001
-    c = await campus(identity=identity, ledger=ledger, policy=policy, tenant_id=tenant_id)
+    c = await campus(identity=identity, ledger=ledger, policy=policy, tenant_id=tenant_id, any_hour=True)
     member = await add_member(c, identity=identity, ledger=ledger, number="S1", codegen=codegen, card_uid="DA000001")
     north_1 = await device(devicehub, device_stub, tenant_id, merchant_id=c.merchant_id, capacity=100)
     north_2 = await device(devicehub, device_stub, tenant_id, merchant_id=c.merchant_id, capacity=50)
@@ -43,24 +44,28 @@ async def test_served_per_canteen_against_capacity(identity, codegen, ledger, po
     conn_1 = await online(device_stub, north_1)
     conn_2 = await online(device_stub, north_2)
     try:
+        # An offline record, then (a few seconds later, since settlement believes no record dated
+        # before the card was bound or the device's hello) three payments online and two offline.
+        old = payment_record(north_2, sequence=1, member=member, amount_fen=300, by_card=True)
+        await asyncio.sleep(4)
         for _ in range(3):
             assert (await pay(conn_1, amount_fen=200, code=member.code())).approved
-        now = datetime.now(UTC)
-        records = [payment_record(north_2, sequence=1, member=member, amount_fen=300, at=now - timedelta(minutes=5)),
-                   payment_record(north_2, sequence=2, member=member, amount_fen=300, at=now - timedelta(minutes=6)),
-                   payment_record(north_2, sequence=3, member=member, amount_fen=300, at=now - timedelta(hours=1))]
+        records = [old, *(payment_record(north_2, sequence=i, member=member, amount_fen=300, by_card=True)
+                          for i in (2, 3))]
         upload_id = str(uuid.uuid4())
         result = await roundtrip(conn_2, upload_id, "upload_result",
                                  pb.ConnectRequest(upload=pb.Upload(upload_id=upload_id, records=records)))
-        assert {r.outcome for r in result.results} == {pb.RECORD_OUTCOME_BOOKED}
+        assert {(r.outcome, r.reason) for r in result.results} == {(pb.RECORD_OUTCOME_BOOKED, "")}
 
         async def counted() -> dict:
-            found = await index(devicehub, tenant_id)
-            return found if found["north-canteen"][3] == 2 else {}
+            found = await index(devicehub, tenant_id, window_s=7200)
+            return found if found["north-canteen"][3] == 2 and found["north-canteen"][0] == 6 else {}
 
-        found = await eventually(counted)
+        # By event time: a window that starts after the old record counts the five others.
+        assert (await eventually(counted))["south-canteen"] == (0, 80, 0.0, 0)
+        window_s = int((datetime.now(UTC) - old.event_time.ToDatetime(tzinfo=UTC)).total_seconds()) - 1
+        found = await index(devicehub, tenant_id, window_s=window_s)
         assert found == {"north-canteen": (5, 150, round(5 / 150, 4), 2), "south-canteen": (0, 80, 0.0, 0)}
-        assert (await index(devicehub, tenant_id, window_s=7200))["north-canteen"][0] == 6
         # A re-upload counts nothing twice.
         await roundtrip(conn_2, "again", "upload_result",
                         pb.ConnectRequest(upload=pb.Upload(upload_id="again", records=records)))

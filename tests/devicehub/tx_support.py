@@ -1,6 +1,7 @@
 """Helpers of the transactions tests (pay, offline, access, cabinet, dining): a campus across the
 mesh (members in identity with purses in the ledger, the university rule set published, codes
-from codegen), POS and gate devices, authorisations and signed offline records."""
+from codegen), POS and gate devices, authorisations and signed offline records that carry their
+evidence (the code text, or the card UID), as the reference engine makes them."""
 
 from __future__ import annotations
 
@@ -86,10 +87,22 @@ async def balance(ledger: RunningService, tenant_id: str, account_id: str) -> in
     return answer.accounts[0].balance.available_fen
 
 
+def open_all_day(doc: dict[str, Any]) -> dict[str, Any]:
+    """The university rule set with the canteen open at any hour and no per-meal-period count:
+    offline records are dated by the real clock (settlement checks their time), so tests that
+    upload them must not depend on the hour they run at."""
+    doc = json.loads(json.dumps(doc))
+    doc["scenes"] = [{"name": "canteen", "closed_outside_meal_periods": False} if s == "canteen"
+                     or (isinstance(s, dict) and s.get("name") == "canteen") else s for s in doc["scenes"]]
+    doc["limits"] = [lim for lim in doc["limits"] if lim["name"] != "meals-per-period"]
+    return doc
+
+
 async def campus(*, identity: RunningService, ledger: RunningService, policy: RunningService,
-                 tenant_id: str) -> Campus:
+                 tenant_id: str, any_hour: bool = False) -> Campus:
     """The tenant's bank clearing and North Canteen accounts, and the university rule set (with
-    the North Canteen named by its ledger account) published."""
+    the North Canteen named by its ledger account) published as version 1; ``any_hour``: the
+    canteen open at any hour (``open_all_day``)."""
     bank_id = await open_account(ledger, tenant_id, owner_kind=lpb.OWNER_KIND_TENANT, owner_id="bank",
                                  purse_kind=lpb.PURSE_KIND_BANK_CLEARING)
     merchant_id = await open_account(ledger, tenant_id, owner_kind=lpb.OWNER_KIND_MERCHANT,
@@ -98,6 +111,8 @@ async def campus(*, identity: RunningService, ledger: RunningService, policy: Ru
                                     purse_kind=lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
     text = json.dumps(university_rule_set()).replace('"canteen-north"', json.dumps(merchant_id))
     doc = json.loads(text.replace('"milk-cabinet"', json.dumps(vending_id)))
+    if any_hour:
+        doc = open_all_day(doc)
     created = await policy.stub.CreateRuleSetVersion(ppb.CreateRuleSetVersionRequest(
         tenant_id=tenant_id, document=json.dumps(doc)))
     await policy.stub.PublishRuleSetVersion(ppb.PublishRuleSetVersionRequest(
@@ -150,8 +165,8 @@ async def device(devicehub: RunningService, device_stub: Any, tenant_id: str, *,
                               parent_device_id=parent_device_id)
 
 
-async def online(device_stub: Any, enrolled: EnrolledDevice) -> DeviceConnection:
-    return await connect(device_stub, enrolled)
+async def online(device_stub: Any, enrolled: EnrolledDevice, *, last_sequence: int = 0) -> DeviceConnection:
+    return await connect(device_stub, enrolled, last_sequence=last_sequence)
 
 
 class CampusClock:
@@ -229,11 +244,30 @@ def signed(enrolled: EnrolledDevice, record: pb.OfflineRecord) -> pb.OfflineReco
     return record
 
 
-def payment_record(enrolled: EnrolledDevice, *, sequence: int, member: Member, amount_fen: int, at: datetime,
-                   code_counter: int = 0, credential_id: str = "") -> pb.OfflineRecord:
+def payment_record(enrolled: EnrolledDevice, *, sequence: int, member: Member, amount_fen: int,
+                   at: datetime | None = None, by_card: bool = False, code: str | None = None,
+                   bundle_version: int = 1, legs: list[pb.PlanLeg] | None = None, **fields: Any) -> pb.OfflineRecord:
+    """A signed payment record as an honest device makes it: by the member's card (``by_card``), or
+    by a code (a fresh one at ``at``, or the ``code`` given), drawn from the cash purse; ``fields``
+    override any field before signing."""
+    at = at or datetime.now(UTC)
+    legs = legs if legs is not None else [pb.PlanLeg(purse_kind="cash", amount_fen=amount_fen)]
     record = pb.OfflineRecord(
-        sequence=sequence, event_time=stamp(at), purpose=pb.PURPOSE_PAY,
-        method=pb.METHOD_CODE if credential_id else pb.METHOD_CARD, member_id=member.member_id,
-        credential_id=credential_id, counter=code_counter, card_uid="" if credential_id else member.card_uid,
-        amount_fen=amount_fen, legs=[pb.PlanLeg(purse_kind="cash", amount_fen=amount_fen)], bundle_version=1)
+        sequence=sequence, event_time=stamp(at), purpose=pb.PURPOSE_PAY, member_id=member.member_id,
+        amount_fen=amount_fen, legs=legs, bundle_version=bundle_version)
+    if by_card:
+        record.method, record.card_uid = pb.METHOD_CARD, member.card_uid
+    else:
+        if code is None:
+            code = member.code(now_s=int(at.timestamp()))
+        record.method, record.code = pb.METHOD_CODE, code
+        record.credential_id, record.counter = member.credential_id, codes.decode_code(code).counter
+    for name, value in fields.items():
+        if isinstance(value, list):
+            record.ClearField(name)
+            getattr(record, name).extend(value)
+        elif isinstance(value, Timestamp):
+            getattr(record, name).CopyFrom(value)
+        else:
+            setattr(record, name, value)
     return signed(enrolled, record)

@@ -75,6 +75,7 @@ async def test_a_device_is_registered_listed_read_updated_and_decommissioned(dev
     assert device["merchant_account_id"] == MERCHANT and device["parent_device_id"] is None
     assert device["capacity"] == 120 and device["config"] == {"offline": {"max_records": 5000}}
     assert device["key_fingerprint"] is None and device["last_seen_at"] is None
+    assert device["flagged"] is False and device["flagged_at"] is None
     first_config_version = device["config_version"]
 
     gate = (await _register(gateway, admin, GATE))["device"]
@@ -557,3 +558,15 @@ def test_the_access_rules_example_in_the_api_docs_is_a_valid_document() -> None:
 
     rules = parse_access_rules(json.dumps(_ACCESS_RULES_EXAMPLE))
     assert [rule.name for rule in rules.rules] == ["dorm-7-students"]
+
+
+def test_a_flagged_device_says_so_and_since_when() -> None:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from gateway.routes.devices import _device
+
+    since = Timestamp(seconds=1_796_000_000)
+    shown = _device(pb.Device(tenant_id="t", device_id="d", kind=pb.DEVICE_KIND_POS, status=pb.DEVICE_STATUS_ACTIVE,
+                              flagged=True, flagged_at=since)).model_dump(mode="json")
+    assert shown["flagged"] is True and shown["flagged_at"] == "2026-11-30T00:53:20Z"
+

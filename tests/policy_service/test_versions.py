@@ -197,3 +197,57 @@ async def test_tenants_see_only_their_own_versions(policy):
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "RULE_SET_VERSION_NOT_FOUND")
     listed = await policy.stub.ListRuleSetVersions(pb.ListRuleSetVersionsRequest(tenant_id=b))
     assert list(listed.versions) == [] and listed.published_version == 0
+
+
+async def test_rules_in_force_are_the_publications_of_a_window_with_the_documents_asked_for(policy):
+    tenant_id = _tenant()
+    doc = university()
+    v1, v2, v3 = [(await _create(policy.stub, tenant_id, {**doc, "name": f"v{i}"})).version for i in (1, 2, 3)]
+    first = (await _publish(policy.stub, tenant_id, v1)).version.published_at
+    second = (await _publish(policy.stub, tenant_id, v2)).version.published_at
+    again = (await _publish(policy.stub, tenant_id, v1, by="rollback")).version.published_at
+
+    async def in_force(since, until, *versions: int) -> pb.GetRulesInForceResponse:  # noqa: ANN001
+        return await policy.stub.GetRulesInForce(pb.GetRulesInForceRequest(
+            tenant_id=tenant_id, since=since, until=until, versions=list(versions)))
+
+    def spans(answer: pb.GetRulesInForceResponse) -> list[tuple]:
+        return [(s.version, s.in_force_from, s.in_force_until if s.HasField("in_force_until") else None)
+                for s in answer.spans]
+
+    everything = await in_force(first, again, v1, v2, v3)
+    # Each publication until the next; the last one still in force; a rollback is a span of its own.
+    assert spans(everything) == [(v1, first, second), (v2, second, again), (v1, again, None)]
+    # The draft never reached a device: no document for it.
+    assert [(d.version, json.loads(d.document)["name"]) for d in everything.documents] == [(v1, "v1"), (v2, "v2")]
+    # A window inside v2's span: v2 alone; an instant is a window too.
+    assert spans(await in_force(second, second)) == [(v2, second, again)]
+    assert [s.version for s in (await in_force(first, first)).spans] == [v1]
+    assert (await in_force(first, first)).documents == []
+    # Before the first publication: nothing was in force.
+    before = copy.deepcopy(first)
+    before.seconds -= 3600
+    assert (await in_force(before, before, v1)).spans == []
+    # Another tenant's publications are not this one's.
+    assert (await policy.stub.GetRulesInForce(pb.GetRulesInForceRequest(
+        tenant_id=_tenant(), since=first, until=again, versions=[v1]))) == pb.GetRulesInForceResponse()
+
+
+async def test_rules_in_force_refuse_a_window_they_cannot_answer(policy):
+    tenant_id = _tenant()
+    now = (await _publish(policy.stub, tenant_id, (await _create(policy.stub, tenant_id, university())).version)
+           ).version.published_at
+    later = copy.deepcopy(now)
+    later.seconds += 32 * 24 * 3600
+
+    async def ask(**fields) -> tuple:  # noqa: ANN003
+        request = pb.GetRulesInForceRequest(tenant_id=tenant_id, **fields)
+        code, reason, _ = await refused(policy.stub.GetRulesInForce(request))
+        return code, reason
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert await ask(since=now) == (invalid, "WINDOW_INVALID")
+    assert await ask(since=later, until=now) == (invalid, "WINDOW_INVALID")
+    assert await ask(since=now, until=later) == (invalid, "WINDOW_INVALID")
+    assert await ask(since=now, until=now, versions=[0]) == (invalid, "VERSION_INVALID")
+    assert await ask(since=now, until=now, versions=list(range(1, 102))) == (invalid, "VERSIONS_INVALID")

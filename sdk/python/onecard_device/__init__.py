@@ -5,6 +5,7 @@
   policy bundle, access rules, config), applied from SyncUpdate messages;
 - ``store``: the device's disk (offline record queue and sequence, local counters, accepted codes);
 - ``offline``: the offline engine, deciding payments and passes alone with signed records;
+- ``planning``: how an offline payment is planned and counted (shared with the hub's settlement);
 - ``access``: the access rules of gates and shuttle readers (shared with the hub);
 - ``client``: ``DeviceClient``, the stream to the hub (enrol, connect, pay online or offline,
   upload, updates, cabinet orders). The only module that needs grpc; import it explicitly.

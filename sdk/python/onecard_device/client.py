@@ -13,8 +13,9 @@ that came with the enrolment token (``hub_ca_pem``), and from enrolment on again
 hub answered, kept beside the device key (``hub-ca.pem``). Plaintext is only for a hub in insecure
 development mode, and only when asked for (``insecure=True``).
 
-The connection: hello (with the sync versions held) -> challenge -> signature -> welcome -> the
-hub's syncs (applied, acknowledged) -> heartbeats, authorisations, uploads, update commands.
+The connection: hello (with the sync versions held and the highest record sequence issued) ->
+challenge -> signature -> welcome -> the hub's syncs (applied, acknowledged) -> heartbeats,
+authorisations, uploads, update commands.
 A broken stream is retried with exponential backoff and jitter; a refusal that cannot heal
 (DEVICE_UNKNOWN, DEVICE_DECOMMISSIONED, DEVICE_NOT_ENROLLED, CHALLENGE_FAILED) stops the client
 with ``refused`` set.
@@ -427,9 +428,11 @@ class DeviceClient:
         call = self._stub().Connect()
         self._call = call
         try:
+            # Every record made from now on has a higher sequence: the hub dates them after this hello.
             await call.write(pb.ConnectRequest(hello=pb.Hello(
                 tenant_id=self.tenant_id, device_id=self.device_id, firmware_version=self.firmware_version,
-                versions=self.state.sync_versions(), device_time=_now_ts(self.clock()))))
+                versions=self.state.sync_versions(), device_time=_now_ts(self.clock()),
+                last_sequence=self.store.next_sequence() - 1)))
             challenge = await self._read(call, timeout_s=self.handshake_timeout_s)
             if challenge.WhichOneof("body") != "challenge":
                 raise ConnectionLost(f"expected a challenge, got {challenge.WhichOneof('body')}")

@@ -8,22 +8,21 @@ device key and a clock. A payment, in this order (the first refusal is the answe
    cache; a refusal is ``CODE_<reason>``), a card against the blacklist (``CARD_LOST``), a face
    cannot be matched offline (``UNKNOWN_FACE``); then the member blocks (``MEMBER_FROZEN`` /
    ``MEMBER_LEFT``);
-3. the plan: ``onecard_policy.evaluate`` on channel ``offline`` with the device's local counters.
-   Offline the device knows neither the member's groups (``{}``: rules for a group do not apply)
-   nor the member's purses. It plans on the one purse every member holds, cash (ref ``""``), of
-   **unknown** balance: the evaluator then draws the whole charge from it, and the ledger's
-   offline settlement charges whatever the purse lacks to the member's receivable (a SHORTFALL
-   alarm). Subsidies and vouchers are spent online only: a device that guessed a purse the member
-   does not hold would make a record the ledger must reject. The caps bound what can go unpaid;
-   the rule set's offline caps (``OFFLINE_LIMIT_EXCEEDED:credential|device.<cap>``) come from the
-   evaluator;
+3. the plan: ``onecard_policy.evaluate`` on channel ``offline`` with the device's local counters,
+   on the inputs ``onecard_device.planning`` defines (no member groups; one purse, cash of
+   **unknown** balance, so the ledger's offline settlement charges whatever the purse lacks to
+   the member's receivable with a SHORTFALL alarm; subsidies and vouchers are spent online
+   only). The caps bound what can go unpaid; the rule set's offline caps
+   (``OFFLINE_LIMIT_EXCEEDED:credential|device.<cap>``) come from the evaluator;
 4. the credential's own caps, carried in the signed code (``.caps``), on what the member pays,
    counted on the same per-member local counters: ``OFFLINE_LIMIT_EXCEEDED:code.<cap>``
    (per transaction: above refuses, equal passes; per day: used + charge above refuses; count:
    used + 1 above refuses);
 5. ``PIN_REQUIRED`` when the plan asks for a PIN the terminal did not check;
 6. the record: the next device sequence, signed, stored with the counters it raised and the code
-   it accepted in one transaction (``DeviceStore.commit_record``).
+   it accepted in one transaction (``DeviceStore.commit_record``). A code payment's record carries
+   the code text itself, a card payment's the UID: the evidence settlement checks again, with the
+   same planning (``onecard_device.planning``), before it books anything.
 
 A card whose member the device never saw online is still taken (the card is the credential, as on
 any campus POS) with an empty member id: the hub resolves it when the record settles, and its caps
@@ -40,10 +39,11 @@ from dataclasses import dataclass, field
 
 import onecard_codes as codes
 from google.protobuf.timestamp_pb2 import Timestamp
-from onecard_policy import PurseState, Request, counter_keys, evaluate
+from onecard_policy import counter_keys, evaluate
 
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from onecard_device import access as access_rules
+from onecard_device import planning
 from onecard_device.identity import DeviceIdentity
 from onecard_device.state import DeviceState, normalise_card_uid
 from onecard_device.store import DeviceStore
@@ -52,7 +52,6 @@ MAX_AMOUNT_FEN = 100_000_000
 APPROVED = "APPROVED"
 PASS = "PASS"
 OFFLINE_NOT_READY = "OFFLINE_NOT_READY"
-OFFLINE_PURSE = PurseState(kind="cash", ref="", available_fen=None)
 CODE_PURPOSES = {pb.PURPOSE_PAY: codes.Purpose.PAY, pb.PURPOSE_ACCESS: codes.Purpose.ACCESS,
                  pb.PURPOSE_RIDE: codes.Purpose.RIDE}
 ACCESS_PURPOSES = {pb.PURPOSE_ACCESS: "access", pb.PURPOSE_RIDE: "ride"}
@@ -91,6 +90,7 @@ class _Member:
     credential_id: str = ""
     counter: int = 0
     card_uid: str = ""
+    code: str = ""  # the scanned text: a payment's record carries it
     caps: codes.OfflineCaps | None = None
     code_key: tuple[bytes, int, int] | None = None  # (credential id bytes, counter, replay expiry)
 
@@ -144,7 +144,8 @@ class OfflineEngine:
             if result.kind == codes.CodeKind.TOKEN:
                 keep_s += MAX_TOKEN_SLOT_S
             return _Member(method=pb.METHOD_CODE, member_id=member_id, counter_member=member_id,
-                           credential_id=str(result.credential_id), counter=result.counter, caps=result.caps,
+                           credential_id=str(result.credential_id), counter=result.counter, code=presentation.code,
+                           caps=result.caps,
                            code_key=(result.credential_id.bytes, result.counter,
                                      max(result.time_s, now_s) + keep_s))
         if which == "card_uid":
@@ -155,7 +156,7 @@ class OfflineEngine:
                 return "CARD_LOST"
             member_id = self.state.card_member(uid)
             return _Member(method=pb.METHOD_CARD, member_id=member_id,
-                           counter_member=member_id or f"card:{uid}"[:64], card_uid=uid)
+                           counter_member=planning.counter_member(member_id=member_id, card_uid=uid), card_uid=uid)
         if which == "face_enrolment_ref":
             return "UNKNOWN_FACE"
         return "NO_PRESENTATION"
@@ -185,45 +186,35 @@ class OfflineEngine:
         if blocked:
             return OfflineDecision(False, blocked, member_id=member.member_id, amount_fen=amount_fen)
         device = self.state.device
-        request = Request(
-            tenant_id=self.state.tenant_id, member_id=member.counter_member, member_groups={},
-            scene=device.scene, merchant_id=device.merchant_account_id or None,
-            device_id=self.identity.device_id or None, amount_fen=amount_fen,
-            at=dt.datetime.fromtimestamp(now, dt.UTC), channel="offline", purses=(OFFLINE_PURSE,))
-        keys = counter_keys(rule_set, request)
-        counters = self.store.counters(keys)
+        event_time = _to_timestamp(now)
+        # The record's own time, to the microsecond: what settlement plans with again.
+        request = planning.offline_request(
+            tenant_id=self.state.tenant_id, counter_member=member.counter_member, scene=device.scene,
+            merchant_id=device.merchant_account_id, device_id=self.identity.device_id, amount_fen=amount_fen,
+            at=event_time.ToDatetime(tzinfo=dt.UTC))
+        counters = self.store.counters(counter_keys(rule_set, request))
         plan = evaluate(rule_set, request, counters)
         if not plan.approved:
             return OfflineDecision(False, plan.reason, member_id=member.member_id, amount_fen=amount_fen,
                                    detail=plan.detail)
         charged = plan.charged_fen
-        day = f"d:{plan.service_date}"
-        amount_key = f"off:cred:m:{member.counter_member}:{day}"
-        count_key = f"off:cred-n:m:{member.counter_member}:{day}"
+        assert plan.service_date is not None
+        day_keys = planning.day_keys(counter_member=member.counter_member, device_id=self.identity.device_id,
+                                     service_date=plan.service_date)
         if member.caps is not None:
-            refusal = _cap_refusal(member.caps, charged=charged, used_fen=counters.get(amount_key, 0),
-                                   used_count=counters.get(count_key, 0))
+            refusal = planning.code_cap_check(member.caps, plan, day_keys, counters)
             if refusal:
                 return OfflineDecision(False, refusal, member_id=member.member_id, amount_fen=amount_fen)
         if plan.pin_required and not pin_verified:
             return OfflineDecision(False, "PIN_REQUIRED", member_id=member.member_id, amount_fen=amount_fen)
-        increments: dict[str, int] = {}
-        for guard in plan.guards:
-            if not guard.counter_key.startswith("off:"):
-                increments[guard.counter_key] = increments.get(guard.counter_key, 0) + guard.increment
-        # The offline counters always count, so a cap set later still sees the day already spent.
-        device_key = self.identity.device_id
-        for key, increment in ((amount_key, charged), (count_key, 1),
-                               (f"off:dev:{device_key}:{day}", charged), (f"off:dev-n:{device_key}:{day}", 1)):
-            if increment:
-                increments[key] = increments.get(key, 0) + increment
         legs = tuple(pb.PlanLeg(purse_kind=leg.purse_kind, ref=leg.ref, amount_fen=leg.amount_fen)
                      for leg in plan.legs)
         record = pb.OfflineRecord(
-            event_time=_to_timestamp(now), purpose=pb.PURPOSE_PAY, method=member.method, member_id=member.member_id,
+            event_time=event_time, purpose=pb.PURPOSE_PAY, method=member.method, member_id=member.member_id,
             credential_id=member.credential_id, counter=member.counter, card_uid=member.card_uid,
-            amount_fen=amount_fen, legs=legs, bundle_version=self.state.bundle_version)
-        record = self._commit(record, now=now, increments=increments, code_key=member.code_key)
+            amount_fen=amount_fen, legs=legs, bundle_version=self.state.bundle_version, code=member.code)
+        record = self._commit(record, now=now, increments=planning.increments(plan, day_keys),
+                              code_key=member.code_key)
         return OfflineDecision(True, APPROVED, member_id=member.member_id, amount_fen=amount_fen,
                                charged_fen=charged, discount_fen=plan.discount_fen, benefit=plan.benefit or "",
                                legs=legs, record=record)
@@ -284,16 +275,6 @@ class OfflineEngine:
         self.store.commit_record(build=build, event_time_s=now, purpose=record.purpose,
                                  counter_increments=increments, accepted_code=code_key)
         return signed[0]
-
-
-def _cap_refusal(caps: codes.OfflineCaps, *, charged: int, used_fen: int, used_count: int) -> str | None:
-    if charged > caps.per_transaction_fen:
-        return "OFFLINE_LIMIT_EXCEEDED:code.per_transaction_fen"
-    if used_fen + charged > caps.per_day_fen:
-        return "OFFLINE_LIMIT_EXCEEDED:code.per_day_fen"
-    if used_count + 1 > caps.count_per_day:
-        return "OFFLINE_LIMIT_EXCEEDED:code.count_per_day"
-    return None
 
 
 FINAL_OUTCOMES = frozenset({pb.RECORD_OUTCOME_BOOKED, pb.RECORD_OUTCOME_SHORTFALL, pb.RECORD_OUTCOME_DUPLICATE,
