@@ -30,6 +30,7 @@ from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import AdminLedger, ReadStatements, ReadWallets, TopUpWallets
+from gateway.exports import csv_text
 from gateway.models import MemberId, TenantId, MAX_ID_CHARS, enum_name, enum_value, timestamp
 from gateway.problems import ProblemError, problem_responses
 from gateway.state import GatewayState, State
@@ -779,23 +780,21 @@ def _iso(value: timestamp_pb2.Timestamp) -> str:
 
 
 def _statement_csv(lines: list[pb.StatementLine], *, header: bool) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    if header:
-        writer.writerow(STATEMENT_COLUMNS)
-    for line in lines:
-        t = line.transfer
-        writer.writerow([_iso(t.booked_at), _iso(t.event_time), t.transfer_id,
-                         enum_name(pb.TransferKind, value=t.kind), line.merchant_fen, t.device_id, t.external_ref,
-                         t.idempotency_key])
-    return out.getvalue()
+    # device_id, external_ref and idempotency_key are what partners and devices sent: csv_text
+    # makes them inert; merchant_fen is written as the number it is.
+    return csv_text(
+        ([_iso(line.transfer.booked_at), _iso(line.transfer.event_time), line.transfer.transfer_id,
+          enum_name(pb.TransferKind, value=line.transfer.kind), line.merchant_fen, line.transfer.device_id,
+          line.transfer.external_ref, line.transfer.idempotency_key] for line in lines),
+        header=STATEMENT_COLUMNS if header else None,
+    )
 
 
 _STATEMENT_CSV = {
     200: {"description": "One line per transfer booked that day",
           "content": {"text/csv": {"schema": {"type": "string"}, "example": (
-              ",".join(STATEMENT_COLUMNS) + "\n2026-11-26T04:31:07.120000Z,2026-11-26T04:31:07.120000Z,"
-              "9c1d2e3f-4a5b-4c6d-8e7f-0a1b2c3d4e5f,payment,1200,pos-3,,pos-3:000812\n")}}},
+              ",".join(STATEMENT_COLUMNS) + "\n\"2026-11-26T04:31:07.120000Z\",\"2026-11-26T04:31:07.120000Z\","
+              "\"9c1d2e3f-4a5b-4c6d-8e7f-0a1b2c3d4e5f\",\"payment\",1200,\"pos-3\",\"\",\"pos-3:000812\"\n")}}},
 }
 
 
@@ -812,7 +811,9 @@ async def get_statement(
 ) -> StreamingResponse:
     """Columns: booked_at, event_time (UTC, RFC 3339), transfer_id, kind, merchant_fen (the effect on
     the merchant: payments +, refunds -), device_id, external_ref, idempotency_key. The day's totals
-    are at ``GET …/statements/totals`` with the same query."""
+    are at ``GET …/statements/totals`` with the same query. Text cells are quoted, and one beginning
+    with = + - @, a tab or a carriage return gets a leading ' (OWASP CSV injection); amounts are
+    bare numbers."""
     request = _statement_request(tenant_id=tenant_id, merchant_account_id=merchant_account_id,
                                  device_id=device_id, date=date, time_zone=time_zone)
     # The first page before answering, so a refusal (unknown account, bad day) is still a problem.

