@@ -555,7 +555,9 @@ async def run_stack(config: DevstackConfig, *, console: Console) -> int:
         names = {svc.spec.name for svc in config.services}
         if {"ledger", "policy"} <= names:
             rules = await seed_rules(ledger_target=config.service("ledger").target,
-                                     policy_target=config.service("policy").target, tls=stack.tls)
+                                     policy_target=config.service("policy").target, tls=stack.tls,
+                                     bank_client_ids=tuple(c.client_id for c in seed.clients.values()
+                                                           if "wallets:topup" in c.scopes))
         console.status(
             "seed", "done",
             f"{DEMO_TENANT_NAME} {'created' if seed.tenant_created else 'reused'}, {seed.member_count} members, "

@@ -54,9 +54,10 @@ SCOPES: dict[str, str] = {
     "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
     WALLETS_READ: "Read members' purse balances, an account's transfer history, and whether a payment was booked "
     "(\"did this pay?\" by idempotency key).",
-    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account (banks).",
+    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account, within the credit "
+    "limit the tenant set on it (banks).",
     LEDGER_ADMIN: "Administer the tenant's ledger: open accounts, refunds, freezing accounts, subsidy programs, "
-    "grant batches and clawbacks, the trial balance (the school's finance office).",
+    "grant batches and clawbacks, the trial balance, partners' credit limits (the school's finance office).",
     STATEMENTS_READ: "Download a merchant's or a device's daily statement (CSV) and its totals.",
     POLICY_ADMIN: "Administer the tenant's spending rules: create, validate, list, read and publish rule-set "
     "versions; dry-run a payment against a version or the published rules (the school's operators).",

@@ -3,9 +3,9 @@ merchants use it.
 
 - ``wallets:read``: a member's purses and balances, an account's history, "did this pay?";
 - ``wallets:topup``: a bank tops up a member's cash purse from its own clearing account (one per
-  API client, opened on first use);
+  API client, opened on first use), within the credit limit the tenant set on it;
 - ``ledger:admin``: open accounts, refunds, freezing, subsidy programs, grant batches, clawbacks,
-  the trial balance;
+  the trial balance, a partner's credit limit;
 - ``statements:read``: a merchant's or a device's daily statement as CSV, and its totals as JSON.
 
 Each handler only translates: path, query, body and the ``Idempotency-Key`` header to a request
@@ -42,6 +42,7 @@ from runtime.wire import timestamp_pb
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
 AccountId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A ledger account id (UUID).")]
+ClientId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="An API client the tenant granted.")]
 TransferId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A transfer id (UUID).")]
 BatchId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A grant batch id (UUID).")]
 
@@ -50,6 +51,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_REF_CHARS = 128
 MAX_BILL_NUMBER_CHARS = 64
 MAX_AMOUNT_FEN = 10**12
+# The ledger's bound on a clearing account's credit limit.
+MAX_CREDIT_LIMIT_FEN = 10**15
 MAX_CURSOR_CHARS = 1024
 MAX_HISTORY_PAGE_SIZE = 200
 MAX_ROWS_PAGE_SIZE = 1000
@@ -106,6 +109,9 @@ class AccountOut(BaseModel):
     posted_fen: int = Field(description="Booked money, in fen.")
     pending_fen: int = Field(description="Money held by pending holds, in fen.")
     available_fen: int = Field(description="What may still be spent: posted - pending, in fen.")
+    credit_limit_fen: int | None = Field(default=None, description="A bank clearing account's credit limit: how far "
+                                         "below zero its balance may go (0: the bank tops up only what it "
+                                         "prefunded). null on every other account.")
 
 
 class BalanceOut(BaseModel):
@@ -265,6 +271,7 @@ def _account(item: pb.AccountBalance) -> AccountOut:
         purse_kind=enum_name(pb.PurseKind, value=a.purse_kind), ref=a.ref, currency=a.currency,
         no_overdraft=a.no_overdraft, status=enum_name(pb.AccountStatus, value=a.status),
         posted_fen=b.posted_fen, pending_fen=b.pending_fen, available_fen=b.available_fen,
+        credit_limit_fen=a.credit_limit_fen if a.HasField("credit_limit_fen") else None,
     )
 
 
@@ -381,7 +388,34 @@ async def lookup_payment(
     return LookupOut(found=answer.found, transfer=_transfer(answer.transfer) if answer.found else None)
 
 
+@router.get("/v1/tenants/{tenant_id}/clearing-account", response_model=AccountOut, tags=["wallets"],
+            summary="The calling partner's own clearing account: what it owes and its credit limit")
+async def get_own_clearing_account(tenant_id: TenantId, state: State, principal: ReadWallets) -> AccountOut:
+    """``available_fen`` is minus what the partner's top-ups have taken; it may go down to
+    ``-credit_limit_fen``. 404 ACCOUNT_NOT_FOUND before the first top-up or credit limit opened it."""
+    answer = await state.ledger.GetBalances(
+        pb.GetBalancesRequest(tenant_id=tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id=tenant_id),
+        timeout=state.timeout_s,
+    )
+    for item in answer.accounts:
+        if item.account.purse_kind == pb.PURSE_KIND_BANK_CLEARING and item.account.ref == principal.client_id:
+            return _account(item)
+    raise ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no clearing account yet: it opens with the "
+                       "first top-up, or when the tenant sets its credit limit")
+
+
 # --- wallets:topup -------------------------------------------------------------------------------
+
+
+async def _open_clearing(state: GatewayState, *, tenant_id: str, client_id: str) -> pb.AccountBalance:
+    """The client's own clearing account in the tenant (one per client, the tenant its owner, the
+    client id its ref), opened on first use with a credit limit of 0."""
+    opened = await state.ledger.OpenAccount(
+        pb.OpenAccountRequest(tenant_id=tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id=tenant_id,
+                              purse_kind=pb.PURSE_KIND_BANK_CLEARING, ref=client_id),
+        timeout=state.timeout_s,
+    )
+    return opened.account
 
 
 class TopUpIn(BaseModel):
@@ -405,7 +439,9 @@ async def top_up(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> WriteOut:
     """Opens (idempotently) the member's cash purse and the calling client's clearing account, then
-    books the top-up. A repeat with the same Idempotency-Key answers the same transfer."""
+    books the top-up. A repeat with the same Idempotency-Key answers the same transfer. A top-up
+    past the clearing account's credit limit is 409 CREDIT_LIMIT_EXCEEDED (a new clearing account
+    may owe nothing until the tenant sets its limit)."""
     key = _key(idempotency_key)
     await _member_must_exist(state, tenant_id=tenant_id, member_id=member_id)
     purse = await state.ledger.OpenAccount(
@@ -413,14 +449,10 @@ async def top_up(
                               purse_kind=pb.PURSE_KIND_CASH, ref="", no_overdraft=True),
         timeout=state.timeout_s,
     )
-    clearing = await state.ledger.OpenAccount(
-        pb.OpenAccountRequest(tenant_id=tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id=tenant_id,
-                              purse_kind=pb.PURSE_KIND_BANK_CLEARING, ref=principal.client_id, no_overdraft=False),
-        timeout=state.timeout_s,
-    )
+    clearing = await _open_clearing(state, tenant_id=tenant_id, client_id=principal.client_id)
     answer = await state.ledger.TopUp(
         pb.TopUpRequest(tenant_id=tenant_id, idempotency_key=key,
-                        from_account_id=clearing.account.account.account_id,
+                        from_account_id=clearing.account.account_id,
                         to_account_id=purse.account.account.account_id, amount_fen=body.amount_fen,
                         external_ref=body.external_ref),
         timeout=state.timeout_s,
@@ -429,6 +461,36 @@ async def top_up(
 
 
 # --- ledger:admin --------------------------------------------------------------------------------
+
+
+class CreditLimitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"credit_limit_fen": 50_000_000}]})
+
+    credit_limit_fen: int = Field(ge=0, le=MAX_CREDIT_LIMIT_FEN, description="How far below zero the partner's "
+                                  "clearing account may go: what it prefunded (and any credit the tenant gives), "
+                                  "in fen. Not below what it owes now.")
+
+
+@router.put("/v1/tenants/{tenant_id}/api-clients/{client_id}/clearing-account", response_model=AccountOut,
+            tags=["ledger"], summary="Set a partner's credit limit: how much its top-ups may take from its clearing "
+            "account", responses=problem_responses(409))
+async def set_clearing_credit_limit(tenant_id: TenantId, client_id: ClientId, body: CreditLimitIn, state: State,
+                                    _principal: AdminLedger) -> AccountOut:
+    """Opens the client's clearing account if it has none yet. Its top-ups may take it down to
+    ``-credit_limit_fen``; beyond is 409 CREDIT_LIMIT_EXCEEDED. A limit below what the partner owes
+    now is 409 CREDIT_LIMIT_BELOW_USE (set it to what it owes to stop further top-ups, or freeze
+    the account). A client this tenant has not granted is 404 CLIENT_NOT_FOUND."""
+    granted = await state.identity.ListApiClients(ipb.ListApiClientsRequest(tenant_id=tenant_id),
+                                                  timeout=state.timeout_s)
+    if not any(c.client_id == client_id for c in granted.clients):
+        raise ProblemError(status=404, reason="CLIENT_NOT_FOUND", detail="this tenant has not granted that client")
+    clearing = await _open_clearing(state, tenant_id=tenant_id, client_id=client_id)
+    answer = await state.ledger.SetCreditLimit(
+        pb.SetCreditLimitRequest(tenant_id=tenant_id, account_id=clearing.account.account_id,
+                                 credit_limit_fen=body.credit_limit_fen),
+        timeout=state.timeout_s,
+    )
+    return _account(answer.account)
 
 
 class RefundIn(BaseModel):

@@ -43,6 +43,7 @@ from onecard.identity.v1 import identity_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
+from tests.ledger.support import allow_credit
 
 CARD_A = "0A0B0C0D01"
 CARD_B = "0B0B0C0D02"
@@ -121,6 +122,9 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}/transfers"): RouteCall(params={"page_size": 10}),
     ("GET", "/v1/tenants/{tenant_id}/payments/lookup"): RouteCall(params={"idempotency_key": "matrix-pay"}),
+    ("GET", "/v1/tenants/{tenant_id}/clearing-account"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/api-clients/{client_id}/clearing-account"): RouteCall(
+        json={"credit_limit_fen": 1}),
     ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/top-ups"): RouteCall(
         json={"amount_fen": 100}, headers={"Idempotency-Key": "matrix-top-up"}),
     ("POST", "/v1/tenants/{tenant_id}/payments/{transfer_id}/refunds"): RouteCall(
@@ -278,6 +282,7 @@ async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: s
         return answer.account.account.account_id
 
     bank = await open_account(lpb.OWNER_KIND_TENANT, tenant_id, lpb.PURSE_KIND_BANK_CLEARING, "bank")
+    await allow_credit(ledger, tenant_id, bank)
     merchant = await open_account(lpb.OWNER_KIND_MERCHANT, "canteen", lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
     funding = await open_account(lpb.OWNER_KIND_TENANT, "finance", lpb.PURSE_KIND_SUBSIDY_FUNDING, f"meal-{label}")
     cash = await open_account(lpb.OWNER_KIND_MEMBER, member_id, lpb.PURSE_KIND_CASH)

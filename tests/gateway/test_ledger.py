@@ -44,12 +44,26 @@ async def _member(gateway: Gateway, tenant_id: str, number: str) -> str:
     return answer.member.member_id
 
 
+# What the tests' banks may owe: more than any test tops up (the limit's own tests set less).
+BANK_CREDIT_LIMIT_FEN = 10_000_000
+
+
+async def _allow_credit(gateway: Gateway, admin: TenantAccess, bank: TenantAccess,
+                        credit_limit_fen: int = BANK_CREDIT_LIMIT_FEN) -> Any:
+    response = await gateway.http.put(
+        f"/v1/tenants/{admin.tenant_id}/api-clients/{bank.credentials.client_id}/clearing-account",
+        headers=admin.headers, json={"credit_limit_fen": credit_limit_fen})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 async def _accesses(gateway: Gateway) -> tuple[TenantAccess, TenantAccess, TenantAccess]:
-    """A bank (wallets:read wallets:topup), the school's finance office (ledger:admin) and a
-    merchant's back office (statements:read), all in one new tenant."""
+    """A bank (wallets:read wallets:topup) that may owe BANK_CREDIT_LIMIT_FEN, the school's finance
+    office (ledger:admin) and a merchant's back office (statements:read), all in one new tenant."""
     bank = await gateway.tenant_access(scopes=(WALLETS_READ, WALLETS_TOPUP))
     admin = await gateway.tenant_access(tenant_id=bank.tenant_id, scopes=(LEDGER_ADMIN, WALLETS_READ))
     merchant = await gateway.tenant_access(tenant_id=bank.tenant_id, scopes=(STATEMENTS_READ,))
+    await _allow_credit(gateway, admin, bank)
     return bank, admin, merchant
 
 
@@ -164,6 +178,7 @@ async def test_each_bank_client_tops_up_from_its_own_clearing_account(ledger_gat
     gateway = ledger_gateway
     bank_a, admin, _merchant = await _accesses(gateway)
     bank_b = await gateway.tenant_access(tenant_id=bank_a.tenant_id, scopes=(WALLETS_TOPUP,))
+    await _allow_credit(gateway, admin, bank_b)
     member_id = await _member(gateway, bank_a.tenant_id, "W300")
 
     from_a = await _top_up(gateway, bank_a, member_id, 1_000)
@@ -181,7 +196,52 @@ async def test_each_bank_client_tops_up_from_its_own_clearing_account(ledger_gat
     body = clearing.json()
     assert body["purse_kind"] == "bank_clearing" and body["owner_kind"] == "tenant"
     assert body["owner_id"] == bank_a.tenant_id and body["ref"] == bank_a.credentials.client_id
-    assert body["posted_fen"] == -1_500
+    assert body["posted_fen"] == -1_500 and body["credit_limit_fen"] == BANK_CREDIT_LIMIT_FEN
+
+
+async def test_a_bank_tops_up_only_within_the_credit_limit_the_tenant_set(ledger_gateway: Gateway) -> None:
+    """The attack: a bank's clearing account went negative without limit, so its top-ups could
+    create any amount of money. Now a new partner may top up nothing until the tenant sets how
+    much (its prefunding); past that the top-up is refused with a reason and nothing moves."""
+    gateway = ledger_gateway
+    bank = await gateway.tenant_access(scopes=(WALLETS_READ, WALLETS_TOPUP))
+    admin = await gateway.tenant_access(tenant_id=bank.tenant_id, scopes=(LEDGER_ADMIN,))
+    tenant_id = bank.tenant_id
+    member_id = await _member(gateway, tenant_id, "W350")
+    url = f"/v1/tenants/{tenant_id}/members/{member_id}/top-ups"
+
+    minted = await gateway.http.post(url, headers={**bank.headers, **_key()}, json={"amount_fen": 100_000_000})
+    body = assert_problem(minted, 409, reason="CREDIT_LIMIT_EXCEEDED")
+    assert "credit limit" in body["detail"]
+    own = await gateway.http.get(f"/v1/tenants/{tenant_id}/clearing-account", headers=bank.headers)
+    assert own.status_code == 200, own.text
+    assert (own.json()["credit_limit_fen"], own.json()["posted_fen"]) == (0, 0)
+
+    # The finance office records that the bank prefunded 500.00 CNY.
+    limited = await _allow_credit(gateway, admin, bank, 50_000)
+    assert limited["ref"] == bank.credentials.client_id and limited["credit_limit_fen"] == 50_000
+    await _top_up(gateway, bank, member_id, 30_000)
+    over = await gateway.http.post(url, headers={**bank.headers, **_key()}, json={"amount_fen": 20_001})
+    assert_problem(over, 409, reason="CREDIT_LIMIT_EXCEEDED")
+    await _top_up(gateway, bank, member_id, 20_000)
+    own = (await gateway.http.get(f"/v1/tenants/{tenant_id}/clearing-account", headers=bank.headers)).json()
+    assert (own["posted_fen"], own["available_fen"], own["credit_limit_fen"]) == (-50_000, -50_000, 50_000)
+    balances = await gateway.http.get(f"/v1/tenants/{tenant_id}/members/{member_id}/balances", headers=bank.headers)
+    assert _balance(balances.json()["purses"], "cash")["posted_fen"] == 50_000
+
+    # Not below what it owes; a client the tenant has not granted is not found; the bank itself
+    # cannot raise its own limit.
+    below = await gateway.http.put(
+        f"/v1/tenants/{tenant_id}/api-clients/{bank.credentials.client_id}/clearing-account",
+        headers=admin.headers, json={"credit_limit_fen": 49_999})
+    assert_problem(below, 409, reason="CREDIT_LIMIT_BELOW_USE")
+    stranger = await gateway.http.put(f"/v1/tenants/{tenant_id}/api-clients/oc_nobody/clearing-account",
+                                      headers=admin.headers, json={"credit_limit_fen": 1})
+    assert_problem(stranger, 404, reason="CLIENT_NOT_FOUND")
+    own_raise = await gateway.http.put(
+        f"/v1/tenants/{tenant_id}/api-clients/{bank.credentials.client_id}/clearing-account",
+        headers=bank.headers, json={"credit_limit_fen": 10**12})
+    assert_problem(own_raise, 403, reason="INSUFFICIENT_SCOPE")
 
 
 async def test_a_member_identity_does_not_know_is_not_found(ledger_gateway: Gateway) -> None:

@@ -77,6 +77,11 @@ class Campus:
                                                "purse_kind": "merchant_settlement"})
         assert opened.status_code in (200, 201), opened.text
         self.merchant_id = opened.json()["account"]["account_id"]
+        # The bank may owe what the tests top up (a new partner may owe nothing).
+        limited = await gateway.http.put(
+            f"/v1/tenants/{self.tenant_id}/api-clients/{self.bank.credentials.client_id}/clearing-account",
+            headers=self.finance.headers, json={"credit_limit_fen": 10_000_000})
+        assert limited.status_code == 200, limited.text
         self.member_id = await _member(gateway, self.tenant_id, "S001")
         if cash_fen:
             await self.top_up(self.member_id, cash_fen)
