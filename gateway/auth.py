@@ -52,8 +52,9 @@ SCOPES: dict[str, str] = {
     "and the signed policy bundle and its keys (devices, device hubs).",
     CODES_ADMIN: "Administer the tenant's e-codes: read and change its code settings (offline caps, defaults), "
     "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
-    WALLETS_READ: "Read members' purse balances, an account's transfer history, and whether a payment was booked "
-    "(\"did this pay?\" by idempotency key).",
+    WALLETS_READ: "Read members' purses and their history, the calling client's own clearing account, and whether "
+    "a payment was booked (\"did this pay?\" by idempotency key). A merchant's accounts also need statements:read "
+    "(or ledger:admin); the tenant's other accounts ledger:admin; another partner's clearing account is never shown.",
     WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account, within the credit "
     "limit the tenant set on it (banks).",
     LEDGER_ADMIN: "Administer the tenant's ledger: open accounts, refunds, freezing accounts, subsidy programs, "
@@ -203,15 +204,20 @@ async def authorize(
 
     missing = [scope for scope in security_scopes.scopes if scope not in principal.scopes]
     if missing:
-        raise ProblemError(
-            status=403,
-            reason="INSUFFICIENT_SCOPE",
-            detail=f"this call needs the scope {' '.join(missing)}, which the token does not hold",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope", '
-                                         f'scope="{" ".join(missing)}"'},
-            extra={"scope": " ".join(missing)},
-        )
+        raise insufficient_scope(missing)
     return principal
+
+
+def insufficient_scope(missing: list[str], *, detail: str | None = None) -> ProblemError:
+    """403 INSUFFICIENT_SCOPE naming the scopes the call needs (RFC 6750 §3.1)."""
+    return ProblemError(
+        status=403,
+        reason="INSUFFICIENT_SCOPE",
+        detail=detail or f"this call needs the scope {' '.join(missing)}, which the token does not hold",
+        headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope", '
+                                     f'scope="{" ".join(missing)}"'},
+        extra={"scope": " ".join(missing)},
+    )
 
 
 # What a protected route declares, e.g. ``_principal: ReadMembers``: one scope, one gate.

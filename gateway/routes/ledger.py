@@ -8,6 +8,12 @@ merchants use it.
   the trial balance, a partner's credit limit;
 - ``statements:read``: a merchant's or a device's daily statement as CSV, and its totals as JSON.
 
+A scope means what it says (``account_refusal``): ``wallets:read`` reaches members' purses and the
+caller's own clearing account; a merchant's accounts also need ``statements:read`` or
+``ledger:admin``; the tenant's other accounts ``ledger:admin``; another partner's clearing account
+is never shown to a partner (404, as an account that does not exist). The ledger knows no scopes,
+so the gateway reads the account (or a looked-up transfer's accounts) before it answers.
+
 Each handler only translates: path, query, body and the ``Idempotency-Key`` header to a request
 message, the answer to JSON. The money rules (overdraft, refund limits, frozen accounts) are the
 ledger's; its refusals come back as problems through ``gateway.problems``. Amounts are integer fen.
@@ -29,7 +35,16 @@ from fastapi.responses import StreamingResponse
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.auth import AdminLedger, ReadStatements, ReadWallets, TopUpWallets
+from gateway.auth import (
+    LEDGER_ADMIN,
+    STATEMENTS_READ,
+    AdminLedger,
+    Principal,
+    ReadStatements,
+    ReadWallets,
+    TopUpWallets,
+    insufficient_scope,
+)
 from gateway.exports import csv_text
 from gateway.models import MemberId, TenantId, MAX_ID_CHARS, enum_name, enum_value, timestamp
 from gateway.problems import ProblemError, problem_responses
@@ -320,6 +335,36 @@ def _row(r: pb.GrantRowResult) -> GrantRowOut:
                        account_id=or_none(r.account_id), reason=or_none(r.reason), message=or_none(r.message))
 
 
+def account_refusal(principal: Principal, account: pb.Account) -> ProblemError | None:
+    """Why ``principal`` may not read ``account`` through the wallet routes, or None when it may."""
+    if LEDGER_ADMIN in principal.scopes or account.owner_kind == pb.OWNER_KIND_MEMBER:
+        return None
+    if account.purse_kind == pb.PURSE_KIND_BANK_CLEARING:
+        if account.ref == principal.client_id:
+            return None
+        # Another partner's: as if it did not exist, so its id tells a partner nothing.
+        return ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
+    if account.owner_kind == pb.OWNER_KIND_MERCHANT:
+        if STATEMENTS_READ in principal.scopes:
+            return None
+        return insufficient_scope([STATEMENTS_READ], detail="a merchant's account needs the scope statements:read "
+                                  "(or ledger:admin), which the token does not hold")
+    return insufficient_scope([LEDGER_ADMIN], detail="the tenant's own accounts need the scope ledger:admin, which "
+                              "the token does not hold")
+
+
+async def _readable_account(state: GatewayState, principal: Principal, *, tenant_id: str,
+                            account_id: str) -> pb.AccountBalance:
+    answer = await state.ledger.GetBalances(pb.GetBalancesRequest(tenant_id=tenant_id, account_ids=[account_id]),
+                                            timeout=state.timeout_s)
+    if not answer.accounts:
+        raise ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
+    refusal = account_refusal(principal, answer.accounts[0].account)
+    if refusal is not None:
+        raise refusal
+    return answer.accounts[0]
+
+
 async def _member_must_exist(state: GatewayState, *, tenant_id: str, member_id: str) -> None:
     """404 MEMBER_NOT_FOUND (from identity) for a member the tenant does not have: the ledger would
     happily open a purse for any owner id."""
@@ -344,12 +389,10 @@ async def get_member_balances(tenant_id: TenantId, member_id: MemberId, state: S
 
 @router.get("/v1/tenants/{tenant_id}/accounts/{account_id}", response_model=AccountOut, tags=["wallets"],
             summary="One account with its balance")
-async def get_account(tenant_id: TenantId, account_id: AccountId, state: State, _principal: ReadWallets) -> AccountOut:
-    answer = await state.ledger.GetBalances(pb.GetBalancesRequest(tenant_id=tenant_id, account_ids=[account_id]),
-                                            timeout=state.timeout_s)
-    if not answer.accounts:
-        raise ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
-    return _account(answer.accounts[0])
+async def get_account(tenant_id: TenantId, account_id: AccountId, state: State, principal: ReadWallets) -> AccountOut:
+    """A member's purse, or the caller's own clearing account; a merchant's account with
+    statements:read too; any account with ledger:admin. Another partner's clearing account is 404."""
+    return _account(await _readable_account(state, principal, tenant_id=tenant_id, account_id=account_id))
 
 
 @router.get("/v1/tenants/{tenant_id}/accounts/{account_id}/transfers", response_model=TransferPage,
@@ -358,10 +401,13 @@ async def list_account_transfers(
     tenant_id: TenantId,
     account_id: AccountId,
     state: State,
-    _principal: ReadWallets,
+    principal: ReadWallets,
     page_size: Annotated[int, Query(ge=1, le=MAX_HISTORY_PAGE_SIZE)] = 50,
     page_token: Annotated[str, Query(max_length=MAX_CURSOR_CHARS)] = "",
 ) -> TransferPage:
+    """The same accounts as ``GET …/accounts/{a}``: a merchant's history (every member's payments
+    there) needs statements:read too."""
+    await _readable_account(state, principal, tenant_id=tenant_id, account_id=account_id)
     answer = await state.ledger.ListTransfers(
         pb.ListTransfersRequest(tenant_id=tenant_id, account_id=account_id, page_size=page_size,
                                 page_token=page_token),
@@ -376,16 +422,26 @@ async def list_account_transfers(
 async def lookup_payment(
     tenant_id: TenantId,
     state: State,
-    _principal: ReadWallets,
+    principal: ReadWallets,
     idempotency_key: Annotated[str, Query(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS,
                                           description="The key the write was sent with.")],
 ) -> LookupOut:
     """The answer to an ambiguous failure (a timeout, a dropped connection): if ``found`` is false
-    nothing was booked under the key, and the write may be sent again with the same key."""
+    nothing was booked under the key, and the write may be sent again with the same key. A
+    transfer that touches no account the caller may read (no member's purse, not its own clearing
+    account) is 404 TRANSFER_NOT_FOUND: it is none of the caller's writes."""
     answer = await state.ledger.LookupTransfer(
         pb.LookupTransferRequest(tenant_id=tenant_id, idempotency_key=idempotency_key), timeout=state.timeout_s
     )
-    return LookupOut(found=answer.found, transfer=_transfer(answer.transfer) if answer.found else None)
+    if not answer.found:
+        return LookupOut(found=False, transfer=None)
+    touched = sorted({p.account_id for p in answer.transfer.postings})
+    accounts = await state.ledger.GetBalances(pb.GetBalancesRequest(tenant_id=tenant_id, account_ids=touched),
+                                              timeout=state.timeout_s)
+    if all(account_refusal(principal, a.account) is not None for a in accounts.accounts):
+        raise ProblemError(status=404, reason="TRANSFER_NOT_FOUND", detail="no transfer you may read was booked "
+                           "under this key")
+    return LookupOut(found=True, transfer=_transfer(answer.transfer))
 
 
 @router.get("/v1/tenants/{tenant_id}/clearing-account", response_model=AccountOut, tags=["wallets"],

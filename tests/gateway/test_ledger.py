@@ -244,6 +244,67 @@ async def test_a_bank_tops_up_only_within_the_credit_limit_the_tenant_set(ledger
     assert_problem(own_raise, 403, reason="INSUFFICIENT_SCOPE")
 
 
+async def test_wallets_read_reaches_member_purses_and_the_callers_own_clearing_account_only(
+        ledger_gateway: Gateway) -> None:
+    """The attack: with only wallets:read a bank read the full history of a canteen's settlement
+    account (every member's payments there) and other partners' clearing accounts. Now a merchant's
+    account needs statements:read (or ledger:admin), the tenant's own accounts ledger:admin, and
+    another partner's clearing account is not found; members' purses and its own clearing account
+    it still reads."""
+    gateway = ledger_gateway
+    bank, admin, _merchant = await _accesses(gateway)
+    tenant_id = bank.tenant_id
+    other_bank = await gateway.tenant_access(tenant_id=tenant_id, scopes=(WALLETS_READ, WALLETS_TOPUP))
+    await _allow_credit(gateway, admin, other_bank)
+    back_office = await gateway.tenant_access(tenant_id=tenant_id, scopes=(WALLETS_READ, STATEMENTS_READ))
+    member_id = await _member(gateway, tenant_id, "W320")
+    write = await _top_up(gateway, bank, member_id, 5_000)
+    (cash_id,) = [p["account_id"] for p in write["transfer"]["postings"] if p["amount_fen"] > 0]
+    (own_clearing,) = [p["account_id"] for p in write["transfer"]["postings"] if p["amount_fen"] < 0]
+    theirs = await _top_up(gateway, other_bank, member_id, 1_000)
+    (their_clearing,) = [p["account_id"] for p in theirs["transfer"]["postings"] if p["amount_fen"] < 0]
+    canteen = await _open(gateway, admin, owner_kind="merchant", owner_id="canteen-2", purse_kind="merchant_settlement")
+    funding = await _open(gateway, admin, owner_kind="tenant", owner_id="finance", purse_kind="subsidy_funding",
+                          ref="meal-2027")
+    lunch_key = f"pos-2:{uuid.uuid4()}"
+    await _pay(gateway, tenant_id, merchant_id=canteen, legs=[(cash_id, 1_200)], key=lunch_key)
+    # A free breakfast paid by the tenant alone touches no member's purse.
+    breakfast_key = f"benefit:{uuid.uuid4()}"
+    await gateway.ledger_stub.Pay(lpb.PayRequest(  # type: ignore[attr-defined]
+        tenant_id=tenant_id, idempotency_key=breakfast_key, merchant_account_id=canteen,
+        sponsor=lpb.PayLeg(account_id=funding, amount_fen=300)))
+
+    def account(access: TenantAccess, account_id: str, suffix: str = "") -> Any:
+        return gateway.http.get(f"/v1/tenants/{tenant_id}/accounts/{account_id}{suffix}", headers=access.headers)
+
+    for suffix in ("", "/transfers"):
+        # The member's purse and its own clearing account: yes.
+        assert (await account(bank, cash_id, suffix)).status_code == 200
+        assert (await account(bank, own_clearing, suffix)).status_code == 200
+        # The canteen: statements:read (or ledger:admin) needed.
+        body = assert_problem(await account(bank, canteen, suffix), 403, reason="INSUFFICIENT_SCOPE")
+        assert body["scope"] == STATEMENTS_READ
+        # The tenant's funding account: ledger:admin needed.
+        body = assert_problem(await account(bank, funding, suffix), 403, reason="INSUFFICIENT_SCOPE")
+        assert body["scope"] == LEDGER_ADMIN
+        # Another partner's clearing account: as if it did not exist.
+        assert_problem(await account(bank, their_clearing, suffix), 404, reason="ACCOUNT_NOT_FOUND")
+        assert_problem(await account(back_office, their_clearing, suffix), 404, reason="ACCOUNT_NOT_FOUND")
+        # The back office reads the canteen; the finance office reads everything.
+        assert (await account(back_office, canteen, suffix)).status_code == 200
+        for account_id in (cash_id, own_clearing, their_clearing, canteen, funding):
+            assert (await account(admin, account_id, suffix)).status_code == 200
+
+    # "Did this pay?" answers a transfer that touches what the caller may read, and none other.
+    lookup = f"/v1/tenants/{tenant_id}/payments/lookup"
+    found = await gateway.http.get(lookup, headers=bank.headers, params={"idempotency_key": lunch_key})
+    assert found.status_code == 200 and found.json()["found"] is True
+    hidden = await gateway.http.get(lookup, headers=bank.headers, params={"idempotency_key": breakfast_key})
+    assert_problem(hidden, 404, reason="TRANSFER_NOT_FOUND")
+    seen = await gateway.http.get(lookup, headers=admin.headers, params={"idempotency_key": breakfast_key})
+    assert seen.status_code == 200 and seen.json()["transfer"]["amount_fen"] == 300
+
+
 async def test_a_member_identity_does_not_know_is_not_found(ledger_gateway: Gateway) -> None:
     gateway = ledger_gateway
     bank, _admin, _merchant = await _accesses(gateway)

@@ -345,6 +345,8 @@ async def test_an_app_pays_at_the_canteen_under_the_published_rules(policy_gatew
     assert transfer["merchant_account_id"] == c.merchant_id and transfer["external_ref"] == "order-0042"
     assert transfer["idempotency_key"] == headers["Idempotency-Key"]
     assert {b["account_id"]: b["posted_fen"] for b in answer["balances"]}[cash["account_id"]] == 3_800
+    # The app sees the member's purse, not the canteen's takings (that needs statements:read).
+    assert {b["account_id"] for b in answer["balances"]} == {cash["account_id"]}
     assert (await c.cash(c.member_id))["posted_fen"] == 3_800
 
     # The same key again: the first payment, nothing moves twice. (``repeated`` is true when the
