@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import Problem, install_problem_handlers, problem_response
-from gateway.ratelimit import TokenBucketLimiter
+from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
 from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
@@ -191,6 +191,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         client_limiter=TokenBucketLimiter(rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
         token_limiter=TokenBucketLimiter(
             rate_per_s=settings.token_rate_limit_per_s, burst=settings.token_rate_limit_burst
+        ),
+        sign_ins=SignInThrottle(
+            free_failures=settings.token_free_failures, backoff_base_s=settings.token_backoff_base_s,
+            backoff_max_s=settings.token_backoff_max_s, client_failure_burst=settings.token_client_failure_burst,
+            client_failures_per_s=settings.token_client_failures_per_s,
+            known_address_ttl_s=settings.token_known_address_ttl_s,
         ),
     )
 
