@@ -2,9 +2,11 @@
 
 A partner's API client trades its id and secret for a short-lived access token at
 ``POST /v1/oauth/token`` (OAuth2 client credentials). The token is a JWT signed with HS256 under
-the gateway's ``token_secret`` and bound to one tenant, one client and the scopes that client
-holds in that tenant. ``authorize`` is the one dependency every protected route uses: it checks
-the token, the per-client rate, that the path's tenant is the token's tenant, and the scope.
+the gateway's ``token_secret`` and bound to one tenant, one client, the scopes that client holds in
+that tenant and the version of the tenant's grant to it (``gv``). ``authorize`` is the one
+dependency every protected route uses: it checks the token, the per-client rate, that the grant it
+was issued under still stands (gateway.grants: a revoked or changed grant ends its tokens within
+60 s), that the path's tenant is the token's tenant, and the scope.
 """
 from __future__ import annotations
 
@@ -87,6 +89,8 @@ class Principal:
     client_id: str
     tenant_id: str
     scopes: frozenset[str]
+    # The version of the tenant's grant to the client when the token was issued.
+    grant_version: int
 
 
 class InvalidToken(Exception):
@@ -107,6 +111,7 @@ def issue_access_token(
     client_id: str,
     tenant_id: str,
     scopes: Iterable[str],
+    grant_version: int,
     ttl_s: int,
     now_s: float | None = None,
 ) -> str:
@@ -117,6 +122,7 @@ def issue_access_token(
         "sub": client_id,
         "tid": tenant_id,
         "scope": " ".join(sorted(scopes)),
+        "gv": grant_version,
         "iat": issued_at,
         "exp": issued_at + ttl_s,
         "jti": uuid.uuid4().hex,
@@ -136,7 +142,7 @@ def verify_access_token(*, token: str, secret: str) -> Principal:
             algorithms=[TOKEN_ALGORITHM],
             audience=TOKEN_AUDIENCE,
             issuer=TOKEN_ISSUER,
-            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            options={"require": ["exp", "iat", "sub", "aud", "iss", "gv"]},
         )
     except jwt.ExpiredSignatureError:
         raise InvalidToken("TOKEN_EXPIRED", "the access token has expired; fetch a new one") from None
@@ -145,9 +151,11 @@ def verify_access_token(*, token: str, secret: str) -> Principal:
     client_id, tenant_id, scope = claims.get("sub"), claims.get("tid"), claims.get("scope")
     if not (isinstance(client_id, str) and client_id and isinstance(tenant_id, str) and tenant_id):
         raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
-    if not isinstance(scope, str):
+    grant_version = claims.get("gv")
+    if not isinstance(scope, str) or not isinstance(grant_version, int) or isinstance(grant_version, bool):
         raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
-    return Principal(client_id=client_id, tenant_id=tenant_id, scopes=known_scopes(scope.split()))
+    return Principal(client_id=client_id, tenant_id=tenant_id, scopes=known_scopes(scope.split()),
+                     grant_version=grant_version)
 
 
 bearer_scheme = HTTPBearer(
@@ -171,11 +179,12 @@ async def authorize(
     security_scopes: SecurityScopes,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    """The one gate of every protected route: token, rate, tenant, scope, in that order.
+    """The one gate of every protected route: token, rate, grant, tenant, scope, in that order.
 
     A path naming another tenant answers 404 exactly as an unknown tenant would, so a token
     cannot be used to learn which tenants exist; the scope is checked after the tenant for the
-    same reason.
+    same reason. A token whose grant was revoked or changed since it was issued is 401
+    TOKEN_REVOKED (within the grant re-check, at most 60 s; at once when identity's events come).
     """
     state = gateway_state(request)
     if credentials is None:
@@ -197,6 +206,11 @@ async def authorize(
             detail=f"more than {state.client_limiter.rate_per_s:g} requests a second; slow down",
             headers={"Retry-After": str(retry_after_s(wait_s))},
         )
+
+    grant = await state.grants.current(tenant_id=principal.tenant_id, client_id=principal.client_id)
+    if grant is None or grant.version != principal.grant_version:
+        raise _unauthenticated(reason="TOKEN_REVOKED", detail="the grant this token was issued under was revoked or "
+                               "changed; fetch a new token", error="invalid_token")
 
     path_tenant = request.path_params.get("tenant_id")
     if path_tenant is not None and path_tenant != principal.tenant_id:

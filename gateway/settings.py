@@ -6,9 +6,10 @@ itself with its certificate (``ONECARD_TLS_DIR``, runtime.mesh) on each channel 
 """
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from gateway.grants import DEFAULT_GRANT_RECHECK_S, MAX_GRANT_AGE_S
 from gateway.ratelimit import (
     DEFAULT_BACKOFF_BASE_S,
     DEFAULT_BACKOFF_MAX_S,
@@ -17,7 +18,7 @@ from gateway.ratelimit import (
     DEFAULT_FREE_FAILURES,
     DEFAULT_KNOWN_ADDRESS_TTL_S,
 )
-from runtime.mesh import MeshSettings
+from runtime.mesh import INSECURE_SETTING, MeshSettings
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
@@ -79,8 +80,23 @@ class GatewaySettings(MeshSettings):
     # Deadline of each call to identity, codegen, the ledger, policy or the device hub; a slower answer
     # becomes 504.
     identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
+    # How long a replica believes what identity said of a token's grant before asking again: a
+    # revoked grant's tokens stop within this even with NATS down (at most 60 s).
+    grant_recheck_s: float = Field(default=DEFAULT_GRANT_RECHECK_S, gt=0, le=MAX_GRANT_AGE_S)
+    # NATS, to follow identity's grant events (a revocation then stops its tokens at once). Empty:
+    # no feed, the re-check alone. With a URL the gateway's nkey seed is required, as a service's is.
+    nats_url: str = ""
+    nats_seed: SecretStr | None = None
+    nats_tls_name: str = "nats"
     ready_timeout_s: float = Field(default=DEFAULT_READY_TIMEOUT_S, gt=0)
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _nats_account_unless_told(self) -> GatewaySettings:
+        if self.nats_url and self.nats_seed is None and not self.insecure_development:
+            raise ValueError("missing required setting ONECARD_NATS_SEED (the gateway's NATS nkey seed, needed with "
+                             f"ONECARD_NATS_URL); {INSECURE_SETTING}=1 runs without it, for development only")
+        return self
 
     @field_validator("token_secret")
     @classmethod

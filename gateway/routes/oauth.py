@@ -154,6 +154,7 @@ async def issue_token(
         client_id=answer.client_id or client_id,
         tenant_id=answer.tenant_id or tenant_id,
         scopes=granted,
+        grant_version=answer.grant_version,
         ttl_s=ttl_s,
     )
     request.state.client_id = answer.client_id or client_id

@@ -118,10 +118,10 @@ async def test_expired_malformed_and_foreign_tokens_are_refused_with_a_bearer_ch
     access = await gateway.tenant_access(scopes=[MEMBERS_READ])
     path = f"/v1/tenants/{access.tenant_id}"
     expired = issue_access_token(secret=TOKEN_SECRET, client_id=access.credentials.client_id,
-                                 tenant_id=access.tenant_id, scopes=[MEMBERS_READ], ttl_s=60,
+                                 tenant_id=access.tenant_id, scopes=[MEMBERS_READ], grant_version=1, ttl_s=60,
                                  now_s=time.time() - 3600)
     foreign = issue_access_token(secret="some-other-deployment-secret-0123456789", client_id="c",
-                                 tenant_id=access.tenant_id, scopes=[MEMBERS_READ], ttl_s=60)
+                                 tenant_id=access.tenant_id, scopes=[MEMBERS_READ], grant_version=1, ttl_s=60)
     tampered = access.token[:-4] + ("AAAA" if not access.token.endswith("AAAA") else "BBBB")
 
     cases = {
