@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import jwt
@@ -211,6 +211,9 @@ async def authorize(
     if grant is None or grant.version != principal.grant_version:
         raise _unauthenticated(reason="TOKEN_REVOKED", detail="the grant this token was issued under was revoked or "
                                "changed; fetch a new token", error="invalid_token")
+    # Never more than the client holds in the tenant now (a grant's scopes change its version; the
+    # client's own scopes do not).
+    principal = replace(principal, scopes=principal.scopes & grant.scopes)
 
     path_tenant = request.path_params.get("tenant_id")
     if path_tenant is not None and path_tenant != principal.tenant_id:
