@@ -54,6 +54,8 @@ from runtime.grpc_client import open_channel
 BENCH_CODEGEN_KEY = "44" * 32
 BENCH_POLICY_KEY = "45" * 32
 CALL_TIMEOUT_S = 60.0
+# What the bench's bank may owe (its clearing account's credit limit): more than its members hold.
+BANK_CREDIT_LIMIT_FEN = 10**12
 ONLINE_DURATION_S = 60.0
 MEMBERS = 400
 POS_DEVICES = 32
@@ -199,6 +201,9 @@ class Campus:
             tenant_id=str(uuid.uuid4()), name="Bench Device University", kind=ipb.TENANT_KIND_UNIVERSITY,
             time_zone="Asia/Shanghai", currency="CNY"), timeout=CALL_TIMEOUT_S)).tenant.tenant_id
         bank = await self._open(mesh, lpb.OWNER_KIND_TENANT, "bank", lpb.PURSE_KIND_BANK_CLEARING)
+        # A new clearing account may owe nothing (prefunded only): let the bench's bank top up.
+        await mesh.ledger.SetCreditLimit(lpb.SetCreditLimitRequest(
+            tenant_id=self.tenant_id, account_id=bank, credit_limit_fen=BANK_CREDIT_LIMIT_FEN), timeout=CALL_TIMEOUT_S)
         self.merchant = await self._open(mesh, lpb.OWNER_KIND_MERCHANT, STORE, lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
         doc = json.loads(json.dumps(university_rule_set()).replace(f'"{STORE}"', json.dumps(self.merchant)))
         doc["offline"]["credential"]["count_per_day"] = OFFLINE_COUNT_PER_DAY

@@ -45,6 +45,8 @@ from runtime.grpc_client import open_channel
 from services.ledger.servicer import LedgerServicer
 
 CALL_TIMEOUT_S = 60.0
+# What the bench's bank may owe (its clearing account's credit limit): more than its members hold.
+BANK_CREDIT_LIMIT_FEN = 10**12
 MEMBERS = 2000
 SETUP_CONCURRENCY = 16
 SUBSIDY_REF = "bench-subsidy"
@@ -143,6 +145,9 @@ async def _seed(stub: ledger_pb2_grpc.LedgerServiceStub) -> Fixture:
     each with a cash purse and a subsidy purse funded by a top-up and a subsidy grant."""
     tenant_id = str(uuid.uuid4())
     bank = await _open(stub, tenant_id, pb.OWNER_KIND_SYSTEM, "bench-bank", pb.PURSE_KIND_BANK_CLEARING)
+    # A new clearing account may owe nothing (prefunded only): let the bench's bank top up.
+    await stub.SetCreditLimit(pb.SetCreditLimitRequest(tenant_id=tenant_id, account_id=bank,
+                                                       credit_limit_fen=BANK_CREDIT_LIMIT_FEN), timeout=CALL_TIMEOUT_S)
     funding = await _open(stub, tenant_id, pb.OWNER_KIND_TENANT, tenant_id, pb.PURSE_KIND_SUBSIDY_FUNDING,
                           SUBSIDY_REF)
     merchant = await _open(stub, tenant_id, pb.OWNER_KIND_MERCHANT, "bench-canteen",

@@ -67,6 +67,8 @@ CALL_TIMEOUT_S = 60.0
 MEMBERS = 200
 SETUP_CONCURRENCY = 16
 CASH_FEN = 100_000
+# What the bench's bank may owe (its clearing account's credit limit): more than its members hold.
+BANK_CREDIT_LIMIT_FEN = 10**12
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 LUNCH = datetime(2026, 11, 26, 12, 0, tzinfo=SHANGHAI)
 DINNER = datetime(2026, 11, 26, 18, 0, tzinfo=SHANGHAI)
@@ -100,6 +102,9 @@ async def _seed(ledger: ledger_pb2_grpc.LedgerServiceStub, policy: policy_pb2_gr
     """A tenant with a canteen, MEMBERS members with funded cash purses, the rule set published."""
     tenant_id = str(uuid.uuid4())
     bank = await _open(ledger, tenant_id, lpb.OWNER_KIND_TENANT, "bank", lpb.PURSE_KIND_BANK_CLEARING)
+    # A new clearing account may owe nothing (prefunded only): let the bench's bank top up.
+    await ledger.SetCreditLimit(lpb.SetCreditLimitRequest(tenant_id=tenant_id, account_id=bank,
+                                                          credit_limit_fen=BANK_CREDIT_LIMIT_FEN))
     merchant = await _open(ledger, tenant_id, lpb.OWNER_KIND_MERCHANT, "canteen-north",
                            lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
     members = [str(uuid.uuid4()) for _ in range(MEMBERS)]

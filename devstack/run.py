@@ -346,7 +346,10 @@ class Stack:
             if svc.extra_port is not None and svc.spec.extra_listener:
                 env[f"ONECARD_{svc.spec.extra_listener.upper()}_PORT"] = str(svc.extra_port)
         else:
-            env.update({"ONECARD_HTTP_HOST": svc.host, "ONECARD_HTTP_PORT": str(svc.port)})
+            # The gateway follows identity's grant events with its own NATS account.
+            env.update({"ONECARD_HTTP_HOST": svc.host, "ONECARD_HTTP_PORT": str(svc.port),
+                        "ONECARD_NATS_URL": self.nats_url,
+                        "ONECARD_NATS_SEED": self.nats_seeds[nats_seed_key(svc.spec.name)]})
         for env_name, secret_key in svc.spec.secret_env.items():
             env[env_name] = secrets[secret_key]
         return env
@@ -555,7 +558,9 @@ async def run_stack(config: DevstackConfig, *, console: Console) -> int:
         names = {svc.spec.name for svc in config.services}
         if {"ledger", "policy"} <= names:
             rules = await seed_rules(ledger_target=config.service("ledger").target,
-                                     policy_target=config.service("policy").target, tls=stack.tls)
+                                     policy_target=config.service("policy").target, tls=stack.tls,
+                                     bank_client_ids=tuple(c.client_id for c in seed.clients.values()
+                                                           if "wallets:topup" in c.scopes))
         console.status(
             "seed", "done",
             f"{DEMO_TENANT_NAME} {'created' if seed.tenant_created else 'reused'}, {seed.member_count} members, "

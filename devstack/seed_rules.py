@@ -1,6 +1,8 @@
 """The demo university's money side for `make run`: a settlement account in the ledger for each
-merchant of the example rule set, and that rule set published in policy with its merchants named
-by those accounts. Idempotent: a second run finds the accounts and the published version."""
+merchant of the example rule set, that rule set published in policy with its merchants named by
+those accounts, and a credit limit on the clearing accounts the demo tops up from (the demo bank's,
+and the simulator's): a new clearing account may owe nothing. Idempotent: a second run finds the
+accounts, the published version and limits as high already."""
 
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ from runtime.mesh import MeshTLS
 CALL_TIMEOUT_S = 10.0
 PUBLISHED_BY = "make run (demo seed)"
 CANTEEN = "canteen-north"
+# The clearing account the device simulator funds its members from (its ref; the owner is the tenant).
+SIMULATOR_CLEARING_REF = "simulator"
+# What the demo's banks may owe the university: the walk-through's top-ups and a simulator funding
+# its members every day, for years, never meet it.
+DEMO_CREDIT_LIMIT_FEN = 10_000_000_000
 
 
 @dataclass(frozen=True)
@@ -43,12 +50,29 @@ def demo_rule_set(merchants: dict[str, str]) -> dict:
     return json.loads(text)
 
 
-async def seed_rules(*, ledger_target: str, policy_target: str, tls: MeshTLS | None) -> RulesSeed:
+async def _allow_credit(ledger: ledger_pb2_grpc.LedgerServiceStub, *, clearing_ref: str) -> None:
+    """The clearing account ``clearing_ref`` (a bank's client id), opened if new, may owe at least
+    DEMO_CREDIT_LIMIT_FEN; a limit set higher (by the demo's admin, say) is left as it is."""
+    opened = await ledger.OpenAccount(ledger_pb2.OpenAccountRequest(
+        tenant_id=DEMO_TENANT_ID, owner_kind=ledger_pb2.OWNER_KIND_TENANT, owner_id=DEMO_TENANT_ID,
+        purse_kind=ledger_pb2.PURSE_KIND_BANK_CLEARING, ref=clearing_ref), timeout=CALL_TIMEOUT_S)
+    if opened.account.account.credit_limit_fen < DEMO_CREDIT_LIMIT_FEN:
+        await ledger.SetCreditLimit(ledger_pb2.SetCreditLimitRequest(
+            tenant_id=DEMO_TENANT_ID, account_id=opened.account.account.account_id,
+            credit_limit_fen=DEMO_CREDIT_LIMIT_FEN), timeout=CALL_TIMEOUT_S)
+
+
+async def seed_rules(*, ledger_target: str, policy_target: str, tls: MeshTLS | None,
+                     bank_client_ids: tuple[str, ...] = ()) -> RulesSeed:
+    """``bank_client_ids``: the demo clients that top up (their clearing accounts get a limit, as
+    the simulator's does)."""
     try:
         async with open_channel(ledger_target, tls=tls, server_name="ledger") as ledger_channel, \
                 open_channel(policy_target, tls=tls, server_name="policy") as policy_channel:
             ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
             policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+            for clearing_ref in (*bank_client_ids, SIMULATOR_CLEARING_REF):
+                await _allow_credit(ledger, clearing_ref=clearing_ref)
             merchants = {}
             for merchant in university_rule_set()["merchants"]:
                 opened = await ledger.OpenAccount(ledger_pb2.OpenAccountRequest(

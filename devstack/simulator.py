@@ -32,6 +32,7 @@ from onecard_policy.examples import university_rule_set
 
 from devstack.config import DevstackConfig
 from devstack.seed import DEMO_TENANT_ID
+from devstack.seed_rules import SIMULATOR_CLEARING_REF
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2 as pb
@@ -252,7 +253,7 @@ class Simulator:
         chosen = self.rng.sample(found, min(wanted, len(found)))
         opened = await self.ledger.OpenAccount(lpb.OpenAccountRequest(
             tenant_id=DEMO_TENANT_ID, owner_kind=lpb.OWNER_KIND_TENANT, owner_id=DEMO_TENANT_ID,
-            purse_kind=lpb.PURSE_KIND_BANK_CLEARING, ref="simulator"), timeout=CALL_TIMEOUT_S)
+            purse_kind=lpb.PURSE_KIND_BANK_CLEARING, ref=SIMULATOR_CLEARING_REF), timeout=CALL_TIMEOUT_S)
         clearing = opened.account.account.account_id
         today = dt.date.today().isoformat()
 

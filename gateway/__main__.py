@@ -23,6 +23,10 @@ def main() -> None:
         # SIGTERM: stop accepting, finish requests in flight, run the lifespan's shutdown.
         timeout_graceful_shutdown=10,
         server_header=False,
+        # The caller's address counts in the token endpoint's limits: X-Forwarded-For is believed
+        # only from the proxies named (uvicorn would otherwise believe it from 127.0.0.1).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
 
 

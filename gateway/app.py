@@ -1,12 +1,15 @@
 """``create_app(settings=...)``: the FastAPI application, its lifespan and its request middleware."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import grpc
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -17,14 +20,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.auth import known_scopes
+from gateway.grants import Grant, GrantCache
+from gateway.identity_events import follow_grant_events
 from gateway.problems import Problem, install_problem_handlers, problem_response
-from gateway.ratelimit import TokenBucketLimiter
+from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
 from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2_grpc
-from onecard.identity.v1 import identity_pb2_grpc
+from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
 from runtime.grpc_client import open_channel
@@ -185,13 +191,35 @@ def _openapi_with_problem_schema(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+async def _grant_from_identity(state: GatewayState, tenant_id: str, client_id: str) -> Grant | None:
+    """What identity says of the client's grant in the tenant now; None when there is none."""
+    try:
+        answer = await state.identity.GetTenantGrant(
+            identity_pb2.GetTenantGrantRequest(tenant_id=tenant_id, client_id=client_id), timeout=state.timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            return None
+        raise
+    return Grant(version=answer.grant_version, scopes=known_scopes(answer.scopes))
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
+    async def fetch_grant(tenant_id: str, client_id: str) -> Grant | None:
+        return await _grant_from_identity(state, tenant_id, client_id)
+
     state = GatewayState(
         settings=settings,
         client_limiter=TokenBucketLimiter(rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst),
         token_limiter=TokenBucketLimiter(
             rate_per_s=settings.token_rate_limit_per_s, burst=settings.token_rate_limit_burst
         ),
+        sign_ins=SignInThrottle(
+            free_failures=settings.token_free_failures, backoff_base_s=settings.token_backoff_base_s,
+            backoff_max_s=settings.token_backoff_max_s, client_failure_burst=settings.token_client_failure_burst,
+            client_failures_per_s=settings.token_client_failures_per_s,
+            known_address_ttl_s=settings.token_known_address_ttl_s,
+        ),
+        grants=GrantCache(fetch=fetch_grant, recheck_s=settings.grant_recheck_s),
     )
 
     @asynccontextmanager
@@ -225,12 +253,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.devicehub_channel = devicehub_channel
             state.devicehub_stub = devicehub_pb2_grpc.DeviceAdminServiceStub(devicehub_channel)
             state.devicehub_health_stub = health_pb2_grpc.HealthStub(devicehub_channel)
+        # Identity's grant events over NATS, when configured: a revoked grant's tokens stop at once
+        # (without them, at the next re-check).
+        grant_events = None
+        if settings.nats_url:
+            grant_events = asyncio.create_task(follow_grant_events(
+                url=settings.nats_url, seed=settings.nats_seed.get_secret_value() if settings.nats_seed else None,
+                tls=tls, tls_name=settings.nats_tls_name, grants=state.grants), name="grant-events")
         log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target,
                  ledger_target=settings.ledger_target or None, policy_target=settings.policy_target or None,
-                 devicehub_target=settings.devicehub_target or None)
+                 devicehub_target=settings.devicehub_target or None, grant_events=bool(settings.nats_url),
+                 grant_recheck_s=settings.grant_recheck_s)
         try:
             yield
         finally:
+            if grant_events is not None:
+                grant_events.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await grant_events
             state.identity_stub = None
             state.health_stub = None
             state.channel = None

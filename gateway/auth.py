@@ -2,16 +2,18 @@
 
 A partner's API client trades its id and secret for a short-lived access token at
 ``POST /v1/oauth/token`` (OAuth2 client credentials). The token is a JWT signed with HS256 under
-the gateway's ``token_secret`` and bound to one tenant, one client and the scopes that client
-holds in that tenant. ``authorize`` is the one dependency every protected route uses: it checks
-the token, the per-client rate, that the path's tenant is the token's tenant, and the scope.
+the gateway's ``token_secret`` and bound to one tenant, one client, the scopes that client holds in
+that tenant and the version of the tenant's grant to it (``gv``). ``authorize`` is the one
+dependency every protected route uses: it checks the token, the per-client rate, that the grant it
+was issued under still stands (gateway.grants: a revoked or changed grant ends its tokens within
+60 s), that the path's tenant is the token's tenant, and the scope.
 """
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import jwt
@@ -52,11 +54,13 @@ SCOPES: dict[str, str] = {
     "and the signed policy bundle and its keys (devices, device hubs).",
     CODES_ADMIN: "Administer the tenant's e-codes: read and change its code settings (offline caps, defaults), "
     "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
-    WALLETS_READ: "Read members' purse balances, an account's transfer history, and whether a payment was booked "
-    "(\"did this pay?\" by idempotency key).",
-    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account (banks).",
+    WALLETS_READ: "Read members' purses and their history, the calling client's own clearing account, and whether "
+    "a payment was booked (\"did this pay?\" by idempotency key). A merchant's accounts also need statements:read "
+    "(or ledger:admin); the tenant's other accounts ledger:admin; another partner's clearing account is never shown.",
+    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account, within the credit "
+    "limit the tenant set on it (banks).",
     LEDGER_ADMIN: "Administer the tenant's ledger: open accounts, refunds, freezing accounts, subsidy programs, "
-    "grant batches and clawbacks, the trial balance (the school's finance office).",
+    "grant batches and clawbacks, the trial balance, partners' credit limits (the school's finance office).",
     STATEMENTS_READ: "Download a merchant's or a device's daily statement (CSV) and its totals.",
     POLICY_ADMIN: "Administer the tenant's spending rules: create, validate, list, read and publish rule-set "
     "versions; dry-run a payment against a version or the published rules (the school's operators).",
@@ -85,6 +89,8 @@ class Principal:
     client_id: str
     tenant_id: str
     scopes: frozenset[str]
+    # The version of the tenant's grant to the client when the token was issued.
+    grant_version: int
 
 
 class InvalidToken(Exception):
@@ -105,6 +111,7 @@ def issue_access_token(
     client_id: str,
     tenant_id: str,
     scopes: Iterable[str],
+    grant_version: int,
     ttl_s: int,
     now_s: float | None = None,
 ) -> str:
@@ -115,6 +122,7 @@ def issue_access_token(
         "sub": client_id,
         "tid": tenant_id,
         "scope": " ".join(sorted(scopes)),
+        "gv": grant_version,
         "iat": issued_at,
         "exp": issued_at + ttl_s,
         "jti": uuid.uuid4().hex,
@@ -134,7 +142,7 @@ def verify_access_token(*, token: str, secret: str) -> Principal:
             algorithms=[TOKEN_ALGORITHM],
             audience=TOKEN_AUDIENCE,
             issuer=TOKEN_ISSUER,
-            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            options={"require": ["exp", "iat", "sub", "aud", "iss", "gv"]},
         )
     except jwt.ExpiredSignatureError:
         raise InvalidToken("TOKEN_EXPIRED", "the access token has expired; fetch a new one") from None
@@ -143,9 +151,11 @@ def verify_access_token(*, token: str, secret: str) -> Principal:
     client_id, tenant_id, scope = claims.get("sub"), claims.get("tid"), claims.get("scope")
     if not (isinstance(client_id, str) and client_id and isinstance(tenant_id, str) and tenant_id):
         raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
-    if not isinstance(scope, str):
+    grant_version = claims.get("gv")
+    if not isinstance(scope, str) or not isinstance(grant_version, int) or isinstance(grant_version, bool):
         raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
-    return Principal(client_id=client_id, tenant_id=tenant_id, scopes=known_scopes(scope.split()))
+    return Principal(client_id=client_id, tenant_id=tenant_id, scopes=known_scopes(scope.split()),
+                     grant_version=grant_version)
 
 
 bearer_scheme = HTTPBearer(
@@ -169,11 +179,12 @@ async def authorize(
     security_scopes: SecurityScopes,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    """The one gate of every protected route: token, rate, tenant, scope, in that order.
+    """The one gate of every protected route: token, rate, grant, tenant, scope, in that order.
 
     A path naming another tenant answers 404 exactly as an unknown tenant would, so a token
     cannot be used to learn which tenants exist; the scope is checked after the tenant for the
-    same reason.
+    same reason. A token whose grant was revoked or changed since it was issued is 401
+    TOKEN_REVOKED (within the grant re-check, at most 60 s; at once when identity's events come).
     """
     state = gateway_state(request)
     if credentials is None:
@@ -196,21 +207,34 @@ async def authorize(
             headers={"Retry-After": str(retry_after_s(wait_s))},
         )
 
+    grant = await state.grants.current(tenant_id=principal.tenant_id, client_id=principal.client_id)
+    if grant is None or grant.version != principal.grant_version:
+        raise _unauthenticated(reason="TOKEN_REVOKED", detail="the grant this token was issued under was revoked or "
+                               "changed; fetch a new token", error="invalid_token")
+    # Never more than the client holds in the tenant now (a grant's scopes change its version; the
+    # client's own scopes do not).
+    principal = replace(principal, scopes=principal.scopes & grant.scopes)
+
     path_tenant = request.path_params.get("tenant_id")
     if path_tenant is not None and path_tenant != principal.tenant_id:
         raise ProblemError(status=404, reason="TENANT_NOT_FOUND", detail="no such tenant")
 
     missing = [scope for scope in security_scopes.scopes if scope not in principal.scopes]
     if missing:
-        raise ProblemError(
-            status=403,
-            reason="INSUFFICIENT_SCOPE",
-            detail=f"this call needs the scope {' '.join(missing)}, which the token does not hold",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope", '
-                                         f'scope="{" ".join(missing)}"'},
-            extra={"scope": " ".join(missing)},
-        )
+        raise insufficient_scope(missing)
     return principal
+
+
+def insufficient_scope(missing: list[str], *, detail: str | None = None) -> ProblemError:
+    """403 INSUFFICIENT_SCOPE naming the scopes the call needs (RFC 6750 §3.1)."""
+    return ProblemError(
+        status=403,
+        reason="INSUFFICIENT_SCOPE",
+        detail=detail or f"this call needs the scope {' '.join(missing)}, which the token does not hold",
+        headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope", '
+                                     f'scope="{" ".join(missing)}"'},
+        extra={"scope": " ".join(missing)},
+    )
 
 
 # What a protected route declares, e.g. ``_principal: ReadMembers``: one scope, one gate.

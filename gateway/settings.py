@@ -6,10 +6,19 @@ itself with its certificate (``ONECARD_TLS_DIR``, runtime.mesh) on each channel 
 """
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from runtime.mesh import MeshSettings
+from gateway.grants import DEFAULT_GRANT_RECHECK_S, MAX_GRANT_AGE_S
+from gateway.ratelimit import (
+    DEFAULT_BACKOFF_BASE_S,
+    DEFAULT_BACKOFF_MAX_S,
+    DEFAULT_CLIENT_FAILURE_BURST,
+    DEFAULT_CLIENT_FAILURES_PER_S,
+    DEFAULT_FREE_FAILURES,
+    DEFAULT_KNOWN_ADDRESS_TTL_S,
+)
+from runtime.mesh import INSECURE_SETTING, MeshSettings
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
@@ -18,8 +27,8 @@ MAX_TOKEN_TTL_S = 24 * 3600
 MIN_TOKEN_SECRET_CHARS = 32
 DEFAULT_RATE_LIMIT_PER_S = 50.0
 DEFAULT_RATE_LIMIT_BURST = 100
-# Token requests are rare for a well-behaved client (one per token lifetime), so a tight limit
-# costs nothing and slows secret guessing.
+# Token requests are rare for a well-behaved client (one per token lifetime), so a tight limit per
+# caller address costs nothing and slows a flood from one place.
 DEFAULT_TOKEN_RATE_LIMIT_PER_S = 1.0
 DEFAULT_TOKEN_RATE_LIMIT_BURST = 10
 DEFAULT_IDENTITY_TIMEOUT_S = 10.0
@@ -51,14 +60,43 @@ class GatewaySettings(MeshSettings):
     # Per API client, over every route but the token endpoint.
     rate_limit_per_s: float = Field(default=DEFAULT_RATE_LIMIT_PER_S, gt=0)
     rate_limit_burst: int = Field(default=DEFAULT_RATE_LIMIT_BURST, ge=1)
-    # The token endpoint, per client id and per caller address.
+    # The token endpoint, per caller address (every request, right or wrong).
     token_rate_limit_per_s: float = Field(default=DEFAULT_TOKEN_RATE_LIMIT_PER_S, gt=0)
     token_rate_limit_burst: int = Field(default=DEFAULT_TOKEN_RATE_LIMIT_BURST, ge=1)
+    # Failed client authentications (gateway.ratelimit.SignInThrottle): per (client id, address),
+    # this many free, then a back-off doubling from the base up to the maximum; per client over all
+    # addresses a budget of failures (burst, refill rate) that never refuses an address where the
+    # client signed in within the known-address time.
+    token_free_failures: int = Field(default=DEFAULT_FREE_FAILURES, ge=0)
+    token_backoff_base_s: float = Field(default=DEFAULT_BACKOFF_BASE_S, gt=0)
+    token_backoff_max_s: float = Field(default=DEFAULT_BACKOFF_MAX_S, gt=0)
+    token_client_failure_burst: int = Field(default=DEFAULT_CLIENT_FAILURE_BURST, ge=1)
+    token_client_failures_per_s: float = Field(default=DEFAULT_CLIENT_FAILURES_PER_S, gt=0)
+    token_known_address_ttl_s: float = Field(default=DEFAULT_KNOWN_ADDRESS_TTL_S, gt=0)
+    # Addresses of the reverse proxies (an ingress) whose X-Forwarded-For names the caller, comma
+    # separated; empty: none, the peer's address is the caller's. Behind a proxy this must be set, or
+    # every caller shares the proxy's address in the token endpoint's limits.
+    forwarded_allow_ips: str = ""
     # Deadline of each call to identity, codegen, the ledger, policy or the device hub; a slower answer
     # becomes 504.
     identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
+    # How long a replica believes what identity said of a token's grant before asking again: a
+    # revoked grant's tokens stop within this even with NATS down (at most 60 s).
+    grant_recheck_s: float = Field(default=DEFAULT_GRANT_RECHECK_S, gt=0, le=MAX_GRANT_AGE_S)
+    # NATS, to follow identity's grant events (a revocation then stops its tokens at once). Empty:
+    # no feed, the re-check alone. With a URL the gateway's nkey seed is required, as a service's is.
+    nats_url: str = ""
+    nats_seed: SecretStr | None = None
+    nats_tls_name: str = "nats"
     ready_timeout_s: float = Field(default=DEFAULT_READY_TIMEOUT_S, gt=0)
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _nats_account_unless_told(self) -> GatewaySettings:
+        if self.nats_url and self.nats_seed is None and not self.insecure_development:
+            raise ValueError("missing required setting ONECARD_NATS_SEED (the gateway's NATS nkey seed, needed with "
+                             f"ONECARD_NATS_URL); {INSECURE_SETTING}=1 runs without it, for development only")
+        return self
 
     @field_validator("token_secret")
     @classmethod

@@ -13,8 +13,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from grpc_health.v1 import health_pb2_grpc
 
+from gateway.grants import GrantCache
 from gateway.problems import ProblemError
-from gateway.ratelimit import TokenBucketLimiter
+from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
 from gateway.settings import GatewaySettings
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2_grpc
@@ -27,7 +28,11 @@ from onecard.policy.v1 import policy_pb2_grpc
 class GatewayState:
     settings: GatewaySettings
     client_limiter: TokenBucketLimiter
+    # The token endpoint: every request per caller address; failed sign-ins per (client, address).
     token_limiter: TokenBucketLimiter
+    sign_ins: SignInThrottle
+    # What identity last said of the grants behind the tokens this replica sees.
+    grants: GrantCache
     channel: grpc.aio.Channel | None = None
     identity_stub: identity_pb2_grpc.IdentityServiceStub | None = None
     # gRPC health of the identity server, for /readyz.

@@ -1,6 +1,7 @@
 """Every process's NATS account in one table: what each service declares next to its stream and
-consumers (``NATS_ACCESS`` in its app module), and the operator's, which reads stream and consumer
-state and follows any stream but publishes nothing. The local stack, the tests and the Kubernetes
+consumers (``NATS_ACCESS`` in its app module), and two declared here: the gateway's, which follows
+identity's stream and publishes nothing, and the operator's, which reads stream and consumer state
+and follows any stream but publishes nothing. The local stack, the tests and the Kubernetes
 NATS configuration are all made from this table (runtime.nats_access renders it)."""
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from services.identity.app import NATS_ACCESS as IDENTITY
 from services.ledger.app import NATS_ACCESS as LEDGER
 from services.policy.app import NATS_ACCESS as POLICY
 
+# The gateway follows identity's grant events (gateway.identity_events), so that a revoked grant's
+# tokens stop at once; it publishes nothing.
+GATEWAY = NatsAccess(follows=("IDENTITY",))
 OPS = NatsAccess(follows=("IDENTITY", "CODEGEN", "LEDGER", "POLICY", "DEVICEHUB"), inspects=True)
 
 NATS_ACCOUNTS: dict[str, NatsAccess] = {
@@ -19,5 +23,6 @@ NATS_ACCOUNTS: dict[str, NatsAccess] = {
     "ledger": LEDGER,
     "policy": POLICY,
     "devicehub": DEVICEHUB,
+    "gateway": GATEWAY,
     "ops": OPS,
 }

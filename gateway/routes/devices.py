@@ -16,16 +16,16 @@ Devices themselves do not use these routes: they enrol and connect over the hub'
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from gateway.auth import AdminDevices, ReadData
+from gateway.exports import csv_text
 from gateway.models import TenantId, enum_name, enum_value, timestamp
 from gateway.problems import ProblemError, problem_responses
 from gateway.routes.ledger import IdempotencyKeyHeader, _key
@@ -736,20 +736,17 @@ async def get_rollout(tenant_id: TenantId, rollout_id: RolloutId, state: State,
 
 
 def _dining_csv(index: DiningIndexOut) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(DINING_COLUMNS)
+    # The location is what an admin typed for its devices: csv_text makes it inert; the load is a
+    # number (four decimals), not text.
     as_of = index.as_of.isoformat().replace("+00:00", "Z") if index.as_of else ""
-    for loc in index.locations:
-        writer.writerow([as_of, index.window_s, loc.location, loc.served, loc.capacity, f"{loc.load:.4f}",
-                         loc.devices_online])
-    return out.getvalue()
+    return csv_text(([as_of, index.window_s, loc.location, loc.served, loc.capacity, Decimal(f"{loc.load:.4f}"),
+                      loc.devices_online] for loc in index.locations), header=DINING_COLUMNS)
 
 
 _DINING_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The index per canteen location (JSON; text/csv with format=csv)",
           "content": {"text/csv": {"schema": {"type": "string"}, "example": (
-              ",".join(DINING_COLUMNS) + "\n2026-11-26T04:45:00Z,900,north-canteen,312,400,0.7800,6\n")}}},
+              ",".join(DINING_COLUMNS) + "\n\"2026-11-26T04:45:00Z\",900,\"north-canteen\",312,400,0.7800,6\n")}}},
 }
 
 

@@ -3,10 +3,16 @@ merchants use it.
 
 - ``wallets:read``: a member's purses and balances, an account's history, "did this pay?";
 - ``wallets:topup``: a bank tops up a member's cash purse from its own clearing account (one per
-  API client, opened on first use);
+  API client, opened on first use), within the credit limit the tenant set on it;
 - ``ledger:admin``: open accounts, refunds, freezing, subsidy programs, grant batches, clawbacks,
-  the trial balance;
+  the trial balance, a partner's credit limit;
 - ``statements:read``: a merchant's or a device's daily statement as CSV, and its totals as JSON.
+
+A scope means what it says (``account_refusal``): ``wallets:read`` reaches members' purses and the
+caller's own clearing account; a merchant's accounts also need ``statements:read`` or
+``ledger:admin``; the tenant's other accounts ``ledger:admin``; another partner's clearing account
+is never shown to a partner (404, as an account that does not exist). The ledger knows no scopes,
+so the gateway reads the account (or a looked-up transfer's accounts) before it answers.
 
 Each handler only translates: path, query, body and the ``Idempotency-Key`` header to a request
 message, the answer to JSON. The money rules (overdraft, refund limits, frozen accounts) are the
@@ -29,7 +35,17 @@ from fastapi.responses import StreamingResponse
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.auth import AdminLedger, ReadStatements, ReadWallets, TopUpWallets
+from gateway.auth import (
+    LEDGER_ADMIN,
+    STATEMENTS_READ,
+    AdminLedger,
+    Principal,
+    ReadStatements,
+    ReadWallets,
+    TopUpWallets,
+    insufficient_scope,
+)
+from gateway.exports import csv_text
 from gateway.models import MemberId, TenantId, MAX_ID_CHARS, enum_name, enum_value, timestamp
 from gateway.problems import ProblemError, problem_responses
 from gateway.state import GatewayState, State
@@ -42,6 +58,7 @@ from runtime.wire import timestamp_pb
 router = APIRouter(responses=problem_responses(400, 401, 403, 404, 422, 429, 501, 503, 504))
 
 AccountId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A ledger account id (UUID).")]
+ClientId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="An API client the tenant granted.")]
 TransferId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A transfer id (UUID).")]
 BatchId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="A grant batch id (UUID).")]
 
@@ -50,6 +67,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_REF_CHARS = 128
 MAX_BILL_NUMBER_CHARS = 64
 MAX_AMOUNT_FEN = 10**12
+# The ledger's bound on a clearing account's credit limit.
+MAX_CREDIT_LIMIT_FEN = 10**15
 MAX_CURSOR_CHARS = 1024
 MAX_HISTORY_PAGE_SIZE = 200
 MAX_ROWS_PAGE_SIZE = 1000
@@ -106,6 +125,9 @@ class AccountOut(BaseModel):
     posted_fen: int = Field(description="Booked money, in fen.")
     pending_fen: int = Field(description="Money held by pending holds, in fen.")
     available_fen: int = Field(description="What may still be spent: posted - pending, in fen.")
+    credit_limit_fen: int | None = Field(default=None, description="A bank clearing account's credit limit: how far "
+                                         "below zero its balance may go (0: the bank tops up only what it "
+                                         "prefunded). null on every other account.")
 
 
 class BalanceOut(BaseModel):
@@ -265,6 +287,7 @@ def _account(item: pb.AccountBalance) -> AccountOut:
         purse_kind=enum_name(pb.PurseKind, value=a.purse_kind), ref=a.ref, currency=a.currency,
         no_overdraft=a.no_overdraft, status=enum_name(pb.AccountStatus, value=a.status),
         posted_fen=b.posted_fen, pending_fen=b.pending_fen, available_fen=b.available_fen,
+        credit_limit_fen=a.credit_limit_fen if a.HasField("credit_limit_fen") else None,
     )
 
 
@@ -313,6 +336,36 @@ def _row(r: pb.GrantRowResult) -> GrantRowOut:
                        account_id=or_none(r.account_id), reason=or_none(r.reason), message=or_none(r.message))
 
 
+def account_refusal(principal: Principal, account: pb.Account) -> ProblemError | None:
+    """Why ``principal`` may not read ``account`` through the wallet routes, or None when it may."""
+    if LEDGER_ADMIN in principal.scopes or account.owner_kind == pb.OWNER_KIND_MEMBER:
+        return None
+    if account.purse_kind == pb.PURSE_KIND_BANK_CLEARING:
+        if account.ref == principal.client_id:
+            return None
+        # Another partner's: as if it did not exist, so its id tells a partner nothing.
+        return ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
+    if account.owner_kind == pb.OWNER_KIND_MERCHANT:
+        if STATEMENTS_READ in principal.scopes:
+            return None
+        return insufficient_scope([STATEMENTS_READ], detail="a merchant's account needs the scope statements:read "
+                                  "(or ledger:admin), which the token does not hold")
+    return insufficient_scope([LEDGER_ADMIN], detail="the tenant's own accounts need the scope ledger:admin, which "
+                              "the token does not hold")
+
+
+async def _readable_account(state: GatewayState, principal: Principal, *, tenant_id: str,
+                            account_id: str) -> pb.AccountBalance:
+    answer = await state.ledger.GetBalances(pb.GetBalancesRequest(tenant_id=tenant_id, account_ids=[account_id]),
+                                            timeout=state.timeout_s)
+    if not answer.accounts:
+        raise ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
+    refusal = account_refusal(principal, answer.accounts[0].account)
+    if refusal is not None:
+        raise refusal
+    return answer.accounts[0]
+
+
 async def _member_must_exist(state: GatewayState, *, tenant_id: str, member_id: str) -> None:
     """404 MEMBER_NOT_FOUND (from identity) for a member the tenant does not have: the ledger would
     happily open a purse for any owner id."""
@@ -337,12 +390,10 @@ async def get_member_balances(tenant_id: TenantId, member_id: MemberId, state: S
 
 @router.get("/v1/tenants/{tenant_id}/accounts/{account_id}", response_model=AccountOut, tags=["wallets"],
             summary="One account with its balance")
-async def get_account(tenant_id: TenantId, account_id: AccountId, state: State, _principal: ReadWallets) -> AccountOut:
-    answer = await state.ledger.GetBalances(pb.GetBalancesRequest(tenant_id=tenant_id, account_ids=[account_id]),
-                                            timeout=state.timeout_s)
-    if not answer.accounts:
-        raise ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
-    return _account(answer.accounts[0])
+async def get_account(tenant_id: TenantId, account_id: AccountId, state: State, principal: ReadWallets) -> AccountOut:
+    """A member's purse, or the caller's own clearing account; a merchant's account with
+    statements:read too; any account with ledger:admin. Another partner's clearing account is 404."""
+    return _account(await _readable_account(state, principal, tenant_id=tenant_id, account_id=account_id))
 
 
 @router.get("/v1/tenants/{tenant_id}/accounts/{account_id}/transfers", response_model=TransferPage,
@@ -351,10 +402,13 @@ async def list_account_transfers(
     tenant_id: TenantId,
     account_id: AccountId,
     state: State,
-    _principal: ReadWallets,
+    principal: ReadWallets,
     page_size: Annotated[int, Query(ge=1, le=MAX_HISTORY_PAGE_SIZE)] = 50,
     page_token: Annotated[str, Query(max_length=MAX_CURSOR_CHARS)] = "",
 ) -> TransferPage:
+    """The same accounts as ``GET …/accounts/{a}``: a merchant's history (every member's payments
+    there) needs statements:read too."""
+    await _readable_account(state, principal, tenant_id=tenant_id, account_id=account_id)
     answer = await state.ledger.ListTransfers(
         pb.ListTransfersRequest(tenant_id=tenant_id, account_id=account_id, page_size=page_size,
                                 page_token=page_token),
@@ -375,15 +429,52 @@ async def lookup_payment(
 ) -> LookupOut:
     """The answer to an ambiguous failure (a timeout, a dropped connection): if ``found`` is false
     nothing was booked under the key, and the write may be sent again with the same key. Keys are
-    the calling client's own: another client's key answers ``found: false``."""
+    the calling client's own: another client's key answers ``found: false``. A transfer that touches
+    no account the caller may read (no member's purse, not its own clearing account) is 404
+    TRANSFER_NOT_FOUND."""
     answer = await state.ledger.LookupTransfer(
         pb.LookupTransferRequest(tenant_id=tenant_id, idempotency_key=idempotency_key,
                                  key_scope=client_scope(principal.client_id)), timeout=state.timeout_s
     )
-    return LookupOut(found=answer.found, transfer=_transfer(answer.transfer) if answer.found else None)
+    if not answer.found:
+        return LookupOut(found=False, transfer=None)
+    touched = sorted({p.account_id for p in answer.transfer.postings})
+    accounts = await state.ledger.GetBalances(pb.GetBalancesRequest(tenant_id=tenant_id, account_ids=touched),
+                                              timeout=state.timeout_s)
+    if all(account_refusal(principal, a.account) is not None for a in accounts.accounts):
+        raise ProblemError(status=404, reason="TRANSFER_NOT_FOUND", detail="no transfer you may read was booked "
+                           "under this key")
+    return LookupOut(found=True, transfer=_transfer(answer.transfer))
+
+
+@router.get("/v1/tenants/{tenant_id}/clearing-account", response_model=AccountOut, tags=["wallets"],
+            summary="The calling partner's own clearing account: what it owes and its credit limit")
+async def get_own_clearing_account(tenant_id: TenantId, state: State, principal: ReadWallets) -> AccountOut:
+    """``available_fen`` is minus what the partner's top-ups have taken; it may go down to
+    ``-credit_limit_fen``. 404 ACCOUNT_NOT_FOUND before the first top-up or credit limit opened it."""
+    answer = await state.ledger.GetBalances(
+        pb.GetBalancesRequest(tenant_id=tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id=tenant_id),
+        timeout=state.timeout_s,
+    )
+    for item in answer.accounts:
+        if item.account.purse_kind == pb.PURSE_KIND_BANK_CLEARING and item.account.ref == principal.client_id:
+            return _account(item)
+    raise ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no clearing account yet: it opens with the "
+                       "first top-up, or when the tenant sets its credit limit")
 
 
 # --- wallets:topup -------------------------------------------------------------------------------
+
+
+async def _open_clearing(state: GatewayState, *, tenant_id: str, client_id: str) -> pb.AccountBalance:
+    """The client's own clearing account in the tenant (one per client, the tenant its owner, the
+    client id its ref), opened on first use with a credit limit of 0."""
+    opened = await state.ledger.OpenAccount(
+        pb.OpenAccountRequest(tenant_id=tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id=tenant_id,
+                              purse_kind=pb.PURSE_KIND_BANK_CLEARING, ref=client_id),
+        timeout=state.timeout_s,
+    )
+    return opened.account
 
 
 class TopUpIn(BaseModel):
@@ -407,7 +498,9 @@ async def top_up(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> WriteOut:
     """Opens (idempotently) the member's cash purse and the calling client's clearing account, then
-    books the top-up. A repeat with the same Idempotency-Key answers the same transfer."""
+    books the top-up. A repeat with the same Idempotency-Key answers the same transfer. A top-up
+    past the clearing account's credit limit is 409 CREDIT_LIMIT_EXCEEDED (a new clearing account
+    may owe nothing until the tenant sets its limit)."""
     key = _key(idempotency_key)
     await _member_must_exist(state, tenant_id=tenant_id, member_id=member_id)
     purse = await state.ledger.OpenAccount(
@@ -415,14 +508,10 @@ async def top_up(
                               purse_kind=pb.PURSE_KIND_CASH, ref="", no_overdraft=True),
         timeout=state.timeout_s,
     )
-    clearing = await state.ledger.OpenAccount(
-        pb.OpenAccountRequest(tenant_id=tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id=tenant_id,
-                              purse_kind=pb.PURSE_KIND_BANK_CLEARING, ref=principal.client_id, no_overdraft=False),
-        timeout=state.timeout_s,
-    )
+    clearing = await _open_clearing(state, tenant_id=tenant_id, client_id=principal.client_id)
     answer = await state.ledger.TopUp(
         pb.TopUpRequest(tenant_id=tenant_id, idempotency_key=key, key_scope=client_scope(principal.client_id),
-                        from_account_id=clearing.account.account.account_id,
+                        from_account_id=clearing.account.account_id,
                         to_account_id=purse.account.account.account_id, amount_fen=body.amount_fen,
                         external_ref=body.external_ref),
         timeout=state.timeout_s,
@@ -431,6 +520,36 @@ async def top_up(
 
 
 # --- ledger:admin --------------------------------------------------------------------------------
+
+
+class CreditLimitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"credit_limit_fen": 50_000_000}]})
+
+    credit_limit_fen: int = Field(ge=0, le=MAX_CREDIT_LIMIT_FEN, description="How far below zero the partner's "
+                                  "clearing account may go: what it prefunded (and any credit the tenant gives), "
+                                  "in fen. Not below what it owes now.")
+
+
+@router.put("/v1/tenants/{tenant_id}/api-clients/{client_id}/clearing-account", response_model=AccountOut,
+            tags=["ledger"], summary="Set a partner's credit limit: how much its top-ups may take from its clearing "
+            "account", responses=problem_responses(409))
+async def set_clearing_credit_limit(tenant_id: TenantId, client_id: ClientId, body: CreditLimitIn, state: State,
+                                    _principal: AdminLedger) -> AccountOut:
+    """Opens the client's clearing account if it has none yet. Its top-ups may take it down to
+    ``-credit_limit_fen``; beyond is 409 CREDIT_LIMIT_EXCEEDED. A limit below what the partner owes
+    now is 409 CREDIT_LIMIT_BELOW_USE (set it to what it owes to stop further top-ups, or freeze
+    the account). A client this tenant has not granted is 404 CLIENT_NOT_FOUND."""
+    granted = await state.identity.ListApiClients(ipb.ListApiClientsRequest(tenant_id=tenant_id),
+                                                  timeout=state.timeout_s)
+    if not any(c.client_id == client_id for c in granted.clients):
+        raise ProblemError(status=404, reason="CLIENT_NOT_FOUND", detail="this tenant has not granted that client")
+    clearing = await _open_clearing(state, tenant_id=tenant_id, client_id=client_id)
+    answer = await state.ledger.SetCreditLimit(
+        pb.SetCreditLimitRequest(tenant_id=tenant_id, account_id=clearing.account.account_id,
+                                 credit_limit_fen=body.credit_limit_fen),
+        timeout=state.timeout_s,
+    )
+    return _account(answer.account)
 
 
 class RefundIn(BaseModel):
@@ -784,23 +903,21 @@ def _iso(value: timestamp_pb2.Timestamp) -> str:
 
 
 def _statement_csv(lines: list[pb.StatementLine], *, header: bool) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    if header:
-        writer.writerow(STATEMENT_COLUMNS)
-    for line in lines:
-        t = line.transfer
-        writer.writerow([_iso(t.booked_at), _iso(t.event_time), t.transfer_id,
-                         enum_name(pb.TransferKind, value=t.kind), line.merchant_fen, t.device_id, t.external_ref,
-                         t.idempotency_key])
-    return out.getvalue()
+    # device_id, external_ref and idempotency_key are what partners and devices sent: csv_text
+    # makes them inert; merchant_fen is written as the number it is.
+    return csv_text(
+        ([_iso(line.transfer.booked_at), _iso(line.transfer.event_time), line.transfer.transfer_id,
+          enum_name(pb.TransferKind, value=line.transfer.kind), line.merchant_fen, line.transfer.device_id,
+          line.transfer.external_ref, line.transfer.idempotency_key] for line in lines),
+        header=STATEMENT_COLUMNS if header else None,
+    )
 
 
 _STATEMENT_CSV = {
     200: {"description": "One line per transfer booked that day",
           "content": {"text/csv": {"schema": {"type": "string"}, "example": (
-              ",".join(STATEMENT_COLUMNS) + "\n2026-11-26T04:31:07.120000Z,2026-11-26T04:31:07.120000Z,"
-              "9c1d2e3f-4a5b-4c6d-8e7f-0a1b2c3d4e5f,payment,1200,pos-3,,pos-3:000812\n")}}},
+              ",".join(STATEMENT_COLUMNS) + "\n\"2026-11-26T04:31:07.120000Z\",\"2026-11-26T04:31:07.120000Z\","
+              "\"9c1d2e3f-4a5b-4c6d-8e7f-0a1b2c3d4e5f\",\"payment\",1200,\"pos-3\",\"\",\"pos-3:000812\"\n")}}},
 }
 
 
@@ -817,7 +934,9 @@ async def get_statement(
 ) -> StreamingResponse:
     """Columns: booked_at, event_time (UTC, RFC 3339), transfer_id, kind, merchant_fen (the effect on
     the merchant: payments +, refunds -), device_id, external_ref, idempotency_key. The day's totals
-    are at ``GET …/statements/totals`` with the same query."""
+    are at ``GET …/statements/totals`` with the same query. Text cells are quoted, and one beginning
+    with = + - @, a tab or a carriage return gets a leading ' (OWASP CSV injection); amounts are
+    bare numbers."""
     request = _statement_request(tenant_id=tenant_id, merchant_account_id=merchant_account_id,
                                  device_id=device_id, date=date, time_zone=time_zone)
     # The first page before answering, so a refusal (unknown account, bad day) is still a problem.

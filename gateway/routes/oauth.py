@@ -18,7 +18,7 @@ from fastapi import APIRouter, Form, Request, Response
 from gateway.auth import issue_access_token, known_scopes
 from gateway.models import TokenResponse
 from gateway.problems import PROBLEM_CONTENT, ProblemError
-from gateway.ratelimit import retry_after_s
+from gateway.ratelimit import Attempt, retry_after_s
 from gateway.state import gateway_state
 from onecard.identity.v1 import identity_pb2 as pb
 
@@ -50,6 +50,11 @@ def _invalid_client(*, basic_used: bool) -> ProblemError:
     # RFC 6749 §5.2: a client that authenticated with Basic gets a Basic challenge back.
     headers = {"WWW-Authenticate": 'Basic realm="onecard"'} if basic_used else None
     return _oauth_error(status=401, error="invalid_client", detail="client authentication failed", headers=headers)
+
+
+def _too_many(wait_s: float) -> ProblemError:
+    return ProblemError(status=429, reason="RATE_LIMITED", detail="too many token requests; slow down",
+                        headers={"Retry-After": str(retry_after_s(wait_s)), "Cache-Control": "no-store"})
 
 
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -106,14 +111,16 @@ async def issue_token(
     if any(len(v) > MAX_FIELD_CHARS for v in (tenant_id, client_id, client_secret, scope or "")):
         raise _oauth_error(status=400, error="invalid_request", detail=f"a field is longer than {MAX_FIELD_CHARS}")
 
-    # Per caller address and per client id, before identity spends a password hash on a guess.
+    # Every request per caller address; then failed sign-ins per (client id, address), so wrong
+    # secrets sent from elsewhere never refuse the partner's own servers. Both before identity
+    # spends a password hash on a guess.
     caller = request.client.host if request.client else "unknown"
-    wait_s = max(
-        state.token_limiter.try_acquire(f"addr:{caller}"), state.token_limiter.try_acquire(f"client:{client_id}")
-    )
-    if wait_s > 0:
-        raise ProblemError(status=429, reason="RATE_LIMITED", detail="too many token requests; slow down",
-                           headers={"Retry-After": str(retry_after_s(wait_s))})
+    address_wait_s = state.token_limiter.try_acquire(caller)
+    if address_wait_s > 0:
+        raise _too_many(address_wait_s)
+    attempt = state.sign_ins.attempt(client_id=client_id, address=caller)
+    if not isinstance(attempt, Attempt):
+        raise _too_many(attempt)
 
     try:
         answer = await state.identity.AuthenticateClient(
@@ -122,11 +129,18 @@ async def issue_token(
         )
     except grpc.aio.AioRpcError as exc:
         if exc.code() in _REFUSED_CODES:
+            attempt.failed()
             raise _invalid_client(basic_used=basic is not None) from None
+        attempt.abandoned()
+        raise
+    except BaseException:
+        attempt.abandoned()
         raise
     granted = known_scopes(answer.scopes)
     if not granted:
+        attempt.failed()
         raise _invalid_client(basic_used=basic is not None)
+    attempt.succeeded()
     if scope is not None and scope.strip():
         requested = frozenset(scope.split())
         if not requested <= granted:
@@ -140,6 +154,7 @@ async def issue_token(
         client_id=answer.client_id or client_id,
         tenant_id=answer.tenant_id or tenant_id,
         scopes=granted,
+        grant_version=answer.grant_version,
         ttl_s=ttl_s,
     )
     request.state.client_id = answer.client_id or client_id

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Header, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.auth import AdminPolicy, CreatePayments, SyncDevices
+from gateway.auth import LEDGER_ADMIN, STATEMENTS_READ, AdminPolicy, CreatePayments, SyncDevices
 from gateway.models import MemberId, TenantId, MAX_GROUP_KEY_CHARS, MAX_GROUP_VALUE_CHARS, MAX_GROUPS, MAX_ID_CHARS, enum_name, timestamp
 from gateway.problems import ProblemError, problem_responses
 from gateway.routes.ledger import (
@@ -262,8 +262,9 @@ class PaymentOut(BaseModel):
     reason: str | None = Field(description="Why not, when not paid: the plan's decline reason, or PIN_REQUIRED.")
     plan: PlanOut | None = Field(description="The plan this call made; null for a repeat of an earlier payment.")
     transfer: TransferOut | None = Field(description="The payment; null when not paid.")
-    balances: list[BalanceOut] = Field(description="The new balances of the accounts the payment touched; empty "
-                                       "for a repeat and when not paid.")
+    balances: list[BalanceOut] = Field(description="The new balances of the member's purses the payment drew on (the "
+                                       "merchant's too with statements:read or ledger:admin); empty for a repeat and "
+                                       "when not paid.")
     repeated: bool = Field(description="True when this key had paid before: transfer is that payment.")
 
 
@@ -490,9 +491,15 @@ async def create_payment(
         timeout=state.timeout_s,
     )
     response.status_code = 201 if answer.paid else 200
+    # The member's purses' new balances; the merchant's (and a sponsoring funding account's) only to
+    # a caller whose scopes reach them (gateway.routes.ledger.account_refusal).
+    purses = {leg.account_id for leg in answer.plan.legs}
+    shown = [b for b in answer.balances
+             if b.account_id in purses or LEDGER_ADMIN in principal.scopes
+             or (b.account_id == body.merchant_account_id and STATEMENTS_READ in principal.scopes)]
     return PaymentOut(
         paid=answer.paid, reason=or_none(answer.reason),
         plan=_plan(answer.plan) if answer.HasField("plan") else None,
         transfer=_transfer(answer.transfer) if answer.paid and answer.HasField("transfer") else None,
-        balances=[_balance(b) for b in answer.balances], repeated=answer.repeated,
+        balances=[_balance(b) for b in shown], repeated=answer.repeated,
     )

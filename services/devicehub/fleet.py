@@ -6,7 +6,8 @@ silence raise.
   records by it); the stream's end puts it offline (devicehub.device.offline) unless a newer
   stream took over.
 - A heartbeat records the firmware, reported config version, queue depth, the oldest queued
-  record, health and the clock offset; an offset beyond ``clock_drift_alarm_ms`` raises
+  record, health and the clock offset; an offset beyond the tenant's ``clock.max_device_skew_s``
+  (its rule set) or else the hub's ``clock_drift_alarm_ms`` raises
   CLOCK_DRIFT, an oldest queued record older than ``backlog_alarm_after_s`` BACKLOG_TOO_OLD.
 - The watcher marks devices silent for ``offline_after_s`` offline, and raises OFFLINE_TOO_LONG
   for those offline longer than ``offline_alarm_after_s``.
@@ -65,8 +66,14 @@ class Fleet:
         return {"device_id": str(session_or_device.device_id), **extra}
 
     async def _check_drift(self, *, tenant_id: Any, device_id: Any, offset: int | None) -> None:
+        if offset is None:
+            return
         limit = self._settings.clock_drift_alarm_ms
-        if offset is not None and abs(offset) > limit:
+        tx = self._backends.tx
+        if tx is not None and abs(offset) > min(limit, 1000):
+            # The tenant may set its own limit (its rule set's clock.max_device_skew_s).
+            limit = await tx.device_skew_limit_ms(str(tenant_id), default_ms=limit)
+        if abs(offset) > limit:
             await self._backends.alarms.raise_alarm(
                 tenant_id=str(tenant_id), device_id=str(device_id), kind=KIND_CLOCK_DRIFT, severity=SEVERITY_WARNING,
                 detail=f"device clock off by {offset} ms (limit {limit} ms)")

@@ -1,12 +1,14 @@
 """The rules a device could have planned with, for offline settlement: which versions of the
 tenant's rule set were in force during a window (policy's GetRulesInForce, once per upload), and
-the rule sets of the versions records name, parsed once and kept (versions never change)."""
+the rule sets of the versions records name, parsed once and kept (versions never change); and the
+rule set in force now, for the tenant's settings the hub applies itself (the device clock skew)."""
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -23,6 +25,8 @@ from services.devicehub.evidence import InForce
 log = get_logger(__name__)
 
 DEFAULT_CACHED_RULE_SETS = 256
+# A tenant's current rule set is read again after this long (its clock setting, for the drift alarm).
+DEFAULT_CURRENT_TTL_S = 60.0
 # policy's bound on the documents one GetRulesInForce answers.
 MAX_VERSIONS_PER_CALL = 100
 
@@ -36,11 +40,31 @@ class RuleHistory:
 
 class Rules:
     def __init__(self, policy: policy_pb2_grpc.PolicyServiceStub, *, timeout_s: float,
-                 cached: int = DEFAULT_CACHED_RULE_SETS):
+                 cached: int = DEFAULT_CACHED_RULE_SETS, current_ttl_s: float = DEFAULT_CURRENT_TTL_S,
+                 clock: Callable[[], float] = time.monotonic):
         self._policy = policy
         self._timeout_s = timeout_s
         self._cached = cached
         self._parsed: OrderedDict[tuple[str, int], RuleSet] = OrderedDict()
+        self._current_ttl_s = current_ttl_s
+        self._clock = clock
+        # tenant -> (the rule set in force, or None before the first publication; when it was read)
+        self._current: dict[str, tuple[RuleSet | None, float]] = {}
+
+    async def current(self, tenant_id: str, *, now: datetime) -> RuleSet | None:
+        """The rule set in force now (read again at most every ``current_ttl_s``)."""
+        cached = self._current.get(tenant_id)
+        if cached is not None and self._clock() - cached[1] < self._current_ttl_s:
+            return cached[0]
+        spans = (await self.history(tenant_id, since=now, until=now, versions=())).spans
+        version = max((s.version for s in spans), default=0)
+        rule_set = None
+        if version:
+            rule_set = (await self.history(tenant_id, since=now, until=now, versions=[version])).rule_sets.get(version)
+        self._current[tenant_id] = (rule_set, self._clock())
+        while len(self._current) > self._cached:
+            self._current.pop(next(iter(self._current)))
+        return rule_set
 
     async def history(self, tenant_id: str, *, since: datetime, until: datetime, versions: Iterable[int]
                       ) -> RuleHistory:

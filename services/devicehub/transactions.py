@@ -30,7 +30,7 @@ from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2 as ppb
 from onecard.policy.v1 import policy_pb2_grpc
 from runtime.idempotency import device_scope
-from runtime.errors import FailedPrecondition, InvalidArgument
+from runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from runtime.events import Event
 from runtime.grpc_server import ServiceApp
 from runtime.logs import get_logger
@@ -101,8 +101,8 @@ class Transactions:
         self.access = Access(store=self._store, now=now)
         limits = OfflineLimits(clock_skew=timedelta(seconds=settings.offline_clock_skew_s),
                                max_record_age=timedelta(seconds=settings.offline_max_record_age_s))
-        recheck = Recheck(verifiers=self.codes, members=self.members, rules=Rules(self._policy, timeout_s=timeout_s),
-                          limits=limits)
+        self.rules = Rules(self._policy, timeout_s=timeout_s)
+        recheck = Recheck(verifiers=self.codes, members=self.members, rules=self.rules, limits=limits)
         self.settlement = Settlement(
             store=self._store, ledger=self._ledger, alarms=alarms, member_by_card=self.members.by_card,
             recheck=recheck, max_record_age=limits.max_record_age,
@@ -212,6 +212,17 @@ class Transactions:
         self._recent_codes.move_to_end(key)
         while len(self._recent_codes) > RECENT_CODES:
             self._recent_codes.popitem(last=False)
+
+    async def device_skew_limit_ms(self, tenant_id: str, *, default_ms: int) -> int:
+        """How far a terminal's clock may be from the hub's: the tenant's rule set's
+        ``clock.max_device_skew_s``, else ``default_ms`` (also when policy does not answer)."""
+        try:
+            rule_set = await self.rules.current(tenant_id, now=self._now())
+        except Unavailable:
+            return default_ms
+        if rule_set is None or rule_set.max_device_skew_s is None:
+            return default_ms
+        return rule_set.max_device_skew_s * 1000
 
     # --- online authorisation --------------------------------------------------------------------
 

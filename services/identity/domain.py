@@ -177,6 +177,16 @@ class ApiClient:
     grants: Mapping[uuid.UUID, tuple[str, ...]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TenantGrant:
+    """A client's grant in one tenant as it stands: the scopes the client holds, those the tenant
+    granted, and the grant's version (new each time it is made or its scopes change)."""
+
+    client_scopes: tuple[str, ...]
+    granted: tuple[str, ...]
+    grant_version: int
+
+
 class ImportState(StrEnum):
     RUNNING = "running"
     DONE = "done"

@@ -615,22 +615,44 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             tenant_id = domain.parse_tenant_id(request.tenant_id)
         except InvalidArgument:
             tenant_id = None
-        secret_hash, client_scopes, granted = None, (), None
+        secret_hash, grant = None, None
         if _PLAUSIBLE_CLIENT_ID.fullmatch(request.client_id):
-            secret_hash, client_scopes, granted = await self._store.client_credentials(
-                client_id=request.client_id, tenant_id=tenant_id
-            )
+            secret_hash, grant = await self._store.client_credentials(client_id=request.client_id, tenant_id=tenant_id)
         secret = request.client_secret[: MAX_CLIENT_SECRET_CHARS + 1]
         matches = len(secret) <= MAX_CLIENT_SECRET_CHARS and await asyncio.to_thread(
             domain.client_secret_matches, secret, secret_hash
         )
-        if not matches or granted is None or tenant_id is None:
+        if not matches or grant is None or tenant_id is None:
             raise Unauthenticated(AUTHENTICATION_FAILED)
         return pb.AuthenticateClientResponse(
             client_id=request.client_id,
             tenant_id=str(tenant_id),
-            scopes=list(domain.scopes_in_tenant(client_scopes=client_scopes, granted=granted)),
+            scopes=list(domain.scopes_in_tenant(client_scopes=grant.client_scopes, granted=grant.granted)),
+            grant_version=grant.grant_version,
         )
+
+    async def GetTenantGrant(
+        self, request: pb.GetTenantGrantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTenantGrantResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        grant = None
+        if _PLAUSIBLE_CLIENT_ID.fullmatch(request.client_id):
+            grant = await self._store.tenant_grant(tenant_id=tenant_id, client_id=request.client_id)
+        if grant is None:
+            raise NotFound(f"tenant {tenant_id} has no grant for client {request.client_id[:64]!r}",
+                           reason="GRANT_NOT_FOUND")
+        return pb.GetTenantGrantResponse(
+            scopes=list(domain.scopes_in_tenant(client_scopes=grant.client_scopes, granted=grant.granted)),
+            grant_version=grant.grant_version,
+        )
+
+    async def RevokeApiClient(
+        self, request: pb.RevokeApiClientRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeApiClientResponse:
+        plausible = _PLAUSIBLE_CLIENT_ID.fullmatch(request.client_id) is not None
+        if not plausible or not await self._store.revoke_client(client_id=request.client_id, now=_now()):
+            raise NotFound(f"API client {request.client_id[:64]!r} not found", reason="CLIENT_NOT_FOUND")
+        return pb.RevokeApiClientResponse()
 
 
 def _member_not_found(member_id: uuid.UUID) -> NotFound:

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from runtime.errors import NotFound
+from runtime.errors import FailedPrecondition, NotFound
 from runtime.events import PendingEvent, emit, emit_many
 from services.identity.domain import (
     ApiClient,
@@ -34,6 +34,7 @@ from services.identity.domain import (
     StateAt,
     StateQuery,
     Tenant,
+    TenantGrant,
     TenantKind,
     change_event_data,
     change_subject,
@@ -734,7 +735,42 @@ class IdentityStore:
 
     async def grant(self, *, tenant_id: uuid.UUID, client_id: str, scopes: tuple[str, ...], now: datetime) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
+            # The client's row, locked: a revocation running at the same time ends before or after.
+            revoked_at = await conn.fetchval("SELECT revoked_at FROM api_clients WHERE client_id = $1 FOR UPDATE",
+                                             client_id)
+            if revoked_at is not None:
+                raise FailedPrecondition("the client was revoked; it cannot be granted again",
+                                         reason="CLIENT_REVOKED")
             await _write_grant(conn, tenant_id=tenant_id, client_id=client_id, scopes=scopes, now=now)
+
+    async def revoke_client(self, *, client_id: str, now: datetime) -> bool:
+        """Revoke the client everywhere: every grant goes, each with its identity.api_client.revoked
+        event. False when there is no such client; revoking again changes nothing."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "UPDATE api_clients SET revoked_at = COALESCE(revoked_at, $2) WHERE client_id = $1 RETURNING true",
+                client_id, now,
+            )
+            if not found:
+                return False
+            tenants = await conn.fetch("DELETE FROM tenant_grants WHERE client_id = $1 RETURNING tenant_id", client_id)
+            for row in sorted(tenants, key=lambda r: r["tenant_id"]):
+                await _emit_revoked(conn, tenant_id=row["tenant_id"], client_id=client_id, client_revoked=True)
+            return True
+
+    async def tenant_grant(self, *, tenant_id: uuid.UUID, client_id: str) -> TenantGrant | None:
+        """The client's grant in the tenant as it stands, or None (no grant, or the client revoked)."""
+        row = await self._pool.fetchrow(
+            """SELECT c.scopes, g.scopes AS granted, g.grant_version
+               FROM tenant_grants g JOIN api_clients c ON c.client_id = g.client_id
+               WHERE g.tenant_id = $1 AND g.client_id = $2 AND c.revoked_at IS NULL""",
+            tenant_id,
+            client_id,
+        )
+        if row is None:
+            return None
+        return TenantGrant(client_scopes=tuple(row["scopes"]), granted=tuple(row["granted"]),
+                           grant_version=row["grant_version"])
 
     async def revoke(self, *, tenant_id: uuid.UUID, client_id: str) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -742,13 +778,7 @@ class IdentityStore:
                 "DELETE FROM tenant_grants WHERE tenant_id = $1 AND client_id = $2 RETURNING true", tenant_id, client_id
             )
             if gone:
-                await emit(
-                    conn,
-                    subject="identity.api_client.revoked",
-                    event_type="identity.api_client.revoked",
-                    data={"tenant_id": str(tenant_id), "client_id": client_id},
-                    tenant_id=str(tenant_id),
-                )
+                await _emit_revoked(conn, tenant_id=tenant_id, client_id=client_id, client_revoked=False)
             return bool(gone)
 
     async def list_api_clients(self, *, tenant_id: uuid.UUID) -> list[ApiClient]:
@@ -762,43 +792,59 @@ class IdentityStore:
 
     async def client_credentials(
         self, *, client_id: str, tenant_id: uuid.UUID | None
-    ) -> tuple[str | None, tuple[str, ...], tuple[str, ...] | None]:
-        """(secret hash, client scopes, scopes ``tenant_id`` granted); None parts where missing."""
+    ) -> tuple[str | None, TenantGrant | None]:
+        """(secret hash, ``tenant_id``'s grant); None parts where missing. A revoked client has neither."""
         row = await self._pool.fetchrow(
-            """SELECT c.secret_hash, c.scopes, g.scopes AS granted
+            """SELECT c.secret_hash, c.scopes, g.scopes AS granted, g.grant_version
                FROM api_clients c LEFT JOIN tenant_grants g ON g.client_id = c.client_id AND g.tenant_id = $2
-               WHERE c.client_id = $1""",
+               WHERE c.client_id = $1 AND c.revoked_at IS NULL""",
             client_id,
             tenant_id,
         )
         if row is None:
-            return None, (), None
-        granted = tuple(row["granted"]) if row["granted"] is not None else None
-        return row["secret_hash"], tuple(row["scopes"]), granted
+            return None, None
+        if row["granted"] is None:
+            return row["secret_hash"], None
+        return row["secret_hash"], TenantGrant(client_scopes=tuple(row["scopes"]), granted=tuple(row["granted"]),
+                                               grant_version=row["grant_version"])
 
 
 async def _write_grant(
     conn: asyncpg.Connection, *, tenant_id: uuid.UUID, client_id: str, scopes: tuple[str, ...], now: datetime
 ) -> None:
-    """Grant or re-grant; an event only when the grant is new or its scopes changed."""
-    changed = await conn.fetchval(
+    """Grant or re-grant; a new grant version and an event only when the grant is new or its scopes
+    changed (the tokens issued under the old version end)."""
+    version = await conn.fetchval(
         """INSERT INTO tenant_grants (tenant_id, client_id, scopes, granted_at) VALUES ($1, $2, $3, $4)
-           ON CONFLICT (tenant_id, client_id) DO UPDATE SET scopes = EXCLUDED.scopes, granted_at = EXCLUDED.granted_at
+           ON CONFLICT (tenant_id, client_id) DO UPDATE SET scopes = EXCLUDED.scopes, granted_at = EXCLUDED.granted_at,
+               grant_version = nextval('grant_versions')
            WHERE tenant_grants.scopes IS DISTINCT FROM EXCLUDED.scopes
-           RETURNING true""",
+           RETURNING grant_version""",
         tenant_id,
         client_id,
         list(scopes),
         now,
     )
-    if changed:
+    if version is not None:
         await emit(
             conn,
             subject="identity.api_client.granted",
             event_type="identity.api_client.granted",
-            data={"tenant_id": str(tenant_id), "client_id": client_id, "scopes": list(scopes)},
+            data={"tenant_id": str(tenant_id), "client_id": client_id, "scopes": list(scopes),
+                  "grant_version": version},
             tenant_id=str(tenant_id),
         )
+
+
+async def _emit_revoked(conn: asyncpg.Connection, *, tenant_id: uuid.UUID, client_id: str,
+                        client_revoked: bool) -> None:
+    await emit(
+        conn,
+        subject="identity.api_client.revoked",
+        event_type="identity.api_client.revoked",
+        data={"tenant_id": str(tenant_id), "client_id": client_id, "client_revoked": client_revoked},
+        tenant_id=str(tenant_id),
+    )
 
 
 def _api_client(row: asyncpg.Record, tenant_id: uuid.UUID) -> ApiClient:

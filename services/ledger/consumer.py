@@ -14,7 +14,7 @@ import uuid
 import asyncpg
 
 from runtime.events import Event
-from services.ledger.domain import OwnerKind, PurseKind
+from services.ledger.domain import OwnerKind, PurseKind, account_layout
 from services.ledger.store import TenantTx
 
 IDENTITY_STREAM = "IDENTITY"
@@ -29,4 +29,4 @@ async def open_member_purses(conn: asyncpg.Connection, event: Event) -> None:
     tx = TenantTx(conn, tenant_id=uuid.UUID(data["tenant_id"]))
     # Idempotent by (tenant, owner, purse, ref): a replayed event opens nothing twice.
     await tx.open_account(owner_kind=OwnerKind.MEMBER, owner_id=str(data["member_id"]), purse_kind=PurseKind.CASH,
-                          ref="", no_overdraft=True)
+                          ref="", layout=account_layout(purse_kind=PurseKind.CASH, no_overdraft=True))

@@ -10,6 +10,11 @@ Choices made here where the issue left them open:
   last, typically cash, first), never more to a purse than its leg paid.
 - Idempotency keys are per tenant and shared by every kind of write; a write that fails leaves
   its key unused, so a retry after a top-up can succeed.
+- A partner's bank clearing account has a credit limit: the floor its balance may not go below
+  (0 when opened: the bank tops up what it prefunded, nothing more). It is checked on the locked
+  row in the top-up's own transaction (and by a CHECK on the row), so clearing accounts are never
+  sharded. The tenant may lower the limit to what the bank already owes, not below (to stop a bank
+  at once, freeze its clearing account).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ MAX_GUARD_INCREMENT = MAX_AMOUNT_FEN
 MAX_GUARD_LIMIT = 10**15
 MAX_COUNTER_READ_KEYS = 100
 MAX_MEMBER_STATE_QUESTIONS = 200
+# A clearing account's credit limit: what the tenant lets a bank owe it. Far above any campus, far
+# below where posted - pending could overflow.
+MAX_CREDIT_LIMIT_FEN = 10**15
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -128,6 +136,8 @@ class Account:
     no_overdraft: bool
     sharded: bool
     status: AccountStatus
+    # Bank clearing accounts only: how far below zero the balance may go. None: no such floor.
+    credit_limit_fen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -357,6 +367,44 @@ def check_new_account(*, owner_kind: OwnerKind | None, owner_id: str, purse_kind
     return owner_kind, purse_kind, no_overdraft or purse_kind in MEMBER_PURSES
 
 
+@dataclass(frozen=True)
+class AccountLayout:
+    """How a new account is kept: its no-overdraft flag, whether its balance is sharded, and its
+    credit limit."""
+
+    no_overdraft: bool
+    sharded: bool
+    credit_limit_fen: int | None
+
+
+def account_layout(*, purse_kind: PurseKind, no_overdraft: bool) -> AccountLayout:
+    """A clearing account starts with a credit limit of 0 (prefunded only) and one row (its floor
+    is checked on the whole balance); any other account that may go below zero is sharded."""
+    if purse_kind is PurseKind.BANK_CLEARING:
+        return AccountLayout(no_overdraft=False, sharded=False, credit_limit_fen=0)
+    return AccountLayout(no_overdraft=no_overdraft, sharded=not no_overdraft, credit_limit_fen=None)
+
+
+def credit_used_fen(balance: Balance) -> int:
+    """What a clearing account's bank owes: how far its available balance is below zero."""
+    return max(0, -balance.available_fen)
+
+
+def check_credit_limit(account: Account, *, balance: Balance, credit_limit_fen: int) -> int:
+    """A new credit limit for a clearing account: 0..MAX_CREDIT_LIMIT_FEN, and not below what the
+    bank already owes (lower it to that to stop further top-ups; freeze the account to stop them
+    at once)."""
+    check_purse(account, kinds=frozenset({PurseKind.BANK_CLEARING}), what="a credit limit's account")
+    if not 0 <= credit_limit_fen <= MAX_CREDIT_LIMIT_FEN:
+        raise InvalidArgument(f"credit_limit_fen must be 0..{MAX_CREDIT_LIMIT_FEN}", reason="INVALID_CREDIT_LIMIT")
+    used = credit_used_fen(balance)
+    if credit_limit_fen < used:
+        raise FailedPrecondition(f"the bank already owes {used} fen; the credit limit cannot go below that",
+                                 reason="CREDIT_LIMIT_BELOW_USE",
+                                 metadata={"account_id": str(account.account_id), "credit_used_fen": str(used)})
+    return credit_limit_fen
+
+
 def check_hold_timeout(timeout_s: int) -> int:
     if timeout_s == 0:
         return DEFAULT_HOLD_TIMEOUT_S
@@ -409,11 +457,18 @@ def _check_takes_new(account: Account) -> None:
 
 
 def check_may_debit(account: Account, *, balance: Balance, amount_fen: int) -> None:
-    """A member purse paying ``amount_fen`` now (or holding it)."""
+    """A member purse paying ``amount_fen`` now (or holding it), or a clearing account topping up."""
     _check_takes_new(account)
     if account.no_overdraft and balance.available_fen < amount_fen:
         raise FailedPrecondition("insufficient funds", reason="INSUFFICIENT_FUNDS",
                                  metadata={"account_id": str(account.account_id)})
+    if account.credit_limit_fen is not None and balance.available_fen - amount_fen < -account.credit_limit_fen:
+        headroom = max(0, balance.available_fen + account.credit_limit_fen)
+        raise FailedPrecondition(
+            f"this would take the clearing account past its credit limit of {account.credit_limit_fen} fen "
+            f"({headroom} fen left)", reason="CREDIT_LIMIT_EXCEEDED",
+            metadata={"account_id": str(account.account_id), "credit_limit_fen": str(account.credit_limit_fen),
+                      "available_credit_fen": str(headroom)})
 
 
 def check_may_receive(account: Account) -> None:

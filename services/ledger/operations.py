@@ -163,10 +163,20 @@ class Ledger:
                            purse_kind: PurseKind | None, ref: str, no_overdraft: bool) -> tuple[AccountBalance, bool]:
         owner, purse, flag = domain.check_new_account(owner_kind=owner_kind, owner_id=owner_id,
                                                       purse_kind=purse_kind, ref=ref, no_overdraft=no_overdraft)
+        layout = domain.account_layout(purse_kind=purse, no_overdraft=flag)
         async with self._store.tenant_tx(tenant_id) as tx:
             account, created = await tx.open_account(owner_kind=owner, owner_id=owner_id, purse_kind=purse, ref=ref,
-                                                     no_overdraft=flag)
+                                                     layout=layout)
             return await tx.account(account.account_id), created
+
+    async def set_credit_limit(self, *, tenant_id: uuid.UUID, account_id: uuid.UUID,
+                               credit_limit_fen: int) -> AccountBalance:
+        """A clearing account's new floor, checked against what its bank owes on the locked row."""
+        async with self._store.tenant_tx(tenant_id) as tx:
+            before = await tx.account(account_id, lock=True)
+            domain.check_credit_limit(before.account, balance=before.balance, credit_limit_fen=credit_limit_fen)
+            await tx.set_credit_limit(account_id, credit_limit_fen=credit_limit_fen)
+            return await tx.account(account_id)
 
     async def set_status(self, *, tenant_id: uuid.UUID, account_id: uuid.UUID,
                          status: AccountStatus) -> AccountBalance:

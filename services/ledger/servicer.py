@@ -126,7 +126,8 @@ def account_balance_pb(item: AccountBalance) -> pb.AccountBalance:
     return pb.AccountBalance(
         account=pb.Account(tenant_id=str(a.tenant_id), account_id=str(a.account_id), owner_kind=_OWNER[a.owner_kind],
                            owner_id=a.owner_id, purse_kind=_PURSE[a.purse_kind], ref=a.ref, currency=domain.CURRENCY,
-                           no_overdraft=a.no_overdraft, status=_STATUS[a.status]),
+                           no_overdraft=a.no_overdraft, status=_STATUS[a.status],
+                           credit_limit_fen=a.credit_limit_fen),
         balance=balance_pb(item.balance),
     )
 
@@ -189,6 +190,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             no_overdraft=request.no_overdraft,
         )
         return pb.OpenAccountResponse(account=account_balance_pb(account), created=created)
+
+    async def SetCreditLimit(self, request: pb.SetCreditLimitRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.SetCreditLimitResponse:
+        account = await self._ledger.set_credit_limit(
+            tenant_id=_tenant(request.tenant_id), account_id=domain.parse_account_ref(request.account_id),
+            credit_limit_fen=request.credit_limit_fen,
+        )
+        return pb.SetCreditLimitResponse(account=account_balance_pb(account))
 
     async def GetBalances(self, request: pb.GetBalancesRequest, context: grpc.aio.ServicerContext
                           ) -> pb.GetBalancesResponse:

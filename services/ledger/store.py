@@ -4,7 +4,7 @@ Lock order, the same in every write, so no two transactions wait on each other i
 the idempotency key rows (in key order), then a hold or payment row, then the unsharded accounts
 (member purses) in ascending id order (``SELECT ... ORDER BY account_id FOR UPDATE``), then the
 guard counters of payments in ascending key order, and last the one shard row of each sharded
-account, again in ascending account order. Sharded accounts (merchants, clearing, funding) are
+account, again in ascending account order. Sharded accounts (merchants, funding) are
 never locked as a whole: a transfer adds to one of their shard rows (``INSERT ... ON CONFLICT DO
 UPDATE SET posted_fen = posted_fen + ...``) as its last write, so a busy canteen's payments do not
 queue on one row. The payment path (``read_for_payments`` then ``commit_payments``) takes the
@@ -27,6 +27,8 @@ from runtime.errors import NotFound
 from runtime.events import NOTIFY_RELAY_SQL, PendingEvent, emit_many
 from services.ledger.domain import (
     SHARD_COUNT,
+    AccountLayout,
+    account_layout,
     CodeRef,
     code_already_used,
     STATEMENT_KINDS,
@@ -56,7 +58,8 @@ from services.ledger.domain import (
     WriteResult,
 )
 
-_ACCOUNT_COLUMNS = "tenant_id, account_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status"
+_ACCOUNT_COLUMNS = ("tenant_id, account_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status,"
+                    " credit_limit_fen")
 # A sharded account's balance is its shards' sum; an unsharded one's is its own columns.
 _POSTED = ("(a.posted_fen + COALESCE((SELECT sum(s.posted_fen) FROM account_shards s"
            " WHERE s.account_id = a.account_id), 0))::bigint")
@@ -76,6 +79,8 @@ def _account(row: asyncpg.Record) -> Account:
         tenant_id=row["tenant_id"], account_id=row["account_id"], owner_kind=OwnerKind(row["owner_kind"]),
         owner_id=row["owner_id"], purse_kind=PurseKind(row["purse_kind"]), ref=row["ref"],
         no_overdraft=row["no_overdraft"], sharded=row["sharded"], status=AccountStatus(row["status"]),
+        # The payment paths read member purses and merchants only, without this column.
+        credit_limit_fen=row.get("credit_limit_fen"),
     )
 
 
@@ -184,12 +189,13 @@ class TenantTx:
     # --- accounts -----------------------------------------------------------------------------
 
     async def open_account(self, *, owner_kind: OwnerKind, owner_id: str, purse_kind: PurseKind, ref: str,
-                           no_overdraft: bool) -> tuple[Account, bool]:
+                           layout: AccountLayout) -> tuple[Account, bool]:
         row = await self.conn.fetchrow(
             "INSERT INTO accounts (account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft,"
-            f" sharded) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING {_ACCOUNT_COLUMNS}",
-            uuid.uuid4(), self.tenant_id, owner_kind.value, owner_id, purse_kind.value, ref, no_overdraft,
-            not no_overdraft,
+            " sharded, credit_limit_fen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING"
+            f" RETURNING {_ACCOUNT_COLUMNS}",
+            uuid.uuid4(), self.tenant_id, owner_kind.value, owner_id, purse_kind.value, ref, layout.no_overdraft,
+            layout.sharded, layout.credit_limit_fen,
         )
         if row is not None:
             return _account(row), True
@@ -228,6 +234,12 @@ class TenantTx:
 
     async def account(self, account_id: uuid.UUID, *, lock: bool = False) -> AccountBalance:
         return (await self.accounts([account_id], lock_unsharded=lock))[account_id]
+
+    async def set_credit_limit(self, account_id: uuid.UUID, *, credit_limit_fen: int) -> None:
+        await self.conn.execute(
+            "UPDATE accounts SET credit_limit_fen = $3 WHERE tenant_id = $1 AND account_id = $2",
+            self.tenant_id, account_id, credit_limit_fen,
+        )
 
     async def set_status(self, account_id: uuid.UUID, *, status: AccountStatus) -> None:
         updated = await self.conn.fetchval(
@@ -750,7 +762,9 @@ class TenantTx:
         """The member's receivable (what offline payments could not take from the purses); it may
         go below zero, so it is sharded like every account without the no-overdraft flag."""
         account, _ = await self.open_account(owner_kind=OwnerKind.MEMBER, owner_id=member_id,
-                                             purse_kind=PurseKind.RECEIVABLE, ref="", no_overdraft=False)
+                                             purse_kind=PurseKind.RECEIVABLE, ref="",
+                                             layout=account_layout(purse_kind=PurseKind.RECEIVABLE,
+                                                                   no_overdraft=False))
         return await self.account(account.account_id)
 
     async def record_shortfalls(self, shortfalls: list[tuple[uuid.UUID, str, uuid.UUID, int]]) -> None:

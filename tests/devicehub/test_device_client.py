@@ -21,6 +21,7 @@ from onecard.policy.v1 import policy_pb2 as ppb
 from onecard_device.client import NO_ANSWER_REVERSED, DeviceClient
 from tests.mesh import pki
 from tests.conftest import RunningService
+from tests.ledger.support import allow_credit
 
 FUNDED_FEN = 10_000
 
@@ -60,6 +61,7 @@ class _Campus:
                    policy: RunningService, devicehub: RunningService, tenant_id: str) -> None:
         self.tenant_id = tenant_id
         bank = await _open(ledger, tenant_id, lpb.OWNER_KIND_TENANT, "bank", lpb.PURSE_KIND_BANK_CLEARING)
+        await allow_credit(ledger.stub, tenant_id, bank)
         self.merchant = await _open(ledger, tenant_id, lpb.OWNER_KIND_MERCHANT, "store",
                                     lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
         created = await policy.stub.CreateRuleSetVersion(ppb.CreateRuleSetVersionRequest(

@@ -110,3 +110,34 @@ async def test_clock_drift_and_an_old_backlog_raise_alarms(devicehub, device_stu
     finally:
         await connection.close()
         await calm.close()
+
+
+async def test_a_tenant_sets_how_far_its_terminals_clocks_may_drift(devicehub, device_stub, policy, tenant_id):
+    """The tenant's rule set says 5 s (the hub's default is 30 s): 10 s off raises CLOCK_DRIFT,
+    3 s off does not."""
+    from onecard.policy.v1 import policy_pb2 as ppb
+
+    document = {"format": 1, "time_zone": "Asia/Shanghai", "scenes": ["store"], "funding_order": ["cash"],
+                "clock": {"max_device_skew_s": 5}}
+    created = await policy.stub.CreateRuleSetVersion(ppb.CreateRuleSetVersionRequest(
+        tenant_id=tenant_id, document=json.dumps(document)))
+    await policy.stub.PublishRuleSetVersion(ppb.PublishRuleSetVersionRequest(
+        tenant_id=tenant_id, version=created.version.version, published_by="test"))
+    stub = devicehub.stub
+    off = await enrol_device(stub, device_stub, tenant_id)
+    close = await enrol_device(stub, device_stub, tenant_id)
+    drifting = await connect(device_stub, off, clock_offset_s=10)
+    near = await connect(device_stub, close, clock_offset_s=3)
+    try:
+        drift = (await eventually(lambda: _alarms(stub, tenant_id, off.device_id, pb.ALARM_KIND_CLOCK_DRIFT)))[0]
+        assert "limit 5000 ms" in drift.detail
+        await near.send(heartbeat=pb.Heartbeat(device_time=now_pb(3), queue_depth=0))
+
+        async def beat_seen() -> bool:
+            return 2_000 <= (await _device(stub, tenant_id, close.device_id)).clock_offset_ms <= 4_000
+
+        await eventually(beat_seen)
+        assert not await _alarms(stub, tenant_id, close.device_id, pb.ALARM_KIND_CLOCK_DRIFT)
+    finally:
+        await drifting.close()
+        await near.close()

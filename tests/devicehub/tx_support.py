@@ -25,6 +25,7 @@ from onecard.identity.v1 import identity_pb2 as ipb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
 from tests.conftest import RunningService
+from tests.ledger.support import allow_credit
 from tests.devicehub.support import DeviceConnection, EnrolledDevice, connect, enrol_device
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -105,6 +106,7 @@ async def campus(*, identity: RunningService, ledger: RunningService, policy: Ru
     canteen open at any hour (``open_all_day``)."""
     bank_id = await open_account(ledger, tenant_id, owner_kind=lpb.OWNER_KIND_TENANT, owner_id="bank",
                                  purse_kind=lpb.PURSE_KIND_BANK_CLEARING)
+    await allow_credit(ledger.stub, tenant_id, bank_id)
     merchant_id = await open_account(ledger, tenant_id, owner_kind=lpb.OWNER_KIND_MERCHANT,
                                      owner_id="canteen-north", purse_kind=lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
     vending_id = await open_account(ledger, tenant_id, owner_kind=lpb.OWNER_KIND_MERCHANT, owner_id="milk-cabinet",

@@ -463,6 +463,24 @@ async def test_a_rollout_is_created_once_per_key_and_read(devices_gateway: Gatew
     assert_problem(await gateway.http.get(f"{base}/rollout-1", headers=admin.headers), 422)
 
 
+async def test_a_location_an_admin_typed_as_a_formula_comes_back_inert_in_the_dining_csv(
+        devices_gateway: Gateway) -> None:
+    gateway = devices_gateway
+    admin = await gateway.tenant_access(scopes=(DEVICES_ADMIN,))
+    data = await gateway.tenant_access(tenant_id=admin.tenant_id, scopes=(DATA_READ,))
+    hostile = "=cmd|'/C calc'!A0"
+    registered = await _register(gateway, admin, {**POS, "location": hostile, "capacity": 10})
+    await _enrol(gateway, registered["enrolment_token"])
+
+    as_csv = await gateway.http.get(f"/v1/tenants/{admin.tenant_id}/dining-index", headers=data.headers,
+                                    params={"format": "csv"})
+    assert as_csv.status_code == 200, as_csv.text
+    (row,) = list(csv.reader(io.StringIO(as_csv.text)))[1:]
+    assert row[2] == "'" + hostile
+    # Counts and the load are numbers: unquoted in the file.
+    assert as_csv.text.splitlines()[1].endswith(",0,10,0.0000,0")
+
+
 async def test_the_dining_index_per_canteen_as_json_and_csv(devices_gateway: Gateway) -> None:
     from services.devicehub.tx_store import ServedRow, TxStore
 

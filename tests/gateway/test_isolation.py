@@ -3,14 +3,23 @@
 ROUTE_CALLS says how to call each protected route. A route added to the app without an entry
 here (or in PUBLIC_ROUTES) fails ``test_every_route_is_in_the_matrix``, so no route escapes the
 isolation and scope matrices below.
+
+Ids go wherever a route takes them: in the path, and in bodies and query strings as ``{name}``
+placeholders (a payment's merchant account, a dry run's member, a batch's rows, a statement's
+merchant, a lookup's key...). The isolation matrix calls each route with tenant B's path, with
+A's path but B's ids in the path, and with A's path and A's path ids but B's ids in the body and
+query; none may show anything of B or change anything B holds.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import nacl.signing
@@ -43,15 +52,21 @@ from onecard.identity.v1 import identity_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
+from tests.ledger.support import allow_credit
 
 CARD_A = "0A0B0C0D01"
 CARD_B = "0B0B0C0D02"
 MATRIX_CSV = b"external_number,name\nX900,Intruder\n"
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+# An id named in a body or query: replaced by the tenant's (or, in the matrix, the other tenant's).
+PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
+# ... and one that is always the path's tenant's, e.g. {own_ref}: the tenant's own program.
+OWN = "own_"
 # Base64 of a real Ed25519 public key: codegen refuses 32 bytes that are not a point of prime order.
 MATRIX_HOLDER_KEY = "Hg9P8ERluAE8L8SPF3SQgUOLcTd8KBY03KD+MjFCh4o="
 MATRIX_RULE_SET = university_rule_set()
-# A payment the rules can plan in any tenant: groups given, so the directory is not asked.
-MATRIX_PAYMENT = {"member_id": str(uuid.UUID(int=4)), "member_groups": {"role": "student"}, "scene": "store",
+# A dry run for the tenant's member (the directory is asked for the member's groups).
+MATRIX_PAYMENT = {"member_id": "{member_id}", "merchant_id": "{merchant_account_id}", "scene": "store",
                   "amount_fen": 100}
 MATRIX_ACCESS_RULES = {"time_zone": "Asia/Shanghai", "rules": [
     {"name": "intrusion", "places": ["dorm-3"], "purposes": ["access"], "from": "00:00", "to": "24:00"}]}
@@ -68,6 +83,29 @@ class RouteCall:
     headers: dict[str, str] = field(default_factory=dict)
     # Outcomes allowed with the caller's own tenant in the path but the other tenant's ids in it.
     foreign_ids_statuses: frozenset[int] = frozenset({404})
+    # Outcomes allowed with the caller's own tenant and ids in the path, the other tenant's ids in
+    # the body and query (routes whose body or query has {placeholders}).
+    foreign_body_statuses: frozenset[int] = frozenset({404})
+
+    @property
+    def ids_outside_the_path(self) -> bool:
+        return PLACEHOLDER.search(json.dumps([self.json, self.params])) is not None
+
+
+def _filled(value: Any, ids: dict[str, str], own: dict[str, str]) -> Any:
+    """``value`` with each ``{name}`` in its strings replaced by that id from ``ids``, and each
+    ``{own_name}`` by the id of the path's tenant (``own``)."""
+    def id_for(match: re.Match[str]) -> str:
+        name = match.group()[1:-1]
+        return own[name.removeprefix(OWN)] if name.startswith(OWN) else ids[name]
+
+    if isinstance(value, str):
+        return PLACEHOLDER.sub(id_for, value)
+    if isinstance(value, dict):
+        return {k: _filled(v, ids, own) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_filled(v, ids, own) for v in value]
+    return value
 
 
 # Every protected route: how to call it with a body that would succeed in the caller's own tenant.
@@ -75,7 +113,8 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("POST", "/v1/tenants"): RouteCall(json={"name": "Intruder School", "kind": "k12"}),
     ("GET", "/v1/tenants/{tenant_id}"): RouteCall(),
     ("POST", "/v1/tenants/{tenant_id}/members"): RouteCall(json={"external_number": "X901", "name": "Intruder"}),
-    ("GET", "/v1/tenants/{tenant_id}/members"): RouteCall(params={"q": "Secret"}),
+    ("GET", "/v1/tenants/{tenant_id}/members"): RouteCall(params={"q": "{external_number}"},
+                                                          foreign_body_statuses=frozenset({200})),
     ("GET", "/v1/tenants/{tenant_id}/members/{member_id}"): RouteCall(),
     ("PATCH", "/v1/tenants/{tenant_id}/members/{member_id}"): RouteCall(json={"name": "Renamed"}),
     ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/freeze"): RouteCall(json={"reason": "intrusion"}),
@@ -120,7 +159,12 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("GET", "/v1/tenants/{tenant_id}/members/{member_id}/balances"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}/transfers"): RouteCall(params={"page_size": 10}),
-    ("GET", "/v1/tenants/{tenant_id}/payments/lookup"): RouteCall(params={"idempotency_key": "matrix-pay"}),
+    # A key the other tenant used: keys are per tenant, so nothing was booked under it here.
+    ("GET", "/v1/tenants/{tenant_id}/payments/lookup"): RouteCall(params={"idempotency_key": "{payment_key}"},
+                                                                  foreign_body_statuses=frozenset({200})),
+    ("GET", "/v1/tenants/{tenant_id}/clearing-account"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/api-clients/{client_id}/clearing-account"): RouteCall(
+        json={"credit_limit_fen": 1}),
     ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/top-ups"): RouteCall(
         json={"amount_fen": 100}, headers={"Idempotency-Key": "matrix-top-up"}),
     ("POST", "/v1/tenants/{tenant_id}/payments/{transfer_id}/refunds"): RouteCall(
@@ -131,19 +175,23 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
         json={"owner_kind": "merchant", "owner_id": "intruder", "purse_kind": "merchant_settlement"}),
     ("GET", "/v1/tenants/{tenant_id}/trial-balance"): RouteCall(),
     ("POST", "/v1/tenants/{tenant_id}/subsidy-programs"): RouteCall(
-        json={"purse_kind": "voucher", "ref": "intrusion", "funding_account_id": str(uuid.UUID(int=1))}),
+        json={"purse_kind": "voucher", "ref": "intrusion", "funding_account_id": "{funding_account_id}"}),
     ("GET", "/v1/tenants/{tenant_id}/subsidy-programs/{purse_kind}/{ref}"): RouteCall(),
+    # The tenant's own program, a row naming a member. The ledger does not ask the directory about
+    # rows (docs/api.md): a row naming the other tenant's member is granted this tenant's money in
+    # this tenant's ledger (a purse B never sees), so 202 is all it can get.
     ("POST", "/v1/tenants/{tenant_id}/subsidy-batches"): RouteCall(
-        json={"bill_number": "MATRIX-1", "purse_kind": "subsidy", "ref": "intrusion",
-              "rows": [{"member_id": str(uuid.UUID(int=2)), "amount_fen": 1}]}),
+        json={"bill_number": "MATRIX-1", "purse_kind": "subsidy", "ref": "{own_ref}",
+              "rows": [{"member_id": "{member_id}", "amount_fen": 1}]},
+        foreign_body_statuses=frozenset({202})),
     ("GET", "/v1/tenants/{tenant_id}/subsidy-batches/{batch_id}"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/subsidy-batches/{batch_id}/rows"): RouteCall(params={"status": "granted"}),
     ("POST", "/v1/tenants/{tenant_id}/accounts/{account_id}/clawbacks"): RouteCall(
         json={"amount_fen": 1}, headers={"Idempotency-Key": "matrix-clawback"}),
     ("GET", "/v1/tenants/{tenant_id}/statements"): RouteCall(
-        params={"merchant_account_id": str(uuid.UUID(int=3)), "date": "2026-11-26"}),
+        params={"merchant_account_id": "{merchant_account_id}", "date": "{today}"}),
     ("GET", "/v1/tenants/{tenant_id}/statements/totals"): RouteCall(
-        params={"merchant_account_id": str(uuid.UUID(int=3)), "date": "2026-11-26"}),
+        params={"merchant_account_id": "{merchant_account_id}", "date": "{today}"}),
     # Policy. {version} is a rule-set version of the tenant named by the ids; versions are
     # numbered per tenant, so tenant B holds one more than A and B's last version is none of A's.
     ("POST", "/v1/tenants/{tenant_id}/rule-sets"): RouteCall(json=MATRIX_RULE_SET, params={"note": "intrusion"}),
@@ -155,8 +203,10 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("POST", "/v1/tenants/{tenant_id}/policy/dry-run"): RouteCall(json=MATRIX_PAYMENT),
     ("GET", "/v1/tenants/{tenant_id}/policy/bundle"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/policy/bundle-keys"): RouteCall(),
+    # The tenant's own member paying at the other tenant's canteen: its account is not in this
+    # tenant's ledger, so nothing is paid.
     ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/payments"): RouteCall(
-        json={"merchant_account_id": str(uuid.UUID(int=3)), "amount_fen": 100, "scene": "store"},
+        json={"merchant_account_id": "{merchant_account_id}", "amount_fen": 100, "scene": "store"},
         headers={"Idempotency-Key": "matrix-app-payment"}),
     # The device hub. {device_id}, {alarm_id} and {rollout_id} are a device (enrolled), an open
     # alarm of it and a rollout to it, of the tenant named by the ids.
@@ -168,12 +218,15 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
         json={"name": "Renamed", "config": {"intrusion": True}}),
     ("POST", "/v1/tenants/{tenant_id}/devices/{device_id}/decommission"): RouteCall(),
     ("POST", "/v1/tenants/{tenant_id}/devices/{device_id}/enrolment-tokens"): RouteCall(json={"ttl_s": 3600}),
-    ("GET", "/v1/tenants/{tenant_id}/alarms"): RouteCall(params={"kind": "sequence_gap"}),
+    ("GET", "/v1/tenants/{tenant_id}/alarms"): RouteCall(params={"kind": "sequence_gap", "device": "{device_id}"},
+                                                         foreign_body_statuses=frozenset({200})),
     ("POST", "/v1/tenants/{tenant_id}/alarms/{alarm_id}/acknowledge"): RouteCall(),
     ("POST", "/v1/tenants/{tenant_id}/alarms/{alarm_id}/clear"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/access-rules"): RouteCall(),
     ("PUT", "/v1/tenants/{tenant_id}/access-rules"): RouteCall(json=MATRIX_ACCESS_RULES),
-    ("GET", "/v1/tenants/{tenant_id}/access-records"): RouteCall(params={"location": "dorm-3"}),
+    ("GET", "/v1/tenants/{tenant_id}/access-records"): RouteCall(
+        params={"location": "dorm-3", "device": "{device_id}", "member": "{member_id}"},
+        foreign_body_statuses=frozenset({200})),
     ("POST", "/v1/tenants/{tenant_id}/rollouts"): RouteCall(json=MATRIX_ROLLOUT,
                                                             headers={"Idempotency-Key": "matrix-rollout"}),
     ("GET", "/v1/tenants/{tenant_id}/rollouts"): RouteCall(),
@@ -248,11 +301,15 @@ class TenantFixture:
     import_id: str
     client_id: str
     credential_id: str
-    # The ledger's: the member's cash purse, a payment from it, a grant batch of its subsidy program.
+    # The ledger's: the member's cash purse, a payment from it (and its key) at the tenant's canteen,
+    # a grant batch of its subsidy program and that program's funding account.
     account_id: str
     transfer_id: str
+    payment_key: str
+    merchant_account_id: str
     batch_id: str
     program_ref: str
+    funding_account_id: str
     # Policy's: the tenant's last rule-set version (published).
     version: int
     # The device hub's: an enrolled POS, an open alarm of it, a rollout to it.
@@ -265,12 +322,25 @@ class TenantFixture:
                 "import_id": self.import_id, "client_id": self.client_id, "credential_id": self.credential_id,
                 "account_id": self.account_id, "transfer_id": self.transfer_id, "batch_id": self.batch_id,
                 "purse_kind": "subsidy", "ref": self.program_ref, "version": str(self.version),
-                "device_id": self.device_id, "alarm_id": self.alarm_id, "rollout_id": self.rollout_id}
+                "device_id": self.device_id, "alarm_id": self.alarm_id, "rollout_id": self.rollout_id,
+                "external_number": self.external_number, "payment_key": self.payment_key,
+                "merchant_account_id": self.merchant_account_id, "funding_account_id": self.funding_account_id,
+                "today": datetime.now(SHANGHAI).date().isoformat()}
 
 
-async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: str) -> tuple[str, str, str]:
-    """The member's cash purse with money on it, a payment from it, and a finished grant batch of
-    a subsidy program: (account id, payment transfer id, batch id)."""
+@dataclass(frozen=True)
+class LedgerBooks:
+    cash_id: str
+    payment_id: str
+    payment_key: str
+    merchant_id: str
+    batch_id: str
+    funding_id: str
+
+
+async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: str) -> LedgerBooks:
+    """The member's cash purse with money on it, a payment from it at the canteen, and a finished
+    grant batch of a subsidy program."""
 
     async def open_account(owner_kind: int, owner_id: str, purse_kind: int, ref: str = "") -> str:
         answer = await ledger.OpenAccount(lpb.OpenAccountRequest(
@@ -278,6 +348,7 @@ async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: s
         return answer.account.account.account_id
 
     bank = await open_account(lpb.OWNER_KIND_TENANT, tenant_id, lpb.PURSE_KIND_BANK_CLEARING, "bank")
+    await allow_credit(ledger, tenant_id, bank)
     merchant = await open_account(lpb.OWNER_KIND_MERCHANT, "canteen", lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
     funding = await open_account(lpb.OWNER_KIND_TENANT, "finance", lpb.PURSE_KIND_SUBSIDY_FUNDING, f"meal-{label}")
     cash = await open_account(lpb.OWNER_KIND_MEMBER, member_id, lpb.PURSE_KIND_CASH)
@@ -297,7 +368,8 @@ async def _ledger_books(ledger: Any, *, tenant_id: str, member_id: str, label: s
         if answer.batch.status == lpb.GRANT_BATCH_STATUS_DONE:
             break
         await asyncio.sleep(0.05)
-    return cash, paid.transfer.transfer_id, batch_id
+    return LedgerBooks(cash_id=cash, payment_id=paid.transfer.transfer_id, payment_key=f"pay-{label}",
+                       merchant_id=merchant, batch_id=batch_id, funding_id=funding)
 
 
 async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> TenantFixture:
@@ -327,11 +399,11 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
             holder_public_key=bytes(nacl.signing.SigningKey.generate().verify_key), purposes=[cpb.PURPOSE_PAY]))
         credential_id = issued.credential.credential_id
     # Likewise with a ledger: real accounts, a payment and a grant batch; without one, any ids.
-    account_id, transfer_id, batch_id = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    books = LedgerBooks(cash_id=str(uuid.uuid4()), payment_id=str(uuid.uuid4()), payment_key=f"pay-{label}",
+                        merchant_id=str(uuid.uuid4()), batch_id=str(uuid.uuid4()), funding_id=str(uuid.uuid4()))
     ledger = getattr(gateway, "ledger_stub", None)
     if ledger is not None:
-        account_id, transfer_id, batch_id = await _ledger_books(ledger, tenant_id=tenant_id,
-                                                                member_id=member.member_id, label=label)
+        books = await _ledger_books(ledger, tenant_id=tenant_id, member_id=member.member_id, label=label)
     # And with policy: rule-set versions (B one more than A, see ROUTE_CALLS), the last published,
     # its bundle and bundle key made; without one, any version number.
     version = 2 if label == "B" else 1
@@ -351,9 +423,10 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
         device_id, alarm_id, rollout_id = await _devicehub_fleet(gateway, tenant_id=tenant_id, label=label)
     return TenantFixture(label=label, tenant_id=tenant_id, member_id=member.member_id, member_name=name,
                          external_number=number, card_uid=card_uid, import_id=import_id, client_id=client.client_id,
-                         credential_id=credential_id, account_id=account_id, transfer_id=transfer_id,
-                         batch_id=batch_id, program_ref=f"meal-{label}", version=version, device_id=device_id,
-                         alarm_id=alarm_id, rollout_id=rollout_id)
+                         credential_id=credential_id, account_id=books.cash_id, transfer_id=books.payment_id,
+                         payment_key=books.payment_key, merchant_account_id=books.merchant_id,
+                         batch_id=books.batch_id, program_ref=f"meal-{label}", funding_account_id=books.funding_id,
+                         version=version, device_id=device_id, alarm_id=alarm_id, rollout_id=rollout_id)
 
 
 async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> tuple[str, str, str]:
@@ -438,14 +511,19 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
     return {name: answer.SerializeToString(deterministic=True) for name, answer in answers.items()}
 
 
-async def call(gateway: Gateway, key: tuple[str, str], *, ids: dict[str, str], token: str) -> httpx.Response:
+async def call(gateway: Gateway, key: tuple[str, str], *, ids: dict[str, str], token: str,
+               body_ids: dict[str, str] | None = None) -> httpx.Response:
+    """The route called with ``ids`` in its path, and ``body_ids`` (the same, unless given) in its
+    body and query."""
     method, template = key
     spec = ROUTE_CALLS[key]
     headers = {"Authorization": f"Bearer {token}", **spec.headers}
     if spec.content_type:
         headers["Content-Type"] = spec.content_type
-    return await gateway.http.request(method, template.format(**ids), headers=headers, json=spec.json,
-                                      content=spec.content, params=spec.params)
+    outside = body_ids or ids
+    return await gateway.http.request(method, template.format(**ids), headers=headers,
+                                      json=_filled(spec.json, outside, ids), content=spec.content,
+                                      params=_filled(spec.params, outside, ids))
 
 
 def leaked(response: httpx.Response, tenant: TenantFixture) -> list[str]:
@@ -475,6 +553,7 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
     )
     before = await snapshot(gateway, tenant_b)
     failures: list[str] = []
+    checked_outside_the_path: set[tuple[str, str]] = set()
 
     for key, spec in ROUTE_CALLS.items():
         if "{tenant_id}" not in key[1]:
@@ -498,8 +577,23 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
                 failures.append(f"{key} with B's ids: {response.status_code} {response.text[:200]}")
             if found := leaked(response, tenant_b):
                 failures.append(f"{key} with B's ids leaked {found}: {response.text[:200]}")
+        # A's tenant and A's ids in the path, B's ids in the body and query.
+        if spec.ids_outside_the_path:
+            response = await call(gateway, key, ids=tenant_a.ids(), body_ids=tenant_b.ids(), token=token_a)
+            if response.status_code not in spec.foreign_body_statuses:
+                failures.append(f"{key} with B's ids in body or query: {response.status_code} {response.text[:200]}")
+            if found := leaked(response, tenant_b):
+                failures.append(f"{key} with B's ids in body or query leaked {found}: {response.text[:200]}")
+            checked_outside_the_path.add(key)
 
     assert failures == []
+    # The ids the issue names, at least, went where the routes take them.
+    assert {("POST", "/v1/tenants/{tenant_id}/members/{member_id}/payments"),
+            ("POST", "/v1/tenants/{tenant_id}/policy/dry-run"),
+            ("POST", "/v1/tenants/{tenant_id}/rule-sets/{version}/dry-run"),
+            ("POST", "/v1/tenants/{tenant_id}/subsidy-batches"),
+            ("GET", "/v1/tenants/{tenant_id}/statements"),
+            ("GET", "/v1/tenants/{tenant_id}/payments/lookup")} <= checked_outside_the_path
     assert await snapshot(gateway, tenant_b) == before
 
 

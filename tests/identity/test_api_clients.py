@@ -141,3 +141,60 @@ async def test_revoked_grant_no_longer_authenticates(identity, tenant_id: str) -
     assert await refused(
         stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))
     ) == (grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND")
+
+
+async def test_a_grant_has_a_version_that_changes_with_it_and_answers_as_it_stands(identity, tenant_id: str) -> None:
+    stub = identity.stub
+    created = await new_client(stub, scopes=["members:read", "topup"], grants={tenant_id: ["members:read"]})
+    client_id, secret = created.client.client_id, created.client_secret
+    first = await authenticate(stub, client_id, secret, tenant_id)
+    grant = await stub.GetTenantGrant(pb.GetTenantGrantRequest(tenant_id=tenant_id, client_id=client_id))
+    assert (list(grant.scopes), grant.grant_version) == (["members:read"], first.grant_version)
+    assert first.grant_version > 0
+
+    # The same scopes again change nothing; other scopes make a new version.
+    await stub.GrantTenantAccess(pb.GrantTenantAccessRequest(tenant_id=tenant_id, client_id=client_id,
+                                                            scopes=["members:read"]))
+    same = await stub.GetTenantGrant(pb.GetTenantGrantRequest(tenant_id=tenant_id, client_id=client_id))
+    assert same.grant_version == first.grant_version
+    await stub.GrantTenantAccess(pb.GrantTenantAccessRequest(tenant_id=tenant_id, client_id=client_id,
+                                                            scopes=["members:read", "topup"]))
+    wider = await stub.GetTenantGrant(pb.GetTenantGrantRequest(tenant_id=tenant_id, client_id=client_id))
+    assert wider.grant_version > first.grant_version and list(wider.scopes) == ["members:read", "topup"]
+
+    # Revoked and granted again: yet another version, so tokens of the first grant stay ended.
+    await stub.RevokeTenantAccess(pb.RevokeTenantAccessRequest(tenant_id=tenant_id, client_id=client_id))
+    assert await refused(stub.GetTenantGrant(pb.GetTenantGrantRequest(tenant_id=tenant_id, client_id=client_id))) == (
+        grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND")
+    await stub.GrantTenantAccess(pb.GrantTenantAccessRequest(tenant_id=tenant_id, client_id=client_id,
+                                                            scopes=["members:read", "topup"]))
+    again = await authenticate(stub, client_id, secret, tenant_id)
+    assert again.grant_version > wider.grant_version
+    # Another tenant, or an unknown client, has no grant.
+    other = await create_tenant(stub, name="No grant here")
+    for tenant, client in [(other, client_id), (tenant_id, "oc_nobody"), (tenant_id, "not a client id!")]:
+        assert await refused(stub.GetTenantGrant(pb.GetTenantGrantRequest(tenant_id=tenant, client_id=client))) == (
+            grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND")
+
+
+async def test_a_revoked_client_loses_every_grant_and_is_never_granted_again(identity) -> None:
+    stub = identity.stub
+    tenant_a = await create_tenant(stub, name="A")
+    tenant_b = await create_tenant(stub, name="B")
+    created = await new_client(stub, scopes=["members:read"],
+                               grants={tenant_a: ["members:read"], tenant_b: ["members:read"]})
+    client_id, secret = created.client.client_id, created.client_secret
+
+    await stub.RevokeApiClient(pb.RevokeApiClientRequest(client_id=client_id))
+    await stub.RevokeApiClient(pb.RevokeApiClientRequest(client_id=client_id))  # again: nothing changes
+    for tenant in (tenant_a, tenant_b):
+        assert await refused(authenticate(stub, client_id, secret, tenant)) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                                                "UNAUTHENTICATED")
+        assert await refused(stub.GetTenantGrant(pb.GetTenantGrantRequest(tenant_id=tenant, client_id=client_id))
+                             ) == (grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND")
+        assert list((await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tenant))).clients) == []
+    assert await refused(stub.GrantTenantAccess(pb.GrantTenantAccessRequest(
+        tenant_id=tenant_a, client_id=client_id, scopes=["members:read"]))) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                                                "CLIENT_REVOKED")
+    assert await refused(stub.RevokeApiClient(pb.RevokeApiClientRequest(client_id="oc_nobody"))) == (
+        grpc.StatusCode.NOT_FOUND, "CLIENT_NOT_FOUND")

@@ -86,4 +86,8 @@ async def test_grants_publish_events_for_caches_to_drop(identity, tenant_id: str
     received = await events(nats_url, count=3)
     assert [msg.subject for msg in received[1:]] == ["identity.api_client.granted", "identity.api_client.revoked"]
     assert created.client_secret not in str([msg.data for msg in received])
-    assert json.loads(received[1].data)["data"] == {"tenant_id": tenant_id, "client_id": client_id, "scopes": ["topup"]}
+    granted = json.loads(received[1].data)["data"]
+    assert granted.pop("grant_version") > 0
+    assert granted == {"tenant_id": tenant_id, "client_id": client_id, "scopes": ["topup"]}
+    assert json.loads(received[2].data)["data"] == {"tenant_id": tenant_id, "client_id": client_id,
+                                                    "client_revoked": False}

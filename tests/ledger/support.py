@@ -31,6 +31,18 @@ async def open_account(stub: Any, tenant_id: str, *, owner_kind: int, owner_id: 
     return response.account.account.account_id
 
 
+# What a test campus's bank may owe (its clearing account's credit limit): more than any test tops
+# up, so only the tests of the limit itself meet it.
+TEST_CREDIT_LIMIT_FEN = 10**12
+
+
+async def allow_credit(stub: Any, tenant_id: str, account_id: str, *,
+                       credit_limit_fen: int = TEST_CREDIT_LIMIT_FEN) -> pb.SetCreditLimitResponse:
+    """Let a bank clearing account top up: a new one may owe nothing (prefunded only)."""
+    return await stub.SetCreditLimit(pb.SetCreditLimitRequest(tenant_id=tenant_id, account_id=account_id,
+                                                              credit_limit_fen=credit_limit_fen))
+
+
 @dataclass
 class Campus:
     """One tenant with a bank clearing account, a canteen and members' cash and subsidy purses."""
@@ -47,6 +59,7 @@ async def campus(stub: Any, *, members: int = 2) -> Campus:
     tenant_id = str(uuid.uuid4())
     bank_id = await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id="bank",
                                  purse_kind=pb.PURSE_KIND_BANK_CLEARING)
+    await allow_credit(stub, tenant_id, bank_id)
     funding_id = await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id="school",
                                     purse_kind=pb.PURSE_KIND_SUBSIDY_FUNDING, ref="meal-2026")
     merchant_id = await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_MERCHANT, owner_id="canteen-1",
@@ -96,8 +109,8 @@ def balances_by_id(balances: Any) -> dict[str, tuple[int, int, int]]:
 
 async def check_books(db: asyncpg.Connection) -> None:
     """The invariants of the whole ledger, checked on its tables: every transfer's postings sum
-    to zero, all postings sum to zero, every balance cache equals its postings, and no purse that
-    forbids overdraft is below zero."""
+    to zero, all postings sum to zero, every balance cache equals its postings, no purse that
+    forbids overdraft is below zero and no clearing account is below its credit limit."""
     unbalanced = await db.fetch("SELECT transfer_id FROM postings GROUP BY transfer_id HAVING sum(amount_fen) <> 0")
     assert not unbalanced, f"unbalanced transfers: {unbalanced}"
     assert await db.fetchval("SELECT COALESCE(sum(amount_fen), 0) FROM postings") == 0
@@ -113,3 +126,6 @@ async def check_books(db: asyncpg.Connection) -> None:
         assert row["cached_pending"] == row["pending"], f"pending cache drifted: {dict(row)}"
     overdrawn = await db.fetch("SELECT account_id FROM accounts WHERE no_overdraft AND posted_fen - pending_fen < 0")
     assert not overdrawn, f"overdrawn purses: {overdrawn}"
+    past_limit = await db.fetch("SELECT account_id FROM accounts WHERE credit_limit_fen IS NOT NULL"
+                                " AND (sharded OR posted_fen - pending_fen < -credit_limit_fen)")
+    assert not past_limit, f"clearing accounts past their credit limit: {past_limit}"

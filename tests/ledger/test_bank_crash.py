@@ -30,7 +30,7 @@ from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from runtime.grpc_client import error_info
 from tests.mesh import AllowedCallerChannel, authorizer_for, service_values
-from tests.ledger.support import check_books
+from tests.ledger.support import allow_credit, check_books
 
 pytestmark = pytest.mark.slow
 
@@ -303,6 +303,7 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
         tenant_id = str(uuid.uuid4())
         bank = await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_TENANT, owner_id="bank",
                                   purse_kind=pb.PURSE_KIND_BANK_CLEARING)
+        await allow_credit(stub, tenant_id, bank)
         merchants = [await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_MERCHANT, owner_id=f"shop-{m}",
                                         purse_kind=pb.PURSE_KIND_MERCHANT_SETTLEMENT) for m in range(MERCHANTS)]
         cash = [await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_MEMBER, owner_id=f"m{m}",

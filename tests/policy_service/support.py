@@ -21,6 +21,7 @@ from onecard_policy.examples import university_rule_set
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as pb
 from runtime.grpc_client import error_info
+from tests.ledger.support import allow_credit
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 # 2026-11-26, a Thursday in Shanghai.
@@ -85,6 +86,7 @@ async def campus(stub: Any, *, cash_fen: int = 100_000, tenant_id: str | None = 
     tenant_id = tenant_id or str(uuid.uuid4())
     bank_id = await open_account(stub, tenant_id, owner_kind=lpb.OWNER_KIND_TENANT, owner_id="bank",
                                  purse_kind=lpb.PURSE_KIND_BANK_CLEARING)
+    await allow_credit(stub, tenant_id, bank_id)
     merchant_id = await open_account(stub, tenant_id, owner_kind=lpb.OWNER_KIND_MERCHANT, owner_id="canteen-north",
                                      purse_kind=lpb.PURSE_KIND_MERCHANT_SETTLEMENT)
     member_id = str(uuid.uuid4())

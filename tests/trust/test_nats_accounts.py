@@ -97,6 +97,37 @@ async def test_a_service_reads_only_the_streams_it_consumes(nats_url: str) -> No
         await policy.close()
 
 
+async def test_the_gateway_follows_identitys_grant_events_and_can_forge_none(nats_url: str) -> None:
+    """A forged identity.api_client.granted from the gateway's credentials (to revive a revoked
+    token) is refused by the server; following identity's stream is all it may do."""
+    identity = await connect_nats(nats_url, as_="identity")
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    gateway = await nats.connect(nats_url, error_cb=on_error,
+                                 **connect_options(name="gateway", seed=nats_seed("gateway"), tls=pki().tls("gateway")))
+    try:
+        await ensure_streams(identity.jetstream(), [IDENTITY_STREAM])
+        heard: list[str] = []
+        sub = await gateway.jetstream().subscribe("identity.api_client.>", stream="IDENTITY", ordered_consumer=True)
+        await gateway.publish("identity.api_client.granted", FORGED)
+        await gateway.flush()
+        await asyncio.sleep(0.3)
+        assert any('permissions violation for publish to "identity.api_client.granted"' in e.lower()
+                   for e in errors), errors
+        await identity.jetstream().publish("identity.api_client.revoked", FORGED, timeout=5)
+        heard.append((await sub.next_msg(timeout=5)).subject)
+        assert heard == ["identity.api_client.revoked"]
+        assert (await identity.jetstream().stream_info("IDENTITY")).state.messages == 1
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+            await gateway.jetstream().add_consumer("IDENTITY", ConsumerConfig(durable_name="sneak"), timeout=2)
+    finally:
+        await gateway.close()
+        await identity.close()
+
+
 async def test_nobody_signs_in_without_a_known_nkey_or_without_tls(nats_url: str) -> None:
     from runtime.nats_access import new_seed
 

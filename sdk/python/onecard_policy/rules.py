@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 FORMAT_VERSION = 1
+# A terminal's clock may be at most this far from the hub's in any tenant's setting.
+MAX_DEVICE_SKEW_S = 3600
 MAX_AMOUNT_FEN = 100_000_000  # one payment moves at most 1,000,000 yuan (the ledger's bound)
 MAX_COUNT = 1_000_000
 MAX_NAMED_RULES = 1_000  # scenes, merchants, devices, meal periods, subsidies, tenant/group limits
@@ -173,6 +175,9 @@ class RuleSet:
     pin_threshold_fen: int | None
     offline_credential: Caps
     offline_device: Caps
+    # How far a terminal's clock may be from the hub's before the hub raises CLOCK_DRIFT; None:
+    # the hub's own default. The hub's clock decides either way (the device's time is evidence).
+    max_device_skew_s: int | None
     digest: str  # sha256 hex of the canonical document
     zone: zoneinfo.ZoneInfo
 
@@ -279,7 +284,7 @@ def parse_rule_set(doc: Mapping[str, Any]) -> RuleSet:
     c = _Checker()
     c.obj(doc, "", required={"format", "time_zone", "scenes", "funding_order"},
           optional={"name", "merchants", "devices", "meal_periods", "subsidies", "vouchers", "coupons",
-                    "benefits", "limits", "pin", "offline"})
+                    "benefits", "limits", "pin", "offline", "clock"})
     if doc["format"] != FORMAT_VERSION or isinstance(doc["format"], bool):
         raise RuleSetError("UNSUPPORTED_FORMAT", "format",
                            f"format {doc['format']!r}; this evaluator reads {FORMAT_VERSION}")
@@ -573,6 +578,9 @@ def parse_rule_set(doc: Mapping[str, Any]) -> RuleSet:
             if value.get("count_per_day") is not None else None
         return Caps(per_tx, per_day, count)
 
+    clock = c.obj(doc.get("clock", {}), "clock", required=set(), optional={"max_device_skew_s"})
+    max_skew = c.integer(clock["max_device_skew_s"], "clock.max_device_skew_s", low=1, high=MAX_DEVICE_SKEW_S,
+                         reason="INVALID_DURATION") if clock.get("max_device_skew_s") is not None else None
     offline = c.obj(doc.get("offline", {}), "offline", required=set(), optional={"credential", "device"})
     cred_caps = caps(offline.get("credential", {}), "offline.credential")
     device_caps = caps(offline.get("device", {}), "offline.device")
@@ -585,6 +593,6 @@ def parse_rule_set(doc: Mapping[str, Any]) -> RuleSet:
         benefits=tuple(benefits), limits=tuple(limits),
         member_limits={k: tuple(v) for k, v in member_limits.items()},
         funding_order=tuple(order_raw), pin_threshold_fen=pin_threshold,
-        offline_credential=cred_caps, offline_device=device_caps,
+        offline_credential=cred_caps, offline_device=device_caps, max_device_skew_s=max_skew,
         digest=hashlib.sha256(canonical_json(doc)).hexdigest(), zone=zone,
     )
