@@ -19,6 +19,13 @@ generated stub still in its servicer, which the mesh's error interceptor answers
 
 The ``*_cpu_ratio`` figures (CPU seconds per second of load of the ledger process, of PostgreSQL
 and of the load client or pgbench) say where the time went on this two-core machine.
+
+``ledger.pay_tls_vs_plaintext_ratio``: what TLS costs a payment. The bench calls Pay as policy
+does, over mutual TLS with policy's certificate, the ledger publishing its events to NATS over
+TLS; the same load is measured against the same ledger database with the ledger restarted in
+insecure development mode (plaintext gRPC and NATS, no caller checks), between two halves of the
+TLS run (bench.harness.measure_tls_and_plaintext). ``ledger.pay_per_s`` and the figures beside it
+are over TLS; ``ledger.pay_plaintext_*`` are their twins.
 """
 from __future__ import annotations
 
@@ -36,14 +43,27 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.harness import BenchContext, Figures, benchmark
-from bench.load import LoadResult, closed_loop_calls
+from bench.harness import (
+    BenchContext,
+    BenchService,
+    Figures,
+    Measurement,
+    benchmark,
+    measure_tls_and_plaintext,
+    tls_price_figures,
+)
+from bench.load import closed_loop_calls
 from devstack.servers import POSTGRES_BIN_PATH, Postgres
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
-from runtime.grpc_client import open_channel
 from services.ledger.servicer import LedgerServicer
 
+# The callers the bench stands in for, each one the method's allow-list names: the admin calls that
+# set the books up and check them are the gateway's, a payment is booked by policy, an offline
+# batch settled by the device hub.
+ADMIN = "gateway"
+PAYER = "policy"
+SETTLER = "devicehub"
 CALL_TIMEOUT_S = 60.0
 MEMBERS = 2000
 SETUP_CONCURRENCY = 16
@@ -192,7 +212,8 @@ def _legs(member: Member, rng: random.Random) -> list[pb.PayLeg]:
 def _pgbench(postgres: Postgres, *args: str, timeout_s: float) -> str:
     argv = [str(POSTGRES_BIN_PATH / "pgbench"), "-h", postgres.host, "-p", str(postgres.port), "-U", "postgres",
             *args, PGBENCH_DATABASE]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    env = {**os.environ, "PGPASSWORD": postgres.password or ""}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return done.stdout
@@ -236,36 +257,44 @@ def _settings(postgres: Postgres) -> str:
 
 @dataclass
 class LedgerSetup:
-    target: str
-    pid: int
+    """The durable server, the ledger serving on it (over TLS unless a benchmark switched it) and
+    the seeded tenant, shared by both benchmarks."""
+
+    ledger: BenchService
     postgres: Postgres
     fixture: Fixture
     settings: str
+
+    async def switch(self, context: BenchContext, *, plaintext: bool) -> None:
+        """Replace the ledger by its twin in plaintext (or back over TLS), on the same database."""
+        await context.stop_service(self.ledger)
+        self.ledger = await context.start_grpc_service(
+            name="ledger-plaintext" if plaintext else "ledger", module="services.ledger",
+            database_url=self.postgres.dsn(), plaintext=plaintext)
 
 
 _setup: LedgerSetup | None = None
 
 
 async def _ledger_setup(context: BenchContext) -> LedgerSetup:
-    """The durable server, the ledger on it and the seeded tenant, shared by both benchmarks."""
     global _setup
     if _setup is not None and _setup.postgres is context.durable_postgres():
         return _setup
     postgres = context.durable_postgres()
     settings = _settings(postgres)
-    target, pid = await context.start_grpc_service(name="ledger", module="services.ledger",
-                                                   database_url=postgres.dsn())
+    ledger = await context.start_grpc_service(name="ledger", module="services.ledger", database_url=postgres.dsn())
     started = time.perf_counter()
-    async with open_channel(target) as channel:
+    async with context.channel(ledger, as_=ADMIN) as channel:
         fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))
     print(f"  PostgreSQL for the ledger: {settings}", flush=True)
     print(f"  seeded {len(fixture.members)} members (2 purses each, funded) in {time.perf_counter() - started:.1f}s",
           flush=True)
-    _setup = LedgerSetup(target=target, pid=pid, postgres=postgres, fixture=fixture, settings=settings)
+    _setup = LedgerSetup(ledger=ledger, postgres=postgres, fixture=fixture, settings=settings)
     return _setup
 
 
-@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server")
+@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server; "
+                                     "over TLS and in plaintext")
 async def pay(context: BenchContext) -> Figures:
     setup = await _ledger_setup(context)
     load = context.load
@@ -282,55 +311,64 @@ async def pay(context: BenchContext) -> Figures:
     print(f"  pgbench -i -s {scale} in {time.perf_counter() - started:.1f}s; runs: pgbench "
           f"{' '.join(_pgbench_run_argv(clients, load.duration_s))}", flush=True)
 
+    # Warm-up, then a checkpoint before each measured run, so neither side pays for the other's
+    # dirty pages or starts with fewer full-page writes to make.
+    await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, load.warmup_s), timeout_s=60)
+    await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+    tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
+                                                               duration_s=load.duration_s, ledger_pid=setup.ledger.pid)
+
     run = uuid.uuid4().hex[:8]
-    failures: list[str] = []
     sequence = [0] * clients
     rngs = [random.Random(i) for i in range(clients)]
 
-    async with open_channel(setup.target) as channel:
-        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        merchant_before = await _merchant_posted(stub, fixture)
+    async def measure(duration_s: float) -> Measurement:
+        """Pay from ``clients`` workers as policy (after a warm-up and a checkpoint) against the
+        ledger serving now; the merchant's takings and the trial balance checked after."""
+        failures: list[str] = []
         paid_fen = 0
+        async with context.channel(setup.ledger, as_=PAYER) as pay_channel, \
+                context.channel(setup.ledger, as_=ADMIN) as admin_channel:
+            payer = ledger_pb2_grpc.LedgerServiceStub(pay_channel)
+            admin = ledger_pb2_grpc.LedgerServiceStub(admin_channel)
+            merchant_before = await _merchant_posted(admin, fixture)
 
-        async def call(worker: int) -> bool:
-            nonlocal paid_fen
-            rng = rngs[worker]
-            sequence[worker] += 1
-            legs = _legs(rng.choice(fixture.members), rng)
-            request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{run}-{worker}-"
-                                    f"{sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
-                                    device_id=f"bench-pos-{worker}")
-            try:
-                await stub.Pay(request, timeout=CALL_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                if len(failures) < 5:
-                    failures.append(f"{exc.code().name}: {exc.details()}")
-                return False
-            paid_fen += sum(leg.amount_fen for leg in legs)
-            return True
+            async def call(worker: int) -> bool:
+                nonlocal paid_fen
+                rng = rngs[worker]
+                sequence[worker] += 1
+                legs = _legs(rng.choice(fixture.members), rng)
+                request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{run}-{worker}-"
+                                        f"{sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
+                                        device_id=f"bench-pos-{worker}")
+                try:
+                    await payer.Pay(request, timeout=CALL_TIMEOUT_S)
+                except grpc.aio.AioRpcError as exc:
+                    if len(failures) < 5:
+                        failures.append(f"{exc.code().name}: {exc.details()}")
+                    return False
+                paid_fen += sum(leg.amount_fen for leg in legs)
+                return True
 
-        # Warm-up of both sides, then a checkpoint before each measured run, so neither pays
-        # for the other's dirty pages or starts with fewer full-page writes to make.
-        await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, load.warmup_s), timeout_s=60)
-        await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=clients)
+            await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=clients)
+            await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+            meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=postgres)
+            meter.start()
+            result = await closed_loop_calls(call=call, duration_s=duration_s, concurrency=clients)
+            ledger_cpu, postgres_cpu = meter.stop()
+            if result.errors or failures:
+                raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {failures}")
+            merchant_fen = await _merchant_posted(admin, fixture) - merchant_before
+            if merchant_fen != paid_fen:
+                raise RuntimeError(f"the merchant got {merchant_fen} fen for {paid_fen} fen paid")
+            await _trial_balance(admin, fixture.tenant_id)
+        return Measurement(result=result, cpu_s={"ledger": ledger_cpu, "postgres": postgres_cpu})
 
-        await asyncio.to_thread(postgres._psql, "CHECKPOINT")
-        tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
-                                                                   duration_s=load.duration_s, ledger_pid=setup.pid)
+    async def switch(plaintext: bool) -> None:
+        await setup.switch(context, plaintext=plaintext)
 
-        await asyncio.to_thread(postgres._psql, "CHECKPOINT")
-        meter = CpuMeter(ledger_pid=setup.pid, postgres=postgres)
-        meter.start()
-        result: LoadResult = await closed_loop_calls(call=call, duration_s=load.duration_s, concurrency=clients)
-        ledger_cpu, postgres_cpu = meter.stop()
-        if result.errors or failures:
-            raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {failures}")
-
-        merchant_after = await _merchant_posted(stub, fixture)
-        if merchant_after - merchant_before != paid_fen:
-            raise RuntimeError(f"the merchant got {merchant_after - merchant_before} fen for {paid_fen} fen paid")
-        await _trial_balance(stub, fixture.tenant_id)
-
+    tls, plaintext = await measure_tls_and_plaintext(duration_s=load.duration_s, measure=measure, switch=switch)
+    result = tls.result
     return {
         "ledger.pay_vs_pgbench_ratio": result.rps / tps,
         "ledger.pay_per_s": result.rps,
@@ -338,11 +376,12 @@ async def pay(context: BenchContext) -> Figures:
         "ledger.pay_p50_ms": result.median_ms,
         "ledger.pay_p99_ms": result.percentile_ms(0.99),
         # Where the time went (CPU seconds per second of load; the machine has two cores).
-        "ledger.pay_ledger_cpu_ratio": ledger_cpu / result.elapsed_s,
-        "ledger.pay_postgres_cpu_ratio": postgres_cpu / result.elapsed_s,
+        "ledger.pay_ledger_cpu_ratio": tls.cpu_ratio("ledger"),
+        "ledger.pay_postgres_cpu_ratio": tls.cpu_ratio("postgres"),
         "ledger.pay_client_cpu_ratio": result.client_cpu_ratio,
         "ledger.pgbench_postgres_cpu_ratio": pg_postgres_cpu,
         "ledger.pgbench_client_cpu_ratio": pgbench_cpu,
+        **tls_price_figures("ledger.pay", tls=tls, plaintext=plaintext),
     }
 
 
@@ -372,8 +411,10 @@ async def settle_offline(context: BenchContext) -> Figures:
     setup = await _ledger_setup(context)
     fixture = setup.fixture
     run = uuid.uuid4().hex[:8]
-    async with open_channel(setup.target) as channel:
-        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    async with context.channel(setup.ledger, as_=SETTLER) as settle_channel, \
+            context.channel(setup.ledger, as_=ADMIN) as admin_channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(settle_channel)
+        admin = ledger_pb2_grpc.LedgerServiceStub(admin_channel)
 
         async def settle(records: list[pb.OfflineRecord]) -> list[pb.OfflineResult]:
             answer = await stub.SettleOffline(pb.SettleOfflineRequest(tenant_id=fixture.tenant_id, records=records),
@@ -401,7 +442,7 @@ async def settle_offline(context: BenchContext) -> Figures:
         sent = sent_fen = 0
         outcomes: dict[int, int] = {}
         examples: list[str] = []
-        merchant_before = await _merchant_posted(stub, fixture)
+        merchant_before = await _merchant_posted(admin, fixture)
         deadline = time.perf_counter() + OFFLINE_MAX_S
 
         async def caller() -> None:
@@ -417,7 +458,7 @@ async def settle_offline(context: BenchContext) -> Figures:
                 if time.perf_counter() > deadline:
                     return
 
-        meter = CpuMeter(ledger_pid=setup.pid, postgres=setup.postgres)
+        meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=setup.postgres)
         meter.start()
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(OFFLINE_CALLS_IN_FLIGHT)))
@@ -428,10 +469,10 @@ async def settle_offline(context: BenchContext) -> Figures:
         if booked != sent:
             named = {pb.OfflineOutcome.Name(k): v for k, v in outcomes.items()}
             raise RuntimeError(f"{booked} of {sent} offline records BOOKED ({named}), e.g. {examples}")
-        merchant_fen = await _merchant_posted(stub, fixture) - merchant_before
+        merchant_fen = await _merchant_posted(admin, fixture) - merchant_before
         if merchant_fen != sent_fen:
             raise RuntimeError(f"the merchant got {merchant_fen} fen for {sent_fen} fen of offline records")
-        await _trial_balance(stub, fixture.tenant_id)
+        await _trial_balance(admin, fixture.tenant_id)
     if sent < OFFLINE_RECORDS:
         print(f"  CUT SHORT: {OFFLINE_MAX_S:.0f}s passed after {sent} of {OFFLINE_RECORDS} records; "
               "the rate is over those", flush=True)
