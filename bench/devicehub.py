@@ -31,6 +31,7 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -361,7 +362,7 @@ async def online_pay(context: BenchContext) -> Figures:
                 timeout=CALL_TIMEOUT_S)
             return bool(answer.transfer.transfer_id)
 
-        async def measure(call, measured_s: float) -> Measurement:  # noqa: ANN001
+        async def measure(call: Callable[[int], Awaitable[bool]], measured_s: float) -> Measurement:
             await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
             before = _cpu(mesh.pids)
             result = await closed_loop_calls(call=call, duration_s=measured_s, concurrency=load.concurrency)

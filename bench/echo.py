@@ -16,7 +16,6 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-
 from pydantic_settings import SettingsConfigDict
 
 from runtime.access import Authorizer, MethodRule

@@ -210,9 +210,10 @@ async def evaluate_vs_echo(context: BenchContext) -> Figures:
             context.channel(echo_service, as_=PLANNER) as echo_channel:
         ledger_admin = ledger_pb2_grpc.LedgerServiceStub(ledger_admin_channel)
         ledger_payer = ledger_pb2_grpc.LedgerServiceStub(ledger_pay_channel)
+        policy_admin = policy_pb2_grpc.PolicyServiceStub(policy_admin_channel)
         policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
         echo = echo_channel.unary_unary(ECHO_METHOD)
-        tenant_id, merchant, members = await _seed(ledger_admin, policy_pb2_grpc.PolicyServiceStub(policy_admin_channel))
+        tenant_id, merchant, members = await _seed(ledger_admin, policy_admin)
         requests = _requests(tenant_id, merchant, members)
         payloads = [r.SerializeToString() for r in requests]
         # One plan checked before measuring: approved, paid from the member's cash purse.
