@@ -14,8 +14,8 @@ the hub's device port over TLS, checking it against the CA bundle their registra
 and every hop behind it (hub to identity, codegen, policy, ledger; each to NATS) is mutual TLS;
 the same load is measured with the five services restarted on the same database in insecure
 development mode (plaintext everywhere, no caller checks), between two halves of the TLS run
-(bench.harness.measure_tls_and_plaintext). ``devicehub.online_pay_plaintext_*`` are the twins of
-the TLS figures. The bench registers devices and seeds the campus as the gateway, and books the
+(bench.harness.measure_tls_and_plaintext), each run once the services are quiet again
+(bench.harness.settle). ``devicehub.online_pay_plaintext_*`` are the twins of the TLS figures. The bench registers devices and seeds the campus as the gateway, and books the
 direct payments as policy, each a caller the method's allow-list names.
 
 ``devicehub.offline_settle_per_s``: 100,000 device-signed offline records (10 devices, uploads of
@@ -50,9 +50,10 @@ from bench.harness import (
     Measurement,
     benchmark,
     measure_tls_and_plaintext,
+    processes_cpu_s,
+    settle,
     tls_price_figures,
 )
-from bench.ledger import _proc_cpu_s
 from bench.load import closed_loop_calls
 from bench.serve import BENCH_HOST
 from devstack.servers import free_port
@@ -318,10 +319,6 @@ class Campus:
         return list(await _gather_limited([one(terminal) for terminal in terminals]))
 
 
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    return {name: _proc_cpu_s(pid) for name, pid in pids.items()}
-
-
 @benchmark("devicehub.online_pay",
            description="POS terminals paying by holder code on their streams through hub, policy and ledger")
 async def online_pay(context: BenchContext) -> Figures:
@@ -363,10 +360,11 @@ async def online_pay(context: BenchContext) -> Figures:
             return bool(answer.transfer.transfer_id)
 
         async def measure(call: Callable[[int], Awaitable[bool]], measured_s: float) -> Measurement:
+            await settle(mesh.pids)
             await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
-            before = _cpu(mesh.pids)
+            before = processes_cpu_s(mesh.pids)
             result = await closed_loop_calls(call=call, duration_s=measured_s, concurrency=load.concurrency)
-            after = _cpu(mesh.pids)
+            after = processes_cpu_s(mesh.pids)
             if declined:
                 raise RuntimeError(f"bench payments were declined: {declined}")
             if result.errors:
@@ -457,11 +455,11 @@ async def offline_settle(context: BenchContext) -> Figures:
                 for result in answer.upload_result.results:
                     outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
 
-        before = _cpu(mesh.pids)
+        before = processes_cpu_s(mesh.pids)
         started = time.perf_counter()
         await asyncio.gather(*(drain(device) for device in devices for _ in range(UPLOADS_IN_FLIGHT_PER_DEVICE)))
         elapsed = time.perf_counter() - started
-        after = _cpu(mesh.pids)
+        after = processes_cpu_s(mesh.pids)
         booked = outcomes.get(dpb.RECORD_OUTCOME_BOOKED, 0)
         if booked != per_device * len(devices):
             raise RuntimeError(f"offline outcomes: {outcomes}")

@@ -28,6 +28,7 @@ listed in ``SUITES``.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
@@ -71,6 +72,12 @@ SERVICE_SCHEMAS = ("identity", "codegen", "ledger", "policy", "devicehub")
 # Who probes health: the operator (health is open to any caller; the probe still shows a certificate).
 PROBE_CALLER = "ops"
 SECRET_BYTES = 24
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Before a measurement the processes measured are let go quiet: together under this much CPU over a
+# step (no measurement waits longer than MAX_SETTLE_S).
+SETTLE_CPU_RATIO = 0.1
+SETTLE_STEP_S = 0.5
+MAX_SETTLE_S = 15.0
 
 Figures = dict[str, float]
 BenchmarkFn = Callable[["BenchContext"], Awaitable[Figures]]
@@ -324,6 +331,38 @@ class BenchContext:
             self._postgres.stop()
         if self._durable_postgres is not None:
             self._durable_postgres.stop()
+
+
+def process_cpu_s(pid: int, *, with_children: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` (and of its reaped children), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the name: state is fields[0], so utime/stime/cutime/cstime (stat fields 14-17) are 11-14.
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def processes_cpu_s(pids: Mapping[str, int]) -> dict[str, float]:
+    return {name: process_cpu_s(pid) for name, pid in pids.items()}
+
+
+async def settle(pids: Mapping[str, int]) -> None:
+    """Wait until the processes have done what came before (relays publishing what the last load
+    booked, terminals' first sync after they connect: a second or two on this machine), so that it
+    falls in no measurement, nor in one side of a comparison more than in the other."""
+    deadline = time.perf_counter() + MAX_SETTLE_S
+    before = processes_cpu_s(pids)
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(SETTLE_STEP_S)
+        after = processes_cpu_s(pids)
+        if sum(after[who] - before[who] for who in pids) / SETTLE_STEP_S < SETTLE_CPU_RATIO:
+            return
+        before = after
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ suites share a server with fsync off). Both sides commit once per operation and 
 flush, so the ratio says what the ledger's Python, gRPC and extra SQL cost on top of a plain
 durable OLTP transaction. Goal >= 0.5. pgbench: ``-i -s <clients> -I dtGvp`` into its own database
 on that server (one branch per client), then ``-c N -j N -T <duration> -M prepared -n``, each side
-after a warm-up of the same length and a CHECKPOINT.
+after a warm-up of the same length and a CHECKPOINT (the ledger's side once the ledger is quiet
+again: bench.harness.settle).
 ``ledger.pay_p99_ms``: the client-side latency of Pay at that load.
 ``ledger.settle_offline_per_s``: offline records per second booked through SettleOffline, a
 100k-record batch in calls of 1000, a few calls in flight; checked afterwards (every record
@@ -50,6 +51,8 @@ from bench.harness import (
     Measurement,
     benchmark,
     measure_tls_and_plaintext,
+    process_cpu_s,
+    settle,
     tls_price_figures,
 )
 from bench.load import closed_loop_calls
@@ -81,7 +84,6 @@ OFFLINE_DEVICES = 50
 # then over the records sent, and says so.
 OFFLINE_MAX_S = 75.0
 TPS_LINE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -99,25 +101,11 @@ class Fixture:
 
 # --- CPU of other processes -----------------------------------------------------------------
 
-def _proc_cpu_s(pid: int, *, with_children: bool = False) -> float:
-    """User + system CPU seconds of ``pid`` (and of its reaped children), 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the name: state is fields[0], so utime/stime/cutime/cstime (stat fields 14-17) are 11-14.
-    ticks = int(fields[11]) + int(fields[12])
-    if with_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS
-
-
 def _postgres_cpu_s(postgres: Postgres) -> float:
     """The postmaster, every live backend and helper, and the children it has reaped."""
     assert postgres.process is not None
     root = postgres.process.pid
-    total = _proc_cpu_s(root, with_children=True)
+    total = process_cpu_s(root, with_children=True)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -127,7 +115,7 @@ def _postgres_cpu_s(postgres: Postgres) -> float:
         except (OSError, ValueError, IndexError):
             continue
         if ppid == root:
-            total += _proc_cpu_s(int(entry))
+            total += process_cpu_s(int(entry))
     return total
 
 
@@ -141,11 +129,11 @@ class CpuMeter:
     _postgres0: float = 0.0
 
     def start(self) -> None:
-        self._ledger0 = _proc_cpu_s(self.ledger_pid)
+        self._ledger0 = process_cpu_s(self.ledger_pid)
         self._postgres0 = _postgres_cpu_s(self.postgres)
 
     def stop(self) -> tuple[float, float]:
-        return _proc_cpu_s(self.ledger_pid) - self._ledger0, _postgres_cpu_s(self.postgres) - self._postgres0
+        return process_cpu_s(self.ledger_pid) - self._ledger0, _postgres_cpu_s(self.postgres) - self._postgres0
 
 
 # --- the service and its accounts -----------------------------------------------------------
@@ -350,6 +338,8 @@ async def pay(context: BenchContext) -> Figures:
                 paid_fen += sum(leg.amount_fen for leg in legs)
                 return True
 
+            # What the last load left (the relay publishing its events) falls in no measurement.
+            await settle({"ledger": setup.ledger.pid})
             await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=clients)
             await asyncio.to_thread(postgres._psql, "CHECKPOINT")
             meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=postgres)

@@ -50,8 +50,7 @@ from onecard_policy.examples import university_rule_set
 from onecard_policy.rules import parse_rule_set
 
 from bench.echo import ECHO_METHOD
-from bench.harness import BenchContext, BenchService, Figures, benchmark
-from bench.ledger import _proc_cpu_s
+from bench.harness import BenchContext, BenchService, Figures, benchmark, process_cpu_s
 from bench.load import closed_loop_calls
 from bench.serve import BENCH_HOST
 from devstack.servers import free_port
@@ -249,13 +248,13 @@ async def evaluate_vs_echo(context: BenchContext) -> Figures:
                 await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
                 if payer is not None:
                     lookups_before = await _cache_lookups(metrics_url)
-                before = {who: _proc_cpu_s(pid) for who, pid in pids.items()}
+                before = {who: process_cpu_s(pid) for who, pid in pids.items()}
                 started = time.perf_counter()
                 results[name] = await closed_loop_calls(call=call, duration_s=load.duration_s,
                                                         concurrency=load.concurrency)
                 measured = (started, time.perf_counter()) if payer is not None else measured
                 for who, pid in pids.items():
-                    cpu[who] = (_proc_cpu_s(pid) - before[who]) / results[name].elapsed_s
+                    cpu[who] = (process_cpu_s(pid) - before[who]) / results[name].elapsed_s
                 if payer is not None:
                     after = await _cache_lookups(metrics_url)
                     lookups = {k: after.get(k, 0.0) - lookups_before.get(k, 0.0) for k in after}
