@@ -12,10 +12,11 @@ the payment itself). The ``*_cpu_ratio`` figures say where the time went.
 ``devicehub.online_pay_tls_vs_plaintext_ratio``: what TLS costs that payment. The terminals dial
 the hub's device port over TLS, checking it against the CA bundle their registration brought,
 and every hop behind it (hub to identity, codegen, policy, ledger; each to NATS) is mutual TLS;
-the same load is measured with the five services restarted on the same database in insecure
-development mode (plaintext everywhere, no caller checks), between two halves of the TLS run
-(bench.harness.measure_tls_and_plaintext), each run once the services are quiet again
-(bench.harness.settle). ``devicehub.online_pay_plaintext_*`` are the twins of the TLS figures. The bench registers devices and seeds the campus as the gateway, and books the
+the same load goes to a twin mesh, the five services in insecure development mode (plaintext
+everywhere, no caller checks) on a database of their own, seeded alike, with terminals of their
+own, in slices that alternate with the TLS ones (bench.harness.measure_tls_and_plaintext), after
+each side's warm-up once its services are quiet (bench.harness.settle).
+``devicehub.online_pay_plaintext_*`` are the twins of the TLS figures. The bench registers devices and seeds the campus as the gateway, and books the
 direct payments as policy, each a caller the method's allow-list names.
 
 ``devicehub.offline_settle_per_s``: 100,000 device-signed offline records (10 devices, uploads of
@@ -309,14 +310,91 @@ class Campus:
 
         return list(await _gather_limited([one(i) for i in range(count)]))
 
-    async def reconnect(self, mesh: Mesh, terminals: list[Terminal]) -> list[BenchDevice]:
-        """The same terminals on new connections to ``mesh`` (a hub started again)."""
-        async def one(terminal: Terminal) -> BenchDevice:
-            device = BenchDevice(mesh.terminal_channel(terminal), self.tenant_id, terminal)
-            await device.connect()
-            return device
 
-        return list(await _gather_limited([one(terminal) for terminal in terminals]))
+class HubLoad:
+    """One mesh with a seeded campus and POS_DEVICES terminals on their streams, paying by a fresh
+    holder code each time (``concurrency`` in flight); a payment declined or failed stops the run."""
+
+    def __init__(self, context: BenchContext, mesh: Mesh, campus: Campus, devices: list[BenchDevice]):
+        self.context, self.mesh, self.campus, self.devices = context, mesh, campus, devices
+        self._picks = itertools.count()
+        self._ledger_picks = itertools.count()
+        self.declined: dict[str, int] = {}
+
+    @classmethod
+    async def start(cls, context: BenchContext, *, database_url: str, plaintext: bool = False) -> HubLoad:
+        mesh = await _start_mesh(context, database_url, plaintext=plaintext)
+        campus = Campus()
+        try:
+            await campus.seed(mesh)
+            devices = await campus.devices(mesh, POS_DEVICES, "Bench POS")
+        except BaseException:
+            await mesh.close()
+            raise
+        hub_load = cls(context, mesh, campus, devices)
+        # The first payment checked before measuring: approved and booked.
+        if not await hub_load.pay(0):
+            await hub_load.close()
+            raise RuntimeError(f"a bench payment was declined: {hub_load.declined}")
+        return hub_load
+
+    async def pay(self, worker: int) -> bool:
+        campus = self.campus
+        member_id = campus.members[next(self._picks) % len(campus.members)]
+        text, _, _ = campus.code(member_id)
+        request_id = uuid.uuid4().hex
+        device = self.devices[worker % len(self.devices)]
+        answer = await device.ask(request_id, dpb.ConnectRequest(authorize=dpb.Authorize(
+            request_id=request_id, presentation=dpb.Presentation(code=text), purpose=dpb.PURPOSE_PAY,
+            amount_fen=PRICE_FEN, idempotency_key=f"bench-{request_id}")))
+        result = answer.authorize_result
+        if not result.approved:
+            reason = result.reason or answer.error.reason
+            self.declined[reason] = self.declined.get(reason, 0) + 1
+        return result.approved
+
+    async def _ledger_pay(self, _worker: int) -> bool:
+        campus = self.campus
+        member_id = campus.members[next(self._ledger_picks) % len(campus.members)]
+        answer = await self.mesh.ledger_payer.Pay(lpb.PayRequest(
+            tenant_id=campus.tenant_id, idempotency_key=f"direct-{uuid.uuid4().hex}",
+            merchant_account_id=campus.merchant, legs=[lpb.PayLeg(account_id=campus.cash[member_id],
+                                                                  amount_fen=PRICE_FEN)]),
+            timeout=CALL_TIMEOUT_S)
+        return bool(answer.transfer.transfer_id)
+
+    async def _measure(self, call: Callable[[int], Awaitable[bool]], duration_s: float) -> Measurement:
+        pids = self.mesh.pids
+        before = processes_cpu_s(pids)
+        result = await closed_loop_calls(call=call, duration_s=duration_s, concurrency=self.context.load.concurrency)
+        after = processes_cpu_s(pids)
+        if self.declined:
+            raise RuntimeError(f"bench payments were declined: {self.declined}")
+        if result.errors:
+            raise RuntimeError(f"{result.errors} of {result.requests} calls failed")
+        return Measurement(result=result, cpu_s={who: after[who] - before[who] for who in pids})
+
+    async def measure_ledger_pay(self, duration_s: float) -> Measurement:
+        """LedgerService.Pay called directly, as policy, after a warm-up."""
+        await settle(self.mesh.pids)
+        await closed_loop_calls(call=self._ledger_pay, duration_s=self.context.load.warmup_s,
+                                concurrency=self.context.load.concurrency)
+        return await self._measure(self._ledger_pay, duration_s)
+
+    async def warm_up(self) -> None:
+        # What came before (the terminals' first sync, the relays publishing the seed) falls in no
+        # measurement.
+        await settle(self.mesh.pids)
+        await closed_loop_calls(call=self.pay, duration_s=self.context.load.warmup_s,
+                                concurrency=self.context.load.concurrency)
+
+    async def run(self, duration_s: float) -> Measurement:
+        return await self._measure(self.pay, duration_s)
+
+    async def close(self) -> None:
+        for device in self.devices:
+            await device.close()
+        await self.mesh.close()
 
 
 @benchmark("devicehub.online_pay",
@@ -324,77 +402,23 @@ class Campus:
 async def online_pay(context: BenchContext) -> Figures:
     load = context.load
     duration_s = ONLINE_DURATION_S if load.duration_s == DEFAULT_DURATION_S else load.duration_s
-    database_url = context.fresh_database("devicehub_online")
-    mesh = await _start_mesh(context, database_url)
-    campus = Campus()
-    devices: list[BenchDevice] = []
+    loads: list[HubLoad] = []
     try:
-        await campus.seed(mesh)
-        devices = await campus.devices(mesh, POS_DEVICES, "Bench POS")
-        members = campus.members
-        picks = itertools.count()
-        declined: dict[str, int] = {}
-
-        async def pay(worker: int) -> bool:
-            member_id = members[next(picks) % len(members)]
-            text, _, _ = campus.code(member_id)
-            request_id = uuid.uuid4().hex
-            device = devices[worker % len(devices)]
-            answer = await device.ask(request_id, dpb.ConnectRequest(authorize=dpb.Authorize(
-                request_id=request_id, presentation=dpb.Presentation(code=text), purpose=dpb.PURPOSE_PAY,
-                amount_fen=PRICE_FEN, idempotency_key=f"bench-{request_id}")))
-            result = answer.authorize_result
-            if not result.approved:
-                declined[result.reason or answer.error.reason] = declined.get(result.reason or answer.error.reason, 0) + 1
-            return result.approved
-
-        ledger_picks = itertools.count()
-
-        async def ledger_pay(_worker: int) -> bool:
-            member_id = members[next(ledger_picks) % len(members)]
-            answer = await mesh.ledger_payer.Pay(lpb.PayRequest(
-                tenant_id=campus.tenant_id, idempotency_key=f"direct-{uuid.uuid4().hex}",
-                merchant_account_id=campus.merchant, legs=[lpb.PayLeg(account_id=campus.cash[member_id],
-                                                                      amount_fen=PRICE_FEN)]),
-                timeout=CALL_TIMEOUT_S)
-            return bool(answer.transfer.transfer_id)
-
-        async def measure(call: Callable[[int], Awaitable[bool]], measured_s: float) -> Measurement:
-            await settle(mesh.pids)
-            await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
-            before = processes_cpu_s(mesh.pids)
-            result = await closed_loop_calls(call=call, duration_s=measured_s, concurrency=load.concurrency)
-            after = processes_cpu_s(mesh.pids)
-            if declined:
-                raise RuntimeError(f"bench payments were declined: {declined}")
-            if result.errors:
-                raise RuntimeError(f"{result.errors} of {result.requests} calls failed")
-            return Measurement(result=result, cpu_s={who: after[who] - before[who] for who in mesh.pids})
-
-        async def measure_hub(measured_s: float) -> Measurement:
-            return await measure(pay, measured_s)
-
-        async def switch(plaintext: bool) -> None:
-            """The five services again, on the same database, in plaintext or over TLS; the same
-            terminals reconnect."""
-            nonlocal mesh, devices
-            terminals = [device.terminal for device in devices]
-            for device in devices:
-                await device.close()
-            devices = []
-            await mesh.close()
-            mesh = await _start_mesh(context, database_url, plaintext=plaintext)
-            devices = await campus.reconnect(mesh, terminals)
-
-        # The first payment checked before measuring: approved and booked.
-        if not await pay(0):
-            raise RuntimeError(f"a bench payment was declined: {declined}")
-        ledger = await measure(ledger_pay, load.duration_s)
-        hub, plaintext = await measure_tls_and_plaintext(duration_s=duration_s, measure=measure_hub, switch=switch)
+        over_tls = await HubLoad.start(context, database_url=context.fresh_database("devicehub_online"))
+        loads.append(over_tls)
+        # The plaintext twin: the five services in insecure development mode on a database of
+        # their own, seeded alike, their own terminals connected; both are paid in alternating slices.
+        plain = await HubLoad.start(context, database_url=context.fresh_database("devicehub_online_plaintext"),
+                                    plaintext=True)
+        loads.append(plain)
+        ledger = await over_tls.measure_ledger_pay(load.duration_s)
+        for hub_load in loads:
+            await hub_load.warm_up()
+        hub, plaintext = await measure_tls_and_plaintext(duration_s=duration_s, tls=over_tls.run,
+                                                         plaintext=plain.run)
     finally:
-        for device in devices:
-            await device.close()
-        await mesh.close()
+        for hub_load in reversed(loads):
+            await hub_load.close()
     figures: Figures = {
         "devicehub.online_pay_per_s": hub.result.rps,
         "devicehub.online_pay_p50_ms": hub.result.percentile_ms(0.50),

@@ -78,6 +78,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SETTLE_CPU_RATIO = 0.1
 SETTLE_STEP_S = 0.5
 MAX_SETTLE_S = 15.0
+# A TLS/plaintext comparison alternates this many slices of each side.
+TLS_PRICE_SLICES = 6
 
 Figures = dict[str, float]
 BenchmarkFn = Callable[["BenchContext"], Awaitable[Figures]]
@@ -226,13 +228,18 @@ class BenchContext:
             self._postgres = self._start_postgres("postgres", fsync=False)
         return self._postgres.dsn()
 
-    def fresh_database(self, name: str) -> str:
-        """A new, empty database on the shared server, for a benchmark that must not find what the
-        ones before it wrote (tables, dead rows, outbox backlogs); the services' roles in it."""
-        self.database_url()
-        assert self._postgres is not None
-        url = self._postgres.create_database(name)
-        self._give_roles(self._postgres, name)
+    def fresh_database(self, name: str, *, durable: bool = False) -> str:
+        """A new, empty database on the shared server (or the durable one), for a benchmark that
+        must not find what the ones before it wrote (tables, dead rows, outbox backlogs); the
+        services' roles in it."""
+        if durable:
+            postgres = self.durable_postgres()
+        else:
+            self.database_url()
+            assert self._postgres is not None
+            postgres = self._postgres
+        url = postgres.create_database(name)
+        self._give_roles(postgres, name)
         return url
 
     @property
@@ -382,24 +389,26 @@ class Measurement:
                            cpu_s={who: sum(p.cpu_s[who] for p in parts) for who in parts[0].cpu_s})
 
 
-# Warms up, then measures the load for the seconds given.
-Measure = Callable[[float], Awaitable[Measurement]]
-# Replaces the measured processes by their twins in plaintext (True) or over TLS (False).
-Switch = Callable[[bool], Awaitable[None]]
+# Sends the load for the seconds given (warmed up already) and measures it.
+Run = Callable[[float], Awaitable[Measurement]]
 
 
-async def measure_tls_and_plaintext(*, duration_s: float, measure: Measure, switch: Switch
+async def measure_tls_and_plaintext(*, duration_s: float, tls: Run, plaintext: Run, slices: int = TLS_PRICE_SLICES
                                     ) -> tuple[Measurement, Measurement]:
-    """The same load over TLS and in plaintext, in one run: TLS for half of ``duration_s``, the
-    plaintext twins for ``duration_s``, TLS again for the other half. The TLS figure is over both
-    halves, so a machine whose speed drifts during the run moves both sides alike. Starts and
-    ends with the processes over TLS."""
-    first = await measure(duration_s / 2)
-    await switch(True)
-    plaintext = await measure(duration_s)
-    await switch(False)
-    second = await measure(duration_s / 2)
-    return Measurement.combined([first, second]), plaintext
+    """The same load against the processes over TLS and against their plaintext twins, both running
+    (each on a database of its own seeded alike), in alternating slices (TLS, plaintext, plaintext,
+    TLS, TLS, ...), each side ``duration_s`` in all. Whatever the machine does meanwhile (another
+    session's build, a checkpoint) falls on both sides alike, which consecutive runs of a few
+    seconds each on a shared machine did not achieve (their ratio swung by a third)."""
+    parts: dict[bool, list[Measurement]] = {True: [], False: []}
+    for index in range(slices):
+        order = (True, False) if index % 2 == 0 else (False, True)
+        for over_tls in order:
+            parts[over_tls].append(await (tls if over_tls else plaintext)(duration_s / slices))
+    for over_tls, label in ((True, "over TLS"), (False, "in plaintext")):
+        rates = ", ".join(f"{part.result.rps:.0f}" for part in parts[over_tls])
+        print(f"  calls/s {label}, slice by slice: {rates}", flush=True)
+    return Measurement.combined(parts[True]), Measurement.combined(parts[False])
 
 
 def tls_price_figures(prefix: str, *, tls: Measurement, plaintext: Measurement) -> Figures:

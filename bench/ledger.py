@@ -8,8 +8,8 @@ suites share a server with fsync off). Both sides commit once per operation and 
 flush, so the ratio says what the ledger's Python, gRPC and extra SQL cost on top of a plain
 durable OLTP transaction. Goal >= 0.5. pgbench: ``-i -s <clients> -I dtGvp`` into its own database
 on that server (one branch per client), then ``-c N -j N -T <duration> -M prepared -n``, each side
-after a warm-up of the same length and a CHECKPOINT (the ledger's side once the ledger is quiet
-again: bench.harness.settle).
+after a warm-up of the same length and a CHECKPOINT (the ledger's once the ledger is quiet:
+bench.harness.settle).
 ``ledger.pay_p99_ms``: the client-side latency of Pay at that load.
 ``ledger.settle_offline_per_s``: offline records per second booked through SettleOffline, a
 100k-record batch in calls of 1000, a few calls in flight; checked afterwards (every record
@@ -23,10 +23,10 @@ and of the load client or pgbench) say where the time went on this two-core mach
 
 ``ledger.pay_tls_vs_plaintext_ratio``: what TLS costs a payment. The bench calls Pay as policy
 does, over mutual TLS with policy's certificate, the ledger publishing its events to NATS over
-TLS; the same load is measured against the same ledger database with the ledger restarted in
-insecure development mode (plaintext gRPC and NATS, no caller checks), between two halves of the
-TLS run (bench.harness.measure_tls_and_plaintext). ``ledger.pay_per_s`` and the figures beside it
-are over TLS; ``ledger.pay_plaintext_*`` are their twins.
+TLS; the same load goes to a twin ledger in insecure development mode (plaintext gRPC and NATS,
+no caller checks) on a database of its own on the same server, seeded alike, in slices that
+alternate with the TLS ones (bench.harness.measure_tls_and_plaintext). ``ledger.pay_per_s`` and
+the figures beside it are over TLS; ``ledger.pay_plaintext_*`` are their twins.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Self
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -76,6 +77,7 @@ SUBSIDY_REF = "bench-subsidy"
 PURSE_FUNDING_FEN = 100_000
 MAX_LEG_FEN = 20
 PGBENCH_DATABASE = "pgbench"
+PLAINTEXT_DATABASE = "ledger_plaintext"
 OFFLINE_RECORDS = 100_000
 OFFLINE_PER_CALL = 1000
 OFFLINE_CALLS_IN_FLIGHT = 4
@@ -245,23 +247,28 @@ def _settings(postgres: Postgres) -> str:
 
 @dataclass
 class LedgerSetup:
-    """The durable server, the ledger serving on it (over TLS unless a benchmark switched it) and
-    the seeded tenant, shared by both benchmarks."""
+    """The durable server, the ledger serving on it over TLS and the seeded tenant, shared by both
+    benchmarks."""
 
     ledger: BenchService
     postgres: Postgres
     fixture: Fixture
     settings: str
 
-    async def switch(self, context: BenchContext, *, plaintext: bool) -> None:
-        """Replace the ledger by its twin in plaintext (or back over TLS), on the same database."""
-        await context.stop_service(self.ledger)
-        self.ledger = await context.start_grpc_service(
-            name="ledger-plaintext" if plaintext else "ledger", module="services.ledger",
-            database_url=self.postgres.dsn(), plaintext=plaintext)
-
 
 _setup: LedgerSetup | None = None
+
+
+async def _seeded_ledger(context: BenchContext, *, name: str, database_url: str, plaintext: bool = False
+                         ) -> tuple[BenchService, Fixture]:
+    ledger = await context.start_grpc_service(name=name, module="services.ledger", database_url=database_url,
+                                              plaintext=plaintext)
+    started = time.perf_counter()
+    async with context.channel(ledger, as_=ADMIN) as channel:
+        fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))
+    print(f"  seeded {len(fixture.members)} members (2 purses each, funded) on the {name} in "
+          f"{time.perf_counter() - started:.1f}s", flush=True)
+    return ledger, fixture
 
 
 async def _ledger_setup(context: BenchContext) -> LedgerSetup:
@@ -270,15 +277,73 @@ async def _ledger_setup(context: BenchContext) -> LedgerSetup:
         return _setup
     postgres = context.durable_postgres()
     settings = _settings(postgres)
-    ledger = await context.start_grpc_service(name="ledger", module="services.ledger", database_url=postgres.dsn())
-    started = time.perf_counter()
-    async with context.channel(ledger, as_=ADMIN) as channel:
-        fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))
     print(f"  PostgreSQL for the ledger: {settings}", flush=True)
-    print(f"  seeded {len(fixture.members)} members (2 purses each, funded) in {time.perf_counter() - started:.1f}s",
-          flush=True)
+    ledger, fixture = await _seeded_ledger(context, name="ledger", database_url=postgres.dsn())
     _setup = LedgerSetup(ledger=ledger, postgres=postgres, fixture=fixture, settings=settings)
     return _setup
+
+
+class PayLoad:
+    """Payments from ``clients`` workers, sent as policy sends them, to one ledger for its fixture's
+    members; what they paid is checked against the merchant's takings and the trial balance."""
+
+    def __init__(self, context: BenchContext, *, ledger: BenchService, fixture: Fixture, postgres: Postgres,
+                 clients: int):
+        self.ledger, self.fixture, self.postgres, self.clients = ledger, fixture, postgres, clients
+        self._payer_channel = context.channel(ledger, as_=PAYER)
+        self._admin_channel = context.channel(ledger, as_=ADMIN)
+        self._payer = ledger_pb2_grpc.LedgerServiceStub(self._payer_channel)
+        self.admin = ledger_pb2_grpc.LedgerServiceStub(self._admin_channel)
+        self._run = uuid.uuid4().hex[:8]
+        self._sequence = [0] * clients
+        self._rngs = [random.Random(i) for i in range(clients)]
+        self.failures: list[str] = []
+        self.paid_fen = 0
+        self._merchant_before = 0
+
+    async def __aenter__(self) -> Self:
+        self._merchant_before = await _merchant_posted(self.admin, self.fixture)
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._payer_channel.close()
+        await self._admin_channel.close()
+
+    async def _call(self, worker: int) -> bool:
+        rng, fixture = self._rngs[worker], self.fixture
+        self._sequence[worker] += 1
+        legs = _legs(rng.choice(fixture.members), rng)
+        request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{self._run}-{worker}-"
+                                f"{self._sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
+                                device_id=f"bench-pos-{worker}")
+        try:
+            await self._payer.Pay(request, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if len(self.failures) < 5:
+                self.failures.append(f"{exc.code().name}: {exc.details()}")
+            return False
+        self.paid_fen += sum(leg.amount_fen for leg in legs)
+        return True
+
+    async def warm_up(self, duration_s: float) -> None:
+        # What came before (the seed's events still being published) falls in no measurement.
+        await settle({"ledger": self.ledger.pid})
+        await closed_loop_calls(call=self._call, duration_s=duration_s, concurrency=self.clients)
+
+    async def run(self, duration_s: float) -> Measurement:
+        meter = CpuMeter(ledger_pid=self.ledger.pid, postgres=self.postgres)
+        meter.start()
+        result = await closed_loop_calls(call=self._call, duration_s=duration_s, concurrency=self.clients)
+        ledger_cpu, postgres_cpu = meter.stop()
+        if result.errors or self.failures:
+            raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {self.failures}")
+        return Measurement(result=result, cpu_s={"ledger": ledger_cpu, "postgres": postgres_cpu})
+
+    async def check(self) -> None:
+        merchant_fen = await _merchant_posted(self.admin, self.fixture) - self._merchant_before
+        if merchant_fen != self.paid_fen:
+            raise RuntimeError(f"the merchant got {merchant_fen} fen for {self.paid_fen} fen paid")
+        await _trial_balance(self.admin, self.fixture.tenant_id)
 
 
 @benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server; "
@@ -288,7 +353,6 @@ async def pay(context: BenchContext) -> Figures:
     load = context.load
     clients = load.concurrency
     postgres = setup.postgres
-    fixture = setup.fixture
 
     # pgbench: its own database on the same server, one branch per client so the TPC-B rows do
     # not all queue on one branch row.
@@ -306,58 +370,23 @@ async def pay(context: BenchContext) -> Figures:
     tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
                                                                duration_s=load.duration_s, ledger_pid=setup.ledger.pid)
 
-    run = uuid.uuid4().hex[:8]
-    sequence = [0] * clients
-    rngs = [random.Random(i) for i in range(clients)]
-
-    async def measure(duration_s: float) -> Measurement:
-        """Pay from ``clients`` workers as policy (after a warm-up and a checkpoint) against the
-        ledger serving now; the merchant's takings and the trial balance checked after."""
-        failures: list[str] = []
-        paid_fen = 0
-        async with context.channel(setup.ledger, as_=PAYER) as pay_channel, \
-                context.channel(setup.ledger, as_=ADMIN) as admin_channel:
-            payer = ledger_pb2_grpc.LedgerServiceStub(pay_channel)
-            admin = ledger_pb2_grpc.LedgerServiceStub(admin_channel)
-            merchant_before = await _merchant_posted(admin, fixture)
-
-            async def call(worker: int) -> bool:
-                nonlocal paid_fen
-                rng = rngs[worker]
-                sequence[worker] += 1
-                legs = _legs(rng.choice(fixture.members), rng)
-                request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{run}-{worker}-"
-                                        f"{sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
-                                        device_id=f"bench-pos-{worker}")
-                try:
-                    await payer.Pay(request, timeout=CALL_TIMEOUT_S)
-                except grpc.aio.AioRpcError as exc:
-                    if len(failures) < 5:
-                        failures.append(f"{exc.code().name}: {exc.details()}")
-                    return False
-                paid_fen += sum(leg.amount_fen for leg in legs)
-                return True
-
-            # What the last load left (the relay publishing its events) falls in no measurement.
-            await settle({"ledger": setup.ledger.pid})
-            await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=clients)
+    # The plaintext twin: the ledger in insecure development mode on a database of its own on the
+    # same server, seeded alike; both are paid in alternating slices.
+    twin_url = context.fresh_database(PLAINTEXT_DATABASE, durable=True)
+    twin, twin_fixture = await _seeded_ledger(context, name="ledger-plaintext", database_url=twin_url, plaintext=True)
+    try:
+        async with PayLoad(context, ledger=setup.ledger, fixture=setup.fixture, postgres=postgres,
+                           clients=clients) as over_tls, \
+                PayLoad(context, ledger=twin, fixture=twin_fixture, postgres=postgres, clients=clients) as plain:
+            await over_tls.warm_up(load.warmup_s)
+            await plain.warm_up(load.warmup_s)
             await asyncio.to_thread(postgres._psql, "CHECKPOINT")
-            meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=postgres)
-            meter.start()
-            result = await closed_loop_calls(call=call, duration_s=duration_s, concurrency=clients)
-            ledger_cpu, postgres_cpu = meter.stop()
-            if result.errors or failures:
-                raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {failures}")
-            merchant_fen = await _merchant_posted(admin, fixture) - merchant_before
-            if merchant_fen != paid_fen:
-                raise RuntimeError(f"the merchant got {merchant_fen} fen for {paid_fen} fen paid")
-            await _trial_balance(admin, fixture.tenant_id)
-        return Measurement(result=result, cpu_s={"ledger": ledger_cpu, "postgres": postgres_cpu})
-
-    async def switch(plaintext: bool) -> None:
-        await setup.switch(context, plaintext=plaintext)
-
-    tls, plaintext = await measure_tls_and_plaintext(duration_s=load.duration_s, measure=measure, switch=switch)
+            tls, plaintext = await measure_tls_and_plaintext(duration_s=load.duration_s, tls=over_tls.run,
+                                                             plaintext=plain.run)
+            await over_tls.check()
+            await plain.check()
+    finally:
+        await context.stop_service(twin)
     result = tls.result
     return {
         "ledger.pay_vs_pgbench_ratio": result.rps / tps,
