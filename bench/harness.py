@@ -15,8 +15,10 @@ came with their registration, as a POS does.
 What TLS costs is measured in the same run: a benchmark may start a service with
 ``plaintext=True``, in insecure development mode (``ONECARD_INSECURE_DEVELOPMENT=1``: plaintext
 gRPC, no caller checks), on a second nats-server without TLS (the same accounts and nkeys); its
-PostgreSQL is the same, with the same roles (the embedded server has no TLS either way). So a
-figure against its plaintext twin prices TLS on every gRPC hop and on NATS, and nothing else.
+PostgreSQL is the same server, with the same roles (the embedded server has no TLS either way),
+in a database of its own. So a figure against its plaintext twin, both running and paid in
+alternating slices (``measure_tls_and_plaintext``), prices TLS on every gRPC hop and on NATS, and
+the caller checks, and nothing else.
 
 A benchmark is an async function taking a ``BenchContext`` and answering named figures, e.g.
 ``{"identity.get_member_rps": 812.0}``. Names carry their unit (``_rps``, ``_ms``, ``_ratio``).
