@@ -10,10 +10,11 @@ from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.identity.v1 import identity_pb2_grpc
-from runtime.grpc_client import open_channel
 
 # A fixed bench master key: the bench database is thrown away after the run.
 BENCH_MASTER_KEY = "42" * 32
+# Token batches are issued through the gateway (a member's app asks it); so is the setup.
+CALLER = "gateway"
 CALL_TIMEOUT_S = 60.0
 BATCH_RUNS = 5
 BATCH_HOURS = 24
@@ -22,12 +23,13 @@ SLOT_LENGTH_S = 60
 
 @benchmark("codes.batch_24h", description="IssueTokenBatch of 24 h in 60 s slots (1440 signed tokens) via gRPC")
 async def batch_24h(context: BenchContext) -> Figures:
-    identity_target, _ = await context.start_grpc_service(name="identity-codes", module="services.identity")
-    codegen_target, _ = await context.start_grpc_service(name="codegen", module="services.codegen", env={
-        "ONECARD_IDENTITY_TARGET": identity_target,
+    identity_service = await context.start_grpc_service(name="identity-codes", module="services.identity")
+    codegen_service = await context.start_grpc_service(name="codegen", module="services.codegen", env={
+        "ONECARD_IDENTITY_TARGET": identity_service.target,
         "ONECARD_CODEGEN_MASTER_KEY": BENCH_MASTER_KEY,
     })
-    async with open_channel(identity_target) as identity_channel, open_channel(codegen_target) as codegen_channel:
+    async with context.channel(identity_service, as_=CALLER) as identity_channel, \
+            context.channel(codegen_service, as_=CALLER) as codegen_channel:
         identity = identity_pb2_grpc.IdentityServiceStub(identity_channel)
         codegen = codegen_pb2_grpc.CodegenServiceStub(codegen_channel)
         tenant = (await identity.CreateTenant(pb.CreateTenantRequest(

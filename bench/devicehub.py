@@ -9,6 +9,15 @@ is answered. 60 s unless ``--duration-s`` says otherwise. Goal (issue 6): ≥ 10
 ``devicehub.online_pay_vs_ledger_pay_ratio``: the same rate divided by LedgerService.Pay called
 directly by the same client in the same run (what the hub, policy and code checks cost on top of
 the payment itself). The ``*_cpu_ratio`` figures say where the time went.
+``devicehub.online_pay_tls_vs_plaintext_ratio``: what TLS costs that payment. The terminals dial
+the hub's device port over TLS, checking it against the CA bundle their registration brought,
+and every hop behind it (hub to identity, codegen, policy, ledger; each to NATS) is mutual TLS;
+the same load goes to a twin mesh, the five services in insecure development mode (plaintext
+everywhere, no caller checks) on a database of their own, seeded alike, with terminals of their
+own, in slices that alternate with the TLS ones (bench.harness.measure_tls_and_plaintext), after
+each side's warm-up once its services are quiet (bench.harness.settle).
+``devicehub.online_pay_plaintext_*`` are the twins of the TLS figures. The bench registers devices and seeds the campus as the gateway, and books the
+direct payments as policy, each a caller the method's allow-list names.
 
 ``devicehub.offline_settle_per_s``: 100,000 device-signed offline records (10 devices, uploads of
 1,000, every record a payment by code carrying the code's text) settled through the devices'
@@ -22,10 +31,13 @@ rule set allow 50 offline payments a member a day and 50,000 yuan a device (the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 import nacl.signing
@@ -36,9 +48,21 @@ from onecard_codes.issue import make_holder_code
 from onecard_device.identity import challenge_message, record_message
 from onecard_policy.examples import university_rule_set
 
-from bench.harness import DEFAULT_DURATION_S, BenchContext, Figures, benchmark
-from bench.ledger import _proc_cpu_s
+from bench.harness import (
+    DEFAULT_DURATION_S,
+    BenchContext,
+    BenchService,
+    Figures,
+    Measurement,
+    benchmark,
+    measure_tls_and_plaintext,
+    processes_cpu_s,
+    settle,
+    tls_price_figures,
+)
 from bench.load import closed_loop_calls
+from bench.serve import BENCH_HOST
+from devstack.servers import free_port
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.codegen.v1 import codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2 as dpb
@@ -49,8 +73,11 @@ from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2 as ppb
 from onecard.policy.v1 import policy_pb2_grpc
-from runtime.grpc_client import open_channel
 
+# The callers the bench stands in for, each one the method's allow-list names: the gateway seeds
+# the campus and registers the devices, policy books the direct payments (LedgerService.Pay).
+ADMIN = "gateway"
+PAYER = "policy"
 BENCH_CODEGEN_KEY = "44" * 32
 BENCH_POLICY_KEY = "45" * 32
 CALL_TIMEOUT_S = 60.0
@@ -72,12 +99,34 @@ OFFLINE_COUNT_PER_DAY = 50
 OFFLINE_DEVICE_PER_DAY_FEN = 5_000_000
 
 
-class BenchDevice:
-    """One enrolled POS on its own authenticated stream; answers are matched by request id."""
+@dataclass(frozen=True)
+class Terminal:
+    """A registered, enrolled POS: what it keeps across the hub's restarts."""
 
-    def __init__(self, stub: devicehub_pb2_grpc.DeviceServiceStub, tenant_id: str, device_id: str,
-                 key: nacl.signing.SigningKey):
-        self.stub, self.tenant_id, self.device_id, self.key = stub, tenant_id, device_id, key
+    device_id: str
+    key: nacl.signing.SigningKey
+    # The CA bundle that came with its registration: what it checks the hub's device port against.
+    hub_ca_pem: str
+
+
+def _terminal_channel(target: str, *, hub_ca_pem: str, plaintext: bool) -> grpc.aio.Channel:
+    """A terminal's channel to the device port: server TLS checked against ``hub_ca_pem``, no
+    client certificate (the terminal proves itself by its key); plaintext only to a hub in
+    insecure development mode."""
+    if plaintext:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=hub_ca_pem.encode()))
+
+
+class BenchDevice:
+    """One enrolled POS on its own connection and authenticated stream; answers are matched by
+    request id."""
+
+    def __init__(self, channel: grpc.aio.Channel, tenant_id: str, terminal: Terminal):
+        self.channel = channel
+        self.stub = devicehub_pb2_grpc.DeviceServiceStub(channel)
+        self.tenant_id, self.terminal = tenant_id, terminal
+        self.device_id, self.key = terminal.device_id, terminal.key
         self._call = None
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
@@ -131,47 +180,61 @@ class BenchDevice:
 
     async def close(self) -> None:
         if self._call is not None:
-            await self._call.done_writing()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._call.done_writing()
         if self._reader is not None:
             self._reader.cancel()
+        await self.channel.close()
 
 
 class Mesh:
-    def __init__(self, context: BenchContext, mark: int, targets: dict[str, str], pids: dict[str, int]):
+    """The five services on one database, over TLS or all in plaintext, and the bench's channels
+    to them as the gateway (and to the ledger as policy)."""
+
+    def __init__(self, context: BenchContext, mark: int, services: dict[str, BenchService], device_target: str):
         self.context, self.mark = context, mark
-        self.targets, self.pids = targets, pids
-        self.channels = {name: open_channel(target) for name, target in targets.items()}
-        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channels["identity"])
-        self.codegen = codegen_pb2_grpc.CodegenServiceStub(self.channels["codegen"])
-        self.ledger = ledger_pb2_grpc.LedgerServiceStub(self.channels["ledger"])
-        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channels["policy"])
-        self.admin = devicehub_pb2_grpc.DeviceAdminServiceStub(self.channels["devicehub"])
-        self.devices = devicehub_pb2_grpc.DeviceServiceStub(self.channels["devicehub"])
+        self.services, self.device_target = services, device_target
+        self.plaintext = services["devicehub"].plaintext
+        self.pids = {name: service.pid for name, service in services.items()}
+        self.channels = [context.channel(service, as_=ADMIN) for service in services.values()]
+        admin = dict(zip(services, self.channels, strict=True))
+        self.identity = identity_pb2_grpc.IdentityServiceStub(admin["identity"])
+        self.codegen = codegen_pb2_grpc.CodegenServiceStub(admin["codegen"])
+        self.ledger = ledger_pb2_grpc.LedgerServiceStub(admin["ledger"])
+        self.policy = policy_pb2_grpc.PolicyServiceStub(admin["policy"])
+        self.admin = devicehub_pb2_grpc.DeviceAdminServiceStub(admin["devicehub"])
+        payer_channel = context.channel(services["ledger"], as_=PAYER)
+        self.channels.append(payer_channel)
+        self.ledger_payer = ledger_pb2_grpc.LedgerServiceStub(payer_channel)
+
+    def terminal_channel(self, terminal: Terminal) -> grpc.aio.Channel:
+        return _terminal_channel(self.device_target, hub_ca_pem=terminal.hub_ca_pem, plaintext=self.plaintext)
 
     async def close(self) -> None:
-        for channel in self.channels.values():
+        for channel in self.channels:
             await channel.close()
         # Its relays and consumers must not go on working while the next benchmark measures.
         await self.context.stop_children_since(self.mark)
 
 
-async def _start_mesh(context: BenchContext, name: str) -> Mesh:
-    """The five services on a database of their own (not what earlier benchmarks left behind)."""
-    targets: dict[str, str] = {}
-    pids: dict[str, int] = {}
+async def _start_mesh(context: BenchContext, database_url: str, *, plaintext: bool = False) -> Mesh:
+    """The five services on ``database_url``, the device hub's device port included."""
+    services: dict[str, BenchService] = {}
     mark = context.children
-    database_url = context.fresh_database(name)
+    device_port = free_port()
+    suffix = "-plaintext" if plaintext else ""
     for name, module, env in (
         ("identity", "services.identity", {}),
         ("codegen", "services.codegen", {"ONECARD_CODEGEN_MASTER_KEY": BENCH_CODEGEN_KEY}),
         ("ledger", "services.ledger", {}),
         ("policy", "services.policy", {"ONECARD_POLICY_MASTER_KEY": BENCH_POLICY_KEY}),
-        ("devicehub", "services.devicehub", {}),
+        ("devicehub", "services.devicehub", {"ONECARD_DEVICE_PORT": str(device_port)}),
     ):
-        wired = {f"ONECARD_{peer.upper()}_TARGET": target for peer, target in targets.items()}
-        targets[name], pids[name] = await context.start_grpc_service(
-            name=f"{name}-dh", module=module, env={**wired, **env}, database_url=database_url)
-    return Mesh(context, mark, targets, pids)
+        wired = {f"ONECARD_{peer.upper()}_TARGET": service.target for peer, service in services.items()}
+        services[name] = await context.start_grpc_service(
+            name=f"{name}-dh{suffix}", module=module, env={**wired, **env}, database_url=database_url,
+            plaintext=plaintext)
+    return Mesh(context, mark, services, device_target=f"{BENCH_HOST}:{device_port}")
 
 
 async def _gather_limited(coros: list, limit: int = SETUP_CONCURRENCY) -> list:
@@ -250,24 +313,108 @@ class Campus:
         return text, credential_id, counter
 
     async def devices(self, mesh: Mesh, count: int, prefix: str) -> list[BenchDevice]:
+        """``count`` POS registered (as the gateway), enrolled on the device port and connected."""
         async def one(index: int) -> BenchDevice:
             registered = await mesh.admin.RegisterDevice(dpb.RegisterDeviceRequest(
                 tenant_id=self.tenant_id, kind=dpb.DEVICE_KIND_POS, model="bench-pos", name=f"{prefix} {index}",
                 location=STORE, scene_tags=["store"], merchant_account_id=self.merchant,
                 firmware_version="bench-1"), timeout=CALL_TIMEOUT_S)
             key = nacl.signing.SigningKey.generate()
-            await mesh.devices.Enrol(dpb.EnrolRequest(enrolment_token=registered.enrolment_token,
-                                                      public_key=bytes(key.verify_key), firmware_version="bench-1"),
-                                     timeout=CALL_TIMEOUT_S)
-            device = BenchDevice(mesh.devices, self.tenant_id, registered.device.device_id, key)
+            terminal = Terminal(device_id=registered.device.device_id, key=key, hub_ca_pem=registered.hub_ca_pem)
+            device = BenchDevice(mesh.terminal_channel(terminal), self.tenant_id, terminal)
+            await device.stub.Enrol(dpb.EnrolRequest(enrolment_token=registered.enrolment_token,
+                                                     public_key=bytes(key.verify_key), firmware_version="bench-1"),
+                                    timeout=CALL_TIMEOUT_S)
             await device.connect()
             return device
 
         return list(await _gather_limited([one(i) for i in range(count)]))
 
 
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    return {name: _proc_cpu_s(pid) for name, pid in pids.items()}
+class HubLoad:
+    """One mesh with a seeded campus and POS_DEVICES terminals on their streams, paying by a fresh
+    holder code each time (``concurrency`` in flight); a payment declined or failed stops the run."""
+
+    def __init__(self, context: BenchContext, mesh: Mesh, campus: Campus, devices: list[BenchDevice]):
+        self.context, self.mesh, self.campus, self.devices = context, mesh, campus, devices
+        self._picks = itertools.count()
+        self._ledger_picks = itertools.count()
+        self.declined: dict[str, int] = {}
+
+    @classmethod
+    async def start(cls, context: BenchContext, *, database_url: str, plaintext: bool = False) -> HubLoad:
+        mesh = await _start_mesh(context, database_url, plaintext=plaintext)
+        campus = Campus()
+        try:
+            await campus.seed(mesh)
+            devices = await campus.devices(mesh, POS_DEVICES, "Bench POS")
+        except BaseException:
+            await mesh.close()
+            raise
+        hub_load = cls(context, mesh, campus, devices)
+        # The first payment checked before measuring: approved and booked.
+        if not await hub_load.pay(0):
+            await hub_load.close()
+            raise RuntimeError(f"a bench payment was declined: {hub_load.declined}")
+        return hub_load
+
+    async def pay(self, worker: int) -> bool:
+        campus = self.campus
+        member_id = campus.members[next(self._picks) % len(campus.members)]
+        text, _, _ = campus.code(member_id)
+        request_id = uuid.uuid4().hex
+        device = self.devices[worker % len(self.devices)]
+        answer = await device.ask(request_id, dpb.ConnectRequest(authorize=dpb.Authorize(
+            request_id=request_id, presentation=dpb.Presentation(code=text), purpose=dpb.PURPOSE_PAY,
+            amount_fen=PRICE_FEN, idempotency_key=f"bench-{request_id}")))
+        result = answer.authorize_result
+        if not result.approved:
+            reason = result.reason or answer.error.reason
+            self.declined[reason] = self.declined.get(reason, 0) + 1
+        return result.approved
+
+    async def _ledger_pay(self, _worker: int) -> bool:
+        campus = self.campus
+        member_id = campus.members[next(self._ledger_picks) % len(campus.members)]
+        answer = await self.mesh.ledger_payer.Pay(lpb.PayRequest(
+            tenant_id=campus.tenant_id, idempotency_key=f"direct-{uuid.uuid4().hex}",
+            merchant_account_id=campus.merchant, legs=[lpb.PayLeg(account_id=campus.cash[member_id],
+                                                                  amount_fen=PRICE_FEN)]),
+            timeout=CALL_TIMEOUT_S)
+        return bool(answer.transfer.transfer_id)
+
+    async def _measure(self, call: Callable[[int], Awaitable[bool]], duration_s: float) -> Measurement:
+        pids = self.mesh.pids
+        before = processes_cpu_s(pids)
+        result = await closed_loop_calls(call=call, duration_s=duration_s, concurrency=self.context.load.concurrency)
+        after = processes_cpu_s(pids)
+        if self.declined:
+            raise RuntimeError(f"bench payments were declined: {self.declined}")
+        if result.errors:
+            raise RuntimeError(f"{result.errors} of {result.requests} calls failed")
+        return Measurement(result=result, cpu_s={who: after[who] - before[who] for who in pids})
+
+    async def measure_ledger_pay(self, duration_s: float) -> Measurement:
+        """LedgerService.Pay called directly, as policy, after a warm-up."""
+        await settle(self.mesh.pids)
+        await closed_loop_calls(call=self._ledger_pay, duration_s=self.context.load.warmup_s,
+                                concurrency=self.context.load.concurrency)
+        return await self._measure(self._ledger_pay, duration_s)
+
+    async def warm_up(self) -> None:
+        # What came before (the terminals' first sync, the relays publishing the seed) falls in no
+        # measurement.
+        await settle(self.mesh.pids)
+        await closed_loop_calls(call=self.pay, duration_s=self.context.load.warmup_s,
+                                concurrency=self.context.load.concurrency)
+
+    async def run(self, duration_s: float) -> Measurement:
+        return await self._measure(self.pay, duration_s)
+
+    async def close(self) -> None:
+        for device in self.devices:
+            await device.close()
+        await self.mesh.close()
 
 
 @benchmark("devicehub.online_pay",
@@ -275,71 +422,34 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 async def online_pay(context: BenchContext) -> Figures:
     load = context.load
     duration_s = ONLINE_DURATION_S if load.duration_s == DEFAULT_DURATION_S else load.duration_s
-    mesh = await _start_mesh(context, "devicehub_online")
-    campus = Campus()
-    devices: list[BenchDevice] = []
+    loads: list[HubLoad] = []
     try:
-        await campus.seed(mesh)
-        devices = await campus.devices(mesh, POS_DEVICES, "Bench POS")
-        members = campus.members
-        picks = itertools.count()
-        declined: dict[str, int] = {}
-
-        async def pay(worker: int) -> bool:
-            member_id = members[next(picks) % len(members)]
-            text, _, _ = campus.code(member_id)
-            request_id = uuid.uuid4().hex
-            device = devices[worker % len(devices)]
-            answer = await device.ask(request_id, dpb.ConnectRequest(authorize=dpb.Authorize(
-                request_id=request_id, presentation=dpb.Presentation(code=text), purpose=dpb.PURPOSE_PAY,
-                amount_fen=PRICE_FEN, idempotency_key=f"bench-{request_id}")))
-            result = answer.authorize_result
-            if not result.approved:
-                declined[result.reason or answer.error.reason] = declined.get(result.reason or answer.error.reason, 0) + 1
-            return result.approved
-
-        ledger_picks = itertools.count()
-
-        async def ledger_pay(_worker: int) -> bool:
-            member_id = members[next(ledger_picks) % len(members)]
-            answer = await mesh.ledger.Pay(lpb.PayRequest(
-                tenant_id=campus.tenant_id, idempotency_key=f"direct-{uuid.uuid4().hex}",
-                merchant_account_id=campus.merchant, legs=[lpb.PayLeg(account_id=campus.cash[member_id],
-                                                                      amount_fen=PRICE_FEN)]),
-                timeout=CALL_TIMEOUT_S)
-            return bool(answer.transfer.transfer_id)
-
-        # The first payment checked before measuring: approved and booked.
-        if not await pay(0):
-            raise RuntimeError(f"a bench payment was declined: {declined}")
-        results = {}
-        cpu: dict[str, dict[str, float]] = {}
-        for name, call, measured_s in (("ledger", ledger_pay, load.duration_s), ("hub", pay, duration_s)):
-            await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
-            before = _cpu(mesh.pids)
-            results[name] = await closed_loop_calls(call=call, duration_s=measured_s, concurrency=load.concurrency)
-            after = _cpu(mesh.pids)
-            cpu[name] = {who: (after[who] - before[who]) / results[name].elapsed_s for who in mesh.pids}
-        if declined:
-            raise RuntimeError(f"bench payments were declined: {declined}")
-        for name, result in results.items():
-            if result.errors:
-                raise RuntimeError(f"{name}: {result.errors} of {result.requests} calls failed")
+        over_tls = await HubLoad.start(context, database_url=context.fresh_database("devicehub_online"))
+        loads.append(over_tls)
+        # The plaintext twin: the five services in insecure development mode on a database of
+        # their own, seeded alike, their own terminals connected; both are paid in alternating slices.
+        plain = await HubLoad.start(context, database_url=context.fresh_database("devicehub_online_plaintext"),
+                                    plaintext=True)
+        loads.append(plain)
+        ledger = await over_tls.measure_ledger_pay(load.duration_s)
+        for hub_load in loads:
+            await hub_load.warm_up()
+        hub, plaintext = await measure_tls_and_plaintext(duration_s=duration_s, tls=over_tls.run,
+                                                         plaintext=plain.run)
     finally:
-        for device in devices:
-            await device.close()
-        await mesh.close()
-    hub, ledger = results["hub"], results["ledger"]
+        for hub_load in reversed(loads):
+            await hub_load.close()
     figures: Figures = {
-        "devicehub.online_pay_per_s": hub.rps,
-        "devicehub.online_pay_p50_ms": hub.percentile_ms(0.50),
-        "devicehub.online_pay_p99_ms": hub.percentile_ms(0.99),
-        "devicehub.ledger_pay_per_s": ledger.rps,
-        "devicehub.online_pay_vs_ledger_pay_ratio": hub.rps / ledger.rps if ledger.rps else 0.0,
-        "devicehub.online_pay_client_cpu_ratio": hub.client_cpu_ratio,
+        "devicehub.online_pay_per_s": hub.result.rps,
+        "devicehub.online_pay_p50_ms": hub.result.percentile_ms(0.50),
+        "devicehub.online_pay_p99_ms": hub.result.percentile_ms(0.99),
+        "devicehub.ledger_pay_per_s": ledger.result.rps,
+        "devicehub.online_pay_vs_ledger_pay_ratio": hub.result.rps / ledger.result.rps if ledger.result.rps else 0.0,
+        "devicehub.online_pay_client_cpu_ratio": hub.result.client_cpu_ratio,
     }
-    for who, value in cpu["hub"].items():
-        figures[f"devicehub.online_pay_{who}_cpu_ratio"] = value
+    for who in hub.cpu_s:
+        figures[f"devicehub.online_pay_{who}_cpu_ratio"] = hub.cpu_ratio(who)
+    figures.update(tls_price_figures("devicehub.online_pay", tls=hub, plaintext=plaintext))
     return figures
 
 
@@ -352,7 +462,7 @@ def _signed_record(device: BenchDevice, record: dpb.OfflineRecord) -> dpb.Offlin
 @benchmark("devicehub.offline_settle",
            description="100,000 device-signed offline records uploaded on 10 streams and settled by the ledger")
 async def offline_settle(context: BenchContext) -> Figures:
-    mesh = await _start_mesh(context, "devicehub_offline")
+    mesh = await _start_mesh(context, context.fresh_database("devicehub_offline"))
     campus = Campus()
     devices: list[BenchDevice] = []
     try:
@@ -390,11 +500,11 @@ async def offline_settle(context: BenchContext) -> Figures:
                 for result in answer.upload_result.results:
                     outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
 
-        before = _cpu(mesh.pids)
+        before = processes_cpu_s(mesh.pids)
         started = time.perf_counter()
         await asyncio.gather(*(drain(device) for device in devices for _ in range(UPLOADS_IN_FLIGHT_PER_DEVICE)))
         elapsed = time.perf_counter() - started
-        after = _cpu(mesh.pids)
+        after = processes_cpu_s(mesh.pids)
         booked = outcomes.get(dpb.RECORD_OUTCOME_BOOKED, 0)
         if booked != per_device * len(devices):
             raise RuntimeError(f"offline outcomes: {outcomes}")

@@ -1,5 +1,25 @@
 """The benchmark harness: a registry of named benchmarks, the infrastructure they share, the summary.
 
+The bench runs the mesh as production runs it (docs/security.md): its own CA in its scratch
+folder and a certificate per process, a nats-server speaking only TLS that knows each service's
+account (services.nats_accounts) by its nkey, PostgreSQL asking for passwords with a login role per
+service (runtime.dbroles), and every service started with its TLS folder, its NATS seed and its
+role's URL, by ``BenchContext.service_env`` alone. The bench drives a service as the part of the
+mesh it stands in for: each call presents the certificate of a caller the method's allow-list
+names (``BenchContext.channel(service, as_=...)``): ``policy`` for LedgerService.Pay, ``devicehub``
+for PolicyService.Evaluate and the ledger's SettleOffline, ``gateway`` for the admin calls that
+set a benchmark up (tenants, members, accounts, top-ups, rule sets, devices), ``ops`` for health
+probes. Terminals reach the device hub on its device port, checking it against the CA bundle that
+came with their registration, as a POS does.
+
+What TLS costs is measured in the same run: a benchmark may start a service with
+``plaintext=True``, in insecure development mode (``ONECARD_INSECURE_DEVELOPMENT=1``: plaintext
+gRPC, no caller checks), on a second nats-server without TLS (the same accounts and nkeys); its
+PostgreSQL is the same server, with the same roles (the embedded server has no TLS either way),
+in a database of its own. So a figure against its plaintext twin, both running and paid in
+alternating slices (``measure_tls_and_plaintext``), prices TLS on every gRPC hop and on NATS, and
+the caller checks, and nothing else.
+
 A benchmark is an async function taking a ``BenchContext`` and answering named figures, e.g.
 ``{"identity.get_member_rps": 812.0}``. Names carry their unit (``_rps``, ``_ms``, ``_ratio``).
 Every figure that matters is a ratio against a baseline measured in the same run on the same
@@ -10,10 +30,12 @@ listed in ``SUITES``.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -22,10 +44,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import CLIENT_KINDS, ClientKind
+import grpc
+
+from bench.load import CLIENT_KINDS, ClientKind, LoadResult
 from bench.serve import BENCH_HOST
-from devstack.servers import Nats, Postgres, free_port
+from devstack.servers import DATABASE_NAME, Nats, Postgres, free_port
 from devstack.supervisor import ManagedProcess, Probe, grpc_health_probe, wait_healthy
+from runtime.dbroles import ServiceRole, bootstrap_statements, role_dsn, role_name
+from runtime.grpc_client import open_channel
+from runtime.mesh import INSECURE_SETTING, TLS_DIR_SETTING, MeshTLS
+from runtime.nats_access import DEFAULT_NATS_TLS_NAME, new_seed, public_key
+from runtime.pki import IdentityFiles, ensure_identity
+from services.nats_accounts import NATS_ACCOUNTS
 
 # Modules whose import registers benchmarks.
 SUITES = ("bench.identity", "bench.codegen", "bench.codes", "bench.ledger", "bench.policy", "bench.devicehub")
@@ -38,6 +68,20 @@ MAX_DURATION_S = 60.0
 MAX_CONCURRENCY = 256
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
+# The services with a schema and a database role of their own (the operator, ops, has a NATS
+# account and a certificate but no database).
+SERVICE_SCHEMAS = ("identity", "codegen", "ledger", "policy", "devicehub")
+# Who probes health: the operator (health is open to any caller; the probe still shows a certificate).
+PROBE_CALLER = "ops"
+SECRET_BYTES = 24
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Before a measurement the processes measured are let go quiet: together under this much CPU over a
+# step (no measurement waits longer than MAX_SETTLE_S).
+SETTLE_CPU_RATIO = 0.1
+SETTLE_STEP_S = 0.5
+MAX_SETTLE_S = 15.0
+# A TLS/plaintext comparison alternates this many slices of each side.
+TLS_PRICE_SLICES = 6
 
 Figures = dict[str, float]
 BenchmarkFn = Callable[["BenchContext"], Awaitable[Figures]]
@@ -87,9 +131,21 @@ class LoadSettings:
             raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {self.concurrency}")
 
 
+@dataclass(frozen=True)
+class BenchService:
+    """A service process the bench started: its mesh name (its certificate's, the name a client
+    checks the server against), where it listens, its pid, and whether it runs in plaintext."""
+
+    name: str
+    target: str
+    pid: int
+    plaintext: bool = False
+
+
 @dataclass
 class BenchContext:
-    """What benchmarks share in one run: a scratch folder, PostgreSQL and NATS, child processes.
+    """What benchmarks share in one run: a scratch folder, the mesh CA, PostgreSQL and NATS, child
+    processes.
 
     Everything is started on first use, on loopback and free ports, and stopped when the run ends,
     children first, then NATS, then PostgreSQL.
@@ -99,23 +155,94 @@ class BenchContext:
     work_dir: Path
     _postgres: Postgres | None = field(default=None, init=False)
     _nats: Nats | None = field(default=None, init=False)
+    _plaintext_nats: Nats | None = field(default=None, init=False)
     _durable_postgres: Postgres | None = field(default=None, init=False)
     _processes: list[ManagedProcess] = field(default_factory=list, init=False)
+    _tls: dict[str, MeshTLS] = field(default_factory=dict, init=False)
+    # Made once per run, like a stack's secrets; they live in the children's environment only.
+    _postgres_password: str = field(default_factory=lambda: secrets.token_urlsafe(SECRET_BYTES), init=False)
+    _role_passwords: dict[str, str] = field(
+        default_factory=lambda: {name: secrets.token_urlsafe(SECRET_BYTES) for name in SERVICE_SCHEMAS}, init=False)
+    _nats_seeds: dict[str, str] = field(default_factory=lambda: {name: new_seed() for name in NATS_ACCOUNTS},
+                                        init=False)
+
+    # --- the mesh's identities -----------------------------------------------------------------
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.work_dir / "pki"
+
+    def tls_dir(self, name: str) -> Path:
+        """The folder with ``name``'s certificate, key and the CA (the run's CA, made on first use)."""
+        files, _issued = ensure_identity(self.pki_dir, name)
+        return files.directory
+
+    def tls(self, name: str) -> MeshTLS:
+        """``name``'s TLS material, for the channels the bench opens as that caller."""
+        if name not in self._tls:
+            self._tls[name] = MeshTLS.load(self.tls_dir(name))
+        return self._tls[name]
+
+    def channel(self, service: BenchService, *, as_: str) -> grpc.aio.Channel:
+        """A long-lived channel to ``service`` presenting the certificate of the caller ``as_``
+        (one its allow-list names for the methods sent on it); plaintext to a plaintext service."""
+        return open_channel(service.target, tls=None if service.plaintext else self.tls(as_),
+                            server_name=service.name)
+
+    def process_env(self, name: str, *, plaintext: bool = False) -> dict[str, str]:
+        """How the mesh process ``name`` proves itself: its TLS folder, or the insecure switch."""
+        if plaintext:
+            return {INSECURE_SETTING: "1"}
+        return {TLS_DIR_SETTING: str(self.tls_dir(name))}
+
+    def service_env(self, name: str, *, database_url: str | None = None, plaintext: bool = False
+                    ) -> dict[str, str]:
+        """Everything the service ``name`` needs to run as production runs it, besides its ports
+        and its own settings: its TLS folder (or the insecure switch), its NATS account's nkey and
+        the server that knows it, and its own database role on ``database_url`` (the superuser's
+        URL of a database the roles were given: the shared one by default)."""
+        return {
+            **self.process_env(name, plaintext=plaintext),
+            "ONECARD_DATABASE_URL": role_dsn(database_url or self.database_url(), role=role_name(name),
+                                             password=self._role_passwords[name]),
+            "ONECARD_NATS_URL": self.nats_url(plaintext=plaintext),
+            "ONECARD_NATS_SEED": self._nats_seeds[name],
+        }
+
+    # --- PostgreSQL and NATS -------------------------------------------------------------------
+
+    def _start_postgres(self, folder: str, *, fsync: bool) -> Postgres:
+        """A server asking every connection for a password, its database given the services' roles."""
+        postgres = Postgres(self.work_dir / folder, free_port(), fsync=fsync, password=self._postgres_password)
+        postgres.start()
+        self._give_roles(postgres, DATABASE_NAME)
+        return postgres
+
+    def _give_roles(self, postgres: Postgres, database: str) -> None:
+        roles = [ServiceRole(schema=name, password=password) for name, password in self._role_passwords.items()]
+        postgres.run_sql(bootstrap_statements(database=database, roles=roles), database=database)
 
     def database_url(self) -> str:
+        """The shared server's database, as its superuser's URL (services get their role's)."""
         if self._postgres is None:
             # fsync off as in the tests: the benchmarks measure request paths, and both sides of
             # each ratio run against the same server.
-            self._postgres = Postgres(self.work_dir / "postgres", free_port(), fsync=False)
-            self._postgres.start()
+            self._postgres = self._start_postgres("postgres", fsync=False)
         return self._postgres.dsn()
 
-    def fresh_database(self, name: str) -> str:
-        """A new, empty database on the shared server, for a benchmark that must not find what the
-        ones before it wrote (tables, dead rows, outbox backlogs)."""
-        self.database_url()
-        assert self._postgres is not None
-        return self._postgres.create_database(name)
+    def fresh_database(self, name: str, *, durable: bool = False) -> str:
+        """A new, empty database on the shared server (or the durable one), for a benchmark that
+        must not find what the ones before it wrote (tables, dead rows, outbox backlogs); the
+        services' roles in it."""
+        if durable:
+            postgres = self.durable_postgres()
+        else:
+            self.database_url()
+            assert self._postgres is not None
+            postgres = self._postgres
+        url = postgres.create_database(name)
+        self._give_roles(postgres, name)
+        return url
 
     @property
     def children(self) -> int:
@@ -130,19 +257,37 @@ class BenchContext:
         for process in reversed(started):
             await process.stop(grace_s=STOP_GRACE_S)
 
+    async def stop_service(self, service: BenchService) -> None:
+        """Stop one service, e.g. before its twin in the other mode takes its place."""
+        for process in list(self._processes):
+            if process.pid == service.pid:
+                self._processes.remove(process)
+                await process.stop(grace_s=STOP_GRACE_S)
+
     def durable_postgres(self) -> Postgres:
         """A second PostgreSQL with fsync on and synchronous_commit at its default (on), for the
         figures whose meaning includes each commit's flush to disk (the ledger against pgbench)."""
         if self._durable_postgres is None:
-            self._durable_postgres = Postgres(self.work_dir / "postgres-durable", free_port(), fsync=True)
-            self._durable_postgres.start()
+            self._durable_postgres = self._start_postgres("postgres-durable", fsync=True)
         return self._durable_postgres
 
-    def nats_url(self) -> str:
+    def nats_url(self, *, plaintext: bool = False) -> str:
+        """The nats-server knowing every account of services.nats_accounts by its public nkey:
+        TLS only, each client showing a certificate from the run's CA; or, for plaintext services,
+        a second one without TLS."""
+        users = {name: (public_key(seed), NATS_ACCOUNTS[name]) for name, seed in self._nats_seeds.items()}
+        if plaintext:
+            if self._plaintext_nats is None:
+                self._plaintext_nats = Nats(self.work_dir / "nats-plaintext", free_port(), users=users)
+                self._plaintext_nats.start()
+            return self._plaintext_nats.url
         if self._nats is None:
-            self._nats = Nats(self.work_dir / "nats", free_port())
+            self._nats = Nats(self.work_dir / "nats", free_port(), users=users,
+                              tls=IdentityFiles(self.tls_dir(DEFAULT_NATS_TLS_NAME)))
             self._nats.start()
         return self._nats.url
+
+    # --- child processes -----------------------------------------------------------------------
 
     async def start_process(self, *, name: str, module_args: list[str], env: Mapping[str, str],
                             probe: Probe) -> ManagedProcess:
@@ -158,38 +303,128 @@ class BenchContext:
         await wait_healthy(process, probe=probe, timeout_s=READY_TIMEOUT_S)
         return process
 
+    def health_probe(self, target: str, *, server_name: str, plaintext: bool = False) -> Probe:
+        return grpc_health_probe(target, tls=None if plaintext else self.tls(PROBE_CALLER), server_name=server_name)
+
     async def start_grpc_service(self, *, name: str, module: str, env: Mapping[str, str] | None = None,
-                                 database_url: str | None = None) -> tuple[str, int]:
-        """A onecard gRPC service (``python -m services.<x>``) on its own port, quiet logs, on the
-        shared PostgreSQL (or ``database_url``) and NATS, once healthy: (target, pid)."""
+                                 database_url: str | None = None, plaintext: bool = False) -> BenchService:
+        """A onecard gRPC service (``python -m services.<x>``, whose mesh name is ``<x>``) on its
+        own port, quiet logs, with ``service_env`` (on the shared database or ``database_url``),
+        once healthy. ``name`` names its log."""
+        mesh_name = module.rsplit(".", 1)[-1]
         port, metrics_port = free_port(), free_port()
         target = f"{BENCH_HOST}:{port}"
         process = await self.start_process(
             name=name,
             module_args=[module],
             env={
-                "ONECARD_DATABASE_URL": database_url or self.database_url(),
-                "ONECARD_NATS_URL": self.nats_url(),
+                **self.service_env(mesh_name, database_url=database_url, plaintext=plaintext),
                 "ONECARD_GRPC_HOST": BENCH_HOST,
                 "ONECARD_GRPC_PORT": str(port),
                 "ONECARD_METRICS_PORT": str(metrics_port),
                 "ONECARD_LOG_LEVEL": "warning",
                 **(env or {}),
             },
-            probe=grpc_health_probe(target),
+            probe=self.health_probe(target, server_name=mesh_name, plaintext=plaintext),
         )
         assert process.pid is not None
-        return target, process.pid
+        return BenchService(name=mesh_name, target=target, pid=process.pid, plaintext=plaintext)
 
     async def close(self) -> None:
         for process in reversed(self._processes):
             await process.stop(grace_s=STOP_GRACE_S)
-        if self._nats is not None:
-            self._nats.stop()
+        for nats_server in (self._nats, self._plaintext_nats):
+            if nats_server is not None:
+                nats_server.stop()
         if self._postgres is not None:
             self._postgres.stop()
         if self._durable_postgres is not None:
             self._durable_postgres.stop()
+
+
+def process_cpu_s(pid: int, *, with_children: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` (and of its reaped children), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the name: state is fields[0], so utime/stime/cutime/cstime (stat fields 14-17) are 11-14.
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def processes_cpu_s(pids: Mapping[str, int]) -> dict[str, float]:
+    return {name: process_cpu_s(pid) for name, pid in pids.items()}
+
+
+async def settle(pids: Mapping[str, int]) -> None:
+    """Wait until the processes have done what came before (relays publishing what the last load
+    booked, terminals' first sync after they connect: a second or two on this machine), so that it
+    falls in no measurement, nor in one side of a comparison more than in the other."""
+    deadline = time.perf_counter() + MAX_SETTLE_S
+    before = processes_cpu_s(pids)
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(SETTLE_STEP_S)
+        after = processes_cpu_s(pids)
+        if sum(after[who] - before[who] for who in pids) / SETTLE_STEP_S < SETTLE_CPU_RATIO:
+            return
+        before = after
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured load, and the CPU seconds the processes of interest spent meanwhile."""
+
+    result: LoadResult
+    cpu_s: Mapping[str, float]
+
+    def cpu_ratio(self, who: str) -> float:
+        """CPU seconds of ``who`` per second of load (the machine has two cores)."""
+        return self.cpu_s[who] / self.result.elapsed_s if self.result.elapsed_s else 0.0
+
+    @staticmethod
+    def combined(parts: list[Measurement]) -> Measurement:
+        return Measurement(result=LoadResult.combined([p.result for p in parts]),
+                           cpu_s={who: sum(p.cpu_s[who] for p in parts) for who in parts[0].cpu_s})
+
+
+# Sends the load for the seconds given (warmed up already) and measures it.
+Run = Callable[[float], Awaitable[Measurement]]
+
+
+async def measure_tls_and_plaintext(*, duration_s: float, tls: Run, plaintext: Run, slices: int = TLS_PRICE_SLICES
+                                    ) -> tuple[Measurement, Measurement]:
+    """The same load against the processes over TLS and against their plaintext twins, both running
+    (each on a database of its own seeded alike), in alternating slices (TLS, plaintext, plaintext,
+    TLS, TLS, ...), each side ``duration_s`` in all. Whatever the machine does meanwhile (another
+    session's build, a checkpoint) falls on both sides alike, which consecutive runs of a few
+    seconds each on a shared machine did not achieve (their ratio swung by a third)."""
+    parts: dict[bool, list[Measurement]] = {True: [], False: []}
+    for index in range(slices):
+        order = (True, False) if index % 2 == 0 else (False, True)
+        for over_tls in order:
+            parts[over_tls].append(await (tls if over_tls else plaintext)(duration_s / slices))
+    for over_tls, label in ((True, "over TLS"), (False, "in plaintext")):
+        rates = ", ".join(f"{part.result.rps:.0f}" for part in parts[over_tls])
+        print(f"  calls/s {label}, slice by slice: {rates}", flush=True)
+    return Measurement.combined(parts[True]), Measurement.combined(parts[False])
+
+
+def tls_price_figures(prefix: str, *, tls: Measurement, plaintext: Measurement) -> Figures:
+    """``<prefix>_tls_vs_plaintext_ratio`` (calls/s over TLS / in plaintext) and the plaintext twins
+    of the TLS figures: rate, p99, the client's and each process's CPU per second of load."""
+    figures = {
+        f"{prefix}_tls_vs_plaintext_ratio": tls.result.rps / plaintext.result.rps if plaintext.result.rps else 0.0,
+        f"{prefix}_plaintext_per_s": plaintext.result.rps,
+        f"{prefix}_plaintext_p99_ms": plaintext.result.percentile_ms(0.99),
+        f"{prefix}_plaintext_client_cpu_ratio": plaintext.result.client_cpu_ratio,
+    }
+    for who in plaintext.cpu_s:
+        figures[f"{prefix}_plaintext_{who}_cpu_ratio"] = plaintext.cpu_ratio(who)
+    return figures
 
 
 @contextlib.asynccontextmanager

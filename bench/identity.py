@@ -5,14 +5,13 @@ import uuid
 
 import httpx
 
-from bench.harness import BenchContext, Figures, benchmark
+from bench.harness import BenchContext, BenchService, Figures, benchmark
 from bench.load import LoadResult, closed_loop_get
 from bench.serve import BARE_PATH, BENCH_HOST
 from devstack.servers import free_port
-from devstack.supervisor import grpc_health_probe, http_ready_probe
+from devstack.supervisor import http_ready_probe
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.identity.v1 import identity_pb2_grpc
-from runtime.grpc_client import open_channel
 
 BENCH_TOKEN_SECRET = "bench-token-secret-" + "x" * 32
 # The gateway limits each client to 50 requests/s by default; the benchmark is one client measuring
@@ -20,11 +19,13 @@ BENCH_TOKEN_SECRET = "bench-token-secret-" + "x" * 32
 BENCH_RATE_LIMIT_PER_S = "1000000"
 BENCH_RATE_LIMIT_BURST = "1000000"
 CALL_TIMEOUT_S = 10.0
+# The tenant, member and API client are made as the gateway makes them (an admin's requests).
+CALLER = "gateway"
 
 
-async def _seed_member(target: str) -> tuple[str, str, str, str]:
+async def _seed_member(context: BenchContext, identity: BenchService) -> tuple[str, str, str, str]:
     """A tenant, one member and an API client that may read it. Answers the ids and the secret."""
-    async with open_channel(target) as channel:
+    async with context.channel(identity, as_=CALLER) as channel:
         stub = identity_pb2_grpc.IdentityServiceStub(channel)
         tenant = (await stub.CreateTenant(
             pb.CreateTenantRequest(name="Bench University", kind=pb.TENANT_KIND_UNIVERSITY,
@@ -63,27 +64,15 @@ async def _measure(context: BenchContext, *, url: str, headers: dict[str, str]) 
     description="GET /v1/tenants/{t}/members/{id} through the gateway vs a bare FastAPI constant route",
 )
 async def get_member(context: BenchContext) -> Figures:
-    identity_port, identity_metrics_port = free_port(), free_port()
-    identity_target = f"{BENCH_HOST}:{identity_port}"
-    await context.start_process(
-        name="identity",
-        module_args=["services.identity"],
-        env={
-            "ONECARD_DATABASE_URL": context.database_url(),
-            "ONECARD_NATS_URL": context.nats_url(),
-            "ONECARD_GRPC_HOST": BENCH_HOST,
-            "ONECARD_GRPC_PORT": str(identity_port),
-            "ONECARD_METRICS_PORT": str(identity_metrics_port),
-            "ONECARD_LOG_LEVEL": "warning",
-        },
-        probe=grpc_health_probe(identity_target),
-    )
+    identity = await context.start_grpc_service(name="identity", module="services.identity")
     gateway_port, bare_port = free_port(), free_port()
     await context.start_process(
         name="gateway",
         module_args=["bench.serve", "gateway", "--port", str(gateway_port)],
         env={
-            "ONECARD_IDENTITY_TARGET": identity_target,
+            # The gateway proves itself to identity with its certificate, as in production.
+            **context.process_env("gateway"),
+            "ONECARD_IDENTITY_TARGET": identity.target,
             # Not measured here; the codes routes are not called.
             "ONECARD_CODEGEN_TARGET": f"{BENCH_HOST}:{free_port()}",
             "ONECARD_TOKEN_SECRET": BENCH_TOKEN_SECRET,
@@ -100,7 +89,7 @@ async def get_member(context: BenchContext) -> Figures:
         env={},
         probe=http_ready_probe(f"http://{BENCH_HOST}:{bare_port}{BARE_PATH}"),
     )
-    tenant_id, member_id, client_id, client_secret = await _seed_member(identity_target)
+    tenant_id, member_id, client_id, client_secret = await _seed_member(context, identity)
 
     gateway_url = f"http://{BENCH_HOST}:{gateway_port}"
     async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S) as client:

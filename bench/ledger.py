@@ -8,7 +8,8 @@ suites share a server with fsync off). Both sides commit once per operation and 
 flush, so the ratio says what the ledger's Python, gRPC and extra SQL cost on top of a plain
 durable OLTP transaction. Goal >= 0.5. pgbench: ``-i -s <clients> -I dtGvp`` into its own database
 on that server (one branch per client), then ``-c N -j N -T <duration> -M prepared -n``, each side
-after a warm-up of the same length and a CHECKPOINT.
+after a warm-up of the same length and a CHECKPOINT (the ledger's once the ledger is quiet:
+bench.harness.settle).
 ``ledger.pay_p99_ms``: the client-side latency of Pay at that load.
 ``ledger.settle_offline_per_s``: offline records per second booked through SettleOffline, a
 100k-record batch in calls of 1000, a few calls in flight; checked afterwards (every record
@@ -19,6 +20,13 @@ generated stub still in its servicer, which the mesh's error interceptor answers
 
 The ``*_cpu_ratio`` figures (CPU seconds per second of load of the ledger process, of PostgreSQL
 and of the load client or pgbench) say where the time went on this two-core machine.
+
+``ledger.pay_tls_vs_plaintext_ratio``: what TLS costs a payment. The bench calls Pay as policy
+does, over mutual TLS with policy's certificate, the ledger publishing its events to NATS over
+TLS; the same load goes to a twin ledger in insecure development mode (plaintext gRPC and NATS,
+no caller checks) on a database of its own on the same server, seeded alike, in slices that
+alternate with the TLS ones (bench.harness.measure_tls_and_plaintext). ``ledger.pay_per_s`` and
+the figures beside it are over TLS; ``ledger.pay_plaintext_*`` are their twins.
 """
 from __future__ import annotations
 
@@ -32,18 +40,34 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Self
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.harness import BenchContext, Figures, benchmark
-from bench.load import LoadResult, closed_loop_calls
+from bench.harness import (
+    BenchContext,
+    BenchService,
+    Figures,
+    Measurement,
+    benchmark,
+    measure_tls_and_plaintext,
+    process_cpu_s,
+    settle,
+    tls_price_figures,
+)
+from bench.load import closed_loop_calls
 from devstack.servers import POSTGRES_BIN_PATH, Postgres
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
-from runtime.grpc_client import open_channel
 from services.ledger.servicer import LedgerServicer
 
+# The callers the bench stands in for, each one the method's allow-list names: the admin calls that
+# set the books up and check them are the gateway's, a payment is booked by policy, an offline
+# batch settled by the device hub.
+ADMIN = "gateway"
+PAYER = "policy"
+SETTLER = "devicehub"
 CALL_TIMEOUT_S = 60.0
 # What the bench's bank may owe (its clearing account's credit limit): more than its members hold.
 BANK_CREDIT_LIMIT_FEN = 10**12
@@ -55,6 +79,7 @@ SUBSIDY_REF = "bench-subsidy"
 PURSE_FUNDING_FEN = 100_000
 MAX_LEG_FEN = 20
 PGBENCH_DATABASE = "pgbench"
+PLAINTEXT_DATABASE = "ledger_plaintext"
 OFFLINE_RECORDS = 100_000
 OFFLINE_PER_CALL = 1000
 OFFLINE_CALLS_IN_FLIGHT = 4
@@ -63,7 +88,6 @@ OFFLINE_DEVICES = 50
 # then over the records sent, and says so.
 OFFLINE_MAX_S = 75.0
 TPS_LINE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -81,25 +105,11 @@ class Fixture:
 
 # --- CPU of other processes -----------------------------------------------------------------
 
-def _proc_cpu_s(pid: int, *, with_children: bool = False) -> float:
-    """User + system CPU seconds of ``pid`` (and of its reaped children), 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the name: state is fields[0], so utime/stime/cutime/cstime (stat fields 14-17) are 11-14.
-    ticks = int(fields[11]) + int(fields[12])
-    if with_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS
-
-
 def _postgres_cpu_s(postgres: Postgres) -> float:
     """The postmaster, every live backend and helper, and the children it has reaped."""
     assert postgres.process is not None
     root = postgres.process.pid
-    total = _proc_cpu_s(root, with_children=True)
+    total = process_cpu_s(root, with_children=True)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -109,7 +119,7 @@ def _postgres_cpu_s(postgres: Postgres) -> float:
         except (OSError, ValueError, IndexError):
             continue
         if ppid == root:
-            total += _proc_cpu_s(int(entry))
+            total += process_cpu_s(int(entry))
     return total
 
 
@@ -123,11 +133,11 @@ class CpuMeter:
     _postgres0: float = 0.0
 
     def start(self) -> None:
-        self._ledger0 = _proc_cpu_s(self.ledger_pid)
+        self._ledger0 = process_cpu_s(self.ledger_pid)
         self._postgres0 = _postgres_cpu_s(self.postgres)
 
     def stop(self) -> tuple[float, float]:
-        return _proc_cpu_s(self.ledger_pid) - self._ledger0, _postgres_cpu_s(self.postgres) - self._postgres0
+        return process_cpu_s(self.ledger_pid) - self._ledger0, _postgres_cpu_s(self.postgres) - self._postgres0
 
 
 # --- the service and its accounts -----------------------------------------------------------
@@ -197,7 +207,8 @@ def _legs(member: Member, rng: random.Random) -> list[pb.PayLeg]:
 def _pgbench(postgres: Postgres, *args: str, timeout_s: float) -> str:
     argv = [str(POSTGRES_BIN_PATH / "pgbench"), "-h", postgres.host, "-p", str(postgres.port), "-U", "postgres",
             *args, PGBENCH_DATABASE]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    env = {**os.environ, "PGPASSWORD": postgres.password or ""}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return done.stdout
@@ -241,8 +252,10 @@ def _settings(postgres: Postgres) -> str:
 
 @dataclass
 class LedgerSetup:
-    target: str
-    pid: int
+    """The durable server, the ledger serving on it over TLS and the seeded tenant, shared by both
+    benchmarks."""
+
+    ledger: BenchService
     postgres: Postgres
     fixture: Fixture
     settings: str
@@ -251,32 +264,100 @@ class LedgerSetup:
 _setup: LedgerSetup | None = None
 
 
+async def _seeded_ledger(context: BenchContext, *, name: str, database_url: str, plaintext: bool = False
+                         ) -> tuple[BenchService, Fixture]:
+    ledger = await context.start_grpc_service(name=name, module="services.ledger", database_url=database_url,
+                                              plaintext=plaintext)
+    started = time.perf_counter()
+    async with context.channel(ledger, as_=ADMIN) as channel:
+        fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))
+    print(f"  seeded {len(fixture.members)} members (2 purses each, funded) on the {name} in "
+          f"{time.perf_counter() - started:.1f}s", flush=True)
+    return ledger, fixture
+
+
 async def _ledger_setup(context: BenchContext) -> LedgerSetup:
-    """The durable server, the ledger on it and the seeded tenant, shared by both benchmarks."""
     global _setup
     if _setup is not None and _setup.postgres is context.durable_postgres():
         return _setup
     postgres = context.durable_postgres()
     settings = _settings(postgres)
-    target, pid = await context.start_grpc_service(name="ledger", module="services.ledger",
-                                                   database_url=postgres.dsn())
-    started = time.perf_counter()
-    async with open_channel(target) as channel:
-        fixture = await _seed(ledger_pb2_grpc.LedgerServiceStub(channel))
     print(f"  PostgreSQL for the ledger: {settings}", flush=True)
-    print(f"  seeded {len(fixture.members)} members (2 purses each, funded) in {time.perf_counter() - started:.1f}s",
-          flush=True)
-    _setup = LedgerSetup(target=target, pid=pid, postgres=postgres, fixture=fixture, settings=settings)
+    ledger, fixture = await _seeded_ledger(context, name="ledger", database_url=postgres.dsn())
+    _setup = LedgerSetup(ledger=ledger, postgres=postgres, fixture=fixture, settings=settings)
     return _setup
 
 
-@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server")
+class PayLoad:
+    """Payments from ``clients`` workers, sent as policy sends them, to one ledger for its fixture's
+    members; what they paid is checked against the merchant's takings and the trial balance."""
+
+    def __init__(self, context: BenchContext, *, ledger: BenchService, fixture: Fixture, postgres: Postgres,
+                 clients: int):
+        self.ledger, self.fixture, self.postgres, self.clients = ledger, fixture, postgres, clients
+        self._payer_channel = context.channel(ledger, as_=PAYER)
+        self._admin_channel = context.channel(ledger, as_=ADMIN)
+        self._payer = ledger_pb2_grpc.LedgerServiceStub(self._payer_channel)
+        self.admin = ledger_pb2_grpc.LedgerServiceStub(self._admin_channel)
+        self._run = uuid.uuid4().hex[:8]
+        self._sequence = [0] * clients
+        self._rngs = [random.Random(i) for i in range(clients)]
+        self.failures: list[str] = []
+        self.paid_fen = 0
+        self._merchant_before = 0
+
+    async def __aenter__(self) -> Self:
+        self._merchant_before = await _merchant_posted(self.admin, self.fixture)
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self._payer_channel.close()
+        await self._admin_channel.close()
+
+    async def _call(self, worker: int) -> bool:
+        rng, fixture = self._rngs[worker], self.fixture
+        self._sequence[worker] += 1
+        legs = _legs(rng.choice(fixture.members), rng)
+        request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{self._run}-{worker}-"
+                                f"{self._sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
+                                device_id=f"bench-pos-{worker}")
+        try:
+            await self._payer.Pay(request, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if len(self.failures) < 5:
+                self.failures.append(f"{exc.code().name}: {exc.details()}")
+            return False
+        self.paid_fen += sum(leg.amount_fen for leg in legs)
+        return True
+
+    async def warm_up(self, duration_s: float) -> None:
+        # What came before (the seed's events still being published) falls in no measurement.
+        await settle({"ledger": self.ledger.pid})
+        await closed_loop_calls(call=self._call, duration_s=duration_s, concurrency=self.clients)
+
+    async def run(self, duration_s: float) -> Measurement:
+        meter = CpuMeter(ledger_pid=self.ledger.pid, postgres=self.postgres)
+        meter.start()
+        result = await closed_loop_calls(call=self._call, duration_s=duration_s, concurrency=self.clients)
+        ledger_cpu, postgres_cpu = meter.stop()
+        if result.errors or self.failures:
+            raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {self.failures}")
+        return Measurement(result=result, cpu_s={"ledger": ledger_cpu, "postgres": postgres_cpu})
+
+    async def check(self) -> None:
+        merchant_fen = await _merchant_posted(self.admin, self.fixture) - self._merchant_before
+        if merchant_fen != self.paid_fen:
+            raise RuntimeError(f"the merchant got {merchant_fen} fen for {self.paid_fen} fen paid")
+        await _trial_balance(self.admin, self.fixture.tenant_id)
+
+
+@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server; "
+                                     "over TLS and in plaintext")
 async def pay(context: BenchContext) -> Figures:
     setup = await _ledger_setup(context)
     load = context.load
     clients = load.concurrency
     postgres = setup.postgres
-    fixture = setup.fixture
 
     # pgbench: its own database on the same server, one branch per client so the TPC-B rows do
     # not all queue on one branch row.
@@ -287,55 +368,31 @@ async def pay(context: BenchContext) -> Figures:
     print(f"  pgbench -i -s {scale} in {time.perf_counter() - started:.1f}s; runs: pgbench "
           f"{' '.join(_pgbench_run_argv(clients, load.duration_s))}", flush=True)
 
-    run = uuid.uuid4().hex[:8]
-    failures: list[str] = []
-    sequence = [0] * clients
-    rngs = [random.Random(i) for i in range(clients)]
+    # Warm-up, then a checkpoint before each measured run, so neither side pays for the other's
+    # dirty pages or starts with fewer full-page writes to make.
+    await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, load.warmup_s), timeout_s=60)
+    await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+    tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
+                                                               duration_s=load.duration_s, ledger_pid=setup.ledger.pid)
 
-    async with open_channel(setup.target) as channel:
-        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        merchant_before = await _merchant_posted(stub, fixture)
-        paid_fen = 0
-
-        async def call(worker: int) -> bool:
-            nonlocal paid_fen
-            rng = rngs[worker]
-            sequence[worker] += 1
-            legs = _legs(rng.choice(fixture.members), rng)
-            request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{run}-{worker}-"
-                                    f"{sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
-                                    device_id=f"bench-pos-{worker}")
-            try:
-                await stub.Pay(request, timeout=CALL_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                if len(failures) < 5:
-                    failures.append(f"{exc.code().name}: {exc.details()}")
-                return False
-            paid_fen += sum(leg.amount_fen for leg in legs)
-            return True
-
-        # Warm-up of both sides, then a checkpoint before each measured run, so neither pays
-        # for the other's dirty pages or starts with fewer full-page writes to make.
-        await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, load.warmup_s), timeout_s=60)
-        await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=clients)
-
-        await asyncio.to_thread(postgres._psql, "CHECKPOINT")
-        tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
-                                                                   duration_s=load.duration_s, ledger_pid=setup.pid)
-
-        await asyncio.to_thread(postgres._psql, "CHECKPOINT")
-        meter = CpuMeter(ledger_pid=setup.pid, postgres=postgres)
-        meter.start()
-        result: LoadResult = await closed_loop_calls(call=call, duration_s=load.duration_s, concurrency=clients)
-        ledger_cpu, postgres_cpu = meter.stop()
-        if result.errors or failures:
-            raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {failures}")
-
-        merchant_after = await _merchant_posted(stub, fixture)
-        if merchant_after - merchant_before != paid_fen:
-            raise RuntimeError(f"the merchant got {merchant_after - merchant_before} fen for {paid_fen} fen paid")
-        await _trial_balance(stub, fixture.tenant_id)
-
+    # The plaintext twin: the ledger in insecure development mode on a database of its own on the
+    # same server, seeded alike; both are paid in alternating slices.
+    twin_url = context.fresh_database(PLAINTEXT_DATABASE, durable=True)
+    twin, twin_fixture = await _seeded_ledger(context, name="ledger-plaintext", database_url=twin_url, plaintext=True)
+    try:
+        async with PayLoad(context, ledger=setup.ledger, fixture=setup.fixture, postgres=postgres,
+                           clients=clients) as over_tls, \
+                PayLoad(context, ledger=twin, fixture=twin_fixture, postgres=postgres, clients=clients) as plain:
+            await over_tls.warm_up(load.warmup_s)
+            await plain.warm_up(load.warmup_s)
+            await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+            tls, plaintext = await measure_tls_and_plaintext(duration_s=load.duration_s, tls=over_tls.run,
+                                                             plaintext=plain.run)
+            await over_tls.check()
+            await plain.check()
+    finally:
+        await context.stop_service(twin)
+    result = tls.result
     return {
         "ledger.pay_vs_pgbench_ratio": result.rps / tps,
         "ledger.pay_per_s": result.rps,
@@ -343,11 +400,12 @@ async def pay(context: BenchContext) -> Figures:
         "ledger.pay_p50_ms": result.median_ms,
         "ledger.pay_p99_ms": result.percentile_ms(0.99),
         # Where the time went (CPU seconds per second of load; the machine has two cores).
-        "ledger.pay_ledger_cpu_ratio": ledger_cpu / result.elapsed_s,
-        "ledger.pay_postgres_cpu_ratio": postgres_cpu / result.elapsed_s,
+        "ledger.pay_ledger_cpu_ratio": tls.cpu_ratio("ledger"),
+        "ledger.pay_postgres_cpu_ratio": tls.cpu_ratio("postgres"),
         "ledger.pay_client_cpu_ratio": result.client_cpu_ratio,
         "ledger.pgbench_postgres_cpu_ratio": pg_postgres_cpu,
         "ledger.pgbench_client_cpu_ratio": pgbench_cpu,
+        **tls_price_figures("ledger.pay", tls=tls, plaintext=plaintext),
     }
 
 
@@ -377,8 +435,10 @@ async def settle_offline(context: BenchContext) -> Figures:
     setup = await _ledger_setup(context)
     fixture = setup.fixture
     run = uuid.uuid4().hex[:8]
-    async with open_channel(setup.target) as channel:
-        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    async with context.channel(setup.ledger, as_=SETTLER) as settle_channel, \
+            context.channel(setup.ledger, as_=ADMIN) as admin_channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(settle_channel)
+        admin = ledger_pb2_grpc.LedgerServiceStub(admin_channel)
 
         async def settle(records: list[pb.OfflineRecord]) -> list[pb.OfflineResult]:
             answer = await stub.SettleOffline(pb.SettleOfflineRequest(tenant_id=fixture.tenant_id, records=records),
@@ -406,7 +466,7 @@ async def settle_offline(context: BenchContext) -> Figures:
         sent = sent_fen = 0
         outcomes: dict[int, int] = {}
         examples: list[str] = []
-        merchant_before = await _merchant_posted(stub, fixture)
+        merchant_before = await _merchant_posted(admin, fixture)
         deadline = time.perf_counter() + OFFLINE_MAX_S
 
         async def caller() -> None:
@@ -422,7 +482,7 @@ async def settle_offline(context: BenchContext) -> Figures:
                 if time.perf_counter() > deadline:
                     return
 
-        meter = CpuMeter(ledger_pid=setup.pid, postgres=setup.postgres)
+        meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=setup.postgres)
         meter.start()
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(OFFLINE_CALLS_IN_FLIGHT)))
@@ -433,10 +493,10 @@ async def settle_offline(context: BenchContext) -> Figures:
         if booked != sent:
             named = {pb.OfflineOutcome.Name(k): v for k, v in outcomes.items()}
             raise RuntimeError(f"{booked} of {sent} offline records BOOKED ({named}), e.g. {examples}")
-        merchant_fen = await _merchant_posted(stub, fixture) - merchant_before
+        merchant_fen = await _merchant_posted(admin, fixture) - merchant_before
         if merchant_fen != sent_fen:
             raise RuntimeError(f"the merchant got {merchant_fen} fen for {sent_fen} fen of offline records")
-        await _trial_balance(stub, fixture.tenant_id)
+        await _trial_balance(admin, fixture.tenant_id)
     if sent < OFFLINE_RECORDS:
         print(f"  CUT SHORT: {OFFLINE_MAX_S:.0f}s passed after {sent} of {OFFLINE_RECORDS} records; "
               "the rate is over those", flush=True)

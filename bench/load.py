@@ -15,7 +15,7 @@ import contextlib
 import resource
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -59,6 +59,14 @@ class LoadResult:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.latencies_ms) if self.latencies_ms else 0.0
+
+    @staticmethod
+    def combined(parts: Sequence[LoadResult]) -> LoadResult:
+        """Several runs of the same load as one: their calls, time and CPU added up."""
+        return LoadResult(requests=sum(p.requests for p in parts), errors=sum(p.errors for p in parts),
+                          elapsed_s=sum(p.elapsed_s for p in parts),
+                          client_cpu_s=sum(p.client_cpu_s for p in parts),
+                          latencies_ms=[ms for p in parts for ms in p.latencies_ms])
 
 
 class RawConnection:

@@ -7,7 +7,8 @@ with the same client, the same concurrency and the same time, in the same run; t
 the serialized EvaluateRequest, so both carry the same request bytes. The echo is measured before
 and after Evaluate and the baseline is the mean of the two, so a machine whose speed drifts during
 the run (a checkpoint or vacuum after the benchmark before) moves both sides alike. It says what a
-plan costs on top of gRPC itself (the floor is 1.0).
+plan costs on top of gRPC itself (the floor is 1.0). Both sides are called as the device hub, over
+mutual TLS, each server checking the caller against its allow-list: TLS is on both sides.
 
 Evaluate reads through policy's member-state cache, as it does in production (the service's
 default ``member_state_cache_s``): a member's purses and counters read from the ledger are reused
@@ -49,20 +50,23 @@ from onecard_policy.examples import university_rule_set
 from onecard_policy.rules import parse_rule_set
 
 from bench.echo import ECHO_METHOD
-from bench.harness import BenchContext, Figures, benchmark
-from bench.ledger import _proc_cpu_s
+from bench.harness import BenchContext, BenchService, Figures, benchmark, process_cpu_s
 from bench.load import closed_loop_calls
 from bench.serve import BENCH_HOST
 from devstack.servers import free_port
-from devstack.supervisor import grpc_health_probe
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2 as pb
 from onecard.policy.v1 import policy_pb2_grpc
-from runtime.grpc_client import open_channel
 
 # A fixed bench master key: the bench database is thrown away after the run.
 BENCH_MASTER_KEY = "43" * 32
+# The callers the bench stands in for, each one the method's allow-list names: the gateway sets the
+# tenant up (accounts, top-ups, the rule set), the device hub asks for plans (Evaluate, and the
+# echo, its floor), and the background payer books as policy does (LedgerService.Pay).
+ADMIN = "gateway"
+PLANNER = "devicehub"
+PAYER = "policy"
 CALL_TIMEOUT_S = 60.0
 MEMBERS = 200
 SETUP_CONCURRENCY = 16
@@ -80,13 +84,15 @@ INPROC_CALLS = 20_000
 INPROC_WARMUP_CALLS = 2_000
 
 
-async def _echo_server(context: BenchContext) -> tuple[str, int]:
+async def _echo_server(context: BenchContext) -> BenchService:
+    """The echo over mutual TLS with its own certificate, as a service of the mesh."""
     port = free_port()
     target = f"{BENCH_HOST}:{port}"
-    process = await context.start_process(name="echo", module_args=["bench.echo", "--port", str(port)], env={},
-                                          probe=grpc_health_probe(target))
+    process = await context.start_process(name="echo", module_args=["bench.echo", "--port", str(port)],
+                                          env=context.process_env("echo"),
+                                          probe=context.health_probe(target, server_name="echo"))
     assert process.pid is not None
-    return target, process.pid
+    return BenchService(name="echo", target=target, pid=process.pid)
 
 
 async def _open(stub: ledger_pb2_grpc.LedgerServiceStub, tenant_id: str, owner_kind: int, owner_id: str,
@@ -191,21 +197,27 @@ async def _pay_in_background(ledger: ledger_pb2_grpc.LedgerServiceStub, policy: 
                        "gRPC echo, same client")
 async def evaluate_vs_echo(context: BenchContext) -> Figures:
     load = context.load
-    ledger_target, ledger_pid = await context.start_grpc_service(name="ledger-policy", module="services.ledger")
+    ledger_service = await context.start_grpc_service(name="ledger-policy", module="services.ledger")
     metrics_port = free_port()
-    policy_target, policy_pid = await context.start_grpc_service(name="policy", module="services.policy", env={
-        "ONECARD_LEDGER_TARGET": ledger_target,
+    policy_service = await context.start_grpc_service(name="policy", module="services.policy", env={
+        "ONECARD_LEDGER_TARGET": ledger_service.target,
         "ONECARD_POLICY_MASTER_KEY": BENCH_MASTER_KEY,
         "ONECARD_METRICS_PORT": str(metrics_port),
     })
     metrics_url = f"http://{BENCH_HOST}:{metrics_port}/metrics"
-    echo_target, echo_pid = await _echo_server(context)
-    async with open_channel(ledger_target) as ledger_channel, open_channel(policy_target) as policy_channel, \
-            open_channel(echo_target) as echo_channel:
-        ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
+    echo_service = await _echo_server(context)
+    ledger_pid, policy_pid, echo_pid = ledger_service.pid, policy_service.pid, echo_service.pid
+    async with context.channel(ledger_service, as_=ADMIN) as ledger_admin_channel, \
+            context.channel(ledger_service, as_=PAYER) as ledger_pay_channel, \
+            context.channel(policy_service, as_=ADMIN) as policy_admin_channel, \
+            context.channel(policy_service, as_=PLANNER) as policy_channel, \
+            context.channel(echo_service, as_=PLANNER) as echo_channel:
+        ledger_admin = ledger_pb2_grpc.LedgerServiceStub(ledger_admin_channel)
+        ledger_payer = ledger_pb2_grpc.LedgerServiceStub(ledger_pay_channel)
+        policy_admin = policy_pb2_grpc.PolicyServiceStub(policy_admin_channel)
         policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
         echo = echo_channel.unary_unary(ECHO_METHOD)
-        tenant_id, merchant, members = await _seed(ledger, policy)
+        tenant_id, merchant, members = await _seed(ledger_admin, policy_admin)
         requests = _requests(tenant_id, merchant, members)
         payloads = [r.SerializeToString() for r in requests]
         # One plan checked before measuring: approved, paid from the member's cash purse.
@@ -235,19 +247,19 @@ async def evaluate_vs_echo(context: BenchContext) -> Figures:
                                  ("echo_after", call_echo, {"echo": echo_pid})):
             payer = None
             if name == "evaluate":
-                payer = asyncio.ensure_future(_pay_in_background(ledger, policy, tenant_id, merchant, members,
-                                                                 booked))
+                payer = asyncio.ensure_future(_pay_in_background(ledger_payer, policy, tenant_id, merchant,
+                                                                 members, booked))
             try:
                 await closed_loop_calls(call=call, duration_s=load.warmup_s, concurrency=load.concurrency)
                 if payer is not None:
                     lookups_before = await _cache_lookups(metrics_url)
-                before = {who: _proc_cpu_s(pid) for who, pid in pids.items()}
+                before = {who: process_cpu_s(pid) for who, pid in pids.items()}
                 started = time.perf_counter()
                 results[name] = await closed_loop_calls(call=call, duration_s=load.duration_s,
                                                         concurrency=load.concurrency)
                 measured = (started, time.perf_counter()) if payer is not None else measured
                 for who, pid in pids.items():
-                    cpu[who] = (_proc_cpu_s(pid) - before[who]) / results[name].elapsed_s
+                    cpu[who] = (process_cpu_s(pid) - before[who]) / results[name].elapsed_s
                 if payer is not None:
                     after = await _cache_lookups(metrics_url)
                     lookups = {k: after.get(k, 0.0) - lookups_before.get(k, 0.0) for k in after}
