@@ -348,8 +348,9 @@ class PartnerHandler(grpc.GenericRpcHandler):
                 RPC_REQUESTS.labels(method, code.name).inc()
                 RPC_SECONDS.labels(method).observe(elapsed_s)
                 # The method, never the request: it carries member ids, names and keys.
-                log.info("grpc request", grpc_method=method, code=code.name, reason=problem.reason if problem else None,
-                         duration_ms=round(elapsed_s * 1000, 1))
+                # (No key with "code" in it: the log redacts those, e-codes being secrets.)
+                log.info("grpc request", grpc_method=method, grpc_status=code.name,
+                         reason=problem.reason if problem else None, duration_ms=round(elapsed_s * 1000, 1))
                 structlog.contextvars.clear_contextvars()
                 structlog.contextvars.bind_contextvars(**outer_context)
 

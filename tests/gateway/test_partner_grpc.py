@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import BaseModel
 
+from devstack.servers import free_port
 from gateway.auth import LEDGER_ADMIN, SCOPES
 from gateway.partner_grpc import (
     SERVICE,
@@ -175,12 +175,6 @@ class Faces:
             data = {bound.rpc.wrap: data}
         return Outcome(ok=True, message=json_format.ParseDict(data, bound.response_class()),
                        text=response.text), response
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _channel(port: int, *, ca_pem: bytes) -> grpc.aio.Channel:
@@ -497,7 +491,7 @@ async def test_the_rate_limit_and_a_revoked_grant_hold_on_the_grpc_face(identity
 
 
 async def test_the_port_speaks_only_tls_and_answers_health_and_reflection_without_a_token(identity: Any) -> None:
-    port = _free_port()
+    port = free_port()
     settings = gateway_settings(identity_target=identity.target, partner_grpc_port=port)
     async with running_gateway(settings) as (app, _http):
         state: GatewayState = app.state.gateway
