@@ -10,7 +10,6 @@ B's tenant or ids, with a token lacking the scope, with no token or a bad one.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -224,6 +223,13 @@ def test_every_partner_rpc_is_in_the_matrix() -> None:
     assert set(SERVICE.methods_by_name) == set(RPC_CALLS), "add the rpc to RPC_CALLS (and gateway.partner_api)"
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation names (``Model``, ``Model | None``, ``list[Model]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in getattr(annotation, "__args__", ()) for model in _models_in(arg)]
+
+
 def _fields_fit(model: type[BaseModel], descriptor: Descriptor, where: str) -> list[str]:
     """The REST model's fields that have no place (or the wrong kind of place) in the message."""
     problems = []
@@ -233,17 +239,11 @@ def _fields_fit(model: type[BaseModel], descriptor: Descriptor, where: str) -> l
         if found is None:
             problems.append(f"{where}.{wire} is missing")
             continue
-        nested = [a for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
-                  if isinstance(a, type) and issubclass(a, BaseModel)]
-        for arg in getattr(info.annotation, "__args__", ()):
-            nested += [a for a in getattr(arg, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg not in nested:
-                nested.append(arg)
-        if nested:
-            if found.message_type is None:
-                problems.append(f"{where}.{wire} is not a message")
-            else:
-                problems += _fields_fit(nested[0], found.message_type, f"{where}.{wire}")
+        nested = _models_in(info.annotation)
+        if nested and found.message_type is None:
+            problems.append(f"{where}.{wire} is not a message")
+        elif nested:
+            problems += _fields_fit(nested[0], found.message_type, f"{where}.{wire}")
     return problems
 
 
@@ -278,6 +278,17 @@ def test_request_fields_with_a_rest_default_say_when_they_are_absent() -> None:
                 # REST's None and proto's zero must mean the same to the twin: "" / 0 / false is
                 # what the endpoint treats as absent (e.g. an empty Idempotency-Key is no key).
                 assert descriptor.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BOOL), (name, wire)
+
+
+def test_each_http_status_maps_back_to_a_grpc_code_that_maps_to_it() -> None:
+    """HTTP_TO_GRPC is GRPC_TO_HTTP's inverse: a refusal the gateway decides keeps its meaning on
+    the gRPC face, and its code maps back to the status REST answers."""
+    for code, mapping in GRPC_TO_HTTP.items():
+        back = HTTP_TO_GRPC[mapping.status]
+        assert GRPC_TO_HTTP[back].status == mapping.status, code
+    for status, code in HTTP_TO_GRPC.items():
+        if code in GRPC_TO_HTTP:
+            assert GRPC_TO_HTTP[code].status == status or status in (413, 415, 422), status
 
 
 def running_app() -> Any:
