@@ -202,17 +202,19 @@ def request_values(message: Message) -> dict[str, Any]:
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
         if field.is_repeated:
+            is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
             if len(value):
-                values[field.name] = dict(value) if field.message_type and field.message_type.GetOptions().map_entry \
-                    else [json_format.MessageToDict(v, preserving_proto_field_name=True)
-                          if isinstance(v, Message) else v for v in value]
+                values[field.name] = dict(value) if is_map else [_plain(v) for v in value]
         elif field.has_presence:
             if message.HasField(field.name):
-                values[field.name] = (json_format.MessageToDict(value, preserving_proto_field_name=True)
-                                      if isinstance(value, Message) else value)
+                values[field.name] = _plain(value)
         else:
             values[field.name] = value
     return values
+
+
+def _plain(value: Any) -> Any:
+    return json_format.MessageToDict(value, preserving_proto_field_name=True) if isinstance(value, Message) else value
 
 
 def without_nulls(value: Any) -> Any:
@@ -249,6 +251,8 @@ async def answer(bound: BoundRpc, state: GatewayState, request: Message, metadat
     tenant_id = values.get("tenant_id") if "tenant_id" in bound.param_aliases else None
     principal = await admit(state, principal, tenant_id=tenant_id, scopes=bound.scopes)
 
+    # FastAPI's own validation of the twin's declarations, as it runs for a REST request: the same
+    # constraints, the same errors (their loc names path, query, header or body as REST's do).
     dependant = bound.dependant
     received = {alias: values[name] for name, alias in bound.param_aliases.items() if name in values}
     arguments, errors = request_params_to_args(
