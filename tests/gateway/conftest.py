@@ -64,6 +64,8 @@ def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_T
         "token_rate_limit_per_s": GENEROUS_RATE,
         "token_rate_limit_burst": int(GENEROUS_RATE),
         "identity_timeout_s": 10.0,
+        # No partner gRPC port unless a test asks for one (tests/gateway/test_partner_grpc.py).
+        "partner_grpc_port": 0,
         **service_values("gateway"),
     }
     values.update(overrides)
