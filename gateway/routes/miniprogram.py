@@ -1,6 +1,7 @@
 """REST for mini-program backends (docs/miniprograms.md): bindings of the calling client's external
 user ids (members:bind) and self-service on behalf of a bound member (members:self-service), plus
-the admin's PIN reset (members:write).
+the school's side: clearing or setting a member's PIN at its office and the tenant's self-service
+settings (members:write; reading the settings members:read).
 
 The partner is always the token's client: the client id sent to identity comes from the token,
 never from the request. External user ids travel in bodies (and the lookup's query string),
@@ -18,7 +19,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from gateway.auth import BindMembers, Principal, SelfService, WriteMembers
+from gateway.auth import BindMembers, Principal, ReadMembers, SelfService, WriteMembers
 from gateway.models import Member, MemberId, TenantId, member_from_pb, timestamp
 from gateway.problems import problem_responses
 from gateway.state import State
@@ -84,6 +85,22 @@ class PinUpdate(SelfServiceBody):
     new_pin: Pin
     old_pin: Pin | None = Field(default=None, description="Required when the member has a PIN; absent for the "
                                 "first one.")
+
+
+class AdminPinSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pin: Pin
+
+
+class SelfServiceSettingsUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    first_pin_by_admin: bool = Field(description="Only the school's admin sets a member's first PIN (at its office, "
+                                     "having seen the member); partners can then only change it.")
+
+
+class SelfServiceSettings(SelfServiceSettingsUpdate):
+    model_config = ConfigDict(extra="ignore")
+    updated_at: datetime | None = Field(description="Null while the defaults apply.")
 
 
 class PinSet(BaseModel):
@@ -217,3 +234,44 @@ async def reset_member_pin(
         timeout=state.timeout_s,
     )
     return Response(status_code=204)
+
+
+@router.put("/v1/tenants/{tenant_id}/members/{member_id}/pin", status_code=204, tags=["miniprograms"],
+            summary="Set a member's PIN at the school's office (no old PIN; the lockout ends)",
+            response_class=Response)
+async def admin_set_member_pin(
+    tenant_id: TenantId, member_id: MemberId, body: AdminPinSet, state: State, principal: WriteMembers
+) -> Response:
+    await state.identity.ResetMemberPin(
+        pb.ResetMemberPinRequest(tenant_id=tenant_id, member_id=member_id, client_id=principal.client_id,
+                                 new_pin=body.pin.get_secret_value()),
+        timeout=state.timeout_s,
+    )
+    return Response(status_code=204)
+
+
+def _settings(settings: pb.SelfServiceSettings) -> SelfServiceSettings:
+    return SelfServiceSettings(first_pin_by_admin=settings.first_pin_by_admin,
+                               updated_at=timestamp(settings.updated_at))
+
+
+@router.get("/v1/tenants/{tenant_id}/self-service-settings", response_model=SelfServiceSettings,
+            tags=["miniprograms"], summary="The tenant's self-service settings")
+async def get_self_service_settings(tenant_id: TenantId, state: State, _principal: ReadMembers) -> SelfServiceSettings:
+    answer = await state.identity.GetSelfServiceSettings(pb.GetSelfServiceSettingsRequest(tenant_id=tenant_id),
+                                                         timeout=state.timeout_s)
+    return _settings(answer.settings)
+
+
+@router.put("/v1/tenants/{tenant_id}/self-service-settings", response_model=SelfServiceSettings,
+            tags=["miniprograms"], summary="Change the tenant's self-service settings")
+async def update_self_service_settings(
+    tenant_id: TenantId, body: SelfServiceSettingsUpdate, state: State, principal: WriteMembers
+) -> SelfServiceSettings:
+    answer = await state.identity.UpdateSelfServiceSettings(
+        pb.UpdateSelfServiceSettingsRequest(
+            tenant_id=tenant_id, client_id=principal.client_id,
+            settings=pb.SelfServiceSettings(first_pin_by_admin=body.first_pin_by_admin)),
+        timeout=state.timeout_s,
+    )
+    return _settings(answer.settings)

@@ -10,6 +10,9 @@ Choices made here where the issue left them open (docs/miniprograms.md says the 
   new account); binding an id another member holds is refused (EXTERNAL_USER_BOUND): silently
   moving it would hand one person's mini-program to another member's card. Repeating a binding
   changes nothing. A member who left cannot be bound (MEMBER_LEFT).
+- A member's first PIN needs no old one, and is set through any partner the member is bound to,
+  unless the tenant chose to set first PINs only at its office (``first_pin_by_admin``), where
+  the admin has seen the member. The admin can also clear a forgotten PIN or set a new one.
 - A PIN is six digits. Six equal digits and straight runs (123456, 987654) are refused
   (PIN_TOO_SIMPLE): they are the first guesses. It is hashed with scrypt (N=2^14, r=8, p=1, 16
   random bytes of salt), the parameters stored with the hash, so they can be raised later without
@@ -182,6 +185,20 @@ def binding_event_data(binding: Binding) -> dict[str, object]:
     if binding.unbound_reason is not None:
         data["reason"] = binding.unbound_reason.value
     return data
+
+
+@dataclass(frozen=True)
+class SelfServiceSettings:
+    """A tenant's self-service settings; the defaults until the tenant first sets them."""
+
+    # Only the tenant's admin sets a member's first PIN (at the school's office, having seen them).
+    first_pin_by_admin: bool = False
+    updated_at: datetime | None = None
+
+
+def refuse_first_pin_by_partner(settings: SelfServiceSettings) -> None:
+    if settings.first_pin_by_admin:
+        raise FailedPrecondition("this school sets a member's first PIN at its office", reason="FIRST_PIN_BY_ADMIN")
 
 
 # --- PIN hashing ----------------------------------------------------------------------------

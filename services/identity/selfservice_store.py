@@ -22,6 +22,7 @@ from services.identity.selfservice import (
     BindDecision,
     Binding,
     PinRecord,
+    SelfServiceSettings,
     UnbindReason,
     binding_event_data,
 )
@@ -126,6 +127,15 @@ class PinTx:
             record.locked_until,
         )
 
+    async def replace(self, record: PinRecord) -> None:
+        """Store ``record`` as the member's PIN, whether or not one was set; the lockout ends."""
+        await self._conn.execute(
+            """INSERT INTO member_pins (tenant_id, member_id, pin_hash, set_at) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (tenant_id, member_id) DO UPDATE
+               SET pin_hash = EXCLUDED.pin_hash, set_at = EXCLUDED.set_at, failed_attempts = 0, locked_until = NULL""",
+            self.tenant_id, self.member_id, record.pin_hash, record.set_at,
+        )
+
     async def delete(self) -> None:
         await self._conn.execute("DELETE FROM member_pins WHERE tenant_id = $1 AND member_id = $2",
                                  self.tenant_id, self.member_id)
@@ -175,6 +185,33 @@ class SelfServiceStore:
             tenant_id, member_id,
         )
         return [_binding(row) for row in rows]
+
+    async def settings(self, *, tenant_id: uuid.UUID) -> SelfServiceSettings:
+        row = await self._pool.fetchrow(
+            "SELECT first_pin_by_admin, updated_at FROM self_service_settings WHERE tenant_id = $1", tenant_id)
+        if row is None:
+            return SelfServiceSettings()
+        return SelfServiceSettings(first_pin_by_admin=row["first_pin_by_admin"], updated_at=row["updated_at"])
+
+    async def update_settings(self, *, tenant_id: uuid.UUID, settings: SelfServiceSettings,
+                              client_id: str) -> SelfServiceSettings:
+        """Store the settings, with an event when they changed; answers them as stored."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            changed = await conn.fetchval(
+                """INSERT INTO self_service_settings (tenant_id, first_pin_by_admin, updated_at, updated_by)
+                   VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id) DO UPDATE SET first_pin_by_admin = EXCLUDED.first_pin_by_admin,
+                       updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by
+                   WHERE self_service_settings.first_pin_by_admin IS DISTINCT FROM EXCLUDED.first_pin_by_admin
+                   RETURNING true""",
+                tenant_id, settings.first_pin_by_admin, settings.updated_at, client_id,
+            )
+            if changed:
+                subject = "identity.self_service.settings_changed"
+                await emit(conn, subject=subject, event_type=subject, tenant_id=str(tenant_id),
+                           data={"tenant_id": str(tenant_id), "first_pin_by_admin": settings.first_pin_by_admin,
+                                 "client_id": client_id})
+        return await self.settings(tenant_id=tenant_id)
 
     @asynccontextmanager
     async def pin(self, *, tenant_id: uuid.UUID, member_id: uuid.UUID) -> AsyncIterator[PinTx]:

@@ -140,6 +140,11 @@ def member_pb(member: Member) -> pb.Member:
     )
 
 
+def settings_pb(settings: selfservice.SelfServiceSettings) -> pb.SelfServiceSettings:
+    return pb.SelfServiceSettings(first_pin_by_admin=settings.first_pin_by_admin,
+                                  updated_at=timestamp_pb(settings.updated_at))
+
+
 def binding_pb(binding: Binding) -> pb.ExternalUserBinding:
     return pb.ExternalUserBinding(
         tenant_id=str(binding.tenant_id),
@@ -794,6 +799,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         new_pin = selfservice.check_new_pin(request.new_pin)
         old_pin = selfservice.check_pin_format(request.old_pin, what="old_pin") if request.old_pin else ""
         selfservice.refuse_binding(member.member_id, member.status)
+        settings = await self._self_service.settings(tenant_id=tenant_id)
         new_hash = await asyncio.to_thread(selfservice.hash_pin, new_pin)
         now = self._clock()
         check: PinCheck | None = None
@@ -803,6 +809,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 if old_pin:
                     raise FailedPrecondition("the member has no PIN to change; set a first one without old_pin",
                                              reason="PIN_NOT_SET")
+                selfservice.refuse_first_pin_by_partner(settings)
                 if not await tx.insert_first(PinRecord(pin_hash=new_hash, set_at=now)):
                     raise FailedPrecondition("a PIN was set meanwhile; give old_pin to change it",
                                              reason="OLD_PIN_REQUIRED")
@@ -849,15 +856,46 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         tenant_id = domain.parse_tenant_id(request.tenant_id)
         member_id = domain.parse_member_id(request.member_id)
         client_id = _caller_client_id(request.client_id)
-        if await self._store.get_member(tenant_id=tenant_id, member_id=member_id) is None:
+        new_pin = selfservice.check_new_pin(request.new_pin) if request.new_pin else ""
+        member = await self._store.get_member(tenant_id=tenant_id, member_id=member_id)
+        if member is None:
             raise _member_not_found(member_id)
+        new_hash = ""
+        if new_pin:
+            selfservice.refuse_binding(member_id, member.status)
+            new_hash = await asyncio.to_thread(selfservice.hash_pin, new_pin)
+        now = self._clock()
         async with self._self_service.pin(tenant_id=tenant_id, member_id=member_id) as tx:
-            cleared = tx.record is not None
-            if cleared:
+            had_pin = tx.record is not None
+            if new_hash:
+                await tx.replace(PinRecord(pin_hash=new_hash, set_at=now))
+                await tx.log(kind="admin_set", client_id=client_id, attestation_id="", at=now)
+                await tx.emit(subject="identity.pin.set", data={"first": not had_pin, "by": "tenant",
+                                                                "client_id": client_id})
+            elif had_pin:
                 await tx.delete()
-                await tx.log(kind="reset", client_id=client_id, attestation_id="", at=self._clock())
+                await tx.log(kind="reset", client_id=client_id, attestation_id="", at=now)
                 await tx.emit(subject="identity.pin.reset", data={"client_id": client_id})
-        return pb.ResetMemberPinResponse(cleared=cleared)
+        return pb.ResetMemberPinResponse(cleared=had_pin and not new_hash)
+
+    async def GetSelfServiceSettings(
+        self, request: pb.GetSelfServiceSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSelfServiceSettingsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        await self._store.require_tenant(tenant_id)
+        settings = await self._self_service.settings(tenant_id=tenant_id)
+        return pb.GetSelfServiceSettingsResponse(settings=settings_pb(settings))
+
+    async def UpdateSelfServiceSettings(
+        self, request: pb.UpdateSelfServiceSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateSelfServiceSettingsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        client_id = _caller_client_id(request.client_id)
+        await self._store.require_tenant(tenant_id)
+        wanted = selfservice.SelfServiceSettings(first_pin_by_admin=request.settings.first_pin_by_admin,
+                                                 updated_at=self._clock())
+        settings = await self._self_service.update_settings(tenant_id=tenant_id, settings=wanted, client_id=client_id)
+        return pb.UpdateSelfServiceSettingsResponse(settings=settings_pb(settings))
 
 
 def _caller_client_id(value: str) -> str:

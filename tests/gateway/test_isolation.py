@@ -253,6 +253,9 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
         json={"external_user_id": "{external_user_id}", "attestation_id": "matrix", "new_pin": "880417",
               "old_pin": MATRIX_PIN}),
     ("DELETE", "/v1/tenants/{tenant_id}/members/{member_id}/pin"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/pin"): RouteCall(json={"pin": "880417"}),
+    ("GET", "/v1/tenants/{tenant_id}/self-service-settings"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/self-service-settings"): RouteCall(json={"first_pin_by_admin": True}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -500,6 +503,7 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
         # The member's binding at the tenant's partner client still stands, to the same member.
         "binding": await stub.LookupMemberByExternalUser(pb.LookupMemberByExternalUserRequest(
             tenant_id=tid, client_id=tenant.client_id, external_user_id=tenant.external_user_id)),
+        "self_service_settings": await stub.GetSelfServiceSettings(pb.GetSelfServiceSettingsRequest(tenant_id=tid)),
     }
     codegen = getattr(gateway, "codegen_stub", None)
     if codegen is not None:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import nacl.signing
 
-from gateway.auth import MEMBERS_BIND, MEMBERS_SELF_SERVICE, MEMBERS_WRITE
+from gateway.auth import MEMBERS_BIND, MEMBERS_READ, MEMBERS_SELF_SERVICE, MEMBERS_WRITE
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.identity.v1 import identity_pb2 as pb
 from runtime.logs import configure_logging
@@ -163,3 +163,20 @@ async def test_a_self_service_freeze_revokes_the_members_codes(codes_gateway: Ga
     entries = await eventually(revoked, what="the credential revoked after the self-service freeze")
     assert [(e.credential_id, e.reason) for e in entries] == [(issued.credential.credential_id, "member_frozen")]
     assert json.loads(json.dumps([e.member_id for e in entries])) == [member_id]
+
+
+async def test_the_school_requires_first_pins_at_its_office(gateway: Gateway) -> None:
+    partner = await gateway.tenant_access(scopes=[MEMBERS_BIND, MEMBERS_SELF_SERVICE])
+    admin = await gateway.tenant_access(tenant_id=partner.tenant_id, scopes=[MEMBERS_READ, MEMBERS_WRITE])
+    member_id = await _member(gateway, partner.tenant_id, "S1")
+    await _bind(gateway, partner, member_id)
+    settings_url = f"/v1/tenants/{partner.tenant_id}/self-service-settings"
+    assert (await gateway.http.get(settings_url, headers=admin.headers)).json() == {
+        "first_pin_by_admin": False, "updated_at": None}
+    updated = await gateway.http.put(settings_url, json={"first_pin_by_admin": True}, headers=admin.headers)
+    assert updated.json()["first_pin_by_admin"] is True and updated.json()["updated_at"] is not None
+    assert_problem(await _self(gateway, partner, "pin", new_pin=PIN), 409, reason="FIRST_PIN_BY_ADMIN")
+    office = await gateway.http.put(f"/v1/tenants/{partner.tenant_id}/members/{member_id}/pin", json={"pin": PIN},
+                                    headers=admin.headers)
+    assert office.status_code == 204 and PIN not in office.text
+    assert (await _self(gateway, partner, "pin", new_pin=NEW_PIN, old_pin=PIN)).json() == {"first": False}

@@ -412,3 +412,34 @@ async def test_self_service_needs_an_attestation_and_a_binding(mini: Mini) -> No
         assert await refused(freeze(mini, "openid-1", attestation_id=attestation)) == (
             grpc.StatusCode.INVALID_ARGUMENT, "ATTESTATION_ID_INVALID"), attestation
     assert await refused(freeze(mini, "openid-unknown")) == (grpc.StatusCode.NOT_FOUND, "BINDING_NOT_FOUND")
+
+
+async def test_a_school_may_set_first_pins_at_its_office_only(mini: Mini, db, nats_url: str) -> None:
+    li = await bound_member(mini, "S1", "openid-1")
+    default = await mini.stub.GetSelfServiceSettings(pb.GetSelfServiceSettingsRequest(tenant_id=mini.tenant_id))
+    assert default.settings.first_pin_by_admin is False and not default.settings.HasField("updated_at")
+    updated = await mini.stub.UpdateSelfServiceSettings(pb.UpdateSelfServiceSettingsRequest(
+        tenant_id=mini.tenant_id, client_id=mini.client_b, settings=pb.SelfServiceSettings(first_pin_by_admin=True)))
+    assert updated.settings.first_pin_by_admin is True and updated.settings.HasField("updated_at")
+    # The same again changes nothing (one event).
+    await mini.stub.UpdateSelfServiceSettings(pb.UpdateSelfServiceSettingsRequest(
+        tenant_id=mini.tenant_id, client_id=mini.client_b, settings=pb.SelfServiceSettings(first_pin_by_admin=True)))
+
+    assert await refused(set_pin(mini, "openid-1", PIN)) == (grpc.StatusCode.FAILED_PRECONDITION, "FIRST_PIN_BY_ADMIN")
+    assert await db.fetchval("SELECT count(*) FROM member_pins") == 0
+    # At the office: the admin sets it, no old PIN needed.
+    admin_set = await mini.stub.ResetMemberPin(pb.ResetMemberPinRequest(
+        tenant_id=mini.tenant_id, member_id=li.member_id, client_id=mini.client_b, new_pin=PIN))
+    assert admin_set.cleared is False
+    # Then the member changes it through the partner, with the old one.
+    assert (await set_pin(mini, "openid-1", OTHER_PIN, old_pin=PIN)).first is False
+    assert await refused(mini.stub.ResetMemberPin(pb.ResetMemberPinRequest(
+        tenant_id=mini.tenant_id, member_id=li.member_id, client_id=mini.client_b, new_pin="111111"))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "PIN_TOO_SIMPLE")
+    kinds = [r["kind"] for r in await db.fetch("SELECT kind FROM member_pin_events ORDER BY event_id")]
+    assert kinds == ["admin_set", "verified", "changed"]
+    (changed,) = await read_exactly(nats_url, stream="IDENTITY", subjects="identity.self_service.>", count=1)
+    assert json.loads(changed.data)["data"] == {"tenant_id": mini.tenant_id, "first_pin_by_admin": True,
+                                                "client_id": mini.client_b}
+    assert await refused(mini.stub.GetSelfServiceSettings(pb.GetSelfServiceSettingsRequest(
+        tenant_id=str(uuid.uuid4())))) == (grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND")

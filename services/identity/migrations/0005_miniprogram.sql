@@ -50,9 +50,19 @@ CREATE TABLE member_pin_events (
     tenant_id       UUID NOT NULL REFERENCES tenants,
     member_id       UUID NOT NULL REFERENCES members (member_id),
     event_id        BIGINT GENERATED ALWAYS AS IDENTITY,
-    kind            TEXT NOT NULL CHECK (kind IN ('set', 'changed', 'reset', 'verified', 'failed', 'locked')),
+    kind            TEXT NOT NULL CHECK (kind IN ('set', 'changed', 'admin_set', 'reset', 'verified', 'failed',
+                                                  'locked')),
     client_id       TEXT NOT NULL,
     attestation_id  TEXT NOT NULL DEFAULT '',
     at              TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (tenant_id, member_id, event_id)
+);
+
+-- A tenant's self-service settings; a tenant without a row has the defaults.
+CREATE TABLE self_service_settings (
+    tenant_id           UUID PRIMARY KEY REFERENCES tenants,
+    -- Only the tenant's admin sets a member's first PIN (at the school's office).
+    first_pin_by_admin  BOOLEAN NOT NULL,
+    updated_at          TIMESTAMPTZ NOT NULL,
+    updated_by          TEXT NOT NULL
 );
