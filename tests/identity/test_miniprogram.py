@@ -75,7 +75,8 @@ async def bind(mini: Mini, member_id: str, external_user_id: str, *, client_id: 
         external_user_id=external_user_id, member_id=member_id))
 
 
-def lookup(mini: Mini, external_user_id: str, *, client_id: str | None = None, tenant_id: str | None = None):  # noqa: ANN201
+def lookup(mini: Mini, external_user_id: str, *, client_id: str | None = None,  # noqa: ANN201
+           tenant_id: str | None = None):
     return mini.stub.LookupMemberByExternalUser(pb.LookupMemberByExternalUserRequest(
         tenant_id=tenant_id or mini.tenant_id, client_id=client_id or mini.client_a,
         external_user_id=external_user_id))
@@ -88,8 +89,8 @@ def caller(mini: Mini, external_user_id: str, *, client_id: str | None = None,
 
 
 def set_pin(mini: Mini, external_user_id: str, new_pin: str, old_pin: str = ""):  # noqa: ANN201
-    return mini.stub.SetMemberPin(pb.SetMemberPinRequest(tenant_id=mini.tenant_id, caller=caller(mini, external_user_id),
-                                                         new_pin=new_pin, old_pin=old_pin))
+    return mini.stub.SetMemberPin(pb.SetMemberPinRequest(
+        tenant_id=mini.tenant_id, caller=caller(mini, external_user_id), new_pin=new_pin, old_pin=old_pin))
 
 
 def unfreeze(mini: Mini, external_user_id: str, pin: str):  # noqa: ANN201
@@ -241,8 +242,8 @@ async def test_a_first_pin_needs_no_old_one_and_changing_needs_it(mini: Mini, db
     assert PIN not in stored["pin_hash"] and OTHER_PIN not in stored["pin_hash"]
     # The wrong old PIN counted; the right one reset the count; the last wrong one counts again.
     assert stored["failed_attempts"] == 1
-    events = [(r["kind"], r["client_id"], r["attestation_id"])
-              for r in await db.fetch("SELECT kind, client_id, attestation_id FROM member_pin_events ORDER BY event_id")]
+    rows = await db.fetch("SELECT kind, client_id, attestation_id FROM member_pin_events ORDER BY event_id")
+    events = [(r["kind"], r["client_id"], r["attestation_id"]) for r in rows]
     assert events == [("set", mini.client_a, "sess-1"), ("failed", mini.client_a, "sess-1"),
                       ("verified", mini.client_a, "sess-1"), ("changed", mini.client_a, "sess-1"),
                       ("failed", mini.client_a, "sess-1")]
