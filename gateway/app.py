@@ -26,7 +26,7 @@ from gateway.partner_grpc import bind_partner_rpcs, start_partner_server
 from gateway.partner_grpc import server_credentials as partner_credentials
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
-from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy
+from gateway.routes import codes, devices, identity, ledger, miniprogram, oauth, ops, policy
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
@@ -78,6 +78,9 @@ OPENAPI_TAGS = [
      "attendance comes from (devices:admin)."},
     {"name": "rollouts", "description": "Firmware and config rollouts to a device group in stages (devices:admin)."},
     {"name": "data", "description": "The data API (data:read): the real-time dining index per canteen."},
+    {"name": "miniprograms", "description": "Mini-program backends: the calling client's external user ids bound "
+     "to members (members:bind), and self-service for a bound member: freeze, report a card lost, PIN, unfreeze "
+     "with the PIN (members:self-service). See docs/miniprograms.md."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -316,6 +319,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.gateway = state
     install_problem_handlers(app)
     app.include_router(oauth.router)
+    # Before identity's: its /members/by-external-user must win over /members/{member_id}.
+    app.include_router(miniprogram.router)
     app.include_router(identity.router)
     app.include_router(codes.router)
     app.include_router(ledger.router)

@@ -42,6 +42,8 @@ POLICY_ADMIN = "policy:admin"
 PAYMENTS_CREATE = "payments:create"
 DEVICES_ADMIN = "devices:admin"
 DATA_READ = "data:read"
+MEMBERS_BIND = "members:bind"
+MEMBERS_SELF_SERVICE = "members:self-service"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -71,6 +73,11 @@ SCOPES: dict[str, str] = {
     "records; create and follow firmware and config rollouts (the school's operators).",
     DATA_READ: "Read the tenant's data API: the real-time dining index (people served per canteen against "
     "capacity) for dashboards and partners.",
+    MEMBERS_BIND: "Bind the calling client's own external user ids (a mini-program's openid) to members, unbind "
+    "them, and look a member up by one; another client's bindings are never seen (mini-program backends).",
+    MEMBERS_SELF_SERVICE: "Act for a member bound to the calling client, named by its external user id: freeze, "
+    "report a card lost, set or change the member's PIN, and unfreeze a self-service freeze with the member's PIN "
+    "(mini-program backends).",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -268,3 +275,5 @@ AdminPolicy = Annotated[Principal, Security(authorize, scopes=[POLICY_ADMIN])]
 CreatePayments = Annotated[Principal, Security(authorize, scopes=[PAYMENTS_CREATE])]
 AdminDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_ADMIN])]
 ReadData = Annotated[Principal, Security(authorize, scopes=[DATA_READ])]
+BindMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_BIND])]
+SelfService = Annotated[Principal, Security(authorize, scopes=[MEMBERS_SELF_SERVICE])]

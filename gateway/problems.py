@@ -68,8 +68,10 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpMapping] = {
 FALLBACK_MAPPING = HttpMapping(500, show_detail=False)
 # ErrorInfo metadata a caller needs to act on, copied into the problem body (only where the
 # detail is shown): ``rule``, the rule of a refused rule set (policy's INVALID_ARGUMENT) or of a
-# refused access rule document (the device hub's ACCESS_RULES_INVALID).
-SURFACED_METADATA = ("rule",)
+# refused access rule document (the device hub's ACCESS_RULES_INVALID); ``attempts_left``, the
+# PIN checks left before a member's PIN locks (PIN_INCORRECT); ``retry_after_s``, also sent as
+# Retry-After (PIN_LOCKED).
+SURFACED_METADATA = ("rule", "attempts_left", "retry_after_s")
 
 
 # The inverse, for the partner gRPC face (gateway.partner_grpc): a refusal the gateway decides
@@ -208,12 +210,27 @@ def service_problem(error: grpc.aio.AioRpcError) -> ProblemError:
     if mapping is FALLBACK_MAPPING:
         return ProblemError(status=500, reason="INTERNAL", grpc_code=grpc.StatusCode.INTERNAL)
     detail = error.details() if mapping.show_detail else (mapping.fixed_detail or UNAVAILABLE_DETAIL)
-    headers = {"Retry-After": "1"} if mapping.status in (429, 503) else None
+    headers = {"Retry-After": _retry_after(metadata)} if mapping.status in (429, 503) else None
     if code is grpc.StatusCode.UNIMPLEMENTED:
         reason = "NOT_IMPLEMENTED"
-    extra = {key: metadata[key] for key in SURFACED_METADATA if key in metadata} if mapping.show_detail else None
+    extra = {key: _surfaced(key, metadata[key]) for key in SURFACED_METADATA if key in metadata} \
+        if mapping.show_detail else None
     return ProblemError(status=mapping.status, reason=reason or code.name, detail=detail, headers=headers,
                         extra=extra, grpc_code=code)
+
+
+_NUMERIC_METADATA = ("attempts_left", "retry_after_s")
+
+
+def _surfaced(key: str, value: str) -> str | int:
+    """Counts and waits as JSON numbers, everything else as the service sent it."""
+    return int(value) if key in _NUMERIC_METADATA and value.isdigit() and len(value) <= 9 else value
+
+
+def _retry_after(metadata: dict[str, str]) -> str:
+    """The service's own wait when it gave one (a locked PIN), else a second."""
+    value = metadata.get("retry_after_s", "")
+    return value if value.isdigit() and 0 < len(value) <= 6 else "1"
 
 
 def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONResponse:
