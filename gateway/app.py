@@ -25,7 +25,7 @@ from gateway.grants import Grant, GrantCache
 from gateway.identity_events import follow_grant_events
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
-from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy
+from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy, reconciliation
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
@@ -311,6 +311,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(identity.router)
     app.include_router(codes.router)
     app.include_router(ledger.router)
+    app.include_router(reconciliation.router)
     app.include_router(policy.router)
     app.include_router(devices.router)
     app.include_router(ops.router)
