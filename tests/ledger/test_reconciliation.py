@@ -3,6 +3,7 @@ clearing account's day, and the low-balance event, on the real ledger over gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -13,6 +14,8 @@ import asyncpg
 import grpc
 
 from onecard.ledger.v1 import ledger_pb2 as pb
+from runtime.grpc_client import error_info
+from runtime.wire import timestamp_pb
 from tests.conftest import RunningService
 from tests.ledger.support import balance, check_books, open_account, refused
 
@@ -368,3 +371,54 @@ async def test_a_reversal_that_takes_a_purse_below_its_threshold_fires_the_event
     reversed_ = await _reverse(stub, tenant_id, clearing, transfer_id=topped.transfer.transfer_id)
     assert [(e["balance_fen"], e["transfer_id"]) for e in await _low_events(ledger_db, tenant_id)] == [
         (0, reversed_.transfer.transfer_id)]
+
+
+async def test_concurrent_reversals_of_one_top_up_reverse_it_once(ledger: RunningService,
+                                                                 ledger_db: asyncpg.Connection) -> None:
+    stub = ledger.stub
+    tenant_id, clearing, cash = await _partner(stub)
+    await _fund(stub, tenant_id, clearing, 10_000)
+    topped = await _top_up(stub, tenant_id, clearing, cash, 6_000, key="bank-txn-9")
+    attempts = [_reverse(stub, tenant_id, clearing, transfer_id=topped.transfer.transfer_id) if n % 2 else
+                _reverse(stub, tenant_id, clearing, top_up_key="bank-txn-9") for n in range(6)]
+    outcomes = await asyncio.gather(*attempts, return_exceptions=True)
+    done = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(done) == 1
+    refusals = [o for o in outcomes if isinstance(o, BaseException)]
+    assert all(isinstance(o, grpc.aio.AioRpcError) and error_info(o)[0] == "TOP_UP_ALREADY_REVERSED"
+               for o in refusals), refusals
+    assert (await balance(stub, tenant_id, cash)).posted_fen == 0
+    assert (await balance(stub, tenant_id, clearing)).posted_fen == 10_000
+    await check_books(ledger_db)
+
+
+async def test_concurrent_fundings_with_one_bank_reference_book_it_once(ledger: RunningService,
+                                                                       ledger_db: asyncpg.Connection) -> None:
+    stub = ledger.stub
+    tenant_id, clearing, _cash = await _partner(stub)
+    outcomes = await asyncio.gather(*(_fund(stub, tenant_id, clearing, 1_000, bank_reference="SAME")
+                                      for _ in range(6)), return_exceptions=True)
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    assert {error_info(o)[0] for o in outcomes if isinstance(o, grpc.aio.AioRpcError)} == {"BANK_REFERENCE_USED"}
+    assert (await balance(stub, tenant_id, clearing)).posted_fen == 1_000
+    await check_books(ledger_db)
+
+
+async def test_an_offline_settlement_that_crosses_the_threshold_fires_the_event(
+        ledger: RunningService, ledger_db: asyncpg.Connection) -> None:
+    stub = ledger.stub
+    tenant_id, clearing, cash = await _partner(stub)
+    merchant = await open_account(stub, tenant_id, owner_kind=pb.OWNER_KIND_MERCHANT, owner_id="canteen",
+                                  purse_kind=pb.PURSE_KIND_MERCHANT_SETTLEMENT)
+    await _fund(stub, tenant_id, clearing, 10_000)
+    await _top_up(stub, tenant_id, clearing, cash, 1_000)
+    await stub.SetLowBalanceThreshold(pb.SetLowBalanceThresholdRequest(tenant_id=tenant_id, account_id=cash,
+                                                                       threshold_fen=500))
+    now = datetime.now(SHANGHAI)
+    records = [pb.OfflineRecord(idempotency_key=f"pos-1:{n}", merchant_account_id=merchant, device_id="pos-1",
+                                legs=[pb.PayLeg(account_id=cash, amount_fen=300)], event_time=timestamp_pb(now))
+               for n in range(3)]
+    settled = await stub.SettleOffline(pb.SettleOfflineRequest(tenant_id=tenant_id, records=records))
+    # 1000 -> 700 -> 400 (crossed) -> 100: one event, for the second record.
+    events = await _low_events(ledger_db, tenant_id)
+    assert [(e["balance_fen"], e["transfer_id"]) for e in events] == [(400, settled.results[1].transfer.transfer_id)]
