@@ -56,6 +56,8 @@ class GatewayState:
     devicehub_stub: devicehub_pb2_grpc.DeviceAdminServiceStub | None = None
     # gRPC health of the device hub, for /readyz.
     devicehub_health_stub: health_pb2_grpc.HealthStub | None = None
+    # The port the partner gRPC API listens on (gateway.partner_grpc); None when it does not.
+    partner_grpc_port: int | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
