@@ -247,10 +247,10 @@ async def _file(state: GatewayState, *, tenant_id: str, clearing: pb.AccountBala
             answer = await state.ledger.GetReconciliation(request, timeout=state.timeout_s)
             yield answer
 
-    subject = _UNSAFE_FILENAME.sub("_", clearing.account.ref)
+    filename = f"reconciliation-{_UNSAFE_FILENAME.sub('_', clearing.account.ref)}-{date}.csv"
     return StreamingResponse(reconciliation_csv(pages(), date=date, time_zone=time_zone),
                              media_type="text/csv; charset=utf-8",
-                             headers={"Content-Disposition": f'attachment; filename="reconciliation-{subject}-{date}.csv"'})
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 @router.get("/v1/tenants/{tenant_id}/reconciliation/{date}", tags=["wallets"], response_class=StreamingResponse,

@@ -963,7 +963,8 @@ class TenantTx:
         order: each with its effect on the account, the member on its other side (if a member's)
         and a funding's value date."""
         rows = await self.conn.fetch(
-            f"SELECT {', '.join('t.' + c.strip() for c in _TRANSFER_COLUMNS.split(','))}, p.amount_fen AS clearing_fen,"
+            f"SELECT {', '.join('t.' + c.strip() for c in _TRANSFER_COLUMNS.split(','))},"
+            " p.amount_fen AS clearing_fen,"
             " (SELECT a.owner_id FROM postings o JOIN accounts a ON a.account_id = o.account_id"
             "   WHERE o.transfer_id = t.transfer_id AND o.account_id <> $2 AND a.owner_kind = 'member' LIMIT 1)"
             " AS member_id, f.value_date"
