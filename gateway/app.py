@@ -26,7 +26,7 @@ from gateway.partner_grpc import bind_partner_rpcs, start_partner_server
 from gateway.partner_grpc import server_credentials as partner_credentials
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
-from gateway.routes import codes, devices, identity, ledger, miniprogram, oauth, ops, policy
+from gateway.routes import codes, devices, identity, ledger, miniprogram, oauth, ops, policy, reconciliation
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
@@ -324,6 +324,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(identity.router)
     app.include_router(codes.router)
     app.include_router(ledger.router)
+    app.include_router(reconciliation.router)
     app.include_router(policy.router)
     app.include_router(devices.router)
     app.include_router(ops.router)

@@ -56,13 +56,16 @@ SCOPES: dict[str, str] = {
     "and the signed policy bundle and its keys (devices, device hubs).",
     CODES_ADMIN: "Administer the tenant's e-codes: read and change its code settings (offline caps, defaults), "
     "rotate its issuer key, revoke a credential or all of a member's (the school's operators).",
-    WALLETS_READ: "Read members' purses and their history, the calling client's own clearing account, and whether "
+    WALLETS_READ: "Read members' purses and their history, the calling client's own clearing account and its daily "
+    "reconciliation file, and whether "
     "a payment was booked (\"did this pay?\" by idempotency key). A merchant's accounts also need statements:read "
     "(or ledger:admin); the tenant's other accounts ledger:admin; another partner's clearing account is never shown.",
-    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account, within the credit "
-    "limit the tenant set on it (banks).",
+    WALLETS_TOPUP: "Top up a member's cash purse from the calling client's own clearing account, within what it "
+    "prefunded and the credit limit the tenant set on it; reverse its own top-ups; set members' low-balance "
+    "thresholds (banks).",
     LEDGER_ADMIN: "Administer the tenant's ledger: open accounts, refunds, freezing accounts, subsidy programs, "
-    "grant batches and clawbacks, the trial balance, partners' credit limits (the school's finance office).",
+    "grant batches and clawbacks, the trial balance, partners' credit limits, fundings and reconciliation files, "
+    "refunds to the bank (the school's finance office).",
     STATEMENTS_READ: "Download a merchant's or a device's daily statement (CSV) and its totals.",
     POLICY_ADMIN: "Administer the tenant's spending rules: create, validate, list, read and publish rule-set "
     "versions; dry-run a payment against a version or the published rules (the school's operators).",

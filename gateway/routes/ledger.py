@@ -81,11 +81,12 @@ STATEMENT_COLUMNS = ["booked_at", "event_time", "transfer_id", "kind", "merchant
 
 OwnerKindName = Literal["member", "merchant", "tenant", "system"]
 PurseKindName = Literal["cash", "subsidy", "voucher", "merchant_settlement", "bank_clearing", "subsidy_funding",
-                        "receivable"]
+                        "receivable", "bank_receipts"]
 ProgramPurseKindName = Literal["subsidy", "voucher"]
 AccountStatusName = Literal["open", "frozen", "closed"]
 TransferKindName = Literal["top_up", "payment", "refund", "hold", "capture", "void", "expiry", "subsidy_grant",
-                           "subsidy_expiry", "clawback", "offline_settlement"]
+                           "subsidy_expiry", "clawback", "offline_settlement", "clearing_funding", "top_up_reversal",
+                           "bank_refund"]
 ProgramStatusName = Literal["active", "ending", "ended"]
 GrantBatchStatusName = Literal["running", "done"]
 GrantRowStatusName = Literal["pending", "granted", "failed"]
@@ -128,6 +129,9 @@ class AccountOut(BaseModel):
     credit_limit_fen: int | None = Field(default=None, description="A bank clearing account's credit limit: how far "
                                          "below zero its balance may go (0: the bank tops up only what it "
                                          "prefunded). null on every other account.")
+    low_balance_threshold_fen: int | None = Field(default=None, description="A cash purse's low-balance threshold "
+                                                  "(ledger.balance.low fires when the balance crosses below it); "
+                                                  "null when none is set, and on every other account.")
 
 
 class BalanceOut(BaseModel):
@@ -288,6 +292,7 @@ def _account(item: pb.AccountBalance) -> AccountOut:
         no_overdraft=a.no_overdraft, status=enum_name(pb.AccountStatus, value=a.status),
         posted_fen=b.posted_fen, pending_fen=b.pending_fen, available_fen=b.available_fen,
         credit_limit_fen=a.credit_limit_fen if a.HasField("credit_limit_fen") else None,
+        low_balance_threshold_fen=a.low_balance_threshold_fen if a.HasField("low_balance_threshold_fen") else None,
     )
 
 

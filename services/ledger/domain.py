@@ -15,6 +15,14 @@ Choices made here where the issue left them open:
   row in the top-up's own transaction (and by a CHECK on the row), so clearing accounts are never
   sharded. The tenant may lower the limit to what the bank already owes, not below (to stop a bank
   at once, freeze its clearing account).
+- A funding (the bank's transfer to the school) credits the clearing account and debits the
+  tenant's one bank receipts account, so what a partner may top up is its balance plus its credit
+  limit. A bank reference funds a clearing account once. Fundings, top-up reversals and refunds to
+  the bank reach a frozen clearing account: money already moved at the bank must be booked.
+- A top-up reversal takes back exactly the top-up's amount from the cash purse it credited, once,
+  and only while the purse still holds it (a frozen purse too: the money never arrived).
+- A low-balance threshold watches a cash purse's available balance; a crossing from at or above it
+  to below it is an event, found on the rows the write already locked (docs/reconciliation.md).
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class PurseKind(StrEnum):
     BANK_CLEARING = "bank_clearing"
     SUBSIDY_FUNDING = "subsidy_funding"
     RECEIVABLE = "receivable"
+    # The school's bank receipts: what partners paid in to fund their clearing accounts.
+    BANK_RECEIPTS = "bank_receipts"
 
 
 MEMBER_PURSES = frozenset({PurseKind.CASH, PurseKind.SUBSIDY, PurseKind.VOUCHER})
@@ -84,7 +94,8 @@ _PURSES_BY_OWNER = {
     # A member's receivable holds what an offline payment could not take from the purses.
     OwnerKind.MEMBER: MEMBER_PURSES | {PurseKind.RECEIVABLE},
     OwnerKind.MERCHANT: frozenset({PurseKind.MERCHANT_SETTLEMENT, PurseKind.RECEIVABLE}),
-    OwnerKind.TENANT: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE}),
+    OwnerKind.TENANT: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE,
+                                 PurseKind.BANK_RECEIPTS}),
     OwnerKind.SYSTEM: frozenset({PurseKind.BANK_CLEARING, PurseKind.SUBSIDY_FUNDING, PurseKind.RECEIVABLE}),
 }
 # Subsidies are per program and vouchers per campaign: those purses need a ref.
@@ -116,6 +127,12 @@ class TransferKind(StrEnum):
     SUBSIDY_EXPIRY = "subsidy_expiry"
     CLAWBACK = "clawback"
     OFFLINE_SETTLEMENT = "offline_settlement"
+    # The bank's transfer to the school, credited to its clearing account.
+    CLEARING_FUNDING = "clearing_funding"
+    # A top-up undone (the bank's own transfer failed): the money back to the clearing account.
+    TOP_UP_REVERSAL = "top_up_reversal"
+    # A member's cash paid back out through a partner's clearing account (a leaver's refund).
+    BANK_REFUND = "bank_refund"
 
 
 class HoldStatus(StrEnum):
@@ -138,6 +155,8 @@ class Account:
     status: AccountStatus
     # Bank clearing accounts only: how far below zero the balance may go. None: no such floor.
     credit_limit_fen: int | None = None
+    # Cash purses only: crossing below it emits ledger.balance.low. None: not watched.
+    low_balance_threshold_fen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1000,3 +1019,179 @@ def check_pay(*, idempotency_key: str, merchant_account_id: uuid.UUID, legs: lis
                       device_id=device_id, external_ref=external_ref, event_time=event_time,
                       guards=tuple(checked_guards), code=checked_code, sponsor=sponsor,
                       request_fingerprint=check_request_fingerprint(request_fingerprint or b""))
+
+
+# --- prefunding, reversals, refunds to the bank, reconciliation -------------------------------
+
+# The kinds of transfer that touch a partner's clearing account: the reconciliation file's lines,
+# in the order its totals list them.
+CLEARING_KINDS = (TransferKind.CLEARING_FUNDING, TransferKind.TOP_UP, TransferKind.TOP_UP_REVERSAL,
+                  TransferKind.BANK_REFUND)
+MAX_BANK_REFERENCE_CHARS = 128
+DEFAULT_RECONCILIATION_PAGE = 1000
+MAX_RECONCILIATION_PAGE = 5000
+# A low-balance threshold: at most what one transfer may move.
+MAX_LOW_BALANCE_THRESHOLD_FEN = MAX_AMOUNT_FEN
+_CLEARING = frozenset({PurseKind.BANK_CLEARING})
+
+
+@dataclass(frozen=True)
+class Funding:
+    """A bank's transfer to the school, as the tenant records it against a clearing account."""
+
+    clearing_account_id: uuid.UUID
+    amount_fen: int
+    bank_reference: str
+    value_date: date
+
+    def request(self) -> dict[str, Any]:
+        return {"clearing": str(self.clearing_account_id), "amount_fen": self.amount_fen,
+                "bank_reference": self.bank_reference, "value_date": self.value_date.isoformat()}
+
+
+def check_funding(*, clearing_account_id: uuid.UUID, amount_fen: int, bank_reference: str,
+                  value_date: str) -> Funding:
+    check_amount(amount_fen)
+    if not bank_reference or len(bank_reference) > MAX_BANK_REFERENCE_CHARS or _CONTROL.search(bank_reference):
+        raise InvalidArgument(f"bank_reference must be 1..{MAX_BANK_REFERENCE_CHARS} characters, without control "
+                              "characters", reason="INVALID_BANK_REFERENCE")
+    try:
+        day = date.fromisoformat(value_date)
+    except (ValueError, TypeError):
+        raise InvalidArgument("value_date must be YYYY-MM-DD", reason="INVALID_VALUE_DATE") from None
+    if len(value_date) != 10:
+        raise InvalidArgument("value_date must be YYYY-MM-DD", reason="INVALID_VALUE_DATE")
+    return Funding(clearing_account_id=clearing_account_id, amount_fen=amount_fen, bank_reference=bank_reference,
+                   value_date=day)
+
+
+def check_clearing_account(account: Account) -> None:
+    check_purse(account, kinds=_CLEARING, what="clearing_account")
+
+
+def bank_reference_used(bank_reference: str) -> Conflict:
+    return Conflict("this bank reference has funded the clearing account already", reason="BANK_REFERENCE_USED",
+                    metadata={"bank_reference": bank_reference})
+
+
+def check_top_up_to_reverse(top_up: Transfer, *, clearing_account_id: uuid.UUID) -> tuple[uuid.UUID, int]:
+    """The cash purse a top-up credited and its amount; a transfer that is not a top-up from this
+    clearing account is not found (a partner learns nothing of another's transfers)."""
+    debits = [p for p in top_up.postings if p.amount_fen < 0]
+    credits = [p for p in top_up.postings if p.amount_fen > 0]
+    if top_up.kind is not TransferKind.TOP_UP or [p.account_id for p in debits] != [clearing_account_id] \
+            or len(credits) != 1:
+        raise NotFound("no such top-up from this clearing account", reason="TRANSFER_NOT_FOUND")
+    return credits[0].account_id, top_up.amount_fen
+
+
+def already_reversed(reversal_id: uuid.UUID) -> FailedPrecondition:
+    return FailedPrecondition("this top-up was reversed already", reason="TOP_UP_ALREADY_REVERSED",
+                              metadata={"reversal_transfer_id": str(reversal_id)})
+
+
+def check_purse_still_holds(purse: AccountBalance, *, amount_fen: int) -> None:
+    """A reversal takes back exactly what the top-up gave, or nothing: the member spent it."""
+    if purse.balance.available_fen < amount_fen:
+        raise FailedPrecondition(
+            f"the member's purse no longer holds the {amount_fen} fen of this top-up "
+            f"({purse.balance.available_fen} fen available)", reason="TOP_UP_ALREADY_SPENT",
+            metadata={"account_id": str(purse.account.account_id),
+                      "available_fen": str(purse.balance.available_fen)})
+
+
+def check_bank_refund(*, purse: AccountBalance, clearing: Account, amount_fen: int) -> None:
+    check_purse(purse.account, kinds=frozenset({PurseKind.CASH}), what="a bank refund's purse")
+    check_clearing_account(clearing)
+    check_covers(purse.account, balance=purse.balance, amount_fen=amount_fen)
+
+
+def check_low_balance_threshold(account: Account, threshold_fen: int | None) -> int | None:
+    check_purse(account, kinds=frozenset({PurseKind.CASH}), what="a low-balance threshold's account")
+    if threshold_fen is not None and not 0 <= threshold_fen <= MAX_LOW_BALANCE_THRESHOLD_FEN:
+        raise InvalidArgument(f"threshold_fen must be 0..{MAX_LOW_BALANCE_THRESHOLD_FEN}",
+                              reason="INVALID_THRESHOLD")
+    return threshold_fen
+
+
+@dataclass(frozen=True)
+class LowBalance:
+    """A purse that went from at or above its threshold to below it, by ``transfer_id``."""
+
+    account: Account
+    balance_fen: int
+    threshold_fen: int
+    transfer_id: uuid.UUID
+
+
+class LowBalanceWatch:
+    """Follows the available balance of the watched purses (those with a threshold) through the
+    transfers of one transaction, in booking order, and names each crossing below a threshold:
+    one per crossing, none for a payment made while already below."""
+
+    def __init__(self, accounts: dict[uuid.UUID, AccountBalance]):
+        self._watched = {a: ab.account for a, ab in accounts.items()
+                         if ab.account.low_balance_threshold_fen is not None}
+        self._available = {a: accounts[a].balance.available_fen for a in self._watched}
+
+    def after(self, transfer: Transfer) -> list[LowBalance]:
+        crossings: list[LowBalance] = []
+        for posting in transfer.postings:
+            account = self._watched.get(posting.account_id)
+            if account is None:
+                continue
+            before = self._available[posting.account_id]
+            after = before + posting.amount_fen - posting.pending_fen
+            self._available[posting.account_id] = after
+            threshold = account.low_balance_threshold_fen
+            assert threshold is not None
+            if before >= threshold > after:
+                crossings.append(LowBalance(account=account, balance_fen=after, threshold_fen=threshold,
+                                            transfer_id=transfer.transfer_id))
+        return crossings
+
+
+@dataclass(frozen=True)
+class KindTotal:
+    kind: TransferKind
+    count: int
+    clearing_fen: int
+
+
+@dataclass(frozen=True)
+class ReconciliationTotals:
+    """A clearing account's day: the totals per kind (every kind of CLEARING_KINDS, zeros too),
+    and its balance when the day opened and closed."""
+
+    by_kind: tuple[KindTotal, ...]
+    opening_fen: int
+    closing_fen: int
+
+    @property
+    def count(self) -> int:
+        return sum(t.count for t in self.by_kind)
+
+    @property
+    def net_fen(self) -> int:
+        return sum(t.clearing_fen for t in self.by_kind)
+
+
+def reconciliation_totals(*, by_kind: dict[TransferKind, tuple[int, int]], opening_fen: int,
+                          closing_fen: int) -> ReconciliationTotals:
+    return ReconciliationTotals(
+        by_kind=tuple(KindTotal(kind=k, count=by_kind.get(k, (0, 0))[0], clearing_fen=by_kind.get(k, (0, 0))[1])
+                      for k in CLEARING_KINDS),
+        opening_fen=opening_fen, closing_fen=closing_fen)
+
+
+@dataclass(frozen=True)
+class ReconciliationLine:
+    transfer: Transfer
+    # The transfer's effect on the clearing account: fundings, reversals and bank refunds +, top-ups -.
+    clearing_fen: int
+    member_id: str
+    value_date: date | None
+
+
+def reconciliation_page_size(requested: int) -> int:
+    return paging.page_size(requested, default=DEFAULT_RECONCILIATION_PAGE, maximum=MAX_RECONCILIATION_PAGE)

@@ -48,6 +48,8 @@ from services.ledger.domain import (
     Program,
     ProgramStatus,
     PurseKind,
+    ReconciliationLine,
+    ReconciliationTotals,
     Reversal,
     ReversalOutcome,
     StatementTotals,
@@ -74,6 +76,7 @@ SUBJECT_SHORTFALL = "ledger.offline.shortfall"
 SUBJECT_REVERSED = "ledger.payment.reversed"
 SUBJECT_BATCH_FINISHED = "ledger.grant_batch.finished"
 SUBJECT_PROGRAM_ENDED = "ledger.program.ended"
+SUBJECT_BALANCE_LOW = "ledger.balance.low"
 _MERCHANT = frozenset({PurseKind.MERCHANT_SETTLEMENT})
 _FUNDING = frozenset({PurseKind.SUBSIDY_FUNDING})
 # A transaction PostgreSQL chose as a deadlock victim (or a serialization failure) is retried
@@ -82,15 +85,26 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 _RETRIES = 3
 
 
-def _posted_event(transfer: Transfer, *, applied_guards: Sequence[tuple[Guard, int]] = ()) -> PendingEvent:
+def _posted_event(transfer: Transfer, *, applied_guards: Sequence[tuple[Guard, int]] = (),
+                  extra: dict[str, Any] | None = None) -> PendingEvent:
     # A guarded payment says which counters it raised and to what, so a consumer (reports,
     # policy) need not ask GetUsageCounters; other transfers keep their data as it was.
-    extra: dict[str, Any] = {}
+    extra = dict(extra or {})
     if applied_guards:
         extra["guards"] = [{"counter_key": g.counter_key, "increment": g.increment, "limit": g.limit,
                             "value_after": value_after} for g, value_after in applied_guards]
     return PendingEvent(subject=SUBJECT_TRANSFER_POSTED, event_type=SUBJECT_TRANSFER_POSTED,
                         tenant_id=str(transfer.tenant_id), data=event_data(transfer, **extra))
+
+
+def _low_balance_events(crossings: Sequence[domain.LowBalance]) -> list[PendingEvent]:
+    return [PendingEvent(subject=SUBJECT_BALANCE_LOW, event_type=SUBJECT_BALANCE_LOW,
+                         tenant_id=str(c.account.tenant_id),
+                         data={"tenant_id": str(c.account.tenant_id), "member_id": c.account.owner_id,
+                               "account_id": str(c.account.account_id), "purse_kind": c.account.purse_kind.value,
+                               "balance_fen": c.balance_fen, "threshold_fen": c.threshold_fen,
+                               "transfer_id": str(c.transfer_id)})
+            for c in crossings]
 
 
 def _reversal_event(tenant_id: uuid.UUID, *, key: str, outcome: ReversalOutcome) -> PendingEvent:
@@ -309,6 +323,8 @@ class Ledger:
         results: dict[str, WriteResult] = {}
         guards: list[tuple[uuid.UUID, Guard, int]] = []
         refused: list[str] = []
+        # Thresholds came with the locked purse rows: finding a crossing costs no round trip.
+        watch = domain.LowBalanceWatch(accounts)
         for i in todo:
             command = commands[i]
             try:
@@ -337,6 +353,7 @@ class Ledger:
                                  balances=tuple(Balance(a, posted[a], pending[a]) for a in touched))
             booked.append((transfer_id, item))
             events.append(_posted_event(transfer, applied_guards=applied))
+            events.extend(_low_balance_events(watch.after(transfer)))
             results[command.idempotency_key] = result
             guards.extend((transfer_id, g, after) for g, after in applied)
             outcomes[i] = PayOutcome(result=result, transfer=transfer)
@@ -476,7 +493,8 @@ class Ledger:
             hold = await tx.create_hold(hold_id=transfer.transfer_id, account_id=account_id,
                                         merchant_account_id=merchant_account_id, amount_fen=amount_fen,
                                         timeout_s=timeout_s)
-            await tx.emit([_hold_event(transfer, hold)])
+            await tx.emit([_hold_event(transfer, hold),
+                           *_low_balance_events(domain.LowBalanceWatch(accounts).after(transfer))])
             return WriteResult(transfer_id=transfer.transfer_id, hold_id=hold.hold_id,
                                balances=await tx.balances([account_id]))
 
@@ -958,6 +976,8 @@ class Ledger:
             await tx.save_results({t.idempotency_key: WriteResult(transfer_id=t.transfer_id, balances=())
                                    for t in transfers})
             events = [_posted_event(t) for t in transfers]
+            watch = domain.LowBalanceWatch(accounts)
+            events.extend(e for t in transfers for e in _low_balance_events(watch.after(t)))
             short_by_transfer = {s[0]: s for s in shortfalls}
             for t in transfers:
                 if t.transfer_id in short_by_transfer:
@@ -988,6 +1008,140 @@ class Ledger:
         if payers[0].owner_kind is not OwnerKind.MEMBER:
             raise InvalidArgument("offline payments come from members' purses", reason="WRONG_ACCOUNT_KIND")
         return payers
+
+    # --- prefunding, reversals, refunds to the bank, reconciliation ------------------------------
+
+    async def fund_clearing_account(self, *, tenant_id: uuid.UUID, idempotency_key: str,
+                                    clearing_account_id: uuid.UUID, amount_fen: int, bank_reference: str,
+                                    value_date: str) -> WriteResult:
+        """Record a bank's transfer to the school: the tenant's bank receipts account (opened on
+        first use) pays the partner's clearing account, which may then top up that much more."""
+        funding = domain.check_funding(clearing_account_id=clearing_account_id, amount_fen=amount_fen,
+                                       bank_reference=bank_reference, value_date=value_date)
+
+        async def body(tx: TenantTx) -> WriteResult:
+            receipts, _ = await tx.open_account(
+                owner_kind=OwnerKind.TENANT, owner_id=str(tenant_id), purse_kind=PurseKind.BANK_RECEIPTS, ref="",
+                layout=domain.account_layout(purse_kind=PurseKind.BANK_RECEIPTS, no_overdraft=False))
+            ids = [receipts.account_id, clearing_account_id]
+            accounts = await tx.accounts(ids, lock_unsharded=True)
+            domain.check_clearing_account(accounts[clearing_account_id].account)
+            if await tx.funding_by_reference(account_id=clearing_account_id,
+                                             bank_reference=funding.bank_reference) is not None:
+                raise domain.bank_reference_used(funding.bank_reference)
+            transfer = await tx.post(
+                kind=TransferKind.CLEARING_FUNDING, idempotency_key=idempotency_key, amount_fen=amount_fen,
+                postings=[Posting(receipts.account_id, -amount_fen), Posting(clearing_account_id, amount_fen)],
+                sharded=_sharded(accounts), event_time=None, external_ref=funding.bank_reference,
+            )
+            await tx.record_funding(transfer_id=transfer.transfer_id, account_id=clearing_account_id,
+                                    bank_reference=funding.bank_reference, value_date=funding.value_date)
+            await tx.emit([_posted_event(transfer, extra={"bank_reference": funding.bank_reference,
+                                                          "value_date": funding.value_date.isoformat()})])
+            return WriteResult(transfer_id=transfer.transfer_id, balances=await tx.balances(ids))
+
+        return await self._idempotent(tenant_id=tenant_id, idempotency_key=idempotency_key,
+                                      operation="fund_clearing", request=funding.request(), body=body)
+
+    async def reverse_top_up(self, *, tenant_id: uuid.UUID, idempotency_key: str, clearing_account_id: uuid.UUID,
+                             top_up_transfer_id: uuid.UUID | None, top_up_key: str, reason: str) -> WriteResult:
+        """Undo a top-up from this clearing account (named by its transfer id, or by the scoped
+        key it was booked under): its whole amount from the cash purse back to the clearing
+        account, once, and only while the purse still holds it."""
+        if (top_up_transfer_id is None) == (not top_up_key):
+            raise InvalidArgument("name the top-up by one of its transfer id and its idempotency key",
+                                  reason="INVALID_QUERY")
+        if top_up_key:
+            domain.check_stored_key(top_up_key)
+        reason = domain.check_text(reason, what="reason", max_chars=domain.MAX_REF_CHARS)
+        request = {"clearing": str(clearing_account_id), "top_up": str(top_up_transfer_id or ""),
+                   "top_up_key": top_up_key, "reason": reason}
+
+        async def body(tx: TenantTx) -> WriteResult:
+            top_up = await tx.transfer(top_up_transfer_id) if top_up_transfer_id is not None \
+                else await tx.transfer_by_key(top_up_key)
+            if top_up is None:
+                raise NotFound("no top-up was booked under this key", reason="TRANSFER_NOT_FOUND")
+            purse_id, amount = domain.check_top_up_to_reverse(top_up, clearing_account_id=clearing_account_id)
+            await tx.lock_top_up(top_up.transfer_id)
+            if (reversal_id := await tx.reversal_of(top_up.transfer_id)) is not None:
+                raise domain.already_reversed(reversal_id)
+            ids = [purse_id, clearing_account_id]
+            accounts = await tx.accounts(ids, lock_unsharded=True)
+            domain.check_purse_still_holds(accounts[purse_id], amount_fen=amount)
+            watch = domain.LowBalanceWatch(accounts)
+            transfer = await tx.post(
+                kind=TransferKind.TOP_UP_REVERSAL, idempotency_key=idempotency_key, amount_fen=amount,
+                postings=[Posting(purse_id, -amount), Posting(clearing_account_id, amount)],
+                sharded=_sharded(accounts), event_time=None, external_ref=reason,
+                original_transfer_id=top_up.transfer_id,
+            )
+            await tx.emit([_posted_event(transfer), *_low_balance_events(watch.after(transfer))])
+            return WriteResult(transfer_id=transfer.transfer_id, balances=await tx.balances(ids))
+
+        return await self._idempotent(tenant_id=tenant_id, idempotency_key=idempotency_key,
+                                      operation="reverse_top_up", request=request, body=body)
+
+    async def refund_to_bank(self, *, tenant_id: uuid.UUID, idempotency_key: str, account_id: uuid.UUID,
+                             clearing_account_id: uuid.UUID, amount_fen: int, external_ref: str) -> WriteResult:
+        """Pay a member's cash back out through a partner's clearing account (a leaver's money
+        refunded by the bank): the purse is debited, the clearing account credited."""
+        domain.check_amount(amount_fen)
+        domain.check_text(external_ref, what="external_ref", max_chars=domain.MAX_REF_CHARS)
+        if account_id == clearing_account_id:
+            raise InvalidArgument("a refund moves money between two accounts", reason="SAME_ACCOUNT")
+        request = {"account": str(account_id), "clearing": str(clearing_account_id), "amount_fen": amount_fen,
+                   "external_ref": external_ref}
+
+        async def body(tx: TenantTx) -> WriteResult:
+            ids = [account_id, clearing_account_id]
+            accounts = await tx.accounts(ids, lock_unsharded=True)
+            domain.check_bank_refund(purse=accounts[account_id], clearing=accounts[clearing_account_id].account,
+                                     amount_fen=amount_fen)
+            watch = domain.LowBalanceWatch(accounts)
+            transfer = await tx.post(
+                kind=TransferKind.BANK_REFUND, idempotency_key=idempotency_key, amount_fen=amount_fen,
+                postings=[Posting(account_id, -amount_fen), Posting(clearing_account_id, amount_fen)],
+                sharded=_sharded(accounts), event_time=None, external_ref=external_ref,
+            )
+            await tx.emit([_posted_event(transfer), *_low_balance_events(watch.after(transfer))])
+            return WriteResult(transfer_id=transfer.transfer_id, balances=await tx.balances(ids))
+
+        return await self._idempotent(tenant_id=tenant_id, idempotency_key=idempotency_key,
+                                      operation="bank_refund", request=request, body=body)
+
+    async def set_low_balance_threshold(self, *, tenant_id: uuid.UUID, account_id: uuid.UUID,
+                                        threshold_fen: int | None) -> AccountBalance:
+        async with self._store.tenant_tx(tenant_id) as tx:
+            before = await tx.account(account_id, lock=True)
+            domain.check_low_balance_threshold(before.account, threshold_fen)
+            await tx.set_low_balance_threshold(account_id, threshold_fen=threshold_fen)
+            return await tx.account(account_id)
+
+    async def reconciliation(self, *, tenant_id: uuid.UUID, clearing_account_id: uuid.UUID, day: str,
+                             time_zone: str, page_size: int, page_token: str,
+                             ) -> tuple[AccountBalance, ReconciliationTotals, list[ReconciliationLine], str,
+                                        datetime, datetime]:
+        """A clearing account's day in ``time_zone``, from its postings: the totals (on every
+        page), a page of lines in booking order, the next page's token, and the day's bounds."""
+        start, end = domain.statement_day(day, time_zone)
+        limit = domain.reconciliation_page_size(page_size)
+        after_seq = domain.parse_page_token(page_token)
+        async with self._store.tenant_read(tenant_id) as tx:
+            clearing = await tx.account(clearing_account_id)
+            domain.check_clearing_account(clearing.account)
+            by_kind, later_fen = await tx.reconciliation_sums(account_id=clearing_account_id, start=start, end=end)
+            lines = await tx.reconciliation_lines(account_id=clearing_account_id, start=start, end=end,
+                                                  after_seq=after_seq, limit=limit + 1)
+        # A clearing account is never sharded and never holds: its posted balance is exact.
+        closing = clearing.balance.posted_fen - later_fen
+        day_fen = sum(fen for _, fen in by_kind.values())
+        totals = domain.reconciliation_totals(by_kind=by_kind, opening_fen=closing - day_fen, closing_fen=closing)
+        token = ""
+        if len(lines) > limit:
+            lines = lines[:limit]
+            token = domain.page_token(lines[-1][1])
+        return clearing, totals, [line for line, _ in lines], token, start, end
 
     # --- statements ---------------------------------------------------------------------------
 

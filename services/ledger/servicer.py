@@ -60,6 +60,7 @@ _PURSE = {
     PurseKind.BANK_CLEARING: pb.PURSE_KIND_BANK_CLEARING,
     PurseKind.SUBSIDY_FUNDING: pb.PURSE_KIND_SUBSIDY_FUNDING,
     PurseKind.RECEIVABLE: pb.PURSE_KIND_RECEIVABLE,
+    PurseKind.BANK_RECEIPTS: pb.PURSE_KIND_BANK_RECEIPTS,
 }
 _PURSE_FROM_PB = {v: k for k, v in _PURSE.items()}
 _REVERSAL = {ReversalOutcome.REVERSED: pb.REVERSAL_OUTCOME_REVERSED,
@@ -78,6 +79,9 @@ _TRANSFER_KIND = {
     TransferKind.SUBSIDY_EXPIRY: pb.TRANSFER_KIND_SUBSIDY_EXPIRY,
     TransferKind.CLAWBACK: pb.TRANSFER_KIND_CLAWBACK,
     TransferKind.OFFLINE_SETTLEMENT: pb.TRANSFER_KIND_OFFLINE_SETTLEMENT,
+    TransferKind.CLEARING_FUNDING: pb.TRANSFER_KIND_CLEARING_FUNDING,
+    TransferKind.TOP_UP_REVERSAL: pb.TRANSFER_KIND_TOP_UP_REVERSAL,
+    TransferKind.BANK_REFUND: pb.TRANSFER_KIND_BANK_REFUND,
 }
 _PROGRAM_STATUS = {
     ProgramStatus.ACTIVE: pb.PROGRAM_STATUS_ACTIVE,
@@ -127,7 +131,8 @@ def account_balance_pb(item: AccountBalance) -> pb.AccountBalance:
         account=pb.Account(tenant_id=str(a.tenant_id), account_id=str(a.account_id), owner_kind=_OWNER[a.owner_kind],
                            owner_id=a.owner_id, purse_kind=_PURSE[a.purse_kind], ref=a.ref, currency=domain.CURRENCY,
                            no_overdraft=a.no_overdraft, status=_STATUS[a.status],
-                           credit_limit_fen=a.credit_limit_fen),
+                           credit_limit_fen=a.credit_limit_fen,
+                           low_balance_threshold_fen=a.low_balance_threshold_fen),
         balance=balance_pb(item.balance),
     )
 
@@ -453,6 +458,77 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
 
+    # --- prefunding, reversals, refunds to the bank, reconciliation ------------------------------
+
+    async def FundClearingAccount(self, request: pb.FundClearingAccountRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.FundClearingAccountResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.fund_clearing_account(
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
+            clearing_account_id=domain.parse_account_ref(request.clearing_account_id, what="clearing_account_id"),
+            amount_fen=request.amount_fen, bank_reference=request.bank_reference, value_date=request.value_date,
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.FundClearingAccountResponse(transfer=transfer, balances=balances)
+
+    async def ReverseTopUp(self, request: pb.ReverseTopUpRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ReverseTopUpResponse:
+        tenant_id = _tenant(request.tenant_id)
+        top_up_key = ""
+        if request.top_up_idempotency_key:
+            # The top-up's key, in the same scope as the reversal's own: a caller reaches only its own keys.
+            top_up_key = scoped_key(key_scope(request.key_scope, caller=peer_name(context)),
+                                    domain.check_idempotency_key(request.top_up_idempotency_key))
+        result = await self._ledger.reverse_top_up(
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
+            clearing_account_id=domain.parse_account_ref(request.clearing_account_id, what="clearing_account_id"),
+            top_up_transfer_id=_transfer_ref(request.top_up_transfer_id) if request.top_up_transfer_id else None,
+            top_up_key=top_up_key, reason=request.reason,
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.ReverseTopUpResponse(transfer=transfer, balances=balances)
+
+    async def RefundToBank(self, request: pb.RefundToBankRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.RefundToBankResponse:
+        tenant_id = _tenant(request.tenant_id)
+        result = await self._ledger.refund_to_bank(
+            tenant_id=tenant_id, idempotency_key=_key(request, context),
+            account_id=domain.parse_account_ref(request.account_id),
+            clearing_account_id=domain.parse_account_ref(request.clearing_account_id, what="clearing_account_id"),
+            amount_fen=request.amount_fen, external_ref=request.external_ref,
+        )
+        transfer, balances = await self._answer(tenant_id, result)
+        return pb.RefundToBankResponse(transfer=transfer, balances=balances)
+
+    async def SetLowBalanceThreshold(self, request: pb.SetLowBalanceThresholdRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.SetLowBalanceThresholdResponse:
+        account = await self._ledger.set_low_balance_threshold(
+            tenant_id=_tenant(request.tenant_id), account_id=domain.parse_account_ref(request.account_id),
+            threshold_fen=request.threshold_fen if request.HasField("threshold_fen") else None,
+        )
+        return pb.SetLowBalanceThresholdResponse(account=account_balance_pb(account))
+
+    async def GetReconciliation(self, request: pb.GetReconciliationRequest, context: grpc.aio.ServicerContext
+                                ) -> pb.GetReconciliationResponse:
+        account, totals, lines, token, start, end = await self._ledger.reconciliation(
+            tenant_id=_tenant(request.tenant_id),
+            clearing_account_id=domain.parse_account_ref(request.clearing_account_id, what="clearing_account_id"),
+            day=request.date, time_zone=request.time_zone, page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.GetReconciliationResponse(
+            account=account_balance_pb(account),
+            totals=[pb.ReconciliationKindTotal(kind=_TRANSFER_KIND[t.kind], count=t.count, clearing_fen=t.clearing_fen)
+                    for t in totals.by_kind],
+            count=totals.count, net_fen=totals.net_fen, opening_fen=totals.opening_fen,
+            closing_fen=totals.closing_fen,
+            lines=[pb.ReconciliationLine(transfer=transfer_pb(line.transfer), clearing_fen=line.clearing_fen,
+                                         member_id=line.member_id,
+                                         value_date=line.value_date.isoformat() if line.value_date else "")
+                   for line in lines],
+            next_page_token=token, day_start=timestamp_pb(start), day_end=timestamp_pb(end),
+        )
+
     async def GetMemberState(self, request: pb.GetMemberStateRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetMemberStateResponse:
         [state] = await self._ledger.member_states([_question(request, context)])
@@ -500,6 +576,14 @@ def _offline_record(r: pb.OfflineRecord, *, scope: str) -> OfflineRecord:
         device_id=r.device_id, external_ref=r.external_ref, event_time=_event_time(r.HasField("event_time"), r.event_time),
         code=_code(r.code) if r.HasField("code") else None,
     )
+
+
+def _transfer_ref(value: str) -> uuid.UUID:
+    """A transfer id from a caller; one that is not even a UUID is simply not found."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound("no such transfer", reason="TRANSFER_NOT_FOUND") from None
 
 
 def _uuid_or_nil(value: str) -> uuid.UUID:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -30,6 +30,7 @@ from services.ledger.domain import (
     AccountLayout,
     account_layout,
     CodeRef,
+    bank_reference_used,
     code_already_used,
     STATEMENT_KINDS,
     GrantBatch,
@@ -52,6 +53,7 @@ from services.ledger.domain import (
     Posting,
     PurseKind,
     PurseKindTotal,
+    ReconciliationLine,
     Transfer,
     TransferKind,
     TrialBalance,
@@ -59,7 +61,7 @@ from services.ledger.domain import (
 )
 
 _ACCOUNT_COLUMNS = ("tenant_id, account_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status,"
-                    " credit_limit_fen")
+                    " credit_limit_fen, low_balance_threshold_fen")
 # A sharded account's balance is its shards' sum; an unsharded one's is its own columns.
 _POSTED = ("(a.posted_fen + COALESCE((SELECT sum(s.posted_fen) FROM account_shards s"
            " WHERE s.account_id = a.account_id), 0))::bigint")
@@ -81,6 +83,7 @@ def _account(row: asyncpg.Record) -> Account:
         no_overdraft=row["no_overdraft"], sharded=row["sharded"], status=AccountStatus(row["status"]),
         # The payment paths read member purses and merchants only, without this column.
         credit_limit_fen=row.get("credit_limit_fen"),
+        low_balance_threshold_fen=row.get("low_balance_threshold_fen"),
     )
 
 
@@ -239,6 +242,12 @@ class TenantTx:
         await self.conn.execute(
             "UPDATE accounts SET credit_limit_fen = $3 WHERE tenant_id = $1 AND account_id = $2",
             self.tenant_id, account_id, credit_limit_fen,
+        )
+
+    async def set_low_balance_threshold(self, account_id: uuid.UUID, *, threshold_fen: int | None) -> None:
+        await self.conn.execute(
+            "UPDATE accounts SET low_balance_threshold_fen = $3 WHERE tenant_id = $1 AND account_id = $2",
+            self.tenant_id, account_id, threshold_fen,
         )
 
     async def set_status(self, account_id: uuid.UUID, *, status: AccountStatus) -> None:
@@ -637,7 +646,9 @@ class TenantTx:
         locked in key order), the e-codes already used, and the transaction's time."""
         claims = sorted(claims)
         keys = sorted(set(counter_keys))
-        columns = "account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status"
+        # The purse's low-balance threshold comes with the row the payment locks anyway.
+        columns = ("account_id, tenant_id, owner_kind, owner_id, purse_kind, ref, no_overdraft, sharded, status,"
+                   " low_balance_threshold_fen")
         row = await self.conn.fetchrow(
             "WITH claimed AS (INSERT INTO idempotency_keys (tenant_id, idempotency_key, operation, fingerprint)"
             " SELECT $1, u.key, u.op, u.fp FROM unnest($2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY"
@@ -906,6 +917,86 @@ class TenantTx:
         return [GrantRowResult(line=r["line"], member_id=r["member_id"], amount_fen=r["amount_fen"],
                                status=GrantRowStatus(r["status"]), transfer_id=r["transfer_id"],
                                account_id=r["account_id"], reason=r["reason"], message=r["message"]) for r in rows]
+
+    # --- fundings, reversals and reconciliation -------------------------------------------------
+
+    async def record_funding(self, *, transfer_id: uuid.UUID, account_id: uuid.UUID, bank_reference: str,
+                             value_date: date) -> None:
+        """A funding's bank reference and value date; a reference that funded the account before
+        is BANK_REFERENCE_USED (the caller's transaction then rolls back)."""
+        try:
+            await self.conn.execute(
+                "INSERT INTO clearing_fundings (transfer_id, tenant_id, account_id, bank_reference, value_date)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                transfer_id, self.tenant_id, account_id, bank_reference, value_date,
+            )
+        except asyncpg.UniqueViolationError:
+            raise bank_reference_used(bank_reference) from None
+
+    async def funding_by_reference(self, *, account_id: uuid.UUID, bank_reference: str) -> uuid.UUID | None:
+        return await self.conn.fetchval(
+            "SELECT transfer_id FROM clearing_fundings WHERE tenant_id = $1 AND account_id = $2"
+            " AND bank_reference = $3",
+            self.tenant_id, account_id, bank_reference,
+        )
+
+    async def reversal_of(self, top_up_id: uuid.UUID) -> uuid.UUID | None:
+        """The transfer that reversed the top-up, if one did."""
+        return await self.conn.fetchval(
+            "SELECT transfer_id FROM transfers WHERE tenant_id = $1 AND original_transfer_id = $2"
+            " AND kind = 'top_up_reversal'",
+            self.tenant_id, top_up_id,
+        )
+
+    async def lock_top_up(self, top_up_id: uuid.UUID) -> None:
+        """Serialise reversals of one top-up (the unique index would refuse the second anyway; the
+        lock makes it wait for the first and then answer TOP_UP_ALREADY_REVERSED)."""
+        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"top-up:{top_up_id}")
+
+    # The kinds that touch a clearing account, spelled as the partial index transfers_clearing_by_day
+    # is, so the planner reads that index.
+    _CLEARING_KINDS_SQL = "t.kind IN ('top_up', 'clearing_funding', 'top_up_reversal', 'bank_refund')"
+
+    async def reconciliation_lines(self, *, account_id: uuid.UUID, start: datetime, end: datetime,
+                                   after_seq: int | None, limit: int) -> list[tuple[ReconciliationLine, int]]:
+        """(line, seq) of the transfers that moved the clearing account in [start, end), in booking
+        order: each with its effect on the account, the member on its other side (if a member's)
+        and a funding's value date."""
+        rows = await self.conn.fetch(
+            f"SELECT {', '.join('t.' + c.strip() for c in _TRANSFER_COLUMNS.split(','))},"
+            " p.amount_fen AS clearing_fen,"
+            " (SELECT a.owner_id FROM postings o JOIN accounts a ON a.account_id = o.account_id"
+            "   WHERE o.transfer_id = t.transfer_id AND o.account_id <> $2 AND a.owner_kind = 'member' LIMIT 1)"
+            " AS member_id, f.value_date"
+            " FROM transfers t JOIN postings p ON p.transfer_id = t.transfer_id AND p.account_id = $2"
+            " LEFT JOIN clearing_fundings f ON f.transfer_id = t.transfer_id"
+            f" WHERE t.tenant_id = $1 AND {self._CLEARING_KINDS_SQL} AND t.booked_at >= $3 AND t.booked_at < $4"
+            " AND ($5::bigint IS NULL OR t.seq > $5) ORDER BY t.seq LIMIT $6",
+            self.tenant_id, account_id, start, end, after_seq, limit,
+        )
+        transfers = await self._with_postings(list(rows))
+        return [(ReconciliationLine(transfer=t, clearing_fen=r["clearing_fen"], member_id=r["member_id"] or "",
+                                    value_date=r["value_date"]), r["seq"])
+                for t, r in zip(transfers, rows, strict=True)]
+
+    async def reconciliation_sums(self, *, account_id: uuid.UUID, start: datetime, end: datetime
+                                  ) -> tuple[dict[TransferKind, tuple[int, int]], int]:
+        """The day's (count, effect on the account) per kind, and the effect of everything booked
+        after the day (to walk the balance back from now to the day's close)."""
+        rows = await self.conn.fetch(
+            "SELECT t.kind, count(*)::int AS n, COALESCE(sum(p.amount_fen), 0)::bigint AS fen"
+            " FROM transfers t JOIN postings p ON p.transfer_id = t.transfer_id AND p.account_id = $2"
+            f" WHERE t.tenant_id = $1 AND {self._CLEARING_KINDS_SQL} AND t.booked_at >= $3 AND t.booked_at < $4"
+            " GROUP BY t.kind",
+            self.tenant_id, account_id, start, end,
+        )
+        later = await self.conn.fetchval(
+            "SELECT COALESCE(sum(p.amount_fen), 0)::bigint"
+            " FROM transfers t JOIN postings p ON p.transfer_id = t.transfer_id AND p.account_id = $2"
+            f" WHERE t.tenant_id = $1 AND {self._CLEARING_KINDS_SQL} AND t.booked_at >= $3",
+            self.tenant_id, account_id, end,
+        )
+        return {TransferKind(r["kind"]): (r["n"], r["fen"]) for r in rows}, later
 
     # --- statements ---------------------------------------------------------------------------
 

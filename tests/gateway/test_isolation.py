@@ -196,6 +196,20 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
         params={"merchant_account_id": "{merchant_account_id}", "date": "{today}"}),
     ("GET", "/v1/tenants/{tenant_id}/statements/totals"): RouteCall(
         params={"merchant_account_id": "{merchant_account_id}", "date": "{today}"}),
+    # Prefunding, reversals, refunds to the bank, low-balance thresholds and the reconciliation
+    # file. A client id names one the tenant granted, else 404 CLIENT_NOT_FOUND; the calling
+    # client has no clearing account here, so its reversal and its own file are 404 too. {date}
+    # is no one's id: it is the same day in both tenants.
+    ("POST", "/v1/tenants/{tenant_id}/api-clients/{client_id}/clearing-account/fundings"): RouteCall(
+        json={"amount_fen": 1, "bank_reference": "MATRIX-FUNDING", "value_date": "2026-12-01"},
+        headers={"Idempotency-Key": "matrix-funding"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/bank-refunds"): RouteCall(
+        json={"client_id": "{client_id}", "amount_fen": 1}, headers={"Idempotency-Key": "matrix-bank-refund"}),
+    ("POST", "/v1/tenants/{tenant_id}/top-up-reversals"): RouteCall(
+        json={"top_up_transfer_id": "{transfer_id}"}, headers={"Idempotency-Key": "matrix-reversal"}),
+    ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/low-balance-threshold"): RouteCall(json={"threshold_fen": 1}),
+    ("GET", "/v1/tenants/{tenant_id}/reconciliation/{date}"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/api-clients/{client_id}/reconciliation/{date}"): RouteCall(),
     # Policy. {version} is a rule-set version of the tenant named by the ids; versions are
     # numbered per tenant, so tenant B holds one more than A and B's last version is none of A's.
     ("POST", "/v1/tenants/{tenant_id}/rule-sets"): RouteCall(json=MATRIX_RULE_SET, params={"note": "intrusion"}),
@@ -351,7 +365,8 @@ class TenantFixture:
                 "device_id": self.device_id, "alarm_id": self.alarm_id, "rollout_id": self.rollout_id,
                 "external_number": self.external_number, "payment_key": self.payment_key,
                 "merchant_account_id": self.merchant_account_id, "funding_account_id": self.funding_account_id,
-                "today": datetime.now(SHANGHAI).date().isoformat(), "external_user_id": self.external_user_id}
+                "today": datetime.now(SHANGHAI).date().isoformat(), "external_user_id": self.external_user_id,
+                "date": datetime.now(SHANGHAI).date().isoformat()}
 
 
 @dataclass(frozen=True)
