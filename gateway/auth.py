@@ -42,6 +42,7 @@ POLICY_ADMIN = "policy:admin"
 PAYMENTS_CREATE = "payments:create"
 DEVICES_ADMIN = "devices:admin"
 DATA_READ = "data:read"
+WEBHOOKS_MANAGE = "webhooks:manage"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -71,6 +72,9 @@ SCOPES: dict[str, str] = {
     "records; create and follow firmware and config rollouts (the school's operators).",
     DATA_READ: "Read the tenant's data API: the real-time dining index (people served per canteen against "
     "capacity) for dashboards and partners.",
+    WEBHOOKS_MANAGE: "Register and manage the calling client's webhook endpoints in the tenant (event types limited "
+    "to what its other scopes read), rotate their secrets, read the delivery log and redeliver; allowing private "
+    "targets also needs clients:admin.",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -253,3 +257,4 @@ AdminPolicy = Annotated[Principal, Security(authorize, scopes=[POLICY_ADMIN])]
 CreatePayments = Annotated[Principal, Security(authorize, scopes=[PAYMENTS_CREATE])]
 AdminDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_ADMIN])]
 ReadData = Annotated[Principal, Security(authorize, scopes=[DATA_READ])]
+ManageWebhooks = Annotated[Principal, Security(authorize, scopes=[WEBHOOKS_MANAGE])]
