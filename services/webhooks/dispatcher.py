@@ -44,6 +44,8 @@ class Dispatcher:
         self._poll_s = poll_s
         self._batch = batch
         self._sending = asyncio.Semaphore(concurrency)
+        # Deliveries this dispatcher is sending: never claimed twice here, even past a lease.
+        self._in_flight: set[object] = set()
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -66,12 +68,14 @@ class Dispatcher:
 
     async def dispatch_once(self) -> int:
         """One round: claim what is due and send it all (members in parallel). Answers how many."""
-        claimed = await self._store.claim_due(now=self._clock(), limit=self._batch)
+        claimed = [d for d in await self._store.claim_due(now=self._clock(), limit=self._batch)
+                   if d.delivery_id not in self._in_flight]
         if claimed:
             await asyncio.gather(*(self._send_guarded(d) for d in claimed))
         return len(claimed)
 
     async def _send_guarded(self, delivery: DeliveryRow) -> None:
+        self._in_flight.add(delivery.delivery_id)
         async with self._sending:
             try:
                 await self.send(delivery)
@@ -79,6 +83,8 @@ class Dispatcher:
                 raise
             except Exception as exc:  # noqa: BLE001 - the lease runs out and it is tried again
                 log.warning("delivery failed to run", delivery_id=str(delivery.delivery_id), error=type(exc).__name__)
+            finally:
+                self._in_flight.discard(delivery.delivery_id)
 
     async def send(self, delivery: DeliveryRow) -> str:
         endpoint = await self._store.endpoint_for_delivery(delivery)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -85,8 +86,11 @@ class Sender:
 
     def __init__(self, *, resolver: Resolver, allow_loopback_http: bool,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                 total_timeout_s: float = DEFAULT_TOTAL_TIMEOUT_S):
+                 total_timeout_s: float = DEFAULT_TOTAL_TIMEOUT_S, verify: ssl.SSLContext | bool = True):
         self._resolver = resolver
+        # The server's certificate is checked against the target's name (the TLS server name),
+        # with the system's roots unless told otherwise (tests: their own CA).
+        self._verify = verify
         self._allow_loopback_http = allow_loopback_http
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
                                       pool=connect_timeout_s)
@@ -95,7 +99,7 @@ class Sender:
 
     async def open(self) -> None:
         # No environment proxies (trust_env): a proxy would connect to a name we did not check.
-        self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False, trust_env=False,
+        self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False, trust_env=False, verify=self._verify,
                                          limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
 
     async def close(self) -> None:

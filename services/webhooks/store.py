@@ -337,19 +337,24 @@ class WebhookStore:
         ``disable_after_s`` is disabled and ``webhooks.endpoint.disabled`` sent. Answers the
         delivery's status."""
         async with self._pool.acquire() as conn, conn.transaction():
-            attempt = delivery.attempts + 1
+            status = (DeliveryStatus.DELIVERED if delivered else
+                      DeliveryStatus.PENDING if next_attempt_at is not None else DeliveryStatus.FAILED)
+            # Numbered by the row, not by what the claim read: an attempt whose lease ran out while
+            # another dispatcher tried again is logged too, after it. A delivery dropped meanwhile
+            # (its endpoint deleted) keeps its status; the attempt is still logged.
+            attempt = await conn.fetchval(
+                "UPDATE deliveries SET attempts = attempts + 1,"
+                " status = CASE WHEN status = 'pending' THEN $3 ELSE status END,"
+                " next_attempt_at = CASE WHEN status = 'pending' THEN $4 ELSE next_attempt_at END,"
+                " finished_at = CASE WHEN status = 'pending' THEN $5 ELSE finished_at END, leased_until = NULL"
+                " WHERE tenant_id = $1 AND delivery_id = $2 RETURNING attempts",
+                delivery.tenant_id, delivery.delivery_id, status, next_attempt_at or delivery.next_attempt_at,
+                None if status == DeliveryStatus.PENDING else now)
             await conn.execute(
                 "INSERT INTO attempts (tenant_id, delivery_id, attempt, started_at, latency_ms, response_status,"
                 " error_kind, response_body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 delivery.tenant_id, delivery.delivery_id, attempt, started_at, latency_ms, response_status,
                 error_kind, response_body)
-            status = (DeliveryStatus.DELIVERED if delivered else
-                      DeliveryStatus.PENDING if next_attempt_at is not None else DeliveryStatus.FAILED)
-            await conn.execute(
-                "UPDATE deliveries SET attempts = $3, status = $4, next_attempt_at = $5, finished_at = $6,"
-                " leased_until = NULL WHERE tenant_id = $1 AND delivery_id = $2",
-                delivery.tenant_id, delivery.delivery_id, attempt, status, next_attempt_at or delivery.next_attempt_at,
-                None if status == DeliveryStatus.PENDING else now)
             if delivered:
                 await conn.execute("UPDATE endpoints SET failing_since = NULL WHERE tenant_id = $1 AND endpoint_id = $2",
                                    delivery.tenant_id, delivery.endpoint_id)

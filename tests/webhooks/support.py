@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ import pytest
 from runtime.grpc_client import error_info
 
 REFUSE, HANG, FAIL, OK = "refuse", "hang", "fail", "ok"
+# A redirect to elsewhere, and an answer far longer than anyone reads.
+REDIRECT, HUGE = "redirect", "huge"
+HUGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Receiver:
 
     port: int = 0
     mode: str = OK
+    tls: ssl.SSLContext | None = None
     requests: list[Received] = field(default_factory=list)
     _server: asyncio.base_events.Server | None = None
     _hung: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -47,7 +52,8 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hooks"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True,
+                                                  ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def set_mode(self, mode: str) -> None:
@@ -82,12 +88,17 @@ class Receiver:
                     self.requests.append(Received(headers, body, 0))
                     self._hung.append(writer)
                     return
-                status, payload = (500, b"x" * 5000) if mode == FAIL else (204, b"")
+                status, payload, extra = {FAIL: (500, b"x" * 5000, ""), REDIRECT: (302, b"", "Location: http://10.0.0.1/\r\n"),
+                                          HUGE: (200, b"", "")}.get(mode, (204, b"", ""))
                 self.requests.append(Received(headers, body, status))
-                reason = "Internal Server Error" if status == 500 else "No Content"
-                writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                length = HUGE_BYTES if mode == HUGE else len(payload)
+                writer.write(f"HTTP/1.1 {status} X\r\n{extra}Content-Length: {length}\r\n\r\n".encode() + payload)
+                if mode == HUGE:
+                    for _ in range(HUGE_BYTES // 65536):
+                        writer.write(b"y" * 65536)
+                        await writer.drain()
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             writer.close()
 
     def accepted(self) -> list[Received]:
