@@ -414,3 +414,23 @@ async def test_event_types_are_limited_to_what_the_clients_scopes_read(webhooks:
     ok = await create_endpoint(webhooks, tenant_id, receiver.url, event_types=["device.alarm"],
                                scopes=["devices:admin", "webhooks:manage"])
     assert list(ok.endpoint.event_types) == ["device.alarm"]
+
+
+async def test_a_finished_grant_batch_reaches_a_client_with_ledger_admin(
+        identity: RunningService, ledger: RunningService, webhooks: RunningService, receiver: Receiver) -> None:
+    campus = await Campus(identity, ledger).open()
+    created = await create_endpoint(webhooks, campus.tenant_id, receiver.url, event_types=["grant_batch.finished"],
+                                    scopes=["ledger:admin", "webhooks:manage"])
+    ann = await campus.member("A1")
+    funding = await campus._account(lpb.OWNER_KIND_TENANT, "finance", lpb.PURSE_KIND_SUBSIDY_FUNDING)
+    await campus.ledger.DefineProgram(lpb.DefineProgramRequest(tenant_id=campus.tenant_id,
+                                                               purse_kind=lpb.PURSE_KIND_SUBSIDY, ref="meal",
+                                                               funding_account_id=funding))
+    started = await campus.ledger.StartGrantBatch(lpb.StartGrantBatchRequest(
+        tenant_id=campus.tenant_id, bill_number="BILL-1", purse_kind=lpb.PURSE_KIND_SUBSIDY, ref="meal",
+        rows=[lpb.GrantRow(member_id=ann, amount_fen=2_000)]))
+    received = await eventually(lambda: _accepted(receiver, 1), what="the finished batch delivered")
+    message = verify(created.secret, received)
+    assert message["type"] == "grant_batch.finished"
+    assert message["data"]["batch_id"] == started.batch.batch_id
+    assert (message["data"]["bill_number"], message["data"]["granted_fen"]) == ("BILL-1", 2_000)
