@@ -94,6 +94,10 @@ OFFLINE_DEVICES = 10
 OFFLINE_RECORDS = 100_000
 UPLOAD_SIZE = 1000
 UPLOADS_IN_FLIGHT_PER_DEVICE = 2
+# An upload the hub answers "retry later" (the ledger did not answer in time) is sent again, as a
+# terminal would, up to this many times; the summary counts the retries.
+UPLOAD_ATTEMPTS = 5
+RETRY_LATER_SUFFIX = "_UNAVAILABLE"
 OFFLINE_COUNT_PER_DAY = 50
 # 10,000 records of 5 yuan on each device in one day.
 OFFLINE_DEVICE_PER_DAY_FEN = 5_000_000
@@ -489,12 +493,23 @@ async def offline_settle(context: BenchContext) -> Figures:
                                                    records=records[start:start + UPLOAD_SIZE])))
         outcomes: dict[int, int] = {}
         queues = {device.device_id: [u for d, u in uploads if d is device] for device in devices}
+        retried = 0
 
         async def drain(device: BenchDevice) -> None:
+            nonlocal retried
             queue = queues[device.device_id]
             while queue:
                 upload = queue.pop(0)
-                answer = await device.ask(upload.upload_id, dpb.ConnectRequest(upload=upload))
+                for attempt in range(UPLOAD_ATTEMPTS):
+                    answer = await device.ask(upload.upload_id, dpb.ConnectRequest(upload=upload))
+                    # A busy ledger answers "retry later"; a terminal sends the same upload again,
+                    # and its records' keys make the second sending book nothing twice.
+                    if (answer.WhichOneof("body") == "error" and answer.error.reason.endswith(RETRY_LATER_SUFFIX)
+                            and attempt + 1 < UPLOAD_ATTEMPTS):
+                        retried += 1
+                        await asyncio.sleep(0.5 * (attempt + 1))
+                        continue
+                    break
                 if answer.WhichOneof("body") != "upload_result":
                     raise RuntimeError(f"upload refused: {answer}")
                 for result in answer.upload_result.results:
@@ -517,7 +532,8 @@ async def offline_settle(context: BenchContext) -> Figures:
         for device in devices:
             await device.close()
         await mesh.close()
-    figures: Figures = {"devicehub.offline_settle_per_s": booked / elapsed}
+    figures: Figures = {"devicehub.offline_settle_per_s": booked / elapsed,
+                        "devicehub.offline_settle_uploads_retried": retried}
     for who in mesh.pids:
         figures[f"devicehub.offline_settle_{who}_cpu_ratio"] = (after[who] - before[who]) / elapsed
     return figures

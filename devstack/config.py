@@ -120,6 +120,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},
+        # The partner gRPC API (onecard.partner.v1) beside the REST port.
+        extra_listener="partner_grpc", default_extra_port=8443,
     ),
 )
 

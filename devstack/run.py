@@ -350,6 +350,8 @@ class Stack:
             env.update({"ONECARD_HTTP_HOST": svc.host, "ONECARD_HTTP_PORT": str(svc.port),
                         "ONECARD_NATS_URL": self.nats_url,
                         "ONECARD_NATS_SEED": self.nats_seeds[nats_seed_key(svc.spec.name)]})
+            if svc.extra_port is not None and svc.spec.extra_listener:
+                env[f"ONECARD_{svc.spec.extra_listener.upper()}_PORT"] = str(svc.extra_port)
         for env_name, secret_key in svc.spec.secret_env.items():
             env[env_name] = secrets[secret_key]
         return env
@@ -484,6 +486,12 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
     if gateway is not None:
         console.line(f"  Gateway      {gateway.base_url}")
         console.line(f"  API docs     {gateway.base_url}/docs")
+        if gateway.extra_port:
+            ca = shown_path(config.identity_dir(gateway.spec.name))
+            console.line(f"  Partner gRPC {gateway.extra_target}   (TLS; a token in 'authorization: Bearer …'; "
+                         "docs/partners.md)")
+            console.line(f"  grpcurl      as a partner: grpcurl -cacert {ca}/ca.crt -authority localhost "
+                         f"{gateway.extra_target} list")
     for svc in grpc_services:
         console.line(f"  gRPC         {svc.spec.name:<10} {svc.target}   (mutual TLS)"
                      + (f"   {svc.spec.extra_listener} port {svc.extra_target} (TLS)" if svc.extra_port else ""))
@@ -511,7 +519,9 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
     if gateway is not None and "bank" in seed.clients:
         tour = walkthrough(base_url=gateway.base_url, tenant_id=seed.tenant_id, client=seed.clients["bank"],
                            canteen_account_id=rules.canteen_account_id if rules else "",
-                           admin=seed.clients.get("admin") if config.has_service("devicehub") else None)
+                           admin=seed.clients.get("admin") if config.has_service("devicehub") else None,
+                           partner_grpc=gateway.extra_target,
+                           partner_ca=f"{shown_path(config.identity_dir(gateway.spec.name))}/ca.crt")
         script_path = config.data_dir / "walkthrough.sh"
         write_private_text(script_path, "#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(tour) + "\n")
         console.line()

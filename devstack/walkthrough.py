@@ -70,10 +70,25 @@ def _shell_path(template: str) -> str:
 
 
 def walkthrough(*, base_url: str, tenant_id: str, client: DemoClient, canteen_account_id: str = "",
-                admin: DemoClient | None = None) -> list[str]:
+                admin: DemoClient | None = None, partner_grpc: str = "", partner_ca: str = "") -> list[str]:
     auth = '-H "Authorization: Bearer $TOKEN"'
-    return _bank_steps(base_url=base_url, tenant_id=tenant_id, client=client, canteen_account_id=canteen_account_id,
-                       auth=auth) + ([] if admin is None else _fleet_steps(admin))
+    return (_bank_steps(base_url=base_url, tenant_id=tenant_id, client=client, canteen_account_id=canteen_account_id,
+                        auth=auth) + _grpc_steps(partner_grpc=partner_grpc, partner_ca=partner_ca)
+            + ([] if admin is None else _fleet_steps(admin)))
+
+
+def _grpc_steps(*, partner_grpc: str, partner_ca: str) -> list[str]:
+    """The same bank over the partner gRPC API, as comments: grpcurl is not a dependency."""
+    if not partner_grpc:
+        return []
+    grpcurl = (f"grpcurl -cacert {shlex.quote(partner_ca)} -authority localhost "
+               '-H "authorization: Bearer $TOKEN"')
+    return [
+        "",
+        "# The same over gRPC (onecard.partner.v1.PartnerService, docs/partners.md), with grpcurl installed:",
+        f"#   {grpcurl} -d '{{\"tenant_id\": \"'$TENANT'\", \"member_id\": \"'$MEMBER'\"}}' \\",
+        f"#     {partner_grpc} onecard.partner.v1.PartnerService/GetMemberBalances",
+    ]
 
 
 def _fleet_steps(admin: DemoClient) -> list[str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,9 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import known_scopes
 from gateway.grants import Grant, GrantCache
 from gateway.identity_events import follow_grant_events
+from gateway.partner_grpc import bind_partner_rpcs, start_partner_server
+from gateway.partner_grpc import server_credentials as partner_credentials
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
-from gateway.routes import codes, devices, identity, ledger, oauth, ops, policy, webhooks
+from gateway.routes import codes, devices, identity, ledger, miniprogram, oauth, ops, policy, webhooks
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
@@ -36,15 +37,12 @@ from onecard.policy.v1 import policy_pb2_grpc
 from onecard.webhooks.v1 import webhooks_pb2_grpc
 from runtime.grpc_client import open_channel
 from runtime.mesh import load_tls
-from runtime.logs import get_logger, new_request_id
+from runtime.logs import get_logger, request_id_or_new
 
 log = get_logger(__name__)
 
 API_VERSION = "1.0.0"
 REQUEST_ID_HEADER = "X-Request-Id"
-# A caller's request id is reused only if it is short and plain, so it cannot forge log lines or
-# smuggle anything into headers and gRPC metadata.
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # The largest body any route takes: an 8 MiB CSV plus multipart framing.
 MAX_BODY_BYTES = 8 * 1024 * 1024 + 64 * 1024
 UNMATCHED_ROUTE = "unmatched"
@@ -83,6 +81,9 @@ OPENAPI_TAGS = [
     {"name": "data", "description": "The data API (data:read): the real-time dining index per canteen."},
     {"name": "webhooks", "description": "The calling client's webhook endpoints (webhooks:manage): register, "
      "change, rotate secrets, the delivery log and redelivery (docs/webhooks.md)."},
+    {"name": "miniprograms", "description": "Mini-program backends: the calling client's external user ids bound "
+     "to members (members:bind), and self-service for a bound member: freeze, report a card lost, PIN, unfreeze "
+     "with the PIN (members:self-service). See docs/miniprograms.md."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -113,7 +114,7 @@ class RequestContextMiddleware:
             return
         headers = Headers(scope=scope)
         offered = headers.get(REQUEST_ID_HEADER, "")
-        request_id = offered if _SANE_REQUEST_ID.match(offered) else new_request_id()
+        request_id = request_id_or_new(offered)
         scope.setdefault("state", {})["request_id"] = request_id
         started_s = time.perf_counter()
         response_status = 500
@@ -269,6 +270,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             grant_events = asyncio.create_task(follow_grant_events(
                 url=settings.nats_url, seed=settings.nats_seed.get_secret_value() if settings.nats_seed else None,
                 tls=tls, tls_name=settings.nats_tls_name, grants=state.grants), name="grant-events")
+        # The public gRPC API for partners on its own port (gateway.partner_grpc), if configured.
+        partner = None
+        if settings.partner_grpc_port:
+            partner = await start_partner_server(
+                _app, state, host=settings.partner_grpc_host or settings.http_host, port=settings.partner_grpc_port,
+                credentials=partner_credentials(partner_tls_dir=settings.partner_tls_dir, mesh_tls=tls))
+            state.partner_grpc_port = partner.port
         log.info("gateway started", identity_target=settings.identity_target, codegen_target=settings.codegen_target,
                  ledger_target=settings.ledger_target or None, policy_target=settings.policy_target or None,
                  devicehub_target=settings.devicehub_target or None, grant_events=bool(settings.nats_url),
@@ -276,6 +284,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
+            if partner is not None:
+                await partner.stop()
+                state.partner_grpc_port = None
             if grant_events is not None:
                 grant_events.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -322,6 +333,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.gateway = state
     install_problem_handlers(app)
     app.include_router(oauth.router)
+    # Before identity's: its /members/by-external-user must win over /members/{member_id}.
+    app.include_router(miniprogram.router)
     app.include_router(identity.router)
     app.include_router(codes.router)
     app.include_router(ledger.router)
@@ -331,4 +344,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]
+    # Every partner rpc has its REST twin in this app, or the gateway does not start.
+    bind_partner_rpcs(app)
     return app

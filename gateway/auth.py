@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 
 from gateway.problems import ProblemError
 from gateway.ratelimit import retry_after_s
-from gateway.state import gateway_state
+from gateway.state import GatewayState, gateway_state
 
 # The scopes, in one place. A client holds a set of them (ApiClient.scopes in identity); each
 # tenant that grants the client access grants a subset; a token carries what both allow.
@@ -43,6 +43,8 @@ PAYMENTS_CREATE = "payments:create"
 DEVICES_ADMIN = "devices:admin"
 DATA_READ = "data:read"
 WEBHOOKS_MANAGE = "webhooks:manage"
+MEMBERS_BIND = "members:bind"
+MEMBERS_SELF_SERVICE = "members:self-service"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -75,6 +77,11 @@ SCOPES: dict[str, str] = {
     WEBHOOKS_MANAGE: "Register and manage the calling client's webhook endpoints in the tenant (event types limited "
     "to what its other scopes read), rotate their secrets, read the delivery log and redeliver; allowing private "
     "targets also needs clients:admin.",
+    MEMBERS_BIND: "Bind the calling client's own external user ids (a mini-program's openid) to members, unbind "
+    "them, and look a member up by one; another client's bindings are never seen (mini-program backends).",
+    MEMBERS_SELF_SERVICE: "Act for a member bound to the calling client, named by its external user id: freeze, "
+    "report a card lost, set or change the member's PIN, and unfreeze a self-service freeze with the member's PIN "
+    "(mini-program backends).",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -178,30 +185,26 @@ def _unauthenticated(*, reason: str, detail: str, error: str | None) -> ProblemE
     return ProblemError(status=401, reason=reason, detail=detail, headers={"WWW-Authenticate": challenge})
 
 
-async def authorize(
-    request: Request,
-    security_scopes: SecurityScopes,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> Principal:
-    """The one gate of every protected route: token, rate, grant, tenant, scope, in that order.
-
-    A path naming another tenant answers 404 exactly as an unknown tenant would, so a token
-    cannot be used to learn which tenants exist; the scope is checked after the tenant for the
-    same reason. A token whose grant was revoked or changed since it was issued is 401
-    TOKEN_REVOKED (within the grant re-check, at most 60 s; at once when identity's events come).
-    """
-    state = gateway_state(request)
-    if credentials is None:
+def authenticate(state: GatewayState, *, token: str | None) -> Principal:
+    """Who the access token names, or 401 (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED)."""
+    if token is None:
         raise _unauthenticated(reason="MISSING_TOKEN", detail="send an access token as 'Authorization: Bearer …'",
                                error=None)
     try:
-        principal = verify_access_token(token=credentials.credentials,
-                                        secret=state.settings.token_secret.get_secret_value())
+        principal = verify_access_token(token=token, secret=state.settings.token_secret.get_secret_value())
     except InvalidToken as exc:
         raise _unauthenticated(reason=exc.reason, detail=exc.detail, error="invalid_token") from None
-    request.state.client_id = principal.client_id
     structlog.contextvars.bind_contextvars(client_id=principal.client_id, tenant_id=principal.tenant_id)
+    return principal
 
+
+async def admit(state: GatewayState, principal: Principal, *, tenant_id: str | None,
+                scopes: Iterable[str]) -> Principal:
+    """The rest of the gate, after ``authenticate``: rate, grant, tenant, scope, in that order. The
+    principal it answers holds no more than the client holds in the tenant now.
+
+    ``tenant_id`` is the tenant the call names (None for a call that names none, e.g. creating a
+    tenant). Both faces call it: ``authorize`` for REST, gateway.partner_grpc for gRPC."""
     wait_s = state.client_limiter.try_acquire(principal.client_id)
     if wait_s > 0:
         raise ProblemError(
@@ -219,14 +222,33 @@ async def authorize(
     # client's own scopes do not).
     principal = replace(principal, scopes=principal.scopes & grant.scopes)
 
-    path_tenant = request.path_params.get("tenant_id")
-    if path_tenant is not None and path_tenant != principal.tenant_id:
+    if tenant_id is not None and tenant_id != principal.tenant_id:
         raise ProblemError(status=404, reason="TENANT_NOT_FOUND", detail="no such tenant")
 
-    missing = [scope for scope in security_scopes.scopes if scope not in principal.scopes]
+    missing = [scope for scope in scopes if scope not in principal.scopes]
     if missing:
         raise insufficient_scope(missing)
     return principal
+
+
+async def authorize(
+    request: Request,
+    security_scopes: SecurityScopes,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """The one gate of every protected route: token, rate, grant, tenant, scope, in that order
+    (``authenticate`` then ``admit``, which the partner gRPC API calls too).
+
+    A path naming another tenant answers 404 exactly as an unknown tenant would, so a token
+    cannot be used to learn which tenants exist; the scope is checked after the tenant for the
+    same reason. A token whose grant was revoked or changed since it was issued is 401
+    TOKEN_REVOKED (within the grant re-check, at most 60 s; at once when identity's events come).
+    """
+    state = gateway_state(request)
+    principal = authenticate(state, token=credentials.credentials if credentials is not None else None)
+    request.state.client_id = principal.client_id
+    return await admit(state, principal, tenant_id=request.path_params.get("tenant_id"),
+                       scopes=security_scopes.scopes)
 
 
 def insufficient_scope(missing: list[str], *, detail: str | None = None) -> ProblemError:
@@ -258,3 +280,5 @@ CreatePayments = Annotated[Principal, Security(authorize, scopes=[PAYMENTS_CREAT
 AdminDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_ADMIN])]
 ReadData = Annotated[Principal, Security(authorize, scopes=[DATA_READ])]
 ManageWebhooks = Annotated[Principal, Security(authorize, scopes=[WEBHOOKS_MANAGE])]
+BindMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_BIND])]
+SelfService = Annotated[Principal, Security(authorize, scopes=[MEMBERS_SELF_SERVICE])]

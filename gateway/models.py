@@ -34,7 +34,7 @@ ChangeKindName = Literal[
 ScopeName = Literal["members:read", "members:write", "clients:admin", "platform:admin", "codes:issue",
                     "devices:sync", "codes:admin", "wallets:read", "wallets:topup", "ledger:admin",
                     "statements:read", "policy:admin", "payments:create", "devices:admin", "data:read",
-                    "webhooks:manage"]
+                    "members:bind", "members:self-service", "webhooks:manage"]
 assert set(get_args(ScopeName)) == set(SCOPES), "ScopeName must list exactly gateway.auth.SCOPES"
 
 # Limits the gateway enforces before a request reaches a service; identity has its own too.
@@ -201,6 +201,9 @@ class Member(BaseModel):
     created_at: datetime | None
     updated_at: datetime | None
     version: int = Field(description="Increments on every change; the directory feed carries it.")
+    frozen_by: Literal["tenant", "member"] | None = Field(
+        default=None, description="Who froze a frozen member: the tenant (its admin) or the member (self-service, "
+        "which the member may lift with the PIN); null when not frozen.")
 
 
 def member_from_pb(member: pb.Member) -> Member:
@@ -224,6 +227,7 @@ def member_from_pb(member: pb.Member) -> Member:
         created_at=timestamp(member.created_at),
         updated_at=timestamp(member.updated_at),
         version=member.version,
+        frozen_by=enum_name(pb.FreezeOrigin, value=member.frozen_by) if member.frozen_by else None,
     )
 
 

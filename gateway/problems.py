@@ -8,6 +8,7 @@ request middleware (``gateway.app``), so no stack trace reaches a caller.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -67,8 +68,37 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpMapping] = {
 FALLBACK_MAPPING = HttpMapping(500, show_detail=False)
 # ErrorInfo metadata a caller needs to act on, copied into the problem body (only where the
 # detail is shown): ``rule``, the rule of a refused rule set (policy's INVALID_ARGUMENT) or of a
-# refused access rule document (the device hub's ACCESS_RULES_INVALID).
-SURFACED_METADATA = ("rule",)
+# refused access rule document (the device hub's ACCESS_RULES_INVALID); ``attempts_left``, the
+# PIN checks left before a member's PIN locks (PIN_INCORRECT); ``retry_after_s``, also sent as
+# Retry-After (PIN_LOCKED).
+SURFACED_METADATA = ("rule", "attempts_left", "retry_after_s")
+
+
+# The inverse, for the partner gRPC face (gateway.partner_grpc): a refusal the gateway decides
+# itself, as an HTTP status, to the gRPC code the same refusal has there. The reason is the same on
+# both faces; a service's refusal keeps the service's own code (ProblemError.grpc_code).
+HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def grpc_code_of(problem: ProblemError) -> grpc.StatusCode:
+    """The gRPC status code a refusal answers on the partner gRPC face."""
+    if problem.grpc_code is not None:
+        return problem.grpc_code
+    return HTTP_TO_GRPC.get(problem.status, grpc.StatusCode.INTERNAL)
 
 
 def http_mapping(code: grpc.StatusCode) -> HttpMapping:
@@ -117,7 +147,8 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 class ProblemError(Exception):
-    """A refusal decided by the gateway itself (authentication, tenant, scope, rate, media type)."""
+    """A refusal decided by the gateway itself (authentication, tenant, scope, rate, media type), or
+    a service's refusal as the gateway answers it (``service_problem``)."""
 
     def __init__(
         self,
@@ -127,6 +158,7 @@ class ProblemError(Exception):
         detail: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        grpc_code: grpc.StatusCode | None = None,
     ):
         super().__init__(detail or reason)
         self.status = status
@@ -134,6 +166,9 @@ class ProblemError(Exception):
         self.detail = detail
         self.headers = headers or {}
         self.extra = extra or {}
+        # The service's own status code, when the refusal is a service's (``service_problem``):
+        # the partner gRPC face answers it rather than HTTP_TO_GRPC's.
+        self.grpc_code = grpc_code
 
 
 def request_id_of(request: Request) -> str:
@@ -163,8 +198,9 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_CONTENT_TYPE)
 
 
-def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONResponse:
-    """The problem for a failed call to a service, through GRPC_TO_HTTP."""
+def service_problem(error: grpc.aio.AioRpcError) -> ProblemError:
+    """The refusal a failed call to a service becomes, through GRPC_TO_HTTP: the same for the REST
+    face (``grpc_problem``) and the partner gRPC face (gateway.partner_grpc)."""
     code = error.code()
     mapping = http_mapping(code)
     reason, metadata = error_info(error)
@@ -172,23 +208,47 @@ def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONRespon
         # The caller learns only that it failed; the operator gets the service's message.
         log.error("service call failed", grpc_code=code.name, grpc_reason=reason, grpc_detail=error.details())
     if mapping is FALLBACK_MAPPING:
-        return problem_response(request, status=500, reason="INTERNAL")
+        return ProblemError(status=500, reason="INTERNAL", grpc_code=grpc.StatusCode.INTERNAL)
     detail = error.details() if mapping.show_detail else (mapping.fixed_detail or UNAVAILABLE_DETAIL)
-    headers = {"Retry-After": "1"} if mapping.status in (429, 503) else None
+    headers = {"Retry-After": _retry_after(metadata)} if mapping.status in (429, 503) else None
     if code is grpc.StatusCode.UNIMPLEMENTED:
         reason = "NOT_IMPLEMENTED"
-    extra = {key: metadata[key] for key in SURFACED_METADATA if key in metadata} if mapping.show_detail else None
-    return problem_response(request, status=mapping.status, reason=reason or code.name, detail=detail,
-                            headers=headers, extra=extra)
+    extra = {key: _surfaced(key, metadata[key]) for key in SURFACED_METADATA if key in metadata} \
+        if mapping.show_detail else None
+    return ProblemError(status=mapping.status, reason=reason or code.name, detail=detail, headers=headers,
+                        extra=extra, grpc_code=code)
 
 
-def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+_NUMERIC_METADATA = ("attempts_left", "retry_after_s")
+
+
+def _surfaced(key: str, value: str) -> str | int:
+    """Counts and waits as JSON numbers, everything else as the service sent it."""
+    return int(value) if key in _NUMERIC_METADATA and value.isdigit() and len(value) <= 9 else value
+
+
+def _retry_after(metadata: dict[str, str]) -> str:
+    """The service's own wait when it gave one (a locked PIN), else a second."""
+    value = metadata.get("retry_after_s", "")
+    return value if value.isdigit() and 0 < len(value) <= 6 else "1"
+
+
+def grpc_problem(request: Request, *, error: grpc.aio.AioRpcError) -> JSONResponse:
+    """The problem for a failed call to a service, through GRPC_TO_HTTP."""
+    problem = service_problem(error)
+    return problem_response(request, status=problem.status, reason=problem.reason, detail=problem.detail,
+                            headers=problem.headers or None, extra=problem.extra or None)
+
+
+def validation_problem(errors: Sequence[Mapping[str, Any]]) -> ProblemError:
+    """422 VALIDATION_FAILED for pydantic's errors of a request: where and what, never the value."""
     # Only where and what: pydantic's "input" would echo the submitted value back (and into any
     # log of the response), which may be a secret.
-    return [
-        {"loc": [str(part) for part in err.get("loc", ())], "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in exc.errors()
-    ]
+    listed = [{"loc": [str(part) for part in err.get("loc", ())], "msg": err.get("msg", ""),
+               "type": err.get("type", "")} for err in errors]
+    fields = ", ".join(".".join(e["loc"]) for e in listed[:5])
+    return ProblemError(status=422, reason="VALIDATION_FAILED", detail=f"the request does not fit the schema: {fields}",
+                        extra={"errors": listed})
 
 
 async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
@@ -205,15 +265,7 @@ async def _on_grpc_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = _field_errors(exc)
-    fields = ", ".join(".".join(e["loc"]) for e in errors[:5])
-    return problem_response(
-        request,
-        status=422,
-        reason="VALIDATION_FAILED",
-        detail=f"the request does not fit the schema: {fields}",
-        extra={"errors": errors},
-    )
+    return await _on_problem(request, validation_problem(exc.errors()))
 
 
 _HTTP_REASONS = {

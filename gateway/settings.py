@@ -6,6 +6,8 @@ itself with its certificate (``ONECARD_TLS_DIR``, runtime.mesh) on each channel 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -22,6 +24,8 @@ from runtime.mesh import INSECURE_SETTING, MeshSettings
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
+# The partner gRPC API (gateway.partner_grpc), beside the REST port.
+DEFAULT_PARTNER_GRPC_PORT = 8443
 DEFAULT_TOKEN_TTL_S = 900
 MAX_TOKEN_TTL_S = 24 * 3600
 MIN_TOKEN_SECRET_CHARS = 32
@@ -59,6 +63,14 @@ class GatewaySettings(MeshSettings):
     token_secret: SecretStr
     http_host: str = DEFAULT_HTTP_HOST
     http_port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535)
+    # The public gRPC API for partners (onecard.partner.v1): its port, 0 for none; the host it binds
+    # (empty: http_host's).
+    partner_grpc_port: int = Field(default=DEFAULT_PARTNER_GRPC_PORT, ge=0, le=65535)
+    partner_grpc_host: str = ""
+    # Its server certificate: a folder with tls.crt and tls.key (and ca.crt, the chain partners
+    # trust), issued for the gateway's public name, e.g. by a public CA through cert-manager. Empty:
+    # the gateway's own mesh certificate (tls_dir), which partners check with the mesh CA's ca.crt.
+    partner_tls_dir: Path | None = None
     token_ttl_s: int = Field(default=DEFAULT_TOKEN_TTL_S, ge=1, le=MAX_TOKEN_TTL_S)
     # Per API client, over every route but the token endpoint.
     rate_limit_per_s: float = Field(default=DEFAULT_RATE_LIMIT_PER_S, gt=0)

@@ -61,6 +61,8 @@ class GatewayState:
     webhooks_channel: grpc.aio.Channel | None = None
     webhooks_stub: webhooks_pb2_grpc.WebhookServiceStub | None = None
     webhooks_health_stub: health_pb2_grpc.HealthStub | None = None
+    # The port the partner gRPC API listens on (gateway.partner_grpc); None when it does not.
+    partner_grpc_port: int | None = None
 
     @property
     def identity(self) -> identity_pb2_grpc.IdentityServiceStub:

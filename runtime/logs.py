@@ -95,6 +95,16 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+# A caller's request id is reused only if it is short and plain, so it cannot forge log lines or
+# smuggle anything into headers and gRPC metadata.
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+def request_id_or_new(offered: str) -> str:
+    """The caller's request id when it is sane, else a new one."""
+    return offered if SANE_REQUEST_ID.match(offered) else new_request_id()
+
+
 def bind_request_id(request_id: str) -> None:
     structlog.contextvars.bind_contextvars(request_id=request_id)
 

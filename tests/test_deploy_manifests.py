@@ -538,17 +538,19 @@ def test_each_process_reaches_its_database_and_nats_as_its_accounts_say(
 
 def test_from_outside_only_the_gateway_and_the_device_port_answer(
         network: tuple[list[dict], dict[str, Peer]], documents: list[dict]) -> None:
-    """Clients reach the gateway's HTTP port, terminals the hub's device port, and nothing else of
-    the namespace answers anyone outside it (the probes come from the node, which policies leave be)."""
+    """Clients reach the gateway's HTTP port and its partner gRPC port, terminals the hub's device
+    port, and nothing else of the namespace answers anyone outside it (the probes come from the
+    node, which policies leave be)."""
     policies, pods = network
     hub = _container(_of_kind(documents, "Deployment")["devicehub"])
     device_port = next(p["containerPort"] for p in hub["ports"] if p["name"] == "device")
     gateway = _container(_of_kind(documents, "Deployment")["gateway"])
     http_port = next(p["containerPort"] for p in gateway["ports"] if p["name"] == "http")
+    partner_port = next(p["containerPort"] for p in gateway["ports"] if p["name"] == "partner-grpc")
     for outsider in ("internet", "elsewhere"):
         reached = {(pod.name, port) for pod in pods.values() if pod.namespace == NAMESPACE
                    for port in pod.ports if _connects(policies, pods[outsider], pod, port)}
-        assert reached == {("gateway", http_port), ("devicehub", device_port)}, outsider
+        assert reached == {("gateway", http_port), ("gateway", partner_port), ("devicehub", device_port)}, outsider
     # Nothing inside the mesh has any business on the device port.
     for name in cluster_callers():
         assert not _connects(policies, pods[name], pods["devicehub"], device_port), name

@@ -129,6 +129,7 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         "ONECARD_DEVICEHUB_METRICS_PORT": str(free_port()),
         "ONECARD_DEVICEHUB_DEVICE_PORT": str(free_port()),
         "ONECARD_GATEWAY_PORT": str(free_port()),
+        "ONECARD_GATEWAY_PARTNER_GRPC_PORT": str(free_port()),
         "ONECARD_DEMO_MEMBERS": str(DEMO_MEMBERS),
         "PYTHONUNBUFFERED": "1",
     })

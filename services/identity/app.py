@@ -4,6 +4,8 @@ outbox relay, unfinished imports)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -22,7 +24,8 @@ NATS_ACCESS = NatsAccess(owns=(STREAM,))
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 
 
-def build_app(settings: IdentitySettings) -> ServiceApp:
+def build_app(settings: IdentitySettings, *, clock: Callable[[], datetime] | None = None) -> ServiceApp:
+    """``clock``: what PIN lockouts and bindings are timed by (tests pass their own)."""
     async def on_ready(app: ServiceApp) -> None:
         app.spawn(OutboxRelay(pool=app.pool, js=app.js, schema=SCHEMA).run(), name="outbox-relay")
         await resume_imports(
@@ -33,7 +36,7 @@ def build_app(settings: IdentitySettings) -> ServiceApp:
         )
 
     def register(server, app: ServiceApp) -> None:  # noqa: ANN001 - grpc.aio.Server
-        identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(app=app, settings=settings), server)
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(app=app, settings=settings, **({"clock": clock} if clock else {})), server)
 
     return ServiceApp(
         name="identity",

@@ -18,6 +18,12 @@ Choices made here where the issue left them open:
   blacklist. This service never sets ``CardStatus.REPLACED``.
 - A lost card is blacklisted in its tenant for good: nobody there can bind it again
   (CARD_BLACKLISTED). Other tenants never learn of it.
+- A freeze remembers who made it (``FreezeOrigin``). A member's own freeze (self-service through a
+  partner, reason ``self_service``) can be lifted by the member with the PIN, or by the tenant; a
+  tenant's freeze only by the tenant (FROZEN_BY_TENANT). The tenant freezing a member who froze
+  themselves makes it the tenant's freeze. A member freezing an already frozen member changes
+  nothing. An import row saying ``active`` does not lift a member's own freeze: a nightly roster
+  sync must not unlock the card of someone whose phone was stolen; the admin can (UnfreezeMember).
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ MAX_STATE_QUERIES = 1000
 
 _EXTERNAL_NUMBER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CARD_UID = re.compile(r"^[0-9A-F]{8,20}$")
-_SCOPE = re.compile(r"^[a-z]+(:[a-z]+)*$")
+# Lower-case words joined by ':', a word's parts by '-' (``members:self-service``).
+_SCOPE = re.compile(r"^[a-z]+(-[a-z]+)*(:[a-z]+(-[a-z]+)*)*$")
 # Control characters have no place in names or references, and NUL cannot be stored at all.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -78,6 +85,15 @@ class MemberStatus(StrEnum):
     ACTIVE = "active"
     FROZEN = "frozen"
     LEFT = "left"
+
+
+class FreezeOrigin(StrEnum):
+    TENANT = "tenant"
+    MEMBER = "member"
+
+
+# The reason a member's own freeze carries.
+SELF_SERVICE_FREEZE_REASON = "self_service"
 
 
 class CardStatus(StrEnum):
@@ -142,6 +158,8 @@ class Member:
     created_at: datetime
     updated_at: datetime
     version: int
+    # Who froze a frozen member; None when the member is not frozen.
+    frozen_by: FreezeOrigin | None = None
 
     @property
     def active_card(self) -> Card | None:
@@ -152,11 +170,22 @@ class Member:
 
 
 @dataclass(frozen=True)
+class SelfServiceActor:
+    """A member acting through a partner: the partner's client and its attestation id (its record
+    that the member's own session asked). Kept with the change in the feed and its event."""
+
+    client_id: str
+    attestation_id: str
+
+
+@dataclass(frozen=True)
 class MemberChange:
     kind: ChangeKind
     member: Member
     # The card a CARD_BOUND or CARD_LOST change is about.
     card_uid: str = ""
+    # Set when the member made the change themselves through a partner.
+    actor: SelfServiceActor | None = None
 
 
 @dataclass(frozen=True)
@@ -418,6 +447,7 @@ def new_member(
         created_at=now,
         updated_at=now,
         version=1,
+        frozen_by=FreezeOrigin.TENANT if status is MemberStatus.FROZEN else None,
     )
     if existing is not None:
         raise AlreadyExists(f"a member with number {number} already exists", reason="MEMBER_NUMBER_TAKEN")
@@ -437,22 +467,70 @@ def update_member(
 
 
 def freeze(member: Member, *, reason: str, now: datetime) -> list[MemberChange]:
+    """The tenant freezes the member; a member's own freeze becomes the tenant's."""
     clean_reason = _clean_text(
         reason, what="reason", max_chars=MAX_FREEZE_REASON_CHARS, reason="FREEZE_REASON_INVALID", required=False
     )
     _refuse_if_left(member, action="freeze")
-    if member.status is MemberStatus.FROZEN:
+    if member.status is MemberStatus.FROZEN and member.frozen_by is not FreezeOrigin.MEMBER:
         return []
-    frozen = _next(member, now=now, status=MemberStatus.FROZEN, frozen_reason=clean_reason)
+    frozen = _next(member, now=now, status=MemberStatus.FROZEN, frozen_reason=clean_reason,
+                   frozen_by=FreezeOrigin.TENANT)
     return [MemberChange(ChangeKind.MEMBER_FROZEN, frozen)]
 
 
 def unfreeze(member: Member, *, now: datetime) -> list[MemberChange]:
+    """The tenant lifts any freeze."""
     _refuse_if_left(member, action="unfreeze")
     if member.status is MemberStatus.ACTIVE:
         return []
-    active = _next(member, now=now, status=MemberStatus.ACTIVE, frozen_reason="")
+    active = _next(member, now=now, status=MemberStatus.ACTIVE, frozen_reason="", frozen_by=None)
     return [MemberChange(ChangeKind.MEMBER_UNFROZEN, active)]
+
+
+def self_service_freeze(member: Member, *, actor: SelfServiceActor, now: datetime) -> list[MemberChange]:
+    """The member locks their own card and codes; no PIN, so it is always easy. Any freeze already
+    in place stays as it is."""
+    _refuse_if_left(member, action="freeze")
+    if member.status is MemberStatus.FROZEN:
+        return []
+    frozen = _next(member, now=now, status=MemberStatus.FROZEN, frozen_reason=SELF_SERVICE_FREEZE_REASON,
+                   frozen_by=FreezeOrigin.MEMBER)
+    return [MemberChange(ChangeKind.MEMBER_FROZEN, frozen, actor=actor)]
+
+
+def check_self_service_unfreeze(member: Member) -> bool:
+    """Whether a self-service unfreeze has anything to do (False: the member is active), before
+    the PIN is asked for: a freeze the tenant made is refused without spending a PIN attempt."""
+    _refuse_if_left(member, action="unfreeze")
+    if member.status is MemberStatus.ACTIVE:
+        return False
+    if member.frozen_by is not FreezeOrigin.MEMBER:
+        raise FailedPrecondition(
+            "the school froze this member; only the school can lift it", reason="FROZEN_BY_TENANT"
+        )
+    return True
+
+
+def self_service_unfreeze(member: Member, *, actor: SelfServiceActor, now: datetime) -> list[MemberChange]:
+    """The member lifts their own freeze (the caller has checked the PIN)."""
+    if not check_self_service_unfreeze(member):
+        return []
+    active = _next(member, now=now, status=MemberStatus.ACTIVE, frozen_reason="", frozen_by=None)
+    return [MemberChange(ChangeKind.MEMBER_UNFROZEN, active, actor=actor)]
+
+
+def self_service_report_card_lost(
+    member: Member, *, card_uid: str, actor: SelfServiceActor, now: datetime
+) -> list[MemberChange]:
+    """The member reports a card lost: the one named, or with "" the active one."""
+    if not card_uid:
+        active = member.active_card
+        if active is None:
+            raise FailedPrecondition("the member holds no active card", reason="NO_ACTIVE_CARD")
+        card_uid = active.card_uid
+    changes = report_card_lost(member, card_uid=card_uid, now=now)
+    return [dataclasses.replace(c, actor=actor) for c in changes]
 
 
 def mark_left(member: Member, *, now: datetime) -> list[MemberChange]:
@@ -468,6 +546,8 @@ def change_status(member: Member, *, status: MemberStatus, reason: str, now: dat
     if status is MemberStatus.FROZEN:
         return freeze(member, reason=reason, now=now)
     if status is MemberStatus.ACTIVE:
+        if member.frozen_by is FreezeOrigin.MEMBER:
+            return []
         return unfreeze(member, now=now)
     return mark_left(member, now=now)
 
@@ -606,6 +686,11 @@ def change_event_data(change: MemberChange, *, sequence: int) -> dict[str, Any]:
         data["card_uid"] = change.card_uid
     if change.kind is ChangeKind.MEMBER_FROZEN:
         data["reason"] = member.frozen_reason
+        data["frozen_by"] = (member.frozen_by or FreezeOrigin.TENANT).value
+    if change.actor is not None:
+        data["by"] = "member"
+        data["client_id"] = change.actor.client_id
+        data["attestation_id"] = change.actor.attestation_id
     if change.kind is ChangeKind.FACE_ENROLLED:
         data["face_enrolled"] = bool(member.face_enrolment_ref)
     return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -21,14 +22,15 @@ import grpc
 
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.identity.v1 import identity_pb2_grpc
-from runtime.errors import InvalidArgument, NotFound, Unauthenticated
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from runtime.grpc_server import ServiceApp
 from runtime.wire import timestamp_pb
-from services.identity import domain
+from services.identity import domain, selfservice
 from services.identity.domain import (
     ApiClient,
     CardStatus,
     ChangeKind,
+    FreezeOrigin,
     ImportState,
     Member,
     MemberChange,
@@ -38,6 +40,8 @@ from services.identity.domain import (
     TenantKind,
 )
 from services.identity.importer import ImportFileError, parse_csv, run_import
+from services.identity.selfservice import Binding, PinCheck, PinOutcome, PinRecord, UnbindReason
+from services.identity.selfservice_store import PinTx, SelfServiceStore, actor_fields
 from services.identity.settings import IdentitySettings
 from services.identity.store import DirectoryWriter, IdentityStore
 
@@ -68,6 +72,7 @@ _CHANGE_KIND = {
     ChangeKind.CARD_LOST: pb.CHANGE_KIND_CARD_LOST,
     ChangeKind.FACE_ENROLLED: pb.CHANGE_KIND_FACE_ENROLLED,
 }
+_FREEZE_ORIGIN = {FreezeOrigin.TENANT: pb.FREEZE_ORIGIN_TENANT, FreezeOrigin.MEMBER: pb.FREEZE_ORIGIN_MEMBER}
 _IMPORT_STATE = {
     ImportState.RUNNING: pb.IMPORT_STATE_RUNNING,
     ImportState.DONE: pb.IMPORT_STATE_DONE,
@@ -131,6 +136,23 @@ def member_pb(member: Member) -> pb.Member:
         created_at=timestamp_pb(member.created_at),
         updated_at=timestamp_pb(member.updated_at),
         version=member.version,
+        frozen_by=_FREEZE_ORIGIN[member.frozen_by] if member.frozen_by else pb.FREEZE_ORIGIN_UNSPECIFIED,
+    )
+
+
+def settings_pb(settings: selfservice.SelfServiceSettings) -> pb.SelfServiceSettings:
+    return pb.SelfServiceSettings(first_pin_by_admin=settings.first_pin_by_admin,
+                                  updated_at=timestamp_pb(settings.updated_at))
+
+
+def binding_pb(binding: Binding) -> pb.ExternalUserBinding:
+    return pb.ExternalUserBinding(
+        tenant_id=str(binding.tenant_id),
+        client_id=binding.client_id,
+        external_user_id=binding.external_user_id,
+        member_id=str(binding.member_id),
+        bound_at=timestamp_pb(binding.bound_at),
+        unbound_at=timestamp_pb(binding.unbound_at),
     )
 
 
@@ -233,9 +255,13 @@ MemberDecision = Callable[[DirectoryWriter, Member], list[MemberChange] | Awaita
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, *, app: ServiceApp, settings: IdentitySettings):
+    def __init__(self, *, app: ServiceApp, settings: IdentitySettings, clock: Callable[[], datetime] = _now):
         self._app = app
         self._settings = settings
+        # What PIN lockouts and bindings are timed by; tests pass their own.
+        self._clock = clock
+        self._pin_limits = selfservice.PinLimits(max_failures=settings.pin_max_failures,
+                                                 lockout_s=settings.pin_lockout_s)
 
     @property
     def _store(self) -> IdentityStore:
@@ -653,6 +679,230 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         if not plausible or not await self._store.revoke_client(client_id=request.client_id, now=_now()):
             raise NotFound(f"API client {request.client_id[:64]!r} not found", reason="CLIENT_NOT_FOUND")
         return pb.RevokeApiClientResponse()
+
+
+    # --- mini-program bindings and self-service (docs/miniprograms.md) -----------------------
+
+    @property
+    def _self_service(self) -> SelfServiceStore:
+        return SelfServiceStore(self._app.pool)
+
+    async def BindExternalUser(
+        self, request: pb.BindExternalUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BindExternalUserResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        client_id = _caller_client_id(request.client_id)
+        external_user_id = selfservice.check_external_user_id(request.external_user_id)
+        member_id = domain.parse_member_id(request.member_id)
+        async with self._self_service.bindings(tenant_id=tenant_id, client_id=client_id) as tx:
+            selfservice.refuse_binding(member_id, await tx.member_status(member_id))
+            decision = selfservice.decide_bind(
+                tenant_id=tenant_id, client_id=client_id, external_user_id=external_user_id, member_id=member_id,
+                by_user=await tx.standing(external_user_id=external_user_id),
+                by_member=await tx.standing(member_id=member_id), now=self._clock(),
+            )
+            await tx.apply(decision)
+        binding = decision.new or decision.current
+        assert binding is not None
+        answer = pb.BindExternalUserResponse(binding=binding_pb(binding))
+        if decision.replaced is not None:
+            answer.replaced.CopyFrom(binding_pb(decision.replaced))
+        return answer
+
+    async def UnbindExternalUser(
+        self, request: pb.UnbindExternalUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnbindExternalUserResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        client_id = _caller_client_id(request.client_id)
+        member_id = domain.parse_member_id(request.member_id)
+        async with self._self_service.bindings(tenant_id=tenant_id, client_id=client_id) as tx:
+            current = await tx.standing(member_id=member_id)
+            if current is None:
+                raise NotFound("this client has no external user bound to the member", reason="BINDING_NOT_FOUND")
+            ended = dataclasses.replace(current, unbound_at=self._clock(), unbound_reason=UnbindReason.UNBOUND)
+            await tx.end(ended)
+        return pb.UnbindExternalUserResponse(binding=binding_pb(ended))
+
+    async def LookupMemberByExternalUser(
+        self, request: pb.LookupMemberByExternalUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupMemberByExternalUserResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        binding = await self._binding(tenant_id=tenant_id, client_id=request.client_id,
+                                      external_user_id=request.external_user_id)
+        member = await self._store.get_member(tenant_id=tenant_id, member_id=binding.member_id)
+        assert member is not None, "a binding names a member of its tenant"
+        return pb.LookupMemberByExternalUserResponse(member=member_pb(member), binding=binding_pb(binding))
+
+    async def _binding(self, *, tenant_id: uuid.UUID, client_id: str, external_user_id: str) -> Binding:
+        binding = await self._self_service.standing_binding(
+            tenant_id=tenant_id, client_id=_caller_client_id(client_id),
+            external_user_id=selfservice.check_external_user_id(external_user_id),
+        )
+        if binding is None:
+            raise NotFound("no member is bound to this external user id", reason="BINDING_NOT_FOUND")
+        return binding
+
+    async def _bound_member(
+        self, *, tenant_id: str, caller: pb.SelfServiceCaller
+    ) -> tuple[uuid.UUID, domain.SelfServiceActor, Member]:
+        """The member a self-service caller's binding names, with who is acting."""
+        tenant = domain.parse_tenant_id(tenant_id)
+        actor = selfservice.check_actor(client_id=_caller_client_id(caller.client_id),
+                                        attestation_id=caller.attestation_id)
+        binding = await self._binding(tenant_id=tenant, client_id=caller.client_id,
+                                      external_user_id=caller.external_user_id)
+        member = await self._store.get_member(tenant_id=tenant, member_id=binding.member_id)
+        assert member is not None, "a binding names a member of its tenant"
+        return tenant, actor, member
+
+    async def SelfServiceFreeze(
+        self, request: pb.SelfServiceFreezeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SelfServiceFreezeResponse:
+        tenant_id, actor, member = await self._bound_member(tenant_id=request.tenant_id, caller=request.caller)
+        member = await self._change_member(
+            tenant_id=str(tenant_id), member_id=str(member.member_id),
+            decide=lambda _w, m: domain.self_service_freeze(m, actor=actor, now=self._clock()),
+        )
+        return pb.SelfServiceFreezeResponse(member=member_pb(member))
+
+    async def SelfServiceUnfreeze(
+        self, request: pb.SelfServiceUnfreezeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SelfServiceUnfreezeResponse:
+        tenant_id, actor, member = await self._bound_member(tenant_id=request.tenant_id, caller=request.caller)
+        pin = selfservice.check_pin_format(request.pin)
+        # A no-op (already active) needs no PIN; a freeze the tenant made is refused before the PIN
+        # is checked, so it spends no attempt.
+        if not domain.check_self_service_unfreeze(member):
+            return pb.SelfServiceUnfreezeResponse(member=member_pb(member))
+        await self._verify_pin(tenant_id=tenant_id, member_id=member.member_id, pin=pin, actor=actor)
+        member = await self._change_member(
+            tenant_id=str(tenant_id), member_id=str(member.member_id),
+            decide=lambda _w, m: domain.self_service_unfreeze(m, actor=actor, now=self._clock()),
+        )
+        return pb.SelfServiceUnfreezeResponse(member=member_pb(member))
+
+    async def SelfServiceReportCardLost(
+        self, request: pb.SelfServiceReportCardLostRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SelfServiceReportCardLostResponse:
+        tenant_id, actor, member = await self._bound_member(tenant_id=request.tenant_id, caller=request.caller)
+        member = await self._change_member(
+            tenant_id=str(tenant_id), member_id=str(member.member_id),
+            decide=lambda _w, m: domain.self_service_report_card_lost(m, card_uid=request.card_uid, actor=actor,
+                                                                      now=self._clock()),
+        )
+        return pb.SelfServiceReportCardLostResponse(member=member_pb(member))
+
+    async def SetMemberPin(
+        self, request: pb.SetMemberPinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetMemberPinResponse:
+        tenant_id, actor, member = await self._bound_member(tenant_id=request.tenant_id, caller=request.caller)
+        new_pin = selfservice.check_new_pin(request.new_pin)
+        old_pin = selfservice.check_pin_format(request.old_pin, what="old_pin") if request.old_pin else ""
+        selfservice.refuse_binding(member.member_id, member.status)
+        settings = await self._self_service.settings(tenant_id=tenant_id)
+        new_hash = await asyncio.to_thread(selfservice.hash_pin, new_pin)
+        now = self._clock()
+        check: PinCheck | None = None
+        async with self._self_service.pin(tenant_id=tenant_id, member_id=member.member_id) as tx:
+            first = tx.record is None
+            if first:
+                if old_pin:
+                    raise FailedPrecondition("the member has no PIN to change; set a first one without old_pin",
+                                             reason="PIN_NOT_SET")
+                selfservice.refuse_first_pin_by_partner(settings)
+                if not await tx.insert_first(PinRecord(pin_hash=new_hash, set_at=now)):
+                    raise FailedPrecondition("a PIN was set meanwhile; give old_pin to change it",
+                                             reason="OLD_PIN_REQUIRED")
+            else:
+                if not old_pin:
+                    raise FailedPrecondition("the member has a PIN; give old_pin to change it",
+                                             reason="OLD_PIN_REQUIRED")
+                check = await self._check_pin(tx, pin=old_pin, actor=actor, now=now)
+                if check.outcome is PinOutcome.VERIFIED:
+                    await tx.save(PinRecord(pin_hash=new_hash, set_at=now))
+            if check is None or check.outcome is PinOutcome.VERIFIED:
+                await tx.log(kind="set" if first else "changed", at=now, **actor_fields(actor))
+                await tx.emit(subject="identity.pin.set", data={"first": first, **actor_fields(actor)})
+        if check is not None:
+            selfservice.refuse_unless_verified(check, now=now)
+        return pb.SetMemberPinResponse(first=first)
+
+    async def _verify_pin(
+        self, *, tenant_id: uuid.UUID, member_id: uuid.UUID, pin: str, actor: domain.SelfServiceActor
+    ) -> None:
+        """Check the member's PIN, store the attempt, then refuse a wrong one."""
+        now = self._clock()
+        async with self._self_service.pin(tenant_id=tenant_id, member_id=member_id) as tx:
+            check = await self._check_pin(tx, pin=pin, actor=actor, now=now)
+        selfservice.refuse_unless_verified(check, now=now)
+
+    async def _check_pin(self, tx: PinTx, *, pin: str, actor: domain.SelfServiceActor, now: datetime) -> PinCheck:
+        """One counted check inside the PIN's transaction: refused at once while locked (nothing to
+        store), else the attempt and its outcome are stored and, on a lockout, announced."""
+        record = selfservice.unlocked(selfservice.require_pin(tx.record), now=now)
+        matched = await asyncio.to_thread(selfservice.pin_matches, pin, record.pin_hash)
+        check = selfservice.after_check(record, matched=matched, now=now, limits=self._pin_limits)
+        await tx.save(check.record)
+        await tx.log(kind=check.outcome.value, at=now, **actor_fields(actor))
+        if check.outcome is PinOutcome.LOCKED:
+            assert check.record.locked_until is not None
+            await tx.emit(subject="identity.pin.locked",
+                          data={"locked_until": check.record.locked_until.isoformat(), **actor_fields(actor)})
+        return check
+
+    async def ResetMemberPin(
+        self, request: pb.ResetMemberPinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetMemberPinResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        member_id = domain.parse_member_id(request.member_id)
+        client_id = _caller_client_id(request.client_id)
+        new_pin = selfservice.check_new_pin(request.new_pin) if request.new_pin else ""
+        member = await self._store.get_member(tenant_id=tenant_id, member_id=member_id)
+        if member is None:
+            raise _member_not_found(member_id)
+        new_hash = ""
+        if new_pin:
+            selfservice.refuse_binding(member_id, member.status)
+            new_hash = await asyncio.to_thread(selfservice.hash_pin, new_pin)
+        now = self._clock()
+        async with self._self_service.pin(tenant_id=tenant_id, member_id=member_id) as tx:
+            had_pin = tx.record is not None
+            if new_hash:
+                await tx.replace(PinRecord(pin_hash=new_hash, set_at=now))
+                await tx.log(kind="admin_set", client_id=client_id, attestation_id="", at=now)
+                await tx.emit(subject="identity.pin.set", data={"first": not had_pin, "by": "tenant",
+                                                                "client_id": client_id})
+            elif had_pin:
+                await tx.delete()
+                await tx.log(kind="reset", client_id=client_id, attestation_id="", at=now)
+                await tx.emit(subject="identity.pin.reset", data={"client_id": client_id})
+        return pb.ResetMemberPinResponse(cleared=had_pin and not new_hash)
+
+    async def GetSelfServiceSettings(
+        self, request: pb.GetSelfServiceSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSelfServiceSettingsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        await self._store.require_tenant(tenant_id)
+        settings = await self._self_service.settings(tenant_id=tenant_id)
+        return pb.GetSelfServiceSettingsResponse(settings=settings_pb(settings))
+
+    async def UpdateSelfServiceSettings(
+        self, request: pb.UpdateSelfServiceSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateSelfServiceSettingsResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        client_id = _caller_client_id(request.client_id)
+        await self._store.require_tenant(tenant_id)
+        wanted = selfservice.SelfServiceSettings(first_pin_by_admin=request.settings.first_pin_by_admin,
+                                                 updated_at=self._clock())
+        settings = await self._self_service.update_settings(tenant_id=tenant_id, settings=wanted, client_id=client_id)
+        return pb.UpdateSelfServiceSettingsResponse(settings=settings_pb(settings))
+
+
+def _caller_client_id(value: str) -> str:
+    """The partner's client id the gateway took from its token."""
+    if not _PLAUSIBLE_CLIENT_ID.fullmatch(value):
+        raise InvalidArgument("client_id is required: the calling partner's", reason="CLIENT_ID_INVALID")
+    return value
 
 
 def _member_not_found(member_id: uuid.UUID) -> NotFound:

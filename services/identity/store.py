@@ -23,6 +23,7 @@ from services.identity.domain import (
     ApiClient,
     Card,
     CardFacts,
+    FreezeOrigin,
     CardStatus,
     ChangeKind,
     ImportRowError,
@@ -46,7 +47,7 @@ MAX_IMPORT_ERRORS_SHOWN = 1000
 
 _MEMBER_COLUMNS = """
     m.tenant_id, m.member_id, m.external_number, m.name, m.groups, m.status, m.frozen_reason,
-    m.face_enrolment_ref, m.created_at, m.updated_at, m.version,
+    m.face_enrolment_ref, m.created_at, m.updated_at, m.version, m.frozen_by,
     ARRAY(SELECT ROW(c.card_uid, c.status, c.bound_at, c.lost_at) FROM cards c
           WHERE c.tenant_id = m.tenant_id AND c.member_id = m.member_id
           ORDER BY c.bound_at, c.card_uid) AS cards
@@ -81,6 +82,7 @@ def _member(row: asyncpg.Record) -> Member:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         version=row["version"],
+        frozen_by=FreezeOrigin(row["frozen_by"]) if row["frozen_by"] else None,
     )
 
 
@@ -107,6 +109,7 @@ def member_snapshot(member: Member) -> dict[str, Any]:
         "created_at": member.created_at.isoformat(),
         "updated_at": member.updated_at.isoformat(),
         "version": member.version,
+        "frozen_by": member.frozen_by.value if member.frozen_by else "",
     }
 
 
@@ -132,6 +135,8 @@ def member_from_snapshot(snapshot: dict[str, Any]) -> Member:
         created_at=datetime.fromisoformat(snapshot["created_at"]),
         updated_at=datetime.fromisoformat(snapshot["updated_at"]),
         version=snapshot["version"],
+        # Entries from before freezes had an origin name none.
+        frozen_by=FreezeOrigin(snapshot["frozen_by"]) if snapshot.get("frozen_by") else None,
     )
 
 
@@ -263,8 +268,10 @@ class DirectoryWriter:
                 blacklist_rows.append((card.card_uid, member.member_id, card.lost_at, self._blacklist_version))
             self._feed_sequence += 1
             sequences.append(self._feed_sequence)
+            actor = change.actor
             feed_rows.append(
-                (self._feed_sequence, change.kind.value, member.member_id, member_snapshot(member), member.updated_at)
+                (self._feed_sequence, change.kind.value, member.member_id, member_snapshot(member), member.updated_at,
+                 actor.client_id if actor else "", actor.attestation_id if actor else "")
             )
             subject = change_subject(change)
             events.append(
@@ -279,25 +286,27 @@ class DirectoryWriter:
         if created:
             await conn.execute(
                 """INSERT INTO members (tenant_id, member_id, external_number, name, groups, status, frozen_reason,
-                                        face_enrolment_ref, version, created_at, updated_at)
+                                        face_enrolment_ref, version, created_at, updated_at, frozen_by)
                    SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
-                                            $8::text[], $9::bigint[], $10::timestamptz[], $11::timestamptz[])""",
+                                            $8::text[], $9::bigint[], $10::timestamptz[], $11::timestamptz[],
+                                            $12::text[])""",
                 tenant_id,
-                *_columns([_member_row(m) for m in created.values()], width=10),
+                *_columns([_member_row(m) for m in created.values()], width=11),
             )
         if updated:
             await conn.execute(
                 """UPDATE members m
                    SET external_number = u.external_number, name = u.name, groups = u.groups, status = u.status,
                        frozen_reason = u.frozen_reason, face_enrolment_ref = u.face_enrolment_ref,
-                       version = u.version, created_at = u.created_at, updated_at = u.updated_at
+                       version = u.version, created_at = u.created_at, updated_at = u.updated_at,
+                       frozen_by = u.frozen_by
                    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[], $8::text[],
-                               $9::bigint[], $10::timestamptz[], $11::timestamptz[])
+                               $9::bigint[], $10::timestamptz[], $11::timestamptz[], $12::text[])
                         AS u(member_id, external_number, name, groups, status, frozen_reason, face_enrolment_ref,
-                             version, created_at, updated_at)
+                             version, created_at, updated_at, frozen_by)
                    WHERE m.tenant_id = $1 AND m.member_id = u.member_id""",
                 tenant_id,
-                *_columns([_member_row(m) for m in updated.values()], width=10),
+                *_columns([_member_row(m) for m in updated.values()], width=11),
             )
         if card_rows:
             await conn.execute(
@@ -321,10 +330,12 @@ class DirectoryWriter:
                 *_columns(blacklist_rows, width=4),
             )
         await conn.execute(
-            """INSERT INTO directory_changes (tenant_id, sequence, kind, member_id, member, changed_at)
-               SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::uuid[], $5::jsonb[], $6::timestamptz[])""",
+            """INSERT INTO directory_changes (tenant_id, sequence, kind, member_id, member, changed_at, client_id,
+                                              attestation_id)
+               SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::uuid[], $5::jsonb[], $6::timestamptz[],
+                                        $7::text[], $8::text[])""",
             tenant_id,
-            *_columns(feed_rows, width=5),
+            *_columns(feed_rows, width=7),
         )
         await emit_many(conn, events=events)
         await conn.execute(
@@ -399,6 +410,7 @@ def _member_row(member: Member) -> tuple[Any, ...]:
         member.version,
         member.created_at,
         member.updated_at,
+        member.frozen_by.value if member.frozen_by else "",
     )
 
 

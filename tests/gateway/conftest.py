@@ -25,7 +25,9 @@ from gateway.auth import (
     DEVICES_ADMIN,
     DEVICES_SYNC,
     LEDGER_ADMIN,
+    MEMBERS_BIND,
     MEMBERS_READ,
+    MEMBERS_SELF_SERVICE,
     MEMBERS_WRITE,
     PAYMENTS_CREATE,
     POLICY_ADMIN,
@@ -41,7 +43,7 @@ from tests.mesh import service_values
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
 TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
                  WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE, DEVICES_ADMIN, DATA_READ,
-                 WEBHOOKS_MANAGE)
+                 MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"
@@ -69,6 +71,8 @@ def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_T
         "token_rate_limit_per_s": GENEROUS_RATE,
         "token_rate_limit_burst": int(GENEROUS_RATE),
         "identity_timeout_s": 10.0,
+        # No partner gRPC port unless a test asks for one (tests/gateway/test_partner_grpc.py).
+        "partner_grpc_port": 0,
         **service_values("gateway"),
     }
     values.update(overrides)

@@ -35,7 +35,9 @@ from gateway.auth import (
     DEVICES_ADMIN,
     DEVICES_SYNC,
     LEDGER_ADMIN,
+    MEMBERS_BIND,
     MEMBERS_READ,
+    MEMBERS_SELF_SERVICE,
     MEMBERS_WRITE,
     PAYMENTS_CREATE,
     PLATFORM_ADMIN,
@@ -72,6 +74,8 @@ MATRIX_PAYMENT = {"member_id": "{member_id}", "merchant_id": "{merchant_account_
                   "amount_fen": 100}
 MATRIX_ACCESS_RULES = {"time_zone": "Asia/Shanghai", "rules": [
     {"name": "intrusion", "places": ["dorm-3"], "purposes": ["access"], "from": "00:00", "to": "24:00"}]}
+# The PIN populated_tenant sets for its member through its own partner client.
+MATRIX_PIN = "402913"
 MATRIX_ROLLOUT = {"target": "firmware", "version": "6.6.6", "kind": "pos", "stage_sizes": [1],
                   "success_threshold": 1.0, "error_threshold": 1}
 
@@ -249,6 +253,26 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("GET", "/v1/tenants/{tenant_id}/webhook-endpoints/deliveries/{delivery_id}"): RouteCall(),
     ("POST", "/v1/tenants/{tenant_id}/webhook-endpoints/deliveries/{delivery_id}/redeliver"): RouteCall(
         headers={"Idempotency-Key": "matrix-redeliver"}),
+    # Mini-program backends. {external_user_id} is the openid the tenant's own partner client bound
+    # to its member: the caller's token is another client's, so it is never the caller's binding.
+    ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/external-user"): RouteCall(
+        json={"external_user_id": "matrix-openid"}),
+    ("DELETE", "/v1/tenants/{tenant_id}/members/{member_id}/external-user"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/members/by-external-user"): RouteCall(
+        params={"external_user_id": "{external_user_id}"}),
+    ("POST", "/v1/tenants/{tenant_id}/self-service/freeze"): RouteCall(
+        json={"external_user_id": "{external_user_id}", "attestation_id": "matrix"}),
+    ("POST", "/v1/tenants/{tenant_id}/self-service/unfreeze"): RouteCall(
+        json={"external_user_id": "{external_user_id}", "attestation_id": "matrix", "pin": MATRIX_PIN}),
+    ("POST", "/v1/tenants/{tenant_id}/self-service/report-card-lost"): RouteCall(
+        json={"external_user_id": "{external_user_id}", "attestation_id": "matrix"}),
+    ("PUT", "/v1/tenants/{tenant_id}/self-service/pin"): RouteCall(
+        json={"external_user_id": "{external_user_id}", "attestation_id": "matrix", "new_pin": "880417",
+              "old_pin": MATRIX_PIN}),
+    ("DELETE", "/v1/tenants/{tenant_id}/members/{member_id}/pin"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/pin"): RouteCall(json={"pin": "880417"}),
+    ("GET", "/v1/tenants/{tenant_id}/self-service-settings"): RouteCall(),
+    ("PUT", "/v1/tenants/{tenant_id}/self-service-settings"): RouteCall(json={"first_pin_by_admin": True}),
 }
 # Routes that need no token and show no tenant data.
 PUBLIC_ROUTES = {
@@ -336,6 +360,8 @@ class TenantFixture:
     # Webhooks': an endpoint of the tenant's client and a delivery to it.
     endpoint_id: str
     delivery_id: str
+    # The openid the tenant's partner client (client_id) bound to the member, with a PIN set.
+    external_user_id: str
 
     def ids(self) -> dict[str, str]:
         return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
@@ -346,7 +372,7 @@ class TenantFixture:
                 "endpoint_id": self.endpoint_id, "delivery_id": self.delivery_id,
                 "external_number": self.external_number, "payment_key": self.payment_key,
                 "merchant_account_id": self.merchant_account_id, "funding_account_id": self.funding_account_id,
-                "today": datetime.now(SHANGHAI).date().isoformat()}
+                "today": datetime.now(SHANGHAI).date().isoformat(), "external_user_id": self.external_user_id}
 
 
 @dataclass(frozen=True)
@@ -410,6 +436,13 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
             break
         await asyncio.sleep(0.05)
     client = await gateway.create_client(tenant_id=tenant_id, scopes=TENANT_SCOPES, name=f"client {label}")
+    external_user_id = f"openid-{label}"
+    await stub.BindExternalUser(pb.BindExternalUserRequest(tenant_id=tenant_id, client_id=client.client_id,
+                                                           external_user_id=external_user_id,
+                                                           member_id=member.member_id))
+    await stub.SetMemberPin(pb.SetMemberPinRequest(
+        tenant_id=tenant_id, new_pin=MATRIX_PIN, caller=pb.SelfServiceCaller(
+            client_id=client.client_id, external_user_id=external_user_id, attestation_id=f"setup-{label}")))
     # With a codegen behind the gateway the member holds a real credential, so the matrix can aim
     # at it from another tenant; without one, any credential id serves the scope checks.
     credential_id = str(uuid.uuid4())
@@ -465,7 +498,7 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
                          payment_key=books.payment_key, merchant_account_id=books.merchant_id,
                          batch_id=books.batch_id, program_ref=f"meal-{label}", funding_account_id=books.funding_id,
                          version=version, device_id=device_id, alarm_id=alarm_id, rollout_id=rollout_id,
-                         endpoint_id=endpoint_id, delivery_id=delivery_id)
+                         endpoint_id=endpoint_id, delivery_id=delivery_id, external_user_id=external_user_id)
 
 
 async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> tuple[str, str, str]:
@@ -505,6 +538,10 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
         "feed": await stub.ListDirectoryChanges(pb.ListDirectoryChangesRequest(tenant_id=tid, page_size=1000)),
         "clients": await stub.ListApiClients(pb.ListApiClientsRequest(tenant_id=tid)),
         "import": await stub.GetMemberImport(pb.GetMemberImportRequest(tenant_id=tid, import_id=tenant.import_id)),
+        # The member's binding at the tenant's partner client still stands, to the same member.
+        "binding": await stub.LookupMemberByExternalUser(pb.LookupMemberByExternalUserRequest(
+            tenant_id=tid, client_id=tenant.client_id, external_user_id=tenant.external_user_id)),
+        "self_service_settings": await stub.GetSelfServiceSettings(pb.GetSelfServiceSettingsRequest(tenant_id=tid)),
     }
     codegen = getattr(gateway, "codegen_stub", None)
     if codegen is not None:
@@ -646,7 +683,9 @@ async def test_a_token_of_tenant_a_never_reads_or_changes_tenant_b_on_any_route(
             ("POST", "/v1/tenants/{tenant_id}/rule-sets/{version}/dry-run"),
             ("POST", "/v1/tenants/{tenant_id}/subsidy-batches"),
             ("GET", "/v1/tenants/{tenant_id}/statements"),
-            ("GET", "/v1/tenants/{tenant_id}/payments/lookup")} <= checked_outside_the_path
+            ("GET", "/v1/tenants/{tenant_id}/payments/lookup"),
+            ("GET", "/v1/tenants/{tenant_id}/members/by-external-user"),
+            ("POST", "/v1/tenants/{tenant_id}/self-service/unfreeze")} <= checked_outside_the_path
     assert await snapshot(gateway, tenant_b) == before
 
 
@@ -654,7 +693,7 @@ async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN,
                   WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE,
-                  DEVICES_ADMIN, DATA_READ, WEBHOOKS_MANAGE)
+                  DEVICES_ADMIN, DATA_READ, MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE)
     assert set(all_scopes) == set(SCOPES)
     token_without: dict[str, str] = {}
     for scope in all_scopes:

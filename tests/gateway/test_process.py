@@ -1,5 +1,6 @@
-"""``python -m gateway`` as a real process: it serves from ONECARD_* settings, logs JSON lines,
-never logs a secret, a token or an Authorization header, and stops cleanly on SIGTERM."""
+"""``python -m gateway`` as a real process: it serves from ONECARD_* settings (REST, and the partner
+gRPC API on its TLS port), logs JSON lines, never logs a secret, a token or an Authorization header,
+and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
@@ -11,11 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 
 from devstack.servers import free_port
 from gateway.auth import MEMBERS_READ
 from onecard.identity.v1 import identity_pb2 as pb
+from onecard.partner.v1 import partner_pb2, partner_pb2_grpc
+from runtime.mesh import MeshTLS
 from tests.mesh import service_values
 from tests.gateway.conftest import TOKEN_SECRET
 
@@ -46,6 +50,7 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
         name="p", scopes=[MEMBERS_READ], grants=[pb.TenantGrant(tenant_id=tenant.tenant_id, scopes=[MEMBERS_READ])]))
     client_id, client_secret = created.client.client_id, created.client_secret
     port = free_port()
+    partner_port = free_port()
     log_path = tmp_path / "gateway.log"
     env = {
         **os.environ,
@@ -55,6 +60,7 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
         "ONECARD_TOKEN_SECRET": TOKEN_SECRET,
         "ONECARD_HTTP_HOST": "127.0.0.1",
         "ONECARD_HTTP_PORT": str(port),
+        "ONECARD_PARTNER_GRPC_PORT": str(partner_port),
         "ONECARD_LOG_LEVEL": "info",
         "ONECARD_TLS_DIR": str(service_values("gateway")["tls_dir"]),
     }
@@ -80,6 +86,12 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
                 refused = await http.get(f"/v1/tenants/{tenant.tenant_id}",
                                          headers={"Authorization": "Bearer not.a.token"})
                 ready = await http.get("/readyz")
+            ca_pem = MeshTLS.load(service_values("gateway")["tls_dir"]).ca_pem
+            async with grpc.aio.secure_channel(f"localhost:{partner_port}",
+                                               grpc.ssl_channel_credentials(root_certificates=ca_pem)) as channel:
+                members = await partner_pb2_grpc.PartnerServiceStub(channel).SearchMembers(
+                    partner_pb2.SearchMembersRequest(tenant_id=tenant.tenant_id),
+                    metadata=(("authorization", f"Bearer {token}"), ("x-request-id", "proc-2")), timeout=10)
         finally:
             process.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
@@ -98,4 +110,8 @@ async def test_python_m_gateway_serves_logs_json_and_never_logs_secrets(identity
     assert {"route": "/v1/tenants/{tenant_id}", "status": 200, "request_id": "proc-1"}.items() <= next(
         line for line in requests if line.get("request_id") == "proc-1").items()
     assert all(line["service"] == "gateway" for line in lines)
+    assert list(members.members) == []
+    calls = [line for line in lines if line.get("event") == "grpc request"]
+    assert {"grpc_method": "SearchMembers", "grpc_status": "OK", "request_id": "proc-2",
+            "client_id": client_id}.items() <= calls[0].items()
     assert tenant.tenant_id not in "".join(json.dumps(line.get("route")) for line in requests)

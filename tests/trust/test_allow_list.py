@@ -129,3 +129,29 @@ async def test_health_is_open_and_reflection_is_for_the_operator_only(mesh: dict
                         pass
                 assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, caller
                 assert error_info(refused.value)[0] == "CALLER_NOT_ALLOWED"
+
+
+def test_every_onecard_proto_is_a_mesh_service_or_marked_public() -> None:
+    """A service outside the mesh's allow-list must say so: the file carries
+    ``option (onecard.mesh.v1.public_api) = true`` (the partner API the gateway serves to access
+    tokens) and its methods no (access) option; every other onecard proto is in the matrix above."""
+    import importlib
+    from pathlib import Path
+
+    mesh_files = {service.file.name for service in onecard_services()}
+    protos = Path(__file__).resolve().parents[2] / "protos"
+    public = set()
+    for path in sorted(protos.glob("onecard/**/*.proto")):
+        name = path.relative_to(protos).as_posix()
+        module = importlib.import_module(name.removesuffix(".proto").replace("/", ".") + "_pb2")
+        if not module.DESCRIPTOR.services_by_name:
+            continue
+        options = module.DESCRIPTOR.GetOptions()
+        if options.HasExtension(access_pb2.public_api) and options.Extensions[access_pb2.public_api]:
+            assert name not in mesh_files, f"{name} is marked public_api but served on the mesh"
+            for service in module.DESCRIPTOR.services_by_name.values():
+                assert not any(m.GetOptions().HasExtension(access_pb2.access) for m in service.methods), name
+            public.add(name)
+        else:
+            assert name in mesh_files, f"{name}: a mesh service missing from devstack.security_doc, or mark it public_api"
+    assert public == {"onecard/partner/v1/partner.proto"}
