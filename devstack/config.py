@@ -107,8 +107,16 @@ SERVICES: tuple[ServiceSpec, ...] = (
         default_port=50055, default_metrics_port=9105, migrates=True,
         extra_listener="device", default_extra_port=50056,
     ),
+    # Webhooks asks the ledger who owns a transfer's accounts (ONECARD_LEDGER_TARGET), consumes the
+    # identity, ledger and device hub streams, and sends to partners' endpoints; its master key seals
+    # their secrets, kept like codegen's.
+    ServiceSpec(
+        name="webhooks", module="services.webhooks", protocol="grpc",
+        default_port=50057, default_metrics_port=9106, migrates=True,
+        secret_env={"ONECARD_WEBHOOKS_MASTER_KEY": "webhooks_master_key"},
+    ),
     # The gateway reaches each at ONECARD_<NAME>_TARGET. Each later service is one entry here,
-    # before the gateway that calls it, on the next ports: 50057/9106.
+    # before the gateway that calls it, on the next ports: 50058/9107.
     ServiceSpec(
         name="gateway", module="gateway", protocol="http",
         default_port=8080, secret_env={"ONECARD_TOKEN_SECRET": "token_secret"},

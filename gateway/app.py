@@ -26,7 +26,8 @@ from gateway.partner_grpc import bind_partner_rpcs, start_partner_server
 from gateway.partner_grpc import server_credentials as partner_credentials
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
-from gateway.routes import codes, devices, identity, ledger, miniprogram, oauth, ops, policy, reconciliation
+from gateway.routes import (codes, devices, identity, ledger, miniprogram, oauth, ops, policy, reconciliation,
+                            webhooks)
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
@@ -34,6 +35,7 @@ from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
+from onecard.webhooks.v1 import webhooks_pb2_grpc
 from runtime.grpc_client import open_channel
 from runtime.mesh import load_tls
 from runtime.logs import get_logger, request_id_or_new
@@ -78,6 +80,8 @@ OPENAPI_TAGS = [
      "attendance comes from (devices:admin)."},
     {"name": "rollouts", "description": "Firmware and config rollouts to a device group in stages (devices:admin)."},
     {"name": "data", "description": "The data API (data:read): the real-time dining index per canteen."},
+    {"name": "webhooks", "description": "The calling client's webhook endpoints (webhooks:manage): register, "
+     "change, rotate secrets, the delivery log and redelivery (docs/webhooks.md)."},
     {"name": "miniprograms", "description": "Mini-program backends: the calling client's external user ids bound "
      "to members (members:bind), and self-service for a bound member: freeze, report a card lost, PIN, unfreeze "
      "with the PIN (members:self-service). See docs/miniprograms.md."},
@@ -254,6 +258,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.devicehub_channel = devicehub_channel
             state.devicehub_stub = devicehub_pb2_grpc.DeviceAdminServiceStub(devicehub_channel)
             state.devicehub_health_stub = health_pb2_grpc.HealthStub(devicehub_channel)
+        webhooks_channel = (open_channel(settings.webhooks_target, tls=tls, server_name="webhooks")
+                            if settings.webhooks_target else None)
+        if webhooks_channel is not None:
+            state.webhooks_channel = webhooks_channel
+            state.webhooks_stub = webhooks_pb2_grpc.WebhookServiceStub(webhooks_channel)
+            state.webhooks_health_stub = health_pb2_grpc.HealthStub(webhooks_channel)
         # Identity's grant events over NATS, when configured: a revoked grant's tokens stop at once
         # (without them, at the next re-check).
         grant_events = None
@@ -297,6 +307,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             state.devicehub_stub = None
             state.devicehub_health_stub = None
             state.devicehub_channel = None
+            state.webhooks_stub = None
+            state.webhooks_health_stub = None
+            state.webhooks_channel = None
+            if webhooks_channel is not None:
+                await webhooks_channel.close()
             if devicehub_channel is not None:
                 await devicehub_channel.close()
             if policy_channel is not None:
@@ -327,6 +342,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(reconciliation.router)
     app.include_router(policy.router)
     app.include_router(devices.router)
+    app.include_router(webhooks.router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]

@@ -42,6 +42,7 @@ POLICY_ADMIN = "policy:admin"
 PAYMENTS_CREATE = "payments:create"
 DEVICES_ADMIN = "devices:admin"
 DATA_READ = "data:read"
+WEBHOOKS_MANAGE = "webhooks:manage"
 MEMBERS_BIND = "members:bind"
 MEMBERS_SELF_SERVICE = "members:self-service"
 SCOPES: dict[str, str] = {
@@ -76,6 +77,9 @@ SCOPES: dict[str, str] = {
     "records; create and follow firmware and config rollouts (the school's operators).",
     DATA_READ: "Read the tenant's data API: the real-time dining index (people served per canteen against "
     "capacity) for dashboards and partners.",
+    WEBHOOKS_MANAGE: "Register and manage the calling client's webhook endpoints in the tenant (event types limited "
+    "to what its other scopes read), rotate their secrets, read the delivery log and redeliver; allowing private "
+    "targets also needs clients:admin.",
     MEMBERS_BIND: "Bind the calling client's own external user ids (a mini-program's openid) to members, unbind "
     "them, and look a member up by one; another client's bindings are never seen (mini-program backends).",
     MEMBERS_SELF_SERVICE: "Act for a member bound to the calling client, named by its external user id: freeze, "
@@ -278,5 +282,6 @@ AdminPolicy = Annotated[Principal, Security(authorize, scopes=[POLICY_ADMIN])]
 CreatePayments = Annotated[Principal, Security(authorize, scopes=[PAYMENTS_CREATE])]
 AdminDevices = Annotated[Principal, Security(authorize, scopes=[DEVICES_ADMIN])]
 ReadData = Annotated[Principal, Security(authorize, scopes=[DATA_READ])]
+ManageWebhooks = Annotated[Principal, Security(authorize, scopes=[WEBHOOKS_MANAGE])]
 BindMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_BIND])]
 SelfService = Annotated[Principal, Security(authorize, scopes=[MEMBERS_SELF_SERVICE])]

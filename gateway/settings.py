@@ -56,6 +56,9 @@ class GatewaySettings(MeshSettings):
     # the dining index). Empty: no device hub behind this gateway; its routes answer 503
     # DEVICEHUB_NOT_CONFIGURED and /readyz leaves it out.
     devicehub_target: str = ""
+    # host:port of the webhooks gRPC service (partners' endpoints and the delivery log). Empty: none;
+    # its routes answer 503 WEBHOOKS_NOT_CONFIGURED and /readyz leaves it out.
+    webhooks_target: str = ""
     # HS256 key for access tokens; every gateway replica must share it.
     token_secret: SecretStr
     http_host: str = DEFAULT_HTTP_HOST

@@ -22,6 +22,7 @@ from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2_grpc
+from onecard.webhooks.v1 import webhooks_pb2_grpc
 
 
 @dataclass
@@ -56,6 +57,10 @@ class GatewayState:
     devicehub_stub: devicehub_pb2_grpc.DeviceAdminServiceStub | None = None
     # gRPC health of the device hub, for /readyz.
     devicehub_health_stub: health_pb2_grpc.HealthStub | None = None
+    # None when the gateway has no webhooks_target.
+    webhooks_channel: grpc.aio.Channel | None = None
+    webhooks_stub: webhooks_pb2_grpc.WebhookServiceStub | None = None
+    webhooks_health_stub: health_pb2_grpc.HealthStub | None = None
     # The port the partner gRPC API listens on (gateway.partner_grpc); None when it does not.
     partner_grpc_port: int | None = None
 
@@ -97,6 +102,15 @@ class GatewayState:
                                    detail="this gateway has no device hub behind it (ONECARD_DEVICEHUB_TARGET)")
             raise RuntimeError("the gateway's lifespan has not opened the device hub channel")
         return self.devicehub_stub
+
+    @property
+    def webhooks(self) -> webhooks_pb2_grpc.WebhookServiceStub:
+        if self.webhooks_stub is None:
+            if not self.settings.webhooks_target:
+                raise ProblemError(status=503, reason="WEBHOOKS_NOT_CONFIGURED",
+                                   detail="this gateway has no webhooks service behind it (ONECARD_WEBHOOKS_TARGET)")
+            raise RuntimeError("the gateway's lifespan has not opened the webhooks channel")
+        return self.webhooks_stub
 
     @property
     def timeout_s(self) -> float:

@@ -280,6 +280,10 @@ class IdempotentConsumer:
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     ack_wait_s: float = DEFAULT_ACK_WAIT_S
     max_deliver: int = DEFAULT_MAX_DELIVER
+    # In stream order even when a handler fails: the failed message and the rest of its batch go
+    # back together, and the next fetch waits until they are due again, so they come first.
+    in_order: bool = False
+    retry_delay_s: float = 1.0
     _sub: Any = field(default=None, init=False)
     _waiting_for_stream: bool = field(default=False, init=False)
 
@@ -328,16 +332,22 @@ class IdempotentConsumer:
                     _raise_if_cancelled()
                     continue
                 _raise_if_cancelled()
-                for msg in msgs:
+                for index, msg in enumerate(msgs):
                     try:
                         await self.handle(msg)
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - redelivered after a delay
                         log.warning("event handler failed", consumer=self.durable, error=type(exc).__name__)
-                        with contextlib.suppress(Exception):
-                            await msg.nak(delay=1.0)
-                        continue
+                        if not self.in_order:
+                            with contextlib.suppress(Exception):
+                                await msg.nak(delay=self.retry_delay_s)
+                            continue
+                        for later in msgs[index:]:
+                            with contextlib.suppress(Exception):
+                                await later.nak(delay=self.retry_delay_s)
+                        await asyncio.sleep(self.retry_delay_s * 1.5)
+                        break
                     await msg.ack()
             except asyncio.CancelledError:
                 raise

@@ -11,11 +11,12 @@ from services.devicehub.app import NATS_ACCESS as DEVICEHUB
 from services.identity.app import NATS_ACCESS as IDENTITY
 from services.ledger.app import NATS_ACCESS as LEDGER
 from services.policy.app import NATS_ACCESS as POLICY
+from services.webhooks.app import NATS_ACCESS as WEBHOOKS
 
 # The gateway follows identity's grant events (gateway.identity_events), so that a revoked grant's
 # tokens stop at once; it publishes nothing.
 GATEWAY = NatsAccess(follows=("IDENTITY",))
-OPS = NatsAccess(follows=("IDENTITY", "CODEGEN", "LEDGER", "POLICY", "DEVICEHUB"), inspects=True)
+OPS = NatsAccess(follows=("IDENTITY", "CODEGEN", "LEDGER", "POLICY", "DEVICEHUB", "WEBHOOKS"), inspects=True)
 
 NATS_ACCOUNTS: dict[str, NatsAccess] = {
     "identity": IDENTITY,
@@ -23,6 +24,7 @@ NATS_ACCOUNTS: dict[str, NatsAccess] = {
     "ledger": LEDGER,
     "policy": POLICY,
     "devicehub": DEVICEHUB,
+    "webhooks": WEBHOOKS,
     "gateway": GATEWAY,
     "ops": OPS,
 }

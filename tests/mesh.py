@@ -76,7 +76,7 @@ def nats_users() -> dict[str, tuple[str, NatsAccess]]:
 
 
 # The schemas (and so the database roles) of every service a test may start.
-SERVICE_SCHEMAS = ("identity", "codegen", "ledger", "policy", "devicehub", "widgets")
+SERVICE_SCHEMAS = ("identity", "codegen", "ledger", "policy", "devicehub", "webhooks", "widgets")
 
 
 @functools.cache

@@ -121,6 +121,8 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
         "ONECARD_CODEGEN_METRICS_PORT": str(free_port()),
         "ONECARD_LEDGER_PORT": str(free_port()),
         "ONECARD_LEDGER_METRICS_PORT": str(free_port()),
+        "ONECARD_WEBHOOKS_PORT": str(free_port()),
+        "ONECARD_WEBHOOKS_METRICS_PORT": str(free_port()),
         "ONECARD_POLICY_PORT": str(free_port()),
         "ONECARD_POLICY_METRICS_PORT": str(free_port()),
         "ONECARD_DEVICEHUB_PORT": str(free_port()),

@@ -16,6 +16,7 @@ from onecard.devicehub.v1 import devicehub_pb2
 from onecard.identity.v1 import identity_pb2
 from onecard.ledger.v1 import ledger_pb2
 from onecard.policy.v1 import policy_pb2
+from onecard.webhooks.v1 import webhooks_pb2
 
 router = APIRouter(tags=["operations"])
 
@@ -24,6 +25,7 @@ CODEGEN_SERVICE = codegen_pb2.DESCRIPTOR.services_by_name["CodegenService"].full
 LEDGER_SERVICE = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 DEVICEHUB_SERVICE = devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminService"].full_name
+WEBHOOKS_SERVICE = webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name
 
 
 async def _serving(stub: health_pb2_grpc.HealthStub | None, *, service: str, timeout_s: float) -> bool:
@@ -63,6 +65,8 @@ async def readyz(request: Request) -> Health:
         upstreams["policy"] = (state.policy_health_stub, POLICY_SERVICE)
     if state.settings.devicehub_target:
         upstreams["devicehub"] = (state.devicehub_health_stub, DEVICEHUB_SERVICE)
+    if state.settings.webhooks_target:
+        upstreams["webhooks"] = (state.webhooks_health_stub, WEBHOOKS_SERVICE)
     answers = await asyncio.gather(*(_serving(stub, service=service, timeout_s=timeout_s)
                                      for stub, service in upstreams.values()))
     not_ready = [name for name, serving in zip(upstreams, answers, strict=True) if not serving]

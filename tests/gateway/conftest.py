@@ -34,6 +34,7 @@ from gateway.auth import (
     STATEMENTS_READ,
     WALLETS_READ,
     WALLETS_TOPUP,
+    WEBHOOKS_MANAGE,
 )
 from gateway.settings import GatewaySettings
 from onecard.identity.v1 import identity_pb2 as pb
@@ -42,7 +43,7 @@ from tests.mesh import service_values
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
 TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
                  WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE, DEVICES_ADMIN, DATA_READ,
-                 MEMBERS_BIND, MEMBERS_SELF_SERVICE)
+                 MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"
@@ -51,7 +52,8 @@ GENEROUS_RATE = 10_000.0
 
 
 def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_TARGET, ledger_target: str = "",
-                     policy_target: str = "", devicehub_target: str = "", **overrides: Any) -> GatewaySettings:
+                     policy_target: str = "", devicehub_target: str = "", webhooks_target: str = "",
+                     **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
         "identity_target": identity_target,
         "codegen_target": codegen_target,
@@ -61,6 +63,8 @@ def gateway_settings(*, identity_target: str, codegen_target: str = NO_CODEGEN_T
         "policy_target": policy_target,
         # Likewise for the device hub (503 DEVICEHUB_NOT_CONFIGURED).
         "devicehub_target": devicehub_target,
+        # Likewise for webhooks (503 WEBHOOKS_NOT_CONFIGURED).
+        "webhooks_target": webhooks_target,
         "token_secret": TOKEN_SECRET,
         "rate_limit_per_s": GENEROUS_RATE,
         "rate_limit_burst": int(GENEROUS_RATE),
@@ -258,13 +262,26 @@ async def devices_gateway(identity: Any, codegen_service: Any, ledger_service: A
 
 
 @pytest.fixture
+async def webhooks_service(launch: Any, database_url: str, nats_url: str, ledger_service: Any) -> Any:
+    """A real webhooks service reading the test's ledger (plain http to loopback allowed, as on a
+    development stack)."""
+    from onecard.webhooks.v1 import webhooks_pb2_grpc
+    from services.webhooks.app import build_app
+    from tests.webhooks.conftest import webhooks_settings
+
+    return await launch(build_app(webhooks_settings(database_url=database_url, nats_url=nats_url,
+                                                    ledger_target=ledger_service.target)),
+                        stub_cls=webhooks_pb2_grpc.WebhookServiceStub)
+
+
+@pytest.fixture
 async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: Any, policy_service: Any,
-                           devicehub_service: Any) -> AsyncIterator[Gateway]:
-    """The gateway in front of identity, codegen, the ledger, policy and the device hub: every route
-    has its service."""
+                           devicehub_service: Any, webhooks_service: Any) -> AsyncIterator[Gateway]:
+    """The gateway in front of identity, codegen, the ledger, policy, the device hub and webhooks:
+    every route has its service."""
     settings = gateway_settings(identity_target=identity.target, codegen_target=codegen_service.target,
                                 ledger_target=ledger_service.target, policy_target=policy_service.target,
-                                devicehub_target=devicehub_service.target)
+                                devicehub_target=devicehub_service.target, webhooks_target=webhooks_service.target)
     async with running_gateway(settings) as (app, http):
         gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
         gateway.codegen_stub = codegen_service.stub  # type: ignore[attr-defined]
@@ -272,6 +289,7 @@ async def platform_gateway(identity: Any, codegen_service: Any, ledger_service: 
         gateway.policy_stub = policy_service.stub  # type: ignore[attr-defined]
         gateway.devicehub_stub = devicehub_service.stub  # type: ignore[attr-defined]
         gateway.devicehub = devicehub_service  # type: ignore[attr-defined]
+        gateway.webhooks_stub = webhooks_service.stub  # type: ignore[attr-defined]
         yield gateway
 
 

@@ -46,6 +46,7 @@ from gateway.auth import (
     STATEMENTS_READ,
     WALLETS_READ,
     WALLETS_TOPUP,
+    WEBHOOKS_MANAGE,
 )
 from onecard.codegen.v1 import codegen_pb2 as cpb
 from onecard.devicehub.v1 import devicehub_pb2 as dpb
@@ -53,6 +54,7 @@ from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.policy.v1 import policy_pb2 as ppb
+from onecard.webhooks.v1 import webhooks_pb2 as wpb
 from tests.gateway.conftest import TENANT_SCOPES, Gateway, assert_problem, gateway_settings
 from tests.ledger.support import allow_credit
 
@@ -250,6 +252,21 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
     ("GET", "/v1/tenants/{tenant_id}/rollouts"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/rollouts/{rollout_id}"): RouteCall(),
     ("GET", "/v1/tenants/{tenant_id}/dining-index"): RouteCall(params={"window_s": 900}),
+    # Webhooks. {endpoint_id} and {delivery_id} are an endpoint of the tenant's client and a
+    # delivery to it; endpoints belong to a client, so another client's are 404 too.
+    ("POST", "/v1/tenants/{tenant_id}/webhook-endpoints"): RouteCall(
+        json={"url": "http://127.0.0.1:9/intrusion", "event_types": ["payment.booked"]},
+        headers={"Idempotency-Key": "matrix-endpoint"}),
+    ("GET", "/v1/tenants/{tenant_id}/webhook-endpoints"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/webhook-endpoints/{endpoint_id}"): RouteCall(),
+    ("PATCH", "/v1/tenants/{tenant_id}/webhook-endpoints/{endpoint_id}"): RouteCall(json={"enabled": False}),
+    ("DELETE", "/v1/tenants/{tenant_id}/webhook-endpoints/{endpoint_id}"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/webhook-endpoints/{endpoint_id}/rotate-secret"): RouteCall(
+        headers={"Idempotency-Key": "matrix-rotate"}),
+    ("GET", "/v1/tenants/{tenant_id}/webhook-endpoints/{endpoint_id}/deliveries"): RouteCall(),
+    ("GET", "/v1/tenants/{tenant_id}/webhook-endpoints/deliveries/{delivery_id}"): RouteCall(),
+    ("POST", "/v1/tenants/{tenant_id}/webhook-endpoints/deliveries/{delivery_id}/redeliver"): RouteCall(
+        headers={"Idempotency-Key": "matrix-redeliver"}),
     # Mini-program backends. {external_user_id} is the openid the tenant's own partner client bound
     # to its member: the caller's token is another client's, so it is never the caller's binding.
     ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/external-user"): RouteCall(
@@ -354,6 +371,9 @@ class TenantFixture:
     device_id: str
     alarm_id: str
     rollout_id: str
+    # Webhooks': an endpoint of the tenant's client and a delivery to it.
+    endpoint_id: str
+    delivery_id: str
     # The openid the tenant's partner client (client_id) bound to the member, with a PIN set.
     external_user_id: str
 
@@ -363,6 +383,7 @@ class TenantFixture:
                 "account_id": self.account_id, "transfer_id": self.transfer_id, "batch_id": self.batch_id,
                 "purse_kind": "subsidy", "ref": self.program_ref, "version": str(self.version),
                 "device_id": self.device_id, "alarm_id": self.alarm_id, "rollout_id": self.rollout_id,
+                "endpoint_id": self.endpoint_id, "delivery_id": self.delivery_id,
                 "external_number": self.external_number, "payment_key": self.payment_key,
                 "merchant_account_id": self.merchant_account_id, "funding_account_id": self.funding_account_id,
                 "today": datetime.now(SHANGHAI).date().isoformat(), "external_user_id": self.external_user_id,
@@ -446,12 +467,29 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
             tenant_id=tenant_id, member_id=member.member_id,
             holder_public_key=bytes(nacl.signing.SigningKey.generate().verify_key), purposes=[cpb.PURPOSE_PAY]))
         credential_id = issued.credential.credential_id
+    # With webhooks: an endpoint of the client for top-ups (the books' top-up makes a delivery).
+    endpoint_id, delivery_id = str(uuid.uuid4()), str(uuid.uuid4())
+    webhooks = getattr(gateway, "webhooks_stub", None)
+    if webhooks is not None:
+        created = await webhooks.CreateEndpoint(wpb.CreateEndpointRequest(
+            tenant_id=tenant_id, client_id=client.client_id, caller_scopes=list(TENANT_SCOPES),
+            url="http://127.0.0.1:9/hooks", event_types=["topup.booked"], description=f"secret-{label}",
+            idempotency_key=f"endpoint-{label}", key_scope=f"client:{client.client_id}"))
+        endpoint_id = created.endpoint.endpoint_id
     # Likewise with a ledger: real accounts, a payment and a grant batch; without one, any ids.
     books = LedgerBooks(cash_id=str(uuid.uuid4()), payment_id=str(uuid.uuid4()), payment_key=f"pay-{label}",
                         merchant_id=str(uuid.uuid4()), batch_id=str(uuid.uuid4()), funding_id=str(uuid.uuid4()))
     ledger = getattr(gateway, "ledger_stub", None)
     if ledger is not None:
         books = await _ledger_books(ledger, tenant_id=tenant_id, member_id=member.member_id, label=label)
+    if webhooks is not None and ledger is not None:
+        for _ in range(400):
+            listed = await webhooks.ListDeliveries(wpb.ListDeliveriesRequest(
+                tenant_id=tenant_id, client_id=client.client_id, endpoint_id=endpoint_id))
+            if listed.deliveries:
+                delivery_id = listed.deliveries[0].delivery_id
+                break
+            await asyncio.sleep(0.05)
     # And with policy: rule-set versions (B one more than A, see ROUTE_CALLS), the last published,
     # its bundle and bundle key made; without one, any version number.
     version = 2 if label == "B" else 1
@@ -475,7 +513,7 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
                          payment_key=books.payment_key, merchant_account_id=books.merchant_id,
                          batch_id=books.batch_id, program_ref=f"meal-{label}", funding_account_id=books.funding_id,
                          version=version, device_id=device_id, alarm_id=alarm_id, rollout_id=rollout_id,
-                         external_user_id=external_user_id)
+                         endpoint_id=endpoint_id, delivery_id=delivery_id, external_user_id=external_user_id)
 
 
 async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> tuple[str, str, str]:
@@ -548,6 +586,20 @@ async def snapshot(gateway: Gateway, tenant: TenantFixture) -> dict[str, bytes]:
             tenant_id=tid, version=tenant.version))
         answers["policy_bundle"] = await policy.GetBundle(ppb.GetBundleRequest(tenant_id=tid))
         answers["policy_keys"] = await policy.GetBundleKeys(ppb.GetBundleKeysRequest(tenant_id=tid))
+    webhooks = getattr(gateway, "webhooks_stub", None)
+    if webhooks is not None:
+        # What the webhook routes could change: the client's endpoints and secrets, the deliveries
+        # (without the attempts the dispatcher keeps making to the endpoint, which refuses them).
+        endpoints = await webhooks.ListEndpoints(wpb.ListEndpointsRequest(tenant_id=tid, client_id=tenant.client_id))
+        answers["webhook_endpoints"] = wpb.ListEndpointsResponse(endpoints=[wpb.Endpoint(
+            endpoint_id=e.endpoint_id, url=e.url, event_types=e.event_types, description=e.description, state=e.state,
+            secrets=[wpb.SecretInfo(secret_id=x.secret_id, expires_at=x.expires_at) for x in e.secrets])
+            for e in endpoints.endpoints])
+        deliveries = await webhooks.ListDeliveries(wpb.ListDeliveriesRequest(
+            tenant_id=tid, client_id=tenant.client_id, endpoint_id=tenant.endpoint_id, page_size=200))
+        answers["webhook_deliveries"] = wpb.ListDeliveriesResponse(deliveries=[wpb.Delivery(
+            delivery_id=d.delivery_id, message_id=d.message_id, redelivery_of=d.redelivery_of)
+            for d in deliveries.deliveries])
     hub = getattr(gateway, "devicehub_stub", None)
     if hub is not None:
         # What the device routes could change: devices, alarms, rollouts, access rules and records.
@@ -656,7 +708,7 @@ async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN,
                   WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE,
-                  DEVICES_ADMIN, DATA_READ, MEMBERS_BIND, MEMBERS_SELF_SERVICE)
+                  DEVICES_ADMIN, DATA_READ, MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE)
     assert set(all_scopes) == set(SCOPES)
     token_without: dict[str, str] = {}
     for scope in all_scopes:

@@ -14,6 +14,7 @@ from services.identity.app import IdentitySettings
 from services.identity.app import build_app as build_identity
 from services.ledger.app import build_app as build_ledger
 from services.policy.app import build_app as build_policy
+from services.webhooks.app import build_app as build_webhooks
 from tests.codegen.conftest import codegen_settings
 from tests.conftest import Launch, RunningService
 from tests.devicehub.conftest import (  # noqa: F401 - fixtures, shared
@@ -27,6 +28,7 @@ from tests.devicehub.conftest import (  # noqa: F401 - fixtures, shared
 from tests.ledger.conftest import ledger_settings
 from tests.mesh import service_values
 from tests.policy_service.conftest import policy_settings
+from tests.webhooks.conftest import webhooks_settings
 
 HEALTH_PORT = {"health_port": 0}  # a free port of the system's choosing
 
@@ -45,4 +47,6 @@ async def mesh(launch: Launch, database_url: str, nats_url: str) -> dict[str, Ru
     running["devicehub"] = await launch(build_devicehub(devicehub_settings(
         **where, identity_target=running["identity"].target, codegen_target=running["codegen"].target,
         policy_target=running["policy"].target, ledger_target=running["ledger"].target, **HEALTH_PORT)))
+    running["webhooks"] = await launch(build_webhooks(webhooks_settings(
+        **where, ledger_target=running["ledger"].target, **HEALTH_PORT)))
     return running

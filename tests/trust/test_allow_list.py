@@ -21,6 +21,7 @@ from onecard.identity.v1 import identity_pb2
 from onecard.ledger.v1 import ledger_pb2
 from onecard.mesh.v1 import access_pb2
 from onecard.policy.v1 import policy_pb2
+from onecard.webhooks.v1 import webhooks_pb2
 from devstack.security_doc import onecard_services
 from runtime.access import known_callers, method_rules
 from runtime.grpc_client import error_info
@@ -34,6 +35,7 @@ SERVICES: dict[str, list[ServiceDescriptor]] = {
     "ledger": [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]],
     "policy": [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"]],
     "devicehub": [devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminService"]],
+    "webhooks": [webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"]],
 }
 TERMINAL_SERVICES = [devicehub_pb2.DESCRIPTOR.services_by_name["DeviceService"]]
 INTERCEPTOR_REFUSALS = {(grpc.StatusCode.UNAUTHENTICATED, "NO_CALLER_IDENTITY"),
@@ -61,7 +63,7 @@ def test_every_rpc_of_every_service_has_an_allow_list_entry() -> None:
         assert all(rule.terminals for rule in method_rules([service]).values())
     for services in SERVICES.values():
         assert not any(rule.terminals for rule in method_rules(services).values())
-    assert known >= {"gateway", "identity", "codegen", "ledger", "policy", "devicehub", "ops"}
+    assert known >= {"gateway", "identity", "codegen", "ledger", "policy", "devicehub", "webhooks", "ops"}
 
 
 def _call(channel: grpc.aio.Channel, method: MethodDescriptor) -> grpc.aio.UnaryUnaryCall:
