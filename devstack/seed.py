@@ -32,10 +32,12 @@ DEMO_CURRENCY = "CNY"
 DEMO_RANDOM_SEED = 20250901
 BANK_CLIENT_NAME = "Demo Bank"
 ADMIN_CLIENT_NAME = "Demo University Admin"
-BANK_SCOPES = ("members:read", "members:write", "codes:issue", "wallets:read", "wallets:topup", "payments:create")
+# The bank is also the demo's mini-program backend (bindings, self-service) and receives webhooks.
+BANK_SCOPES = ("members:read", "members:write", "codes:issue", "wallets:read", "wallets:topup", "payments:create",
+               "webhooks:manage", "members:bind", "members:self-service")
 ADMIN_SCOPES = ("members:read", "members:write", "clients:admin", "codes:issue", "devices:sync", "codes:admin",
                 "wallets:read", "wallets:topup", "ledger:admin", "statements:read", "policy:admin", "devices:admin",
-                "data:read")
+                "data:read", "webhooks:manage")
 CLIENT_ORDER = ("bank", "admin")
 CALL_TIMEOUT_S = 30.0
 IMPORT_POLL_S = 0.25
