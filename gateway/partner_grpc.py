@@ -341,8 +341,9 @@ async def answer(bound: BoundRpc, state: GatewayState, request: Message, metadat
 def status_trailers(problem: ProblemError, code: grpc.StatusCode, message: str) -> list[tuple[str, Any]]:
     """The google.rpc.Status trailer (ErrorInfo with the REST reason; BadRequest for a validation
     failure) and a ``retry-after`` where REST sends Retry-After."""
-    info = error_details_pb2.ErrorInfo(reason=problem.reason, domain=ERROR_DOMAIN,
-                                       metadata={k: v for k, v in problem.extra.items() if isinstance(v, str)})
+    # ErrorInfo metadata is text: REST's numbers (a PIN's attempts_left) as their digits.
+    info = error_details_pb2.ErrorInfo(reason=problem.reason, domain=ERROR_DOMAIN, metadata={
+        k: str(v) for k, v in problem.extra.items() if isinstance(v, str) or type(v) is int})
     details = [info]
     errors = problem.extra.get("errors")
     if isinstance(errors, list):

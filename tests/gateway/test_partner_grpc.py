@@ -478,6 +478,21 @@ async def test_the_partner_fetches_its_reconciliation_file_over_grpc_and_checks_
     assert [p.get("low_balance_threshold_fen") for p in balances["purses"] if p["purse_kind"] == "cash"] == [None]
 
 
+async def test_a_wrong_pin_says_how_many_attempts_are_left_on_both_faces(faces: Faces) -> None:
+    gateway = faces.gateway
+    tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
+    token = await gateway.token(tenant_id=tenant.tenant_id, credentials=tenant.credentials)
+    frozen = await faces.grpc("SelfServiceFreeze", _filled(SELF_SERVICE, tenant.ids(), tenant.ids()), token=token)
+    assert frozen.ok and frozen.message.member.frozen_by == "member"  # type: ignore[union-attr]
+    wrong = {**_filled(SELF_SERVICE, tenant.ids(), tenant.ids()), "pin": "111111"}
+    rest_side, response = await faces.rest("SelfServiceUnfreeze", wrong, token=token)
+    grpc_side = await faces.grpc("SelfServiceUnfreeze", wrong, token=token)
+    assert (response.status_code, rest_side.reason) == (403, "PIN_INCORRECT")
+    assert _same_refusal(grpc_side, rest_side)
+    assert int(grpc_side.metadata["attempts_left"]) == response.json()["attempts_left"] - 1
+    assert "111111" not in grpc_side.text
+
+
 # --- isolation, scopes, tokens -----------------------------------------------------------------------
 
 
