@@ -19,6 +19,12 @@ Adding an rpc (say, once a REST route for webhook endpoints has landed) takes th
 3. ``tests/gateway/test_partner_grpc.py``: one row in ``RPC_CALLS`` (the tenant and scope isolation
    matrix and the REST parity check take it from there).
 
+A twin that answers no JSON fits too: one answering 204 No Content (``Response``) is an rpc whose
+response message has no fields; one answering a file (a ``StreamingResponse``, e.g. the CSV of
+the reconciliation file) is an rpc whose response carries ``content`` (the exact bytes REST sends)
+and ``content_type`` (REST's Content-Type). A REST body member that is required but may be null
+(``{"threshold_fen": null}``) is an ``optional`` request field whose absence is the null.
+
 A missing step fails loudly: the gateway refuses to start when an rpc has no entry, an entry no
 twin, or a request field matches nothing of the twin (``bind_partner_rpcs``); the meta-tests fail
 when an rpc has no matrix row or a REST field has no place in the response message.
@@ -29,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.routes import codes, identity, ledger, policy
+from gateway.routes import codes, identity, ledger, miniprogram, policy, reconciliation, webhooks
 
 
 @dataclass(frozen=True)
@@ -58,4 +64,23 @@ PARTNER_RPCS: tuple[PartnerRpc, ...] = (
     PartnerRpc("LookupPayment", ledger.lookup_payment),
     PartnerRpc("TopUp", ledger.top_up),
     PartnerRpc("CreatePayment", policy.create_payment),
+    PartnerRpc("GetReconciliationFile", reconciliation.get_own_reconciliation),
+    PartnerRpc("ReverseTopUp", reconciliation.reverse_top_up),
+    PartnerRpc("SetLowBalanceThreshold", reconciliation.set_low_balance_threshold, wrap="account"),
+    PartnerRpc("CreateWebhookEndpoint", webhooks.create_endpoint, wrap="endpoint"),
+    PartnerRpc("ListWebhookEndpoints", webhooks.list_endpoints),
+    PartnerRpc("GetWebhookEndpoint", webhooks.get_endpoint, wrap="endpoint"),
+    PartnerRpc("UpdateWebhookEndpoint", webhooks.update_endpoint, wrap="endpoint"),
+    PartnerRpc("DeleteWebhookEndpoint", webhooks.delete_endpoint, wrap="endpoint"),
+    PartnerRpc("RotateWebhookSecret", webhooks.rotate_secret, wrap="endpoint"),
+    PartnerRpc("ListWebhookDeliveries", webhooks.list_deliveries),
+    PartnerRpc("GetWebhookDelivery", webhooks.get_delivery, wrap="delivery"),
+    PartnerRpc("RedeliverWebhook", webhooks.redeliver, wrap="delivery"),
+    PartnerRpc("BindExternalUser", miniprogram.bind_external_user),
+    PartnerRpc("UnbindExternalUser", miniprogram.unbind_external_user),
+    PartnerRpc("LookupMemberByExternalUser", miniprogram.lookup_member_by_external_user),
+    PartnerRpc("SelfServiceFreeze", miniprogram.self_service_freeze, wrap="member"),
+    PartnerRpc("SelfServiceUnfreeze", miniprogram.self_service_unfreeze, wrap="member"),
+    PartnerRpc("SelfServiceReportCardLost", miniprogram.self_service_report_card_lost, wrap="member"),
+    PartnerRpc("SetMemberPin", miniprogram.set_member_pin),
 )

@@ -37,7 +37,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.routing import APIRoute, iter_route_contexts
 from google.protobuf import any_pb2, json_format
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,7 +45,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import admit, authenticate, authorize
 from gateway.partner_api import PARTNER_RPCS, PartnerRpc
@@ -68,6 +68,11 @@ BEARER_PREFIX = "bearer "
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_STOP_GRACE_S = 5.0
 INTERNAL_DETAIL = "internal error"
+# What a file answer (the reconciliation CSV) may hold: a message's worth, less room for the rest.
+MAX_FILE_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# How a twin answers: a pydantic model (JSON), nothing (204), or a file (a StreamingResponse).
+ANSWERS_MODEL, ANSWERS_NOTHING, ANSWERS_FILE = "model", "nothing", "file"
+FILE_FIELDS = {"content": FieldDescriptor.TYPE_BYTES, "content_type": FieldDescriptor.TYPE_STRING}
 
 RPC_REQUESTS = Counter("onecard_partner_grpc_requests_total", "Partner gRPC calls answered", ["method", "code"])
 RPC_SECONDS = Histogram("onecard_partner_grpc_request_duration_seconds", "Partner gRPC call duration", ["method"])
@@ -97,6 +102,10 @@ class BoundRpc:
     param_aliases: dict[str, str]
     # Request fields that are members of the twin's JSON body (by their JSON names).
     body_members: frozenset[str]
+    # How the twin answers: ANSWERS_MODEL, ANSWERS_NOTHING or ANSWERS_FILE.
+    answers: str = ANSWERS_MODEL
+    # Body members REST requires but lets be null: an absent (optional) request field is the null.
+    null_members: frozenset[str] = frozenset()
 
     @property
     def request_class(self) -> type[Message]:
@@ -147,8 +156,7 @@ def _bind(rpc: PartnerRpc, route: APIRoute) -> BoundRpc:
         raise TwinError(f"{rpc.name}: its twin {route.path} is not behind authorize with a scope")
     if dependant.request_param_name or dependant.cookie_params or len(dependant.body_params) > 1:
         raise TwinError(f"{rpc.name}: its twin {route.path} reads the raw request, cookies or several bodies")
-    if not (isinstance(route.response_model, type) and issubclass(route.response_model, BaseModel)):
-        raise TwinError(f"{rpc.name}: its twin {route.path} answers no pydantic model")
+    answers = _answers(rpc, route, method)
     param_aliases = {wire_name(f.alias): f.alias
                      for f in [*dependant.path_params, *dependant.query_params, *dependant.header_params]}
     model = body_model(route)
@@ -165,12 +173,40 @@ def _bind(rpc: PartnerRpc, route: APIRoute) -> BoundRpc:
         missing |= {f.alias or name for name, f in model.model_fields.items() if f.is_required()} - request_fields
     if missing:
         raise TwinError(f"{rpc.name}: the request lacks {sorted(missing)}, which {route.path} requires")
+    null_members = frozenset(
+        (f.alias or name) for name, f in (model.model_fields.items() if model else ())
+        if f.is_required() and _admits_none(f.annotation) and (f.alias or name) in request_fields)
+    for name in null_members:
+        if not method.input_type.fields_by_name[name].has_presence:
+            raise TwinError(f"{rpc.name}: {name} may be null over REST, so it must be optional")
     if rpc.wrap is not None and rpc.wrap not in method.output_type.fields_by_name:
         raise TwinError(f"{rpc.name}: the response has no field {rpc.wrap}")
     return BoundRpc(rpc=rpc, method=method, route=route, scopes=scopes, principal_param=principal_param,
                     state_param=state_param, param_aliases={k: v for k, v in param_aliases.items()
                                                            if k in request_fields},
-                    body_members=frozenset(members & request_fields))
+                    body_members=frozenset(members & request_fields), answers=answers, null_members=null_members)
+
+
+def _admits_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in getattr(annotation, "__args__", ())
+
+
+def _answers(rpc: PartnerRpc, route: APIRoute, method: MethodDescriptor) -> str:
+    """How the twin answers, and that the response message fits it."""
+    if isinstance(route.response_model, type) and issubclass(route.response_model, BaseModel):
+        return ANSWERS_MODEL
+    fields = {f.name: f.type for f in method.output_type.fields}
+    response_class = getattr(route.response_class, "value", route.response_class)
+    if route.status_code == 204:
+        if fields:
+            raise TwinError(f"{rpc.name}: its twin {route.path} answers 204, so the response must be empty")
+        return ANSWERS_NOTHING
+    if isinstance(response_class, type) and issubclass(response_class, StreamingResponse):
+        if fields != FILE_FIELDS:
+            raise TwinError(f"{rpc.name}: its twin {route.path} answers a file, so the response must be "
+                            "bytes content and string content_type")
+        return ANSWERS_FILE
+    raise TwinError(f"{rpc.name}: its twin {route.path} answers no pydantic model, no 204 and no file")
 
 
 def bind_partner_rpcs(app: FastAPI, rpcs: Sequence[PartnerRpc] = PARTNER_RPCS) -> dict[str, BoundRpc]:
@@ -226,14 +262,39 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
-def response_message(bound: BoundRpc, answer: Any) -> Message:
-    """The twin's answer written into the rpc's response message, through its REST JSON form."""
+async def response_message(bound: BoundRpc, answer: Any) -> Message:
+    """The twin's answer written into the rpc's response message: a model through its REST JSON
+    form; a 204 as the empty message; a file as its exact bytes and Content-Type."""
+    if bound.answers == ANSWERS_NOTHING:
+        if not (isinstance(answer, Response) and answer.status_code == 204):
+            raise TypeError(f"{bound.rpc.name}: the twin answered {answer!r}, not 204")
+        return bound.response_class()
+    if bound.answers == ANSWERS_FILE:
+        if not isinstance(answer, StreamingResponse):
+            raise TypeError(f"{bound.rpc.name}: the twin answered {type(answer).__name__}, not a file")
+        return bound.response_class(content=await file_bytes(answer),
+                                    content_type=answer.headers.get("content-type", ""))
     if not isinstance(answer, BaseModel):
         raise TypeError(f"{bound.rpc.name}: the twin answered {type(answer).__name__}, not its model")
     body = without_nulls(answer.model_dump(mode="json", by_alias=True))
     if bound.rpc.wrap is not None:
         body = {bound.rpc.wrap: body}
     return json_format.ParseDict(body, bound.response_class(), ignore_unknown_fields=False)
+
+
+async def file_bytes(answer: StreamingResponse) -> bytes:
+    """The bytes REST would stream; a file too large for one message is 413 FILE_TOO_LARGE (REST
+    serves it still)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in answer.body_iterator:
+        data = chunk.encode(answer.charset) if isinstance(chunk, str) else bytes(chunk)
+        size += len(data)
+        if size > MAX_FILE_BYTES:
+            raise ProblemError(status=413, reason="FILE_TOO_LARGE", detail="the file is larger than one gRPC "
+                               "message; fetch it over REST")
+        chunks.append(data)
+    return b"".join(chunks)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]]) -> str | None:
@@ -259,6 +320,7 @@ async def answer(bound: BoundRpc, state: GatewayState, request: Message, metadat
         [*dependant.path_params, *dependant.query_params, *dependant.header_params], received)
     if dependant.body_params:
         body = {name: values[name] for name in bound.body_members if name in values}
+        body |= {name: None for name in bound.null_members if name not in values}
         (body_field,) = dependant.body_params
         received_body = body if body or body_field.field_info.is_required() else None
         body_arguments, body_errors = await request_body_to_args(
@@ -273,14 +335,15 @@ async def answer(bound: BoundRpc, state: GatewayState, request: Message, metadat
         arguments[bound.state_param] = state
     if dependant.response_param_name:
         arguments[dependant.response_param_name] = Response()
-    return response_message(bound, await bound.route.endpoint(**arguments))
+    return await response_message(bound, await bound.route.endpoint(**arguments))
 
 
 def status_trailers(problem: ProblemError, code: grpc.StatusCode, message: str) -> list[tuple[str, Any]]:
     """The google.rpc.Status trailer (ErrorInfo with the REST reason; BadRequest for a validation
     failure) and a ``retry-after`` where REST sends Retry-After."""
-    info = error_details_pb2.ErrorInfo(reason=problem.reason, domain=ERROR_DOMAIN,
-                                       metadata={k: v for k, v in problem.extra.items() if isinstance(v, str)})
+    # ErrorInfo metadata is text: REST's numbers (a PIN's attempts_left) as their digits.
+    info = error_details_pb2.ErrorInfo(reason=problem.reason, domain=ERROR_DOMAIN, metadata={
+        k: str(v) for k, v in problem.extra.items() if isinstance(v, str) or type(v) is int})
     details = [info]
     errors = problem.extra.get("errors")
     if isinstance(errors, list):

@@ -376,6 +376,8 @@ class TenantFixture:
     delivery_id: str
     # The openid the tenant's partner client (client_id) bound to the member, with a PIN set.
     external_user_id: str
+    # That client's credentials (for a token of the client that owns the endpoint and the binding).
+    credentials: Any = None
 
     def ids(self) -> dict[str, str]:
         return {"tenant_id": self.tenant_id, "member_id": self.member_id, "card_uid": self.card_uid,
@@ -513,7 +515,8 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
                          payment_key=books.payment_key, merchant_account_id=books.merchant_id,
                          batch_id=books.batch_id, program_ref=f"meal-{label}", funding_account_id=books.funding_id,
                          version=version, device_id=device_id, alarm_id=alarm_id, rollout_id=rollout_id,
-                         endpoint_id=endpoint_id, delivery_id=delivery_id, external_user_id=external_user_id)
+                         endpoint_id=endpoint_id, delivery_id=delivery_id, external_user_id=external_user_id,
+                         credentials=client)
 
 
 async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> tuple[str, str, str]:

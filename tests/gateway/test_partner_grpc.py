@@ -10,6 +10,7 @@ B's tenant or ids, with a token lacking the scope, with no token or a bad one.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from pydantic import BaseModel
 from devstack.servers import free_port
 from gateway.auth import LEDGER_ADMIN, SCOPES
 from gateway.partner_grpc import (
+    ANSWERS_FILE,
+    ANSWERS_MODEL,
     SERVICE,
     SERVICE_NAME,
     BoundRpc,
@@ -50,6 +53,7 @@ from tests.gateway.test_isolation import (
     CARD_A,
     CARD_B,
     MATRIX_HOLDER_KEY,
+    MATRIX_PIN,
     TenantFixture,
     _filled,
     leaked,
@@ -69,15 +73,28 @@ class RpcCall:
     # How the parity test compares the faces: "same" (a read, or an idempotent write: REST first,
     # then both faces again), "readback" (the gRPC write against the REST read named in readback
     # of the same object), "shape" (a fresh issue each time: equal but for `differ`).
+    # "each": before each face's call, the rpc named in `before` is made over REST (an unbind
+    # after a bind), and the two faces' answers are compared.
     parity: str = "same"
     readback: str | None = None
+    before: str | None = None
     differ: frozenset[str] = frozenset()
     # REST statuses allowed with the caller's own tenant but the other tenant's ids.
     foreign_statuses: frozenset[int] = frozenset({404})
 
 
-# Every rpc, in an order the parity test can run top to bottom on one tenant (reads, idempotent
-# writes, issues, then the changes to the member's status).
+# What the webhook dispatcher changes on its own while the test runs (the fixture's endpoint at a
+# closed port fails on): the parity test compares the rest.
+ENDPOINT_MOVES = frozenset({"state", "failing_since", "disabled_reason", "disabled_at", "updated_at"})
+DELIVERY_MOVES = frozenset({"status", "attempts", "next_attempt_at", "finished_at", "attempt_log"})
+SAME_PIN = {"tenant_id": "{tenant_id}", "external_user_id": "{external_user_id}", "attestation_id": "parity",
+            "new_pin": MATRIX_PIN, "old_pin": MATRIX_PIN}
+SELF_SERVICE = {"tenant_id": "{tenant_id}", "external_user_id": "{external_user_id}", "attestation_id": "parity"}
+
+# Every rpc, in an order the parity test can run top to bottom on one tenant with the token of the
+# tenant's partner client (its endpoint and delivery, its openid bound to the member): reads,
+# webhooks (before any write makes a delivery), idempotent writes, issues, self-service, then the
+# changes to the member's status.
 RPC_CALLS: dict[str, RpcCall] = {
     "SearchMembers": RpcCall({"tenant_id": "{tenant_id}", "q": "{external_number}"},
                              foreign_statuses=frozenset({200})),
@@ -88,9 +105,38 @@ RPC_CALLS: dict[str, RpcCall] = {
     # Keys are the calling client's own: another client's key (the fixture's) answers found false.
     "LookupPayment": RpcCall({"tenant_id": "{tenant_id}", "idempotency_key": "{payment_key}"},
                              foreign_statuses=frozenset({200})),
+    "CreateWebhookEndpoint": RpcCall({"tenant_id": "{tenant_id}", "idempotency_key": "partner-endpoint",
+                                      "url": "http://127.0.0.1:9/partner", "event_types": ["payment.booked"],
+                                      "description": "parity"}, parity="shape", differ=ENDPOINT_MOVES,
+                                     # Names no id: in the caller's own tenant it registers the caller's.
+                                     foreign_statuses=frozenset({201})),
+    "ListWebhookEndpoints": RpcCall({"tenant_id": "{tenant_id}", "page_size": 10}, parity="shape",
+                                    differ=ENDPOINT_MOVES, foreign_statuses=frozenset({200})),
+    "GetWebhookEndpoint": RpcCall({"tenant_id": "{tenant_id}", "endpoint_id": "{endpoint_id}"}, parity="shape",
+                                  differ=ENDPOINT_MOVES),
+    "UpdateWebhookEndpoint": RpcCall({"tenant_id": "{tenant_id}", "endpoint_id": "{endpoint_id}",
+                                      "description": "bank hooks", "event_types": ["topup.booked", "balance.low"]},
+                                     parity="shape", differ=ENDPOINT_MOVES),
+    "ListWebhookDeliveries": RpcCall({"tenant_id": "{tenant_id}", "endpoint_id": "{endpoint_id}", "page_size": 10},
+                                     parity="shape", differ=DELIVERY_MOVES),
+    "GetWebhookDelivery": RpcCall({"tenant_id": "{tenant_id}", "delivery_id": "{delivery_id}"}, parity="shape",
+                                  differ=DELIVERY_MOVES),
+    "RedeliverWebhook": RpcCall({"tenant_id": "{tenant_id}", "delivery_id": "{delivery_id}",
+                                 "idempotency_key": "partner-redeliver"}, parity="shape", differ=DELIVERY_MOVES),
+    "RotateWebhookSecret": RpcCall({"tenant_id": "{tenant_id}", "endpoint_id": "{endpoint_id}",
+                                    "idempotency_key": "partner-rotate", "overlap_s": 3600},
+                                   parity="shape", differ=ENDPOINT_MOVES),
+    "DeleteWebhookEndpoint": RpcCall({"tenant_id": "{tenant_id}", "endpoint_id": "{endpoint_id}"}, parity="shape",
+                                     differ=ENDPOINT_MOVES),
     "TopUp": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}", "idempotency_key": "partner-top-up",
                       "amount_fen": 500, "external_ref": "bank-1"}),
+    "ReverseTopUp": RpcCall({"tenant_id": "{tenant_id}", "idempotency_key": "partner-reversal",
+                             "top_up_idempotency_key": "partner-top-up", "reason": "R01 insufficient funds"}),
     "GetOwnClearingAccount": RpcCall({"tenant_id": "{tenant_id}"}, foreign_statuses=frozenset({200, 404})),
+    # The calling client's own file: the calls above booked its top-up and reversal today.
+    "GetReconciliationFile": RpcCall({"tenant_id": "{tenant_id}", "date": "{date}"}),
+    "SetLowBalanceThreshold": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}",
+                                       "threshold_fen": 2000}),
     "CreatePayment": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}",
                               "idempotency_key": "partner-payment", "merchant_account_id": "{merchant_account_id}",
                               "amount_fen": 100, "scene": "store"}),
@@ -104,6 +150,16 @@ RPC_CALLS: dict[str, RpcCall] = {
                                                                  "slot_start", "code"})),
     "RevokeCredential": RpcCall({"tenant_id": "{tenant_id}", "credential_id": "{credential_id}",
                                  "reason": "phone lost"}),
+    # Mini-programs: the fixture client's openid is bound to the member, whose PIN is MATRIX_PIN.
+    "BindExternalUser": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}",
+                                 "external_user_id": "{external_user_id}"}),
+    "LookupMemberByExternalUser": RpcCall({"tenant_id": "{tenant_id}", "external_user_id": "{external_user_id}"}),
+    "SetMemberPin": RpcCall(SAME_PIN),
+    "SelfServiceFreeze": RpcCall(SELF_SERVICE),
+    "SelfServiceUnfreeze": RpcCall({**SELF_SERVICE, "pin": MATRIX_PIN}),
+    "SelfServiceReportCardLost": RpcCall({**SELF_SERVICE, "card_uid": "{card_uid}"}),
+    "UnbindExternalUser": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}"}, parity="each",
+                                  before="BindExternalUser"),
     "ReportCardLost": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}", "card_uid": "{card_uid}"},
                               parity="readback", readback="GetMember"),
     "FreezeMember": RpcCall({"tenant_id": "{tenant_id}", "member_id": "{member_id}", "reason": "card lost"},
@@ -163,6 +219,10 @@ class Faces:
         method = next(iter(route.methods))
         response = await self.gateway.http.request(method, path, params=query, headers=headers,
                                                    json=body if route.dependant.body_params else None)
+        if response.status_code < 300 and bound.answers == ANSWERS_FILE:
+            message = bound.response_class(content=response.content,
+                                           content_type=response.headers["content-type"])
+            return Outcome(ok=True, message=message, text=response.text), response
         payload = response.json() if response.content else {}
         if response.status_code >= 300:
             return Outcome(ok=False, status=response.status_code, reason=payload.get("reason"),
@@ -249,6 +309,9 @@ def test_each_response_message_holds_every_field_of_its_rest_answer() -> None:
     app = running_app()
     for name, bound in bind_partner_rpcs(app).items():
         model = bound.route.response_model
+        if bound.answers != ANSWERS_MODEL:
+            # No JSON: the binder holds the message to the empty one (204) or to the file's fields.
+            continue
         descriptor = bound.method.output_type
         if bound.rpc.wrap:
             descriptor = descriptor.fields_by_name[bound.rpc.wrap].message_type
@@ -310,10 +373,11 @@ def _normalised(message: Message, differ: frozenset[str]) -> Any:
 async def test_every_rpc_answers_what_its_rest_twin_answers_for_the_same_request(faces: Faces) -> None:
     gateway = faces.gateway
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
-    access = await gateway.tenant_access(tenant_id=tenant.tenant_id)
+    # The tenant's partner client: its webhook endpoint and delivery, its openid bound to the member.
+    access = Access(token=await gateway.token(tenant_id=tenant.tenant_id, credentials=tenant.credentials))
     # The bank's clearing account may owe what the top-up takes.
     credit = await gateway.http.put(
-        f"/v1/tenants/{tenant.tenant_id}/api-clients/{access.credentials.client_id}/clearing-account",
+        f"/v1/tenants/{tenant.tenant_id}/api-clients/{tenant.client_id}/clearing-account",
         json={"credit_limit_fen": 100_000}, headers=access.headers)
     assert credit.status_code == 200, credit.text
     ids = tenant.ids()
@@ -328,6 +392,19 @@ async def test_every_rpc_answers_what_its_rest_twin_answers_for_the_same_request
             grpc_side = await faces.grpc(name, fields, token=access.token)
             assert grpc_side.ok, (name, grpc_side.code, grpc_side.reason, grpc_side.text)
             assert grpc_side.message == rest_side.message, name
+        elif spec.parity == "each":
+            assert spec.before is not None
+            sides = []
+            for face in ("rest", "grpc"):
+                prepared, _ = await faces.rest(spec.before, _fields(spec.before, ids), token=access.token)
+                assert prepared.ok, (name, prepared.text)
+                if face == "rest":
+                    side, _ = await faces.rest(name, fields, token=access.token)
+                else:
+                    side = await faces.grpc(name, fields, token=access.token)
+                assert side.ok, (name, face, side.code, side.reason, side.text)
+                sides.append(side)
+            assert sides[0].message == sides[1].message, name
         elif spec.parity == "shape":
             rest_side, _ = await faces.rest(name, fields, token=access.token)
             grpc_side = await faces.grpc(name, fields, token=access.token)
@@ -352,6 +429,68 @@ async def test_every_rpc_answers_what_its_rest_twin_answers_for_the_same_request
         found = await faces.grpc("LookupPayment", {"tenant_id": tenant.tenant_id, "idempotency_key": key},
                                  token=access.token)
         assert found.ok and found.message.found and found.message.transfer.idempotency_key == key  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Access:
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def test_the_partner_fetches_its_reconciliation_file_over_grpc_and_checks_it(faces: Faces) -> None:
+    """The recipe of docs/reconciliation.md on the gRPC face: the bytes are REST's, the trailer is
+    the SHA-256 of every line before it; and an absent threshold clears it, as REST's null does."""
+    gateway = faces.gateway
+    tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
+    access = await gateway.tenant_access(tenant_id=tenant.tenant_id)
+    ids = {"tenant_id": tenant.tenant_id, "member_id": tenant.member_id}
+    top_up = {**ids, "idempotency_key": "file-top-up", "amount_fen": 700, "external_ref": "bank-7"}
+    credit = await gateway.http.put(
+        f"/v1/tenants/{tenant.tenant_id}/api-clients/{access.credentials.client_id}/clearing-account",
+        json={"credit_limit_fen": 100_000}, headers=access.headers)
+    assert credit.status_code == 200, credit.text
+    assert (await faces.grpc("TopUp", top_up, token=access.token)).ok
+
+    day = tenant.ids()["date"]
+    fetched = await faces.grpc("GetReconciliationFile", {"tenant_id": tenant.tenant_id, "date": day},
+                               token=access.token)
+    assert fetched.ok, fetched.text
+    message = fetched.message
+    assert message is not None and message.content_type == "text/csv; charset=utf-8"
+    text = message.content.decode()
+    body, trailer = text.rsplit("sha256,", 1)
+    assert trailer == hashlib.sha256(body.encode()).hexdigest() + "\n"
+    assert "\"bank-7\"" in body and "\"file-top-up\"" in body and ",-700," in body
+
+    bad_day = await faces.grpc("GetReconciliationFile", {"tenant_id": tenant.tenant_id, "date": "03.12.2026"},
+                               token=access.token)
+    assert (bad_day.code, bad_day.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "VALIDATION_FAILED")
+
+    set_to = await faces.grpc("SetLowBalanceThreshold", {**ids, "threshold_fen": 300}, token=access.token)
+    assert set_to.ok and set_to.message.account.low_balance_threshold_fen == 300  # type: ignore[union-attr]
+    cleared = await faces.grpc("SetLowBalanceThreshold", ids, token=access.token)
+    assert cleared.ok and not cleared.message.account.HasField("low_balance_threshold_fen")  # type: ignore[union-attr]
+    balances = (await gateway.http.get(f"/v1/tenants/{tenant.tenant_id}/members/{tenant.member_id}/balances",
+                                       headers=access.headers)).json()
+    assert [p.get("low_balance_threshold_fen") for p in balances["purses"] if p["purse_kind"] == "cash"] == [None]
+
+
+async def test_a_wrong_pin_says_how_many_attempts_are_left_on_both_faces(faces: Faces) -> None:
+    gateway = faces.gateway
+    tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
+    token = await gateway.token(tenant_id=tenant.tenant_id, credentials=tenant.credentials)
+    frozen = await faces.grpc("SelfServiceFreeze", _filled(SELF_SERVICE, tenant.ids(), tenant.ids()), token=token)
+    assert frozen.ok and frozen.message.member.frozen_by == "member"  # type: ignore[union-attr]
+    wrong = {**_filled(SELF_SERVICE, tenant.ids(), tenant.ids()), "pin": "111111"}
+    rest_side, response = await faces.rest("SelfServiceUnfreeze", wrong, token=token)
+    grpc_side = await faces.grpc("SelfServiceUnfreeze", wrong, token=token)
+    assert (response.status_code, rest_side.reason) == (403, "PIN_INCORRECT")
+    assert _same_refusal(grpc_side, rest_side)
+    assert int(grpc_side.metadata["attempts_left"]) == response.json()["attempts_left"] - 1
+    assert "111111" not in grpc_side.text
 
 
 # --- isolation, scopes, tokens -----------------------------------------------------------------------
