@@ -1,8 +1,14 @@
 """The test session's real infrastructure: one PostgreSQL server for the session (a fresh
 database per test) and a fresh nats-server with JetStream per test, both from the same embedded
-packages that `make run` uses."""
+packages that `make run` uses.
+
+`make test` spreads the suite over pytest-xdist workers, one process each: a worker's session is its
+own, so each has its own PostgreSQL (its data under the worker's temp dir), its own test PKI
+(tests.mesh) and its own slice of ports (devstack.servers.free_port). A test marked ``alone`` (it
+measures how long something takes) runs while no other worker runs a test."""
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import secrets
@@ -11,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.servers import Nats, Postgres, free_port
+from devstack.servers import Nats, Postgres, start_on_free_port
 from runtime.logs import configure_logging
 from runtime.dbroles import bootstrap_statements
 from runtime.pki import IdentityFiles
@@ -22,12 +28,38 @@ configure_logging(service="tests", level=os.environ.get("ONECARD_TEST_LOG_LEVEL"
 _db_counter = itertools.count(1)
 
 
+@pytest.fixture(autouse=True)
+def alone_or_together(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under xdist, a test marked ``alone`` holds the session's lock exclusively and every other
+    test holds it shared, so an ``alone`` test runs while no other worker runs one. The gate in
+    front of the lock keeps a stream of shared holders from starving an ``alone`` test: it closes
+    the gate, waits for the running tests to finish, and opens it again when it is done."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    # Each worker's temp root is a folder of the session's (gw0, gw1...): the parent is shared.
+    root = tmp_path_factory.getbasetemp().parent
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(root / "alone.gate", "a") as gate, open(root / "alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     """The session's PostgreSQL: every connection authenticates with a password."""
-    server = Postgres(tmp_path_factory.mktemp("postgres"), free_port(), fsync=False,
-                      password=secrets.token_urlsafe(24))
-    server.start()
+    data_dir, password = tmp_path_factory.mktemp("postgres"), secrets.token_urlsafe(24)
+    server = start_on_free_port(lambda port: Postgres(data_dir, port, fsync=False, password=password))
     yield server
     server.stop()
 
@@ -46,8 +78,8 @@ def database_url(postgres: Postgres) -> str:
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[Nats]:
     """This test's nats-server: TLS with the session's CA, and every process's account."""
-    server = Nats(tmp_path / "nats", free_port(), tls=IdentityFiles(pki().tls_dir("nats")), users=nats_users())
-    server.start()
+    tls, users = IdentityFiles(pki().tls_dir("nats")), nats_users()
+    server = start_on_free_port(lambda port: Nats(tmp_path / "nats", port, tls=tls, users=users))
     yield server
     server.stop()
 
