@@ -8,7 +8,6 @@ own, so each has its own PostgreSQL (its data under the worker's temp dir), its 
 measures how long something takes) runs while no other worker runs a test."""
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 import secrets
@@ -21,38 +20,12 @@ from devstack.servers import Nats, Postgres, start_on_free_port
 from runtime.logs import configure_logging
 from runtime.dbroles import bootstrap_statements
 from runtime.pki import IdentityFiles
+from tests.alone import alone_or_together  # noqa: F401 - an autouse fixture for every test
 from tests.mesh import nats_users, pki, service_roles, service_values, terminal_channel
 
 configure_logging(service="tests", level=os.environ.get("ONECARD_TEST_LOG_LEVEL", "warning"))
 
 _db_counter = itertools.count(1)
-
-
-@pytest.fixture(autouse=True)
-def alone_or_together(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Under xdist, a test marked ``alone`` holds the session's lock exclusively and every other
-    test holds it shared, so an ``alone`` test runs while no other worker runs one. The gate in
-    front of the lock keeps a stream of shared holders from starving an ``alone`` test: it closes
-    the gate, waits for the running tests to finish, and opens it again when it is done."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
-        return
-    # Each worker's temp root is a folder of the session's (gw0, gw1...): the parent is shared.
-    root = tmp_path_factory.getbasetemp().parent
-    alone = request.node.get_closest_marker("alone") is not None
-    with open(root / "alone.gate", "a") as gate, open(root / "alone.lock", "a") as lock:
-        fcntl.flock(gate, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        finally:
-            if not alone:
-                fcntl.flock(gate, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if alone:
-                fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
