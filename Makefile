@@ -39,8 +39,14 @@ lint-protos: $(VENV)/.stamp
 run: gen
 	$(PY) -m devstack run
 
+# The suite spread over pytest-xdist workers, two per core (a test spends much of its time waiting
+# on its servers, so two per core finish sooner than one): each worker is a test session of its own,
+# with its own PostgreSQL, NATS servers, test CA and ports (tests/conftest.py). TEST_WORKERS=0 runs
+# it serially in this one process. pytest's exit code is make's: 5 (no tests ran) fails too.
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(2 * (os.cpu_count() or 1))')
+TEST_DIST ?= load
 test: gen lint-protos
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist $(TEST_DIST)
 
 # The bench starts its children (services, pgbench) while its own TLS channels are open; each child
 # execs at once, so gRPC's fork handlers have nothing to do, and with them on gRPC logs a line at

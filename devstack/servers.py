@@ -5,6 +5,7 @@ and the test session alike.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -13,10 +14,12 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote
 
 from runtime.nats_access import NatsAccess, NkeyVariable, accounts_config
@@ -41,16 +44,106 @@ DEFAULT_START_TIMEOUT_S = 60.0
 DATABASE_NAME = "onecard"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+class PortInUse(RuntimeError):
+    """A server could not listen on its port: something else took it first."""
+
+
+# Where free_port picks from: above the well-known and registered ports the stack and its neighbours
+# default to (PostgreSQL 5432, NATS 4222, metrics 91xx, the gateway 8080), and outside the kernel's
+# ephemeral range (Linux: /proc/sys/net/ipv4/ip_local_port_range), so that no socket bound to port 0
+# (a gRPC server, a metrics endpoint) and no outgoing connection's source port can take a picked
+# port between the pick and the server's bind.
+LOWEST_PICKED_PORT = 10_000
+EPHEMERAL_RANGE_PATH = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# A span smaller than this (a kernel whose ephemeral range covers nearly everything) is not worth
+# slicing: free_port then lets the kernel choose, as bind(port 0) does.
+MIN_PICK_SPAN = 1_000
+
+
+def _pick_span() -> range | None:
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_PATH.read_text().split())
+    except (OSError, ValueError):
+        return None
+    span = max(range(LOWEST_PICKED_PORT, low), range(high + 1, 65_536), key=len)
+    return span if len(span) >= MIN_PICK_SPAN else None
+
+
+def _worker_slice(span: range) -> range:
+    """This process's share of ``span``: the whole of it, or under pytest-xdist (which names each
+    worker gw0, gw1... and tells it how many there are) the worker's own contiguous slice, so two
+    workers of one test session never pick the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count <= 1:
+        return span
+    index = int(worker[2:]) % count
+    size = len(span) // count
+    return span[index * size:(index + 1) * size]
+
+
+def _bindable(host: str, port: int) -> bool:
+    # No SO_REUSEADDR: a port still in TIME_WAIT counts as taken, which only skips it.
     with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+class _PortPicker:
+    """Hands out this process's ports in turn (never the same one twice until its whole slice has
+    gone round), starting at a place drawn from the process id so that two test sessions on one
+    machine start apart; a port something else holds is skipped."""
+
+    def __init__(self) -> None:
+        span = _pick_span()
+        self.ports = _worker_slice(span) if span is not None else None
+        self._next = (os.getpid() * 7919) % len(self.ports) if self.ports else 0
+        self._lock = threading.Lock()
+
+    def pick(self, host: str) -> int:
+        if self.ports:
+            with self._lock:
+                for _ in range(len(self.ports)):
+                    port = self.ports[self._next % len(self.ports)]
+                    self._next += 1
+                    if _bindable(host, port):
+                        return port
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
+
+
+@functools.cache
+def _picker(pid: int) -> _PortPicker:
+    # Keyed by the process id: a forked child gets a picker (and a starting place) of its own.
+    return _PortPicker()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server about to start. A server that finds it taken all
+    the same (another program on the machine was quicker) raises PortInUse; start_on_free_port
+    then moves it to another."""
+    return _picker(os.getpid()).pick(host)
 
 
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def _log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _log_since(path: Path, offset: int) -> str:
+    """What a server wrote to its log (appended to across restarts) since ``offset``."""
+    with open(path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
 
 
 def _wait(predicate, timeout_s: float, what: str, log_path: Path | None = None) -> None:  # noqa: ANN001
@@ -173,6 +266,7 @@ class Postgres:
         if stale.exists() and not port_open(self.host, self.port):
             stale.unlink()
         socket_dir = self.pgdata
+        log_offset = _log_size(self.log_path)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         args = [
             str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.pgdata),
@@ -181,7 +275,7 @@ class Postgres:
             "-c", "shared_buffers=128MB", "-c", "log_min_messages=warning",
         ]
         self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True, **self._run_as())  # type: ignore[call-overload]
-        _wait(lambda: self._ready(), timeout_s, "PostgreSQL", self.log_path)
+        _wait(lambda: self._ready(log_offset), timeout_s, "PostgreSQL", self.log_path)
         if self.password:
             self._require_passwords()
         self._ensure_database()
@@ -197,11 +291,17 @@ class Postgres:
         hba.write_text(PASSWORD_HBA)
         self._psql("SELECT pg_reload_conf()")
 
-    def _ready(self) -> bool:
+    def _ready(self, log_offset: int) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}:\n{self.log_path.read_text()[-2000:]}")
+            log = _log_since(self.log_path, log_offset)
+            if "Address already in use" in log:
+                raise PortInUse(f"PostgreSQL could not listen on {self.host}:{self.port}: it is taken")
+            raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}:\n{log[-2000:]}")
+        # Asked through this server's own socket file (in its data folder), not the TCP port: a
+        # port someone else's server holds must not pass for this one being up. A server that could
+        # not have its TCP port does not get as far as accepting on its socket file.
         result = subprocess.run(
-            [str(POSTGRES_BIN_PATH / "pg_isready"), "-h", self.host, "-p", str(self.port), "-U", "postgres"],
+            [str(POSTGRES_BIN_PATH / "pg_isready"), "-h", str(self.pgdata), "-p", str(self.port), "-U", "postgres"],
             capture_output=True,
         )
         return result.returncode == 0
@@ -235,6 +335,10 @@ class Postgres:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# What nats-server logs once its client port listens (and JetStream is up).
+NATS_READY_LINE = "Server is ready"
 
 
 def nats_server_binary() -> str:
@@ -299,6 +403,7 @@ class Nats:
         config.unlink(missing_ok=True)
         config.touch(mode=0o600)
         config.write_text(text)
+        log_offset = _log_size(self.log_path)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(config)], stdout=log, stderr=log, start_new_session=True
@@ -306,8 +411,12 @@ class Nats:
 
         def up() -> bool:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited:\n{self.log_path.read_text()[-2000:]}")
-            return port_open(self.host, self.port)
+                text = _log_since(self.log_path, log_offset)
+                if "address already in use" in text:
+                    raise PortInUse(f"nats-server could not listen on {self.host}:{self.port}: it is taken")
+                raise RuntimeError(f"nats-server exited:\n{text[-2000:]}")
+            # The server says so once it listens: an open port alone might be someone else's.
+            return NATS_READY_LINE in _log_since(self.log_path, log_offset) and port_open(self.host, self.port)
 
         _wait(up, timeout_s, "nats-server", self.log_path)
 
@@ -320,6 +429,27 @@ class Nats:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+Server = TypeVar("Server", Postgres, Nats)
+# How many ports start_on_free_port tries before it gives up.
+PORT_ATTEMPTS = 5
+
+
+def start_on_free_port(make: Callable[[int], Server], *, host: str = "127.0.0.1",
+                       attempts: int = PORT_ATTEMPTS) -> Server:
+    """``make(port)`` started on a free port; when another program takes the port between the pick
+    and the bind (PortInUse), the next server is made on another port."""
+    for _ in range(attempts - 1):
+        server = make(free_port(host))
+        try:
+            server.start()
+            return server
+        except PortInUse:
+            server.stop()
+    server = make(free_port(host))
+    server.start()
+    return server
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual smoke check

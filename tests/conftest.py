@@ -1,6 +1,11 @@
 """The test session's real infrastructure: one PostgreSQL server for the session (a fresh
 database per test) and a fresh nats-server with JetStream per test, both from the same embedded
-packages that `make run` uses."""
+packages that `make run` uses.
+
+`make test` spreads the suite over pytest-xdist workers, one process each: a worker's session is its
+own, so each has its own PostgreSQL (its data under the worker's temp dir), its own test PKI
+(tests.mesh) and its own slice of ports (devstack.servers.free_port). A test marked ``alone`` (it
+measures how long something takes) runs while no other worker runs a test."""
 from __future__ import annotations
 
 import itertools
@@ -11,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from devstack.servers import Nats, Postgres, free_port
+from devstack.servers import Nats, Postgres, start_on_free_port
 from runtime.logs import configure_logging
 from runtime.dbroles import bootstrap_statements
 from runtime.pki import IdentityFiles
+from tests.alone import alone_or_together  # noqa: F401 - an autouse fixture for every test
 from tests.mesh import nats_users, pki, service_roles, service_values, terminal_channel
 
 configure_logging(service="tests", level=os.environ.get("ONECARD_TEST_LOG_LEVEL", "warning"))
@@ -25,9 +31,8 @@ _db_counter = itertools.count(1)
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     """The session's PostgreSQL: every connection authenticates with a password."""
-    server = Postgres(tmp_path_factory.mktemp("postgres"), free_port(), fsync=False,
-                      password=secrets.token_urlsafe(24))
-    server.start()
+    data_dir, password = tmp_path_factory.mktemp("postgres"), secrets.token_urlsafe(24)
+    server = start_on_free_port(lambda port: Postgres(data_dir, port, fsync=False, password=password))
     yield server
     server.stop()
 
@@ -46,8 +51,8 @@ def database_url(postgres: Postgres) -> str:
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[Nats]:
     """This test's nats-server: TLS with the session's CA, and every process's account."""
-    server = Nats(tmp_path / "nats", free_port(), tls=IdentityFiles(pki().tls_dir("nats")), users=nats_users())
-    server.start()
+    tls, users = IdentityFiles(pki().tls_dir("nats")), nats_users()
+    server = start_on_free_port(lambda port: Nats(tmp_path / "nats", port, tls=tls, users=users))
     yield server
     server.stop()
 

@@ -143,8 +143,10 @@ async def test_request_ids_are_echoed_when_sane_and_generated_otherwise(gateway:
 
 
 async def test_a_client_over_its_rate_gets_429_with_retry_after_and_others_do_not(identity: Any) -> None:
-    settings = gateway_settings(identity_target=identity.target, rate_limit_per_s=0.5, rate_limit_burst=3,
-                                token_rate_limit_per_s=0.5, token_rate_limit_burst=3)
+    # One token a minute back in each bucket: however slow a busy machine makes the calls below, no
+    # bucket refills between them.
+    settings = gateway_settings(identity_target=identity.target, rate_limit_per_s=1 / 60, rate_limit_burst=3,
+                                token_rate_limit_per_s=1 / 60, token_rate_limit_burst=3)
     async with running_gateway(settings) as (app, http):
         gateway = Gateway(app=app, http=http, stub=identity.stub, settings=settings)
         tenant_id = await gateway.create_tenant()

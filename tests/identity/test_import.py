@@ -5,6 +5,7 @@ import uuid
 
 import asyncpg
 import grpc
+import pytest
 
 from onecard.identity.v1 import identity_pb2 as pb
 from tests.identity.support import (
@@ -202,6 +203,7 @@ async def test_progress_is_visible_while_the_import_runs(start_identity) -> None
     assert record.finished_at.ToDatetime() >= record.created_at.ToDatetime()
 
 
+@pytest.mark.alone
 async def test_five_thousand_rows_import_in_a_few_seconds(identity, tenant_id: str) -> None:
     data = csv_file(HEADER, *[f"N{i:05d},Student {i},dept{i % 20},2025,{i % 30},student,,{i:08X}" for i in range(5000)])
     started_s = time.monotonic()

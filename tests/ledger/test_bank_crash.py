@@ -32,7 +32,8 @@ from runtime.grpc_client import error_info
 from tests.mesh import AllowedCallerChannel, authorizer_for, service_values
 from tests.ledger.support import allow_credit, check_books
 
-pytestmark = pytest.mark.slow
+# alone: the run counts what twelve workers get done in RUN_S; other tests beside it would starve it.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"

@@ -14,6 +14,7 @@ import datetime as dt
 import zoneinfo
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,9 @@ from onecard_policy import Guard, Leg, PurseState, Request, counter_keys, evalua
 REQUESTS_PER_EXAMPLE = 5
 ONLINE_EXAMPLES = 1200
 OFFLINE_EXAMPLES = 1000
+# Minutes of pure CPU each: on a machine shared with other suites (or under xdist, two workers per
+# core) they may need more than the session's 180 s hang guard.
+CPU_BOUND_TIMEOUT = pytest.mark.timeout(600)
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 ZONES = ["Asia/Shanghai", "UTC", "America/New_York", "Asia/Kolkata", "Pacific/Chatham", "Pacific/Kiritimati",
@@ -272,12 +276,14 @@ def _check_batch(data, channel: str) -> None:
                 assert len(plan.guards) <= 8
 
 
+@CPU_BOUND_TIMEOUT
 @settings(max_examples=ONLINE_EXAMPLES, **SETTINGS)
 @given(st.data())
 def test_online_plans_agree_with_the_reference_model(data) -> None:
     _check_batch(data, "online")
 
 
+@CPU_BOUND_TIMEOUT
 @settings(max_examples=OFFLINE_EXAMPLES, **SETTINGS)
 @given(st.data())
 def test_offline_plans_agree_with_the_reference_model(data) -> None:

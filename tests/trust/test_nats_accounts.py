@@ -11,7 +11,7 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
-from devstack.servers import Nats, free_port
+from devstack.servers import Nats, start_on_free_port
 from runtime.events import ensure_streams
 from runtime.nats_access import NkeyVariable, accounts_config, connect_options, permissions, public_key
 from runtime.pki import IdentityFiles
@@ -171,8 +171,8 @@ async def test_a_server_that_reads_the_public_keys_from_its_environment_signs_ea
         monkeypatch.setenv(variable.name, public_key(nats_seed(name)))
         users[name] = (variable, access)
     assert "$LEDGER_NKEY" in accounts_config(users) and '"$LEDGER_NKEY"' not in accounts_config(users)
-    server = Nats(tmp_path / "nats", free_port(), tls=IdentityFiles(pki().tls_dir("nats")), users=users)
-    server.start()
+    tls = IdentityFiles(pki().tls_dir("nats"))
+    server = start_on_free_port(lambda port: Nats(tmp_path / "nats", port, tls=tls, users=users))
     try:
         ledger, ledger_errors = await _errors_of(lambda cb: nats.connect(
             server.url, error_cb=cb, **connect_options(name="ledger", seed=nats_seed("ledger"), tls=pki().tls("ledger"))))
