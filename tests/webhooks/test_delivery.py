@@ -434,3 +434,30 @@ async def test_a_finished_grant_batch_reaches_a_client_with_ledger_admin(
     assert message["type"] == "grant_batch.finished"
     assert message["data"]["batch_id"] == started.batch.batch_id
     assert (message["data"]["bill_number"], message["data"]["granted_fen"]) == ("BILL-1", 2_000)
+
+
+async def test_a_purse_falling_below_its_threshold_reaches_the_partner_once_per_crossing(
+        identity: RunningService, ledger: RunningService, webhooks: RunningService, receiver: Receiver) -> None:
+    """The ledger's ``ledger.balance.low`` (one per crossing, from the payment's own transaction) as
+    the ``balance.low`` webhook a mini-program shows its member."""
+    campus = await Campus(identity, ledger).open()
+    created = await create_endpoint(webhooks, campus.tenant_id, receiver.url, event_types=["balance.low"],
+                                    scopes=["wallets:read", "webhooks:manage"])
+    ann = await campus.member("A1")
+    await campus.top_up(ann, 5_000)
+    await campus.ledger.SetLowBalanceThreshold(lpb.SetLowBalanceThresholdRequest(
+        tenant_id=campus.tenant_id, account_id=campus.cash[ann], threshold_fen=2_000))
+    await campus.pay(ann, 2_000)   # 3,000 left: above the threshold, nothing to say
+    await campus.pay(ann, 1_500)   # 1,500 left: crossed
+    await campus.pay(ann, 500)     # 1,000 left: still below, no second message
+    received = await eventually(lambda: _accepted(receiver, 1), what="the low balance delivered")
+    message = verify(created.secret, received)
+    assert message["type"] == "balance.low"
+    assert message["data"] == {"tenant_id": campus.tenant_id, "member_id": ann, "account_id": campus.cash[ann],
+                               "purse_kind": "cash", "balance_fen": 1_500, "threshold_fen": 2_000}
+    # Back above and below again: a second crossing, a second message.
+    await campus.top_up(ann, 4_000)    # 5,000
+    await campus.pay(ann, 3_500)       # 1,500: crossed again
+    second = verify(created.secret, await eventually(lambda: _accepted(receiver, 2), what="the second crossing"))
+    assert (second["type"], second["data"]["balance_fen"]) == ("balance.low", 1_500)
+    assert len([d for d in await deliveries(webhooks, campus.tenant_id, created.endpoint.endpoint_id)]) == 2
