@@ -255,12 +255,17 @@ class TenantTx:
         return new, previous, version
 
     async def retire_due_keys(self, *, now: datetime) -> list[IssuerKey]:
-        """Retire verifying keys whose last credential has ended: one trust list change."""
-        due = await self.conn.fetchval(
-            "SELECT count(*) FROM issuer_keys WHERE tenant_id = $1 AND status = 'verifying' AND retire_after <= $2",
-            self.tenant_id, now,
-        )
-        if not due:
+        """Retire verifying keys whose last credential has ended: one trust list change.
+
+        A reader's call finds nothing due without taking a lock; when something is due, the tenant
+        is locked and it looks again, so of two sweeps at once (the periodic one and a reader's) the
+        second sees the first's retirement and changes nothing, not even the version."""
+        count_due = ("SELECT count(*) FROM issuer_keys WHERE tenant_id = $1 AND status = 'verifying'"
+                     " AND retire_after <= $2")
+        if not await self.conn.fetchval(count_due, self.tenant_id, now):
+            return []
+        await self._lock_tenant()
+        if not await self.conn.fetchval(count_due, self.tenant_id, now):
             return []
         version = await self._next_trust_version()
         rows = await self.conn.fetch(
@@ -269,9 +274,6 @@ class TenantTx:
             self.tenant_id, now, version,
         )
         retired = [_issuer_key(r) for r in rows]
-        if not retired:
-            # Another transaction retired them first; the version bump is harmless, but say nothing.
-            return []
         await emit(self.conn, subject=SUBJECT_TRUST_LIST_CHANGED, event_type=SUBJECT_TRUST_LIST_CHANGED,
                    tenant_id=str(self.tenant_id),
                    data=trust_event_data(tenant_id=self.tenant_id, version=version, changed=retired))

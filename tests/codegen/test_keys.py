@@ -112,3 +112,18 @@ def test_the_master_key_setting_is_required_and_must_be_32_bytes() -> None:
     raw = bytes(range(32))
     for text in (raw.hex(), base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode().rstrip("=")):
         assert load_settings(CodegenSettings, **base, codegen_master_key=text).master_key == raw
+
+
+async def test_readers_racing_to_retire_a_due_key_change_the_trust_list_once(start_codegen, tenant_id, member_id):
+    """Every GetTrustList retires what is due before answering (as the periodic sweep does, kept
+    out of the way here); many at once make one change, one version — not a version per racer."""
+    stub = (await start_codegen(retire_interval_s=3600)).stub
+    old = await issue(stub, tenant_id, member_id, key=holder_key(), validity_s=3)
+    await stub.RotateIssuerKey(pb.RotateIssuerKeyRequest(tenant_id=tenant_id))
+    version_before = (await stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id))).version
+    await asyncio.sleep(max(0.0, old.credential.not_after.seconds - time.time()) + 0.5)
+    answers = await asyncio.gather(*(stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id))
+                                     for _ in range(8)))
+    assert {a.version for a in answers} == {version_before + 1}
+    changes = await stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id, since_version=version_before))
+    assert [(k.key_id, k.status) for k in changes.keys] == [(old.credential.key_id, pb.ISSUER_KEY_STATUS_RETIRED)]
