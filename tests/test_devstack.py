@@ -338,6 +338,32 @@ def is_healthy(env: dict[str, str], name: str) -> bool:
     return asyncio.run(probe())
 
 
+def member_accounts_in_ledger(env: dict[str, str], member_id: str) -> int:
+    """How many accounts the ledger holds for the member, read without opening any."""
+    from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+    from runtime.grpc_client import open_channel
+
+    async def count() -> int:
+        async with open_channel(f"127.0.0.1:{env['ONECARD_LEDGER_PORT']}", tls=stack_tls(env, "simulator"),
+                                server_name="ledger") as channel:
+            answer = await ledger_pb2_grpc.LedgerServiceStub(channel).GetBalances(ledger_pb2.GetBalancesRequest(
+                tenant_id=DEMO_TENANT_ID, owner_kind=ledger_pb2.OWNER_KIND_MEMBER, owner_id=member_id))
+            return len(answer.accounts)
+
+    return asyncio.run(count())
+
+
+def create_member_through_gateway(*, base_url: str, client_id: str, client_secret: str, number: str) -> str:
+    with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S) as http:
+        token = http.post(TOKEN_PATH, data={"grant_type": "client_credentials", "client_id": client_id,
+                                            "client_secret": client_secret, "tenant_id": DEMO_TENANT_ID})
+        assert token.status_code == 200, token.text
+        created = http.post(MEMBERS_PATH.format(tenant_id=DEMO_TENANT_ID), json={"external_number": number,
+                            "name": "Qian Restart"}, headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+        assert created.status_code == 201, created.text
+        return created.json()["member_id"]
+
+
 def test_make_run_restarts_each_service_killed_with_sigkill_and_keeps_serving(stack_env: dict[str, str]) -> None:
     env = {**stack_env, "ONECARD_DEMO_MEMBERS": "20", "ONECARD_SIMULATOR": "0"}
     data_dir = Path(env["ONECARD_DATA_DIR"])
@@ -361,7 +387,16 @@ def test_make_run_restarts_each_service_killed_with_sigkill_and_keeps_serving(st
         # a payment under the published rules (policy), all through the restarted gateway.
         credentials = json.loads((data_dir / "demo-credentials.json").read_text())
         bank = credentials["clients"]["bank"]
-        run_walkthrough(base_url=f"http://127.0.0.1:{env['ONECARD_GATEWAY_PORT']}", client_id=bank["client_id"],
+        base_url = f"http://127.0.0.1:{env['ONECARD_GATEWAY_PORT']}"
+        # Events flow again: identity's outbox publishes the new member and the ledger's durable
+        # consumer (both processes restarted) opens the member's cash purse on its own.
+        member_id = create_member_through_gateway(base_url=base_url, client_id=bank["client_id"],
+                                                  client_secret=bank["client_secret"], number="D-RESTART-1")
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while member_accounts_in_ledger(env, member_id) == 0:
+            assert time.monotonic() < deadline, "the ledger did not open the new member's purse from the event"
+            time.sleep(0.2)
+        run_walkthrough(base_url=base_url, client_id=bank["client_id"],
                         client_secret=bank["client_secret"], canteen_account_id=demo_canteen_account(env))
 
         children = run.tree()
