@@ -443,7 +443,7 @@ class Stack:
         self.healthy_since[name] = await restart_until_healthy(
             process, probe=self.probes[name], backoff=backoff, healthy_since=self.healthy_since.get(name, 0.0),
             ready_timeout_s=self.config.ready_timeout_s, grace_s=self.config.stop_grace_s,
-            report=lambda state, detail: self.console.status(name, state, detail),
+            report=lambda state, detail: self.console.status(name, state, detail), precheck=self.check_servers,
         )
 
     def start_simulator(self) -> ManagedProcess | None:

@@ -270,13 +270,14 @@ Report = Callable[[str, str], None]
 
 async def restart_until_healthy(
     process: ManagedProcess, *, probe: Probe, backoff: Backoff, healthy_since: float, ready_timeout_s: float,
-    grace_s: float, report: Report,
+    grace_s: float, report: Report, precheck: Callable[[], None] | None = None,
 ) -> float:
     """Start ``process`` (which has just died) again until ``probe`` passes; answers the monotonic
     time it became healthy. ``report(state, detail)`` gets a line per death, failure and recovery.
 
     Raises ``ProcessFailed`` (naming the service and its log) after ``backoff.max_start_failures``
-    starts in a row that did not become healthy. Cancelling it (Ctrl-C) leaves at most a started
+    starts in a row that did not become healthy. ``precheck`` runs before every start and may
+    raise instead (what the service needs is gone, so trying again is pointless). Cancelling it (Ctrl-C) leaves at most a started
     process behind, which the caller stops with the rest.
     """
     code = process.returncode()
@@ -287,6 +288,8 @@ async def restart_until_healthy(
     while True:
         assert delay is not None
         await asyncio.sleep(delay)
+        if precheck is not None:
+            precheck()
         process.start()
         try:
             took_s = await wait_healthy(process, probe=probe, timeout_s=ready_timeout_s)

@@ -407,3 +407,21 @@ def test_make_run_restarts_each_service_killed_with_sigkill_and_keeps_serving(st
         assert " died " not in after_stop and "restarted" not in after_stop, after_stop
     finally:
         run.kill_if_running()
+
+
+def test_make_run_stops_with_a_clear_message_when_nats_dies(stack_env: dict[str, str]) -> None:
+    env = {**stack_env, "ONECARD_DEMO_MEMBERS": "20", "ONECARD_SIMULATOR": "0"}
+    run = StackRun.start(env)
+    try:
+        run.wait_ready()
+        children = run.tree()
+        [nats] = [p for p in psutil.Process(run.process.pid).children() if "nats-server" in p.name()]
+        nats.kill()
+        assert run.process.wait(STOP_TIMEOUT_S) == 1, run.output
+        assert "error: nats-server exited with code -9; devstack restarts services but not nats-server" in run.output
+        assert "nats/nats.log" in run.output, "the message names the server's log"
+        assert " died " not in run.output, "no service was restarted against a dead NATS"
+        assert "postgres   stopped" in run.output
+        assert not still_running(children)
+    finally:
+        run.kill_if_running()

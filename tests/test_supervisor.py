@@ -142,3 +142,20 @@ async def test_cancelling_a_restart_during_its_back_off_starts_nothing(tmp_path:
     with pytest.raises(asyncio.CancelledError):
         await restart
     assert process.process is dead
+
+
+async def test_a_failing_precheck_stops_the_restart_before_anything_starts(tmp_path: Path) -> None:
+    process = child(tmp_path, SLEEPER)
+    process.start()
+    process.process.kill()  # type: ignore[union-attr]
+    process.process.wait()  # type: ignore[union-attr]
+    dead = process.process
+
+    def postgres_is_gone() -> None:
+        raise ProcessFailed(name="PostgreSQL", what="exited with code -9", log_path=tmp_path / "pg.log", tail="")
+
+    with pytest.raises(ProcessFailed, match="^PostgreSQL exited"):
+        await restart_until_healthy(
+            process, probe=lambda: always(True), backoff=Backoff(first_delay_s=0.01), healthy_since=time.monotonic(),
+            ready_timeout_s=10.0, grace_s=5.0, report=lambda state, detail: None, precheck=postgres_is_gone)
+    assert process.process is dead
