@@ -54,6 +54,7 @@ class ProcessFailed(RuntimeError):
     def __init__(self, *, name: str, what: str, log_path: Path, tail: str):
         super().__init__(f"{name} {what}\n--- last lines of {log_path} ---\n{tail}".rstrip())
         self.name = name
+        self.what = what
         self.log_path = log_path
 
 
@@ -277,17 +278,16 @@ async def restart_until_healthy(
 
     Raises ``ProcessFailed`` (naming the service and its log) after ``backoff.max_start_failures``
     starts in a row that did not become healthy. ``precheck`` runs before every start and may
-    raise instead (what the service needs is gone, so trying again is pointless). Cancelling it (Ctrl-C) leaves at most a started
-    process behind, which the caller stops with the rest.
+    raise instead (what the service needs is gone, so trying again is pointless). Cancelling it
+    (Ctrl-C) leaves at most a started process behind, which the caller stops with the rest.
     """
     code = process.returncode()
     lived_s = time.monotonic() - process.started_at
-    delay: float | None = backoff.after_death(healthy_for_s=time.monotonic() - healthy_since)
-    report("died", f"{describe_exit(code)} after {lived_s:.1f}s; restarting in {delay:.1f}s "
+    delay_s = backoff.after_death(healthy_for_s=time.monotonic() - healthy_since)
+    report("died", f"{describe_exit(code)} after {lived_s:.1f}s; restarting in {delay_s:.1f}s "
                    f"(restart {backoff.restarts})")
     while True:
-        assert delay is not None
-        await asyncio.sleep(delay)
+        await asyncio.sleep(delay_s)
         if precheck is not None:
             precheck()
         process.start()
@@ -296,13 +296,13 @@ async def restart_until_healthy(
         except ProcessFailed as failed:
             if process.returncode() is None:
                 await process.stop(grace_s=grace_s)
-            what = str(failed).splitlines()[0].removeprefix(f"{process.name} ")
-            delay = backoff.after_failed_start()
-            if delay is None:
+            next_delay_s = backoff.after_failed_start()
+            if next_delay_s is None:
                 raise process.failure(
-                    f"failed {backoff.start_failures} times in a row to start again ({what}); giving up"
+                    f"failed {backoff.start_failures} times in a row to start again ({failed.what}); giving up"
                 ) from None
-            report("failed", f"{what}; restarting in {delay:.1f}s (restart {backoff.restarts})")
+            delay_s = next_delay_s
+            report("failed", f"{failed.what}; restarting in {delay_s:.1f}s (restart {backoff.restarts})")
             continue
         backoff.after_healthy()
         report("serving", f"pid {process.pid}  {took_s:.1f}s  restarted")
