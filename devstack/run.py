@@ -3,8 +3,16 @@
 Order of start: the mesh's CA and every process's certificate (made on the first run, renewed
 when close to expiry, and checked again every hour while the stack runs), the two servers
 (embedded, unless DATABASE_URL / NATS_URL name existing ones), then each service in ``SERVICES``
-order (migrate, start, wait until healthy), then the seed. Order of stop, on Ctrl-C, SIGTERM or a child dying: the services in reverse (SIGTERM and a grace period,
-then SIGKILL), then NATS, then PostgreSQL. The data folder stays for the next run.
+order (migrate, start, wait until healthy), then the seed.
+
+While it runs, a service or the gateway that dies is started again on the same ports with the same
+certificate and credentials, after a back-off (devstack.supervisor.Backoff), with a line saying so;
+one that fails to come back several times in a row stops the platform. PostgreSQL and NATS are not
+restarted: every service's data path runs through them, so their death stops the platform with a
+message that says so (run ``make run`` again; the data folder is kept).
+
+Order of stop, on Ctrl-C, SIGTERM or a service given up on: the services in reverse (SIGTERM and a
+grace period, then SIGKILL), then NATS, then PostgreSQL. The data folder stays for the next run.
 """
 from __future__ import annotations
 
@@ -31,10 +39,13 @@ from devstack.seed import DEMO_TENANT_NAME, SeedError, SeedResult, seed_demo
 from devstack.seed_rules import RulesSeed, seed_rules
 from devstack.servers import Nats, Postgres
 from devstack.supervisor import (
+    Backoff,
     ManagedProcess,
     ProcessFailed,
+    Probe,
     grpc_health_probe,
     http_ready_probe,
+    restart_until_healthy,
     run_to_completion,
     tail_of,
     wait_healthy,
@@ -208,6 +219,11 @@ class Stack:
     database_url: str = ""
     nats_url: str = ""
     processes: list[tuple[ServicePorts, ManagedProcess]] = field(default_factory=list)
+    # Per service name: its readiness check (the same at start and at restart), when it last
+    # became healthy (monotonic) and its restart back-off.
+    probes: dict[str, Probe] = field(default_factory=dict)
+    healthy_since: dict[str, float] = field(default_factory=dict)
+    backoffs: dict[str, Backoff] = field(default_factory=dict)
     # Not watched: if the simulator ends, the platform goes on without it.
     simulator: ManagedProcess | None = None
     _simulator_shown: int = 0
@@ -385,29 +401,50 @@ class Stack:
         else:
             probe = http_ready_probe(f"{svc.base_url}/readyz")
             where = svc.base_url
+        self.probes[spec.name] = probe
         took_s = await wait_healthy(process, probe=probe, timeout_s=config.ready_timeout_s)
+        self.healthy_since[spec.name] = time.monotonic()
         self.console.status(
             spec.name, "serving", f"{where}  pid {process.pid}  {took_s:.1f}s  log {shown_path(process.log_path)}"
         )
 
     async def watch(self) -> None:
-        """Return never; raise when a child dies, so the rest are stopped instead of limping on.
-        Meanwhile renew certificates that come close to expiry."""
+        """Return never: start again a service that dies; raise when one cannot be brought back or
+        when PostgreSQL or NATS dies, so the rest are stopped instead of limping on. Meanwhile renew
+        certificates that come close to expiry."""
         next_pki_check = time.monotonic() + PKI_CHECK_INTERVAL_S
         while True:
             if time.monotonic() >= next_pki_check:
                 next_pki_check = time.monotonic() + PKI_CHECK_INTERVAL_S
                 if await asyncio.to_thread(self.ensure_certificates):
                     self.console.status("pki", "renewed", f"certificates in {shown_path(self.config.pki_dir)}")
-            for _svc, process in self.processes:
-                process.check_alive()
-            for name, server in (("PostgreSQL", self.postgres), ("nats-server", self.nats)):
-                if server is not None and server.process is not None and server.process.poll() is not None:
-                    raise ProcessFailed(
-                        name=name, what=f"exited with code {server.process.returncode}",
-                        log_path=server.log_path, tail=tail_of(server.log_path),
-                    )
+            self.check_servers()
+            for svc, process in self.processes:
+                if process.returncode() is not None:
+                    await self.restart(svc, process)
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def check_servers(self) -> None:
+        for name, server in (("PostgreSQL", self.postgres), ("nats-server", self.nats)):
+            if server is not None and server.process is not None and server.process.poll() is not None:
+                raise ProcessFailed(
+                    name=name, what=f"exited with code {server.process.returncode}; devstack restarts services "
+                                    f"but not {name}, which they all depend on, so the platform stops "
+                                    "(make run starts it again on the same data)",
+                    log_path=server.log_path, tail=tail_of(server.log_path),
+                )
+
+    async def restart(self, svc: ServicePorts, process: ManagedProcess) -> None:
+        """Bring a dead service back on its ports, with its certificate and credentials (its argv
+        and environment are kept), once its back-off has passed. Those who call it reconnect on
+        their own: gRPC channels retry, durable NATS consumers resume where they were."""
+        name = svc.spec.name
+        backoff = self.backoffs.setdefault(name, Backoff())
+        self.healthy_since[name] = await restart_until_healthy(
+            process, probe=self.probes[name], backoff=backoff, healthy_since=self.healthy_since.get(name, 0.0),
+            ready_timeout_s=self.config.ready_timeout_s, grace_s=self.config.stop_grace_s,
+            report=lambda state, detail: self.console.status(name, state, detail), precheck=self.check_servers,
+        )
 
     def start_simulator(self) -> ManagedProcess | None:
         """The device simulator as a child process (its own CPU, its own crash), when the mesh has

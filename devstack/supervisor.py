@@ -1,5 +1,11 @@
 """Child processes of the local stack: each with its own environment and log file, waited on until
 healthy, stopped with SIGTERM and a grace period, and reported with the tail of its log when it fails.
+
+A service that dies after it was healthy is started again (``restart_until_healthy``) with the
+same argv and environment, so on the same ports with the same certificate and credentials, after
+an exponential back-off (``Backoff``): 0.5 s doubling to 30 s, back to 0.5 s once it had stayed
+healthy for a minute. One that fails ``MAX_START_FAILURES`` times in a row without becoming
+healthy again is given up on: that raises ``ProcessFailed``, which stops the platform.
 """
 from __future__ import annotations
 
@@ -29,6 +35,13 @@ POLL_INTERVAL_S = 0.1
 PROBE_TIMEOUT_S = 1.0
 # Logs of the previous run are kept once (``<name>.log.1``), so a crash that ended it can still be read.
 KEPT_LOG_GENERATIONS = 1
+# Restart back-off: the first delay, its ceiling, and how long a service must have been healthy
+# before a death counts as a new incident (back to the first delay) rather than a crash loop.
+RESTART_FIRST_DELAY_S = 0.5
+RESTART_MAX_DELAY_S = 30.0
+RESTART_STABLE_AFTER_S = 60.0
+# Starts in a row that end before the service is healthy (exited, or not healthy in time).
+MAX_START_FAILURES = 5
 _PR_SET_PDEATHSIG = 1
 # Resolved once in the parent: a forked child of a threaded process (gRPC runs threads) must not
 # dlopen, it may only call what is already loaded.
@@ -41,6 +54,7 @@ class ProcessFailed(RuntimeError):
     def __init__(self, *, name: str, what: str, log_path: Path, tail: str):
         super().__init__(f"{name} {what}\n--- last lines of {log_path} ---\n{tail}".rstrip())
         self.name = name
+        self.what = what
         self.log_path = log_path
 
 
@@ -201,3 +215,95 @@ async def wait_healthy(process: ManagedProcess, *, probe: Probe, timeout_s: floa
         if time.monotonic() >= deadline:
             raise process.failure(f"was not healthy within {timeout_s:.0f}s")
         await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit 3``, or ``exit -9 (SIGKILL)`` for a child ended by a signal."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"exit {code} ({signal.Signals(-code).name})"
+    return f"exit {code}"
+
+
+@dataclass
+class Backoff:
+    """How long to wait before starting a dead service again, and when to give up on it.
+
+    Plain arithmetic, no clock of its own: the caller says how long the service had been healthy.
+    """
+
+    first_delay_s: float = RESTART_FIRST_DELAY_S
+    max_delay_s: float = RESTART_MAX_DELAY_S
+    stable_after_s: float = RESTART_STABLE_AFTER_S
+    max_start_failures: int = MAX_START_FAILURES
+    restarts: int = 0
+    start_failures: int = 0
+    _next_delay_s: float | None = None
+
+    def _take_delay(self) -> float:
+        delay = self.first_delay_s if self._next_delay_s is None else self._next_delay_s
+        self._next_delay_s = min(delay * 2, self.max_delay_s)
+        return delay
+
+    def after_death(self, *, healthy_for_s: float) -> float:
+        """The delay before restarting a service that died after ``healthy_for_s`` of health."""
+        if healthy_for_s >= self.stable_after_s:
+            self._next_delay_s = None
+        self.restarts += 1
+        return self._take_delay()
+
+    def after_failed_start(self) -> float | None:
+        """The delay before the next try after a start that never got healthy; None: give up."""
+        self.start_failures += 1
+        if self.start_failures >= self.max_start_failures:
+            return None
+        self.restarts += 1
+        return self._take_delay()
+
+    def after_healthy(self) -> None:
+        self.start_failures = 0
+
+
+Report = Callable[[str, str], None]
+
+
+async def restart_until_healthy(
+    process: ManagedProcess, *, probe: Probe, backoff: Backoff, healthy_since: float, ready_timeout_s: float,
+    grace_s: float, report: Report, precheck: Callable[[], None] | None = None,
+) -> float:
+    """Start ``process`` (which has just died) again until ``probe`` passes; answers the monotonic
+    time it became healthy. ``report(state, detail)`` gets a line per death, failure and recovery.
+
+    Raises ``ProcessFailed`` (naming the service and its log) after ``backoff.max_start_failures``
+    starts in a row that did not become healthy. ``precheck`` runs before every start and may
+    raise instead (what the service needs is gone, so trying again is pointless). Cancelling it
+    (Ctrl-C) leaves at most a started process behind, which the caller stops with the rest.
+    """
+    code = process.returncode()
+    lived_s = time.monotonic() - process.started_at
+    delay_s = backoff.after_death(healthy_for_s=time.monotonic() - healthy_since)
+    report("died", f"{describe_exit(code)} after {lived_s:.1f}s; restarting in {delay_s:.1f}s "
+                   f"(restart {backoff.restarts})")
+    while True:
+        await asyncio.sleep(delay_s)
+        if precheck is not None:
+            precheck()
+        process.start()
+        try:
+            took_s = await wait_healthy(process, probe=probe, timeout_s=ready_timeout_s)
+        except ProcessFailed as failed:
+            if process.returncode() is None:
+                await process.stop(grace_s=grace_s)
+            next_delay_s = backoff.after_failed_start()
+            if next_delay_s is None:
+                raise process.failure(
+                    f"failed {backoff.start_failures} times in a row to start again ({failed.what}); giving up"
+                ) from None
+            delay_s = next_delay_s
+            report("failed", f"{failed.what}; restarting in {delay_s:.1f}s (restart {backoff.restarts})")
+            continue
+        backoff.after_healthy()
+        report("serving", f"pid {process.pid}  {took_s:.1f}s  restarted")
+        return time.monotonic()

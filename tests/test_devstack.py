@@ -302,3 +302,126 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         assert not still_running(children)
     finally:
         second.kill_if_running()
+
+
+RESTART_TIMEOUT_S = 120.0
+RESTARTED_SERVICES = ("identity", "codegen", "ledger", "policy", "devicehub", "webhooks", "gateway")
+
+
+def service_process(run: StackRun, name: str) -> psutil.Process:
+    module = "gateway" if name == "gateway" else f"services.{name}"
+    [found] = [p for p in psutil.Process(run.process.pid).children()
+               if p.cmdline()[-2:] == ["-m", module] and p.status() != psutil.STATUS_ZOMBIE]
+    return found
+
+
+def wait_for_line(run: StackRun, *, after: int, starts_with: str, contains: str) -> str:
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for line in run.lines[after:]:
+            if line.startswith(starts_with) and contains in line:
+                return line
+        if run.process.poll() is not None:
+            break
+        time.sleep(0.1)
+    pytest.fail(f"no line {starts_with!r} … {contains!r} (exit {run.process.poll()}):\n{run.output}")
+
+
+def is_healthy(env: dict[str, str], name: str) -> bool:
+    from devstack.supervisor import grpc_health_probe, http_ready_probe
+
+    port = env[f"ONECARD_{name.upper()}_PORT"]
+    if name == "gateway":
+        probe = http_ready_probe(f"http://127.0.0.1:{port}/readyz")
+    else:
+        probe = grpc_health_probe(f"127.0.0.1:{port}", tls=stack_tls(env), server_name=name)
+    return asyncio.run(probe())
+
+
+def member_accounts_in_ledger(env: dict[str, str], member_id: str) -> int:
+    """How many accounts the ledger holds for the member, read without opening any."""
+    from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+    from runtime.grpc_client import open_channel
+
+    async def count() -> int:
+        async with open_channel(f"127.0.0.1:{env['ONECARD_LEDGER_PORT']}", tls=stack_tls(env, "simulator"),
+                                server_name="ledger") as channel:
+            answer = await ledger_pb2_grpc.LedgerServiceStub(channel).GetBalances(ledger_pb2.GetBalancesRequest(
+                tenant_id=DEMO_TENANT_ID, owner_kind=ledger_pb2.OWNER_KIND_MEMBER, owner_id=member_id))
+            return len(answer.accounts)
+
+    return asyncio.run(count())
+
+
+def create_member_through_gateway(*, base_url: str, client_id: str, client_secret: str, number: str) -> str:
+    with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S) as http:
+        token = http.post(TOKEN_PATH, data={"grant_type": "client_credentials", "client_id": client_id,
+                                            "client_secret": client_secret, "tenant_id": DEMO_TENANT_ID})
+        assert token.status_code == 200, token.text
+        created = http.post(MEMBERS_PATH.format(tenant_id=DEMO_TENANT_ID), json={"external_number": number,
+                            "name": "Qian Restart"}, headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+        assert created.status_code == 201, created.text
+        return created.json()["member_id"]
+
+
+def test_make_run_restarts_each_service_killed_with_sigkill_and_keeps_serving(stack_env: dict[str, str]) -> None:
+    env = {**stack_env, "ONECARD_DEMO_MEMBERS": "20", "ONECARD_SIMULATOR": "0"}
+    data_dir = Path(env["ONECARD_DATA_DIR"])
+    run = StackRun.start(env)
+    try:
+        run.wait_ready()
+        for name in RESTARTED_SERVICES:
+            victim = service_process(run, name)
+            seen = len(run.lines)
+            victim.kill()
+            died = wait_for_line(run, after=seen, starts_with=f"  {name:<10} died", contains="exit -9 (SIGKILL)")
+            assert "restarting in 0.5s (restart 1)" in died, died
+            back = wait_for_line(run, after=seen, starts_with=f"  {name:<10} serving", contains="restarted")
+            assert f"pid {victim.pid} " not in back
+            assert service_process(run, name).pid != victim.pid
+            assert is_healthy(env, name), f"{name} is not healthy after its restart"
+            assert (data_dir / "logs" / f"{name}.log.1").exists(), "the log of the killed run is kept"
+        assert run.process.poll() is None, run.output
+
+        # The platform still answers end to end: a token (identity), members, a top-up (ledger),
+        # a payment under the published rules (policy), all through the restarted gateway.
+        credentials = json.loads((data_dir / "demo-credentials.json").read_text())
+        bank = credentials["clients"]["bank"]
+        base_url = f"http://127.0.0.1:{env['ONECARD_GATEWAY_PORT']}"
+        # Events flow again: identity's outbox publishes the new member and the ledger's durable
+        # consumer (both processes restarted) opens the member's cash purse on its own.
+        member_id = create_member_through_gateway(base_url=base_url, client_id=bank["client_id"],
+                                                  client_secret=bank["client_secret"], number="D-RESTART-1")
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while member_accounts_in_ledger(env, member_id) == 0:
+            assert time.monotonic() < deadline, "the ledger did not open the new member's purse from the event"
+            time.sleep(0.2)
+        run_walkthrough(base_url=base_url, client_id=bank["client_id"],
+                        client_secret=bank["client_secret"], canteen_account_id=demo_canteen_account(env))
+
+        children = run.tree()
+        seen = len(run.lines)
+        assert run.interrupt() == 0, run.output
+        assert not still_running(children)
+        after_stop = "\n".join(run.lines[seen:])
+        assert " died " not in after_stop and "restarted" not in after_stop, after_stop
+    finally:
+        run.kill_if_running()
+
+
+def test_make_run_stops_with_a_clear_message_when_nats_dies(stack_env: dict[str, str]) -> None:
+    env = {**stack_env, "ONECARD_DEMO_MEMBERS": "20", "ONECARD_SIMULATOR": "0"}
+    run = StackRun.start(env)
+    try:
+        run.wait_ready()
+        children = run.tree()
+        [nats] = [p for p in psutil.Process(run.process.pid).children() if "nats-server" in p.name()]
+        nats.kill()
+        assert run.process.wait(STOP_TIMEOUT_S) == 1, run.output
+        assert "error: nats-server exited with code -9; devstack restarts services but not nats-server" in run.output
+        assert "nats/nats.log" in run.output, "the message names the server's log"
+        assert " died " not in run.output, "no service was restarted against a dead NATS"
+        assert "postgres   stopped" in run.output
+        assert not still_running(children)
+    finally:
+        run.kill_if_running()
