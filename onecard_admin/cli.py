@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import grpc
 from pydantic import ValidationError
 
+from onecard.codegen.v1 import codegen_pb2, codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -63,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     trial.add_argument("--tenant", required=True)
     alarms = commands.add_parser("alarms", help="a tenant's open and acknowledged device alarms")
     alarms.add_argument("--tenant", required=True)
+    keys = commands.add_parser("keys", help="signing keys").add_subparsers(dest="action", required=True)
+    rotate = keys.add_parser("rotate", help="rotate a tenant's code issuer key (the old one keeps verifying)")
+    rotate.add_argument("--tenant", required=True)
+    rollouts = commands.add_parser("rollouts", help="a tenant's firmware and config rollouts")
+    rollouts.add_argument("--tenant", required=True)
     return root
 
 
@@ -158,8 +164,47 @@ async def _alarms(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _key_row(role: str, key: codegen_pb2.TrustedKey) -> dict[str, Any]:
+    return {"role": role, "key_id": key.key_id,
+            "status": codegen_pb2.IssuerKeyStatus.Name(key.status).removeprefix("ISSUER_KEY_STATUS_").lower(),
+            "version": key.version}
+
+
+async def _keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
+    stub = codegen_pb2_grpc.CodegenServiceStub(mesh.channel("codegen"))
+    answer = await stub.RotateIssuerKey(codegen_pb2.RotateIssuerKeyRequest(tenant_id=args.tenant),
+                                        timeout=mesh.settings.admin_timeout_s)
+    rows = [_key_row("signing", answer.signing_key)]
+    if answer.HasField("previous_key"):
+        rows.append(_key_row("previous", answer.previous_key))
+    emit(out, as_json=args.json, extra={"trust_list_version": answer.trust_list_version},
+         sections={"keys": (rows, ("role", "key_id", "status", "version"))})
+    return EXIT_OK
+
+
+async def _rollouts(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
+    stub = devicehub_pb2_grpc.DeviceAdminServiceStub(mesh.channel("devicehub"))
+    rows: list[dict[str, Any]] = []
+    token = ""
+    while len(rows) < MAX_LIST_ROWS:
+        page = await stub.ListRollouts(devicehub_pb2.ListRolloutsRequest(tenant_id=args.tenant, page_token=token),
+                                       timeout=mesh.settings.admin_timeout_s)
+        rows += [{"rollout_id": r.rollout_id,
+                  "target": devicehub_pb2.RolloutTarget.Name(r.target).removeprefix("ROLLOUT_TARGET_").lower(),
+                  "version": r.version,
+                  "state": devicehub_pb2.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower(),
+                  "stage": r.current_stage, "stages": len(r.stage_sizes),
+                  "devices": len(r.devices), "detail": r.detail} for r in page.rollouts]
+        token = page.next_page_token
+        if not token:
+            break
+    emit(out, as_json=args.json, sections={"rollouts": (rows, ("rollout_id", "target", "version", "state", "stage",
+                                                               "stages", "devices", "detail"))})
+    return EXIT_OK
+
+
 COMMANDS = {"status": _status, "tenants": _tenants, "clients": _clients, "trial-balance": _trial_balance,
-            "alarms": _alarms}
+            "alarms": _alarms, "keys": _keys, "rollouts": _rollouts}
 
 
 async def run(argv: Sequence[str], *, settings: AdminSettings | None = None, out: TextIO | None = None,

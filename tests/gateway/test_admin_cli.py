@@ -155,3 +155,23 @@ async def _tick() -> None:
     import asyncio
 
     await asyncio.sleep(0.05)
+
+
+async def test_keys_rotate_twice_leaves_the_first_rotations_key_verifying(platform_settings: AdminSettings) -> None:
+    _, created = await admin_json(platform_settings, "tenants", "create", "--name", "West")
+    tenant_id = created["tenants"][0]["tenant_id"]
+    code, first = await admin_json(platform_settings, "keys", "rotate", "--tenant", tenant_id)
+    assert code == 0
+    signing = {row["role"]: row for row in first["keys"]}["signing"]
+    code, second = await admin_json(platform_settings, "keys", "rotate", "--tenant", tenant_id)
+    keys = {row["role"]: row for row in second["keys"]}
+    assert code == 0 and keys["previous"]["key_id"] == signing["key_id"]
+    assert keys["previous"]["status"] == "verifying" and keys["signing"]["key_id"] != signing["key_id"]
+    assert second["trust_list_version"] > first["trust_list_version"]
+
+
+async def test_rollouts_of_a_tenant_without_any_is_an_empty_table(platform_settings: AdminSettings) -> None:
+    _, created = await admin_json(platform_settings, "tenants", "create", "--name", "South")
+    code, text, _ = await admin(platform_settings, "rollouts", "--tenant", created["tenants"][0]["tenant_id"])
+    assert (code, text.split()) == (0, ["ROLLOUT_ID", "TARGET", "VERSION", "STATE", "STAGE", "STAGES", "DEVICES",
+                                        "DETAIL"])
