@@ -175,3 +175,11 @@ async def test_rollouts_of_a_tenant_without_any_is_an_empty_table(platform_setti
     code, text, _ = await admin(platform_settings, "rollouts", "--tenant", created["tenants"][0]["tenant_id"])
     assert (code, text.split()) == (0, ["ROLLOUT_ID", "TARGET", "VERSION", "STATE", "STAGE", "STAGES", "DEVICES",
                                         "DETAIL"])
+
+
+async def test_nats_unreachable_is_said_and_status_exits_1(identity: Any) -> None:
+    settings = admin_settings("nats://127.0.0.1:1", identity=identity.target)
+    code, doc = await admin_json(settings, "status")
+    assert code == 1 and doc["nats"] != "ok"
+    assert {row["service"]: row["health"] for row in doc["services"]}["identity"] == "SERVING"
+    assert doc["consumers"] == [] and doc["streams"] == []
