@@ -172,6 +172,34 @@ def demo_member_count(env: dict[str, str]) -> int:
     return asyncio.run(count())
 
 
+def onecard_admin(env: dict[str, str], *argv: str) -> tuple[int, dict[str, object]]:
+    """``bin/onecard-admin --json …`` as an operator runs it beside the stack: the targets from the
+    stack's ports, the ops certificate and NATS seed from its data folder (the CLI's defaults)."""
+    admin_env = {**env, "ONECARD_NATS_URL": f"nats://127.0.0.1:{env['ONECARD_NATS_PORT']}"}
+    for name in ("identity", "codegen", "ledger", "policy", "devicehub", "webhooks"):
+        admin_env[f"ONECARD_{name.upper()}_TARGET"] = f"127.0.0.1:{env[f'ONECARD_{name.upper()}_PORT']}"
+    answer = subprocess.run([str(REPO_ROOT / "bin" / "onecard-admin"), "--json", *argv], capture_output=True,
+                            text=True, timeout=60, env=admin_env)
+    assert answer.stdout, answer.stderr
+    return answer.returncode, json.loads(answer.stdout)
+
+
+def admin_tenant_and_client_log_in(env: dict[str, str], base_url: str) -> None:
+    """The operator's first steps on the running stack: status, a tenant, its admin client, a token."""
+    code, status = onecard_admin(env, "status")
+    assert code == 0, status
+    assert {row["service"] for row in status["services"]} == {  # type: ignore[union-attr]
+        "identity", "codegen", "ledger", "policy", "devicehub", "webhooks"}
+    code, created = onecard_admin(env, "tenants", "create", "--name", "Operator College")
+    tenant_id = created["tenants"][0]["tenant_id"]  # type: ignore[index]
+    code, client = onecard_admin(env, "clients", "create", "--tenant", tenant_id, "--scope", "members:write")
+    row = client["clients"][0]  # type: ignore[index]
+    token = httpx.post(f"{base_url}{TOKEN_PATH}", timeout=HTTP_TIMEOUT_S, data={
+        "grant_type": "client_credentials", "tenant_id": tenant_id, "client_id": row["client_id"],
+        "client_secret": row["client_secret"]})
+    assert token.status_code == 200, token.text
+
+
 def run_walkthrough(*, base_url: str, client_id: str, client_secret: str,
                     canteen_account_id: str) -> dict[str, object]:
     """The printed tour's calls: token, create a member, search, freeze, directory feed."""
@@ -295,6 +323,7 @@ def test_make_run_serves_the_walkthrough_stops_on_ctrl_c_and_reuses_its_data(sta
         assert "reused" in second.output
         assert "rules v1 in force" in second.output, "the second run published the same rules again"
         assert demo_member_count(stack_env) == members_before
+        admin_tenant_and_client_log_in(stack_env, base_url)
         again = json.loads((data_dir / "demo-credentials.json").read_text())
         assert again["clients"]["bank"]["client_id"] == bank["client_id"], "the demo bank client was created again"
         children = second.tree()

@@ -293,6 +293,23 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             raise NotFound(f"tenant {tenant_id} not found", reason="TENANT_NOT_FOUND")
         return pb.GetTenantResponse(tenant=tenant_pb(tenant))
 
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTenantsResponse:
+        limit = domain.check_page_size(request.page_size, default=domain.DEFAULT_TENANT_PAGE_SIZE,
+                                       maximum=domain.MAX_TENANT_PAGE_SIZE)
+        after = None
+        if request.page_token:
+            try:
+                after = uuid.UUID(request.page_token)
+            except ValueError:
+                raise InvalidArgument("bad page_token", reason="INVALID_PAGE_TOKEN") from None
+        # One more than asked says whether a next page exists without a second query.
+        tenants = await self._store.list_tenants(after=after, limit=limit + 1)
+        page, more = tenants[:limit], len(tenants) > limit
+        return pb.ListTenantsResponse(tenants=[tenant_pb(t) for t in page],
+                                      next_page_token=str(page[-1].tenant_id) if more else "")
+
     # --- members ---------------------------------------------------------------------------
 
     async def CreateMember(

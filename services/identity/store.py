@@ -474,6 +474,13 @@ class IdentityStore:
         row = await self._pool.fetchrow("SELECT * FROM tenants WHERE tenant_id = $1", tenant_id)
         return _tenant(row) if row else None
 
+    async def list_tenants(self, *, after: uuid.UUID | None, limit: int) -> list[Tenant]:
+        """Up to ``limit`` tenants in id order, those after ``after`` (None: from the first)."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM tenants WHERE $1::uuid IS NULL OR tenant_id > $1 ORDER BY tenant_id LIMIT $2",
+            after, limit)
+        return [_tenant(row) for row in rows]
+
     async def require_tenant(self, tenant_id: uuid.UUID) -> None:
         if not await self._pool.fetchval("SELECT true FROM tenants WHERE tenant_id = $1", tenant_id):
             raise NotFound(f"tenant {tenant_id} not found", reason="TENANT_NOT_FOUND")

@@ -85,3 +85,22 @@ async def test_get_tenant_unknown_is_not_found_and_malformed_is_invalid(identity
         grpc.StatusCode.INVALID_ARGUMENT,
         "TENANT_ID_INVALID",
     )
+
+
+async def test_list_tenants_pages_through_every_tenant_in_id_order(identity) -> None:
+    created = sorted([await create_tenant(identity.stub, name=f"Campus {n}") for n in range(5)])
+    seen, token, pages = [], "", 0
+    while True:
+        page = await identity.stub.ListTenants(pb.ListTenantsRequest(page_size=2, page_token=token))
+        seen += [tenant.tenant_id for tenant in page.tenants]
+        pages, token = pages + 1, page.next_page_token
+        if not token:
+            break
+    assert (seen, pages) == (created, 3)
+
+
+async def test_list_tenants_refuses_a_bad_page_token_and_an_oversized_page(identity) -> None:
+    assert await refused(identity.stub.ListTenants(pb.ListTenantsRequest(page_token="nope"))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+    assert await refused(identity.stub.ListTenants(pb.ListTenantsRequest(page_size=1001))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "PAGE_SIZE_TOO_LARGE")

@@ -1,0 +1,3 @@
+from onecard_admin.cli import main
+
+main()
