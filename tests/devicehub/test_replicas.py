@@ -5,7 +5,8 @@ place where a hub must reach a device another replica holds, or act on what anot
 - a rollout created through one replica tells a device connected to the other;
 - a decommission through one replica ends the device's stream on the other;
 - a device that came back on the other replica stays online when its old stream ends;
-- one device's uploads through both replicas at once settle each record once.
+- one device's uploads through both replicas at once settle each record once;
+- the device client, given both hubs, turns to the other when its hub stops.
 
 The whole mesh twice over, in processes, with a lunch rush: tests/replicas.
 """
@@ -15,9 +16,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+from onecard_device.client import DeviceClient
+
 from onecard.devicehub.v1 import devicehub_pb2 as pb
 from onecard.devicehub.v1 import devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2 as ipb
+from tests.devicehub.test_device_client import FUNDED_FEN, _cash_fen, _Campus, _eventually
 from tests.devicehub.support import body_is, connect, enrol_device, eventually, is_sync
 from tests.devicehub.test_offline import upload
 from tests.devicehub.tx_support import add_member, campus, payment_record
@@ -144,3 +149,41 @@ async def test_one_devices_uploads_through_both_replicas_at_once_settle_each_rec
     finally:
         await on_a.close()
         await on_b.close()
+
+
+async def test_a_device_client_with_two_hubs_turns_to_the_other_when_its_hub_stops(
+        start_devicehub, identity, codegen, ledger, policy, tenant_id, tmp_path):
+    hub_a, hub_b = await start_devicehub(), await start_devicehub()
+    campus = _Campus()
+    await campus.seed(identity=identity, codegen=codegen, ledger=ledger, policy=policy, devicehub=hub_a,
+                      tenant_id=tenant_id)
+    settings = {"heartbeat_interval_s": 0.5, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "durable": False}
+    client = DeviceClient(target=[hub_a.device_target, hub_b.device_target], data_dir=tmp_path,
+                          ca_pem=campus.registered.hub_ca_pem, **settings)
+    await client.enrol(campus.registered.enrolment_token)
+    await client.start()
+    try:
+        assert await client.wait_connected(10) and client.target == hub_a.device_target
+        first = await client.pay(campus.code(), 300)
+        assert first.approved and first.online
+        # Hub A stops (SIGTERM's path: its streams end with HUB_SHUTTING_DOWN): the client dials B.
+        await hub_a.app.stop()
+        await _eventually(lambda: client.connected and client.target == hub_b.device_target,
+                          what="the client on hub B")
+        assert client.stats.failovers >= 1
+        second = await client.pay(campus.code(), 400)
+        assert second.approved and second.online
+        assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN - 700
+        got = await hub_b.stub.GetDevice(pb.GetDeviceRequest(tenant_id=tenant_id, device_id=client.device_id))
+        assert got.device.online
+    finally:
+        await client.close()
+
+
+def test_one_hub_or_a_list_names_the_hubs_to_dial(tmp_path):
+    one = DeviceClient(target="127.0.0.1:50056", data_dir=tmp_path / "one", insecure=True)
+    assert (one.targets, one.target) == (("127.0.0.1:50056",), "127.0.0.1:50056")
+    listed = DeviceClient(target="10.0.0.5:50056, 10.0.0.6:50056", data_dir=tmp_path / "two", insecure=True)
+    assert listed.targets == ("10.0.0.5:50056", "10.0.0.6:50056") and listed.target == "10.0.0.5:50056"
+    with pytest.raises(ValueError):
+        DeviceClient(target=" , ", data_dir=tmp_path / "none", insecure=True)
