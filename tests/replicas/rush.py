@@ -26,7 +26,6 @@ import json
 import random
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,11 +291,6 @@ class Rush:
             await conn.close()
             with contextlib.suppress(Exception):
                 await nc.close()
-
-
-def reasons(outcome: dict[str, Any]) -> Counter:
-    """How many tills showed each answer (for messages)."""
-    return Counter(reason for _approved, _online, reason, _charged in outcome["tills"].values())
 
 
 def dump(outcome: dict[str, Any]) -> str:
