@@ -135,7 +135,7 @@ class Rush:
             order = hubs[index % len(hubs):] + hubs[:index % len(hubs)]
             client = DeviceClient(target=order, data_dir=self.root / f"pos-{index}", ca_pem=registered.hub_ca_pem,
                                   heartbeat_interval_s=1.0, reconnect_min_s=0.1, reconnect_max_s=1.0,
-                                  authorize_timeout_s=15.0, durable=False)
+                                  authorize_timeout_s=45.0, durable=False)
             await client.enrol(registered.enrolment_token)
             self.terminals.append(Terminal(name=f"POS {index}", client=client, offline=index in OFFLINE_TERMINALS))
         for terminal in self.terminals:

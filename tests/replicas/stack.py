@@ -56,7 +56,10 @@ EXTRA_ENV = {
     "codegen": {"ONECARD_CODEGEN_MASTER_KEY": CODEGEN_MASTER_KEY},
     "policy": {"ONECARD_POLICY_MASTER_KEY": POLICY_MASTER_KEY, "ONECARD_PUBLISHED_CACHE_S": "0",
                "ONECARD_LEDGER_TIMEOUT_S": "30"},
-    "devicehub": {"ONECARD_SYNC_DEBOUNCE_S": "0.02", "ONECARD_HANDSHAKE_TIMEOUT_S": "10"},
+    # Generous deadlines: on a loaded two-core machine a payment may queue for seconds, and a
+    # timeout would change an outcome the rush compares.
+    "devicehub": {"ONECARD_SYNC_DEBOUNCE_S": "0.02", "ONECARD_HANDSHAKE_TIMEOUT_S": "10",
+                  "ONECARD_DOWNSTREAM_TIMEOUT_S": "20"},
 }
 
 
