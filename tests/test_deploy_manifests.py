@@ -5,6 +5,8 @@ declares, and the network reaches exactly what the allow-list in the protos need
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -578,13 +580,23 @@ def test_prometheus_scrapes_every_service_and_every_pod_resolves_names(
 # (1.33: grpc probes, the preStop sleep action) and the newest the package knows.
 
 KUBERNETES_VERSIONS = ("1.33.0", kubernetes_validate.utils.latest_version())
-# Kinds whose schema is their operator's CRD, not the Kubernetes API's. kubernetes-validate has no
-# schema for them; no JSON Schema of these CRDs is published where this project can fetch it (PyPI,
-# npm: @kubernetes-models/cert-manager and /cloudnative-pg ship compiled validators, not schemas),
-# so they are checked by the tests above, field by field, and listed here so a new kind cannot slip
-# past unvalidated.
+# Kinds whose schema is their operator's CRD, not the Kubernetes API's: kubernetes-validate has no
+# schema for them, so they go to the validators generated from those projects' CRDs
+# (tests/deploy/crds: kubernetes-models for cert-manager and CloudNativePG, run by Node).
 CRD_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate"),
              ("postgresql.cnpg.io/v1", "Cluster")}
+CRD_VALIDATOR = REPO_ROOT / "tests" / "deploy" / "crds"
+
+
+def crd_errors(documents: list[dict]) -> list[str]:
+    """Why each operator's CRD schema refuses one of ``documents``; empty if none."""
+    node = shutil.which("node")
+    assert node is not None, "Node.js is needed to validate the CRD kinds (make test installs the validators)"
+    assert (CRD_VALIDATOR / "node_modules").is_dir(), f"run `npm ci` in {CRD_VALIDATOR} (make test does)"
+    result = subprocess.run([node, "validate.mjs"], cwd=CRD_VALIDATOR, input=json.dumps(documents),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["errors"]
 
 
 def schema_errors(document: dict) -> list[str]:
@@ -611,6 +623,26 @@ def test_every_rendered_document_is_valid_for_the_kubernetes_api(documents: list
         errors += schema_errors(document)
     assert not errors, "\n".join(errors)
     assert crds == CRD_KINDS, "a CRD kind is no longer rendered: drop it from CRD_KINDS"
+
+
+def test_the_operators_resources_are_valid_for_their_crds(documents: list[dict]) -> None:
+    custom = [d for d in documents if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert {(d["apiVersion"], d["kind"]) for d in custom} == CRD_KINDS
+    assert crd_errors(custom) == []
+
+
+def test_crd_validation_refuses_a_wrong_type_a_missing_field_and_an_unknown_kind(documents: list[dict]) -> None:
+    cluster = copy.deepcopy(_of_kind(documents, "Cluster")["onecard-pg"])
+    cluster["spec"]["instances"] = "3"
+    certificate = copy.deepcopy(next(iter(_of_kind(documents, "Certificate").values())))
+    del certificate["spec"]["issuerRef"]
+    issuer = copy.deepcopy(next(iter(_of_kind(documents, "Issuer").values())))
+    issuer["kind"] = "Isuer"
+    errors = crd_errors([cluster, certificate, issuer])
+    assert len(errors) == 3, errors
+    assert "spec/instances must be integer" in errors[0]
+    assert "issuerRef" in errors[1]
+    assert "no CRD validator" in errors[2]
 
 
 def test_schema_validation_refuses_a_wrong_type_an_unknown_field_and_an_unknown_kind(documents: list[dict]) -> None:
