@@ -135,12 +135,14 @@ elif [ -z "$BASE" ]; then
     BASE=$DEFAULT_BASE
     if ! image_exists "$BASE"; then
         say "pulling $BASE"
-        if ! "$ENGINE" pull "$BASE" >/tmp/onecard-pull.log 2>&1; then
-            say "cannot pull $BASE: $(tail -1 /tmp/onecard-pull.log)"
+        pull_log=$(mktemp)
+        if ! "$ENGINE" pull "$BASE" >"$pull_log" 2>&1; then
+            say "cannot pull $BASE: $(tail -1 "$pull_log")"
             say "making a base image from Debian packages instead (--local-base)"
             make_local_base
             BASE=$LOCAL_BASE_TAG
         fi
+        rm -f "$pull_log"
     fi
 fi
 
@@ -183,8 +185,12 @@ case "$ENGINE" in
     docker) DOCKER_BUILDKIT=1 docker build "${BUILD_FLAGS[@]}" --build-arg "BASE_IMAGE=$BASE" -f deploy/Dockerfile -t "$TAG" . ;;
     podman) podman build "${BUILD_FLAGS[@]}" --build-arg "BASE_IMAGE=$BASE" -f deploy/Dockerfile -t "$TAG" . ;;
 esac || die "the build failed (above)"
-size=$("$ENGINE" image inspect --format '{{.Size}}' "$TAG" 2>/dev/null || echo 0)
-say "built $TAG in $((SECONDS - started)) s: $((size / 1000000)) MB"
+if [ "$ENGINE" = buildah ]; then
+    size=$(buildah images --noheading --format '{{.Size}}' "$TAG" 2>/dev/null | head -1)
+else
+    size="$(( $("$ENGINE" image inspect --format '{{.Size}}' "$TAG") / 1000000 )) MB"
+fi
+say "built $TAG in $((SECONDS - started)) s: $size"
 
 if [ "$CHECK" = 0 ]; then exit 0; fi
 
