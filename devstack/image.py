@@ -2,8 +2,8 @@
 everything the processes it runs import.
 
 tests/test_image.py runs :func:`problems` in ``make test`` without building anything: it walks the
-imports of every module of the services, the gateway and the operator CLI (``onecard_admin``) with
-``ast``, following first-party imports into runtime/, the SDK packages and the generated code, and
+imports of every module of the services, the gateway, the operator CLI (``onecard_admin``) and
+runtime/ with ``ast``, following first-party imports into runtime/, the SDK packages and the generated code, and
 checks each module it reaches against the image:
 
 * a first-party module (one that lives in this repository) must be COPY'd into the runtime stage
@@ -21,6 +21,7 @@ string constant counts too. deploy/build-image.sh builds the image and tests/tes
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
 import shlex
@@ -39,8 +40,9 @@ REQUIREMENTS_LOCK = REPO_ROOT / "requirements.lock"
 REQUIREMENTS_IN = REPO_ROOT / "requirements.in"
 # Where first-party modules live in a checkout, as `make gen`'s .pth file puts them on the path.
 SOURCE_ROOTS = (REPO_ROOT, REPO_ROOT / "gen", REPO_ROOT / "sdk" / "python")
-# The processes the image runs: `python -m services.<name>`, `python -m gateway`, `onecard-admin`.
-ENTRY_PACKAGES = ("services", "gateway", "onecard_admin")
+# The processes the image runs: `python -m services.<name>`, `python -m gateway`, `onecard-admin`,
+# and `python -m runtime.dbroles` (the role bootstrap Job); every module of these is walked.
+ENTRY_PACKAGES = ("services", "gateway", "onecard_admin", "runtime")
 # The build stage's working directory, where `COPY --from=build /src/gen` takes the generated code.
 GENERATED_IN_BUILD = PurePosixPath("/src/gen")
 
@@ -328,6 +330,7 @@ def walk(entries: Iterable[str] = (), extra_sources: Iterable[tuple[str, str]] =
     return result
 
 
+@functools.cache
 def distribution_modules() -> dict[str, set[str]]:
     """Dotted module or package name -> the installed distributions (canonical names) that hold
     it, read from this environment's installed files (requirements.lock installs every one)."""

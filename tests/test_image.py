@@ -129,6 +129,35 @@ def test_both_stages_build_from_the_base_image_argument(dockerfile: str) -> None
     assert image.python_path and all(p.is_relative_to(PurePosixPath("/app")) for p in image.python_path)
 
 
+def _manifest_modules() -> dict[str, str]:
+    """module -> the manifest that runs it with ``python -m``, for every container of the onecard
+    image in deploy/k8s (each names its module as the first argument)."""
+    import yaml
+
+    modules = {}
+    for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = (doc or {}).get("spec", {})
+            pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {}).get("spec", {})
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                if container.get("image") == "onecard" and not container.get("command"):
+                    modules[container["args"][0]] = path.name
+    return modules
+
+
+def test_every_module_the_manifests_run_is_in_the_image_and_walked(dockerfile: str) -> None:
+    modules = _manifest_modules()
+    assert {"gateway", "services.identity", "runtime.dbroles"} <= set(modules), modules
+    in_image = image_first_party(read_image(dockerfile, LOCK))
+    for module, manifest in modules.items():
+        top = module.split(".")[0]
+        assert top in in_image and top in ENTRY_PACKAGES, f"{manifest} runs {module}, which the image lacks"
+        source = REPO_ROOT.joinpath(*module.split("."))
+        runnable = (source / "__main__.py").exists() or (
+            source.with_suffix(".py").exists() and '__name__ == "__main__"' in source.with_suffix(".py").read_text())
+        assert runnable, f"{manifest} runs python -m {module}, which has no __main__"
+
+
 def test_the_build_context_leaves_out_the_venv_and_generated_code() -> None:
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert {".venv", "gen", ".data", ".git"} <= set(ignored)
