@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.metadata
+import json
 import re
 import shlex
 import sys
@@ -82,8 +83,6 @@ def _instructions(text: str) -> Iterator[tuple[str, str]]:
 
 
 def _json_or_shell(args: str) -> list[str]:
-    import json
-
     return json.loads(args) if args.startswith("[") else shlex.split(args)
 
 
@@ -257,14 +256,14 @@ def imported_names(source: str, module: str, is_package: bool) -> set[str]:
             names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
         elif isinstance(node, ast.Call):
             func = node.func
-            if (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
-                    isinstance(func, ast.Name) and func.id == "import_module"):
-                if node.args:
-                    arg = node.args[0]
-                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                        names.add(arg.value)
-                    elif isinstance(arg, ast.Name) and arg.id in constants:
-                        names.add(constants[arg.id])
+            named = (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
+                isinstance(func, ast.Name) and func.id == "import_module")
+            if named and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    names.add(arg.value)
+                elif isinstance(arg, ast.Name) and arg.id in constants:
+                    names.add(constants[arg.id])
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -342,7 +341,7 @@ def distribution_modules() -> dict[str, set[str]]:
             if not parts or parts[0].startswith("..") or ".dist-info" in parts[0] or ".data" in parts[0]:
                 continue
             last = parts[-1]
-            if not (last.endswith(".py") or last.endswith(".so") or last.endswith(".pyd")):
+            if not last.endswith((".py", ".so", ".pyd")):
                 continue
             parts[-1] = last.split(".")[0]
             if parts[-1] == "__init__":
@@ -373,8 +372,7 @@ def problems(image: Image, imports: Imports) -> list[str]:
                          f"is not COPY'd onto the image's PYTHONPATH")
 
     modules = distribution_modules()
-    lock_names = set(_lock_name(line) for line in REQUIREMENTS_LOCK.read_text().splitlines()
-                     if "==" in line)
+    lock_names = {_lock_name(line) for line in REQUIREMENTS_LOCK.read_text().splitlines() if "==" in line}
     for name, importers in sorted(imports.third_party.items()):
         providers = _providers(name, modules)
         who = ", ".join(sorted(importers)[:3])
