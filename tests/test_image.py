@@ -110,10 +110,13 @@ def test_the_image_holds_no_test_tool_nor_what_only_one_needs(dockerfile: str) -
 
 
 def test_the_image_runs_as_a_numeric_non_root_user(dockerfile: str) -> None:
-    """A numeric USER lets Kubernetes' runAsNonRoot check it; the user exists in the image."""
+    """A numeric USER lets Kubernetes' runAsNonRoot check it; the user and group exist in the image."""
     image = read_image(dockerfile, LOCK)
-    assert image.user is not None and image.user.isdigit() and int(image.user) != 0, image.user
-    assert re.search(rf"useradd [^\n]*--uid {image.user}\b", dockerfile)
+    assert image.user is not None and re.fullmatch(r"\d+:\d+", image.user), image.user
+    uid, gid = image.user.split(":")
+    assert int(uid) != 0 and int(gid) != 0, image.user
+    assert re.search(rf"useradd [^\n]*--uid {uid} --gid {gid}\b", dockerfile)
+    assert re.search(rf"groupadd [^\n]*--gid {gid}\b", dockerfile)
     assert image.entrypoint == ["python", "-m"] and image.cmd[0] in {f"services.{p.name}" for p in
                                                                    (REPO_ROOT / "services").iterdir()}
     # compiled at build time: a read-only root filesystem cannot take __pycache__ later
@@ -145,6 +148,26 @@ def _manifest_modules() -> dict[str, str]:
     return modules
 
 
+def test_the_manifests_run_the_image_as_its_user_on_a_read_only_root(dockerfile: str) -> None:
+    """What the ONECARD_IMAGE tests check of the image is what the manifests ask of it."""
+    import yaml
+
+    uid, gid = (int(part) for part in read_image(dockerfile, LOCK).user.split(":"))
+    seen = 0
+    for path in sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            pod = ((doc or {}).get("spec") or {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []):
+                if container.get("image") != "onecard":
+                    continue
+                context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+                where = f"{path.name}: {container['name']}"
+                assert context.get("runAsUser") == uid and context.get("runAsGroup") == gid, where
+                assert context.get("runAsNonRoot") is True and context.get("readOnlyRootFilesystem") is True, where
+                seen += 1
+    assert seen >= 7, seen
+
+
 def test_every_module_the_manifests_run_is_in_the_image_and_walked(dockerfile: str) -> None:
     modules = _manifest_modules()
     assert {"gateway", "services.identity", "runtime.dbroles"} <= set(modules), modules
@@ -168,7 +191,7 @@ def test_the_build_context_leaves_out_the_venv_and_generated_code() -> None:
 
 IMAGE = os.environ.get("ONECARD_IMAGE", "")
 needs_image = pytest.mark.skipif(not IMAGE, reason="set ONECARD_IMAGE to a tag deploy/build-image.sh built")
-UID = read_image(DOCKERFILE.read_text(), LOCK).user
+UID, GID = read_image(DOCKERFILE.read_text(), LOCK).user.split(":")
 
 
 def _engine() -> list[str]:
@@ -201,7 +224,7 @@ def test_the_image_runs_as_its_non_root_user_on_a_read_only_root() -> None:
                   entrypoint="sh")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split()
-    assert lines[0] == UID, result.stdout
+    assert lines[:2] == [UID, GID], result.stdout
     assert result.stdout.count("read-only") == 5 and "writable" not in result.stdout, result.stdout
 
 
@@ -232,11 +255,15 @@ async def test_identity_from_the_image_migrates_and_serves(tmp_path: Path, datab
     from tests.mesh import channel_as, service_values
 
     values = service_values("identity", database_url)
-    # The TLS folder as a Secret is mounted: readable by the container's user, read-only.
+    # The TLS folder as the manifests mount its Secret: read-only, root's files, readable by the
+    # image's group only (defaultMode 0440, fsGroup).
     tls = tmp_path / "tls"
     shutil.copytree(values["tls_dir"], tls)
-    for path in [tls, *tls.iterdir()]:
-        os.chown(path, int(UID), -1)
+    os.chown(tls, 0, int(GID))
+    tls.chmod(0o750)
+    for path in tls.iterdir():
+        os.chown(path, 0, int(GID))
+        path.chmod(0o440)
     port = free_port()
     env = {
         "ONECARD_DATABASE_URL": values["database_url"],
@@ -282,7 +309,7 @@ async def test_identity_from_the_image_migrates_and_serves(tmp_path: Path, datab
             f"identity from the image: {status}\n{log_path.read_text(errors='replace')[-3000:]}"
         top = await asyncio.to_thread(subprocess.run, [*_engine(), "exec", name, "id", "-u"],
                                       capture_output=True, text=True, timeout=30, check=False)
-        assert top.stdout.strip() == UID, top
+        assert top.stdout.strip() == UID, top  # as its own user, with no user given to the engine
     finally:
         await asyncio.to_thread(subprocess.run, [*_engine(), "stop", "--time", "10", name],
                                 capture_output=True, timeout=60, check=False)
