@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test bench gen lint-protos venv lock clean help
+.PHONY: run test bench gen lint-protos venv lock clean help image
 
 help:
 	@echo "make run    start PostgreSQL, NATS, every service and the gateway; seed a demo campus"
@@ -53,6 +53,11 @@ test: gen lint-protos
 # every start.
 bench: gen
 	GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m bench
+
+# The service image (deploy/Dockerfile), built with podman, buildah or docker and then run read-only
+# as its own user and checked: docs/operators.md "Building the image". Not part of `make test`.
+image: gen
+	deploy/build-image.sh
 
 lock:
 	$(PY) -m pip install --quiet -r requirements.in
