@@ -67,6 +67,11 @@ def status_trailer(error: DomainError) -> tuple[tuple[str, bytes], ...]:
     return ((STATUS_DETAILS_METADATA, status.SerializeToString()),)
 
 
+def connection_age_options(max_age_s: float) -> list[tuple[str, int]]:
+    """Server options that recycle each client connection after ``max_age_s`` (gRPC adds up to
+    10 % jitter, so clients do not all reconnect at once); calls in flight are left to finish."""
+    return [("grpc.max_connection_age_ms", int(max_age_s * 1000))]
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """The one interceptor of every server: binds a request id, lets the call through only when
     ``authorizer`` allows its caller (the name in its client certificate), records metrics, and
@@ -306,7 +311,9 @@ class ServiceApp:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(self.name, self.authorizer())], options=options)
+        mesh_options = [*options, *connection_age_options(self.settings.grpc_max_connection_age_s)]
+        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(self.name, self.authorizer())],
+                                 options=mesh_options)
         self.register(server, self)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

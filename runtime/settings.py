@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runtime.mesh import INSECURE_SETTING, MeshSettings
 
 DEFAULT_GRPC_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+DEFAULT_MAX_CONNECTION_AGE_S = 300.0
 
 
 class ServiceSettings(MeshSettings):
@@ -36,6 +37,11 @@ class ServiceSettings(MeshSettings):
     health_interval_s: float = 1.0
     # JetStream replicas for the streams this service owns: 1 on one machine, 3 in a cluster.
     stream_replicas: int = 1
+    # ONECARD_GRPC_MAX_CONNECTION_AGE_S: the mesh port asks a client to reconnect (GOAWAY) after a
+    # connection has lived this long; calls in flight finish first. A client then resolves the
+    # target again, so replicas an autoscaler added get their share of calls (a headless Service
+    # answers every pod). Not applied to the device port, whose streams are meant to live long.
+    grpc_max_connection_age_s: float = Field(default=DEFAULT_MAX_CONNECTION_AGE_S, ge=1, le=24 * 3600)
 
     @model_validator(mode="after")
     def _nats_account_unless_told(self) -> ServiceSettings:

@@ -681,3 +681,25 @@ def test_the_services_stream_replicas_are_one_per_nats_node(documents: list[dict
     for name in SERVICES:
         env = _env(_container(_of_kind(documents, "Deployment")[name]), configmaps)
         assert int(env["ONECARD_STREAM_REPLICAS"]) == nats["spec"]["replicas"], name
+
+
+def test_each_target_names_every_pod_of_its_service(documents: list[dict]) -> None:
+    """The callers' targets resolve to every ready pod (a headless Service), so calls spread over
+    the replicas; the mesh port recycles connections so that pods added later are found too."""
+    config = _of_kind(documents, "ConfigMap")["onecard-config"]["data"]
+    services = _of_kind(documents, "Service")
+    deployments = _of_kind(documents, "Deployment")
+    targets = {key: value for key, value in config.items() if key.endswith("_TARGET")}
+    assert {key.removeprefix("ONECARD_").removesuffix("_TARGET").lower() for key in targets} == set(SERVICES)
+    for key, target in targets.items():
+        name = key.removeprefix("ONECARD_").removesuffix("_TARGET").lower()
+        host, port = target.removeprefix("dns:///").rsplit(":", 1)
+        assert target.startswith("dns:///") and host == f"{name}-pods.{NAMESPACE}.svc.cluster.local", key
+        service = services[f"{name}-pods"]
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["selector"] == {NAME_LABEL: name}
+        [grpc_port] = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+        container = _container(deployments[name])
+        assert grpc_port["targetPort"] in {p["name"] for p in container["ports"]}
+        assert grpc_port["targetPort"] == "grpc"
+    assert float(config["ONECARD_GRPC_MAX_CONNECTION_AGE_S"]) <= 600

@@ -59,7 +59,7 @@ from runtime.nats_access import connect_options
 from runtime.pki import LOCAL_HOSTS, SPIFFE_PREFIX, CertificateAuthority, IdentityFiles
 from services.nats_accounts import NATS_ACCOUNTS
 from tests.mesh import pg_password, pki
-from tests.test_deploy_manifests import _documents, _mesh_issuer, _of_kind, _pod_spec, render
+from tests.test_deploy_manifests import NAMESPACE, _documents, _mesh_issuer, _of_kind, _pod_spec, render
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -73,7 +73,7 @@ NATS_NODES = 3
 
 # The translation table the test applies, in words (the code below applies exactly these):
 TRANSLATIONS = {
-    "cluster name:port (Service, onecard-pg-rw, nats)": "127.0.0.1:<the local server's or process's port>",
+    "cluster name:port (Service, also fully qualified; onecard-pg-rw, nats)": "127.0.0.1:<the local server's or process's port>",
     "a pod's containerPort (as an env value, or in a probe)": "<a free local port, one per pod and port>",
     "a Secret volume's mountPath": "<the test's folder with that Certificate's files, from a test CA>",
     "secret.yaml's placeholders": "<real-shaped values made by the test>",
@@ -135,7 +135,10 @@ class Stack:
             if pod is None:
                 continue
             for port in service["spec"]["ports"]:
-                self.addresses[f"{service['metadata']['name']}:{port['port']}"] = f"127.0.0.1:{pod.port(port['targetPort'])}"
+                local = f"127.0.0.1:{pod.port(port['targetPort'])}"
+                name = service["metadata"]["name"]
+                self.addresses[f"{name}.{NAMESPACE}.svc.cluster.local:{port['port']}"] = local
+                self.addresses[f"{name}:{port['port']}"] = local
         for pod in self.pods.values():
             pod.env = self._environment(pod, _of_kind(documents, pod.kind)[pod.name])
 

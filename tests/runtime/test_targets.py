@@ -2,12 +2,16 @@
 over a list that spreads calls and outlives a replica that stops (real servers, real mutual TLS)."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from runtime.grpc_client import open_channel
+from runtime.grpc_server import connection_age_options
+from runtime.settings import ServiceSettings
 from runtime.targets import channel_target
 from services.policy.settings import PolicySettings
 from tests.mesh import pki, service_values
@@ -70,3 +74,36 @@ async def test_a_channel_to_two_replicas_uses_both_and_outlives_one() -> None:
         await channel.close()
         await servers[1].stop(None)
 
+
+
+class _Peers(HealthServicer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers: list[str] = []
+
+    async def Check(self, request, context):  # noqa: ANN001, ANN201, N802
+        self.peers.append(context.peer())
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_the_mesh_port_recycles_connections_so_clients_resolve_their_target_again() -> None:
+    """A client keeps one connection per replica for as long as it lasts; the mesh port ends each
+    after ONECARD_GRPC_MAX_CONNECTION_AGE_S, so the client reconnects (and resolves its target
+    again: pods an autoscaler added behind a headless Service get calls). No call fails for it."""
+    settings = ServiceSettings(database_url="postgresql://x@127.0.0.1/x", nats_url="nats://127.0.0.1:1",
+                               insecure_development=True, grpc_max_connection_age_s=1)
+    server, servicer = grpc.aio.server(options=connection_age_options(settings.grpc_max_connection_age_s)), _Peers()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", pki().tls("ledger").server_credentials())
+    await server.start()
+    channel = open_channel(f"dns:///localhost:{port}", tls=pki().tls("policy"), server_name="ledger")
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(set(servicer.peers)) < 3:
+            assert asyncio.get_running_loop().time() < deadline, f"still one connection: {set(servicer.peers)}"
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True)
+            await asyncio.sleep(0.05)
+    finally:
+        await channel.close()
+        await server.stop(None)
