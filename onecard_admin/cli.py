@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="onecard-admin", description="Operate a onecard mesh as the operator (ops).")
     root.add_argument("--json", action="store_true", help="print JSON instead of a table")
     commands = root.add_subparsers(dest="command", required=True)
-    commands.add_parser("status", help="each service's health; JetStream streams and consumer lag")
+    commands.add_parser("status", help="each service's health, version, migrations and outbox; JetStream "
+                                       "streams and consumer lag; open alarms")
 
     tenants = commands.add_parser("tenants", help="create or list tenants").add_subparsers(dest="action", required=True)
     create = tenants.add_parser("create", help="create a tenant (idempotent with --tenant-id)")
@@ -72,14 +73,38 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _service_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A service's JSON row as the table shows it: migrations as applied/known, ages rounded."""
+    known = row["migrations_known"]
+    cells = dict(row)
+    cells["migrations"] = f"{row['migrations_applied']}/{known}" if known is not None else None
+    cells["pending"] = len(row["migrations_pending"]) if row["migrations_pending"] is not None else None
+    age = row["outbox_oldest_age_s"]
+    cells["outbox"] = row["outbox_unpublished"]
+    cells["oldest_s"] = f"{age:.1f}" if age else (None if age is None else "0")
+    return cells
+
+
+SERVICE_COLUMNS = ("service", "target", "health", "version", "migrations", "pending", "outbox", "oldest_s", "detail")
+
+
 async def _status(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     report = await status_mod.collect(mesh.settings, mesh)
     doc = report.as_dict()
-    extra = {"nats": report.nats_error or "ok"}
+    problems = [f"{row.service}: {problem}" for row in report.services for problem in row.problems]
+    if report.nats_error:
+        problems.append(f"nats: {report.nats_error}")
+    extra = {"nats": report.nats_error or "ok", "healthy": report.healthy,
+             "problems": problems if args.json else "; ".join(problems) or "none",
+             "open_alarms": sum(row.open for row in report.alarms) if report.alarms is not None else None}
+    if report.alarms_error:
+        extra["alarms_error"] = report.alarms_error
+    services = doc["services"] if args.json else [_service_cells(row) for row in doc["services"]]
     emit(out, as_json=args.json, extra=extra, sections={
-        "services": (doc["services"], ("service", "target", "health", "detail")),
+        "services": (services, SERVICE_COLUMNS),
         "streams": (doc["streams"], ("stream", "messages", "last_seq")),
         "consumers": (doc["consumers"], ("stream", "consumer", "pending", "ack_pending", "lag")),
+        "alarms": (doc["alarms"], ("tenant_id", "tenant", "open")),
     })
     return EXIT_OK if report.healthy else EXIT_BAD_NEWS
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from onecard_admin.cli import run
+from runtime import VERSION
 from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from tests.conftest import start_service
 from tests.gateway.conftest import ClientCredentials
@@ -50,10 +51,19 @@ async def test_status_lists_every_service_serving_and_the_streams(platform_setti
     # Durable consumers only, each with its lag (the ledger's purse opener follows identity).
     assert ("IDENTITY", "ledger-member-purses") in {(row["stream"], row["consumer"]) for row in doc["consumers"]}
     assert all(row["lag"] == row["pending"] + row["ack_pending"] for row in doc["consumers"])
+    # Each service's version, its schema fully migrated, and its outbox (OpsService.GetServiceInfo).
+    for row in doc["services"]:
+        assert row["version"] == VERSION, row
+        assert row["migrations_pending"] == [] and row["migrations_applied"] == row["migrations_known"] > 1, row
+        assert row["outbox_unpublished"] >= 0 and row["outbox_oldest_age_s"] >= 0, row
+    assert (doc["healthy"], doc["problems"], doc["open_alarms"], doc["alarms"]) == (True, [], 0, [])
 
     code, text, _ = await admin(platform_settings, "status")
-    assert code == 0
-    assert text.splitlines()[2].split() == ["SERVICE", "TARGET", "HEALTH", "DETAIL"]
+    lines = text.splitlines()
+    assert code == 0 and "problems: none" in lines
+    header = lines[lines.index("SERVICES") + 1].split()
+    assert header == ["SERVICE", "TARGET", "HEALTH", "VERSION", "MIGRATIONS", "PENDING", "OUTBOX", "OLDEST_S",
+                      "DETAIL"]
 
 
 async def test_tenants_create_then_clients_create_gives_a_client_that_logs_in(
