@@ -28,6 +28,8 @@ from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from runtime.nats_access import connect_options
 
 SERVING = "SERVING"
+# A service whose target is set empty: the operator asked not to check it.
+NOT_CONFIGURED = "NOT CONFIGURED"
 # An unpublished event older than this means the relay is stuck (it publishes within a second or so).
 OUTBOX_STUCK_AFTER_S = 60.0
 # Open alarms are counted over at most this many tenants, and up to this many per tenant.
@@ -52,7 +54,7 @@ class ServiceRow:
 
     @property
     def problems(self) -> list[str]:
-        found = [] if self.health == SERVING else [f"health {self.health}"]
+        found = [] if self.health in (SERVING, NOT_CONFIGURED) else [f"health {self.health}"]
         if self.migrations_pending:
             found.append(f"{len(self.migrations_pending)} migrations pending")
         if self.outbox_oldest_age_s is not None and self.outbox_oldest_age_s > OUTBOX_STUCK_AFTER_S:
@@ -114,7 +116,7 @@ def _failure(exc: grpc.aio.AioRpcError) -> str:
 async def _service(mesh: Mesh, service: str) -> ServiceRow:
     target = mesh.settings.target(service)
     if not target:
-        return ServiceRow(service, "-", "NOT CONFIGURED")
+        return ServiceRow(service, "-", NOT_CONFIGURED)
     timeout = mesh.settings.admin_timeout_s
     stub = health_pb2_grpc.HealthStub(mesh.channel(service))
     try:
