@@ -19,10 +19,11 @@ from onecard.codegen.v1 import codegen_pb2, codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from onecard_admin import migrations as migrations_mod
 from onecard_admin import status as status_mod
 from onecard_admin.mesh import AdminSetupError, Mesh
 from onecard_admin.output import emit
-from onecard_admin.settings import AdminSettings
+from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from runtime.grpc_client import error_info
 
 EXIT_OK, EXIT_BAD_NEWS, EXIT_FAILED = 0, 1, 2
@@ -70,7 +71,24 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument("--tenant", required=True)
     rollouts = commands.add_parser("rollouts", help="a tenant's firmware and config rollouts")
     rollouts.add_argument("--tenant", required=True)
+    migrate = commands.add_parser(
+        "migrate", help="apply each service's pending migrations as its own database role "
+                        "(ONECARD_<SERVICE>_DATABASE_URL); no mesh certificate needed")
+    migrate.add_argument("--service", action="append", dest="services", choices=SERVICE_NAMES,
+                         help="only this service (repeat it); default every service")
+    migrate.add_argument("--dry-run", action="store_true", help="list what is pending and apply nothing")
     return root
+
+
+async def _migrate(args: argparse.Namespace, out: TextIO) -> int:
+    results = await migrations_mod.migrate_all(args.services, dry_run=args.dry_run)
+    rows = [{"service": r.service, "schema": r.schema, "already": r.already, "applied": r.applied,
+             "pending": r.pending} for r in results]
+    if not args.json:
+        rows = [{**row, "applied": len(row["applied"]), "pending": " ".join(row["pending"]) or None} for row in rows]
+    emit(out, as_json=args.json, extra={"dry_run": args.dry_run},
+         sections={"migrations": (rows, ("service", "schema", "already", "applied", "pending"))})
+    return EXIT_BAD_NEWS if any(r.pending for r in results) else EXIT_OK
 
 
 def _service_cells(row: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +255,12 @@ async def run(argv: Sequence[str], *, settings: AdminSettings | None = None, out
     """One command; answers its exit code. Tests call this with their own settings."""
     out, err = out or sys.stdout, err or sys.stderr
     args = parser().parse_args(list(argv))
+    if args.command == "migrate":
+        try:
+            return await _migrate(args, out)
+        except migrations_mod.MigrateSetupError as exc:
+            err.write(f"onecard-admin: migrate: {exc}\n")
+            return EXIT_FAILED
     try:
         settings = settings or AdminSettings()
         mesh = Mesh(settings)
