@@ -19,6 +19,7 @@ from onecard.codegen.v1 import codegen_pb2, codegen_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from onecard.policy.v1 import policy_pb2, policy_pb2_grpc
 from onecard_admin import migrations as migrations_mod
 from onecard_admin import status as status_mod
 from onecard_admin.mesh import AdminSetupError, Mesh
@@ -67,8 +68,14 @@ def parser() -> argparse.ArgumentParser:
     alarms = commands.add_parser("alarms", help="a tenant's open and acknowledged device alarms")
     alarms.add_argument("--tenant", required=True)
     keys = commands.add_parser("keys", help="signing keys").add_subparsers(dest="action", required=True)
-    rotate = keys.add_parser("rotate", help="rotate a tenant's code issuer key (the old one keeps verifying)")
+    rotate = keys.add_parser("rotate", help="rotate a tenant's code issuer key (codegen, the default) or policy "
+                                            "bundle signing key (policy); the old one keeps verifying")
+    rotate.add_argument("which", nargs="?", choices=("codegen", "policy"), default="codegen",
+                        help="codegen: the issuer key of e-codes; policy: the key that signs rule set bundles")
     rotate.add_argument("--tenant", required=True)
+    rotate.add_argument("--idempotency-key",
+                        help="policy: retry an earlier run with the key it printed (one rotation however often "
+                             "it is repeated); default a new key per run")
     rollouts = commands.add_parser("rollouts", help="a tenant's firmware and config rollouts")
     rollouts.add_argument("--tenant", required=True)
     migrate = commands.add_parser(
@@ -213,7 +220,29 @@ def _key_row(role: str, key: codegen_pb2.TrustedKey) -> dict[str, Any]:
             "version": key.version}
 
 
+def _bundle_key_row(role: str, key: policy_pb2.BundleKey) -> dict[str, Any]:
+    return {"role": role, "key_id": key.key_id, "status": "signing" if key.signing else "verifying",
+            "created_at": key.created_at.ToDatetime().isoformat() + "Z" if key.HasField("created_at") else ""}
+
+
+async def _policy_keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
+    stub = policy_pb2_grpc.PolicyServiceStub(mesh.channel("policy"))
+    key = args.idempotency_key or f"onecard-admin-{uuid.uuid4()}"
+    answer = await stub.RotateBundleKey(policy_pb2.RotateBundleKeyRequest(tenant_id=args.tenant, idempotency_key=key),
+                                        timeout=mesh.settings.admin_timeout_s)
+    rows = [_bundle_key_row("signing", answer.signing_key)]
+    if answer.HasField("previous_key"):
+        rows.append(_bundle_key_row("previous", answer.previous_key))
+    emit(out, as_json=args.json, extra={"idempotency_key": key, "replayed": answer.replayed},
+         sections={"keys": (rows, ("role", "key_id", "status", "created_at"))})
+    return EXIT_OK
+
+
 async def _keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
+    if args.which == "policy":
+        return await _policy_keys(mesh, args, out)
+    if args.idempotency_key:
+        raise CommandError("--idempotency-key is for `keys rotate policy`; RotateIssuerKey takes none")
     stub = codegen_pb2_grpc.CodegenServiceStub(mesh.channel("codegen"))
     answer = await stub.RotateIssuerKey(codegen_pb2.RotateIssuerKeyRequest(tenant_id=args.tenant),
                                         timeout=mesh.settings.admin_timeout_s)
@@ -271,6 +300,9 @@ async def run(argv: Sequence[str], *, settings: AdminSettings | None = None, out
         return EXIT_FAILED
     try:
         return await COMMANDS[args.command](mesh, args, out)
+    except CommandError as exc:
+        err.write(f"onecard-admin: {args.command}: {exc}\n")
+        return EXIT_FAILED
     except grpc.aio.AioRpcError as exc:
         reason, _ = error_info(exc)
         err.write(f"onecard-admin: {args.command}: {exc.code().name}"

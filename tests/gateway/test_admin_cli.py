@@ -173,3 +173,24 @@ async def test_nats_unreachable_is_said_and_status_exits_1(identity: Any) -> Non
     assert code == 1 and doc["nats"] != "ok"
     assert {row["service"]: row["health"] for row in doc["services"]}["identity"] == "SERVING"
     assert doc["consumers"] == [] and doc["streams"] == []
+
+
+async def test_keys_rotate_policy_rotates_once_per_idempotency_key(platform_settings: AdminSettings) -> None:
+    _, created = await admin_json(platform_settings, "tenants", "create", "--name", "North-West")
+    tenant_id = created["tenants"][0]["tenant_id"]
+    code, first = await admin_json(platform_settings, "keys", "rotate", "policy", "--tenant", tenant_id)
+    assert code == 0 and first["replayed"] is False and first["idempotency_key"]
+    signing = {row["role"]: row for row in first["keys"]}["signing"]
+    assert signing["status"] == "signing"
+
+    # A retry with the printed key is the same rotation; a new run rotates again.
+    code, retried = await admin_json(platform_settings, "keys", "rotate", "policy", "--tenant", tenant_id,
+                                     "--idempotency-key", first["idempotency_key"])
+    assert code == 0 and retried["replayed"] is True and retried["keys"] == first["keys"]
+    code, second = await admin_json(platform_settings, "keys", "rotate", "policy", "--tenant", tenant_id)
+    keys = {row["role"]: row for row in second["keys"]}
+    assert code == 0 and second["idempotency_key"] != first["idempotency_key"]
+    assert keys["previous"]["key_id"] == signing["key_id"] and keys["previous"]["status"] == "verifying"
+
+    code, out, err = await admin(platform_settings, "keys", "rotate", "--tenant", tenant_id, "--idempotency-key", "x")
+    assert (code, out) == (2, "") and "RotateIssuerKey takes none" in err
