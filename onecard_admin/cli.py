@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     client.add_argument("--name", default="admin")
     client.add_argument("--scope", action="append", dest="scopes",
                         help=f"a scope to hold and grant (repeat it); default {', '.join(DEFAULT_CLIENT_SCOPES)}")
+    client.add_argument("--idempotency-key",
+                        help="retry an earlier run with the key it printed: the same client, its secret not "
+                             "shown again; default a new key per run")
 
     trial = commands.add_parser("trial-balance", help="a tenant's trial balance (postings sum to zero)")
     trial.add_argument("--tenant", required=True)
@@ -170,14 +173,18 @@ async def _tenants(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
 async def _clients(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     stub = identity_pb2_grpc.IdentityServiceStub(mesh.channel("identity"))
     scopes = list(dict.fromkeys(args.scopes or DEFAULT_CLIENT_SCOPES))
+    key = args.idempotency_key or f"onecard-admin-{uuid.uuid4()}"
     answer = await stub.CreateApiClient(identity_pb2.CreateApiClientRequest(
-        name=args.name, scopes=scopes, grants=[identity_pb2.TenantGrant(tenant_id=args.tenant, scopes=scopes)]),
-        timeout=mesh.settings.admin_timeout_s)
+        name=args.name, scopes=scopes, grants=[identity_pb2.TenantGrant(tenant_id=args.tenant, scopes=scopes)],
+        idempotency_key=key), timeout=mesh.settings.admin_timeout_s)
     row = {"tenant_id": args.tenant, "client_id": answer.client.client_id, "client_secret": answer.client_secret,
            "scopes": " ".join(scopes)}
-    emit(out, as_json=args.json, sections={"clients": ([row], ("tenant_id", "client_id", "client_secret", "scopes"))})
+    emit(out, as_json=args.json, extra={"idempotency_key": key, "secret_already_shown": answer.secret_already_shown},
+         sections={"clients": ([row], ("tenant_id", "client_id", "client_secret", "scopes"))})
     if not args.json:
-        out.write("The secret is shown once and cannot be read again; keep it now.\n")
+        out.write("The secret was shown by the first run under this key and cannot be read again (if it is lost, "
+                  "revoke the client and make another).\n" if answer.secret_already_shown else
+                  "The secret is shown once and cannot be read again; keep it now.\n")
     return EXIT_OK
 
 

@@ -68,6 +68,21 @@ async def test_tenants_create_then_clients_create_gives_a_client_that_logs_in(
     assert response.status_code == 200, response.text
     assert set(response.json()["scope"].split()) == {"clients:admin", "members:read"}
 
+    # A retry with the key the first run printed is the same client, and the secret is not shown again.
+    assert client["secret_already_shown"] is False and client["idempotency_key"]
+    code, again = await admin_json(platform_settings, "clients", "create", "--tenant", tenant_id,
+                                   "--scope", "clients:admin", "--scope", "members:read",
+                                   "--idempotency-key", client["idempotency_key"])
+    assert (code, again["secret_already_shown"]) == (0, True)
+    assert (again["clients"][0]["client_id"], again["clients"][0]["client_secret"]) == (row["client_id"], "")
+    code, out, _ = await admin(platform_settings, "clients", "create", "--tenant", tenant_id, "--scope",
+                               "members:read", "--scope", "clients:admin", "--idempotency-key", client["idempotency_key"])
+    assert code == 0 and "cannot be read again" in out and row["client_id"] in out
+    # ... but with other scopes it is another request: refused, nothing made.
+    code, out, err = await admin(platform_settings, "clients", "create", "--tenant", tenant_id,
+                                 "--scope", "members:read", "--idempotency-key", client["idempotency_key"])
+    assert (code, out) == (2, "") and "ABORTED IDEMPOTENCY_KEY_REUSED" in err
+
 
 async def test_trial_balance_and_alarms_of_a_new_tenant(platform_settings: AdminSettings) -> None:
     _, created = await admin_json(platform_settings, "tenants", "create", "--name", "East")
