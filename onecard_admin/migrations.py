@@ -89,5 +89,6 @@ async def migrate_all(services: list[str] | None, *, dry_run: bool,
     """In the stack's start order, one service after the other; the first failure stops the run."""
     chosen = [s for s in SERVICE_NAMES if s in set(services)] if services else list(SERVICE_NAMES)
     urls = database_urls(chosen, environ)
-    insecure = (os.environ if environ is None else environ).get(INSECURE_SETTING, "").lower() in ("1", "true", "yes", "on")
+    insecure_value = (os.environ if environ is None else environ).get(INSECURE_SETTING, "")
+    insecure = insecure_value.lower() in ("1", "true", "yes", "on")
     return [await migrate_service(s, urls[s], dry_run=dry_run, insecure=insecure) for s in chosen]

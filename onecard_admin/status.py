@@ -5,8 +5,8 @@ Health is the standard grpc.health.v1 check every service answers (SERVING only 
 and NATS are up), asked over mutual TLS as the operator. Version, migrations and the outbox come
 from ``onecard.ops.v1.OpsService/GetServiceInfo``, which every server carries (runtime.ops): the
 outbox backlog is what a service wrote and has not yet published to JetStream, so it is what
-grows while NATS is away (when the JetStream figures below cannot be read at all). Lag comes from the JetStream API itself,
-read with the operator's NATS account (services.nats_accounts: it may read stream and consumer
+grows while NATS is away (when the JetStream figures below cannot be read at all). Lag comes from
+the JetStream API itself, read with the operator's NATS account (services.nats_accounts: it may read stream and consumer
 state, never publish): a durable consumer's lag is the messages of its stream it has not been
 delivered yet (``num_pending``) plus those delivered and not yet acknowledged (``num_ack_pending``).
 """

@@ -317,7 +317,8 @@ class ServiceApp:
                                               migrations_dir=self.migrations_dir, pool=lambda: self.pool))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [*self.service_names, OPS_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [*self.service_names, OPS_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
             server,
         )
         for svc in ["", *self.health_names]:

@@ -180,7 +180,8 @@ class TenantTx:
             self.tenant_id, idempotency_key, signing.key_id, previous.key_id if previous else None, now)
         await emit(self.conn, subject=SUBJECT_BUNDLE_KEY_ROTATED, event_type=SUBJECT_BUNDLE_KEY_ROTATED,
                    tenant_id=str(self.tenant_id),
-                   data={"tenant_id": str(self.tenant_id), "key_id": signing.key_id, "previous_key_id": previous.key_id if previous else "",
+                   data={"tenant_id": str(self.tenant_id), "key_id": signing.key_id,
+                         "previous_key_id": previous.key_id if previous else "",
                          "rotated_at": now.isoformat()})
         return Rotation(tenant_id=self.tenant_id, signing_key=signing, previous_key=previous, replayed=False)
 

@@ -75,8 +75,9 @@ async def test_tenants_create_then_clients_create_gives_a_client_that_logs_in(
                                    "--idempotency-key", client["idempotency_key"])
     assert (code, again["secret_already_shown"]) == (0, True)
     assert (again["clients"][0]["client_id"], again["clients"][0]["client_secret"]) == (row["client_id"], "")
-    code, out, _ = await admin(platform_settings, "clients", "create", "--tenant", tenant_id, "--scope",
-                               "members:read", "--scope", "clients:admin", "--idempotency-key", client["idempotency_key"])
+    code, out, _ = await admin(platform_settings, "clients", "create", "--tenant", tenant_id,
+                               "--scope", "members:read", "--scope", "clients:admin",
+                               "--idempotency-key", client["idempotency_key"])
     assert code == 0 and "cannot be read again" in out and row["client_id"] in out
     # ... but with other scopes it is another request: refused, nothing made.
     code, out, err = await admin(platform_settings, "clients", "create", "--tenant", tenant_id,
