@@ -77,8 +77,8 @@ def parser() -> argparse.ArgumentParser:
                         help="codegen: the issuer key of e-codes; policy: the key that signs rule set bundles")
     rotate.add_argument("--tenant", required=True)
     rotate.add_argument("--idempotency-key",
-                        help="policy: retry an earlier run with the key it printed (one rotation however often "
-                             "it is repeated); default a new key per run")
+                        help="retry an earlier run with the key it printed (one rotation however often it is "
+                             "repeated); default a new key per run")
     rollouts = commands.add_parser("rollouts", help="a tenant's firmware and config rollouts")
     rollouts.add_argument("--tenant", required=True)
     migrate = commands.add_parser(
@@ -173,7 +173,7 @@ async def _tenants(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
 async def _clients(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     stub = identity_pb2_grpc.IdentityServiceStub(mesh.channel("identity"))
     scopes = list(dict.fromkeys(args.scopes or DEFAULT_CLIENT_SCOPES))
-    key = args.idempotency_key or f"onecard-admin-{uuid.uuid4()}"
+    key = _idempotency_key(args)
     answer = await stub.CreateApiClient(identity_pb2.CreateApiClientRequest(
         name=args.name, scopes=scopes, grants=[identity_pb2.TenantGrant(tenant_id=args.tenant, scopes=scopes)],
         idempotency_key=key), timeout=mesh.settings.admin_timeout_s)
@@ -227,6 +227,11 @@ def _key_row(role: str, key: codegen_pb2.TrustedKey) -> dict[str, Any]:
             "version": key.version}
 
 
+def _idempotency_key(args: argparse.Namespace) -> str:
+    """The key the operator gave to retry a run, or a new one (printed, so the run can be retried)."""
+    return args.idempotency_key or f"onecard-admin-{uuid.uuid4()}"
+
+
 def _bundle_key_row(role: str, key: policy_pb2.BundleKey) -> dict[str, Any]:
     return {"role": role, "key_id": key.key_id, "status": "signing" if key.signing else "verifying",
             "created_at": key.created_at.ToDatetime().isoformat() + "Z" if key.HasField("created_at") else ""}
@@ -234,7 +239,7 @@ def _bundle_key_row(role: str, key: policy_pb2.BundleKey) -> dict[str, Any]:
 
 async def _policy_keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     stub = policy_pb2_grpc.PolicyServiceStub(mesh.channel("policy"))
-    key = args.idempotency_key or f"onecard-admin-{uuid.uuid4()}"
+    key = _idempotency_key(args)
     answer = await stub.RotateBundleKey(policy_pb2.RotateBundleKeyRequest(tenant_id=args.tenant, idempotency_key=key),
                                         timeout=mesh.settings.admin_timeout_s)
     rows = [_bundle_key_row("signing", answer.signing_key)]
@@ -248,15 +253,15 @@ async def _policy_keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int
 async def _keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     if args.which == "policy":
         return await _policy_keys(mesh, args, out)
-    if args.idempotency_key:
-        raise CommandError("--idempotency-key is for `keys rotate policy`; RotateIssuerKey takes none")
     stub = codegen_pb2_grpc.CodegenServiceStub(mesh.channel("codegen"))
-    answer = await stub.RotateIssuerKey(codegen_pb2.RotateIssuerKeyRequest(tenant_id=args.tenant),
+    key = _idempotency_key(args)
+    answer = await stub.RotateIssuerKey(codegen_pb2.RotateIssuerKeyRequest(tenant_id=args.tenant, idempotency_key=key),
                                         timeout=mesh.settings.admin_timeout_s)
     rows = [_key_row("signing", answer.signing_key)]
     if answer.HasField("previous_key"):
         rows.append(_key_row("previous", answer.previous_key))
-    emit(out, as_json=args.json, extra={"trust_list_version": answer.trust_list_version},
+    emit(out, as_json=args.json, extra={"trust_list_version": answer.trust_list_version, "idempotency_key": key,
+                                        "replayed": answer.replayed},
          sections={"keys": (rows, ("role", "key_id", "status", "version"))})
     return EXIT_OK
 
@@ -307,9 +312,6 @@ async def run(argv: Sequence[str], *, settings: AdminSettings | None = None, out
         return EXIT_FAILED
     try:
         return await COMMANDS[args.command](mesh, args, out)
-    except CommandError as exc:
-        err.write(f"onecard-admin: {args.command}: {exc}\n")
-        return EXIT_FAILED
     except grpc.aio.AioRpcError as exc:
         reason, _ = error_info(exc)
         err.write(f"onecard-admin: {args.command}: {exc.code().name}"
