@@ -122,7 +122,8 @@ async def _status(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     problems = [f"{row.service}: {problem}" for row in report.services for problem in row.problems]
     if report.nats_error:
         problems.append(f"nats: {report.nats_error}")
-    extra = {"nats": report.nats_error or "ok", "healthy": report.healthy,
+    extra = {"nats": report.nats_error or "ok",
+             "healthy": report.healthy if args.json else ("yes" if report.healthy else "no"),
              "problems": problems if args.json else "; ".join(problems) or "none",
              "open_alarms": sum(row.open for row in report.alarms) if report.alarms is not None else None}
     if report.alarms_error:
