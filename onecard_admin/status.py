@@ -56,7 +56,7 @@ class ServiceRow:
     def problems(self) -> list[str]:
         found = [] if self.health in (SERVING, NOT_CONFIGURED) else [f"health {self.health}"]
         if self.migrations_pending:
-            found.append(f"{len(self.migrations_pending)} migrations pending")
+            found.append(f"migrations pending: {', '.join(self.migrations_pending)}")
         if self.outbox_oldest_age_s is not None and self.outbox_oldest_age_s > OUTBOX_STUCK_AFTER_S:
             found.append(f"outbox stuck {self.outbox_oldest_age_s:.0f} s")
         return found

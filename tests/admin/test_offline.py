@@ -137,3 +137,11 @@ def test_bin_onecard_admin_runs_the_module(tmp_path: Path) -> None:
                             env={**os.environ, "ONECARD_DATA_DIR": str(tmp_path)}, timeout=60)
     assert answer.returncode == 2
     assert "ONECARD_TLS_DIR" in answer.stderr and "Traceback" not in answer.stderr
+
+
+def test_the_version_services_report_is_the_projects() -> None:
+    import tomllib
+
+    from runtime import VERSION
+
+    assert tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"] == VERSION

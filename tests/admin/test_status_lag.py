@@ -91,3 +91,24 @@ async def test_status_shows_the_outbox_grow_while_nats_is_paused_and_drain_when_
                                      and stream_messages(d) >= published_before + MEMBERS)
     assert code == 0, after
     assert service(after, "identity")["outbox_oldest_age_s"] == 0
+
+
+async def test_status_names_a_pending_migration_and_one_from_a_newer_release(
+        identity: RunningService, database_url: str, nats_url: str) -> None:
+    import asyncpg
+
+    settings = admin_settings(nats_url, identity=identity.target)
+    conn = await asyncpg.connect(database_url)
+    try:
+        # As if the process shipped a file the schema lacks, and the schema had one the process does not ship.
+        await conn.execute("DELETE FROM identity.schema_migrations WHERE component = 'identity' AND version = 5")
+        await conn.execute("INSERT INTO identity.schema_migrations (component, version, name, checksum)"
+                           " VALUES ('identity', 999, 'from_the_future', 'x')")
+    finally:
+        await conn.close()
+    code, doc = await admin_json(settings, "status")
+    row = service(doc, "identity")
+    assert code == 1 and row["migrations_pending"] == ["identity/0005_miniprogram"], row
+    assert row["migrations_applied"] == row["migrations_known"] - 1
+    assert "identity/0999_from_the_future" in row["detail"]
+    assert doc["problems"] == ["identity: migrations pending: identity/0005_miniprogram"]
