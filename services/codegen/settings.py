@@ -3,11 +3,11 @@ master key that seals issuer keys at rest must decode, or the service does not s
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field
 
+from runtime.sealing import MasterKey
 from runtime.settings import ServiceSettings
 from services.codegen.domain import DEFAULT_MIN_VALIDITY_S
-from services.codegen.keys import parse_master_key
 
 DEFAULT_IDENTITY_TIMEOUT_S = 5.0
 DEFAULT_RETIRE_INTERVAL_S = 30.0
@@ -15,7 +15,7 @@ DEFAULT_RETIRE_INTERVAL_S = 30.0
 
 class CodegenSettings(ServiceSettings):
     # ONECARD_CODEGEN_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals issuer keys at rest.
-    codegen_master_key: SecretStr
+    codegen_master_key: MasterKey
     # ONECARD_IDENTITY_TARGET: host:port of identity, asked for a member's status before issuing.
     identity_target: str = Field(min_length=1)
     identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
@@ -24,12 +24,6 @@ class CodegenSettings(ServiceSettings):
     # How often verifying keys past their last credential are retired without a caller asking.
     retire_interval_s: float = Field(default=DEFAULT_RETIRE_INTERVAL_S, gt=0)
 
-    @field_validator("codegen_master_key")
-    @classmethod
-    def _master_key_decodes(cls, value: SecretStr) -> SecretStr:
-        parse_master_key(value.get_secret_value())
-        return value
-
     @property
     def master_key(self) -> bytes:
-        return parse_master_key(self.codegen_master_key.get_secret_value())
+        return self.codegen_master_key.get_secret_value()

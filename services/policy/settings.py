@@ -3,9 +3,9 @@ key that seals bundle signing keys at rest must decode, or the service does not 
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field
 
-from runtime.sealing import parse_master_key
+from runtime.sealing import MasterKey
 from runtime.settings import ServiceSettings
 from services.policy.domain import DEFAULT_PUBLISHED_CACHE_S, DEFAULT_RULE_SET_CACHE
 from services.policy.state_cache import DEFAULT_MEMBER_STATE_CACHE_S, DEFAULT_MEMBER_STATE_CACHE_SIZE
@@ -15,7 +15,7 @@ DEFAULT_LEDGER_TIMEOUT_S = 5.0
 
 class PolicySettings(ServiceSettings):
     # ONECARD_POLICY_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals bundle signing keys at rest.
-    policy_master_key: SecretStr
+    policy_master_key: MasterKey
     # ONECARD_LEDGER_TARGET: host:port of the ledger, asked for a member's purses and usage counters.
     ledger_target: str = Field(min_length=1)
     ledger_timeout_s: float = Field(default=DEFAULT_LEDGER_TIMEOUT_S, gt=0)
@@ -33,12 +33,6 @@ class PolicySettings(ServiceSettings):
     # ONECARD_MEMBER_STATE_CACHE_SIZE: members remembered per replica (least recently used dropped).
     member_state_cache_size: int = Field(default=DEFAULT_MEMBER_STATE_CACHE_SIZE, ge=1, le=10_000_000)
 
-    @field_validator("policy_master_key")
-    @classmethod
-    def _master_key_decodes(cls, value: SecretStr) -> SecretStr:
-        parse_master_key(value.get_secret_value())
-        return value
-
     @property
     def master_key(self) -> bytes:
-        return parse_master_key(self.policy_master_key.get_secret_value())
+        return self.policy_master_key.get_secret_value()

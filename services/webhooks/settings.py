@@ -3,9 +3,9 @@ master key that seals endpoint secrets at rest must decode, or the service does 
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field
 
-from runtime.sealing import parse_master_key
+from runtime.sealing import MasterKey
 from runtime.settings import ServiceSettings
 from services.webhooks.domain import (
     DEFAULT_BACKOFF_BASE_S,
@@ -23,7 +23,7 @@ DEFAULT_LEDGER_TIMEOUT_S = 5.0
 
 class WebhooksSettings(ServiceSettings):
     # ONECARD_WEBHOOKS_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals endpoint secrets at rest.
-    webhooks_master_key: SecretStr
+    webhooks_master_key: MasterKey
     # ONECARD_LEDGER_TARGET: host:port of the ledger, asked who owns a transfer's accounts.
     ledger_target: str = Field(min_length=1)
     ledger_timeout_s: float = Field(default=DEFAULT_LEDGER_TIMEOUT_S, gt=0)
@@ -44,12 +44,6 @@ class WebhooksSettings(ServiceSettings):
     webhooks_poll_s: float = Field(default=DEFAULT_POLL_S, gt=0, le=60)
     webhooks_concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=256)
 
-    @field_validator("webhooks_master_key")
-    @classmethod
-    def _master_key_decodes(cls, value: SecretStr) -> SecretStr:
-        parse_master_key(value.get_secret_value())
-        return value
-
     @property
     def master_key(self) -> bytes:
-        return parse_master_key(self.webhooks_master_key.get_secret_value())
+        return self.webhooks_master_key.get_secret_value()

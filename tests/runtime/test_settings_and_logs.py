@@ -73,3 +73,34 @@ def test_logs_are_json_with_request_id_and_never_carry_secrets() -> None:
     text = json.dumps(line)
     for secret in ("s3cr3t-value", "eyJhbGciOi", "OC1:ABCDEF", "hunter2"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(("module", "cls", "variable"), [
+    ("services.codegen.settings", "CodegenSettings", "ONECARD_CODEGEN_MASTER_KEY"),
+    ("services.policy.settings", "PolicySettings", "ONECARD_POLICY_MASTER_KEY"),
+    ("services.webhooks.settings", "WebhooksSettings", "ONECARD_WEBHOOKS_MASTER_KEY"),
+])
+def test_a_master_key_must_decode_and_is_never_shown(monkeypatch: pytest.MonkeyPatch, module: str, cls: str,
+                                                     variable: str) -> None:
+    """Each service that seals secrets at rest reads its master key through one setting type: hex
+    or base64 of 32 bytes, refused at start otherwise (named, its value not echoed), and kept out
+    of the settings' repr."""
+    import base64
+    import importlib
+    settings_cls = getattr(importlib.import_module(module), cls)
+    monkeypatch.setenv("ONECARD_DATABASE_URL", "postgresql://x/y")
+    monkeypatch.setenv("ONECARD_NATS_URL", "nats://127.0.0.1:4222")
+    monkeypatch.setenv("ONECARD_INSECURE_DEVELOPMENT", "1")
+    for name in ("IDENTITY", "LEDGER"):
+        monkeypatch.setenv(f"ONECARD_{name}_TARGET", "127.0.0.1:1")
+    key = bytes(range(32))
+    for text in (key.hex(), base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode().rstrip("=")):
+        monkeypatch.setenv(variable, text)
+        settings = load_settings(settings_cls)
+        assert settings.master_key == key
+        assert key.hex() not in repr(settings) and text not in repr(settings)
+    bad = "ab" * 31
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(MissingSettingError, match=f"bad setting {variable}") as caught:
+        load_settings(settings_cls)
+    assert bad not in str(caught.value)
