@@ -15,11 +15,15 @@ from runtime.db import migration_status
 
 SERVICE_NAME = ops_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name
 
-# One index-only scan of the outbox's partial index of unpublished rows.
+# A backlog is counted up to this many rows (the answer says "at least" by being this number), so a
+# huge one cannot make the call slow.
+MAX_OUTBOX_COUNTED = 100_000
+# Both walk the outbox's partial index of unpublished rows (by id, so the first is the oldest).
 _OUTBOX_BACKLOG_SQL = (
-    "SELECT count(*) AS unpublished,"
-    " coalesce((extract(epoch FROM clock_timestamp() - min(created_at)) * 1000)::bigint, 0) AS oldest_ms"
-    " FROM outbox WHERE published_at IS NULL")
+    "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT $1) AS waiting)"
+    " AS unpublished,"
+    " coalesce((SELECT (extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint FROM outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT 1), 0) AS oldest_ms")
 
 
 class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
@@ -34,7 +38,7 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
                              context: grpc.aio.ServicerContext) -> ops_pb2.GetServiceInfoResponse:
         async with self._pool().acquire() as conn:
             migrations = await migration_status(conn, schema=self._schema, migrations_dir=self._migrations_dir)
-            backlog = await conn.fetchrow(_OUTBOX_BACKLOG_SQL)
+            backlog = await conn.fetchrow(_OUTBOX_BACKLOG_SQL, MAX_OUTBOX_COUNTED)
         return ops_pb2.GetServiceInfoResponse(
             service=self._service, version=VERSION, schema=self._schema,
             migrations=ops_pb2.MigrationState(applied=len(migrations.applied), known=migrations.known,
