@@ -5,12 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test bench gen lint-protos venv lock clean help
+.PHONY: run test bench gen lint-protos venv lock clean help image
 
 help:
 	@echo "make run    start PostgreSQL, NATS, every service and the gateway; seed a demo campus"
 	@echo "make test   set up everything and run the whole test suite"
 	@echo "make bench  run the benchmarks; writes bench/out/summary.json"
+	@echo "make image  build the service image and check it runs read-only as non-root (podman)"
 
 # The environment: one virtualenv, pinned by requirements.lock; the repo root and the generated
 # code are put on its path by a .pth file instead of an install step.
@@ -61,6 +62,11 @@ test: gen lint-protos $(CRDS)/node_modules/.stamp
 # every start.
 bench: gen
 	GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m bench
+
+# The service image (deploy/Dockerfile), built with podman, buildah or docker and then run read-only
+# as its own user and checked: docs/operators.md "Building the image". Not part of `make test`.
+image: gen
+	deploy/build-image.sh
 
 lock:
 	$(PY) -m pip install --quiet -r requirements.in

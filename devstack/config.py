@@ -25,6 +25,12 @@ DEFAULT_READY_TIMEOUT_S = 90.0
 # services' own shutdown grace (runtime.settings.DEFAULT_SHUTDOWN_GRACE_S) so they finish on their own.
 DEFAULT_STOP_GRACE_S = 10.0
 MAX_DEMO_MEMBERS = 50_000
+# ONECARD_REPLICAS: processes of each gRPC service (the gateway stays one), each later replica on
+# the ports of the first plus this step times its number (identity 50051, 50151, ...); every
+# caller gets all of a service's addresses as one target (runtime.targets).
+DEFAULT_REPLICAS = 1
+MAX_REPLICAS = 4
+REPLICA_PORT_STEP = 100
 
 Protocol = Literal["grpc", "http"]
 
@@ -137,6 +143,13 @@ class ServicePorts:
     port: int
     metrics_port: int | None
     extra_port: int | None = None
+    # 0 for the first process of the service, 1 for the second (ONECARD_REPLICAS), ...
+    replica: int = 0
+
+    @property
+    def process_name(self) -> str:
+        """How the stack names this process: the service's name, and for a later replica its number."""
+        return self.spec.name if self.replica == 0 else f"{self.spec.name}-{self.replica + 1}"
 
     @property
     def extra_target(self) -> str:
@@ -173,6 +186,7 @@ class DevstackConfig:
     demo_members: int
     ready_timeout_s: float
     stop_grace_s: float
+    replicas: int = DEFAULT_REPLICAS
 
     @property
     def logs_dir(self) -> Path:
@@ -199,10 +213,22 @@ class DevstackConfig:
         return any(svc.spec.name == name for svc in self.services)
 
     def service(self, name: str) -> ServicePorts:
+        """The first process of the service ``name``."""
         for svc in self.services:
             if svc.spec.name == name:
                 return svc
         raise KeyError(name)
+
+    def replicas_of(self, name: str) -> list[ServicePorts]:
+        return [svc for svc in self.services if svc.spec.name == name]
+
+    def target_of(self, name: str) -> str:
+        """What a caller of ``name`` is told (ONECARD_<NAME>_TARGET): every replica's address."""
+        return ",".join(svc.target for svc in self.replicas_of(name))
+
+    def extra_target_of(self, name: str) -> str:
+        """Every replica's second listener (the hubs' device ports), comma separated."""
+        return ",".join(svc.extra_target for svc in self.replicas_of(name) if svc.extra_port)
 
     def port_claims(self) -> list[PortClaim]:
         claims = []
@@ -211,11 +237,11 @@ class DevstackConfig:
         if self.external_nats_url is None:
             claims.append(PortClaim(self.nats_port, "NATS", "ONECARD_NATS_PORT"))
         for svc in self.services:
-            claims.append(PortClaim(svc.port, f"{svc.spec.name} {svc.spec.protocol}", svc.spec.port_setting))
+            claims.append(PortClaim(svc.port, f"{svc.process_name} {svc.spec.protocol}", svc.spec.port_setting))
             if svc.metrics_port is not None:
-                claims.append(PortClaim(svc.metrics_port, f"{svc.spec.name} metrics", svc.spec.metrics_port_setting))
+                claims.append(PortClaim(svc.metrics_port, f"{svc.process_name} metrics", svc.spec.metrics_port_setting))
             if svc.extra_port is not None:
-                claims.append(PortClaim(svc.extra_port, f"{svc.spec.name} {svc.spec.extra_listener}",
+                claims.append(PortClaim(svc.extra_port, f"{svc.process_name} {svc.spec.extra_listener}",
                                         svc.spec.extra_port_setting))
         return claims
 
@@ -224,7 +250,8 @@ class DevstackConfig:
                  services: tuple[ServiceSpec, ...] = SERVICES) -> DevstackConfig:
         env = os.environ if environ is None else environ
         host = env.get("ONECARD_HOST", DEFAULT_HOST)
-        resolved = tuple(
+        replicas = _int(env, "ONECARD_REPLICAS", DEFAULT_REPLICAS, low=1, high=MAX_REPLICAS)
+        first = tuple(
             ServicePorts(
                 spec=spec,
                 host=host,
@@ -240,6 +267,8 @@ class DevstackConfig:
             )
             for spec in services
         )
+        resolved = tuple(_replica(svc, replica) for svc in first
+                         for replica in range(replicas if svc.spec.protocol == "grpc" else 1))
         config = cls(
             data_dir=Path(env["ONECARD_DATA_DIR"]).resolve() if env.get("ONECARD_DATA_DIR") else DEFAULT_DATA_DIR,
             host=host,
@@ -251,6 +280,7 @@ class DevstackConfig:
             demo_members=_int(env, "ONECARD_DEMO_MEMBERS", DEFAULT_DEMO_MEMBERS, low=0, high=MAX_DEMO_MEMBERS),
             ready_timeout_s=float(_int(env, "ONECARD_READY_TIMEOUT_S", int(DEFAULT_READY_TIMEOUT_S), low=1, high=3600)),
             stop_grace_s=float(_int(env, "ONECARD_STOP_GRACE_S", int(DEFAULT_STOP_GRACE_S), low=1, high=600)),
+            replicas=replicas,
         )
         config._check_distinct_ports()
         return config
@@ -265,6 +295,23 @@ class DevstackConfig:
                     f"change {claim.setting} or {other.setting}"
                 )
             seen[claim.port] = claim
+
+
+def _replica(first: ServicePorts, replica: int) -> ServicePorts:
+    """The ``replica``-th process of a service (0: ``first`` itself), on ports a step above."""
+    if replica == 0:
+        return first
+    step = replica * REPLICA_PORT_STEP
+
+    def moved(port: int | None) -> int | None:
+        if port is None:
+            return None
+        if port + step > 65535:
+            raise ConfigError(f"{first.spec.port_setting}: replica {replica + 1} would need port {port + step}")
+        return port + step
+
+    return ServicePorts(spec=first.spec, host=first.host, port=moved(first.port) or 0,
+                        metrics_port=moved(first.metrics_port), extra_port=moved(first.extra_port), replica=replica)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

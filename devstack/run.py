@@ -242,7 +242,8 @@ class Stack:
     def ensure_certificates(self) -> int:
         """Every process's certificate under the data folder, issued or renewed as needed; answers
         how many were (re)issued. Running servers pick a renewed certificate up by themselves."""
-        names = [svc.spec.name for svc in self.config.services] + list(TOOL_IDENTITIES) + [NATS_IDENTITY]
+        names = list(dict.fromkeys(svc.spec.name for svc in self.config.services)) + list(TOOL_IDENTITIES) \
+            + [NATS_IDENTITY]
         return sum(ensure_identity(self.config.pki_dir, name)[1] for name in names)
 
     @property
@@ -313,8 +314,9 @@ class Stack:
                 f"{config.host}:{config.pg_port}  pid {self.postgres.process.pid if self.postgres.process else '?'}"
                 f"  {time.monotonic() - started:.1f}s  log {shown_path(self.postgres.log_path)}",
             )
-        roles = [ServiceRole(schema=svc.spec.name, password=self.pg_passwords[pg_password_key(svc.spec.name)])
-                 for svc in self.grpc_services]
+        # One role per service, whatever its replicas (ONECARD_REPLICAS) share.
+        names = dict.fromkeys(svc.spec.name for svc in self.grpc_services)
+        roles = [ServiceRole(schema=name, password=self.pg_passwords[pg_password_key(name)]) for name in names]
         try:
             await bootstrap(self.database_url, database=self.database_name, roles=roles)
         except (OSError, asyncpg.PostgresError) as exc:
@@ -348,7 +350,8 @@ class Stack:
         env["ONECARD_TLS_DIR"] = str(self.config.identity_dir(svc.spec.name))
         for earlier, _process in self.processes:
             if earlier.spec.protocol == "grpc":
-                env[earlier.spec.target_env] = earlier.target
+                # Every replica of it (ONECARD_REPLICAS): calls go round robin (runtime.targets).
+                env[earlier.spec.target_env] = self.config.target_of(earlier.spec.name)
         if svc.spec.protocol == "grpc":
             env.update({
                 "ONECARD_DATABASE_URL": role_dsn(self.database_url, role=role_name(svc.spec.name),
@@ -376,7 +379,8 @@ class Stack:
         config = self.config
         spec = svc.spec
         env = self.service_env(svc, secrets=secrets)
-        if spec.migrates:
+        name = svc.process_name
+        if spec.migrates and svc.replica == 0:
             migration = ManagedProcess(
                 name=f"{spec.name} migrate",
                 argv=[sys.executable, "-m", spec.module, "migrate"],
@@ -387,10 +391,10 @@ class Stack:
             await run_to_completion(migration, timeout_s=MIGRATION_TIMEOUT_S, grace_s=config.stop_grace_s)
             self.console.status(spec.name, "migrated", f"{time.monotonic() - started:.1f}s")
         process = ManagedProcess(
-            name=spec.name,
+            name=name,
             argv=[sys.executable, "-m", spec.module],
             env=env,
-            log_path=config.logs_dir / f"{spec.name}.log",
+            log_path=config.logs_dir / f"{name}.log",
         )
         process.start()
         self.processes.append((svc, process))
@@ -401,11 +405,11 @@ class Stack:
         else:
             probe = http_ready_probe(f"{svc.base_url}/readyz")
             where = svc.base_url
-        self.probes[spec.name] = probe
+        self.probes[name] = probe
         took_s = await wait_healthy(process, probe=probe, timeout_s=config.ready_timeout_s)
-        self.healthy_since[spec.name] = time.monotonic()
+        self.healthy_since[name] = time.monotonic()
         self.console.status(
-            spec.name, "serving", f"{where}  pid {process.pid}  {took_s:.1f}s  log {shown_path(process.log_path)}"
+            name, "serving", f"{where}  pid {process.pid}  {took_s:.1f}s  log {shown_path(process.log_path)}"
         )
 
     async def watch(self) -> None:
@@ -438,7 +442,7 @@ class Stack:
         """Bring a dead service back on its ports, with its certificate and credentials (its argv
         and environment are kept), once its back-off has passed. Those who call it reconnect on
         their own: gRPC channels retry, durable NATS consumers resume where they were."""
-        name = svc.spec.name
+        name = svc.process_name
         backoff = self.backoffs.setdefault(name, Backoff())
         self.healthy_since[name] = await restart_until_healthy(
             process, probe=self.probes[name], backoff=backoff, healthy_since=self.healthy_since.get(name, 0.0),
@@ -504,7 +508,7 @@ class Stack:
             # uvicorn re-raises the SIGTERM it handled once it has shut down, so dying of our own
             # SIGTERM is as clean an end as exit code 0.
             how = "cleanly" if code in (0, -signal.SIGTERM) else f"exit code {code}"
-            self.console.status(svc.spec.name, "stopped", f"{how}  {time.monotonic() - started:.1f}s")
+            self.console.status(svc.process_name, "stopped", f"{how}  {time.monotonic() - started:.1f}s")
         if self.nats is not None and self.nats.process is not None and self.nats.process.poll() is None:
             await asyncio.to_thread(self.nats.stop, SERVER_STOP_TIMEOUT_S)
             self.console.status("nats", "stopped")
@@ -530,7 +534,7 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
             console.line(f"  grpcurl      as a partner: grpcurl -cacert {ca}/ca.crt -authority localhost "
                          f"{gateway.extra_target} list")
     for svc in grpc_services:
-        console.line(f"  gRPC         {svc.spec.name:<10} {svc.target}   (mutual TLS)"
+        console.line(f"  gRPC         {svc.process_name:<10} {svc.target}   (mutual TLS)"
                      + (f"   {svc.spec.extra_listener} port {svc.extra_target} (TLS)" if svc.extra_port else ""))
     if grpc_services:
         ops = shown_path(config.identity_dir("ops"))
@@ -539,7 +543,7 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
                      f" -key {ops}/tls.key -authority {first.spec.name} {first.target} list")
     for svc in config.services:
         if svc.metrics_port:
-            console.line(f"  Metrics      {svc.spec.name:<10} http://{svc.host}:{svc.metrics_port}/metrics")
+            console.line(f"  Metrics      {svc.process_name:<10} http://{svc.host}:{svc.metrics_port}/metrics")
         elif svc.spec.protocol == "http":
             # HTTP services serve their metrics beside their API.
             console.line(f"  Metrics      {svc.spec.name:<10} {svc.base_url}/metrics")

@@ -115,8 +115,10 @@ class Targets:
         except TLSMaterialError:
             raise SimulatorError("no simulator certificate under the data folder; start the stack with `make run`"
                                  ) from None
-        return cls(identity=config.service("identity").target, codegen=config.service("codegen").target,
-                   ledger=config.service("ledger").target, devicehub=hub.target, devices=hub.extra_target, tls=tls)
+        # With ONECARD_REPLICAS each names every replica; the terminals fail over between the hubs.
+        return cls(identity=config.target_of("identity"), codegen=config.target_of("codegen"),
+                   ledger=config.target_of("ledger"), devicehub=config.target_of(hub.spec.name),
+                   devices=config.extra_target_of(hub.spec.name), tls=tls)
 
 
 @dataclass

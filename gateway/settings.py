@@ -42,7 +42,9 @@ DEFAULT_READY_TIMEOUT_S = 2.0
 class GatewaySettings(MeshSettings):
     model_config = SettingsConfigDict(env_prefix="ONECARD_", extra="ignore", frozen=True)
 
-    # host:port of the identity gRPC service.
+    # host:port of the identity gRPC service. Every *_target here may instead list a service's
+    # replicas (ip:port,ip:port) or name a resolver (dns:///name:port): runtime.targets; calls go
+    # round robin over the replicas that answer.
     identity_target: str = Field(min_length=1)
     # host:port of the codegen gRPC service (e-code credentials, trust and revocation lists).
     codegen_target: str = Field(min_length=1)

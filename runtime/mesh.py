@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings
 
 from runtime.logs import get_logger
 from runtime.pki import CA_FILE, CERT_FILE, KEY_FILE, SPIFFE_PREFIX
+from runtime.targets import check_target
 
 log = get_logger(__name__)
 
@@ -57,6 +58,14 @@ class MeshSettings(BaseSettings):
             raise ValueError(
                 f"missing required setting {TLS_DIR_SETTING} (the folder with ca.crt, tls.crt and tls.key); "
                 f"{INSECURE_SETTING}=1 runs without TLS, for development only")
+        return self
+
+    @model_validator(mode="after")
+    def _targets_usable(self) -> MeshSettings:
+        # ONECARD_<NAME>_TARGET: one address or a list of a service's replicas (runtime.targets).
+        for name, value in self:
+            if name.endswith("_target") and isinstance(value, str) and value:
+                check_target(value)
         return self
 
 

@@ -360,20 +360,6 @@ def test_the_secrets_command_makes_every_credential_the_manifests_read(documents
     assert made[pg_secret("ledger")]["stringData"]["password"] != made[pg_secret("identity")]["stringData"]["password"]
 
 
-def test_the_image_holds_every_sdk_package_the_services_import() -> None:
-    """The services import SDK packages from sdk/python; the image must copy each one."""
-    import re
-
-    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
-    packages = {p.name for p in (REPO_ROOT / "sdk" / "python").iterdir() if (p / "__init__.py").exists()}
-    imported = set()
-    for source in [*(REPO_ROOT / "services").rglob("*.py"), *(REPO_ROOT / "runtime").rglob("*.py")]:
-        imported |= set(re.findall(r"^\s*(?:from|import) (onecard_\w+)", source.read_text(), re.M)) & packages
-    assert imported, "the services import no SDK package: the check looks at the wrong place"
-    missing = sorted(p for p in imported if f"COPY sdk/python/{p} " not in dockerfile)
-    assert not missing, f"deploy/Dockerfile does not copy {missing}"
-
-
 # The network: NetworkPolicies evaluated as the API defines them (a connection needs an ingress rule
 # of some policy selecting the destination and an egress rule of some policy selecting the source,
 # once any policy selects that pod for that direction), over the pods the manifests make and the

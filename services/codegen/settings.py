@@ -16,7 +16,8 @@ DEFAULT_RETIRE_INTERVAL_S = 30.0
 class CodegenSettings(ServiceSettings):
     # ONECARD_CODEGEN_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals issuer keys at rest.
     codegen_master_key: MasterKey
-    # ONECARD_IDENTITY_TARGET: host:port of identity, asked for a member's status before issuing.
+    # ONECARD_IDENTITY_TARGET: host:port of identity, asked for a member's status before issuing
+    # (or its replicas, ip:port,ip:port or dns:///name:port: runtime.targets).
     identity_target: str = Field(min_length=1)
     identity_timeout_s: float = Field(default=DEFAULT_IDENTITY_TIMEOUT_S, gt=0)
     # The shortest credential a caller may ask for. Tests lower it to see keys retire in seconds.

@@ -4,7 +4,7 @@ silence raise.
 - A stream that completes its handshake puts the device online (event devicehub.device.online)
   and marks the hello (time, the device's last issued record sequence: offline settlement dates
   records by it); the stream's end puts it offline (devicehub.device.offline) unless a newer
-  stream took over.
+  stream took over, on this replica or another (the device's row names its current stream).
 - A heartbeat records the firmware, reported config version, queue depth, the oldest queued
   record, health and the clock offset; an offset beyond the tenant's ``clock.max_device_skew_s``
   (its rule set) or else the hub's ``clock_drift_alarm_ms`` raises
@@ -84,16 +84,18 @@ class Fleet:
         await self._backends.store.mark_online(
             tenant_id=session.tenant_id, device_id=session.device_id, now=now, firmware_version=firmware,
             clock_offset_ms=offset, last_sequence=min(hello.last_sequence, MAX_SEQUENCE),
-            subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="connected"))
+            subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="connected"), stream_id=session.stream_id)
         # Back: an open OFFLINE_TOO_LONG alarm has nothing left to say.
         await self._backends.alarms.condition_ended(tenant_id=session.tenant_id, device_id=session.device_id,
                                                     kind=KIND_OFFLINE_TOO_LONG)
         await self._check_drift(tenant_id=session.tenant_id, device_id=session.device_id, offset=offset)
 
     async def disconnected(self, session: Session) -> None:
+        # Only while this stream is the device's: it may have come back on another replica already.
         await self._backends.store.mark_offline(tenant_id=session.tenant_id, device_id=session.device_id,
                                                 subject=SUBJECT_DEVICE_OFFLINE,
-                                                event=self._event(session, reason="stream_closed"))
+                                                event=self._event(session, reason="stream_closed"),
+                                                stream_id=session.stream_id)
 
     async def heartbeat(self, session: Session, heartbeat: pb.Heartbeat) -> None:
         now = datetime.now(UTC)
@@ -111,7 +113,7 @@ class Fleet:
             tenant_id=session.tenant_id, device_id=session.device_id, now=now,
             firmware_version=heartbeat.firmware_version, config_version=heartbeat.config_version,
             queue_depth=heartbeat.queue_depth, oldest_queued_at=oldest, clock_offset_ms=offset, health=health,
-            subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="heartbeat"))
+            subject=SUBJECT_DEVICE_ONLINE, event=self._event(session, reason="heartbeat"), stream_id=session.stream_id)
         if came_back:
             await self._backends.alarms.condition_ended(tenant_id=session.tenant_id,
                                                         device_id=session.device_id, kind=KIND_OFFLINE_TOO_LONG)

@@ -24,6 +24,8 @@ class Session:
     context: DeviceContext
     tenant_id: uuid.UUID
     device_id: uuid.UUID
+    # This stream, among every replica's: the device's row names the stream that last put it online.
+    stream_id: uuid.UUID = field(default_factory=uuid.uuid4)
     # SyncKind value -> the version the device holds (from its Hello, then what was sent).
     versions: dict[int, int] = field(default_factory=dict)
     out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)

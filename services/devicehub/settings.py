@@ -30,7 +30,8 @@ class DevicehubSettings(ServiceSettings):
     device_port: int = Field(default=0, ge=0, le=65535)
     device_tls_dir: Path | None = None
     # ONECARD_IDENTITY_TARGET etc.: host:port of the services the hub asks for members, codes,
-    # plans and bookings, and reads sync sources from.
+    # plans and bookings, and reads sync sources from; each may list a service's replicas
+    # (ip:port,ip:port or dns:///name:port: runtime.targets), called round robin.
     identity_target: str = Field(min_length=1)
     codegen_target: str = Field(min_length=1)
     policy_target: str = Field(min_length=1)

@@ -242,20 +242,20 @@ class DevicehubStore:
 
     async def mark_online(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID, now: datetime,
                           firmware_version: str, clock_offset_ms: int | None, last_sequence: int,
-                          event: dict[str, Any] | None, subject: str) -> bool:
-        """Online since now, and a mark of the hello (now, the device's last issued sequence, the
-        bundle version last sent to it); answers whether it was offline before (then the event is
-        emitted). Marks no unsettled record needs any more go: those before the newest mark at or
-        below the device's settled watermark."""
+                          event: dict[str, Any] | None, subject: str, stream_id: uuid.UUID | None = None) -> bool:
+        """Online since now, on the stream ``stream_id``, and a mark of the hello (now, the device's
+        last issued sequence, the bundle version last sent to it); answers whether it was offline
+        before (then the event is emitted). Marks no unsettled record needs any more go: those
+        before the newest mark at or below the device's settled watermark."""
         async with self._pool.acquire() as conn, conn.transaction():
             was = await conn.fetchval(
                 "SELECT online FROM devices WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE", tenant_id, device_id)
             await conn.execute(
                 "UPDATE devices SET online = true, last_seen_at = $3,"
                 " firmware_version = CASE WHEN $4 = '' THEN firmware_version ELSE $4 END,"
-                " clock_offset_ms = COALESCE($5, clock_offset_ms)"
+                " clock_offset_ms = COALESCE($5, clock_offset_ms), stream_id = $6"
                 " WHERE tenant_id = $1 AND device_id = $2",
-                tenant_id, device_id, now, firmware_version, clock_offset_ms,
+                tenant_id, device_id, now, firmware_version, clock_offset_ms, stream_id,
             )
             await conn.execute(
                 "INSERT INTO device_marks (tenant_id, device_id, marked_at, last_sequence, bundle_version)"
@@ -288,9 +288,10 @@ class DevicehubStore:
     async def heartbeat(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID, now: datetime, firmware_version: str,
                         config_version: int, queue_depth: int, oldest_queued_at: datetime | None,
                         clock_offset_ms: int | None, health: dict[str, str], subject: str,
-                        event: dict[str, Any]) -> bool:
-        """Record a heartbeat; answers whether the device was offline before (then the online
-        event is emitted in the same transaction)."""
+                        event: dict[str, Any], stream_id: uuid.UUID | None = None) -> bool:
+        """Record a heartbeat on the stream ``stream_id`` (the device's stream from now on); answers
+        whether the device was offline before (then the online event is emitted in the same
+        transaction)."""
         async with self._pool.acquire() as conn, conn.transaction():
             was = await conn.fetchval(
                 "SELECT online FROM devices WHERE tenant_id = $1 AND device_id = $2 AND status = 'active' FOR UPDATE",
@@ -301,24 +302,29 @@ class DevicehubStore:
                 "UPDATE devices SET online = true, last_seen_at = $3,"
                 " firmware_version = CASE WHEN $4 = '' THEN firmware_version ELSE $4 END,"
                 " reported_config_version = $5, queue_depth = $6, oldest_queued_at = $7,"
-                " clock_offset_ms = COALESCE($8, clock_offset_ms), health = $9"
+                " clock_offset_ms = COALESCE($8, clock_offset_ms), health = $9,"
+                " stream_id = COALESCE($10, stream_id)"
                 " WHERE tenant_id = $1 AND device_id = $2",
                 tenant_id, device_id, now, firmware_version, config_version, queue_depth, oldest_queued_at,
-                clock_offset_ms, health,
+                clock_offset_ms, health, stream_id,
             )
             if not was:
                 await emit(conn, subject=subject, event_type=subject, tenant_id=str(tenant_id), data=event)
         return not was
 
     async def mark_offline(self, *, tenant_id: uuid.UUID, device_id: uuid.UUID, subject: str,
-                           event: dict[str, Any], only_seen_before: datetime | None = None) -> bool:
-        """Offline now (when it was online, and, with ``only_seen_before``, last seen before it);
-        answers whether it changed (then the event is emitted in the same transaction)."""
+                           event: dict[str, Any], only_seen_before: datetime | None = None,
+                           stream_id: uuid.UUID | None = None) -> bool:
+        """Offline now (when it was online, with ``only_seen_before`` last seen before it, and with
+        ``stream_id`` still on that stream: a stream ending on one replica after its device came
+        back on another changes nothing); answers whether it changed (then the event is emitted in
+        the same transaction)."""
         async with self._pool.acquire() as conn, conn.transaction():
             changed = await conn.fetchval(
                 "UPDATE devices SET online = false WHERE tenant_id = $1 AND device_id = $2 AND online"
-                " AND ($3::timestamptz IS NULL OR last_seen_at < $3) RETURNING true",
-                tenant_id, device_id, only_seen_before,
+                " AND ($3::timestamptz IS NULL OR last_seen_at < $3)"
+                " AND ($4::uuid IS NULL OR stream_id IS NOT DISTINCT FROM $4) RETURNING true",
+                tenant_id, device_id, only_seen_before, stream_id,
             )
             if changed:
                 await emit(conn, subject=subject, event_type=subject, tenant_id=str(tenant_id), data=event)

@@ -356,6 +356,10 @@ class SyncListener:
                 self._pending[tenant_id] |= kinds
                 self._wake.set()
             return
+        if subject.startswith("devicehub.rollout."):
+            # A stage started on whichever replica took the report: this one tells its own devices.
+            await self._on_rollout_event(event, tenant_id)
+            return
         device_id = _device_id(event)
         if device_id is None:
             return
@@ -372,8 +376,6 @@ class SyncListener:
             if session is not None and session.tenant_id == tenant_id and fingerprint:
                 if key_fingerprint(session.context.public_key) != fingerprint:
                     session.end(Unauthenticated("the device enrolled a new key", reason="DEVICE_KEY_REPLACED"))
-        elif subject.startswith("devicehub.rollout."):
-            await self._on_rollout_event(event, tenant_id)
 
     async def _flush_forever(self) -> None:
         debounce = self._settings.sync_debounce_s

@@ -16,7 +16,8 @@ DEFAULT_LEDGER_TIMEOUT_S = 5.0
 class PolicySettings(ServiceSettings):
     # ONECARD_POLICY_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals bundle signing keys at rest.
     policy_master_key: MasterKey
-    # ONECARD_LEDGER_TARGET: host:port of the ledger, asked for a member's purses and usage counters.
+    # ONECARD_LEDGER_TARGET: host:port of the ledger, asked for a member's purses and usage counters
+    # (or its replicas, ip:port,ip:port or dns:///name:port: runtime.targets).
     ledger_target: str = Field(min_length=1)
     ledger_timeout_s: float = Field(default=DEFAULT_LEDGER_TIMEOUT_S, gt=0)
     # Parsed rule sets kept in memory, by tenant and version (versions never change).

@@ -24,7 +24,8 @@ DEFAULT_LEDGER_TIMEOUT_S = 5.0
 class WebhooksSettings(ServiceSettings):
     # ONECARD_WEBHOOKS_MASTER_KEY: 32 bytes as 64 hex digits or base64; seals endpoint secrets at rest.
     webhooks_master_key: MasterKey
-    # ONECARD_LEDGER_TARGET: host:port of the ledger, asked who owns a transfer's accounts.
+    # ONECARD_LEDGER_TARGET: host:port of the ledger, asked who owns a transfer's accounts (or its
+    # replicas, ip:port,ip:port or dns:///name:port: runtime.targets).
     ledger_target: str = Field(min_length=1)
     ledger_timeout_s: float = Field(default=DEFAULT_LEDGER_TIMEOUT_S, gt=0)
     # ONECARD_WEBHOOKS_ALLOW_LOOPBACK_HTTP: plain http (and any scheme) to loopback addresses, for a

@@ -16,6 +16,11 @@ development mode, and only when asked for (``insecure=True``).
 The connection: hello (with the sync versions held and the highest record sequence issued) ->
 challenge -> signature -> welcome -> the hub's syncs (applied, acknowledged) -> heartbeats,
 authorisations, uploads, update commands.
+Replicas: ``target`` may name several hubs, ``["10.0.0.5:50056", "10.0.0.6:50056"]`` or
+``"hub-a:50056,hub-b:50056"``. The client holds one stream, to one of them; when that stream breaks
+(its hub stopped, the network to it went away) or cannot be opened, the next attempt goes to the
+next hub in the list, after the same back-off. Whatever the device holds (queued records,
+reversals, sync versions) goes with it: any hub settles it.
 A broken stream is retried with exponential backoff and jitter; a refusal that cannot heal
 (DEVICE_UNKNOWN, DEVICE_DECOMMISSIONED, DEVICE_NOT_ENROLLED, CHALLENGE_FAILED) stops the client
 with ``refused`` set.
@@ -42,7 +47,7 @@ import random
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +148,8 @@ class ClientStats:
     stream_errors: Counter = field(default_factory=Counter)
     updates: Counter = field(default_factory=Counter)  # SUCCEEDED / FAILED
     reversals: Counter = field(default_factory=Counter)  # ReversalOutcome name -> reversals answered
+    # Times the client turned to the next hub of its list after a broken or failed stream.
+    failovers: int = 0
 
 
 def _now_ts(seconds: float) -> Timestamp:
@@ -180,8 +187,17 @@ async def enrol(target: str, token: str, *, data_dir: Path | str, ca_pem: bytes 
         await client.close()
 
 
+def hub_targets(target: str | Sequence[str]) -> tuple[str, ...]:
+    """The hubs to try, in order: a list, or one string with addresses separated by commas."""
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    targets = tuple(part.strip() for part in parts if part and part.strip())
+    if not targets:
+        raise ValueError("target: name at least one hub (host:port)")
+    return targets
+
+
 class DeviceClient:
-    def __init__(self, *, target: str, data_dir: Path | str, firmware_version: str | None = None,
+    def __init__(self, *, target: str | Sequence[str], data_dir: Path | str, firmware_version: str | None = None,
                  heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
                  authorize_timeout_s: float = DEFAULT_AUTHORIZE_TIMEOUT_S,
                  upload_batch_size: int = MAX_UPLOAD_RECORDS, upload_timeout_s: float = DEFAULT_UPLOAD_TIMEOUT_S,
@@ -194,7 +210,8 @@ class DeviceClient:
                  insecure: bool = False) -> None:
         if not 1 <= upload_batch_size <= MAX_UPLOAD_RECORDS:
             raise ValueError(f"upload_batch_size must be 1..{MAX_UPLOAD_RECORDS}")
-        self.target = target
+        self.targets = hub_targets(target)
+        self._target_index = 0
         self.data_dir = Path(data_dir)
         # The hub's CA bundle: the one given, else the one kept at enrolment.
         kept = self.data_dir / CA_FILE
@@ -270,6 +287,22 @@ class DeviceClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def target(self) -> str:
+        """The hub this client dials now (the one its stream is on, while connected)."""
+        return self.targets[self._target_index]
+
+    async def _next_hub(self) -> None:
+        """Dial the next hub of the list from now on (nothing to do with one)."""
+        if len(self.targets) < 2:
+            return
+        self._target_index = (self._target_index + 1) % len(self.targets)
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self.stats.failovers += 1
 
     def _stub(self) -> devicehub_pb2_grpc.DeviceServiceStub:
         if self._channel is None:
@@ -384,6 +417,8 @@ class DeviceClient:
                 return
             if not self._want_online.is_set():
                 continue
+            # The stream broke or never came up: the next try goes to the next hub.
+            await self._next_hub()
             if time.monotonic() - started > HEALTHY_SESSION_S:
                 backoff_s = self.reconnect_min_s
             delay_s = backoff_s * (0.5 + random.random())
