@@ -18,6 +18,7 @@ from onecard.codegen.v1 import codegen_pb2
 from onecard.devicehub.v1 import devicehub_pb2
 from onecard.identity.v1 import identity_pb2
 from onecard.ledger.v1 import ledger_pb2
+from onecard.ops.v1 import ops_pb2
 from onecard.policy.v1 import policy_pb2
 from onecard.webhooks.v1 import webhooks_pb2
 from runtime.access import allow_list_table
@@ -25,7 +26,7 @@ from runtime.nats_access import accounts_table
 from services.nats_accounts import NATS_ACCOUNTS
 
 DOC = REPO_ROOT / "docs" / "security.md"
-PROTO_MODULES = (identity_pb2, codegen_pb2, ledger_pb2, policy_pb2, devicehub_pb2, webhooks_pb2)
+PROTO_MODULES = (identity_pb2, codegen_pb2, ledger_pb2, policy_pb2, devicehub_pb2, webhooks_pb2, ops_pb2)
 
 
 def onecard_services() -> Iterator[ServiceDescriptor]:

@@ -1,8 +1,12 @@
-"""`onecard-admin status`: each service's gRPC health, and each JetStream stream and consumer.
+"""`onecard-admin status`: each service's gRPC health, version, migrations and outbox backlog;
+each JetStream stream and consumer; the open device alarms.
 
 Health is the standard grpc.health.v1 check every service answers (SERVING only once its database
-and NATS are up), asked over mutual TLS as the operator. Lag comes from the JetStream API itself,
-read with the operator's NATS account (services.nats_accounts: it may read stream and consumer
+and NATS are up), asked over mutual TLS as the operator. Version, migrations and the outbox come
+from ``onecard.ops.v1.OpsService/GetServiceInfo``, which every server carries (runtime.ops): the
+outbox backlog is what a service wrote and has not yet published to JetStream, so it is what
+grows while NATS is away (when the JetStream figures below cannot be read at all). Lag comes from
+the JetStream API itself, read with the operator's NATS account (services.nats_accounts: it may read stream and consumer
 state, never publish): a durable consumer's lag is the messages of its stream it has not been
 delivered yet (``num_pending``) plus those delivered and not yet acknowledged (``num_ack_pending``).
 """
@@ -16,11 +20,22 @@ import grpc
 import nats
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
+from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
+from onecard.ops.v1 import ops_pb2, ops_pb2_grpc
 from onecard_admin.mesh import Mesh
 from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from runtime.nats_access import connect_options
 
 SERVING = "SERVING"
+# A service whose target is set empty: the operator asked not to check it.
+NOT_CONFIGURED = "NOT CONFIGURED"
+# An unpublished event older than this means the relay is stuck (it publishes within a second or so).
+OUTBOX_STUCK_AFTER_S = 60.0
+# Open alarms are counted over at most this many tenants, and up to this many per tenant.
+MAX_ALARM_TENANTS = 200
+MAX_ALARMS_COUNTED = 1000
+ALARM_PAGE_SIZE = 500
 
 
 @dataclass(frozen=True)
@@ -29,10 +44,33 @@ class ServiceRow:
     target: str
     health: str
     detail: str = ""
+    # From OpsService.GetServiceInfo; None when it did not answer (the detail says why).
+    version: str | None = None
+    migrations_applied: int | None = None
+    migrations_known: int | None = None
+    migrations_pending: list[str] | None = None
+    outbox_unpublished: int | None = None
+    outbox_oldest_age_s: float | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        found = [] if self.health in (SERVING, NOT_CONFIGURED) else [f"health {self.health}"]
+        if self.migrations_pending:
+            found.append(f"migrations pending: {', '.join(self.migrations_pending)}")
+        if self.outbox_oldest_age_s is not None and self.outbox_oldest_age_s > OUTBOX_STUCK_AFTER_S:
+            found.append(f"outbox stuck {self.outbox_oldest_age_s:.0f} s")
+        return found
 
     @property
     def healthy(self) -> bool:
-        return self.health == SERVING
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class AlarmRow:
+    tenant_id: str
+    tenant: str
+    open: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +95,9 @@ class Status:
     streams: list[StreamRow]
     consumers: list[ConsumerRow]
     nats_error: str = ""
+    # Tenants with open alarms (a tenant with none has no row); None when they could not be counted.
+    alarms: list[AlarmRow] | None = None
+    alarms_error: str = ""
 
     @property
     def healthy(self) -> bool:
@@ -64,19 +105,66 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         return {"services": [asdict(r) for r in self.services], "streams": [asdict(r) for r in self.streams],
-                "consumers": [asdict(r) for r in self.consumers]}
+                "consumers": [asdict(r) for r in self.consumers],
+                "alarms": [asdict(r) for r in self.alarms or []]}
 
 
-async def _health(mesh: Mesh, service: str) -> ServiceRow:
+def _failure(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details() or ''}"[:120]
+
+
+async def _service(mesh: Mesh, service: str) -> ServiceRow:
     target = mesh.settings.target(service)
     if not target:
-        return ServiceRow(service, "-", "NOT CONFIGURED")
+        return ServiceRow(service, "-", NOT_CONFIGURED)
+    timeout = mesh.settings.admin_timeout_s
     stub = health_pb2_grpc.HealthStub(mesh.channel(service))
     try:
-        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=mesh.settings.admin_timeout_s)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.aio.AioRpcError as exc:
-        return ServiceRow(service, target, "DOWN", f"{exc.code().name}: {exc.details() or ''}"[:120])
-    return ServiceRow(service, target, health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+        return ServiceRow(service, target, "DOWN", _failure(exc))
+    health = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    try:
+        info = await ops_pb2_grpc.OpsServiceStub(mesh.channel(service)).GetServiceInfo(
+            ops_pb2.GetServiceInfoRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return ServiceRow(service, target, health, f"service info: {_failure(exc)}")
+    unknown = list(info.migrations.unknown)
+    return ServiceRow(
+        service, target, health, f"schema migrated by a newer release: {', '.join(unknown)}"[:120] if unknown else "",
+        version=info.version, migrations_applied=info.migrations.applied, migrations_known=info.migrations.known,
+        migrations_pending=list(info.migrations.pending), outbox_unpublished=info.outbox.unpublished,
+        outbox_oldest_age_s=info.outbox.oldest_unpublished_age_ms / 1000)
+
+
+async def _open_alarms(mesh: Mesh) -> list[AlarmRow]:
+    """Open alarms per tenant, over the first MAX_ALARM_TENANTS tenants (ListAlarms is per tenant)."""
+    timeout = mesh.settings.admin_timeout_s
+    identity = identity_pb2_grpc.IdentityServiceStub(mesh.channel("identity"))
+    devicehub = devicehub_pb2_grpc.DeviceAdminServiceStub(mesh.channel("devicehub"))
+    tenants: list[identity_pb2.Tenant] = []
+    token = ""
+    while len(tenants) < MAX_ALARM_TENANTS:
+        page = await identity.ListTenants(identity_pb2.ListTenantsRequest(
+            page_size=min(ALARM_PAGE_SIZE, MAX_ALARM_TENANTS), page_token=token), timeout=timeout)
+        tenants += page.tenants
+        token = page.next_page_token
+        if not token:
+            break
+    rows = []
+    for tenant in tenants[:MAX_ALARM_TENANTS]:
+        count, token = 0, ""
+        while count < MAX_ALARMS_COUNTED:
+            page = await devicehub.ListAlarms(devicehub_pb2.ListAlarmsRequest(
+                tenant_id=tenant.tenant_id, state=devicehub_pb2.ALARM_STATE_OPEN, page_size=ALARM_PAGE_SIZE,
+                page_token=token), timeout=timeout)
+            count += len(page.alarms)
+            token = page.next_page_token
+            if not token:
+                break
+        if count:
+            rows.append(AlarmRow(tenant_id=tenant.tenant_id, tenant=tenant.name, open=min(count, MAX_ALARMS_COUNTED)))
+    return rows
 
 
 async def _jetstream(settings: AdminSettings, mesh: Mesh) -> tuple[list[StreamRow], list[ConsumerRow]]:
@@ -104,9 +192,18 @@ async def _jetstream(settings: AdminSettings, mesh: Mesh) -> tuple[list[StreamRo
 
 
 async def collect(settings: AdminSettings, mesh: Mesh) -> Status:
-    services = list(await asyncio.gather(*(_health(mesh, name) for name in SERVICE_NAMES)))
+    services = list(await asyncio.gather(*(_service(mesh, name) for name in SERVICE_NAMES)))
+    alarms, alarms_error = None, ""
+    if settings.target("identity") and settings.target("devicehub"):
+        try:
+            alarms = await _open_alarms(mesh)
+        except grpc.aio.AioRpcError as exc:
+            alarms_error = _failure(exc)
+    else:
+        alarms_error = "identity and devicehub are not both configured"
     try:
         streams, consumers = await asyncio.wait_for(_jetstream(settings, mesh), settings.admin_timeout_s * 2)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        return Status(services, [], [], nats_error=f"{type(exc).__name__}: {exc}"[:200] or "unreachable")
-    return Status(services, streams, consumers)
+        return Status(services, [], [], nats_error=f"{type(exc).__name__}: {exc}"[:200] or "unreachable",
+                      alarms=alarms, alarms_error=alarms_error)
+    return Status(services, streams, consumers, alarms=alarms, alarms_error=alarms_error)

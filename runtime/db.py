@@ -148,3 +148,35 @@ async def migrate(dsn: str, *, schema: str, migrations_dir: Path) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """A schema's migrations against the files shipped: ``component/NNNN_name`` each."""
+
+    applied: list[str]
+    pending: list[str]
+    # Applied rows no shipped file matches: a newer release migrated this schema.
+    unknown: list[str]
+
+    @property
+    def known(self) -> int:
+        return len(self.applied) + len(self.pending)
+
+
+def _label(component: str, version: int, name: str) -> str:
+    return f"{component}/{version:04d}_{name}"
+
+
+async def migration_status(conn: asyncpg.Connection, *, schema: str, migrations_dir: Path) -> MigrationStatus:
+    """What ``migrate`` would apply to ``schema`` and what it already did; reads only."""
+    _check_schema(schema)
+    plan = load_migrations("runtime", RUNTIME_MIGRATIONS) + load_migrations(schema, migrations_dir)
+    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{schema}.schema_migrations")
+    rows = await conn.fetch(f"SELECT component, version, name FROM {schema}.schema_migrations") if exists else []
+    done = {(r["component"], r["version"]): r["name"] for r in rows}
+    shipped = {(m.component, m.version) for m in plan}
+    return MigrationStatus(
+        applied=[_label(m.component, m.version, m.name) for m in plan if (m.component, m.version) in done],
+        pending=[_label(m.component, m.version, m.name) for m in plan if (m.component, m.version) not in done],
+        unknown=sorted(_label(c, v, n) for (c, v), n in done.items() if (c, v) not in shipped))

@@ -43,6 +43,9 @@ from runtime.events import StreamSpec, ensure_streams
 from runtime.logs import bind_request_id, get_logger, new_request_id
 from runtime.mesh import INSECURE_SETTING, MeshTLS, load_tls, peer_name
 from runtime.nats_access import NatsAccess, connect_options
+from runtime.ops import SERVICE_NAME as OPS_SERVICE_NAME
+from runtime.ops import OpsServicer
+from runtime.ops import add_to_server as add_ops_to_server
 from runtime.settings import ServiceSettings
 
 log = get_logger(__name__)
@@ -294,7 +297,9 @@ class ServiceApp:
         """The allow-list of this server's methods (from the protos), or of the terminal
         listener's, enforced unless the process runs in insecure development mode."""
         pool = descriptor_pool.Default()
-        names = self.terminals.service_names if terminals and self.terminals else self.service_names
+        # Every mesh server carries OpsService too (runtime.ops); the device port does not.
+        names = self.terminals.service_names if terminals and self.terminals else [*self.service_names,
+                                                                                   OPS_SERVICE_NAME]
         descriptors = []
         for name in names:
             with contextlib.suppress(KeyError):  # no descriptor, no rules: nobody may call it
@@ -315,9 +320,12 @@ class ServiceApp:
         server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(self.name, self.authorizer())],
                                  options=mesh_options)
         self.register(server, self)
+        add_ops_to_server(server, OpsServicer(service=self.name, schema=self.schema,
+                                              migrations_dir=self.migrations_dir, pool=lambda: self.pool))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [*self.service_names, OPS_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
             server,
         )
         for svc in ["", *self.health_names]:

@@ -474,9 +474,12 @@ def _callers_the_allow_list_needs() -> dict[str, set[str]]:
     needs: dict[str, set[str]] = {}
     for service in onecard_services():
         server = service.full_name.split(".")[1]  # onecard.<server>.v1.<Service>
+        # OpsService is served by every server (runtime.ops), not by a server of its own.
+        servers = SERVICES if server == "ops" else [server]
         for rule in method_rules([service]).values():
             if not rule.terminals:
-                needs.setdefault(server, set()).update(c for c in rule.callers if c not in LOCAL_ONLY_CALLERS)
+                for each in servers:
+                    needs.setdefault(each, set()).update(c for c in rule.callers if c not in LOCAL_ONLY_CALLERS)
     standard = {caller for rule in standard_rules().values() if not rule.anyone for caller in rule.callers}
     return {server: callers | standard for server, callers in needs.items()}
 

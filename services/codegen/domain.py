@@ -365,3 +365,14 @@ def retire_after(*, last_not_after: datetime | None, now: datetime) -> datetime:
     if last_not_after is None or last_not_after < now:
         return now
     return last_not_after
+
+
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def check_idempotency_key(value: str) -> str:
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise InvalidArgument(f"idempotency_key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
+                              reason="INVALID_IDEMPOTENCY_KEY")
+    return value

@@ -17,6 +17,8 @@ from onecard.codegen.v1 import codegen_pb2 as pb
 from onecard.codegen.v1 import codegen_pb2_grpc
 from runtime.errors import InvalidArgument, NotFound
 from runtime.grpc_server import ServiceApp
+from runtime.idempotency import key_scope, scoped_key
+from runtime.mesh import peer_name
 from runtime.wire import timestamp_pb
 from services.codegen import domain, signing
 from services.codegen.domain import (
@@ -328,15 +330,27 @@ class CodegenServicer(codegen_pb2_grpc.CodegenServiceServicer):
         self, request: pb.RotateIssuerKeyRequest, context: grpc.aio.ServicerContext
     ) -> pb.RotateIssuerKeyResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
+        stored_key = None
+        if request.idempotency_key or request.key_scope:
+            key = domain.check_idempotency_key(request.idempotency_key)
+            stored_key = scoped_key(key_scope(request.key_scope, caller=peer_name(context)), key)
         now = _now()
         async with self._store.tenant_tx(tenant_id) as tx:
-            new, previous, version = await tx.rotate(
-                now=now, retire_after_for=lambda last: domain.retire_after(last_not_after=last, now=now)
-            )
+            first = await tx.rotation(idempotency_key=stored_key) if stored_key else None
+            if first is not None:
+                new, previous, version = first
+            else:
+                new, previous, version = await tx.rotate(
+                    now=now, retire_after_for=lambda last: domain.retire_after(last_not_after=last, now=now)
+                )
+                if stored_key:
+                    await tx.record_rotation(idempotency_key=stored_key, new=new, previous=previous, version=version,
+                                             now=now)
         return pb.RotateIssuerKeyResponse(
             signing_key=trusted_key_pb(new),
             previous_key=trusted_key_pb(previous) if previous else None,
             trust_list_version=version,
+            replayed=first is not None,
         )
 
     async def GetTrustList(

@@ -230,6 +230,29 @@ class TenantTx:
         assert row is not None
         return self._open(row)
 
+    async def rotation(self, *, idempotency_key: str) -> tuple[IssuerKey, IssuerKey | None, int] | None:
+        """The rotation made under the key (its keys as they are now, and its trust list version),
+        or None. Locks the tenant first, so a concurrent repeat of the key waits for this one."""
+        await self._lock_tenant()
+        done = await self.conn.fetchrow(
+            "SELECT public_key, previous_public_key, trust_list_version FROM issuer_key_rotations"
+            " WHERE tenant_id = $1 AND idempotency_key = $2", self.tenant_id, idempotency_key)
+        if done is None:
+            return None
+        rows = {bytes(r["public_key"]): _issuer_key(r) for r in await self.conn.fetch(
+            f"SELECT {_ISSUER_COLUMNS} FROM issuer_keys WHERE tenant_id = $1 AND public_key = ANY($2::bytea[])",
+            self.tenant_id, [k for k in (done["public_key"], done["previous_public_key"]) if k is not None])}
+        previous = done["previous_public_key"]
+        return (rows[bytes(done["public_key"])], rows[bytes(previous)] if previous is not None else None,
+                done["trust_list_version"])
+
+    async def record_rotation(self, *, idempotency_key: str, new: IssuerKey, previous: IssuerKey | None,
+                              version: int, now: datetime) -> None:
+        await self.conn.execute(
+            "INSERT INTO issuer_key_rotations (tenant_id, idempotency_key, public_key, previous_public_key,"
+            " trust_list_version, rotated_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            self.tenant_id, idempotency_key, new.public_key, previous.public_key if previous else None, version, now)
+
     async def rotate(self, *, now: datetime, retire_after_for: Callable[[datetime | None], datetime]
                      ) -> tuple[IssuerKey, IssuerKey | None, int]:
         """A new signing key; the old one verifies until its last credential ends."""

@@ -29,6 +29,8 @@ Choices made here where the issue left them open:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import secrets
 import uuid
@@ -721,6 +723,25 @@ _HASHER = PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
 
 def new_client_id() -> str:
     return CLIENT_ID_PREFIX + secrets.token_hex(CLIENT_ID_RANDOM_BYTES)
+
+
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def check_idempotency_key(value: str) -> str:
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise InvalidArgument(f"idempotency_key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
+                              reason="INVALID_IDEMPOTENCY_KEY")
+    return value
+
+
+def api_client_fingerprint(*, name: str, scopes: Iterable[str], grants: Mapping[uuid.UUID, Iterable[str]]) -> bytes:
+    """What a CreateApiClient idempotency key names: the name, the scopes, the grants (order aside)."""
+    canonical = json.dumps({"name": name, "scopes": sorted(scopes),
+                            "grants": sorted([str(t), sorted(s)] for t, s in grants.items())},
+                           separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).digest()
 
 
 def new_client_secret() -> str:

@@ -22,8 +22,10 @@ import grpc
 
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.identity.v1 import identity_pb2_grpc
-from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from runtime.grpc_server import ServiceApp
+from runtime.idempotency import key_scope, scoped_key
+from runtime.mesh import peer_name
 from runtime.wire import timestamp_pb
 from services.identity import domain, selfservice
 from services.identity.domain import (
@@ -601,11 +603,38 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             if tenant_id in grants:
                 raise InvalidArgument(f"tenant {tenant_id} is granted twice", reason="GRANT_DUPLICATE")
             grants[tenant_id] = domain.check_grant_scopes(client_scopes=scopes, granted=grant.scopes)
+        stored_key = fingerprint = None
+        if request.idempotency_key or request.key_scope:
+            key = domain.check_idempotency_key(request.idempotency_key)
+            stored_key = scoped_key(key_scope(request.key_scope, caller=peer_name(context)), key)
+            fingerprint = domain.api_client_fingerprint(name=name, scopes=scopes, grants=grants)
+            made = await self._repeated_client(stored_key, fingerprint, name=name, scopes=scopes, grants=grants)
+            if made is not None:
+                return made
         secret = domain.new_client_secret()
         client = ApiClient(client_id=domain.new_client_id(), name=name, scopes=scopes, created_at=_now(), grants=grants)
         secret_hash = await asyncio.to_thread(domain.hash_client_secret, secret)
-        await self._store.create_api_client(client=client, secret_hash=secret_hash, grants=grants)
+        if not await self._store.create_api_client(client=client, secret_hash=secret_hash, grants=grants,
+                                                   idempotency_key=stored_key, fingerprint=fingerprint):
+            # A concurrent call under the same key made it first: that one showed the secret.
+            assert stored_key is not None and fingerprint is not None
+            made = await self._repeated_client(stored_key, fingerprint, name=name, scopes=scopes, grants=grants)
+            assert made is not None
+            return made
         return pb.CreateApiClientResponse(client=api_client_pb(client), client_secret=secret)
+
+    async def _repeated_client(self, stored_key: str, fingerprint: bytes, *, name: str, scopes: tuple[str, ...],
+                               grants: dict[uuid.UUID, tuple[str, ...]]) -> pb.CreateApiClientResponse | None:
+        """The answer to a key that made a client already: that client (as this very request made
+        it), its secret not again; None when the key is new."""
+        found = await self._store.api_client_by_key(idempotency_key=stored_key)
+        if found is None:
+            return None
+        client_id, created_at, first_fingerprint = found
+        if first_fingerprint != fingerprint:
+            raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
+        client = ApiClient(client_id=client_id, name=name, scopes=scopes, created_at=created_at, grants=grants)
+        return pb.CreateApiClientResponse(client=api_client_pb(client), secret_already_shown=True)
 
     async def GrantTenantAccess(
         self, request: pb.GrantTenantAccessRequest, context: grpc.aio.ServicerContext

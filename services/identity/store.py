@@ -714,8 +714,30 @@ class IdentityStore:
 
     # --- partner API clients ---------------------------------------------------------------
 
+    async def api_client_by_key(self, *, idempotency_key: str) -> tuple[str, datetime, bytes] | None:
+        """(client id, created at, request fingerprint) of the client made under the key, if any."""
+        row = await self._pool.fetchrow(
+            "SELECT client_id, created_at, request_fingerprint FROM api_clients WHERE idempotency_key = $1",
+            idempotency_key)
+        return None if row is None else (row["client_id"], row["created_at"], bytes(row["request_fingerprint"]))
+
     async def create_api_client(
-        self, *, client: ApiClient, secret_hash: str, grants: dict[uuid.UUID, tuple[str, ...]]
+        self, *, client: ApiClient, secret_hash: str, grants: dict[uuid.UUID, tuple[str, ...]],
+        idempotency_key: str | None = None, fingerprint: bytes | None = None,
+    ) -> bool:
+        """Make the client; False (nothing made) when a concurrent call made one under the same key."""
+        try:
+            await self._create_api_client(client=client, secret_hash=secret_hash, grants=grants,
+                                          idempotency_key=idempotency_key, fingerprint=fingerprint)
+        except asyncpg.UniqueViolationError as exc:
+            if idempotency_key is None or exc.constraint_name != "api_clients_idempotency_key_key":
+                raise
+            return False
+        return True
+
+    async def _create_api_client(
+        self, *, client: ApiClient, secret_hash: str, grants: dict[uuid.UUID, tuple[str, ...]],
+        idempotency_key: str | None, fingerprint: bytes | None,
     ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             known = {
@@ -728,13 +750,15 @@ class IdentityStore:
                 if tenant_id not in known:
                     raise NotFound(f"tenant {tenant_id} not found", reason="TENANT_NOT_FOUND")
             await conn.execute(
-                "INSERT INTO api_clients (client_id, name, scopes, secret_hash, created_at)"
-                " VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO api_clients (client_id, name, scopes, secret_hash, created_at, idempotency_key,"
+                " request_fingerprint) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 client.client_id,
                 client.name,
                 list(client.scopes),
                 secret_hash,
                 client.created_at,
+                idempotency_key,
+                fingerprint,
             )
             for tenant_id, scopes in grants.items():
                 await _write_grant(

@@ -71,6 +71,18 @@ class BundleKey:
     key_id: str
     public_key: bytes
     created_at: datetime
+    # The one key of the tenant that signs bundles now; the others only verify.
+    signing: bool = False
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A rotation of a tenant's bundle signing key, as first made under its idempotency key."""
+
+    tenant_id: uuid.UUID
+    signing_key: BundleKey
+    previous_key: BundleKey | None
+    replayed: bool
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from onecard.policy.v1 import policy_pb2 as pb
 from onecard.policy.v1 import policy_pb2_grpc
 from runtime.errors import Conflict
 from runtime.grpc_server import ServiceApp
-from runtime.idempotency import key_scope
+from runtime.idempotency import key_scope, scoped_key
 from runtime.mesh import peer_name
 from runtime.wire import timestamp_pb
 from services.policy import domain
@@ -61,7 +61,8 @@ def version_pb(v: StoredVersion) -> pb.RuleSetVersion:
 
 
 def bundle_key_pb(key: BundleKey) -> pb.BundleKey:
-    return pb.BundleKey(key_id=key.key_id, public_key=key.public_key, created_at=timestamp_pb(key.created_at))
+    return pb.BundleKey(key_id=key.key_id, public_key=key.public_key, created_at=timestamp_pb(key.created_at),
+                        signing=key.signing)
 
 
 def plan_pb(plan: Plan, *, purses: Sequence[MemberPurse], version: int, sha256: bytes,
@@ -384,6 +385,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             spans=[pb.RulesInForce(version=s.version, in_force_from=timestamp_pb(s.since),
                                    in_force_until=timestamp_pb(s.until)) for s in spans],
             documents=[pb.PublishedDocument(version=v, document=d) for v, d in documents])
+
+    async def RotateBundleKey(
+        self, request: pb.RotateBundleKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RotateBundleKeyResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        key = domain.check_idempotency_key(request.idempotency_key)
+        # The operator's own keys (mesh:ops): no caller files keys for another here.
+        scope = key_scope("", caller=peer_name(context))
+        async with self._store.tenant_tx(tenant_id) as tx:
+            rotation = await tx.rotate_signing_key(idempotency_key=scoped_key(scope, key), now=_now())
+        return pb.RotateBundleKeyResponse(
+            signing_key=bundle_key_pb(rotation.signing_key),
+            previous_key=bundle_key_pb(rotation.previous_key) if rotation.previous_key else None,
+            replayed=rotation.replayed)
 
     async def GetBundleKeys(
         self, request: pb.GetBundleKeysRequest, context: grpc.aio.ServicerContext

@@ -22,6 +22,7 @@ from services.policy.domain import (
     BundleKey,
     InForce,
     Publication,
+    Rotation,
     RuleSetStatus,
     StoredVersion,
     published_event_data,
@@ -64,7 +65,12 @@ def _version(row: asyncpg.Record, *, with_document: bool = True) -> StoredVersio
 
 
 def _bundle_key(row: asyncpg.Record) -> BundleKey:
-    return BundleKey(key_id=row["key_id"], public_key=bytes(row["public_key"]), created_at=row["created_at"])
+    return BundleKey(key_id=row["key_id"], public_key=bytes(row["public_key"]), created_at=row["created_at"],
+                     signing=bool(row.get("signing", False)))
+
+
+SUBJECT_BUNDLE_KEY_ROTATED = "policy.bundle_key.rotated"
+_KEY_COLUMNS = "key_id, public_key, created_at, signing"
 
 
 class TenantTx:
@@ -130,6 +136,55 @@ class TenantTx:
 
     # --- bundle keys and bundles ----------------------------------------------------------------
 
+    async def _insert_signing_key(self, *, now: datetime) -> asyncpg.Record:
+        new = nacl.signing.SigningKey.generate()
+        public_key = bytes(new.verify_key)
+        key_id = keys.key_id_for(public_key)
+        sealed = keys.seal_seed(master_key=self._master_key, tenant_id=self.tenant_id, key_id=key_id,
+                                public_key=public_key, seed=bytes(new))
+        return await self.conn.fetchrow(
+            "INSERT INTO bundle_keys (tenant_id, key_id, public_key, sealed_private, signing, created_at)"
+            " VALUES ($1, $2, $3, $4, true, $5) RETURNING key_id, public_key, sealed_private, created_at, signing",
+            self.tenant_id, key_id, public_key, sealed, now,
+        )
+
+    async def _key(self, key_id: str | None) -> BundleKey | None:
+        if key_id is None:
+            return None
+        row = await self.conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM bundle_keys WHERE tenant_id = $1 AND key_id = $2",
+                                       self.tenant_id, key_id)
+        return None if row is None else _bundle_key(row)
+
+    async def rotate_signing_key(self, *, idempotency_key: str, now: datetime) -> Rotation:
+        """A new signing key, the old one kept to verify what it signed; or, for a key already
+        used in this tenant, that first rotation (replayed).
+        Under the tenant's lock, so two rotations of one tenant apply one after the other."""
+        await self._lock_tenant()
+        done = await self.conn.fetchrow(
+            "SELECT key_id, previous_key_id FROM bundle_key_rotations WHERE tenant_id = $1 AND idempotency_key = $2",
+            self.tenant_id, idempotency_key)
+        if done is not None:
+            signing = await self._key(done["key_id"])
+            assert signing is not None
+            return Rotation(tenant_id=self.tenant_id, signing_key=signing,
+                            previous_key=await self._key(done["previous_key_id"]), replayed=True)
+        old = await self.conn.fetchrow(
+            f"UPDATE bundle_keys SET signing = false WHERE tenant_id = $1 AND signing RETURNING {_KEY_COLUMNS}",
+            self.tenant_id)
+        signing = _bundle_key(await self._insert_signing_key(now=now))
+        previous = None if old is None else _bundle_key(old)
+        # The tenant's lock, held since the look-up above, keeps a concurrent repeat of the key out.
+        await self.conn.execute(
+            "INSERT INTO bundle_key_rotations (tenant_id, idempotency_key, key_id, previous_key_id, rotated_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            self.tenant_id, idempotency_key, signing.key_id, previous.key_id if previous else None, now)
+        await emit(self.conn, subject=SUBJECT_BUNDLE_KEY_ROTATED, event_type=SUBJECT_BUNDLE_KEY_ROTATED,
+                   tenant_id=str(self.tenant_id),
+                   data={"tenant_id": str(self.tenant_id), "key_id": signing.key_id,
+                         "previous_key_id": previous.key_id if previous else "",
+                         "rotated_at": now.isoformat()})
+        return Rotation(tenant_id=self.tenant_id, signing_key=signing, previous_key=previous, replayed=False)
+
     async def signing_key(self, *, now: datetime) -> tuple[BundleKey, nacl.signing.SigningKey]:
         """The tenant's bundle signing key, made (and sealed) on first need."""
         row = await self.conn.fetchrow(
@@ -143,16 +198,7 @@ class TenantTx:
                 " WHERE tenant_id = $1 AND signing", self.tenant_id,
             )
         if row is None:
-            new = nacl.signing.SigningKey.generate()
-            public_key = bytes(new.verify_key)
-            key_id = keys.key_id_for(public_key)
-            sealed = keys.seal_seed(master_key=self._master_key, tenant_id=self.tenant_id, key_id=key_id,
-                                    public_key=public_key, seed=bytes(new))
-            row = await self.conn.fetchrow(
-                "INSERT INTO bundle_keys (tenant_id, key_id, public_key, sealed_private, signing, created_at)"
-                " VALUES ($1, $2, $3, $4, true, $5) RETURNING key_id, public_key, sealed_private, created_at",
-                self.tenant_id, key_id, public_key, sealed, now,
-            )
+            row = await self._insert_signing_key(now=now)
         key = _bundle_key(row)
         opened = keys.open_signing_key(master_key=self._master_key, tenant_id=self.tenant_id, key_id=key.key_id,
                                        public_key=key.public_key, sealed=bytes(row["sealed_private"]))
@@ -248,7 +294,7 @@ class PolicyStore:
     async def bundle_keys(self, *, tenant_id: uuid.UUID) -> list[BundleKey]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT key_id, public_key, created_at FROM bundle_keys WHERE tenant_id = $1"
+                f"SELECT {_KEY_COLUMNS} FROM bundle_keys WHERE tenant_id = $1"
                 " ORDER BY created_at, key_id", tenant_id,
             )
         return [_bundle_key(r) for r in rows]

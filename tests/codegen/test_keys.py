@@ -127,3 +127,26 @@ async def test_readers_racing_to_retire_a_due_key_change_the_trust_list_once(sta
     assert {a.version for a in answers} == {version_before + 1}
     changes = await stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id, since_version=version_before))
     assert [(k.key_id, k.status) for k in changes.keys] == [(old.credential.key_id, pb.ISSUER_KEY_STATUS_RETIRED)]
+
+
+async def test_a_rotation_under_an_idempotency_key_is_made_once(codegen, tenant_id, member_id):
+    stub = codegen.stub
+    await issue(stub, tenant_id, member_id)
+    answers = await asyncio.gather(*(stub.RotateIssuerKey(pb.RotateIssuerKeyRequest(
+        tenant_id=tenant_id, idempotency_key="rotate-1")) for _ in range(3)))
+    assert len({a.signing_key.key_id for a in answers}) == 1 and len({a.trust_list_version for a in answers}) == 1
+    assert sorted(a.replayed for a in answers) == [False, True, True]
+    trust_list = await stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id))
+    # The first key and the one rotation's: no key per retry (the first may have retired already).
+    assert answers[0].signing_key.key_id in {k.key_id for k in trust_list.keys}
+    assert {k.key_id for k in trust_list.keys} <= {answers[0].previous_key.key_id, answers[0].signing_key.key_id}
+    # Without a key every call rotates, as before; a bad key is refused and rotates nothing.
+    plain = await stub.RotateIssuerKey(pb.RotateIssuerKeyRequest(tenant_id=tenant_id))
+    assert not plain.replayed and plain.previous_key.key_id == answers[0].signing_key.key_id
+    code, reason = await refused(stub.RotateIssuerKey(pb.RotateIssuerKeyRequest(tenant_id=tenant_id,
+                                                                                 idempotency_key="with space")))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDEMPOTENCY_KEY")
+    listed = (await stub.GetTrustList(pb.GetTrustListRequest(tenant_id=tenant_id))).keys
+    # (the first key may have retired meanwhile: its credentials were short)
+    assert plain.signing_key.key_id in {k.key_id for k in listed}
+    assert {k.key_id for k in listed} <= {k.key_id for k in trust_list.keys} | {plain.signing_key.key_id}

@@ -2,35 +2,16 @@
 the operator's certificate and read from JetStream with the operator's NATS account."""
 from __future__ import annotations
 
-import io
-import json
 from typing import Any
 
 import pytest
 
-from onecard_admin.cli import run
 from onecard_admin.settings import SERVICE_NAMES, AdminSettings
+from runtime import VERSION
+from tests.admin.cli import admin, admin_json, admin_settings
 from tests.conftest import start_service
 from tests.gateway.conftest import ClientCredentials
-from tests.mesh import nats_seed, pki
-
-
-def admin_settings(nats_url: str, **targets: str) -> AdminSettings:
-    values: dict[str, Any] = {f"{name}_target": "" for name in SERVICE_NAMES}
-    values.update({f"{name}_target": target for name, target in targets.items()})
-    return AdminSettings(tls_dir=pki().tls_dir("ops"), nats_seed=nats_seed("ops"), nats_url=nats_url, **values)
-
-
-async def admin(settings: AdminSettings, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = await run(list(argv), settings=settings, out=out, err=err)
-    return code, out.getvalue(), err.getvalue()
-
-
-async def admin_json(settings: AdminSettings, *argv: str) -> tuple[int, dict[str, Any]]:
-    code, out, err = await admin(settings, "--json", *argv)
-    assert out, err
-    return code, json.loads(out)
+from tests.mesh import pki
 
 
 @pytest.fixture
@@ -50,10 +31,19 @@ async def test_status_lists_every_service_serving_and_the_streams(platform_setti
     # Durable consumers only, each with its lag (the ledger's purse opener follows identity).
     assert ("IDENTITY", "ledger-member-purses") in {(row["stream"], row["consumer"]) for row in doc["consumers"]}
     assert all(row["lag"] == row["pending"] + row["ack_pending"] for row in doc["consumers"])
+    # Each service's version, its schema fully migrated, and its outbox (OpsService.GetServiceInfo).
+    for row in doc["services"]:
+        assert row["version"] == VERSION, row
+        assert row["migrations_pending"] == [] and row["migrations_applied"] == row["migrations_known"] > 1, row
+        assert row["outbox_unpublished"] >= 0 and row["outbox_oldest_age_s"] >= 0, row
+    assert (doc["healthy"], doc["problems"], doc["open_alarms"], doc["alarms"]) == (True, [], 0, [])
 
     code, text, _ = await admin(platform_settings, "status")
-    assert code == 0
-    assert text.splitlines()[2].split() == ["SERVICE", "TARGET", "HEALTH", "DETAIL"]
+    lines = text.splitlines()
+    assert code == 0 and "problems: none" in lines
+    header = lines[lines.index("SERVICES") + 1].split()
+    assert header == ["SERVICE", "TARGET", "HEALTH", "VERSION", "MIGRATIONS", "PENDING", "OUTBOX", "OLDEST_S",
+                      "DETAIL"]
 
 
 async def test_tenants_create_then_clients_create_gives_a_client_that_logs_in(
@@ -77,6 +67,22 @@ async def test_tenants_create_then_clients_create_gives_a_client_that_logs_in(
         tenant_id=tenant_id, credentials=ClientCredentials(row["client_id"], row["client_secret"]))
     assert response.status_code == 200, response.text
     assert set(response.json()["scope"].split()) == {"clients:admin", "members:read"}
+
+    # A retry with the key the first run printed is the same client, and the secret is not shown again.
+    assert client["secret_already_shown"] is False and client["idempotency_key"]
+    code, again = await admin_json(platform_settings, "clients", "create", "--tenant", tenant_id,
+                                   "--scope", "clients:admin", "--scope", "members:read",
+                                   "--idempotency-key", client["idempotency_key"])
+    assert (code, again["secret_already_shown"]) == (0, True)
+    assert (again["clients"][0]["client_id"], again["clients"][0]["client_secret"]) == (row["client_id"], "")
+    code, out, _ = await admin(platform_settings, "clients", "create", "--tenant", tenant_id,
+                               "--scope", "members:read", "--scope", "clients:admin",
+                               "--idempotency-key", client["idempotency_key"])
+    assert code == 0 and "cannot be read again" in out and row["client_id"] in out
+    # ... but with other scopes it is another request: refused, nothing made.
+    code, out, err = await admin(platform_settings, "clients", "create", "--tenant", tenant_id,
+                                 "--scope", "members:read", "--idempotency-key", client["idempotency_key"])
+    assert (code, out) == (2, "") and "ABORTED IDEMPOTENCY_KEY_REUSED" in err
 
 
 async def test_trial_balance_and_alarms_of_a_new_tenant(platform_settings: AdminSettings) -> None:
@@ -168,6 +174,11 @@ async def test_keys_rotate_twice_leaves_the_first_rotations_key_verifying(platfo
     assert code == 0 and keys["previous"]["key_id"] == signing["key_id"]
     assert keys["previous"]["status"] == "verifying" and keys["signing"]["key_id"] != signing["key_id"]
     assert second["trust_list_version"] > first["trust_list_version"]
+    # A retry of the second run (its printed key) is that rotation, not a third.
+    code, retried = await admin_json(platform_settings, "keys", "rotate", "codegen", "--tenant", tenant_id,
+                                     "--idempotency-key", second["idempotency_key"])
+    assert (code, retried["replayed"], retried["keys"]) == (0, True, second["keys"])
+    assert retried["trust_list_version"] == second["trust_list_version"]
 
 
 async def test_rollouts_of_a_tenant_without_any_is_an_empty_table(platform_settings: AdminSettings) -> None:
@@ -183,3 +194,21 @@ async def test_nats_unreachable_is_said_and_status_exits_1(identity: Any) -> Non
     assert code == 1 and doc["nats"] != "ok"
     assert {row["service"]: row["health"] for row in doc["services"]}["identity"] == "SERVING"
     assert doc["consumers"] == [] and doc["streams"] == []
+
+
+async def test_keys_rotate_policy_rotates_once_per_idempotency_key(platform_settings: AdminSettings) -> None:
+    _, created = await admin_json(platform_settings, "tenants", "create", "--name", "North-West")
+    tenant_id = created["tenants"][0]["tenant_id"]
+    code, first = await admin_json(platform_settings, "keys", "rotate", "policy", "--tenant", tenant_id)
+    assert code == 0 and first["replayed"] is False and first["idempotency_key"]
+    signing = {row["role"]: row for row in first["keys"]}["signing"]
+    assert signing["status"] == "signing"
+
+    # A retry with the printed key is the same rotation; a new run rotates again.
+    code, retried = await admin_json(platform_settings, "keys", "rotate", "policy", "--tenant", tenant_id,
+                                     "--idempotency-key", first["idempotency_key"])
+    assert code == 0 and retried["replayed"] is True and retried["keys"] == first["keys"]
+    code, second = await admin_json(platform_settings, "keys", "rotate", "policy", "--tenant", tenant_id)
+    keys = {row["role"]: row for row in second["keys"]}
+    assert code == 0 and second["idempotency_key"] != first["idempotency_key"]
+    assert keys["previous"]["key_id"] == signing["key_id"] and keys["previous"]["status"] == "verifying"

@@ -198,3 +198,38 @@ async def test_a_revoked_client_loses_every_grant_and_is_never_granted_again(ide
                                                                                 "CLIENT_REVOKED")
     assert await refused(stub.RevokeApiClient(pb.RevokeApiClientRequest(client_id="oc_nobody"))) == (
         grpc.StatusCode.NOT_FOUND, "CLIENT_NOT_FOUND")
+
+
+def keyed(tenant_id: str, key: str, *, scopes: tuple[str, ...] = ("members:read",),
+          key_scope: str = "") -> pb.CreateApiClientRequest:
+    return pb.CreateApiClientRequest(name="Ops-made admin", scopes=scopes, idempotency_key=key, key_scope=key_scope,
+                                     grants=[pb.TenantGrant(tenant_id=tenant_id, scopes=scopes)])
+
+
+async def test_a_client_made_under_an_idempotency_key_is_made_once_and_its_secret_shown_once(
+    identity, tenant_id: str, db: asyncpg.Connection
+) -> None:
+    import asyncio
+
+    answers = await asyncio.gather(*(identity.stub.CreateApiClient(keyed(tenant_id, "admin-1")) for _ in range(4)))
+    assert len({a.client.client_id for a in answers}) == 1
+    shown = [a for a in answers if a.client_secret]
+    assert len(shown) == 1 and not shown[0].secret_already_shown
+    assert all(a.secret_already_shown and not a.client_secret for a in answers if a is not shown[0])
+    again = await identity.stub.CreateApiClient(keyed(tenant_id, "admin-1"))
+    assert again.secret_already_shown and again.client == shown[0].client
+    assert await db.fetchval("SELECT count(*) FROM api_clients WHERE name = 'Ops-made admin'") == 1
+    # The secret the first answer showed is the one that authenticates.
+    client_id = shown[0].client.client_id
+    assert (await authenticate(identity.stub, client_id, shown[0].client_secret, tenant_id)).client_id == client_id
+
+
+async def test_an_idempotency_key_names_one_request_of_one_owner(identity, tenant_id: str) -> None:
+    first = await identity.stub.CreateApiClient(keyed(tenant_id, "k"))
+    code, reason = (await refused(identity.stub.CreateApiClient(keyed(tenant_id, "k", scopes=("members:write",)))))[:2]
+    assert (code, reason) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_REUSED")
+    # The same text is another owner's key when a partner's client files it (through the gateway).
+    partner = await identity.stub.CreateApiClient(keyed(tenant_id, "k", key_scope="client:oc_partner"))
+    assert partner.client_secret and partner.client.client_id != first.client.client_id
+    code, reason = (await refused(identity.stub.CreateApiClient(keyed(tenant_id, "bad key"))))[:2]
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDEMPOTENCY_KEY")

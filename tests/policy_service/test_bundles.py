@@ -131,3 +131,40 @@ async def test_bundle_keys_are_sealed_at_rest_with_the_master_key(policy, databa
     with pytest.raises(policy_keys.MasterKeyMismatch):
         policy_keys.open_signing_key(master_key=master, tenant_id=uuid.uuid4(), key_id=row["key_id"],
                                      public_key=bytes(row["public_key"]), sealed=bytes(row["sealed_private"]))
+
+
+async def test_rotating_the_bundle_key_signs_new_bundles_with_it_and_keeps_the_old_one_verifying(policy):
+    tenant_id = str(uuid.uuid4())
+    await publish(policy.stub, tenant_id, university())
+    old = await policy.stub.GetBundle(pb.GetBundleRequest(tenant_id=tenant_id))
+
+    rotated = await policy.stub.RotateBundleKey(pb.RotateBundleKeyRequest(tenant_id=tenant_id, idempotency_key="r-1"))
+    assert not rotated.replayed and rotated.signing_key.signing and not rotated.previous_key.signing
+    assert rotated.previous_key.key_id == old.key_id != rotated.signing_key.key_id
+    listed = (await policy.stub.GetBundleKeys(pb.GetBundleKeysRequest(tenant_id=tenant_id))).keys
+    assert {(k.key_id, k.signing) for k in listed} == {(old.key_id, False), (rotated.signing_key.key_id, True)}
+
+    # The bundle of the same version is signed again, with the new key; both open with the listed keys.
+    new = await policy.stub.GetBundle(pb.GetBundleRequest(tenant_id=tenant_id))
+    assert (new.version, new.key_id) == (old.version, rotated.signing_key.key_id)
+    keys = await _trusted(policy.stub, tenant_id)
+    assert open_bundle(old.bundle, trusted_keys=keys, tenant_id=tenant_id)[1] == 1
+    assert open_bundle(new.bundle, trusted_keys=keys, tenant_id=tenant_id)[1] == 1
+
+
+async def test_a_repeated_rotation_key_rotates_once_in_its_tenant(policy):
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    first = await policy.stub.RotateBundleKey(pb.RotateBundleKeyRequest(tenant_id=a, idempotency_key="once"))
+    # A tenant with no key yet gets its first: nothing was replaced.
+    assert first.signing_key.key_id and not first.HasField("previous_key") and not first.replayed
+    again = await policy.stub.RotateBundleKey(pb.RotateBundleKeyRequest(tenant_id=a, idempotency_key="once"))
+    assert again.replayed and again.signing_key == first.signing_key
+    assert len((await policy.stub.GetBundleKeys(pb.GetBundleKeysRequest(tenant_id=a))).keys) == 1
+
+    code, reason, _ = await refused(policy.stub.RotateBundleKey(pb.RotateBundleKeyRequest(tenant_id=b)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDEMPOTENCY_KEY")
+    # Keys are the tenant's: the same text in tenant B is B's own first rotation (the refusal
+    # before made it no key), not a replay of A's.
+    own = await policy.stub.RotateBundleKey(pb.RotateBundleKeyRequest(tenant_id=b, idempotency_key="once"))
+    assert not own.replayed and not own.HasField("previous_key")
+    assert own.signing_key.key_id != first.signing_key.key_id

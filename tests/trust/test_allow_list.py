@@ -20,6 +20,7 @@ from onecard.devicehub.v1 import devicehub_pb2
 from onecard.identity.v1 import identity_pb2
 from onecard.ledger.v1 import ledger_pb2
 from onecard.mesh.v1 import access_pb2
+from onecard.ops.v1 import ops_pb2
 from onecard.policy.v1 import policy_pb2
 from onecard.webhooks.v1 import webhooks_pb2
 from devstack.security_doc import onecard_services
@@ -28,14 +29,15 @@ from runtime.grpc_client import error_info
 from tests.conftest import RunningService
 from tests.mesh import channel_as
 
-# Every service of the mesh, by the server that hosts it.
+# Every service of the mesh, by the server that hosts it; each server carries OpsService too (runtime.ops).
+OPS_SERVICE = ops_pb2.DESCRIPTOR.services_by_name["OpsService"]
 SERVICES: dict[str, list[ServiceDescriptor]] = {
-    "identity": [identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]],
-    "codegen": [codegen_pb2.DESCRIPTOR.services_by_name["CodegenService"]],
-    "ledger": [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]],
-    "policy": [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"]],
-    "devicehub": [devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminService"]],
-    "webhooks": [webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"]],
+    "identity": [identity_pb2.DESCRIPTOR.services_by_name["IdentityService"], OPS_SERVICE],
+    "codegen": [codegen_pb2.DESCRIPTOR.services_by_name["CodegenService"], OPS_SERVICE],
+    "ledger": [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"], OPS_SERVICE],
+    "policy": [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"], OPS_SERVICE],
+    "devicehub": [devicehub_pb2.DESCRIPTOR.services_by_name["DeviceAdminService"], OPS_SERVICE],
+    "webhooks": [webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"], OPS_SERVICE],
 }
 TERMINAL_SERVICES = [devicehub_pb2.DESCRIPTOR.services_by_name["DeviceService"]]
 INTERCEPTOR_REFUSALS = {(grpc.StatusCode.UNAUTHENTICATED, "NO_CALLER_IDENTITY"),
