@@ -570,3 +570,27 @@ async def test_a_sync_pushed_while_connected_is_applied_and_acknowledged(
 
 async def _acked_config(devicehub_db, device_id: str) -> int:  # noqa: ANN001
     return (await _acked_versions(devicehub_db, device_id)).get("CONFIG", 0)
+
+
+async def test_a_bundle_signed_by_a_rotated_key_reaches_a_device_connected_before_the_rotation(
+        identity: RunningService, codegen: RunningService, ledger: RunningService, policy: RunningService,
+        devicehub: RunningService, tenant_id: str, tmp_path: Path) -> None:
+    """The device learns the tenant's bundle keys in the hub's welcome. A bundle signed by a key
+    rotated in after it connected does not open with what it holds: it reconnects once, the new
+    welcome brings the new key, and the hub's bundle opens; the old rules hold meanwhile."""
+    campus = await _seeded(identity, codegen, ledger, policy, devicehub, tenant_id)
+    client = await campus.connected_client(devicehub, tmp_path)
+    try:
+        before = client.state.bundle_version
+        await policy.stub.RotateBundleKey(ppb.RotateBundleKeyRequest(tenant_id=tenant_id, idempotency_key="rotate-1"))
+        created = await policy.stub.CreateRuleSetVersion(ppb.CreateRuleSetVersionRequest(
+            tenant_id=tenant_id, document=json.dumps(_rule_set(campus.merchant)), note="after the rotation"))
+        await policy.stub.PublishRuleSetVersion(ppb.PublishRuleSetVersionRequest(
+            tenant_id=tenant_id, version=created.version.version, published_by="test"))
+        await _eventually(lambda: client.state.bundle_version == created.version.version,
+                          what="the bundle signed by the new key")
+        assert created.version.version > before
+        assert len(client.state.bundle_keys) == 2 and client.connected
+        assert client.stats.sessions == 2, "one reconnect to learn the key, no more"
+    finally:
+        await client.close()

@@ -256,6 +256,9 @@ class DeviceClient:
         self._reversal_queued = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._session_tasks: list[asyncio.Task] = []
+        # The bundle version that last made the device reconnect to learn the tenant's bundle keys
+        # (one reconnect per version, so a bundle that never opens cannot make it loop).
+        self._keys_asked_for_bundle = 0
         self._closing = False
         self._closed = False
 
@@ -542,6 +545,12 @@ class DeviceClient:
         except SyncError as exc:
             self.stats.syncs_refused += 1
             log.warning("device %s: sync refused: %s", self.device_id, exc)
+            if (exc.kind == pb.SYNC_KIND_POLICY_BUNDLE and exc.reason == "BUNDLE_UNKNOWN_KEY"
+                    and update.version > self._keys_asked_for_bundle):
+                # Signed by a key rotated in since the welcome: reconnect, and the next welcome
+                # lists it; the rules held stay in force until then.
+                self._keys_asked_for_bundle = update.version
+                raise SyncGap(exc.kind, exc.reason, "reconnecting to learn the tenant's bundle keys") from None
             return
         self.stats.syncs_applied += 1
         self._save_state()
