@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test bench gen lint-protos venv lock clean help image
+.PHONY: run test bench gen lint-protos venv lock clean help image chromium
 
 help:
 	@echo "make run    start PostgreSQL, NATS, every service and the gateway; seed a demo campus"
@@ -54,7 +54,21 @@ $(CRDS)/node_modules/.stamp: $(CRDS)/package-lock.json
 	cd $(CRDS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: gen lint-protos $(CRDS)/node_modules/.stamp
+# The browser tests (tests/browser) drive Debian's Chromium with Playwright for Python, whose own
+# browser download cannot be reached here: `playwright install` is never run. Installed when missing.
+CHROMIUM := /usr/bin/chromium
+$(VENV)/.chromium.stamp: | $(VENV)/.stamp
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "make test: $(CHROMIUM) is missing; installing Debian's chromium (apt-get update, apt-get install -y chromium)"; \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } \
+	    || { echo "make test: installing chromium FAILED (are you root, and can apt reach Debian's mirror?); the browser tests cannot run" >&2; exit 1; }; \
+	fi
+	@test -x $(CHROMIUM) || { echo "make test: $(CHROMIUM) is still missing after apt-get install chromium" >&2; exit 1; }
+	touch $@
+
+chromium: $(VENV)/.chromium.stamp
+
+test: gen lint-protos $(CRDS)/node_modules/.stamp $(VENV)/.chromium.stamp
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist $(TEST_DIST)
 
 # The bench starts its children (services, pgbench) while its own TLS channels are open; each child

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import known_scopes
+from gateway.console.routes import install as install_console
 from gateway.grants import Grant, GrantCache
 from gateway.identity_events import follow_grant_events
 from gateway.partner_grpc import bind_partner_rpcs, start_partner_server
@@ -344,6 +345,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(webhooks.router)
     app.include_router(ops.router)
+    # The operations console (/console): pages over the same REST API (gateway.console).
+    install_console(app)
     app.add_middleware(RequestContextMiddleware)
     app.openapi = lambda: _openapi_with_problem_schema(app)  # type: ignore[method-assign]
     # Every partner rpc has its REST twin in this app, or the gateway does not start.
