@@ -12,6 +12,9 @@ from typing import Any
 
 from playwright.async_api import expect
 
+from onecard.devicehub.v1 import devicehub_pb2 as dpb
+from services.devicehub.alarms import Alarms
+
 from tests.browser.conftest import ServedGateway
 from tests.browser.console_support import (CANTEEN, diner, open_canteen, operator, sign_in, tap)
 from tests.devicehub.support import eventually
@@ -62,11 +65,24 @@ async def test_an_operator_signs_in_and_the_dining_chart_moves_while_the_termina
         assert await phone_page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         await phone_page.screenshot(path=str(screenshots / "console-dining-phone.png"), full_page=True)
 
-        # Terminals: the canteen POS online, with its last contact and queue.
+        # Terminals: the canteen POS online, with its last contact and queue, and its alarm.
+        await Alarms(gateway.devicehub.app.pool).raise_alarm(  # type: ignore[attr-defined]
+            tenant_id=who.tenant_id, device_id=canteen.enrolled.device_id, kind=dpb.ALARM_KIND_SEQUENCE_GAP,
+            severity=dpb.ALARM_SEVERITY_WARNING, detail="sequences 17-19 never arrived")
         await page.get_by_role("link", name="Terminals").click()
         row = page.locator(f'#terminals tr[data-device-id="{canteen.enrolled.device_id}"]')
         await expect(row).to_contain_text("online")
+        alarm = page.locator("#alarms tbody tr[data-alarm-id]")
+        await expect(alarm).to_contain_text("sequences 17-19 never arrived")
+        await expect(alarm).to_contain_text("open")
+        await alarm.get_by_role("button", name="Acknowledge").focus()
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_role("status")).to_contain_text("acknowledged")
+        await expect(alarm.locator("td").nth(3)).to_have_text("acknowledged")
         await page.screenshot(path=str(screenshots / "console-terminals-desktop.png"), full_page=True)
+        await alarm.get_by_role("button", name="Clear").click()
+        await expect(page.get_by_role("status")).to_contain_text("cleared")
+        await expect(page.locator("#alarms tbody")).to_contain_text("No open alarms.")
 
         await page.get_by_role("button", name="Sign out").click()
         await expect(page.get_by_role("status")).to_contain_text("signed out")

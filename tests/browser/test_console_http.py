@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.auth import DATA_READ, LEDGER_ADMIN
+from gateway.auth import DATA_READ, DEVICES_ADMIN, LEDGER_ADMIN
 from gateway.console.session import SESSION_COOKIE, SessionBox
+from onecard.devicehub.v1 import devicehub_pb2 as dpb
 from onecard.identity.v1 import identity_pb2 as ipb
+from services.devicehub.alarms import Alarms
 from tests.browser.console_support import Operator, operator
 from tests.gateway.conftest import Gateway, assert_problem, gateway_settings
 
@@ -267,9 +269,17 @@ async def _populated(gateway: Gateway, label: str) -> tuple[Operator, TenantIds]
         "bill_number": f"SUB-{label}", "purse_kind": "subsidy", "ref": "meal-2026",
         "rows": [{"member_id": member.member_id, "amount_fen": 500}]})
     assert started.status_code == 202, started.text
+    devices = await gateway.tenant_access(tenant_id=who.tenant_id, scopes=(DEVICES_ADMIN,))
+    registered = await gateway.http.post(f"/v1/tenants/{who.tenant_id}/devices", headers=devices.headers, json={
+        "kind": "pos", "model": "HX-P300", "name": f"POS {label}", "location": "north-canteen"})
+    assert registered.status_code == 201, registered.text
+    await Alarms(gateway.devicehub.app.pool).raise_alarm(  # type: ignore[attr-defined]
+        tenant_id=who.tenant_id, device_id=registered.json()["device"]["device_id"],
+        kind=dpb.ALARM_KIND_SEQUENCE_GAP, severity=dpb.ALARM_SEVERITY_WARNING, detail=f"gap at {label}")
+    (alarm,) = (await gateway.http.get(f"/v1/tenants/{who.tenant_id}/alarms", headers=devices.headers)).json()["alarms"]
     return who, TenantIds(tenant_id=who.tenant_id, member_id=member.member_id, external_number=number,
                           member_name=name, card_uid=card, batch_id=started.json()["batch"]["batch_id"],
-                          merchant_account_id=merchant.json()["account"]["account_id"], alarm_id=str(uuid.uuid4()))
+                          merchant_account_id=merchant.json()["account"]["account_id"], alarm_id=alarm["alarm_id"])
 
 
 def _fill(text: str, ids: TenantIds) -> str:
@@ -282,7 +292,7 @@ async def test_a_session_of_tenant_a_shows_and_changes_nothing_of_tenant_b(devic
     who_a, ids_a = await _populated(gateway, "A")
     _, ids_b = await _populated(gateway, "B")
     secrets_of_b = [ids_b.tenant_id, ids_b.member_id, ids_b.member_name, ids_b.card_uid, ids_b.batch_id,
-                    ids_b.merchant_account_id]
+                    ids_b.merchant_account_id, ids_b.alarm_id, "gap at B", "POS B"]
     for (method, template), call in CONSOLE_ROUTE_CALLS.items():
         client, _ = await signed_in(gateway, who_a)
         async with aclosing(client):
@@ -327,3 +337,34 @@ async def test_a_session_of_tenant_a_shows_and_changes_nothing_of_tenant_b(devic
     batch_b = await gateway.http.get(f"/v1/tenants/{ids_b.tenant_id}/subsidy-batches/{ids_b.batch_id}",
                                      headers=admin_b.headers)
     assert batch_b.json()["total_rows"] == 1
+    devices_b = await gateway.tenant_access(tenant_id=ids_b.tenant_id, scopes=(DEVICES_ADMIN,))
+    alarms_b = await gateway.http.get(f"/v1/tenants/{ids_b.tenant_id}/alarms", headers=devices_b.headers)
+    assert [(a["alarm_id"], a["state"]) for a in alarms_b.json()["alarms"]] == [(ids_b.alarm_id, "open")]
+
+
+async def test_a_statement_downloads_as_the_apis_csv_and_a_card_is_reported_lost(devices_gateway: Gateway) -> None:
+    gateway = devices_gateway
+    who, ids = await _populated(gateway, "C")
+    client, _ = await signed_in(gateway, who)
+    async with aclosing(client):
+        query = {"date": "2026-11-26", "subject": "merchant", "subject_id": ids.merchant_account_id}
+        totals = await client.get("/console/statements", params=query)
+        assert totals.status_code == 200, totals.text
+        assert 'id="statement-totals"' in totals.text and 'id="download"' in totals.text
+        download = await client.get("/console/statements/download", params=query)
+        assert download.status_code == 200, download.text
+        assert download.headers["content-type"].startswith("text/csv")
+        assert download.headers["content-disposition"] == (
+            f'attachment; filename="statement-{ids.merchant_account_id}-2026-11-26.csv"')
+        assert download.text.splitlines()[0].startswith("booked_at,event_time,transfer_id,kind,merchant_fen")
+        # A day the API refuses is the page's message, not a stack trace.
+        refused = await client.get("/console/statements", params={**query, "date": "2026-13-45"})
+        assert refused.status_code in (400, 422) and 'class="error"' in refused.text
+
+        lost = await client.post(f"/console/members/{ids.member_id}/cards/{ids.card_uid}/report-lost",
+                                 data={"csrf_token": await csrf_of(client), "q": ids.external_number})
+        assert lost.status_code == 303 and lost.headers["location"].endswith("notice=card-lost")
+        member = await _member_status(gateway, ids.tenant_id, ids.member_id)
+        assert [c.status for c in member.cards] == [ipb.CARD_STATUS_LOST]
+        page = await client.get(lost.headers["location"])
+        assert "reported lost" in page.text and ">Report lost<" not in page.text
