@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
@@ -171,7 +172,11 @@ async def console_home(request: Request) -> Response:
     session = session_from(_box(request), request)
     if session is None:
         return RedirectResponse("/console/sign-in", status_code=303)
-    first = next((href for _, _, href, scope in PAGES if session.holds(scope)), "/console/sign-in?notice=")
+    first = next((href for _, _, href, scope in PAGES if session.holds(scope)), None)
+    if first is None:
+        needed = " or ".join(sorted({scope for *_, scope in PAGES}))
+        return render(request, "error.html", session=session, status_code=403, problem=ApiProblem(
+            status=403, reason="INSUFFICIENT_SCOPE", title="Nothing to show", detail="", scope=needed))
     return RedirectResponse(first, status_code=303)
 
 
@@ -418,14 +423,14 @@ async def statements_page(request: Request, session: Session, api: Api, date: St
 async def download_statement(request: Request, session: Session, date: StatementDate, subject_id: StatementSubjectId,
                              subject: StatementSubject = "device",
                              time_zone: StatementZone = "Asia/Shanghai") -> Response:
-    """The REST API's CSV, passed through as it streams."""
-    api = RestApi(request, token=session.access_token)
-    stream = api.stream(_tenant_path(session, "statements"),
-                        params=_statement_query(date, subject, subject_id, time_zone))
+    """The REST API's CSV, passed through as it streams; a refusal before the first byte is a page."""
+    resources = AsyncExitStack()
     try:
-        upstream = await stream.__aenter__()
+        api = await resources.enter_async_context(rest_api(request, token=session.access_token))
+        upstream = await resources.enter_async_context(api.stream(
+            _tenant_path(session, "statements"), params=_statement_query(date, subject, subject_id, time_zone)))
     except BaseException:
-        await api.aclose()
+        await resources.aclose()
         raise
 
     async def body() -> AsyncIterator[bytes]:
@@ -433,8 +438,7 @@ async def download_statement(request: Request, session: Session, date: Statement
             async for chunk in upstream.aiter_bytes():
                 yield chunk
         finally:
-            await stream.__aexit__(None, None, None)
-            await api.aclose()
+            await resources.aclose()
 
     return StreamingResponse(body(), media_type=upstream.headers.get("content-type", CSV_MEDIA_TYPE), headers={
         "Content-Disposition": upstream.headers.get("content-disposition", 'attachment; filename="statement.csv"')})

@@ -368,3 +368,14 @@ async def test_a_statement_downloads_as_the_apis_csv_and_a_card_is_reported_lost
         assert [c.status for c in member.cards] == [ipb.CARD_STATUS_LOST]
         page = await client.get(lost.headers["location"])
         assert "reported lost" in page.text and ">Report lost<" not in page.text
+
+
+async def test_a_client_holding_none_of_the_consoles_scopes_is_told_so(devices_gateway: Gateway) -> None:
+    gateway = devices_gateway
+    who = await operator(gateway, scopes=("wallets:read",))
+    client, _ = await signed_in(gateway, who)
+    async with aclosing(client):
+        home = await client.get("/console")
+        assert home.status_code == 403
+        assert 'data-reason="INSUFFICIENT_SCOPE"' in home.text and "data:read or" in home.text
+        assert '<nav' not in home.text or 'href="/console/dining"' not in home.text
