@@ -25,11 +25,6 @@ PHONE = {"width": 390, "height": 844}
 LIVE_TIMEOUT_MS = 30_000
 
 
-async def _served(page: Any, location: str) -> int:
-    value = await page.locator(f'#dining-chart g.canteen[data-location="{location}"]').get_attribute("data-served")
-    return int(value)
-
-
 async def test_an_operator_signs_in_and_the_dining_chart_moves_while_the_terminal_takes_payments(
         served_gateway: ServedGateway, browser: Any, screenshots: Path) -> None:
     gateway, base_url = served_gateway.gateway, served_gateway.base_url
