@@ -1,6 +1,6 @@
 // The member code page (docs/partners.md, "Member code page").
 //
-// 1. The partner's app opens /m/#<secret>. The secret is traded once at POST /v1/code-page/sessions
+// 1. The partner's app opens /m/#<tenant_id>.<secret>. The secret is traded once at POST /v1/code-page/sessions
 //    for a member token, and taken out of the address bar at once.
 // 2. Holder mode, where WebCrypto has Ed25519: the page makes the holder key non-extractable (no
 //    script, this one included, can read the private half), keeps the CryptoKey in IndexedDB and
@@ -115,10 +115,12 @@
 
   // --- the link ------------------------------------------------------------------------------
 
-  async function redeemLink(secret) {
+  async function redeemLink(fragment) {
     // Out of the address bar (and so out of history and any later Referer) before anything else.
     history.replaceState(null, "", location.pathname);
-    const session = await api("/v1/code-page/sessions", { method: "POST", body: { link_secret: secret } });
+    const dot = fragment.indexOf(".");
+    const session = await api("/v1/code-page/sessions", { method: "POST", body: {
+      tenant_id: fragment.slice(0, dot), link_secret: fragment.slice(dot + 1) } });
     const member = { tenant_id: session.tenant_id, member_id: session.member_id };
     if (!state.member || state.member.member_id !== member.member_id || state.member.tenant_id !== member.tenant_id) {
       await forgetAll();  // another member on this phone: nothing of the previous one stays

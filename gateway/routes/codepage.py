@@ -26,7 +26,7 @@ from fastapi import APIRouter, Path as PathParam, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import MEMBERS_CODE_PAGE, CodePageLinks, issue_member_token, MEMBER_TOKEN_TTL_S
-from gateway.models import MemberId, TenantId, timestamp
+from gateway.models import MAX_ID_CHARS, MemberId, TenantId, timestamp
 from gateway.problems import ProblemError, problem_responses
 from gateway.ratelimit import retry_after_s
 from gateway.routes.ledger import IdempotencyKeyHeader, _key
@@ -65,11 +65,11 @@ def _page_files() -> dict[str, Path]:
 
 class LinkOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "url": "https://card.example.edu/m/#k3VxQ0c1bWtOb2pZc1pPd0ZQd3l2Z0lYb3Z1dHl0aW5Oc2M",
+        "url": "https://card.example.edu/m/#0e404957-71bd-4f81-bd6d-d546165557dd.k3VxQ0c1bWtOb2pZc1pPd0ZQd3l2Z0lYb3Z1dHl0aW5Oc2M",
         "expires_at": "2025-09-01T08:05:00Z", "created": True}]})
 
-    url: str = Field(description="Open it in the member's browser or web view, once, before expires_at. The part "
-                     "after '#' is the secret: never log it.")
+    url: str = Field(description="Open it in the member's browser or web view, once, before expires_at. The "
+                     "fragment is '<tenant_id>.<secret>': never log it.")
     expires_at: datetime
     created: bool = Field(description="False when the Idempotency-Key had made this link before (the same link).")
 
@@ -77,8 +77,9 @@ class LinkOut(BaseModel):
 class SessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    tenant_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="The link fragment's part before '.'.")
     link_secret: str = Field(min_length=LINK_SECRET_CHARS, max_length=LINK_SECRET_CHARS,
-                             pattern=r"^[A-Za-z0-9_-]+$", description="The link's fragment, without '#'.")
+                             pattern=r"^[A-Za-z0-9_-]+$", description="The link fragment's part after '.'.")
 
 
 class SessionOut(BaseModel):
@@ -125,7 +126,7 @@ async def create_code_page_link(
     response.status_code = 201 if answer.created else 200
     response.headers["Cache-Control"] = "no-store"
     base = state.settings.code_page_url or str(request.base_url).rstrip("/") + PAGE_PATH
-    return LinkOut(url=f"{base}#{secret}", expires_at=timestamp(answer.expires_at), created=answer.created)
+    return LinkOut(url=f"{base}#{tenant_id}.{secret}", expires_at=timestamp(answer.expires_at), created=answer.created)
 
 
 @router.post("/v1/code-page/sessions", response_model=SessionOut, status_code=201, tags=["code page"],
@@ -141,7 +142,8 @@ async def create_code_page_session(body: SessionIn, request: Request, response: 
         raise ProblemError(status=429, reason="RATE_LIMITED", detail="too many session requests; slow down",
                            headers={"Retry-After": str(retry_after_s(wait_s))})
     answer = await state.identity.RedeemCodePageLink(
-        pb.RedeemCodePageLinkRequest(secret_hash=secret_hash(body.link_secret)), timeout=state.timeout_s)
+        pb.RedeemCodePageLinkRequest(tenant_id=body.tenant_id, secret_hash=secret_hash(body.link_secret)),
+        timeout=state.timeout_s)
     grant = await state.grants.current(tenant_id=answer.tenant_id, client_id=answer.client_id)
     if grant is None or MEMBERS_CODE_PAGE not in grant.scopes:
         raise ProblemError(status=403, reason="LINK_REVOKED",

@@ -28,9 +28,10 @@ class CodePageStore:
                                            tenant_id, member_id)
         return MemberStatus(status) if status else None
 
-    async def by_key(self, idempotency_key: str) -> CodePageLink | None:
-        row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM code_page_links WHERE idempotency_key = $1",
-                                        idempotency_key)
+    async def by_key(self, *, tenant_id: uuid.UUID, idempotency_key: str) -> CodePageLink | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM code_page_links WHERE tenant_id = $1 AND idempotency_key = $2",
+            tenant_id, idempotency_key)
         return _link(row) if row else None
 
     async def create(self, link: CodePageLink, *, idempotency_key: str) -> bool:
@@ -39,19 +40,20 @@ class CodePageStore:
             """INSERT INTO code_page_links (link_id, tenant_id, member_id, client_id, secret_hash, idempotency_key,
                                             created_at, expires_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-               ON CONFLICT (idempotency_key) DO NOTHING RETURNING true""",
+               ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING true""",
             link.link_id, link.tenant_id, link.member_id, link.client_id, link.secret_hash, idempotency_key,
             link.created_at, link.expires_at,
         )
         return bool(inserted)
 
-    async def redeem(self, *, secret_hash: bytes, now: datetime,
+    async def redeem(self, *, tenant_id: uuid.UUID, secret_hash: bytes, now: datetime,
                      refuse: Callable[[CodePageLink | None, MemberStatus | None, datetime], None]) -> CodePageLink:
         """Mark the link redeemed, once, unless ``refuse`` raises for it and its member's status (the
         row is locked meanwhile, so two redemptions at once cannot both pass)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM code_page_links WHERE secret_hash = $1 FOR UPDATE",
-                                      secret_hash)
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM code_page_links WHERE tenant_id = $1 AND secret_hash = $2 FOR UPDATE",
+                tenant_id, secret_hash)
             link = _link(row) if row else None
             status = None
             if link is not None:
@@ -59,5 +61,6 @@ class CodePageStore:
                                              link.tenant_id, link.member_id)
             refuse(link, MemberStatus(status) if status else None, now)
             assert link is not None
-            await conn.execute("UPDATE code_page_links SET redeemed_at = $2 WHERE link_id = $1", link.link_id, now)
+            await conn.execute("UPDATE code_page_links SET redeemed_at = $3 WHERE tenant_id = $1 AND link_id = $2",
+                               link.tenant_id, link.link_id, now)
         return link

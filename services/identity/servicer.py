@@ -963,7 +963,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         stored_key = scoped_key(key_scope(request.key_scope, caller=peer_name(context)), key)
         store = self._code_pages
         for _ in range(2):
-            first = await store.by_key(stored_key)
+            first = await store.by_key(tenant_id=tenant_id, idempotency_key=stored_key)
             if first is not None:
                 if not codepage.same_request(first, tenant_id=tenant_id, member_id=member_id,
                                              secret_hash=secret_hash):
@@ -987,8 +987,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     async def RedeemCodePageLink(
         self, request: pb.RedeemCodePageLinkRequest, context: grpc.aio.ServicerContext
     ) -> pb.RedeemCodePageLinkResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
         secret_hash = codepage.check_secret_hash(request.secret_hash)
-        link = await self._code_pages.redeem(secret_hash=secret_hash, now=self._clock(),
+        link = await self._code_pages.redeem(tenant_id=tenant_id, secret_hash=secret_hash, now=self._clock(),
                                              refuse=codepage.refuse_redemption)
         return pb.RedeemCodePageLinkResponse(link_id=str(link.link_id), tenant_id=str(link.tenant_id),
                                              member_id=str(link.member_id), client_id=link.client_id)

@@ -81,7 +81,7 @@ class Campus:
             headers={**self.partner.headers, "Idempotency-Key": str(uuid.uuid4())})
         assert response.status_code == 201, response.text
         url = response.json()["url"]
-        assert url.startswith(self.base_url + "/m/#")
+        assert url.startswith(f"{self.base_url}/m/#{self.tenant_id}.")
         return url
 
     async def verifier(self) -> Verifier:

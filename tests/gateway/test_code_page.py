@@ -43,12 +43,18 @@ async def make_link(gateway: Gateway, partner: TenantAccess, member_id: str, *, 
                                    headers={**partner.headers, "Idempotency-Key": key or str(uuid.uuid4())})
 
 
+def session_body(url: str) -> dict[str, str]:
+    """What the page sends: the link's fragment, '<tenant_id>.<secret>', in its two parts."""
+    tenant_id, secret = url.split("#", 1)[1].split(".", 1)
+    return {"tenant_id": tenant_id, "link_secret": secret}
+
+
 def secret_of(url: str) -> str:
-    return url.split("#", 1)[1]
+    return session_body(url)["link_secret"]
 
 
 async def exchange(gateway: Gateway, url: str) -> httpx.Response:
-    return await gateway.http.post("/v1/code-page/sessions", json={"link_secret": secret_of(url)})
+    return await gateway.http.post("/v1/code-page/sessions", json=session_body(url))
 
 
 async def member_session(gateway: Gateway, partner: TenantAccess, member_id: str) -> dict[str, str]:
@@ -66,20 +72,30 @@ async def test_a_link_is_exchanged_once_for_a_token_of_that_member(page_gateway:
     link = await make_link(page_gateway, partner, member_id)
     assert link.status_code == 201, link.text
     body = link.json()
-    assert body["url"].startswith("http://gateway.test/m/#") and body["created"] is True
+    assert body["url"].startswith(f"http://gateway.test/m/#{partner.tenant_id}.") and body["created"] is True
     assert link.headers["cache-control"] == "no-store"
     expires_at = datetime.fromisoformat(body["expires_at"])
     assert timedelta(0) < expires_at - datetime.now(UTC) <= timedelta(seconds=LINK_TTL_S)
 
+    # The secret under another tenant is no link at all, and uses nothing up.
+    elsewhere = await page_gateway.create_tenant(name="Elsewhere")
+    moved = await page_gateway.http.post("/v1/code-page/sessions",
+                                         json={**session_body(body["url"]), "tenant_id": elsewhere})
+    assert_problem(moved, 404, reason="LINK_NOT_FOUND")
     first = await exchange(page_gateway, body["url"])
     assert first.status_code == 201, first.text
     assert first.json()["member_id"] == member_id and first.json()["tenant_id"] == partner.tenant_id
     second = await exchange(page_gateway, body["url"])
     assert_problem(second, 409, reason="LINK_USED")
-    unknown = await page_gateway.http.post("/v1/code-page/sessions", json={"link_secret": "A" * 43})
+    unknown = await page_gateway.http.post("/v1/code-page/sessions",
+                                           json={"tenant_id": partner.tenant_id, "link_secret": "A" * 43})
     assert_problem(unknown, 404, reason="LINK_NOT_FOUND")
-    malformed = await page_gateway.http.post("/v1/code-page/sessions", json={"link_secret": "not a secret"})
+    malformed = await page_gateway.http.post("/v1/code-page/sessions",
+                                             json={"tenant_id": partner.tenant_id, "link_secret": "not a secret"})
     assert_problem(malformed, 422)
+    no_tenant = await page_gateway.http.post("/v1/code-page/sessions",
+                                             json={"tenant_id": "x", "link_secret": secret_of(body["url"])})
+    assert_problem(no_tenant, 400, reason="TENANT_ID_INVALID")
 
 
 async def test_the_same_key_answers_the_same_link_and_another_member_under_it_is_refused(
