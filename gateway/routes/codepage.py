@@ -59,8 +59,8 @@ PAGE_HEADERS = {
 }
 
 
-def _page_files() -> dict[str, Path]:
-    return {p.name: p for p in PAGE_DIR.iterdir() if p.is_file() and p.suffix in _MEDIA_TYPES}
+# Read once: the page's files are part of the release, like the code.
+PAGE_FILES = {p.name: p for p in PAGE_DIR.iterdir() if p.is_file() and p.suffix in _MEDIA_TYPES}
 
 
 class LinkOut(BaseModel):
@@ -159,7 +159,7 @@ PageAsset = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[A-
 
 
 def _page_file(name: str) -> Response:
-    path = _page_files().get(name)
+    path = PAGE_FILES.get(name)
     if path is None:
         raise ProblemError(status=404, reason="NOT_FOUND", detail="no such file")
     return Response(content=path.read_bytes(), media_type=_MEDIA_TYPES[path.suffix], headers=PAGE_HEADERS)

@@ -962,27 +962,36 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         key = domain.check_idempotency_key(request.idempotency_key)
         stored_key = scoped_key(key_scope(request.key_scope, caller=peer_name(context)), key)
         store = self._code_pages
-        for _ in range(2):
-            first = await store.by_key(tenant_id=tenant_id, idempotency_key=stored_key)
-            if first is not None:
-                if not codepage.same_request(first, tenant_id=tenant_id, member_id=member_id,
-                                             secret_hash=secret_hash):
-                    raise Conflict("this idempotency key was used for a different request",
-                                   reason="IDEMPOTENCY_KEY_REUSED")
-                return pb.CreateCodePageLinkResponse(link_id=str(first.link_id),
-                                                     expires_at=timestamp_pb(first.expires_at), created=False)
-            codepage.refuse_creation(await store.member_status(tenant_id=tenant_id, member_id=member_id),
-                                     member_id=member_id)
-            now = self._clock()
-            link = codepage.CodePageLink(link_id=uuid.uuid4(), tenant_id=tenant_id, member_id=member_id,
-                                         client_id=client_id, secret_hash=secret_hash, created_at=now,
-                                         expires_at=now + timedelta(seconds=ttl_s), redeemed_at=None)
-            if await store.create(link, idempotency_key=stored_key):
-                return pb.CreateCodePageLinkResponse(link_id=str(link.link_id),
-                                                     expires_at=timestamp_pb(link.expires_at), created=True)
-        # A concurrent call made it under the key between our look and our write: answered above on
-        # the second pass, so this is unreachable.
-        raise AssertionError("code page link neither found nor made")
+        repeated = await self._repeated_link(store, tenant_id=tenant_id, member_id=member_id,
+                                             secret_hash=secret_hash, stored_key=stored_key)
+        if repeated is not None:
+            return repeated
+        codepage.refuse_creation(await store.member_status(tenant_id=tenant_id, member_id=member_id),
+                                 member_id=member_id)
+        now = self._clock()
+        link = codepage.CodePageLink(link_id=uuid.uuid4(), tenant_id=tenant_id, member_id=member_id,
+                                     client_id=client_id, secret_hash=secret_hash, created_at=now,
+                                     expires_at=now + timedelta(seconds=ttl_s), redeemed_at=None)
+        if not await store.create(link, idempotency_key=stored_key):
+            # A concurrent call under the same key stored its link first: answer that one.
+            repeated = await self._repeated_link(store, tenant_id=tenant_id, member_id=member_id,
+                                                 secret_hash=secret_hash, stored_key=stored_key)
+            assert repeated is not None
+            return repeated
+        return pb.CreateCodePageLinkResponse(link_id=str(link.link_id), expires_at=timestamp_pb(link.expires_at),
+                                             created=True)
+
+    @staticmethod
+    async def _repeated_link(store: CodePageStore, *, tenant_id: uuid.UUID, member_id: uuid.UUID,
+                             secret_hash: bytes, stored_key: str) -> pb.CreateCodePageLinkResponse | None:
+        """The answer to a key that made a link already (that link); None when the key is new."""
+        first = await store.by_key(tenant_id=tenant_id, idempotency_key=stored_key)
+        if first is None:
+            return None
+        if not codepage.same_request(first, tenant_id=tenant_id, member_id=member_id, secret_hash=secret_hash):
+            raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
+        return pb.CreateCodePageLinkResponse(link_id=str(first.link_id), expires_at=timestamp_pb(first.expires_at),
+                                             created=False)
 
     async def RedeemCodePageLink(
         self, request: pb.RedeemCodePageLinkRequest, context: grpc.aio.ServicerContext

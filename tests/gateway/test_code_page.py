@@ -120,6 +120,16 @@ async def test_the_same_key_answers_the_same_link_and_another_member_under_it_is
     assert theirs.status_code == 201 and secret_of(theirs.json()["url"]) != secret_of(first.json()["url"])
 
 
+async def test_no_link_opens_for_a_member_who_left(page_gateway: Gateway) -> None:
+    partner = await page_gateway.tenant_access(scopes=(MEMBERS_CODE_PAGE,))
+    member_id = await member(page_gateway, partner.tenant_id, "P-1")
+    unused = (await make_link(page_gateway, partner, member_id)).json()["url"]
+    await page_gateway.stub.MarkMemberLeft(pb.MarkMemberLeftRequest(tenant_id=partner.tenant_id,
+                                                                    member_id=member_id))
+    assert_problem(await make_link(page_gateway, partner, member_id), 409, reason="MEMBER_LEFT")
+    assert_problem(await exchange(page_gateway, unused), 409, reason="MEMBER_LEFT")
+
+
 async def test_a_link_needs_the_code_page_scope(page_gateway: Gateway) -> None:
     partner = await page_gateway.tenant_access(scopes=(CODES_ISSUE,))
     member_id = await member(page_gateway, partner.tenant_id, "P-1")
