@@ -32,9 +32,10 @@ DEMO_CURRENCY = "CNY"
 DEMO_RANDOM_SEED = 20250901
 BANK_CLIENT_NAME = "Demo Bank"
 ADMIN_CLIENT_NAME = "Demo University Admin"
-# The bank is also the demo's mini-program backend (bindings, self-service) and receives webhooks.
+# The bank is also the demo's mini-program backend (bindings, self-service), opens the member code page
+# and receives webhooks.
 BANK_SCOPES = ("members:read", "members:write", "codes:issue", "wallets:read", "wallets:topup", "payments:create",
-               "webhooks:manage", "members:bind", "members:self-service")
+               "webhooks:manage", "members:bind", "members:self-service", "members:code-page")
 ADMIN_SCOPES = ("members:read", "members:write", "clients:admin", "codes:issue", "devices:sync", "codes:admin",
                 "wallets:read", "wallets:topup", "ledger:admin", "statements:read", "policy:admin", "devices:admin",
                 "data:read", "webhooks:manage")

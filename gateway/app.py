@@ -27,8 +27,8 @@ from gateway.partner_grpc import bind_partner_rpcs, start_partner_server
 from gateway.partner_grpc import server_credentials as partner_credentials
 from gateway.problems import Problem, install_problem_handlers, problem_response
 from gateway.ratelimit import SignInThrottle, TokenBucketLimiter
-from gateway.routes import (codes, devices, identity, ledger, miniprogram, oauth, ops, policy, reconciliation,
-                            webhooks)
+from gateway.routes import (codepage, codes, devices, identity, ledger, miniprogram, oauth, ops, policy,
+                            reconciliation, webhooks)
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from onecard.codegen.v1 import codegen_pb2_grpc
@@ -86,6 +86,9 @@ OPENAPI_TAGS = [
     {"name": "miniprograms", "description": "Mini-program backends: the calling client's external user ids bound "
      "to members (members:bind), and self-service for a bound member: freeze, report a card lost, PIN, unfreeze "
      "with the PIN (members:self-service). See docs/miniprograms.md."},
+    {"name": "code page", "description": "The member code page (/m/): a partner's one-time link for a member "
+     "(members:code-page), which the page trades once for a member token that calls only that member's routes "
+     "(marked x-onecard-member-token). See docs/partners.md."},
     {"name": "operations", "description": "Health of the gateway and what it depends on."},
 ]
 API_DESCRIPTION = """\
@@ -345,6 +348,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(webhooks.router)
     app.include_router(ops.router)
+    app.include_router(codepage.router)
     # The operations console (/console): pages over the same REST API (gateway.console).
     install_console(app)
     app.add_middleware(RequestContextMiddleware)

@@ -7,6 +7,14 @@ that tenant and the version of the tenant's grant to it (``gv``). ``authorize`` 
 dependency every protected route uses: it checks the token, the per-client rate, that the grant it
 was issued under still stands (gateway.grants: a revoked or changed grant ends its tokens within
 60 s), that the path's tenant is the token's tenant, and the scope.
+
+A partner with ``members:code-page`` may also open the member code page (gateway.routes.codepage)
+for one member: the page trades a one-time link for a *member token*, a token of the same kind
+that also names the member (``mid``). A member token passes only routes that declare
+``MEMBER_TOKEN_ROUTE`` and only for its own member (any other member is 404 MEMBER_NOT_FOUND, as
+if there were none); everywhere else, the partner gRPC API included, it is 403
+MEMBER_TOKEN_NOT_ALLOWED. It lives while the partner's grant stands and still holds
+``members:code-page``, and at most MEMBER_TOKEN_TTL_S.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ DATA_READ = "data:read"
 WEBHOOKS_MANAGE = "webhooks:manage"
 MEMBERS_BIND = "members:bind"
 MEMBERS_SELF_SERVICE = "members:self-service"
+MEMBERS_CODE_PAGE = "members:code-page"
 SCOPES: dict[str, str] = {
     MEMBERS_READ: "Read the tenant, its members, the directory change feed, the card blacklist and import progress.",
     MEMBERS_WRITE: "Create and change members: status, cards, face enrolment; start bulk imports.",
@@ -85,6 +94,9 @@ SCOPES: dict[str, str] = {
     MEMBERS_SELF_SERVICE: "Act for a member bound to the calling client, named by its external user id: freeze, "
     "report a card lost, set or change the member's PIN, and unfreeze a self-service freeze with the member's PIN "
     "(mini-program backends).",
+    MEMBERS_CODE_PAGE: "Make one-time links to the member code page (/m/) for a member of the tenant; the page then "
+    "acts for that member alone: its e-code, balances, recent transfers and reporting its card lost (bank apps, "
+    "mini-program backends).",
 }
 
 TOKEN_ALGORITHM = "HS256"
@@ -94,6 +106,12 @@ TOKEN_TYPE = "at+jwt"
 # A real token is a few hundred bytes; anything much longer is not worth decoding.
 MAX_TOKEN_CHARS = 4096
 REALM = "onecard"
+# A member token (the code page's) lives this long at most; the page shows offline codes beyond it.
+MEMBER_TOKEN_TTL_S = 900
+# What a route that a member token may call declares: ``openapi_extra=MEMBER_TOKEN_ROUTE``. The
+# OpenAPI document shows it, and ``authorize`` reads it from the matched route.
+MEMBER_TOKEN_EXTENSION = "x-onecard-member-token"
+MEMBER_TOKEN_ROUTE = {MEMBER_TOKEN_EXTENSION: True}
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,8 @@ class Principal:
     scopes: frozenset[str]
     # The version of the tenant's grant to the client when the token was issued.
     grant_version: int
+    # A member token (the code page's): the one member it acts for. None for a partner's token.
+    member_id: str | None = None
 
 
 class InvalidToken(Exception):
@@ -144,6 +164,18 @@ def issue_access_token(
     return jwt.encode(claims, secret, algorithm=TOKEN_ALGORITHM, headers={"typ": TOKEN_TYPE})
 
 
+def issue_member_token(*, secret: str, client_id: str, tenant_id: str, member_id: str, grant_version: int,
+                       ttl_s: int = MEMBER_TOKEN_TTL_S, now_s: float | None = None) -> str:
+    """A member token: the partner's client, one tenant, one member, only ``members:code-page``."""
+    issued_at = int(time.time() if now_s is None else now_s)
+    claims = {
+        "iss": TOKEN_ISSUER, "aud": TOKEN_AUDIENCE, "sub": client_id, "tid": tenant_id, "mid": member_id,
+        "scope": MEMBERS_CODE_PAGE, "gv": grant_version, "iat": issued_at, "exp": issued_at + ttl_s,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm=TOKEN_ALGORITHM, headers={"typ": TOKEN_TYPE})
+
+
 def verify_access_token(*, token: str, secret: str) -> Principal:
     """The principal a token names, or ``InvalidToken`` saying why not."""
     if len(token) > MAX_TOKEN_CHARS:
@@ -168,8 +200,11 @@ def verify_access_token(*, token: str, secret: str) -> Principal:
     grant_version = claims.get("gv")
     if not isinstance(scope, str) or not isinstance(grant_version, int) or isinstance(grant_version, bool):
         raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
+    member_id = claims.get("mid")
+    if member_id is not None and not (isinstance(member_id, str) and member_id):
+        raise InvalidToken("INVALID_TOKEN", "the access token is malformed or its signature is wrong")
     return Principal(client_id=client_id, tenant_id=tenant_id, scopes=known_scopes(scope.split()),
-                     grant_version=grant_version)
+                     grant_version=grant_version, member_id=member_id)
 
 
 bearer_scheme = HTTPBearer(
@@ -202,12 +237,16 @@ def authenticate(state: GatewayState, *, token: str | None) -> Principal:
 
 
 async def admit(state: GatewayState, principal: Principal, *, tenant_id: str | None,
-                scopes: Iterable[str]) -> Principal:
+                scopes: Iterable[str], member_route: bool = False, member_id: str | None = None) -> Principal:
     """The rest of the gate, after ``authenticate``: rate, grant, tenant, scope, in that order. The
     principal it answers holds no more than the client holds in the tenant now.
 
     ``tenant_id`` is the tenant the call names (None for a call that names none, e.g. creating a
-    tenant). Both faces call it: ``authorize`` for REST, gateway.partner_grpc for gRPC."""
+    tenant). Both faces call it: ``authorize`` for REST, gateway.partner_grpc for gRPC.
+
+    A member token passes only where ``member_route`` (a route declaring MEMBER_TOKEN_ROUTE), for
+    the path's ``member_id`` only when it is the token's, and needs ``members:code-page`` in place
+    of the route's scopes."""
     wait_s = state.client_limiter.try_acquire(principal.client_id)
     if wait_s > 0:
         raise ProblemError(
@@ -227,6 +266,14 @@ async def admit(state: GatewayState, principal: Principal, *, tenant_id: str | N
 
     if tenant_id is not None and tenant_id != principal.tenant_id:
         raise ProblemError(status=404, reason="TENANT_NOT_FOUND", detail="no such tenant")
+
+    if principal.member_id is not None:
+        if not member_route:
+            raise ProblemError(status=403, reason="MEMBER_TOKEN_NOT_ALLOWED",
+                               detail="a member token from the code page may call only the member's own routes")
+        if member_id is not None and member_id != principal.member_id:
+            raise ProblemError(status=404, reason="MEMBER_NOT_FOUND", detail="no such member")
+        scopes = [MEMBERS_CODE_PAGE]
 
     missing = [scope for scope in scopes if scope not in principal.scopes]
     if missing:
@@ -250,8 +297,11 @@ async def authorize(
     state = gateway_state(request)
     principal = authenticate(state, token=credentials.credentials if credentials is not None else None)
     request.state.client_id = principal.client_id
+    route = request.scope.get("route")
+    member_route = bool((getattr(route, "openapi_extra", None) or {}).get(MEMBER_TOKEN_EXTENSION))
     return await admit(state, principal, tenant_id=request.path_params.get("tenant_id"),
-                       scopes=security_scopes.scopes)
+                       scopes=security_scopes.scopes, member_route=member_route,
+                       member_id=request.path_params.get("member_id"))
 
 
 def insufficient_scope(missing: list[str], *, detail: str | None = None) -> ProblemError:
@@ -285,3 +335,4 @@ ReadData = Annotated[Principal, Security(authorize, scopes=[DATA_READ])]
 ManageWebhooks = Annotated[Principal, Security(authorize, scopes=[WEBHOOKS_MANAGE])]
 BindMembers = Annotated[Principal, Security(authorize, scopes=[MEMBERS_BIND])]
 SelfService = Annotated[Principal, Security(authorize, scopes=[MEMBERS_SELF_SERVICE])]
+CodePageLinks = Annotated[Principal, Security(authorize, scopes=[MEMBERS_CODE_PAGE])]

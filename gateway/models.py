@@ -34,7 +34,7 @@ ChangeKindName = Literal[
 ScopeName = Literal["members:read", "members:write", "clients:admin", "platform:admin", "codes:issue",
                     "devices:sync", "codes:admin", "wallets:read", "wallets:topup", "ledger:admin",
                     "statements:read", "policy:admin", "payments:create", "devices:admin", "data:read",
-                    "members:bind", "members:self-service", "webhooks:manage"]
+                    "members:bind", "members:self-service", "webhooks:manage", "members:code-page"]
 assert set(get_args(ScopeName)) == set(SCOPES), "ScopeName must list exactly gateway.auth.SCOPES"
 
 # Limits the gateway enforces before a request reaches a service; identity has its own too.

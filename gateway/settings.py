@@ -58,6 +58,10 @@ class GatewaySettings(MeshSettings):
     # the dining index). Empty: no device hub behind this gateway; its routes answer 503
     # DEVICEHUB_NOT_CONFIGURED and /readyz leaves it out.
     devicehub_target: str = ""
+    # Where partners' one-time links send members: the code page's address as the member's phone
+    # reaches it, e.g. https://card.example.edu/m/ (gateway.routes.codepage). Empty: this gateway's
+    # own /m/, as the request that asked for the link named it.
+    code_page_url: str = ""
     # host:port of the webhooks gRPC service (partners' endpoints and the delivery log). Empty: none;
     # its routes answer 503 WEBHOOKS_NOT_CONFIGURED and /readyz leaves it out.
     webhooks_target: str = ""

@@ -26,6 +26,7 @@ from onecard_admin.mesh import AdminSetupError, Mesh
 from onecard_admin.output import emit
 from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from runtime.grpc_client import error_info
+from runtime.logs import drop_known_noise
 
 EXIT_OK, EXIT_BAD_NEWS, EXIT_FAILED = 0, 1, 2
 TENANT_KINDS = {"enterprise": identity_pb2.TENANT_KIND_ENTERPRISE, "university": identity_pb2.TENANT_KIND_UNIVERSITY,
@@ -323,4 +324,5 @@ async def run(argv: Sequence[str], *, settings: AdminSettings | None = None, out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    drop_known_noise()
     sys.exit(asyncio.run(run(sys.argv[1:] if argv is None else argv)))

@@ -91,6 +91,15 @@ def _drop_known_noise(record: logging.LogRecord) -> bool:
     return (record.name, str(record.msg)) not in _NOISE
 
 
+def drop_known_noise() -> None:
+    """For a command line tool that prints its own output instead of logs: the same lines dropped
+    at their loggers, before Python's last-resort handler prints them on stderr."""
+    for name in {name for name, _ in _NOISE}:
+        logger = logging.getLogger(name)
+        if _drop_known_noise not in logger.filters:
+            logger.addFilter(_drop_known_noise)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

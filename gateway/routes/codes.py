@@ -19,7 +19,7 @@ from fastapi import APIRouter, Body, Path, Query
 from google.protobuf import timestamp_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.auth import AdminCodes, IssueCodes, SyncDevices
+from gateway.auth import MEMBER_TOKEN_ROUTE, AdminCodes, IssueCodes, SyncDevices
 from gateway.models import MemberId, TenantId, MAX_ID_CHARS
 from gateway.problems import ProblemError, problem_responses
 from gateway.state import State
@@ -251,7 +251,7 @@ def _holder_key(text: str) -> bytes:
 
 @router.post("/v1/tenants/{tenant_id}/members/{member_id}/credentials", response_model=IssuedCredential,
              status_code=201, tags=["codes"], summary="Issue an offline credential bound to the phone's holder key",
-             responses=problem_responses(409))
+             responses=problem_responses(409), openapi_extra=MEMBER_TOKEN_ROUTE)
 async def issue_credential(tenant_id: TenantId, member_id: MemberId, body: CredentialRequest, state: State,
                            _principal: IssueCodes) -> IssuedCredential:
     answer = await state.codegen.IssueCredential(
@@ -266,7 +266,7 @@ async def issue_credential(tenant_id: TenantId, member_id: MemberId, body: Crede
 
 @router.post("/v1/tenants/{tenant_id}/members/{member_id}/token-batches", response_model=TokenBatchOut,
              status_code=201, tags=["codes"], summary="Issue a batch of rotating tokens (at most 24 h)",
-             responses=problem_responses(409))
+             responses=problem_responses(409), openapi_extra=MEMBER_TOKEN_ROUTE)
 async def issue_token_batch(tenant_id: TenantId, member_id: MemberId, body: TokenBatchRequest, state: State,
                             _principal: IssueCodes) -> TokenBatchOut:
     answer = await state.codegen.IssueTokenBatch(

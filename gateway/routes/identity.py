@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from starlette.datastructures import UploadFile
 
-from gateway.auth import AdminClients, AdminPlatform, Principal, ReadMembers, WriteMembers
+from gateway.auth import MEMBER_TOKEN_ROUTE, AdminClients, AdminPlatform, Principal, ReadMembers, WriteMembers
 from gateway.models import (
     MemberId,
     TenantId,
@@ -152,6 +152,7 @@ async def search_members(
 
 
 @router.get("/v1/tenants/{tenant_id}/members/{member_id}", response_model=Member, tags=["members"],
+            openapi_extra=MEMBER_TOKEN_ROUTE,
             summary="Get a member")
 async def get_member(
     tenant_id: TenantId, member_id: MemberId, state: State, _principal: ReadMembers
@@ -234,7 +235,7 @@ async def bind_card(
 
 @router.post("/v1/tenants/{tenant_id}/members/{member_id}/cards/{card_uid}/report-lost", response_model=Member,
              tags=["media"], summary="Report a card lost: it goes on the blacklist",
-             responses=problem_responses(409))
+             responses=problem_responses(409), openapi_extra=MEMBER_TOKEN_ROUTE)
 async def report_card_lost(
     tenant_id: TenantId,
     member_id: MemberId,

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import (
     LEDGER_ADMIN,
+    MEMBER_TOKEN_ROUTE,
     STATEMENTS_READ,
     AdminLedger,
     Principal,
@@ -342,7 +343,12 @@ def _row(r: pb.GrantRowResult) -> GrantRowOut:
 
 
 def account_refusal(principal: Principal, account: pb.Account) -> ProblemError | None:
-    """Why ``principal`` may not read ``account`` through the wallet routes, or None when it may."""
+    """Why ``principal`` may not read ``account`` through the wallet routes, or None when it may.
+    A member token (the code page's) reads its own member's purses and nothing else."""
+    if principal.member_id is not None:
+        if account.owner_kind == pb.OWNER_KIND_MEMBER and account.owner_id == principal.member_id:
+            return None
+        return ProblemError(status=404, reason="ACCOUNT_NOT_FOUND", detail="no such account")
     if LEDGER_ADMIN in principal.scopes or account.owner_kind == pb.OWNER_KIND_MEMBER:
         return None
     if account.purse_kind == pb.PURSE_KIND_BANK_CLEARING:
@@ -382,7 +388,7 @@ async def _member_must_exist(state: GatewayState, *, tenant_id: str, member_id: 
 
 
 @router.get("/v1/tenants/{tenant_id}/members/{member_id}/balances", response_model=MemberBalancesOut,
-            tags=["wallets"], summary="Every purse of a member with its balance")
+            tags=["wallets"], summary="Every purse of a member with its balance", openapi_extra=MEMBER_TOKEN_ROUTE)
 async def get_member_balances(tenant_id: TenantId, member_id: MemberId, state: State,
                               _principal: ReadWallets) -> MemberBalancesOut:
     await _member_must_exist(state, tenant_id=tenant_id, member_id=member_id)
@@ -402,7 +408,8 @@ async def get_account(tenant_id: TenantId, account_id: AccountId, state: State, 
 
 
 @router.get("/v1/tenants/{tenant_id}/accounts/{account_id}/transfers", response_model=TransferPage,
-            tags=["wallets"], summary="An account's transfers, newest first, a page at a time")
+            tags=["wallets"], summary="An account's transfers, newest first, a page at a time",
+            openapi_extra=MEMBER_TOKEN_ROUTE)
 async def list_account_transfers(
     tenant_id: TenantId,
     account_id: AccountId,

@@ -16,7 +16,7 @@ import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 
@@ -27,7 +27,8 @@ from runtime.grpc_server import ServiceApp
 from runtime.idempotency import key_scope, scoped_key
 from runtime.mesh import peer_name
 from runtime.wire import timestamp_pb
-from services.identity import domain, selfservice
+from services.identity import codepage, domain, selfservice
+from services.identity.codepage_store import CodePageStore
 from services.identity.domain import (
     ApiClient,
     CardStatus,
@@ -942,6 +943,65 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                                                  updated_at=self._clock())
         settings = await self._self_service.update_settings(tenant_id=tenant_id, settings=wanted, client_id=client_id)
         return pb.UpdateSelfServiceSettingsResponse(settings=settings_pb(settings))
+
+
+    # --- member code page links ------------------------------------------------------------------
+
+    @property
+    def _code_pages(self) -> CodePageStore:
+        return CodePageStore(self._app.pool)
+
+    async def CreateCodePageLink(
+        self, request: pb.CreateCodePageLinkRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateCodePageLinkResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        member_id = domain.parse_member_id(request.member_id)
+        client_id = _caller_client_id(request.client_id)
+        secret_hash = codepage.check_secret_hash(request.secret_hash)
+        ttl_s = codepage.check_ttl_s(request.ttl_s)
+        key = domain.check_idempotency_key(request.idempotency_key)
+        stored_key = scoped_key(key_scope(request.key_scope, caller=peer_name(context)), key)
+        store = self._code_pages
+        repeated = await self._repeated_link(store, tenant_id=tenant_id, member_id=member_id,
+                                             secret_hash=secret_hash, stored_key=stored_key)
+        if repeated is not None:
+            return repeated
+        codepage.refuse_creation(await store.member_status(tenant_id=tenant_id, member_id=member_id),
+                                 member_id=member_id)
+        now = self._clock()
+        link = codepage.CodePageLink(link_id=uuid.uuid4(), tenant_id=tenant_id, member_id=member_id,
+                                     client_id=client_id, secret_hash=secret_hash, created_at=now,
+                                     expires_at=now + timedelta(seconds=ttl_s), redeemed_at=None)
+        if not await store.create(link, idempotency_key=stored_key):
+            # A concurrent call under the same key stored its link first: answer that one.
+            repeated = await self._repeated_link(store, tenant_id=tenant_id, member_id=member_id,
+                                                 secret_hash=secret_hash, stored_key=stored_key)
+            assert repeated is not None
+            return repeated
+        return pb.CreateCodePageLinkResponse(link_id=str(link.link_id), expires_at=timestamp_pb(link.expires_at),
+                                             created=True)
+
+    @staticmethod
+    async def _repeated_link(store: CodePageStore, *, tenant_id: uuid.UUID, member_id: uuid.UUID,
+                             secret_hash: bytes, stored_key: str) -> pb.CreateCodePageLinkResponse | None:
+        """The answer to a key that made a link already (that link); None when the key is new."""
+        first = await store.by_key(tenant_id=tenant_id, idempotency_key=stored_key)
+        if first is None:
+            return None
+        if not codepage.same_request(first, tenant_id=tenant_id, member_id=member_id, secret_hash=secret_hash):
+            raise Conflict("this idempotency key was used for a different request", reason="IDEMPOTENCY_KEY_REUSED")
+        return pb.CreateCodePageLinkResponse(link_id=str(first.link_id), expires_at=timestamp_pb(first.expires_at),
+                                             created=False)
+
+    async def RedeemCodePageLink(
+        self, request: pb.RedeemCodePageLinkRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RedeemCodePageLinkResponse:
+        tenant_id = domain.parse_tenant_id(request.tenant_id)
+        secret_hash = codepage.check_secret_hash(request.secret_hash)
+        link = await self._code_pages.redeem(tenant_id=tenant_id, secret_hash=secret_hash, now=self._clock(),
+                                             refuse=codepage.refuse_redemption)
+        return pb.RedeemCodePageLinkResponse(link_id=str(link.link_id), tenant_id=str(link.tenant_id),
+                                             member_id=str(link.member_id), client_id=link.client_id)
 
 
 def _caller_client_id(value: str) -> str:

@@ -26,6 +26,7 @@ from gateway.auth import (
     DEVICES_SYNC,
     LEDGER_ADMIN,
     MEMBERS_BIND,
+    MEMBERS_CODE_PAGE,
     MEMBERS_READ,
     MEMBERS_SELF_SERVICE,
     MEMBERS_WRITE,
@@ -43,7 +44,7 @@ from tests.mesh import service_values
 TOKEN_SECRET = "gateway-tests-token-secret-0123456789abcdef"
 TENANT_SCOPES = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN, WALLETS_READ,
                  WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE, DEVICES_ADMIN, DATA_READ,
-                 MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE)
+                 MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE, MEMBERS_CODE_PAGE)
 BASE_URL = "http://gateway.test"
 # Where gateways without a codegen in the test send code calls: nothing listens there.
 NO_CODEGEN_TARGET = "127.0.0.1:1"

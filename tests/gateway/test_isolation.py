@@ -36,12 +36,14 @@ from gateway.auth import (
     DEVICES_SYNC,
     LEDGER_ADMIN,
     MEMBERS_BIND,
+    MEMBERS_CODE_PAGE,
     MEMBERS_READ,
     MEMBERS_SELF_SERVICE,
     MEMBERS_WRITE,
     PAYMENTS_CREATE,
     PLATFORM_ADMIN,
     POLICY_ADMIN,
+    MEMBER_TOKEN_EXTENSION,
     SCOPES,
     STATEMENTS_READ,
     WALLETS_READ,
@@ -286,6 +288,8 @@ ROUTE_CALLS: dict[tuple[str, str], RouteCall] = {
               "old_pin": MATRIX_PIN}),
     ("DELETE", "/v1/tenants/{tenant_id}/members/{member_id}/pin"): RouteCall(),
     ("PUT", "/v1/tenants/{tenant_id}/members/{member_id}/pin"): RouteCall(json={"pin": "880417"}),
+    ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/code-page-links"): RouteCall(
+        headers={"Idempotency-Key": "matrix-code-page-link"}),
     ("GET", "/v1/tenants/{tenant_id}/self-service-settings"): RouteCall(),
     ("PUT", "/v1/tenants/{tenant_id}/self-service-settings"): RouteCall(json={"first_pin_by_admin": True}),
 }
@@ -298,6 +302,11 @@ PUBLIC_ROUTES = {
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
     ("GET", "/docs/oauth2-redirect"),
+    # The member code page: its static files, and the exchange of a one-time link (the link's
+    # secret is the credential; tests/gateway/test_code_page.py).
+    ("GET", "/m/"),
+    ("GET", "/m/{asset}"),
+    ("POST", "/v1/code-page/sessions"),
 }
 
 
@@ -714,7 +723,7 @@ async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(
     tenant = await populated_tenant(gateway, label="A", card_uid=CARD_A)
     all_scopes = (MEMBERS_READ, MEMBERS_WRITE, CLIENTS_ADMIN, PLATFORM_ADMIN, CODES_ISSUE, DEVICES_SYNC, CODES_ADMIN,
                   WALLETS_READ, WALLETS_TOPUP, LEDGER_ADMIN, STATEMENTS_READ, POLICY_ADMIN, PAYMENTS_CREATE,
-                  DEVICES_ADMIN, DATA_READ, MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE)
+                  DEVICES_ADMIN, DATA_READ, MEMBERS_BIND, MEMBERS_SELF_SERVICE, WEBHOOKS_MANAGE, MEMBERS_CODE_PAGE)
     assert set(all_scopes) == set(SCOPES)
     token_without: dict[str, str] = {}
     for scope in all_scopes:
@@ -732,3 +741,59 @@ async def test_each_route_refuses_a_token_without_its_scope_and_changes_nothing(
         assert f'scope="{scope}"' in response.headers["www-authenticate"]
 
     assert await snapshot(gateway, tenant) == before
+
+
+def member_token_routes() -> set[tuple[str, str]]:
+    """The operations the OpenAPI document marks as open to a member token (the code page's)."""
+    app = create_app(gateway_settings(identity_target="127.0.0.1:1"))
+    return {(method.upper(), path) for path, operations in app.openapi()["paths"].items()
+            for method, operation in operations.items() if operation.get(MEMBER_TOKEN_EXTENSION)}
+
+
+async def test_a_member_token_passes_only_the_routes_marked_for_it_and_only_for_its_member(
+        platform_gateway: Gateway) -> None:
+    gateway = platform_gateway
+    tenant_a = await populated_tenant(gateway, label="A", card_uid=CARD_A)
+    tenant_b = await populated_tenant(gateway, label="B", card_uid=CARD_B)
+    neighbour = await gateway.stub.CreateMember(pb.CreateMemberRequest(
+        tenant_id=tenant_a.tenant_id, external_number="A-neighbour", name="Neighbour A"))
+    partner = await gateway.tenant_access(tenant_id=tenant_a.tenant_id, scopes=(MEMBERS_CODE_PAGE,))
+    link = await gateway.http.post(
+        f"/v1/tenants/{tenant_a.tenant_id}/members/{tenant_a.member_id}/code-page-links",
+        headers={**partner.headers, "Idempotency-Key": "member-matrix"})
+    tenant_id, secret = link.json()["url"].split("#", 1)[1].split(".", 1)
+    session = await gateway.http.post("/v1/code-page/sessions", json={"tenant_id": tenant_id, "link_secret": secret})
+    assert session.status_code == 201, session.text
+    member_token = session.json()["access_token"]
+    marked = member_token_routes()
+    assert {("POST", "/v1/tenants/{tenant_id}/members/{member_id}/credentials"),
+            ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/token-batches"),
+            ("GET", "/v1/tenants/{tenant_id}/members/{member_id}/balances"),
+            ("GET", "/v1/tenants/{tenant_id}/accounts/{account_id}/transfers"),
+            ("GET", "/v1/tenants/{tenant_id}/members/{member_id}"),
+            ("POST", "/v1/tenants/{tenant_id}/members/{member_id}/cards/{card_uid}/report-lost")} == marked
+    before = await snapshot(gateway, tenant_b)
+    failures: list[str] = []
+
+    for key in ROUTE_CALLS:
+        if "{tenant_id}" not in key[1]:
+            response = await call(gateway, key, ids={}, token=member_token)
+        else:
+            response = await call(gateway, key, ids=tenant_a.ids(), token=member_token)
+        if key not in marked:
+            if response.status_code != 403 or response.json().get("reason") != "MEMBER_TOKEN_NOT_ALLOWED":
+                failures.append(f"{key}: {response.status_code} {response.text[:200]}")
+            continue
+        if response.status_code in (401, 403):
+            failures.append(f"{key} for its own member: {response.status_code} {response.text[:200]}")
+        if "{member_id}" in key[1]:
+            other = {**tenant_a.ids(), "member_id": neighbour.member.member_id}
+            response = await call(gateway, key, ids=other, token=member_token)
+            if response.status_code != 404 or response.json()["reason"] != "MEMBER_NOT_FOUND":
+                failures.append(f"{key} for another member: {response.status_code} {response.text[:200]}")
+        response = await call(gateway, key, ids=tenant_b.ids(), token=member_token)
+        if response.status_code != 404 or response.json()["reason"] != "TENANT_NOT_FOUND":
+            failures.append(f"{key} in another tenant: {response.status_code} {response.text[:200]}")
+
+    assert failures == []
+    assert await snapshot(gateway, tenant_b) == before

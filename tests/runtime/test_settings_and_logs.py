@@ -104,3 +104,18 @@ def test_a_master_key_must_decode_and_is_never_shown(monkeypatch: pytest.MonkeyP
     with pytest.raises(MissingSettingError, match=f"bad setting {variable}") as caught:
         load_settings(settings_cls)
     assert bad not in str(caught.value)
+
+
+def test_a_command_line_tool_drops_the_known_asyncio_noise_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    """onecard-admin prints tables, not logs: the TLS-close line asyncio warns at every NATS
+    disconnect must not reach its stderr through Python's last-resort handler; other warnings do."""
+    import logging
+
+    from runtime.logs import drop_known_noise
+    drop_known_noise()
+    drop_known_noise()  # twice: one filter
+    logger = logging.getLogger("asyncio")
+    assert len([f for f in logger.filters if getattr(f, "__name__", "") == "_drop_known_noise"]) == 1
+    logger.warning("returning true from eof_received() has no effect when using ssl")
+    logger.warning("Task was destroyed but it is pending!")
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["Task was destroyed but it is pending!"]
