@@ -27,12 +27,11 @@ from gateway.app import create_app
 from gateway.auth import DEVICES_SYNC, LEDGER_ADMIN, MEMBERS_CODE_PAGE, WALLETS_READ, WALLETS_TOPUP
 from onecard.identity.v1 import identity_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2 as lpb
-from tests.browser.member_conftest_helpers import PHONE_VIEWPORT, chromium, chromium_missing, serving
+from tests.browser.support import PHONE_VIEWPORT, chromium, serving
 from tests.gateway.conftest import Gateway, TenantAccess, gateway_settings
 # The real codegen and ledger, as the gateway tests start them (fixtures of tests/gateway/conftest.py).
 from tests.gateway.conftest import codegen_service, ledger_service  # noqa: F401
 
-pytestmark = pytest.mark.skipif(chromium_missing() is not None, reason=chromium_missing() or "")
 
 DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 CARD_UID = "04A224B2C35E80"
