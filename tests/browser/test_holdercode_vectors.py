@@ -7,8 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("holdercode_vectors.js")
 NODE_WAIT_S = 60
