@@ -527,6 +527,7 @@ def print_ready(console: Console, stack: Stack, seed: SeedResult, *, rules: Rule
     if gateway is not None:
         console.line(f"  Gateway      {gateway.base_url}")
         console.line(f"  API docs     {gateway.base_url}/docs")
+        console.line(f"  Console      {gateway.base_url}/console  (sign in with the admin client below)")
         if gateway.extra_port:
             ca = shown_path(config.identity_dir(gateway.spec.name))
             console.line(f"  Partner gRPC {gateway.extra_target}   (TLS; a token in 'authorization: Bearer …'; "
