@@ -32,8 +32,19 @@ SCOPES_BY_CALLER: dict[str, frozenset[str]] = {
     "devicehub": frozenset({DEVICE}),
     "policy": frozenset({CLIENT, DEVICE, MESH}),
 }
+# A caller's key: printable ASCII without spaces, as HTTP headers and gRPC metadata carry it.
+MAX_KEY_CHARS = 128
+_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 MAX_OWNER_CHARS = 100
 _OWNER = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+def check_idempotency_key(value: str) -> str:
+    """A caller's idempotency key as given, or INVALID_ARGUMENT INVALID_IDEMPOTENCY_KEY."""
+    if not _KEY.match(value):
+        raise InvalidArgument(f"idempotency_key must be 1..{MAX_KEY_CHARS} printable ASCII characters",
+                              reason="INVALID_IDEMPOTENCY_KEY")
+    return value
 
 
 def client_scope(client_id: str) -> str:

@@ -29,6 +29,7 @@ from enum import StrEnum
 from onecard_codes.keys import is_valid_public_key
 
 from runtime.errors import FailedPrecondition, InvalidArgument
+from runtime.idempotency import check_idempotency_key  # the servicers' key check
 
 HOLDER_PUBLIC_KEY_BYTES = 32
 MAX_CREDENTIAL_VALIDITY_S = 72 * 3600
@@ -365,14 +366,3 @@ def retire_after(*, last_not_after: datetime | None, now: datetime) -> datetime:
     if last_not_after is None or last_not_after < now:
         return now
     return last_not_after
-
-
-MAX_IDEMPOTENCY_KEY_CHARS = 128
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
-
-
-def check_idempotency_key(value: str) -> str:
-    if not _IDEMPOTENCY_KEY.match(value):
-        raise InvalidArgument(f"idempotency_key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
-                              reason="INVALID_IDEMPOTENCY_KEY")
-    return value

@@ -46,6 +46,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from runtime.idempotency import check_idempotency_key  # the servicers' key check
 
 SUPPORTED_CURRENCY = "CNY"
 MAX_TENANT_NAME_CHARS = 100
@@ -725,15 +726,6 @@ def new_client_id() -> str:
     return CLIENT_ID_PREFIX + secrets.token_hex(CLIENT_ID_RANDOM_BYTES)
 
 
-MAX_IDEMPOTENCY_KEY_CHARS = 128
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
-
-
-def check_idempotency_key(value: str) -> str:
-    if not _IDEMPOTENCY_KEY.match(value):
-        raise InvalidArgument(f"idempotency_key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
-                              reason="INVALID_IDEMPOTENCY_KEY")
-    return value
 
 
 def api_client_fingerprint(*, name: str, scopes: Iterable[str], grants: Mapping[uuid.UUID, Iterable[str]]) -> bytes:

@@ -38,6 +38,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from runtime import paging
+from runtime import idempotency
 from runtime.idempotency import split_key
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 
@@ -45,7 +46,6 @@ CURRENCY = "CNY"
 # One transfer moves at most 1,000,000 yuan: far above any campus payment, far below int64.
 MAX_AMOUNT_FEN = 100_000_000
 MAX_PAY_LEGS = 8
-MAX_KEY_CHARS = 128
 MAX_ID_CHARS = 64
 MAX_REF_CHARS = 128
 DEFAULT_HOLD_TIMEOUT_S = 300
@@ -306,10 +306,7 @@ def parse_account_ref(value: str, *, what: str = "account_id") -> uuid.UUID:
 def check_idempotency_key(value: str) -> str:
     if not value:
         raise InvalidArgument("idempotency_key is required on every write", reason="IDEMPOTENCY_KEY_REQUIRED")
-    if len(value) > MAX_KEY_CHARS or not _PRINTABLE.match(value):
-        raise InvalidArgument(f"idempotency_key must be 1..{MAX_KEY_CHARS} printable ASCII characters",
-                              reason="INVALID_IDEMPOTENCY_KEY")
-    return value
+    return idempotency.check_idempotency_key(value)
 
 
 def check_stored_key(value: str) -> str:

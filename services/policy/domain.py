@@ -23,6 +23,7 @@ from onecard_policy.rules import RuleSet, RuleSetError, canonical_json, parse_ru
 
 from runtime import paging
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtime.idempotency import check_idempotency_key  # the servicers' key check
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -314,17 +315,9 @@ def account_of(purses: list[MemberPurse], *, kind: str, ref: str) -> str:
 
 # Why a payment whose plan needs the member's PIN or face was not paid.
 PIN_REQUIRED = "PIN_REQUIRED"
-MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_EXTERNAL_REF_CHARS = 128
-_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-def check_idempotency_key(value: str) -> str:
-    """The ledger checks it again; refusing it here spares an evaluation."""
-    if not _KEY.match(value):
-        raise InvalidArgument(f"idempotency_key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters",
-                              reason="INVALID_IDEMPOTENCY_KEY")
-    return value
 
 
 def payment_fingerprint(*, member_id: str, merchant_id: str, amount_fen: int, device_id: str, scene: str,
