@@ -177,8 +177,11 @@ async def test_keys_rotate_twice_leaves_the_first_rotations_key_verifying(platfo
     # A retry of the second run (its printed key) is that rotation, not a third.
     code, retried = await admin_json(platform_settings, "keys", "rotate", "codegen", "--tenant", tenant_id,
                                      "--idempotency-key", second["idempotency_key"])
-    assert (code, retried["replayed"], retried["keys"]) == (0, True, second["keys"])
-    assert retried["trust_list_version"] == second["trust_list_version"]
+    # It answers that rotation's keys as they stand now: the replaced key may have retired since
+    # (this tenant has no credentials, so the periodic sweep may retire it at any moment).
+    assert (code, retried["replayed"]) == (0, True)
+    assert [(k["role"], k["key_id"]) for k in retried["keys"]] == [(k["role"], k["key_id"]) for k in second["keys"]]
+    assert retried["trust_list_version"] >= second["trust_list_version"]
 
 
 async def test_rollouts_of_a_tenant_without_any_is_an_empty_table(platform_settings: AdminSettings) -> None:

@@ -496,6 +496,7 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
     ledger = getattr(gateway, "ledger_stub", None)
     if ledger is not None:
         books = await _ledger_books(ledger, tenant_id=tenant_id, member_id=member.member_id, label=label)
+        await _purses_opened(stub, ledger, tenant_id=tenant_id)
     if webhooks is not None and ledger is not None:
         for _ in range(400):
             listed = await webhooks.ListDeliveries(wpb.ListDeliveriesRequest(
@@ -529,6 +530,21 @@ async def populated_tenant(gateway: Gateway, *, label: str, card_uid: str) -> Te
                          version=version, device_id=device_id, alarm_id=alarm_id, rollout_id=rollout_id,
                          endpoint_id=endpoint_id, delivery_id=delivery_id, external_user_id=external_user_id,
                          credentials=client)
+
+
+async def _purses_opened(stub: Any, ledger: Any, *, tenant_id: str) -> None:
+    """Wait until the ledger has opened every member's cash purse: it does so on identity's events,
+    after the call that made the member, so a snapshot taken sooner would see one open later."""
+    members = (await stub.SearchMembers(pb.SearchMembersRequest(tenant_id=tenant_id, page_size=200))).members
+    for member in members:
+        for _ in range(600):
+            held = await ledger.GetBalances(lpb.GetBalancesRequest(
+                tenant_id=tenant_id, owner_kind=lpb.OWNER_KIND_MEMBER, owner_id=member.member_id))
+            if any(a.account.purse_kind == lpb.PURSE_KIND_CASH for a in held.accounts):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the ledger never opened the purses of {member.external_number}")
 
 
 async def _devicehub_fleet(gateway: Gateway, *, tenant_id: str, label: str) -> tuple[str, str, str]:
