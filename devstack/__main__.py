@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from devstack.run import run
+# The supervisor starts (and restarts) service processes while its own gRPC channels are open. A
+# child execs at once, so gRPC's fork handlers have nothing to protect, and with them on, a fork
+# can hang for good in their pre-fork wait (seen: `make run` stuck before starting webhooks). Set
+# before grpc is imported, which reads it once.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from devstack.run import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

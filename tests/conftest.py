@@ -16,12 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from devstack.servers import Nats, Postgres, start_on_free_port
-from runtime.logs import configure_logging
-from runtime.dbroles import bootstrap_statements
-from runtime.pki import IdentityFiles
-from tests.alone import alone_or_together  # noqa: F401 - an autouse fixture for every test
-from tests.mesh import nats_users, pki, service_roles, service_values, terminal_channel
+# Tests start service processes while their own gRPC channels are open; each child execs at once,
+# and gRPC's fork handlers can hang a fork for good (devstack/__main__.py says more). Before grpc
+# is imported anywhere in the session.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from devstack.servers import Nats  # noqa: E402, Postgres, start_on_free_port
+from runtime.logs import configure_logging  # noqa: E402
+from runtime.dbroles import bootstrap_statements  # noqa: E402
+from runtime.pki import IdentityFiles  # noqa: E402
+from tests.alone import alone_or_together  # noqa: F401, E402 - an autouse fixture for every test
+from tests.mesh import nats_users, pki, service_roles, service_values, terminal_channel  # noqa: E402
 
 configure_logging(service="tests", level=os.environ.get("ONECARD_TEST_LOG_LEVEL", "warning"))
 

@@ -3,6 +3,7 @@ data folder and free ports, driven through the gateway, stopped with Ctrl-C, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -88,12 +89,18 @@ class StackRun:
         return self.process.wait(STOP_TIMEOUT_S)
 
     def kill_if_running(self) -> None:
+        """Stop a stack a failed test left running; one that does not stop on SIGTERM is killed
+        with everything under it, so no PostgreSQL or service outlives the test."""
         if self.process.poll() is None:
+            children = self.tree()
             self.process.terminate()
             try:
                 self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                for child in children:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
 
 
 def still_running(processes: list[psutil.Process]) -> list[str]:
