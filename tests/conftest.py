@@ -21,7 +21,7 @@ import pytest
 # is imported anywhere in the session.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from devstack.servers import Nats  # noqa: E402, Postgres, start_on_free_port
+from devstack.servers import Nats, Postgres, start_on_free_port  # noqa: E402
 from runtime.logs import configure_logging  # noqa: E402
 from runtime.dbroles import bootstrap_statements  # noqa: E402
 from runtime.pki import IdentityFiles  # noqa: E402
