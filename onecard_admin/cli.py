@@ -22,7 +22,7 @@ from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2, policy_pb2_grpc
 from onecard_admin import migrations as migrations_mod
 from onecard_admin import status as status_mod
-from onecard_admin.mesh import AdminSetupError, Mesh
+from onecard_admin.mesh import AdminSetupError, Mesh, paged
 from onecard_admin.output import emit
 from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from runtime.grpc_client import error_info
@@ -159,16 +159,9 @@ async def _tenants(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
             tenant_id=tenant_id), timeout=timeout)
         emit(out, as_json=args.json, sections={"tenants": ([_tenant_row(answer.tenant)], TENANT_COLUMNS)})
         return EXIT_OK
-    rows: list[dict[str, Any]] = []
-    token = ""
-    while len(rows) < MAX_LIST_ROWS:
-        page = await stub.ListTenants(identity_pb2.ListTenantsRequest(page_size=LIST_PAGE_SIZE, page_token=token),
-                                      timeout=timeout)
-        rows += [_tenant_row(t) for t in page.tenants]
-        token = page.next_page_token
-        if not token:
-            break
-    emit(out, as_json=args.json, sections={"tenants": (rows, TENANT_COLUMNS)})
+    tenants = await paged(lambda token: stub.ListTenants(identity_pb2.ListTenantsRequest(
+        page_size=LIST_PAGE_SIZE, page_token=token), timeout=timeout), "tenants", limit=MAX_LIST_ROWS)
+    emit(out, as_json=args.json, sections={"tenants": ([_tenant_row(t) for t in tenants], TENANT_COLUMNS)})
     return EXIT_OK
 
 
@@ -205,19 +198,13 @@ async def _trial_balance(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> i
 
 async def _alarms(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     stub = devicehub_pb2_grpc.DeviceAdminServiceStub(mesh.channel("devicehub"))
-    rows: list[dict[str, Any]] = []
-    token = ""
-    while len(rows) < MAX_LIST_ROWS:
-        page = await stub.ListAlarms(devicehub_pb2.ListAlarmsRequest(tenant_id=args.tenant, page_token=token),
-                                     timeout=mesh.settings.admin_timeout_s)
-        rows += [{"alarm_id": a.alarm_id, "device_id": a.device_id,
-                  "kind": devicehub_pb2.AlarmKind.Name(a.kind).removeprefix("ALARM_KIND_").lower(),
-                  "severity": devicehub_pb2.AlarmSeverity.Name(a.severity).removeprefix("ALARM_SEVERITY_").lower(),
-                  "state": devicehub_pb2.AlarmState.Name(a.state).removeprefix("ALARM_STATE_").lower(),
-                  "count": a.count, "detail": a.detail} for a in page.alarms]
-        token = page.next_page_token
-        if not token:
-            break
+    alarms = await paged(lambda token: stub.ListAlarms(devicehub_pb2.ListAlarmsRequest(
+        tenant_id=args.tenant, page_token=token), timeout=mesh.settings.admin_timeout_s), "alarms", limit=MAX_LIST_ROWS)
+    rows = [{"alarm_id": a.alarm_id, "device_id": a.device_id,
+             "kind": devicehub_pb2.AlarmKind.Name(a.kind).removeprefix("ALARM_KIND_").lower(),
+             "severity": devicehub_pb2.AlarmSeverity.Name(a.severity).removeprefix("ALARM_SEVERITY_").lower(),
+             "state": devicehub_pb2.AlarmState.Name(a.state).removeprefix("ALARM_STATE_").lower(),
+             "count": a.count, "detail": a.detail} for a in alarms]
     emit(out, as_json=args.json, sections={"alarms": (rows, ("alarm_id", "device_id", "kind", "severity", "state",
                                                              "count", "detail"))})
     return EXIT_OK
@@ -270,20 +257,15 @@ async def _keys(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
 
 async def _rollouts(mesh: Mesh, args: argparse.Namespace, out: TextIO) -> int:
     stub = devicehub_pb2_grpc.DeviceAdminServiceStub(mesh.channel("devicehub"))
-    rows: list[dict[str, Any]] = []
-    token = ""
-    while len(rows) < MAX_LIST_ROWS:
-        page = await stub.ListRollouts(devicehub_pb2.ListRolloutsRequest(tenant_id=args.tenant, page_token=token),
-                                       timeout=mesh.settings.admin_timeout_s)
-        rows += [{"rollout_id": r.rollout_id,
-                  "target": devicehub_pb2.RolloutTarget.Name(r.target).removeprefix("ROLLOUT_TARGET_").lower(),
-                  "version": r.version,
-                  "state": devicehub_pb2.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower(),
-                  "stage": r.current_stage, "stages": len(r.stage_sizes),
-                  "devices": len(r.devices), "detail": r.detail} for r in page.rollouts]
-        token = page.next_page_token
-        if not token:
-            break
+    rollouts = await paged(lambda token: stub.ListRollouts(devicehub_pb2.ListRolloutsRequest(
+        tenant_id=args.tenant, page_token=token), timeout=mesh.settings.admin_timeout_s), "rollouts",
+        limit=MAX_LIST_ROWS)
+    rows = [{"rollout_id": r.rollout_id,
+             "target": devicehub_pb2.RolloutTarget.Name(r.target).removeprefix("ROLLOUT_TARGET_").lower(),
+             "version": r.version,
+             "state": devicehub_pb2.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower(),
+             "stage": r.current_stage, "stages": len(r.stage_sizes),
+             "devices": len(r.devices), "detail": r.detail} for r in rollouts]
     emit(out, as_json=args.json, sections={"rollouts": (rows, ("rollout_id", "target", "version", "state", "stage",
                                                                "stages", "devices", "detail"))})
     return EXIT_OK

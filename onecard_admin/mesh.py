@@ -1,6 +1,9 @@
 """The operator's channels: one per service, mutual TLS with the ops certificate, opened on first use."""
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
 
 from onecard_admin.settings import OPS_NAME, AdminSettings
@@ -36,3 +39,17 @@ class Mesh:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+async def paged(fetch: Callable[[str], Awaitable[Any]], field: str, *, limit: int) -> list[Any]:
+    """The items of a listing RPC, page after page (``fetch(page_token)``), until its last page or
+    at least ``limit`` items."""
+    items: list[Any] = []
+    token = ""
+    while len(items) < limit:
+        page = await fetch(token)
+        items += getattr(page, field)
+        token = page.next_page_token
+        if not token:
+            break
+    return items

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onecard.devicehub.v1 import devicehub_pb2, devicehub_pb2_grpc
 from onecard.identity.v1 import identity_pb2, identity_pb2_grpc
 from onecard.ops.v1 import ops_pb2, ops_pb2_grpc
-from onecard_admin.mesh import Mesh
+from onecard_admin.mesh import Mesh, paged
 from onecard_admin.settings import SERVICE_NAMES, AdminSettings
 from runtime.nats_access import connect_options
 
@@ -142,26 +142,15 @@ async def _open_alarms(mesh: Mesh) -> list[AlarmRow]:
     timeout = mesh.settings.admin_timeout_s
     identity = identity_pb2_grpc.IdentityServiceStub(mesh.channel("identity"))
     devicehub = devicehub_pb2_grpc.DeviceAdminServiceStub(mesh.channel("devicehub"))
-    tenants: list[identity_pb2.Tenant] = []
-    token = ""
-    while len(tenants) < MAX_ALARM_TENANTS:
-        page = await identity.ListTenants(identity_pb2.ListTenantsRequest(
-            page_size=min(ALARM_PAGE_SIZE, MAX_ALARM_TENANTS), page_token=token), timeout=timeout)
-        tenants += page.tenants
-        token = page.next_page_token
-        if not token:
-            break
+    tenants = await paged(lambda token: identity.ListTenants(identity_pb2.ListTenantsRequest(
+        page_size=min(ALARM_PAGE_SIZE, MAX_ALARM_TENANTS), page_token=token), timeout=timeout), "tenants",
+        limit=MAX_ALARM_TENANTS)
     rows = []
     for tenant in tenants[:MAX_ALARM_TENANTS]:
-        count, token = 0, ""
-        while count < MAX_ALARMS_COUNTED:
-            page = await devicehub.ListAlarms(devicehub_pb2.ListAlarmsRequest(
-                tenant_id=tenant.tenant_id, state=devicehub_pb2.ALARM_STATE_OPEN, page_size=ALARM_PAGE_SIZE,
-                page_token=token), timeout=timeout)
-            count += len(page.alarms)
-            token = page.next_page_token
-            if not token:
-                break
+        count = len(await paged(lambda token, tenant_id=tenant.tenant_id: devicehub.ListAlarms(
+            devicehub_pb2.ListAlarmsRequest(tenant_id=tenant_id, state=devicehub_pb2.ALARM_STATE_OPEN,
+                                            page_size=ALARM_PAGE_SIZE, page_token=token), timeout=timeout),
+            "alarms", limit=MAX_ALARMS_COUNTED))
         if count:
             rows.append(AlarmRow(tenant_id=tenant.tenant_id, tenant=tenant.name, open=min(count, MAX_ALARMS_COUNTED)))
     return rows
