@@ -138,6 +138,24 @@ class PendingEvent:
     event_id: str | None = None
 
 
+# A backlog is counted up to this many rows (the answer says "at least" by being this number), so a
+# huge one cannot make the count slow.
+MAX_OUTBOX_COUNTED = 100_000
+# Both walk the outbox's partial index of unpublished rows (by id, so the first is the oldest).
+_OUTBOX_BACKLOG_SQL = (
+    "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT $1) AS waiting)"
+    " AS unpublished,"
+    " coalesce((SELECT (extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint FROM outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT 1), 0) AS oldest_ms")
+
+
+async def outbox_backlog(conn: asyncpg.Connection, *, limit: int) -> tuple[int, int]:
+    """Events written and not yet relayed to JetStream (counted up to ``limit``), and how long the
+    oldest has waited, in ms (0 when none)."""
+    row = await conn.fetchrow(_OUTBOX_BACKLOG_SQL, limit)
+    return row["unpublished"], max(0, row["oldest_ms"])
+
+
 async def emit_many(conn: asyncpg.Connection, *, events: list[PendingEvent]) -> list[str]:
     """``emit`` for a batch: one pipelined insert and one wake-up of the relay instead of three
     round trips per event, for bulk changes (imports) that make thousands of events at once."""

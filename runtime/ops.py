@@ -12,19 +12,9 @@ import grpc
 from onecard.ops.v1 import ops_pb2, ops_pb2_grpc
 from runtime import VERSION
 from runtime.db import migration_status
+from runtime.events import MAX_OUTBOX_COUNTED, outbox_backlog
 
 SERVICE_NAME = ops_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name
-
-# A backlog is counted up to this many rows (the answer says "at least" by being this number), so a
-# huge one cannot make the call slow.
-MAX_OUTBOX_COUNTED = 100_000
-# Both walk the outbox's partial index of unpublished rows (by id, so the first is the oldest).
-_OUTBOX_BACKLOG_SQL = (
-    "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT $1) AS waiting)"
-    " AS unpublished,"
-    " coalesce((SELECT (extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint FROM outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT 1), 0) AS oldest_ms")
-
 
 class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
     def __init__(self, *, service: str, schema: str, migrations_dir: Path, pool: Callable[[], asyncpg.Pool]):
@@ -38,13 +28,12 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
                              context: grpc.aio.ServicerContext) -> ops_pb2.GetServiceInfoResponse:
         async with self._pool().acquire() as conn:
             migrations = await migration_status(conn, schema=self._schema, migrations_dir=self._migrations_dir)
-            backlog = await conn.fetchrow(_OUTBOX_BACKLOG_SQL, MAX_OUTBOX_COUNTED)
+            unpublished, oldest_ms = await outbox_backlog(conn, limit=MAX_OUTBOX_COUNTED)
         return ops_pb2.GetServiceInfoResponse(
             service=self._service, version=VERSION, schema=self._schema,
             migrations=ops_pb2.MigrationState(applied=len(migrations.applied), known=migrations.known,
                                               pending=migrations.pending, unknown=migrations.unknown),
-            outbox=ops_pb2.OutboxState(unpublished=backlog["unpublished"],
-                                       oldest_unpublished_age_ms=max(0, backlog["oldest_ms"])))
+            outbox=ops_pb2.OutboxState(unpublished=unpublished, oldest_unpublished_age_ms=oldest_ms))
 
 
 def add_to_server(server: grpc.aio.Server, servicer: OpsServicer) -> None:
