@@ -25,6 +25,20 @@ A benchmark is an async function taking a ``BenchContext`` and answering named f
 Every figure that matters is a ratio against a baseline measured in the same run on the same
 machine (DESIGN.md section 6), because absolute numbers on a shared two-core machine are noise.
 
+Money is measured durably or not at all. The shared server runs with fsync off (it serves the
+benchmarks of request paths that write no money); a second server (``durable_postgres``) runs with
+fsync and synchronous_commit on, as production does, and every benchmark that books money (Pay,
+TopUp, SettleOffline in its measured part) runs its services there. The harness holds them to it:
+``start_grpc_service`` refuses to start a service that books money (``MONEY_MODULES``) on a server
+without fsync and synchronous_commit on (``NotDurable``), so a benchmark cannot flatter the cost of
+a payment by skipping the flush to disk.
+
+Cost is a first-class figure beside the rates: CPU milliseconds per operation summed over every
+process that does the work, PostgreSQL included (``postgres_cpu_s``: the postmaster, every backend
+and helper, walwriter and checkpointer among them) and nats-server when the path publishes to it;
+the load client's CPU is reported beside it and not counted (it stands in for terminals).
+``cpu_ms_per_operation`` does that arithmetic.
+
 To add one: write ``@benchmark("area.what", description=...)`` on an async function in a module
 listed in ``SUITES``.
 """
@@ -40,9 +54,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -80,11 +95,23 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SETTLE_CPU_RATIO = 0.1
 SETTLE_STEP_S = 0.5
 MAX_SETTLE_S = 15.0
+# PostgreSQL publishes an idle backend's pending statistics within 10 s (PGSTAT_IDLE_INTERVAL):
+# a commit count read after this long of quiet has them all.
+STATS_FLUSH_S = 11.0
 # A TLS/plaintext comparison alternates this many slices of each side.
 TLS_PRICE_SLICES = 6
+# The services that book money: the harness starts them only on a durable server.
+MONEY_MODULES = frozenset({"services.ledger"})
+# What a durable server must run with, and what is shown of its settings beside the figures.
+DURABLE_SETTINGS = {"fsync": "on", "synchronous_commit": "on"}
+SHOWN_SETTINGS = ("fsync", "full_page_writes", "shared_buffers", "synchronous_commit", "wal_sync_method")
 
 Figures = dict[str, float]
 BenchmarkFn = Callable[["BenchContext"], Awaitable[Figures]]
+
+
+class NotDurable(RuntimeError):
+    """Money was to be measured on a PostgreSQL that does not flush each commit to disk."""
 
 
 @dataclass(frozen=True)
@@ -265,27 +292,44 @@ class BenchContext:
                 await process.stop(grace_s=STOP_GRACE_S)
 
     def durable_postgres(self) -> Postgres:
-        """A second PostgreSQL with fsync on and synchronous_commit at its default (on), for the
-        figures whose meaning includes each commit's flush to disk (the ledger against pgbench)."""
+        """A second PostgreSQL with fsync on and synchronous_commit at its default (on), for every
+        benchmark that books money and for pgbench, its baseline."""
         if self._durable_postgres is None:
             self._durable_postgres = self._start_postgres("postgres-durable", fsync=True)
         return self._durable_postgres
+
+    def server_of(self, database_url: str) -> Postgres:
+        """The server (shared or durable) a database URL of this run points at."""
+        port = urlsplit(database_url).port
+        for postgres in (self._postgres, self._durable_postgres):
+            if postgres is not None and postgres.port == port:
+                return postgres
+        raise ValueError(f"{database_url.split('@')[-1]} is on no PostgreSQL this bench started")
+
+    def require_durable(self, database_url: str) -> str:
+        """The server's settings, shown as ``name=value ...``; ``NotDurable`` unless it flushes
+        every commit (fsync and synchronous_commit on)."""
+        return require_durable(self.server_of(database_url))
 
     def nats_url(self, *, plaintext: bool = False) -> str:
         """The nats-server knowing every account of services.nats_accounts by its public nkey:
         TLS only, each client showing a certificate from the run's CA; or, for plaintext services,
         a second one without TLS."""
+        return self.nats_server(plaintext=plaintext).url
+
+    def nats_server(self, *, plaintext: bool = False) -> Nats:
+        """The nats-server of ``nats_url`` (started on first use), e.g. to count its CPU."""
         users = {name: (public_key(seed), NATS_ACCOUNTS[name]) for name, seed in self._nats_seeds.items()}
         if plaintext:
             if self._plaintext_nats is None:
                 self._plaintext_nats = Nats(self.work_dir / "nats-plaintext", free_port(), users=users)
                 self._plaintext_nats.start()
-            return self._plaintext_nats.url
+            return self._plaintext_nats
         if self._nats is None:
             self._nats = Nats(self.work_dir / "nats", free_port(), users=users,
                               tls=IdentityFiles(self.tls_dir(DEFAULT_NATS_TLS_NAME)))
             self._nats.start()
-        return self._nats.url
+        return self._nats
 
     # --- child processes -----------------------------------------------------------------------
 
@@ -311,6 +355,8 @@ class BenchContext:
         """A onecard gRPC service (``python -m services.<x>``, whose mesh name is ``<x>``) on its
         own port, quiet logs, with ``service_env`` (on the shared database or ``database_url``),
         once healthy. ``name`` names its log."""
+        if module in MONEY_MODULES:
+            self.require_durable(database_url or self.database_url())
         mesh_name = module.rsplit(".", 1)[-1]
         port, metrics_port = free_port(), free_port()
         target = f"{BENCH_HOST}:{port}"
@@ -360,6 +406,79 @@ def processes_cpu_s(pids: Mapping[str, int]) -> dict[str, float]:
     return {name: process_cpu_s(pid) for name, pid in pids.items()}
 
 
+def postgres_cpu_s(postgres: Postgres) -> float:
+    """CPU seconds of a whole PostgreSQL server: the postmaster, every live backend and helper
+    (walwriter, checkpointer, background writer, autovacuum) and the children it has reaped (the
+    backends of connections closed meanwhile)."""
+    assert postgres.process is not None
+    root = postgres.process.pid
+    total = process_cpu_s(root, with_children=True)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == root:
+            total += process_cpu_s(int(entry))
+    return total
+
+
+def nats_cpu_s(nats_server: Nats) -> float:
+    assert nats_server.process is not None
+    return process_cpu_s(nats_server.process.pid)
+
+
+def cpu_ms_per_operation(cpu_s: Mapping[str, float], operations: int, *, not_counted: Collection[str] = ()
+                         ) -> tuple[float, dict[str, float]]:
+    """CPU milliseconds per operation over the processes of ``cpu_s`` but ``not_counted`` (a load
+    client standing in for terminals), and each process's share, all of them (the ones not counted
+    too, so one can see them beside the rest)."""
+    if operations <= 0:
+        raise ValueError(f"no operations to share {sum(cpu_s.values()):.2f} CPU seconds among")
+    unknown = set(not_counted) - set(cpu_s)
+    if unknown:
+        raise ValueError(f"not_counted names processes that were not measured: {sorted(unknown)}")
+    per_process = {who: seconds * 1000 / operations for who, seconds in cpu_s.items()}
+    return sum(ms for who, ms in per_process.items() if who not in not_counted), per_process
+
+
+def durability_problem(settings: Mapping[str, str]) -> str | None:
+    """Why a server with these settings does not flush each commit to disk, or None if it does."""
+    wrong = [f"{name}={settings.get(name, '?')}" for name, wanted in DURABLE_SETTINGS.items()
+             if settings.get(name) != wanted]
+    if not wrong:
+        return None
+    return (f"money is measured only on a durable PostgreSQL (fsync=on synchronous_commit=on), this one runs "
+            f"with {' '.join(wrong)}")
+
+
+def server_settings(postgres: Postgres) -> dict[str, str]:
+    names = sorted({*DURABLE_SETTINGS, *SHOWN_SETTINGS})
+    rows = postgres._psql("SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings"
+                          f" WHERE name IN ({', '.join(repr(n) for n in names)})")
+    return dict(pair.split("=", 1) for pair in rows.split())
+
+
+def require_durable(postgres: Postgres) -> str:
+    """``postgres``'s settings as ``name=value ...``; ``NotDurable`` unless it flushes every commit."""
+    settings = server_settings(postgres)
+    problem = durability_problem(settings)
+    if problem is not None:
+        raise NotDurable(problem)
+    return " ".join(f"{name}={settings[name]}" for name in SHOWN_SETTINGS if name in settings)
+
+
+def database_commits(postgres: Postgres, database: str) -> int:
+    """pg_stat_database.xact_commit of ``database``: every transaction committed there, read-only
+    ones included. PostgreSQL publishes a backend's counts lazily (at most once a second while it
+    is busy, and within ``STATS_FLUSH_S`` once it is idle), so a reading is exact only once the
+    backends of interest have been idle that long or have exited."""
+    return int(postgres._psql(f"SELECT xact_commit FROM pg_stat_database WHERE datname = '{database}'"))
+
+
 async def settle(pids: Mapping[str, int]) -> None:
     """Wait until the processes have done what came before (relays publishing what the last load
     booked, terminals' first sync after they connect: a second or two on this machine), so that it
@@ -376,10 +495,12 @@ async def settle(pids: Mapping[str, int]) -> None:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measured load, and the CPU seconds the processes of interest spent meanwhile."""
+    """One measured load, the CPU seconds the processes of interest spent meanwhile, and whatever
+    else was counted over it (``counts``, e.g. commits)."""
 
     result: LoadResult
     cpu_s: Mapping[str, float]
+    counts: Mapping[str, float] = field(default_factory=dict)
 
     def cpu_ratio(self, who: str) -> float:
         """CPU seconds of ``who`` per second of load (the machine has two cores)."""
@@ -388,7 +509,8 @@ class Measurement:
     @staticmethod
     def combined(parts: list[Measurement]) -> Measurement:
         return Measurement(result=LoadResult.combined([p.result for p in parts]),
-                           cpu_s={who: sum(p.cpu_s[who] for p in parts) for who in parts[0].cpu_s})
+                           cpu_s={who: sum(p.cpu_s[who] for p in parts) for who in parts[0].cpu_s},
+                           counts={what: sum(p.counts[what] for p in parts) for what in parts[0].counts})
 
 
 # Sends the load for the seconds given (warmed up already) and measures it.
@@ -439,11 +561,70 @@ async def bench_context(*, load: LoadSettings, keep_dir: bool = False) -> AsyncI
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def format_table(figures: Mapping[str, float]) -> str:
-    width = max([len("figure"), *(len(name) for name in figures)])
+# The figures printed first, in a group of their own: what one payment costs in CPU, all processes.
+COST_GROUP_TITLE = "cost per payment: CPU ms over all processes, PostgreSQL included (client not counted)"
+
+
+def is_cost_figure(name: str) -> bool:
+    return "_cpu_ms_" in name or name.endswith("_cpu_vs_pgbench_tpcb_ratio")
+
+
+def _table_lines(figures: Mapping[str, float], width: int) -> list[str]:
     lines = [f"{'figure':<{width}}  {'value':>12}", f"{'-' * width}  {'-' * 12}"]
     for name, value in figures.items():
         lines.append(f"{name:<{width}}  {value:>12.3f}" if abs(value) < 100 else f"{name:<{width}}  {value:>12.1f}")
+    return lines
+
+
+def format_table(figures: Mapping[str, float]) -> str:
+    """Every figure, the cost-per-payment ones first in a group of their own."""
+    width = max([len("figure"), *(len(name) for name in figures)])
+    cost = {name: value for name, value in figures.items() if is_cost_figure(name)}
+    rest = {name: value for name, value in figures.items() if not is_cost_figure(name)}
+    lines: list[str] = []
+    if cost:
+        lines += [COST_GROUP_TITLE, *_table_lines(cost, width), "", "everything else"]
+    lines += _table_lines(rest, width)
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A figure's goal: at least (``">="``) or at most (``"<="``) ``target``."""
+
+    figure: str
+    comparison: str
+    target: float
+    why: str
+
+    def met(self, value: float) -> bool:
+        return value >= self.target if self.comparison == ">=" else value <= self.target
+
+
+# Issue 16's goals, each a ratio measured in one run.
+GOALS = (
+    Goal("devicehub.online_pay_vs_ledger_pay_ratio", ">=", 0.7, "the hub and policy add little to a booking"),
+    Goal("ledger.pay_vs_pgbench_ratio", ">=", 0.5, "a payment near a plain durable TPC-B transaction"),
+    Goal("devicehub.online_pay_cpu_vs_pgbench_tpcb_ratio", "<=", 4.0,
+         "CPU per online payment, all processes, vs one TPC-B transaction's"),
+    Goal("policy.evaluate_vs_echo_ratio", ">=", 0.6, "a plan costs little on top of gRPC"),
+    Goal("codes.verify_warm_ratio", ">=", 0.8, "a cached credential's code near raw Ed25519"),
+    Goal("codes.verify_cold_ratio", ">=", 0.4, "a new credential's code (two checks) near half raw Ed25519"),
+)
+
+
+def format_goals(figures: Mapping[str, float], goals: tuple[Goal, ...] = GOALS) -> str:
+    """One line a goal: its figure, the value of this run and met / NOT MET / not measured."""
+    width = max(len(goal.figure) for goal in goals)
+    lines = ["goals (issue 16)"]
+    for goal in goals:
+        value = figures.get(goal.figure)
+        if value is None:
+            verdict, shown = "not measured", "-"
+        else:
+            verdict, shown = ("met" if goal.met(value) else "NOT MET"), f"{value:.3f}"
+        lines.append(f"  {goal.figure:<{width}}  {goal.comparison} {goal.target:<4}  {shown:>8}  {verdict:<12}  "
+                     f"{goal.why}")
     return "\n".join(lines)
 
 
@@ -472,6 +653,8 @@ async def run_benchmarks(*, names: list[str], load: LoadSettings, summary_path: 
             print(f"  done in {time.monotonic() - started:.1f}s", flush=True)
     print()
     print(format_table(figures))
+    print()
+    print(format_goals(figures))
     write_summary(summary_path, figures)
     print(f"\nwrote {summary_path}")
     return figures
