@@ -1,4 +1,7 @@
-"""The codegen service: how long a 24 h rotating-token batch takes to issue through it."""
+"""The codegen service: how long a 24 h rotating-token batch takes to issue through it.
+
+Identity and codegen run on the bench's shared PostgreSQL (fsync off): nothing here books money.
+"""
 from __future__ import annotations
 
 import statistics

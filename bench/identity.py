@@ -1,4 +1,7 @@
-"""Identity through the gateway, against the floor of the same web stack."""
+"""Identity through the gateway, against the floor of the same web stack.
+
+Identity runs on the bench's shared PostgreSQL (fsync off): nothing here books money.
+"""
 from __future__ import annotations
 
 import uuid

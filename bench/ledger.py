@@ -1,16 +1,48 @@
-"""The ledger's payments against pgbench on the same PostgreSQL, and offline settlement in bulk.
+"""The ledger's payments against pgbench on the same durable PostgreSQL, and offline settlement in bulk.
 
-``ledger.pay_vs_pgbench_ratio``: payments per second through LedgerService.Pay (two purses of a
-member, cash and a subsidy purse, to one merchant), divided by pgbench's built-in TPC-B-like
-transactions per second, both with the same number of clients for the same time, against one
-PostgreSQL started for this suite with fsync on and synchronous_commit on (the defaults; the other
-suites share a server with fsync off). Both sides commit once per operation and wait for the WAL
-flush, so the ratio says what the ledger's Python, gRPC and extra SQL cost on top of a plain
-durable OLTP transaction. Goal >= 0.5. pgbench: ``-i -s <clients> -I dtGvp`` into its own database
-on that server (one branch per client), then ``-c N -j N -T <duration> -M prepared -n``, each side
-after a warm-up of the same length and a CHECKPOINT (the ledger's once the ledger is quiet:
-bench.harness.settle).
-``ledger.pay_p99_ms``: the client-side latency of Pay at that load.
+Every figure here is taken on the bench's durable server (fsync and synchronous_commit on, as in
+production: ``BenchContext.durable_postgres``; the harness refuses to start the ledger anywhere
+else), the ledger publishing its events over TLS to the run's nats-server.
+
+``ledger.pay_per_s``: payments per second through LedgerService.Pay (two purses of a member, cash
+and a subsidy purse, to one merchant), called as policy calls it, ``concurrency`` in flight.
+``ledger.pay_p50_ms`` / ``ledger.pay_p99_ms``: the client-side latency of Pay at that load.
+
+The two commit at different rates, and the figures say so rather than hide it. The ledger books
+the payments waiting together in one transaction (services.ledger PayBatcher, up to 64 a commit),
+so at this load many payments share one commit and one flush; pgbench's built-in TPC-B commits
+each transaction alone.
+``ledger.pay_payments_per_commit``: measured payments divided by the transactions that booked them
+(the distinct ``xmin`` of their transfer rows): how many payments shared a commit.
+``ledger.pay_commits_per_payment``: ``pg_stat_database.xact_commit`` of the ledger's database over
+the measured run divided by its payments. It counts every transaction committed there: the payment
+batches, the outbox relay marking what it published, and read-only ones (balance reads, the
+relay's polls); and the little the ledger does on its own during the plaintext twin's slices. It
+is read after ``STATS_FLUSH_S`` of quiet on both ends, when PostgreSQL has published every count.
+``ledger.pgbench_commits_per_txn`` / ``ledger.pgbench_batched_commits_per_txn``: the same count on
+pgbench's database per TPC-B transaction (about 1, and about 1/k).
+
+``ledger.pay_vs_pgbench_ratio``: payments/s divided by pgbench's built-in TPC-B transactions/s
+(``ledger.pgbench_tpcb_tps``), the same number of clients for the same time: the ledger with its
+batching against a database committing each transaction alone. Goal >= 0.5 (issue 16).
+``ledger.pay_vs_pgbench_batched_ratio``: payments/s divided by ``ledger.pgbench_tpcb_batched_tps``,
+pgbench running the same TPC-B statements with k transactions a commit, k being the ledger's
+``pay_payments_per_commit`` of this run rounded (``ledger.pgbench_batch_txns``), each client on its
+own branch (bench.pgbench says why): like with like, what the ledger's Python, gRPC and extra SQL
+cost on top of the same durable work batched the same way.
+pgbench: ``-i -s <clients> -I dtGvp`` into its own database on the durable server, then
+``-c N -j N -T <duration> -M prepared -n``; each side after a warm-up and a CHECKPOINT (the
+ledger's once it is quiet: bench.harness.settle).
+
+Cost: ``ledger.pay_cpu_ms_per_payment``: CPU milliseconds per payment of the ledger process, the
+whole PostgreSQL server (every backend, walwriter, checkpointer: bench.harness.postgres_cpu_s)
+and nats-server (the ledger's relay publishes each payment's event), over the TLS run;
+``ledger.pay_cpu_ms_<who>`` each one's share, ``ledger.pay_client_cpu_ms_per_payment`` the load
+client's (not counted: it stands in for policy). ``ledger.pgbench_tpcb_cpu_ms_per_txn``:
+PostgreSQL's and pgbench's CPU per plain TPC-B transaction, and
+``ledger.pay_cpu_vs_pgbench_tpcb_ratio`` the one over the other. The ``*_cpu_ratio`` figures
+(CPU seconds per second of load) say how busy each process was on this two-core machine.
+
 ``ledger.settle_offline_per_s``: offline records per second booked through SettleOffline, a
 100k-record batch in calls of 1000, a few calls in flight; checked afterwards (every record
 BOOKED, merchant credited with the batch's sum, trial balance balanced). No call starts after
@@ -18,23 +50,17 @@ BOOKED, merchant credited with the batch's sum, trial balance balanced). No call
 Absent, with a message, while the ledger does not implement SettleOffline (UNIMPLEMENTED, or the
 generated stub still in its servicer, which the mesh's error interceptor answers INTERNAL).
 
-The ``*_cpu_ratio`` figures (CPU seconds per second of load of the ledger process, of PostgreSQL
-and of the load client or pgbench) say where the time went on this two-core machine.
-
 ``ledger.pay_tls_vs_plaintext_ratio``: what TLS costs a payment. The bench calls Pay as policy
 does, over mutual TLS with policy's certificate, the ledger publishing its events to NATS over
 TLS; the same load goes to a twin ledger in insecure development mode (plaintext gRPC and NATS,
-no caller checks) on a database of its own on the same server, seeded alike, in slices that
-alternate with the TLS ones (bench.harness.measure_tls_and_plaintext). ``ledger.pay_per_s`` and
-the figures beside it are over TLS; ``ledger.pay_plaintext_*`` are their twins.
+no caller checks) on a database of its own on the same durable server, seeded alike, in slices
+that alternate with the TLS ones (bench.harness.measure_tls_and_plaintext). ``ledger.pay_per_s``
+and the figures beside it are over TLS; ``ledger.pay_plaintext_*`` are their twins.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import re
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,19 +71,25 @@ from typing import Self
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench import pgbench
 from bench.harness import (
+    STATS_FLUSH_S,
     BenchContext,
     BenchService,
     Figures,
     Measurement,
     benchmark,
+    cpu_ms_per_operation,
+    database_commits,
     measure_tls_and_plaintext,
+    nats_cpu_s,
+    postgres_cpu_s,
     process_cpu_s,
     settle,
     tls_price_figures,
 )
 from bench.load import closed_loop_calls
-from devstack.servers import POSTGRES_BIN_PATH, Postgres
+from devstack.servers import DATABASE_NAME, Nats, Postgres
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from services.ledger.servicer import LedgerServicer
@@ -78,7 +110,6 @@ SUBSIDY_REF = "bench-subsidy"
 # batch (about 50 records per member) and a long pay run leave every purse far from empty.
 PURSE_FUNDING_FEN = 100_000
 MAX_LEG_FEN = 20
-PGBENCH_DATABASE = "pgbench"
 PLAINTEXT_DATABASE = "ledger_plaintext"
 OFFLINE_RECORDS = 100_000
 OFFLINE_PER_CALL = 1000
@@ -87,7 +118,6 @@ OFFLINE_DEVICES = 50
 # Keeps the suite within its time on a slow server: no call is started after this; the figure is
 # then over the records sent, and says so.
 OFFLINE_MAX_S = 75.0
-TPS_LINE = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -103,41 +133,28 @@ class Fixture:
     members: list[Member]
 
 
-# --- CPU of other processes -----------------------------------------------------------------
-
-def _postgres_cpu_s(postgres: Postgres) -> float:
-    """The postmaster, every live backend and helper, and the children it has reaped."""
-    assert postgres.process is not None
-    root = postgres.process.pid
-    total = process_cpu_s(root, with_children=True)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == root:
-            total += process_cpu_s(int(entry))
-    return total
-
+# --- CPU of the processes doing the work ---------------------------------------------------
 
 @dataclass
 class CpuMeter:
-    """CPU seconds of the ledger process and of PostgreSQL over one measurement."""
+    """CPU seconds of the ledger process, of PostgreSQL and of nats-server over one measurement."""
 
     ledger_pid: int
     postgres: Postgres
-    _ledger0: float = 0.0
-    _postgres0: float = 0.0
+    nats: Nats
+    _before: dict[str, float] | None = None
+
+    def _now(self) -> dict[str, float]:
+        return {"ledger": process_cpu_s(self.ledger_pid), "postgres": postgres_cpu_s(self.postgres),
+                "nats": nats_cpu_s(self.nats)}
 
     def start(self) -> None:
-        self._ledger0 = process_cpu_s(self.ledger_pid)
-        self._postgres0 = _postgres_cpu_s(self.postgres)
+        self._before = self._now()
 
-    def stop(self) -> tuple[float, float]:
-        return process_cpu_s(self.ledger_pid) - self._ledger0, _postgres_cpu_s(self.postgres) - self._postgres0
+    def stop(self) -> dict[str, float]:
+        assert self._before is not None
+        after = self._now()
+        return {who: after[who] - self._before[who] for who in after}
 
 
 # --- the service and its accounts -----------------------------------------------------------
@@ -202,52 +219,6 @@ def _legs(member: Member, rng: random.Random) -> list[pb.PayLeg]:
             pb.PayLeg(account_id=member.cash, amount_fen=rng.randint(1, MAX_LEG_FEN))]
 
 
-# --- pgbench --------------------------------------------------------------------------------
-
-def _pgbench(postgres: Postgres, *args: str, timeout_s: float) -> str:
-    argv = [str(POSTGRES_BIN_PATH / "pgbench"), "-h", postgres.host, "-p", str(postgres.port), "-U", "postgres",
-            *args, PGBENCH_DATABASE]
-    env = {**os.environ, "PGPASSWORD": postgres.password or ""}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
-def _pgbench_run_argv(clients: int, duration_s: float) -> list[str]:
-    # Prepared statements, as the ledger's asyncpg uses; a whole number of seconds, at least one.
-    return ["-c", str(clients), "-j", str(clients), "-T", str(max(1, round(duration_s))), "-M", "prepared", "-n"]
-
-
-async def _pgbench_tps(postgres: Postgres, *, clients: int, duration_s: float, ledger_pid: int
-                       ) -> tuple[float, float, float, float]:
-    """TPC-B-like transactions/s, and the CPU ratios of PostgreSQL, pgbench and the (idle) ledger."""
-    meter = CpuMeter(ledger_pid=ledger_pid, postgres=postgres)
-    meter.start()
-    before = os.times()
-    started = time.perf_counter()
-    out = await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, duration_s),
-                                  timeout_s=duration_s + 60)
-    elapsed_s = time.perf_counter() - started
-    after = os.times()
-    ledger_cpu, postgres_cpu = meter.stop()
-    found = TPS_LINE.search(out)
-    if found is None:
-        raise RuntimeError(f"no tps in pgbench's output:\n{out}")
-    pgbench_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return float(found.group(1)), postgres_cpu / elapsed_s, pgbench_cpu / elapsed_s, ledger_cpu / elapsed_s
-
-
-def _settings(postgres: Postgres) -> str:
-    names = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "shared_buffers")
-    rows = postgres._psql(
-        "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings"
-        f" WHERE name IN ({', '.join(repr(n) for n in names)})")
-    if "fsync=on" not in rows or "synchronous_commit=on" not in rows:
-        raise RuntimeError(f"the ledger benchmark needs a durable PostgreSQL, this one runs with {rows}")
-    return rows
-
-
 # --- the benchmarks -------------------------------------------------------------------------
 
 @dataclass
@@ -281,7 +252,7 @@ async def _ledger_setup(context: BenchContext) -> LedgerSetup:
     if _setup is not None and _setup.postgres is context.durable_postgres():
         return _setup
     postgres = context.durable_postgres()
-    settings = _settings(postgres)
+    settings = context.require_durable(postgres.dsn())
     print(f"  PostgreSQL for the ledger: {settings}", flush=True)
     ledger, fixture = await _seeded_ledger(context, name="ledger", database_url=postgres.dsn())
     _setup = LedgerSetup(ledger=ledger, postgres=postgres, fixture=fixture, settings=settings)
@@ -295,6 +266,10 @@ class PayLoad:
     def __init__(self, context: BenchContext, *, ledger: BenchService, fixture: Fixture, postgres: Postgres,
                  clients: int):
         self.ledger, self.fixture, self.postgres, self.clients = ledger, fixture, postgres, clients
+        self.nats = context.nats_server(plaintext=ledger.plaintext)
+        # In the idempotency keys: "w" while warming up, "m" while measured, so the measured
+        # payments' transfers can be found afterwards.
+        self._phase = "w"
         self._payer_channel = context.channel(ledger, as_=PAYER)
         self._admin_channel = context.channel(ledger, as_=ADMIN)
         self._payer = ledger_pb2_grpc.LedgerServiceStub(self._payer_channel)
@@ -318,8 +293,8 @@ class PayLoad:
         rng, fixture = self._rngs[worker], self.fixture
         self._sequence[worker] += 1
         legs = _legs(rng.choice(fixture.members), rng)
-        request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{self._run}-{worker}-"
-                                f"{self._sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
+        request = pb.PayRequest(tenant_id=fixture.tenant_id, idempotency_key=f"bench-pay-{self._run}-"
+                                f"{self._phase}-{worker}-{self._sequence[worker]}", merchant_account_id=fixture.merchant, legs=legs,
                                 device_id=f"bench-pos-{worker}")
         try:
             await self._payer.Pay(request, timeout=CALL_TIMEOUT_S)
@@ -336,13 +311,24 @@ class PayLoad:
         await closed_loop_calls(call=self._call, duration_s=duration_s, concurrency=self.clients)
 
     async def run(self, duration_s: float) -> Measurement:
-        meter = CpuMeter(ledger_pid=self.ledger.pid, postgres=self.postgres)
+        self._phase = "m"
+        meter = CpuMeter(ledger_pid=self.ledger.pid, postgres=self.postgres, nats=self.nats)
         meter.start()
         result = await closed_loop_calls(call=self._call, duration_s=duration_s, concurrency=self.clients)
-        ledger_cpu, postgres_cpu = meter.stop()
+        cpu_s = meter.stop()
         if result.errors or self.failures:
             raise RuntimeError(f"{result.errors} of {result.requests} payments failed, e.g. {self.failures}")
-        return Measurement(result=result, cpu_s={"ledger": ledger_cpu, "postgres": postgres_cpu})
+        return Measurement(result=result, cpu_s=cpu_s)
+
+    def payment_commits(self, database: str) -> tuple[int, int]:
+        """(the measured payments' transfers, the transactions that committed them): the distinct
+        ``xmin`` of their rows, one per commit that booked them."""
+        row = self.postgres._psql(
+            "SELECT count(*) || ' ' || count(DISTINCT xmin::text) FROM ledger.transfers"
+            f" WHERE tenant_id = '{self.fixture.tenant_id}' AND idempotency_key LIKE '%bench-pay-{self._run}-m-%'",
+            database=database)
+        transfers, commits = row.split()
+        return int(transfers), int(commits)
 
     async def check(self) -> None:
         merchant_fen = await _merchant_posted(self.admin, self.fixture) - self._merchant_before
@@ -351,8 +337,8 @@ class PayLoad:
         await _trial_balance(self.admin, self.fixture.tenant_id)
 
 
-@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, same server; "
-                                     "over TLS and in plaintext")
+@benchmark("ledger.pay", description="Pay (cash + subsidy purse -> merchant) via gRPC vs pgbench TPC-B, plain and "
+                                     "batched alike, on the durable server; over TLS and in plaintext")
 async def pay(context: BenchContext) -> Figures:
     setup = await _ledger_setup(context)
     load = context.load
@@ -360,20 +346,12 @@ async def pay(context: BenchContext) -> Figures:
     postgres = setup.postgres
 
     # pgbench: its own database on the same server, one branch per client so the TPC-B rows do
-    # not all queue on one branch row.
-    scale = max(1, clients)
-    postgres.create_database(PGBENCH_DATABASE)
-    started = time.perf_counter()
-    await asyncio.to_thread(_pgbench, postgres, "-i", "-s", str(scale), "-I", "dtGvp", "-q", timeout_s=300)
-    print(f"  pgbench -i -s {scale} in {time.perf_counter() - started:.1f}s; runs: pgbench "
-          f"{' '.join(_pgbench_run_argv(clients, load.duration_s))}", flush=True)
-
-    # Warm-up, then a checkpoint before each measured run, so neither side pays for the other's
-    # dirty pages or starts with fewer full-page writes to make.
-    await asyncio.to_thread(_pgbench, postgres, *_pgbench_run_argv(clients, load.warmup_s), timeout_s=60)
-    await asyncio.to_thread(postgres._psql, "CHECKPOINT")
-    tps, pg_postgres_cpu, pgbench_cpu, _ = await _pgbench_tps(postgres, clients=clients,
-                                                               duration_s=load.duration_s, ledger_pid=setup.ledger.pid)
+    # not all queue on one branch row; warmed up, then measured after a checkpoint.
+    scale = await pgbench.prepare(postgres, clients=clients)
+    print(f"  runs: pgbench {' '.join(pgbench.run_argv(clients=clients, duration_s=load.duration_s, scale=scale))}",
+          flush=True)
+    await pgbench.warm_up(postgres, clients=clients, duration_s=load.warmup_s, scale=scale)
+    plain_tpcb = await pgbench.run(postgres, clients=clients, duration_s=load.duration_s, scale=scale)
 
     # The plaintext twin: the ledger in insecure development mode on a database of its own on the
     # same server, seeded alike; both are paid in alternating slices.
@@ -386,27 +364,63 @@ async def pay(context: BenchContext) -> Figures:
             await over_tls.warm_up(load.warmup_s)
             await plain.warm_up(load.warmup_s)
             await asyncio.to_thread(postgres._psql, "CHECKPOINT")
+            # Commit counts are published lazily: read them after enough quiet on both ends.
+            await asyncio.sleep(STATS_FLUSH_S)
+            commits_before = await asyncio.to_thread(database_commits, postgres, DATABASE_NAME)
             tls, plaintext = await measure_tls_and_plaintext(duration_s=load.duration_s, tls=over_tls.run,
                                                              plaintext=plain.run)
+            await asyncio.sleep(STATS_FLUSH_S)
+            commits = await asyncio.to_thread(database_commits, postgres, DATABASE_NAME) - commits_before
+            transfers, payment_commits = await asyncio.to_thread(over_tls.payment_commits, DATABASE_NAME)
             await over_tls.check()
             await plain.check()
     finally:
         await context.stop_service(twin)
     result = tls.result
-    return {
-        "ledger.pay_vs_pgbench_ratio": result.rps / tps,
+    if transfers != result.requests:
+        raise RuntimeError(f"{result.requests} payments measured, {transfers} of their transfers found")
+    payments_per_commit = result.requests / payment_commits
+
+    # The batched baseline: the same TPC-B statements, as many transactions a commit as the ledger's
+    # payments shared one.
+    batch = pgbench.transactions_per_commit_of(result.requests, payment_commits)
+    await pgbench.warm_up(postgres, clients=clients, duration_s=load.warmup_s, scale=scale)
+    batched_tpcb = await pgbench.run(postgres, clients=clients, duration_s=load.duration_s, scale=scale,
+                                     transactions_per_commit=batch)
+    print(f"  the ledger booked {payments_per_commit:.1f} payments a commit; pgbench batched {batch} TPC-B "
+          f"transactions a commit", flush=True)
+
+    cpu_ms, cpu_ms_of = cpu_ms_per_operation(tls.cpu_s, result.requests)
+    figures: Figures = {
+        "ledger.pay_vs_pgbench_ratio": result.rps / plain_tpcb.tps,
+        "ledger.pay_vs_pgbench_batched_ratio": result.rps / batched_tpcb.tps,
         "ledger.pay_per_s": result.rps,
-        "ledger.pgbench_tpcb_tps": tps,
+        "ledger.pgbench_tpcb_tps": plain_tpcb.tps,
+        "ledger.pgbench_tpcb_batched_tps": batched_tpcb.tps,
+        "ledger.pgbench_batch_txns": float(batch),
+        "ledger.pay_payments_per_commit": payments_per_commit,
+        "ledger.pay_commits_per_payment": commits / result.requests,
+        "ledger.pgbench_commits_per_txn": plain_tpcb.commits_per_transaction,
+        "ledger.pgbench_batched_commits_per_txn": batched_tpcb.commits_per_transaction,
         "ledger.pay_p50_ms": result.median_ms,
         "ledger.pay_p99_ms": result.percentile_ms(0.99),
+        # What a payment costs in CPU, all processes, against a TPC-B transaction.
+        "ledger.pay_cpu_ms_per_payment": cpu_ms,
+        **{f"ledger.pay_cpu_ms_{who}": ms for who, ms in cpu_ms_of.items()},
+        "ledger.pay_client_cpu_ms_per_payment": result.client_cpu_s * 1000 / result.requests,
+        "ledger.pgbench_tpcb_cpu_ms_per_txn": plain_tpcb.cpu_ms_per_transaction,
+        "ledger.pgbench_tpcb_batched_cpu_ms_per_txn": batched_tpcb.cpu_ms_per_transaction,
+        "ledger.pay_cpu_vs_pgbench_tpcb_ratio": cpu_ms / plain_tpcb.cpu_ms_per_transaction,
         # Where the time went (CPU seconds per second of load; the machine has two cores).
         "ledger.pay_ledger_cpu_ratio": tls.cpu_ratio("ledger"),
         "ledger.pay_postgres_cpu_ratio": tls.cpu_ratio("postgres"),
+        "ledger.pay_nats_cpu_ratio": tls.cpu_ratio("nats"),
         "ledger.pay_client_cpu_ratio": result.client_cpu_ratio,
-        "ledger.pgbench_postgres_cpu_ratio": pg_postgres_cpu,
-        "ledger.pgbench_client_cpu_ratio": pgbench_cpu,
+        "ledger.pgbench_postgres_cpu_ratio": plain_tpcb.postgres_cpu_s / plain_tpcb.elapsed_s,
+        "ledger.pgbench_client_cpu_ratio": plain_tpcb.client_cpu_s / plain_tpcb.elapsed_s,
         **tls_price_figures("ledger.pay", tls=tls, plaintext=plaintext),
     }
+    return figures
 
 
 def _offline_chunks(fixture: Fixture, *, prefix: str, count: int, per_call: int
@@ -482,12 +496,12 @@ async def settle_offline(context: BenchContext) -> Figures:
                 if time.perf_counter() > deadline:
                     return
 
-        meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=setup.postgres)
+        meter = CpuMeter(ledger_pid=setup.ledger.pid, postgres=setup.postgres, nats=context.nats_server())
         meter.start()
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(OFFLINE_CALLS_IN_FLIGHT)))
         elapsed_s = time.perf_counter() - started
-        ledger_cpu, postgres_cpu = meter.stop()
+        cpu_s = meter.stop()
 
         booked = outcomes.get(pb.OFFLINE_OUTCOME_BOOKED, 0)
         if booked != sent:
@@ -504,6 +518,7 @@ async def settle_offline(context: BenchContext) -> Figures:
     return {
         "ledger.settle_offline_per_s": sent / elapsed_s,
         "ledger.settle_offline_records": float(sent),
-        "ledger.settle_offline_ledger_cpu_ratio": ledger_cpu / elapsed_s,
-        "ledger.settle_offline_postgres_cpu_ratio": postgres_cpu / elapsed_s,
+        "ledger.settle_offline_ledger_cpu_ratio": cpu_s["ledger"] / elapsed_s,
+        "ledger.settle_offline_postgres_cpu_ratio": cpu_s["postgres"] / elapsed_s,
+        "ledger.settle_offline_cpu_ms_per_record": cpu_ms_per_operation(cpu_s, sent)[0],
     }

@@ -22,6 +22,8 @@ counted in either rate.
 ``policy.evaluate_cache_hit_ratio``: of the member-state lookups of the measured Evaluate run, the
 share answered from the cache (the rest read the ledger: never read, aged out, or dropped by a
 payment's event), from the policy process's Prometheus counters.
+Because the background payer books money, the ledger and policy run on the bench's durable
+PostgreSQL (fsync and synchronous_commit on), in a database of their own; the echo has none.
 ``policy.evaluate_payments``: the background payments booked during the measured run.
 ``policy.evaluate_p99_ms`` / ``policy.echo_p99_ms``: client-side latency at that load.
 The ``*_cpu_ratio`` figures (CPU seconds per second of load of the policy, ledger and echo
@@ -197,13 +199,16 @@ async def _pay_in_background(ledger: ledger_pb2_grpc.LedgerServiceStub, policy: 
                        "gRPC echo, same client")
 async def evaluate_vs_echo(context: BenchContext) -> Figures:
     load = context.load
-    ledger_service = await context.start_grpc_service(name="ledger-policy", module="services.ledger")
+    # The background payer books money: the ledger and policy run on the durable server.
+    database_url = context.fresh_database("policy_evaluate", durable=True)
+    ledger_service = await context.start_grpc_service(name="ledger-policy", module="services.ledger",
+                                                      database_url=database_url)
     metrics_port = free_port()
     policy_service = await context.start_grpc_service(name="policy", module="services.policy", env={
         "ONECARD_LEDGER_TARGET": ledger_service.target,
         "ONECARD_POLICY_MASTER_KEY": BENCH_MASTER_KEY,
         "ONECARD_METRICS_PORT": str(metrics_port),
-    })
+    }, database_url=database_url)
     metrics_url = f"http://{BENCH_HOST}:{metrics_port}/metrics"
     echo_service = await _echo_server(context)
     ledger_pid, policy_pid, echo_pid = ledger_service.pid, policy_service.pid, echo_service.pid

@@ -1,8 +1,14 @@
 """The bank test, in the style of Jepsen's: many concurrent clients pay, refund and top up while
-the ledger process is killed with SIGKILL and restarted twice. A client whose call ends in doubt
+the ledger process is killed with SIGKILL and restarted. A client whose call ends in doubt
 (UNAVAILABLE, deadline, reset) retries it with the same idempotency key once the ledger is back,
 until it gets a definite answer. At the end every acknowledged transfer is there exactly once,
-nothing exists that was never asked for, and every total holds."""
+nothing exists that was never asked for, and every total holds.
+
+The test makes sure its fault landed where it matters: a kill is sent only while writes are in
+flight, and the ledger is killed again (at least ``MIN_KILLS`` times, at most ``MAX_KILLS``) until
+at least ``MIN_IN_DOUBT_OPS`` writes were left in doubt by a kill. It then asserts that writes
+were in doubt and retried, and that every one of them got a definite answer that the books hold
+exactly once; a run where no kill hit an in-flight write fails instead of passing quietly."""
 
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from runtime.grpc_client import error_info
 from tests.mesh import AllowedCallerChannel, authorizer_for, service_values
 from tests.ledger.support import allow_credit, check_books
 
-# alone: the run counts what twelve workers get done in RUN_S; other tests beside it would starve it.
+# alone: the run counts what twelve workers get done between kills; other tests beside it would starve it.
 pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +47,18 @@ HOST = "127.0.0.1"
 MEMBERS = 20
 MERCHANTS = 3
 WORKERS = 12
-RUN_S = 15.0
-KILL_AT_S = (4.0, 9.0)
+# The first kill after this much of the run, each next one this long after the last restart; the
+# workers go on for AFTER_LAST_RESTART_S after the last one, so its in-doubt writes are retried.
+FIRST_KILL_S = 4.0
+KILL_GAP_S = 3.0
+AFTER_LAST_RESTART_S = 3.0
+MIN_KILLS = 2
+MAX_KILLS = 6
+# Kills go on until this many writes were left in doubt by them; a kill waits for this many writes
+# in flight (bounded: at most KILL_WAIT_S, then it is sent anyway).
+MIN_IN_DOUBT_OPS = 5
+MIN_IN_FLIGHT = WORKERS // 2
+KILL_WAIT_S = 5.0
 INITIAL_FEN = 20_000
 MAX_PAY_FEN = 3_000
 MAX_TOP_UP_FEN = 5_000
@@ -143,16 +159,21 @@ class Op:
     attempts: int = 0
     # A timed-out attempt may still be running in the ledger, so a later refusal is not final.
     timed_out: bool = False
+    # Some attempt ended in doubt (the call was in flight when the ledger died, or came while it was away).
+    doubted: bool = False
 
 
 @dataclass
 class Stats:
     in_doubt_errors: Counter = field(default_factory=Counter)
     retried_ops: int = 0
+    # Writes with an attempt ended in doubt.
+    in_doubt_ops: int = 0
     # Retried ops answered with a transfer booked before their first in-doubt failure: the first
     # attempt had committed and the retry got its result back by key.
     replayed: int = 0
     kills: int = 0
+    in_flight_at_kills: list[int] = field(default_factory=list)
     restart_s: list[float] = field(default_factory=list)
 
 
@@ -171,6 +192,8 @@ class Client:
         self.up = up
         self.stats = stats
         self.ops: dict[str, Op] = {}
+        # Calls sent and not answered yet: what a kill can catch.
+        self.in_flight = 0
 
     def request(self, op: Op) -> tuple[Any, Any]:
         b = self.books
@@ -200,17 +223,23 @@ class Client:
             except TimeoutError:
                 break
             op.attempts = attempt
+            self.in_flight += 1
             try:
                 answer = await method(request, timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in IN_DOUBT:
                     self.stats.in_doubt_errors[exc.code().name] += 1
+                    if not op.doubted:
+                        op.doubted = True
+                        self.stats.in_doubt_ops += 1
                     first_doubt = first_doubt or time.time()
                     op.timed_out |= exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     await asyncio.sleep(0.02 * attempt)
                     continue
                 op.outcome, op.reason = "refused", error_info(exc)[0] or exc.code().name
                 break
+            finally:
+                self.in_flight -= 1
             op.outcome, op.transfer_id, op.booked_fen = "ok", answer.transfer.transfer_id, answer.transfer.amount_fen
             if first_doubt is not None and answer.transfer.booked_at.ToDatetime(tzinfo=UTC).timestamp() < first_doubt:
                 self.stats.replayed += 1
@@ -239,11 +268,11 @@ async def history_ids(stub: Any, tenant_id: str, account_id: str) -> list[str]:
     raise AssertionError(f"history of {account_id} longer than {MAX_HISTORY_PAGES} pages")
 
 
-async def worker(n: int, client: Client, stop_at: float, rng: random.Random) -> None:
+async def worker(n: int, client: Client, stop: asyncio.Event, rng: random.Random) -> None:
     # Payments this worker may still refund: transfer id -> (op, fen not yet refunded).
     refundable: dict[str, list[Any]] = {}
     for i in range(MAX_OPS_PER_WORKER):
-        if time.monotonic() >= stop_at:
+        if stop.is_set():
             return
         key = f"w{n}-{i}-{uuid.uuid4().hex[:8]}"
         roll = rng.random()
@@ -269,12 +298,26 @@ async def worker(n: int, client: Client, stop_at: float, rng: random.Random) -> 
                 refundable[op.transfer_id] = [op, op.booked_fen]
 
 
-async def chaos(ledger: LedgerProcess, channel: grpc.aio.Channel, up: asyncio.Event, stats: Stats,
-                started: float) -> None:
-    for at in KILL_AT_S:
-        await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+async def kill_while_writes_in_flight(ledger: LedgerProcess, client: Client) -> int:
+    """SIGKILL the ledger once ``MIN_IN_FLIGHT`` writes are in flight (or after ``KILL_WAIT_S``
+    with as many as there are): answers how many were in flight at the kill."""
+    deadline = time.monotonic() + KILL_WAIT_S
+    while client.in_flight < MIN_IN_FLIGHT and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    # No await between the count and the kill: these calls are outstanding when the process dies.
+    in_flight = client.in_flight
+    ledger.kill()
+    return in_flight
+
+
+async def chaos(ledger: LedgerProcess, channel: grpc.aio.Channel, client: Client, up: asyncio.Event,
+                stop: asyncio.Event, stats: Stats, started: float) -> None:
+    """Kill and restart the ledger until at least MIN_KILLS kills left MIN_IN_DOUBT_OPS writes in
+    doubt (at most MAX_KILLS), then let the workers retry for a while and stop them."""
+    await asyncio.sleep(max(0.0, started + FIRST_KILL_S - time.monotonic()))
+    while stats.kills < MAX_KILLS:
         up.clear()  # new calls wait; calls already in flight die with the process
-        ledger.kill()
+        stats.in_flight_at_kills.append(await kill_while_writes_in_flight(ledger, client))
         stats.kills += 1
         t0 = time.monotonic()
         await asyncio.sleep(0.2)
@@ -282,6 +325,11 @@ async def chaos(ledger: LedgerProcess, channel: grpc.aio.Channel, up: asyncio.Ev
         await ledger.wait_serving(channel)
         stats.restart_s.append(time.monotonic() - t0)
         up.set()
+        if stats.kills >= MIN_KILLS and stats.in_doubt_ops >= MIN_IN_DOUBT_OPS:
+            break
+        await asyncio.sleep(KILL_GAP_S)
+    await asyncio.sleep(AFTER_LAST_RESTART_S)
+    stop.set()
 
 
 async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books_balance(
@@ -318,24 +366,32 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
             op = await client.run(Op(key=f"setup-{m}", kind="top_up", member=m, amount_fen=INITIAL_FEN))
             assert op.outcome == "ok", op
 
-        # --- the run: workers against two SIGKILLs ---------------------------------------------
+        # --- the run: workers against SIGKILLs sent while writes are in flight --------------------
         started = time.monotonic()
-        stop_at = started + RUN_S
+        stop = asyncio.Event()
         seed = random.randrange(2**32)
         print(f"\nbank test seed {seed}")
         rngs = [random.Random(seed + n) for n in range(WORKERS)]
-        tasks = [asyncio.create_task(worker(n, client, stop_at, rngs[n])) for n in range(WORKERS)]
-        chaos_task = asyncio.create_task(chaos(ledger, channel, up, stats, started))
+        tasks = [asyncio.create_task(worker(n, client, stop, rngs[n])) for n in range(WORKERS)]
+        chaos_task = asyncio.create_task(chaos(ledger, channel, client, up, stop, stats, started))
+        chaos_bound_s = FIRST_KILL_S + MAX_KILLS * (KILL_WAIT_S + START_TIMEOUT_S + KILL_GAP_S) + AFTER_LAST_RESTART_S
         try:
-            await asyncio.wait_for(chaos_task, RUN_S + 2 * START_TIMEOUT_S)
-            await asyncio.wait_for(asyncio.gather(*tasks), RUN_S + UP_WAIT_S + 10)
+            await asyncio.wait_for(chaos_task, chaos_bound_s)
+            await asyncio.wait_for(asyncio.gather(*tasks), UP_WAIT_S + MAX_ATTEMPTS * CALL_TIMEOUT_S)
         finally:
             for task in [*tasks, chaos_task]:
                 task.cancel()
             await asyncio.gather(*tasks, chaos_task, return_exceptions=True)
         run_s = time.monotonic() - started
-        assert stats.kills == len(KILL_AT_S)
         await ledger.wait_serving(channel)
+
+        # --- the fault landed: kills caught writes in flight, which were retried -------------------
+        assert MIN_KILLS <= stats.kills <= MAX_KILLS
+        assert any(stats.in_flight_at_kills), f"no kill caught a write in flight: {stats.in_flight_at_kills}"
+        assert stats.in_doubt_ops >= MIN_IN_DOUBT_OPS, (
+            f"{MAX_KILLS} kills left only {stats.in_doubt_ops} writes in doubt (in flight at the kills: "
+            f"{stats.in_flight_at_kills})")
+        assert stats.retried_ops > 0
 
         ops = client.ops
         by_outcome = Counter(op.outcome for op in ops.values())
@@ -397,6 +453,22 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
                 if op.amount_fen:
                     assert row["amount_fen"] == op.amount_fen, (op, dict(row))
 
+        # --- every write left in doubt was retried to a definite answer, booked exactly once ------
+        doubted = [op for op in ops.values() if op.doubted]
+        assert len(doubted) == stats.in_doubt_ops
+        undecided = [op for op in doubted if op.outcome == "unknown"]
+        assert not undecided, f"writes still in doubt after the ledger came back: {undecided[:5]}"
+        assert all(op.attempts > 1 for op in doubted), "a write in doubt was not retried"
+        for op in doubted:
+            row = stored.get(op.key)
+            if op.outcome == "ok":
+                # The retry answered the one transfer the key booked (a replay if the first attempt
+                # had committed), and the key booked one transfer only (checked above for all keys).
+                assert row is not None and row["n"] == 1 and row["transfer_id"] == op.transfer_id, op
+                assert found[op.key].transfer.transfer_id == op.transfer_id, op
+            elif not op.timed_out:
+                assert row is None, f"a write in doubt, refused on retry, was booked: {op}"
+
         # --- the totals the clients expect, from what was booked ---------------------------------
         member_fen = [0] * MEMBERS
         merchant_fen = [0] * MERCHANTS
@@ -439,8 +511,10 @@ async def test_acknowledged_transfers_survive_sigkill_exactly_once_and_the_books
 
         print(f"bank test: {len(ops)} writes in {run_s:.1f}s by {WORKERS} workers "
               f"({', '.join(f'{k}/{o}={n}' for (k, o), n in sorted(by_kind.items()))}); "
-              f"outcomes {dict(by_outcome)}; kills {stats.kills}, restarts took "
-              f"{', '.join(f'{s:.1f}s' for s in stats.restart_s)}; retried ops {stats.retried_ops} "
+              f"outcomes {dict(by_outcome)}; kills {stats.kills} (writes in flight at each: "
+              f"{stats.in_flight_at_kills}), restarts took "
+              f"{', '.join(f'{s:.1f}s' for s in stats.restart_s)}; writes in doubt {stats.in_doubt_ops}, "
+              f"retried ops {stats.retried_ops} "
               f"(of which answered by a replay of a committed first attempt: {stats.replayed}), "
               f"in-doubt errors {dict(stats.in_doubt_errors)}; in doubt at the end: committed {in_doubt_committed}, "
               f"absent {in_doubt_absent}")
