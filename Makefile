@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto')
 help:
 	@echo "make run    start PostgreSQL, NATS, every service and the gateway; seed a demo campus"
 	@echo "make test   set up everything and run the whole test suite"
-	@echo "make bench  run the benchmarks; writes bench/out/summary.json"
+	@echo "make bench  run the benchmarks: cost per payment first, the goals last; writes bench/out/summary.json"
 	@echo "make image  build the service image and check it runs read-only as non-root (podman)"
 
 # The environment: one virtualenv, pinned by requirements.lock; the repo root and the generated
