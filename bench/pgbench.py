@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import database_commits, postgres_cpu_s
+from bench.harness import database_commits, postgres_cpu_s, require_durable
 from devstack.servers import POSTGRES_BIN_PATH, Postgres
 
 PGBENCH_DATABASE = "pgbench"
@@ -174,7 +174,9 @@ _prepared: list[tuple[Postgres, int]] = []
 
 async def prepare(postgres: Postgres, *, clients: int) -> int:
     """The pgbench database on ``postgres``, made once (``-s`` one branch per client, at least
-    ``clients``); answers its scale."""
+    ``clients``); answers its scale. A baseline for money is taken on a durable server only
+    (``NotDurable`` otherwise), as the money it is held against is."""
+    require_durable(postgres)
     for server, scale in _prepared:
         if server is postgres and scale >= clients:
             return scale

@@ -60,9 +60,12 @@ async def test_the_harness_refuses_to_start_the_ledger_on_the_fsync_off_server(t
         await context.close()
 
 
-async def test_the_sessions_fsync_off_server_is_refused(postgres) -> None:  # noqa: ANN001
+async def test_the_sessions_fsync_off_server_is_refused_and_no_pgbench_baseline_is_taken_on_it(
+        postgres) -> None:  # noqa: ANN001
     with pytest.raises(NotDurable, match="fsync=off"):
         require_durable(postgres)
+    with pytest.raises(NotDurable):
+        await pgbench.prepare(postgres, clients=1)
 
 
 # --- the batched pgbench baseline ---------------------------------------------------------------
