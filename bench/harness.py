@@ -562,7 +562,8 @@ async def bench_context(*, load: LoadSettings, keep_dir: bool = False) -> AsyncI
 
 
 # The figures printed first, in a group of their own: what one payment costs in CPU, all processes.
-COST_GROUP_TITLE = "cost per payment: CPU ms over all processes, PostgreSQL included (client not counted)"
+COST_GROUP_TITLE = ("cost: CPU ms per payment (or record) over all processes, PostgreSQL and NATS included; the load "
+                    "client's shown apart, not counted")
 
 
 def is_cost_figure(name: str) -> bool:
