@@ -88,7 +88,7 @@ async def test_the_ledger_audit_fails_on_broken_books(database_url: str) -> None
 @pytest.mark.parametrize("seed", [FIXED_SEED, DATE_SEED], ids=["fixed-seed", "date-seed"])
 async def test_a_short_rush_under_every_fault_passes_its_audit_and_the_faults_landed(seed: int, tmp_path: Path
                                                                                       ) -> None:
-    print(f"chaos seed {seed} (rerun: make chaos SEED={seed})")
+    print(f"chaos seed {seed} (rerun: .venv/bin/python -m chaos --short --seed {seed}; the long form: make chaos SEED={seed})")
     result = await run_chaos(seed, duration_s=plan.SHORT_DURATION_S, short=True, root=tmp_path / "chaos")
     failed = [c for c in result.checks if not c.passed]
     assert not failed, f"seed {seed}: {failed}"
