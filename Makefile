@@ -5,12 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test bench gen lint-protos venv lock clean help image chromium
+.PHONY: run test bench chaos gen lint-protos venv lock clean help image chromium
 
 help:
 	@echo "make run    start PostgreSQL, NATS, every service and the gateway; seed a demo campus"
 	@echo "make test   set up everything and run the whole test suite"
 	@echo "make bench  run the benchmarks; writes bench/out/summary.json"
+	@echo "make chaos  a seeded lunch rush under faults, then an audit of the money (SEED=<n> reruns one)"
 	@echo "make image  build the service image and check it runs read-only as non-root (podman)"
 
 # The environment: one virtualenv, pinned by requirements.lock; the repo root and the generated
@@ -76,6 +77,13 @@ test: gen lint-protos $(CRDS)/node_modules/.stamp $(VENV)/.chromium.stamp
 # every start.
 bench: gen
 	GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m bench
+
+# A seeded lunch rush on the real services under kills, pauses, NATS and PostgreSQL restarts and a
+# delaying, dropping proxy; an audit at the end (docs/chaos.md). A random seed unless SEED= is given;
+# a failing run prints the line that reruns it.
+SEED ?=
+chaos: gen
+	GRPC_ENABLE_FORK_SUPPORT=false $(PY) -m chaos $(if $(SEED),--seed $(SEED))
 
 # The service image (deploy/Dockerfile), built with podman, buildah or docker and then run read-only
 # as its own user and checked: docs/operators.md "Building the image". Not part of `make test`.

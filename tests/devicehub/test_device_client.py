@@ -450,6 +450,34 @@ async def test_a_payment_that_arrives_after_the_till_gave_up_is_prevented_by_its
         await link.stop()
 
 
+async def test_a_payment_booked_while_the_hub_gave_up_on_policy_is_reversed_by_the_till(
+        identity: RunningService, codegen: RunningService, ledger: RunningService, policy: RunningService,
+        start_devicehub, tenant_id: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """Found by `make chaos` (issue 16): the hub's call to policy times out after the ledger booked
+    the payment; the hub answers POLICY_UNAVAILABLE, which the till once showed as declined and
+    left booked. The outcome is unknown, so the till reverses it like an answer that never came."""
+    from tests.devicehub.faults import HangingProxy
+
+    link = await HangingProxy(policy.target).start()
+    client: DeviceClient | None = None
+    try:
+        hub = await start_devicehub(policy_target=link.target, downstream_timeout_s=1.0)
+        campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
+        client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=10.0)
+        link.answer_delay_s["Pay"] = 2.5  # booked at once; the answer later than the hub waits
+        sale = await client.pay(campus.code(), 600, "policy-too-slow")
+        assert not sale.approved and sale.reason == NO_ANSWER_REVERSED and sale.online, sale
+        await _eventually(lambda: client.stats.reversals["REVERSAL_OUTCOME_REVERSED"] == 1,
+                          what="the reversal of the booked payment")
+        assert client.pending_reversals() == 0
+        assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN
+        assert await _ledger_payments(ledger, tenant_id, campus.member_id) == (1, 1)
+    finally:
+        if client is not None:
+            await client.close()
+        await link.stop()
+
+
 async def test_a_payment_booked_by_a_hub_that_died_before_answering_is_refunded_once(
         identity: RunningService, codegen: RunningService, ledger: RunningService, policy: RunningService,
         start_devicehub, tenant_id: str, tmp_path: Path) -> None:  # noqa: ANN001

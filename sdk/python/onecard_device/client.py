@@ -81,6 +81,9 @@ NO_ANSWER_REVERSED = "NO_ANSWER_REVERSED"
 REVERSAL_REASON = "ANSWER_NOT_RECEIVED"
 MAX_REVERSALS_PER_ROUND = 100
 NOT_CONNECTED = "NOT_CONNECTED"
+# A refusal whose reason ends so (POLICY_UNAVAILABLE, LEDGER_UNAVAILABLE...) says a service behind
+# the hub did not answer in time: the payment's outcome is unknown, not "declined".
+OUTCOME_UNKNOWN_SUFFIX = "_UNAVAILABLE"
 # Refusals of the handshake that retrying cannot heal.
 TERMINAL_REASONS = frozenset({"DEVICE_UNKNOWN", "DEVICE_DECOMMISSIONED", "DEVICE_NOT_ENROLLED", "CHALLENGE_FAILED"})
 _STATUS_DETAILS_METADATA = "grpc-status-details-bin"
@@ -766,7 +769,13 @@ class DeviceClient:
             except NotConnected:
                 pass  # nothing was sent: decide offline
             except StreamRefused as exc:
-                return Outcome(False, exc.reason, online=True, amount_fen=amount_fen, idempotency_key=key)
+                if not exc.reason.endswith(OUTCOME_UNKNOWN_SUFFIX):
+                    return Outcome(False, exc.reason, online=True, amount_fen=amount_fen, idempotency_key=key)
+                # The hub lost its answer from policy or the ledger (<SERVICE>_UNAVAILABLE): the
+                # payment may have been booked all the same. Undone like an answer that never came.
+                self._remember_ambiguous(key)
+                self._reverse_later(key)
+                return Outcome(False, NO_ANSWER_REVERSED, online=True, amount_fen=amount_fen, idempotency_key=key)
             except (ConnectionLost, TimeoutError):
                 # Sent, never answered: whatever the hub did with it is undone.
                 self._remember_ambiguous(key)
