@@ -35,7 +35,7 @@ Outcome = Answer | grpc.aio.AioRpcError
 
 # What a batched call carries at most (the protos say 1..256).
 MAX_ITEMS = 256
-DEFAULT_SENDERS = 2
+DEFAULT_SENDERS = 4
 
 
 def item_error(exc: BaseException, *, method: str) -> batch_pb2.ItemError:

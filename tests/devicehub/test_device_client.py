@@ -464,7 +464,7 @@ async def test_a_payment_booked_while_the_hub_gave_up_on_policy_is_reversed_by_t
         hub = await start_devicehub(policy_target=link.target, downstream_timeout_s=1.0)
         campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
         client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=10.0)
-        link.answer_delay_s["Pay"] = 2.5  # booked at once; the answer later than the hub waits
+        link.answer_delay_s["PayMany"] = 2.5  # booked at once; the answer later than the hub waits
         sale = await client.pay(campus.code(), 600, "policy-too-slow")
         assert not sale.approved and sale.reason == NO_ANSWER_REVERSED and sale.online, sale
         await _eventually(lambda: client.stats.reversals["REVERSAL_OUTCOME_REVERSED"] == 1,
