@@ -19,10 +19,11 @@ from grpc_health.v1._async import HealthServicer
 from pydantic_settings import SettingsConfigDict
 
 from runtime.access import Authorizer, MethodRule
+from runtime.cli import event_loop_factory
 from runtime.grpc_server import MAX_MESSAGE_BYTES, ErrorMappingInterceptor
 from runtime.logs import configure_logging
 from runtime.mesh import MeshSettings, load_tls
-from runtime.settings import load_settings
+from runtime.settings import EventLoop, load_settings
 
 ECHO_SERVICE = "onecard.bench.v1.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
@@ -33,6 +34,9 @@ ECHO_CALLERS = ("devicehub", "gateway")
 
 class EchoSettings(MeshSettings):
     model_config = SettingsConfigDict(env_prefix="ONECARD_", extra="ignore", frozen=True)
+
+    # The services' loop, so the floor is measured on what they run on (ONECARD_EVENT_LOOP).
+    event_loop: EventLoop = "uvloop"
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     configure_logging(service="bench-echo", level="warning")
-    asyncio.run(serve(port=args.port, settings=load_settings(EchoSettings)))
+    settings = load_settings(EchoSettings)
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(port=args.port, settings=settings))
 
 
 if __name__ == "__main__":

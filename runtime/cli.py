@@ -46,4 +46,14 @@ def run_service(
         applied = asyncio.run(_migrate(settings, app))
         get_logger(__name__).info("migrations done", applied=len(applied))
         return
-    asyncio.run(app.run_until_signalled())
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        runner.run(app.run_until_signalled())
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop a service runs on (``ONECARD_EVENT_LOOP``): uvloop's, or the standard one."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop

@@ -33,6 +33,8 @@ TYPE_HEADER = "Onecard-Event-Type"
 DEFAULT_DUPLICATE_WINDOW_S = 15 * 60
 DEFAULT_RELAY_BATCH = 200
 DEFAULT_RELAY_POLL_S = 0.5
+# How long the relay waits for the stream to acknowledge a batch it sent.
+DEFAULT_RELAY_ACK_TIMEOUT_S = 5.0
 DEFAULT_CONSUMER_BATCH = 64
 DEFAULT_FETCH_TIMEOUT_S = 1.0
 DEFAULT_ACK_WAIT_S = 30.0
@@ -211,12 +213,14 @@ class OutboxRelay:
         schema: str,
         batch_size: int = DEFAULT_RELAY_BATCH,
         poll_interval_s: float = DEFAULT_RELAY_POLL_S,
+        ack_timeout_s: float = DEFAULT_RELAY_ACK_TIMEOUT_S,
     ):
         self._pool = pool
         self._js = js
         self._schema = schema
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
+        self._ack_timeout_s = ack_timeout_s
         self._wake = asyncio.Event()
 
     async def publish_pending(self) -> int:
@@ -227,9 +231,22 @@ class OutboxRelay:
                 " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self._batch_size,
             )
-            for row in rows:
-                headers = {**row["headers"], MSG_ID_HEADER: str(row["event_id"])}
-                await self._js.publish(row["subject"], row["payload"], headers=headers)
+            # Sent one after the other on the one connection (the stream stores them in this
+            # order), without waiting for each ack before the next: then every ack, or none of
+            # the batch counts as published and it is sent again (the event id is the stream's
+            # Msg-Id, so a second sending within the duplicate window is dropped by the server).
+            acks = []
+            try:
+                for row in rows:
+                    headers = {**row["headers"], MSG_ID_HEADER: str(row["event_id"])}
+                    acks.append(await self._js.publish_async(row["subject"], row["payload"], headers=headers))
+                if acks:
+                    async with asyncio.timeout(self._ack_timeout_s):
+                        await asyncio.gather(*acks)
+            except BaseException:
+                for ack in acks:
+                    ack.cancel()
+                raise
             if rows:
                 await conn.execute(
                     "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",

@@ -61,13 +61,17 @@ RPC_SECONDS = Histogram("onecard_grpc_server_handling_seconds", "gRPC call durat
 DEPENDENCY_UP = Gauge("onecard_dependency_up", "1 when a dependency answers", ["service", "dependency"])
 
 
-def status_trailer(error: DomainError) -> tuple[tuple[str, bytes], ...]:
-    """The google.rpc.Status trailer carrying an ErrorInfo with the error's reason."""
+def status_pb(error: DomainError) -> status_pb2.Status:
+    """The google.rpc.Status of a refusal: its code, its message and an ErrorInfo with its reason."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
-    return ((STATUS_DETAILS_METADATA, status.SerializeToString()),)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+
+
+def status_trailer(error: DomainError) -> tuple[tuple[str, bytes], ...]:
+    """The google.rpc.Status trailer carrying an ErrorInfo with the error's reason."""
+    return ((STATUS_DETAILS_METADATA, status_pb(error).SerializeToString()),)
 
 
 def connection_age_options(max_age_s: float) -> list[tuple[str, int]]:

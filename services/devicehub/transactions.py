@@ -29,6 +29,7 @@ from onecard.ledger.v1 import ledger_pb2 as lpb
 from onecard.ledger.v1 import ledger_pb2_grpc
 from onecard.policy.v1 import policy_pb2 as ppb
 from onecard.policy.v1 import policy_pb2_grpc
+from runtime.batching import CallBatcher, item_refusal
 from runtime.idempotency import device_scope
 from runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from runtime.events import Event
@@ -97,6 +98,8 @@ class Transactions:
                                ttl_s=float(getattr(settings, "member_cache_s", 30.0)))
         self.codes = CodeVerifiers(codegen, timeout_s=timeout_s)
         self._policy = policy_pb2_grpc.PolicyServiceStub(policy)
+        # The terminals' payments that arrive together go to policy in one PayMany.
+        self._payments: CallBatcher[ppb.PayRequest, ppb.PayResponse] = CallBatcher(self._pay_many)
         self._ledger = ledger_pb2_grpc.LedgerServiceStub(ledger)
         self.access = Access(store=self._store, now=now)
         limits = OfflineLimits(clock_skew=timedelta(seconds=settings.offline_clock_skew_s),
@@ -135,6 +138,7 @@ class Transactions:
                 await sub.unsubscribe()
         self._subscriptions = []
         self.codes.close()
+        self._payments.close()
         with contextlib.suppress(Exception):
             await self._flush_served()
 
@@ -279,7 +283,7 @@ class Transactions:
                 time=timestamp_pb(self._now()),
                 channel="online", pin_verified=msg.pin_verified))
         try:
-            answer = await self._policy.Pay(request, timeout=self._timeout_s)
+            answer = await self._payments.call(request)
         except grpc.aio.AioRpcError as exc:
             reason, error = ledger_refusal(exc, service="policy")
             if error is not None:
@@ -309,6 +313,10 @@ class Transactions:
             if len(self._served) >= SERVED_FLUSH_ROWS:
                 self._served_wake.set()
         return result
+
+    async def _pay_many(self, payments: list[ppb.PayRequest]) -> list[ppb.PayResponse | grpc.aio.AioRpcError]:
+        answer = await self._policy.PayMany(ppb.PayManyRequest(payments=payments), timeout=self._timeout_s)
+        return [item_refusal(r.error) if r.HasField("error") else r.paid for r in answer.results]
 
     async def _pass(self, device: DeviceContext, msg: pb.Authorize) -> pb.AuthorizeResult:
         nonce = msg.nonce or msg.request_id

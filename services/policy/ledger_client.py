@@ -9,6 +9,7 @@ import uuid
 import grpc
 
 from onecard.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from runtime.batching import CallBatcher, item_refusal
 from runtime.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from runtime.grpc_client import error_info, open_channel
 from runtime.mesh import MeshTLS
@@ -42,6 +43,7 @@ class LedgerClient:
         self._benefit_accounts: dict[uuid.UUID, str] = {}
         self._waiting: list[tuple[ledger_pb2.GetMemberStateRequest, asyncio.Future]] = []
         self._arrived = asyncio.Event()
+        self._payments: CallBatcher[ledger_pb2.PayRequest, ledger_pb2.PayResponse] = CallBatcher(self._pay_many)
 
     async def hold(self, *, tls: MeshTLS | None) -> None:
         """Open the channel, keep it until cancelled, then close it: one place for both. Meanwhile
@@ -52,6 +54,7 @@ class LedgerClient:
             await asyncio.gather(*(self._read_batches() for _ in range(STATE_READERS)))
         finally:
             self._stub = None
+            self._payments.close()
             for _, future in self._waiting:
                 future.cancel()
             self._waiting = []
@@ -186,12 +189,18 @@ class LedgerClient:
         return answer.account.account.account_id
 
     async def pay(self, request: ledger_pb2.PayRequest) -> ledger_pb2.PayResponse:
-        """LedgerService.Pay; its refusals come back as the same typed errors (reason kept)."""
-        stub = self._ready()
+        """One payment, sent with the others waiting in one LedgerService.PayMany
+        (runtime.batching); its refusals come back as the same typed errors (reason kept)."""
+        self._ready()
         try:
-            return await stub.Pay(request, timeout=self._timeout_s)
+            return await self._payments.call(request)
         except grpc.aio.AioRpcError as exc:
             raise _passed_on(exc) from None
+
+    async def _pay_many(self, payments: list[ledger_pb2.PayRequest]
+                        ) -> list[ledger_pb2.PayResponse | grpc.aio.AioRpcError]:
+        answer = await self._ready().PayMany(ledger_pb2.PayManyRequest(payments=payments), timeout=self._timeout_s)
+        return [item_refusal(r.error) if r.HasField("error") else r.paid for r in answer.results]
 
     async def lookup(self, *, tenant_id: uuid.UUID, idempotency_key: str, key_scope: str
                      ) -> ledger_pb2.LookupTransferResponse:

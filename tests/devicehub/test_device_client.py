@@ -400,11 +400,11 @@ async def test_an_unanswered_online_payment_is_reversed_and_never_taken_again_of
         hub = await start_devicehub(policy_target=link.target)
         campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
         client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=0.3)
-        link.held.add("Pay")
+        link.held.add("PayMany")
         unanswered = await client.pay(campus.code(), 500, "sale-1")
         # Final at the till: not approved, and whatever the hub did with it is undone.
         assert not unanswered.approved and unanswered.reason == NO_ANSWER_REVERSED, unanswered
-        await _eventually(lambda: link.swallowed["Pay"] == 1, what="the hub's Pay call")
+        await _eventually(lambda: link.swallowed["PayMany"] == 1, what="the hub's PayMany call")
         await _eventually(lambda: client.stats.reversals["REVERSAL_OUTCOME_PREVENTED"] == 1,
                           what="the reversal's answer")
         assert client.pending_reversals() == 0
@@ -436,7 +436,7 @@ async def test_a_payment_that_arrives_after_the_till_gave_up_is_prevented_by_its
         hub = await start_devicehub(policy_target=link.target)
         campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
         client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=0.3)
-        link.delay_s["Pay"] = 2.0  # passed on long after the till gave up
+        link.delay_s["PayMany"] = 2.0  # passed on long after the till gave up
         late = await client.pay(campus.code(), 700, "late-sale")
         assert not late.approved and late.reason == NO_ANSWER_REVERSED, late
         await _eventually(lambda: sum(client.stats.reversals.values()) == 1, what="the reversal's answer")
@@ -464,7 +464,7 @@ async def test_a_payment_booked_while_the_hub_gave_up_on_policy_is_reversed_by_t
         hub = await start_devicehub(policy_target=link.target, downstream_timeout_s=1.0)
         campus = await _seeded(identity, codegen, ledger, policy, hub, tenant_id)
         client = await campus.connected_client(hub, tmp_path, authorize_timeout_s=10.0)
-        link.answer_delay_s["Pay"] = 2.5  # booked at once; the answer later than the hub waits
+        link.answer_delay_s["PayMany"] = 2.5  # booked at once; the answer later than the hub waits
         sale = await client.pay(campus.code(), 600, "policy-too-slow")
         assert not sale.approved and sale.reason == NO_ANSWER_REVERSED and sale.online, sale
         await _eventually(lambda: client.stats.reversals["REVERSAL_OUTCOME_REVERSED"] == 1,
@@ -494,9 +494,9 @@ async def test_a_payment_booked_by_a_hub_that_died_before_answering_is_refunded_
         client = await campus.connected_client(first, tmp_path, authorize_timeout_s=10.0)
         confirmed = await client.pay(campus.code(), 300, "before")
         assert confirmed.approved, confirmed
-        link.answer_delay_s["Pay"] = 3.0  # booked at once; the answer held back
+        link.answer_delay_s["PayMany"] = 3.0  # booked at once; the answer held back
         sale = asyncio.ensure_future(client.pay(campus.code(), 800, "doomed-sale"))
-        await _eventually(lambda: link.calls["Pay"] == 2 and not link._carried, what="the booking")
+        await _eventually(lambda: link.calls["PayMany"] == 2 and not link._carried, what="the booking")
         assert await _cash_fen(ledger, tenant_id, campus.member_id) == FUNDED_FEN - 300 - 800
         device_port = int(first.device_target.rsplit(":", 1)[1])
         await first.app.stop()  # gone before its answer

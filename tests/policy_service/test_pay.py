@@ -137,3 +137,32 @@ async def test_pay_needs_a_published_rule_set(policy: RunningService, ledger: Ru
     code, reason, _ = await refused(policy.stub.Pay(pb.PayRequest(
         tenant_id=c.tenant_id, idempotency_key=str(uuid.uuid4()), request=payment(c, amount_fen=100, at=LUNCH))))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_PUBLISHED_RULE_SET")
+
+
+async def test_pay_many_plans_books_and_answers_each_payment_alone(policy: RunningService,
+                                                                   ledger: RunningService) -> None:
+    """PolicyService.PayMany (the device hub's batches): a paid one, a declined plan, a refused
+    request and a repeat in one call, each answered as Pay would have answered it, in order."""
+    from runtime.batching import item_refusal
+    from runtime.grpc_client import error_info
+
+    c = await campus(ledger.stub, cash_fen=100_000)
+    await publish(policy.stub, c.tenant_id, university(canteen_merchant_id=c.merchant_id))
+    lunch = pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="many-1", request=payment(c, amount_fen=1200, at=LUNCH))
+    answer = await policy.stub.PayMany(pb.PayManyRequest(payments=[
+        lunch,
+        pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="many-2", request=payment(c, amount_fen=20_000, at=LUNCH)),
+        pb.PayRequest(tenant_id=c.tenant_id, idempotency_key="", request=payment(c, amount_fen=100, at=LUNCH)),
+    ]))
+    first, declined, bad = answer.results
+    assert first.paid.paid and first.paid.reason == "APPROVED"
+    assert not declined.paid.paid and declined.paid.reason.startswith("LIMIT_EXCEEDED")
+    refusal = item_refusal(bad.error)
+    assert (refusal.code(), error_info(refusal)[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDEMPOTENCY_KEY")
+    assert await balance(ledger, c.tenant_id, c.cash_id) == 100_000 - 1200
+    again = await policy.stub.PayMany(pb.PayManyRequest(payments=[lunch]))
+    assert again.results[0].paid.repeated
+    assert again.results[0].paid.transfer.transfer_id == first.paid.transfer.transfer_id
+    assert await balance(ledger, c.tenant_id, c.cash_id) == 100_000 - 1200
+    assert (await refused(policy.stub.PayMany(pb.PayManyRequest())))[:2] == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                            "INVALID_BATCH")
