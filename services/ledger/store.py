@@ -341,14 +341,16 @@ class TenantTx:
         rows = await self.conn.fetch(
             "SELECT t.code_credential_id, t.code_counter, t.transfer_id FROM transfers t"
             " JOIN unnest($2::text[], $3::bigint[]) AS u(cred, counter)"
-            " ON t.code_credential_id = u.cred AND t.code_counter = u.counter WHERE t.tenant_id = $1",
+            " ON t.code_credential_id = u.cred AND t.code_counter = u.counter WHERE t.tenant_id = $1"
+            # The code index is partial (code_credential_id <> ''); saying so lets the planner use it.
+            " AND t.code_credential_id <> ''",
             self.tenant_id, [c.credential_id for c in codes], [c.counter for c in codes],
         )
         return {CodeRef(r["code_credential_id"], r["code_counter"]): r["transfer_id"] for r in rows}
 
     async def transfer_by_key(self, idempotency_key: str) -> Transfer | None:
         transfer_id = await self.conn.fetchval(
-            "SELECT transfer_id FROM transfers WHERE tenant_id = $1 AND idempotency_key = $2",
+            "SELECT transfer_id FROM transfers WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_key <> ''",
             self.tenant_id, idempotency_key,
         )
         return None if transfer_id is None else await self.transfer(transfer_id)
@@ -668,7 +670,9 @@ class TenantTx:
             " (SELECT json_agg(c) FROM counters c) AS counters,"
             " (SELECT json_agg(json_build_array(u.cred, u.counter)) FROM unnest($7::text[], $8::bigint[])"
             " AS u(cred, counter) WHERE EXISTS (SELECT 1 FROM transfers t WHERE t.tenant_id = $1"
-            " AND t.code_credential_id = u.cred AND t.code_counter = u.counter)) AS used_codes",
+            " AND t.code_credential_id = u.cred AND t.code_counter = u.counter"
+            # The code index is partial: without this the planner cannot use it, and scans transfers.
+            " AND t.code_credential_id <> '')) AS used_codes",
             self.tenant_id, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims],
             sorted(set(account_ids)), keys, [c.credential_id for c in codes], [c.counter for c in codes],
         )
@@ -1003,7 +1007,8 @@ class TenantTx:
     def _statement_filter(self, *, merchant_account_id: uuid.UUID | None, device_id: str) -> tuple[str, Any]:
         if merchant_account_id is not None:
             return "t.merchant_account_id = $2", merchant_account_id
-        return "t.device_id = $2", device_id
+        # The device index is partial (device_id <> ''); saying so lets the planner use it.
+        return "t.device_id = $2 AND t.device_id <> ''", device_id
 
     async def statement_lines(self, *, merchant_account_id: uuid.UUID | None, device_id: str, start: datetime,
                               end: datetime, after_seq: int | None, limit: int) -> list[tuple[Transfer, int, int]]:
@@ -1095,7 +1100,8 @@ class LedgerStore:
             " WHERE c.tenant_id = u.tenant AND c.counter_key IN"
             " (SELECT k.key FROM unnest($4::int[], $5::text[]) AS k(n, key) WHERE k.n = u.n)) AS counters,"
             " (SELECT t.transfer_id FROM transfers t WHERE t.tenant_id = u.tenant AND u.idem <> ''"
-            " AND t.idempotency_key = u.idem) AS existing"
+            # The key index is partial (idempotency_key <> ''); saying so lets the planner use it.
+            " AND t.idempotency_key = u.idem AND t.idempotency_key <> '') AS existing"
             " FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS u(tenant, member, idem, n)"
             " ORDER BY u.n",
             [q[0] for q in questions], [q[1] for q in questions], [q[3] for q in questions],
