@@ -3,6 +3,9 @@ baseline commits once per k transactions, and CPU per payment is summed over eve
 the load client's. Real PostgreSQL and real pgbench where they run; the arithmetic alone beside."""
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,17 @@ def test_cpu_per_payment_sums_every_process_but_the_client_and_shows_each_share(
     assert per_process == pytest.approx({"ledger": 2.0, "policy": 1.0, "postgres": 4.0, "nats": 0.5, "client": 8.0})
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A scratch folder with a short path: PostgreSQL puts its Unix socket in its data folder, and
+    a socket path longer than 107 bytes (pytest's tmp_path under xdist can be) stops it."""
+    folder = Path(tempfile.mkdtemp(prefix="ocb-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_cpu_per_payment_refuses_no_payments_and_an_unknown_process_left_out() -> None:
     with pytest.raises(ValueError, match="no operations"):
         cpu_ms_per_operation({"ledger": 1.0}, 0)
@@ -47,8 +61,8 @@ def test_a_server_without_fsync_or_synchronous_commit_is_not_durable() -> None:
     assert "synchronous_commit=?" in durability_problem({"fsync": "on"})
 
 
-async def test_the_harness_refuses_to_start_the_ledger_on_the_fsync_off_server(tmp_path: Path) -> None:
-    context = BenchContext(load=LoadSettings(duration_s=1), work_dir=tmp_path)
+async def test_the_harness_refuses_to_start_the_ledger_on_the_fsync_off_server(short_dir: Path) -> None:
+    context = BenchContext(load=LoadSettings(duration_s=1), work_dir=short_dir)
     try:
         with pytest.raises(NotDurable, match="fsync=off"):
             await context.start_grpc_service(name="ledger", module="services.ledger")
@@ -103,8 +117,8 @@ def test_pgbench_output_counts_tpcb_transactions_and_refuses_failures() -> None:
 
 
 @pytest.mark.slow
-async def test_batched_pgbench_on_a_durable_server_commits_once_per_k_transactions(tmp_path: Path) -> None:
-    context = BenchContext(load=LoadSettings(duration_s=1), work_dir=tmp_path)
+async def test_batched_pgbench_on_a_durable_server_commits_once_per_k_transactions(short_dir: Path) -> None:
+    context = BenchContext(load=LoadSettings(duration_s=1), work_dir=short_dir)
     try:
         postgres = context.durable_postgres()
         assert "fsync=on" in require_durable(postgres) and "synchronous_commit=on" in require_durable(postgres)
