@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.rpc import status_pb2
 
 from onecard.mesh.v1 import batch_pb2
-from runtime.errors import DomainError
+from runtime.errors import DomainError, InvalidArgument
 from runtime.grpc_server import STATUS_DETAILS_METADATA, status_pb
 from runtime.logs import get_logger
 
@@ -136,3 +136,14 @@ async def answer_each(items: Sequence[Item], answer: Callable[[Item], Awaitable[
             return item_error(exc, method=method)
 
     return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+async def answer_batch(items: Sequence[Item], answer: Callable[[Item], Awaitable[Answer]], *, method: str,
+                       result: Callable[..., Any], field: str, what: str) -> list[Any]:
+    """A batched call's server side whole: 1..MAX_ITEMS items (else INVALID_ARGUMENT
+    INVALID_BATCH, nothing done), each answered alone, as ``result(<field>=answer)`` or
+    ``result(error=ItemError)``, in order."""
+    if not 1 <= len(items) <= MAX_ITEMS:
+        raise InvalidArgument(f"give 1..{MAX_ITEMS} {what}", reason="INVALID_BATCH")
+    answers = await answer_each(items, answer, method=method)
+    return [result(error=a) if isinstance(a, batch_pb2.ItemError) else result(**{field: a}) for a in answers]

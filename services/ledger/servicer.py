@@ -12,8 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from onecard.ledger.v1 import ledger_pb2 as pb
 from onecard.ledger.v1 import ledger_pb2_grpc
-from onecard.mesh.v1.batch_pb2 import ItemError
-from runtime.batching import MAX_ITEMS, answer_each
+from runtime.batching import answer_batch
 from runtime.errors import InvalidArgument, NotFound
 from runtime.grpc_server import ServiceApp
 from runtime.idempotency import key_scope, scoped_key, split_key
@@ -237,11 +236,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return await self._pay(request, context)
 
     async def PayMany(self, request: pb.PayManyRequest, context: grpc.aio.ServicerContext) -> pb.PayManyResponse:
-        if not 1 <= len(request.payments) <= MAX_ITEMS:
-            raise InvalidArgument(f"give 1..{MAX_ITEMS} payments", reason="INVALID_BATCH")
-        answers = await answer_each(request.payments, lambda p: self._pay(p, context), method="PayMany")
-        return pb.PayManyResponse(results=[
-            pb.PayManyResult(error=a) if isinstance(a, ItemError) else pb.PayManyResult(paid=a) for a in answers])
+        return pb.PayManyResponse(results=await answer_batch(
+            request.payments, lambda p: self._pay(p, context), method="PayMany", result=pb.PayManyResult,
+            field="paid", what="payments"))
 
     async def _pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
         tenant_id = _tenant(request.tenant_id)

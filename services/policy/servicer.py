@@ -22,10 +22,9 @@ from onecard_policy.rules import RuleSet
 
 from onecard.ledger.v1 import ledger_pb2
 from onecard.policy.v1 import policy_pb2 as pb
-from onecard.mesh.v1.batch_pb2 import ItemError
 from onecard.policy.v1 import policy_pb2_grpc
-from runtime.batching import MAX_ITEMS, answer_each
-from runtime.errors import Conflict, InvalidArgument
+from runtime.batching import answer_batch
+from runtime.errors import Conflict
 from runtime.grpc_server import ServiceApp
 from runtime.idempotency import key_scope, scoped_key
 from runtime.mesh import peer_name
@@ -302,11 +301,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return await self._pay(request, context)
 
     async def PayMany(self, request: pb.PayManyRequest, context: grpc.aio.ServicerContext) -> pb.PayManyResponse:
-        if not 1 <= len(request.payments) <= MAX_ITEMS:
-            raise InvalidArgument(f"give 1..{MAX_ITEMS} payments", reason="INVALID_BATCH")
-        answers = await answer_each(request.payments, lambda p: self._pay(p, context), method="PayMany")
-        return pb.PayManyResponse(results=[
-            pb.PayManyResult(error=a) if isinstance(a, ItemError) else pb.PayManyResult(paid=a) for a in answers])
+        return pb.PayManyResponse(results=await answer_batch(
+            request.payments, lambda p: self._pay(p, context), method="PayMany", result=pb.PayManyResult,
+            field="paid", what="payments"))
 
     async def _pay(self, request: pb.PayRequest, context: grpc.aio.ServicerContext) -> pb.PayResponse:
         tenant_id = domain.parse_tenant_id(request.tenant_id)
