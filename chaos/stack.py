@@ -12,18 +12,16 @@ import asyncio
 import contextlib
 import secrets
 import signal
-import sys
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from devstack.servers import Postgres, free_port, start_on_free_port
-from devstack.supervisor import ManagedProcess, grpc_health_probe
+from devstack.servers import Postgres, start_on_free_port
+from devstack.supervisor import grpc_health_probe
 from chaos.proxy import TcpProxy
 from chaos.schedule import SERVICES
 from onecard.webhooks.v1 import webhooks_pb2_grpc
-from runtime.db import migrate
-from runtime.dbroles import bootstrap_statements
 from tests.mesh import pki
 from tests.replicas import stack as replicas
 from tests.replicas.stack import GRPC_SERVICES, Replica, ReplicaStack
@@ -57,6 +55,7 @@ class Kill:
 class ChaosStack(ReplicaStack):
     """One process of each service on a PostgreSQL and a NATS this run owns."""
 
+    services: ClassVar[tuple[str, ...]] = SERVICES
     proxy: TcpProxy | None = None
     kills: list[Kill] = field(default_factory=list)
     pauses: list[str] = field(default_factory=list)
@@ -71,31 +70,12 @@ class ChaosStack(ReplicaStack):
         return cls(replicas=1, root=root, postgres=postgres)
 
     async def start(self, *, database: str = DATABASE) -> None:
-        from devstack.servers import Nats
-        from runtime.pki import IdentityFiles
-        from tests.mesh import nats_users, service_roles
-
-        self.database_url = self.postgres.create_database(database)
-        self.postgres.run_sql(bootstrap_statements(database=database, roles=service_roles()), database=database)
-        tls, users = IdentityFiles(pki().tls_dir("nats")), nats_users()
-        self.nats = await asyncio.to_thread(
-            start_on_free_port, lambda port: Nats(self.root / "nats", port, tls=tls, users=users))
-        for service in SERVICES:
-            module = __import__(f"services.{service}.app", fromlist=["SCHEMA", "MIGRATIONS_DIR"])
-            await migrate(self._dsn(service), schema=module.SCHEMA, migrations_dir=module.MIGRATIONS_DIR)
-        for service in SERVICES:
-            self.running[service] = [Replica(
-                service=service, index=0, port=free_port(), device_port=free_port() if service == "devicehub" else 0,
-                process=ManagedProcess(name=service, argv=[sys.executable, "-m", f"services.{service}"], env={},
-                                       log_path=self.root / "logs" / f"{service}.log"))]
+        await self.prepare(database=database)
+        # The hub reaches policy through the proxy the schedule delays and drops.
         policy = self.running["policy"][0]
         self.proxy = TcpProxy(upstream_host="127.0.0.1", upstream_port=policy.port)
         await self.proxy.start()
-        for service in SERVICES:
-            replica = self.running[service][0]
-            replica.process.env = self._env(replica)
-            replica.process.start()
-        await asyncio.gather(*(self.wait_serving(self.running[s][0]) for s in SERVICES))
+        await self.launch()
 
     def _env(self, replica: Replica) -> dict[str, str]:
         env = super()._env(replica)

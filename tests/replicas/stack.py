@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from devstack.servers import Nats, Postgres, free_port, start_on_free_port
 from devstack.supervisor import ManagedProcess, grpc_health_probe, tail_of
@@ -89,6 +89,9 @@ class Replica:
 class ReplicaStack:
     """``replicas`` processes of each service on their own database and NATS."""
 
+    # The services a stack runs, in start order (a subclass may add some).
+    services: ClassVar[tuple[str, ...]] = SERVICES
+
     replicas: int
     root: Path
     postgres: Postgres
@@ -118,15 +121,21 @@ class ReplicaStack:
         return SimpleNamespace(stub=stub_cls(channel), target=self.target(service))
 
     async def start(self, *, database: str) -> None:
+        await self.prepare(database=database)
+        await self.launch()
+
+    async def prepare(self, *, database: str) -> None:
+        """The database with the services' roles, NATS, every schema migrated, and each replica's
+        process made, not started (a caller may put something between them first)."""
         self.database_url = self.postgres.create_database(database)
         self.postgres.run_sql(bootstrap_statements(database=database, roles=service_roles()), database=database)
         tls, users = IdentityFiles(pki().tls_dir("nats")), nats_users()
         self.nats = await asyncio.to_thread(
             start_on_free_port, lambda port: Nats(self.root / "nats", port, tls=tls, users=users))
-        for service in SERVICES:
+        for service in self.services:
             module = __import__(f"services.{service}.app", fromlist=["SCHEMA", "MIGRATIONS_DIR"])
             await migrate(self._dsn(service), schema=module.SCHEMA, migrations_dir=module.MIGRATIONS_DIR)
-        for service in SERVICES:
+        for service in self.services:
             self.running[service] = [
                 Replica(service=service, index=index, port=free_port(),
                         device_port=free_port() if service == "devicehub" else 0,
@@ -134,7 +143,10 @@ class ReplicaStack:
                                                                                  f"services.{service}"],
                                                env={}, log_path=self.root / "logs" / f"{service}-{index}.log"))
                 for index in range(self.replicas)]
-        for service in SERVICES:
+
+    async def launch(self) -> None:
+        """Start every replica prepared, with its settings, and wait until each serves."""
+        for service in self.services:
             for replica in self.running[service]:
                 replica.process.env = self._env(replica)
                 replica.process.start()
