@@ -18,6 +18,7 @@ import asyncpg
 from chaos.schedule import SERVICES
 from onecard.ledger.v1 import ledger_pb2 as lpb
 from tests.mesh import connect_nats
+from tests.replicas.rush import SHARED_DURABLES
 
 if TYPE_CHECKING:
     from chaos.rush import ChaosRush
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 SETTLE_TIMEOUT_S = 120.0
 FINAL_OUTCOMES = ("booked", "shortfall", "duplicate", "code_reused", "rejected")
 MEMBER_PURSES = ("cash", "subsidy", "voucher")
-# The durable consumers whose every event must have had its effect once: (stream, durable, subjects).
-ONCE_DURABLES = (("IDENTITY", "ledger-member-purses", "identity.member.created"),
-                 ("IDENTITY", "codegen-member-status", "identity.member.>"))
+# The durable consumers whose every event must have had its effect once: (stream, durable, subjects),
+# the same the replica tests check.
+ONCE_DURABLES = SHARED_DURABLES
 
 
 @dataclass(frozen=True)
