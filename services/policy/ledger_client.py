@@ -41,75 +41,44 @@ class LedgerClient:
         self._timeout_s = timeout_s
         self._stub: ledger_pb2_grpc.LedgerServiceStub | None = None
         self._benefit_accounts: dict[uuid.UUID, str] = {}
-        self._waiting: list[tuple[ledger_pb2.GetMemberStateRequest, asyncio.Future]] = []
-        self._arrived = asyncio.Event()
+        # Evaluations and payments that arrive together share one ledger call each
+        # (runtime.batching): GetMemberStates for the reads, PayMany for the bookings.
+        self._states: CallBatcher[ledger_pb2.GetMemberStateRequest, ledger_pb2.GetMemberStateResponse] = CallBatcher(
+            self._member_states, max_items=MAX_STATES_PER_CALL, senders=STATE_READERS)
         self._payments: CallBatcher[ledger_pb2.PayRequest, ledger_pb2.PayResponse] = CallBatcher(self._pay_many)
 
     async def hold(self, *, tls: MeshTLS | None) -> None:
-        """Open the channel, keep it until cancelled, then close it: one place for both. Meanwhile
-        the readers that batch the member-state reads run."""
+        """Open the channel, keep it until cancelled, then close it: one place for both."""
         channel = open_channel(self._target, tls=tls, server_name="ledger")
         self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         try:
-            await asyncio.gather(*(self._read_batches() for _ in range(STATE_READERS)))
+            await asyncio.Event().wait()
         finally:
             self._stub = None
+            self._states.close()
             self._payments.close()
-            for _, future in self._waiting:
-                future.cancel()
-            self._waiting = []
             await channel.close()
 
-    async def _read_batches(self) -> None:
-        """Evaluations that arrive together share one ledger call (GetMemberStates): whatever
-        waited while the previous call was out goes in the next, up to MAX_STATES_PER_CALL."""
-        while True:
-            while not self._waiting:
-                self._arrived.clear()
-                await self._arrived.wait()
-            batch, self._waiting = self._waiting[:MAX_STATES_PER_CALL], self._waiting[MAX_STATES_PER_CALL:]
-            try:
-                answer = await self._ready().GetMemberStates(
-                    ledger_pb2.GetMemberStatesRequest(requests=[request for request, _ in batch]),
-                    timeout=self._timeout_s)
-            except asyncio.CancelledError:
-                for _, future in batch:
-                    future.cancel()
+    async def _member_states(self, batch: list[ledger_pb2.GetMemberStateRequest]
+                             ) -> list[ledger_pb2.GetMemberStateResponse | grpc.aio.AioRpcError]:
+        stub = self._ready()
+        try:
+            answer = await stub.GetMemberStates(ledger_pb2.GetMemberStatesRequest(requests=batch),
+                                                timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or len(batch) == 1:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and len(batch) > 1:
-                    # One question is wrong: ask each alone, so only its asker hears of it.
-                    await self._ask_alone(batch)
-                    continue
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(self._refused(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - the askers hear of it; the reader goes on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            if len(answer.responses) != len(batch):
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(Unavailable("the ledger answered a different number of questions",
-                                                         reason="LEDGER_UNAVAILABLE"))
-                continue
-            for (_, future), response in zip(batch, answer.responses, strict=True):
-                if not future.done():
-                    future.set_result(response)
+            # One question is wrong: ask each alone, so only its asker hears of it.
+            return list(await asyncio.gather(*(self._member_state_alone(stub, request) for request in batch)))
+        return list(answer.responses)
 
-    async def _ask_alone(self, batch: list[tuple[ledger_pb2.GetMemberStateRequest, asyncio.Future]]) -> None:
-        for request, future in batch:
-            try:
-                answer = await self._ready().GetMemberState(request, timeout=self._timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if not future.done():
-                    future.set_exception(self._refused(exc))
-                continue
-            if not future.done():
-                future.set_result(answer)
+    async def _member_state_alone(self, stub: ledger_pb2_grpc.LedgerServiceStub,
+                                  request: ledger_pb2.GetMemberStateRequest
+                                  ) -> ledger_pb2.GetMemberStateResponse | grpc.aio.AioRpcError:
+        try:
+            return await stub.GetMemberState(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return exc
 
     def _ready(self) -> ledger_pb2_grpc.LedgerServiceStub:
         if self._stub is None:
@@ -133,13 +102,12 @@ class LedgerClient:
         self._ready()
         unique = list(dict.fromkeys(counter_keys))
         first, rest = unique[:MAX_COUNTER_KEYS_PER_CALL], unique[MAX_COUNTER_KEYS_PER_CALL:]
-        future: asyncio.Future[ledger_pb2.GetMemberStateResponse] = asyncio.get_running_loop().create_future()
-        self._waiting.append((ledger_pb2.GetMemberStateRequest(
-            tenant_id=str(tenant_id), member_id=member_id, counter_keys=first, idempotency_key=idempotency_key,
-            key_scope=key_scope),
-            future))
-        self._arrived.set()
-        answer = await future
+        try:
+            answer = await self._states.call(ledger_pb2.GetMemberStateRequest(
+                tenant_id=str(tenant_id), member_id=member_id, counter_keys=first, idempotency_key=idempotency_key,
+                key_scope=key_scope))
+        except grpc.aio.AioRpcError as exc:
+            raise self._refused(exc) from None
         purses = [
             MemberPurse(
                 kind=_KIND_NAMES.get(a.account.purse_kind, ledger_pb2.PurseKind.Name(a.account.purse_kind)),
